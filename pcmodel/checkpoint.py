@@ -1,0 +1,190 @@
+"""Checkpoints: one .safetensors file holding the weights, the full config and provenance. Never pickle.
+
+Layout: tensors `level1.U`, `level2.U`, ... (float32, shaped (causes, C_below, kh, kw)); string
+metadata `format` = "pcmodel-checkpoint", `format_version`, `config` (JSON), `provenance` (JSON)
+and `sha256`, the content hash over the config and the tensors (not the provenance), which
+identifies the model. Files are untrusted: the header is parsed and checked by hand before any
+tensor is read, and every failure is one sentence saying what is wrong with the file.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import json
+import os
+import struct
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load as load_safetensors
+from safetensors.torch import save as save_safetensors
+
+from .config import ConfigError, ModelConfig
+
+FORMAT = "pcmodel-checkpoint"
+FORMAT_VERSION = 1
+MAX_CHECKPOINT_BYTES = 256 * 1024 * 1024  # our models are kilobytes; refuse to read anything absurd
+MAX_HEADER_BYTES = 1024 * 1024
+_DTYPES = {"F32": torch.float32}
+
+
+class CheckpointError(ValueError):
+    """A file that is not a valid pcmodel checkpoint; the message says why in one sentence."""
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    config: ModelConfig
+    weights: list[torch.Tensor]
+    provenance: dict[str, Any]
+    sha256: str
+
+
+def tensor_name(index: int) -> str:
+    return f"level{index + 1}.U"
+
+
+def content_hash(config: ModelConfig, weights: Sequence[torch.Tensor]) -> str:
+    """sha256 over the canonical config JSON and every tensor's name, dtype, shape and bytes."""
+    digest = hashlib.sha256()
+    digest.update(config.to_json().encode())
+    for i, w in enumerate(weights):
+        w = w.detach().to("cpu", torch.float32).contiguous()
+        digest.update(f"\n{tensor_name(i)}:F32:{list(w.shape)}\n".encode())
+        digest.update(w.numpy().tobytes())
+    return digest.hexdigest()
+
+
+def code_version() -> str:
+    try:
+        from importlib.metadata import version
+
+        return version("predictive-coding")
+    except Exception:  # running from a source tree that was never installed
+        return "unknown"
+
+
+def save(
+    path: str | os.PathLike[str],
+    config: ModelConfig,
+    weights: Sequence[torch.Tensor],
+    provenance: dict[str, Any] | None = None,
+) -> str:
+    """Write a checkpoint atomically and return its content hash."""
+    info = {"date": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"), "code_version": code_version()}
+    info.update(provenance or {})
+    tensors = {tensor_name(i): w.detach().to("cpu", torch.float32).contiguous() for i, w in enumerate(weights)}
+    sha = content_hash(config, weights)
+    metadata = {
+        "format": FORMAT,
+        "format_version": str(FORMAT_VERSION),
+        "config": config.to_json(),
+        "provenance": json.dumps(info, sort_keys=True),
+        "sha256": sha,
+    }
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_bytes(save_safetensors(tensors, metadata=metadata))
+    os.replace(tmp, path)  # a crash mid-write never leaves a half-written checkpoint
+    return sha
+
+
+def load(path: str | os.PathLike[str], max_bytes: int = MAX_CHECKPOINT_BYTES) -> Checkpoint:
+    """Read and validate a checkpoint; raises CheckpointError with a one-sentence reason."""
+    path = Path(path)
+    name = str(path)
+    if not path.is_file():
+        raise CheckpointError(f"{name}: no such checkpoint file")
+    size = path.stat().st_size
+    if size == 0:
+        raise CheckpointError(f"{name} is empty (0 bytes), not a pcmodel checkpoint")
+    if size > max_bytes:
+        raise CheckpointError(f"{name} is {size} bytes, over the {max_bytes}-byte limit for a checkpoint")
+    data = path.read_bytes()
+    header, offset = _parse_header(data, name)
+    metadata = header.pop("__metadata__", None)
+    if not isinstance(metadata, dict) or metadata.get("format") != FORMAT:
+        raise CheckpointError(f"{name} is a safetensors file but not a pcmodel checkpoint (no pcmodel metadata)")
+    version = metadata.get("format_version")
+    if version != str(FORMAT_VERSION):
+        raise CheckpointError(
+            f"{name} has checkpoint format version {version!r}; this pcmodel reads version {FORMAT_VERSION} "
+            f"(upgrade pcmodel or re-save the model)"
+        )
+    try:
+        config = ModelConfig.from_json(metadata.get("config", ""))
+    except ConfigError as exc:
+        raise CheckpointError(f"{name} has an invalid model config: {exc}") from None
+    _check_tensors(header, config, len(data) - offset, name)
+    try:
+        tensors = load_safetensors(data)
+    except Exception as exc:  # the header passed our checks, so this is deep corruption
+        raise CheckpointError(f"{name} is corrupt: {exc}") from None
+    weights = [tensors[tensor_name(i)] for i in range(len(config.levels))]
+    sha = content_hash(config, weights)
+    if metadata.get("sha256") != sha:
+        raise CheckpointError(f"{name} fails its content hash: the weights or config were modified or corrupted")
+    try:
+        provenance = json.loads(metadata.get("provenance", "{}"))
+    except json.JSONDecodeError:
+        raise CheckpointError(f"{name} has unreadable provenance metadata (not JSON)") from None
+    return Checkpoint(config=config, weights=weights, provenance=provenance, sha256=sha)
+
+
+def _parse_header(data: bytes, name: str) -> tuple[dict[str, Any], int]:
+    if data[:1] == b"\x80" and data[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05"):
+        raise CheckpointError(f"{name} is a Python pickle; pcmodel never loads pickles (they can run code)")
+    if data[:4] == b"PK\x03\x04":
+        raise CheckpointError(
+            f"{name} is a zip archive (a torch.save pickle?); pcmodel never loads pickles, only .safetensors files"
+        )
+    if len(data) < 8:
+        raise CheckpointError(f"{name} is {len(data)} bytes: too short to be a safetensors file (truncated or foreign)")
+    (length,) = struct.unpack("<Q", data[:8])
+    starts_like_json = data[8:9] == b"{"
+    if not starts_like_json or length > MAX_HEADER_BYTES:
+        raise CheckpointError(f"{name} is not a safetensors file (foreign file format)")
+    if 8 + length > len(data):
+        raise CheckpointError(f"{name} is truncated: its header needs {8 + length} bytes, the file has {len(data)}")
+    try:
+        header = json.loads(data[8 : 8 + length])
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise CheckpointError(f"{name} has a corrupt safetensors header (not valid JSON)") from None
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{name} has a corrupt safetensors header (not a JSON object)")
+    return header, 8 + length
+
+
+def _check_tensors(header: dict[str, Any], config: ModelConfig, data_bytes: int, name: str) -> None:
+    from .model import PCModel  # the model knows the weight shapes its config implies
+
+    expected = {tensor_name(i): PCModel.weight_shapes(config)[i] for i in range(len(config.levels))}
+    missing = sorted(set(expected) - set(header))
+    extra = sorted(set(header) - set(expected))
+    if missing or extra:
+        parts = ([f"missing {', '.join(missing)}"] if missing else []) + (
+            [f"unexpected {', '.join(extra)}"] if extra else []
+        )
+        raise CheckpointError(f"{name} does not match its config: {'; '.join(parts)}")
+    end = 0
+    for key, shape in expected.items():
+        info = header[key]
+        if not isinstance(info, dict):
+            raise CheckpointError(f"{name} has a corrupt entry for tensor {key}")
+        if info.get("dtype") not in _DTYPES:
+            raise CheckpointError(f"{name}: tensor {key} has dtype {info.get('dtype')}, expected F32")
+        if tuple(info.get("shape", ())) != shape:
+            raise CheckpointError(
+                f"{name}: tensor {key} has shape {tuple(info.get('shape', ()))}, the config needs {shape}"
+            )
+        offsets = info.get("data_offsets")
+        if not (isinstance(offsets, list) and len(offsets) == 2 and all(isinstance(o, int) for o in offsets)):
+            raise CheckpointError(f"{name} has corrupt data offsets for tensor {key}")
+        end = max(end, offsets[1])
+    if end > data_bytes:
+        raise CheckpointError(f"{name} is truncated: its tensors need {end} bytes of data, the file has {data_bytes}")

@@ -1,0 +1,331 @@
+"""Images <-> tensors: decoding untrusted bytes, colour modes, the model's preprocessing, sizes and tiles.
+
+Training and the service both call these functions with the config stored in the checkpoint, so
+the two flows prepare images identically. The order is fixed: decode -> colour mode (8-bit gray
+or RGB) -> optional resize -> scale to the config's value range -> filter (DoG or whitening) and
+normalisation over the whole image -> fit or tile.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from .config import ModelConfig, PreprocessConfig, valid_sizes
+
+ACCEPTED_FORMATS = ("PNG", "JPEG", "WEBP", "TIFF", "BMP", "GIF")
+DEFAULT_MAX_PIXELS = 25_000_000
+ImageLike = Image.Image | np.ndarray
+
+
+class ImageError(ValueError):
+    """An image that cannot be used. `reason` is a short stable code (for metrics and HTTP status)."""
+
+    def __init__(self, message: str, reason: str) -> None:
+        super().__init__(message)
+        self.reason = reason  # bad_image | too_large | too_small | unsupported_format
+
+
+def decode(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS, min_side: int = 1) -> Image.Image:
+    """Decode untrusted bytes into a loaded PIL image (first frame, EXIF orientation applied).
+
+    The bytes decide the format. The pixel count is checked from the header before any pixel is
+    decoded, so a decompression bomb costs nothing.
+    """
+    if not data:
+        raise ImageError("the image is empty (0 bytes)", "bad_image")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            image = Image.open(io.BytesIO(data))
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        raise ImageError(f"the image has more pixels than the limit of {max_pixels}", "too_large") from None
+    except UnidentifiedImageError:
+        raise ImageError("the data is not an image in a recognised format", "bad_image") from None
+    except Exception as exc:  # PIL raises many kinds on hostile headers
+        raise ImageError(f"the image header cannot be read ({exc.__class__.__name__})", "bad_image") from None
+    if image.format not in ACCEPTED_FORMATS:
+        raise ImageError(
+            f"image format {image.format} is not supported; send one of: {', '.join(ACCEPTED_FORMATS)}",
+            "unsupported_format",
+        )
+    width, height = image.size
+    if width * height > max_pixels:
+        raise ImageError(
+            f"the image is {width}x{height} = {width * height} pixels, over the limit of {max_pixels}", "too_large"
+        )
+    if min(width, height) < max(min_side, 1):
+        raise ImageError(
+            f"the image is {width}x{height}; each side must be at least {max(min_side, 1)} pixels", "too_small"
+        )
+    try:
+        image.seek(0)
+        image.load()
+        image = ImageOps.exif_transpose(image)
+    except Exception as exc:  # truncated or corrupt pixel data
+        raise ImageError(f"the image data is truncated or corrupt ({exc})", "bad_image") from None
+    return image
+
+
+def to_uint8(image: ImageLike, color: str) -> np.ndarray:
+    """Any PIL image or array as an 8-bit (H, W) gray or (H, W, 3) RGB array.
+
+    16-bit and 32-bit integer images are scaled (not clipped) to 8 bits; float arrays are taken
+    as [0, 1]; alpha is composited onto white; palette, CMYK and other modes are converted.
+    """
+    if isinstance(image, np.ndarray):
+        array = _array_to_uint8(image)
+        image = Image.fromarray(array)
+    if image.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
+        array = np.asarray(image).astype(np.float64)
+        top = 65535.0 if image.mode.startswith("I;16") or array.max(initial=0) > 255 else 255.0
+        image = Image.fromarray(np.clip(np.round(array / top * 255), 0, 255).astype(np.uint8))
+    elif image.mode == "F":
+        image = Image.fromarray(_array_to_uint8(np.asarray(image)))
+    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        image = Image.alpha_composite(background, rgba)
+    target = "L" if color == "gray" else "RGB"
+    return np.asarray(image.convert(target), dtype=np.uint8)
+
+
+def _array_to_uint8(array: np.ndarray) -> np.ndarray:
+    if array.ndim not in (2, 3) or (array.ndim == 3 and array.shape[2] not in (1, 3, 4)):
+        raise ImageError(
+            f"an image array must be (H, W), (H, W, 1), (H, W, 3) or (H, W, 4), got {array.shape}", "bad_image"
+        )
+    if array.ndim == 3 and array.shape[2] == 1:
+        array = array[:, :, 0]
+    if array.dtype == np.uint8:
+        return np.ascontiguousarray(array)
+    if array.dtype == np.uint16:
+        return np.round(array / 257.0).astype(np.uint8)
+    if np.issubdtype(array.dtype, np.floating):
+        if not np.isfinite(array).all():
+            raise ImageError("the image array contains NaN or Inf", "bad_image")
+        return np.round(np.clip(array, 0.0, 1.0) * 255).astype(np.uint8)
+    raise ImageError(f"image arrays must be uint8, uint16 or float in [0, 1], got {array.dtype}", "bad_image")
+
+
+def to_tensor(array: np.ndarray, config: PreprocessConfig) -> torch.Tensor:
+    """An 8-bit array (H, W) or (H, W, 3) as a float tensor (C, H, W) in the config's value range."""
+    t = torch.from_numpy(np.array(array, dtype=np.float32))  # a copy: PIL arrays are read-only
+    t = t.unsqueeze(0) if t.dim() == 2 else t.permute(2, 0, 1)
+    lo, hi = config.value_range
+    return t * ((hi - lo) / 255.0) + lo
+
+
+def _gaussian_blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
+    radius = max(1, math.ceil(3 * sigma))
+    offsets = torch.arange(-radius, radius + 1, dtype=x.dtype, device=x.device)
+    kernel = torch.exp(-(offsets**2) / (2 * sigma**2))
+    kernel = kernel / kernel.sum()
+    c = x.shape[1]
+    mode = "reflect" if min(x.shape[-2:]) > radius else "replicate"
+    x = F.pad(x, (radius, radius, radius, radius), mode=mode)
+    x = F.conv2d(x, kernel.view(1, 1, 1, -1).expand(c, 1, 1, -1), groups=c)
+    return F.conv2d(x, kernel.view(1, 1, -1, 1).expand(c, 1, -1, 1), groups=c)
+
+
+def _whiten(x: torch.Tensor, cutoff: float) -> torch.Tensor:
+    """Olshausen & Field's whitening: amplitude filter f * exp(-(f / cutoff)^4) in cycles/pixel."""
+    h, w = x.shape[-2:]
+    fy = torch.fft.fftfreq(h, dtype=x.dtype, device=x.device).view(-1, 1)
+    fx = torch.fft.rfftfreq(w, dtype=x.dtype, device=x.device).view(1, -1)
+    f = torch.sqrt(fy**2 + fx**2)
+    response = f * torch.exp(-((f / cutoff) ** 4))
+    return torch.fft.irfft2(torch.fft.rfft2(x) * response, s=(h, w))
+
+
+def filter_images(x: torch.Tensor, config: PreprocessConfig) -> torch.Tensor:
+    """The retina/LGN stage on whole images (B, C, H, W): DoG or whitening, then normalisation and gain."""
+    if config.filter == "dog":
+        centre, surround = config.dog_sigmas
+        x = _gaussian_blur(x, centre) - _gaussian_blur(x, surround)
+    elif config.filter == "whiten":
+        x = _whiten(x, config.whiten_cutoff)
+    if config.normalize == "image_std":
+        # A floor on the std keeps a blank image blank instead of blowing rounding noise up to unit size.
+        floor = 1e-3 * (config.value_range[1] - config.value_range[0])
+        std = x.flatten(1).std(dim=1, unbiased=False).clamp_min(floor)
+        x = x / std.view(-1, 1, 1, 1)
+    return x * config.gain if config.gain != 1.0 else x
+
+
+def preprocess(
+    images: ImageLike | Sequence[ImageLike], config: ModelConfig, size: tuple[int, int] | None = None
+) -> torch.Tensor:
+    """PIL images or uint8 arrays -> the model's input x (B, C, H, W), float32.
+
+    `size` (H, W) resizes each image first (bicubic, antialiased); without it all images must
+    have the same size. The filter and normalisation run on each whole image.
+    """
+    if isinstance(images, (Image.Image, np.ndarray)):
+        images = [images]
+    if len(images) == 0:
+        raise ValueError("no images to preprocess")
+    pre = config.preprocess
+    tensors = []
+    for image in images:
+        array = to_uint8(image, pre.color)
+        if size is not None and array.shape[:2] != tuple(size):
+            resized = Image.fromarray(array).resize((size[1], size[0]), Image.Resampling.BICUBIC)
+            array = np.asarray(resized, dtype=np.uint8)
+        tensors.append(to_tensor(array, pre))
+    shapes = {tuple(t.shape) for t in tensors}
+    if len(shapes) > 1:
+        raise ValueError(f"images have different sizes {sorted(shapes)}; pass size=(H, W) to resize them")
+    return filter_images(torch.stack(tensors), pre)
+
+
+# ---- sizes: fitting a convolutional hierarchy, and tiling -------------------------------------
+
+
+@dataclass(frozen=True)
+class Fit:
+    """How an image of `original` size was padded (> 0) or cropped (< 0) to a size the model tiles.
+
+    Amounts are (top, bottom, left, right) in pixels; `undo` maps an output back to the original grid.
+    """
+
+    original: tuple[int, int]
+    fitted: tuple[int, int]
+    top: int
+    bottom: int
+    left: int
+    right: int
+
+    def apply(self, x: torch.Tensor) -> torch.Tensor:
+        return _pad_or_crop(x, self.top, self.bottom, self.left, self.right)
+
+    def undo(self, x: torch.Tensor) -> torch.Tensor:
+        """Back to the original size: padding is cut off; cropped borders come back as zeros."""
+        return _pad_or_crop(x, -self.top, -self.bottom, -self.left, -self.right, mode="constant")
+
+
+def _pad_or_crop(x: torch.Tensor, top: int, bottom: int, left: int, right: int, mode: str = "reflect") -> torch.Tensor:
+    h, w = x.shape[-2:]
+    x = x[..., max(-top, 0) : h - max(-bottom, 0), max(-left, 0) : w - max(-right, 0)]
+    pads = (max(left, 0), max(right, 0), max(top, 0), max(bottom, 0))
+    if any(pads):
+        if mode == "reflect" and (max(pads[2:]) >= x.shape[-2] or max(pads[:2]) >= x.shape[-1]):
+            mode = "replicate"  # reflect needs the pad to be smaller than the image
+        x = F.pad(x, pads, mode=mode)
+    return x
+
+
+def _nearest(n: int, first: int, period: int, policy: str) -> int:
+    if period == 0 or n <= first:
+        return first
+    below = first + (n - first) // period * period
+    above = below if below == n else below + period
+    if policy == "pad":
+        return above
+    if policy == "crop":
+        return below
+    return below if n - below <= above - n else above
+
+
+def fit_size(config: ModelConfig, height: int, width: int, policy: str = "pad") -> tuple[int, int]:
+    """The size the hierarchy tiles exactly nearest to (height, width).
+
+    policy: pad (next size up, nothing is lost), crop (next size down) or nearest (either; ties pad).
+    Models with a dense level take their native size only.
+    """
+    if policy not in ("pad", "crop", "nearest"):
+        raise ValueError(f"unknown fit policy {policy!r}; choose pad, crop or nearest")
+    (fh, ph), (fw, pw) = valid_sizes(config)
+    return _nearest(height, fh, ph, policy), _nearest(width, fw, pw, policy)
+
+
+def fit(x: torch.Tensor, config: ModelConfig, policy: str = "pad") -> tuple[torch.Tensor, Fit]:
+    """Pad (reflect) or crop x (B, C, H, W) symmetrically to the nearest size the model tiles."""
+    h, w = x.shape[-2:]
+    th, tw = fit_size(config, h, w, policy)
+    dh, dw = th - h, tw - w
+    record = Fit((h, w), (th, tw), dh // 2, dh - dh // 2, dw // 2, dw - dw // 2)
+    return record.apply(x), record
+
+
+@dataclass(frozen=True)
+class TileGrid:
+    """Non-overlapping tiles covering an image padded (reflect) at the bottom and right."""
+
+    original: tuple[int, int]
+    tile: tuple[int, int]
+    rows: int
+    cols: int
+
+    def stitch(self, tiles: torch.Tensor) -> torch.Tensor:
+        """Tiles (rows*cols, C, th, tw), row-major -> (1, C, H, W) at the original size."""
+        n, c, th, tw = tiles.shape
+        assert n == self.rows * self.cols and (th, tw) == self.tile, "tiles do not match the grid"
+        grid = tiles.reshape(self.rows, self.cols, c, th, tw).permute(2, 0, 3, 1, 4)
+        full = grid.reshape(1, c, self.rows * th, self.cols * tw)
+        return full[..., : self.original[0], : self.original[1]]
+
+
+def tile(x: torch.Tensor, tile_hw: tuple[int, int]) -> tuple[torch.Tensor, TileGrid]:
+    """Cover one image x (1, C, H, W) with tiles of tile_hw; returns (rows*cols, C, th, tw) and the grid."""
+    if x.shape[0] != 1:
+        raise ValueError(f"tile takes one image (1, C, H, W), got batch {x.shape[0]}")
+    h, w = x.shape[-2:]
+    th, tw = tile_hw
+    rows, cols = math.ceil(h / th), math.ceil(w / tw)
+    padded = _pad_or_crop(x, 0, rows * th - h, 0, cols * tw - w)
+    tiles = (
+        padded.reshape(x.shape[1], rows, th, cols, tw).permute(1, 3, 0, 2, 4).reshape(rows * cols, x.shape[1], th, tw)
+    )
+    return tiles, TileGrid((h, w), (th, tw), rows, cols)
+
+
+# ---- display -----------------------------------------------------------------------------------
+
+
+def display_scale(x: torch.Tensor, config: PreprocessConfig) -> float:
+    """Half-width of the value interval shown as black..white around mid-grey for this input.
+
+    Unfiltered inputs live in the config's value range; filtered ones are shown up to their largest
+    magnitude. Error maps use the input's scale so their contrast compares with the input's.
+    """
+    if config.filter == "none" and config.normalize == "none":
+        return (config.value_range[1] - config.value_range[0]) / 2
+    return max(float(x.abs().max()), 1e-12)
+
+
+def to_display(x: torch.Tensor, config: PreprocessConfig, scale: float, centred: bool) -> Image.Image:
+    """A (C, H, W) map as an 8-bit PIL image for viewing.
+
+    centred=False maps the config's value range (unfiltered inputs and reconstructions) to 0..255;
+    centred=True maps [-scale, scale] to 0..255 with zero at mid-grey (filtered inputs, errors).
+    """
+    x = x.detach().to("cpu", torch.float32)
+    if centred:
+        y = (x / scale + 1) * 127.5
+    else:
+        lo, hi = config.value_range
+        y = (x - lo) * (255.0 / (hi - lo))
+    array = y.clamp(0, 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
+    return Image.fromarray(array[:, :, 0] if array.shape[2] == 1 else array)
+
+
+def display_maps(
+    x: torch.Tensor, reconstruction: torch.Tensor, error: torch.Tensor, config: PreprocessConfig
+) -> tuple[Image.Image, Image.Image, Image.Image]:
+    """Input, reconstruction and error (each (C, H, W)) as PIL images on one shared scale."""
+    scale = display_scale(x, config)
+    centred = not (config.filter == "none" and config.normalize == "none")
+    return (
+        to_display(x, config, scale, centred),
+        to_display(reconstruction, config, scale, centred),
+        to_display(error, config, scale, True),
+    )

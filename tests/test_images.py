@@ -1,0 +1,153 @@
+"""Images: decoding untrusted bytes, modes, the presets' preprocessing, fitting and tiling."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import pcmodel
+from pcmodel import ImageError
+from pcmodel.images import decode, filter_images, fit, fit_size, preprocess, tile, to_uint8
+
+
+def encode(image: Image.Image, fmt: str, **kwargs) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format=fmt, **kwargs)
+    return buffer.getvalue()
+
+
+def photo(size=(40, 30)) -> Image.Image:
+    rng = np.random.default_rng(0)
+    return Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8))
+
+
+@pytest.mark.parametrize("fmt", ["PNG", "JPEG", "WEBP", "TIFF", "BMP", "GIF"])
+def test_decode_accepted_formats(fmt):
+    image = decode(encode(photo(), fmt))
+    assert image.size == (40, 30)
+
+
+def test_decode_errors():
+    with pytest.raises(ImageError, match="empty") as info:
+        decode(b"")
+    assert info.value.reason == "bad_image"
+    with pytest.raises(ImageError, match="not an image") as info:
+        decode(b"hello, this is text")
+    assert info.value.reason == "bad_image"
+    data = encode(photo((200, 200)), "PNG")
+    with pytest.raises(ImageError, match="truncated or corrupt") as info:
+        decode(data[: len(data) // 2])
+    assert info.value.reason == "bad_image"
+    with pytest.raises(ImageError, match="over the limit") as info:
+        decode(encode(Image.new("L", (300, 300)), "PNG"), max_pixels=50_000)
+    assert info.value.reason == "too_large"
+    with pytest.raises(ImageError, match="not supported") as info:
+        decode(encode(photo(), "ICO"))
+    assert info.value.reason == "unsupported_format"
+    with pytest.raises(ImageError, match="at least 2 pixels") as info:
+        decode(encode(Image.new("RGB", (1, 1)), "PNG"), min_side=2)
+    assert info.value.reason == "too_small"
+
+
+def test_decode_applies_exif_orientation():
+    image = Image.new("RGB", (40, 20), (255, 0, 0))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees clockwise to display
+    decoded = decode(encode(image, "JPEG", exif=exif))
+    assert decoded.size == (20, 40)
+
+
+def test_modes_are_converted():
+    gray16 = Image.fromarray(np.full((4, 4), 65535, dtype=np.uint16))
+    assert to_uint8(gray16, "gray").max() == 255  # scaled, not clipped
+    half16 = Image.fromarray(np.full((4, 4), 32896, dtype=np.uint16))
+    assert to_uint8(half16, "gray")[0, 0] == 128
+    cmyk = Image.new("CMYK", (4, 4), (0, 255, 255, 0))  # pure red in CMYK
+    assert to_uint8(cmyk, "rgb")[0, 0].tolist() == [255, 0, 0]
+    palette = Image.new("RGB", (4, 4), (0, 0, 255)).convert("P")
+    assert to_uint8(palette, "rgb")[0, 0].tolist() == [0, 0, 255]
+    transparent = Image.new("RGBA", (4, 4), (0, 0, 0, 0))
+    assert to_uint8(transparent, "rgb")[0, 0].tolist() == [255, 255, 255]  # composited on white
+    assert to_uint8(np.zeros((3, 3, 3), dtype=np.uint8), "gray").shape == (3, 3)
+    assert to_uint8(np.ones((3, 3), dtype=np.float32), "rgb")[0, 0].tolist() == [255, 255, 255]
+    with pytest.raises(ImageError, match="uint8, uint16 or float"):
+        to_uint8(np.zeros((3, 3), dtype=np.int64), "rgb")
+
+
+def test_conv_rgb_scales_to_minus_one_one():
+    config = pcmodel.get_preset("conv-rgb")
+    black_white = np.zeros((32, 32, 3), dtype=np.uint8)
+    black_white[:, 16:] = 255
+    x = preprocess([black_white], config)
+    assert x.shape == (1, 3, 32, 32)
+    assert float(x[0, 0, 0, 0]) == -1.0 and float(x[0, 0, 0, 31]) == 1.0
+
+
+def test_paper_preprocessing_is_dog_and_unit_std():
+    config = pcmodel.get_preset("rao-ballard-1999")
+    image = np.asarray(photo((64, 48)).convert("L"))
+    x = preprocess([image], config)
+    assert x.shape == (1, 1, 48, 64)
+    assert float(x.std(unbiased=False)) == pytest.approx(1.0, rel=1e-4)
+    flat = np.full((20, 20), 77, dtype=np.uint8)
+    assert float(preprocess([flat], config).abs().max()) < 1e-3  # DoG removes uniform light
+    # A DoG of a bright dot on a dark field is centre-on: positive at the dot, negative around it.
+    dot = np.zeros((21, 21), dtype=np.uint8)
+    dot[10, 10] = 255
+    y = preprocess([dot], config)[0, 0]
+    assert y[10, 10] > 0 and y[10, 13] < 0
+
+
+def test_whitening_flattens_the_spectrum():
+    config = pcmodel.get_preset("rao-ballard-1999")
+    whiten = config.preprocess.__class__(color="gray", filter="whiten", normalize="image_std")
+    from skimage import data
+
+    x = torch.from_numpy(data.camera().astype(np.float32) / 255).view(1, 1, 512, 512)
+    y = filter_images(x, whiten)
+    spectrum = torch.fft.rfft2(y[0, 0]).abs()
+    low, mid = spectrum[2:6, 2:6].mean(), spectrum[60:80, 60:80].mean()
+    raw = torch.fft.rfft2(x[0, 0]).abs()
+    assert (low / mid) < 0.2 * (raw[2:6, 2:6].mean() / raw[60:80, 60:80].mean())
+
+
+def test_resize_and_mixed_sizes():
+    config = pcmodel.get_preset("conv-rgb")
+    images = [photo((40, 30)), photo((64, 64))]
+    with pytest.raises(ValueError, match="different sizes"):
+        preprocess(images, config)
+    assert preprocess(images, config, size=(32, 32)).shape == (2, 3, 32, 32)
+
+
+def test_fit_pads_or_crops_to_a_tiling_size():
+    config = pcmodel.get_preset("conv-rgb")  # valid sizes 16 + 8n
+    assert fit_size(config, 30, 100) == (32, 104)
+    assert fit_size(config, 30, 100, "crop") == (24, 96)
+    assert fit_size(config, 30, 101, "nearest") == (32, 104)
+    assert fit_size(config, 5, 5) == (16, 16)
+    x = torch.rand((1, 3, 30, 100))
+    fitted, record = fit(x, config)
+    assert fitted.shape == (1, 3, 32, 104)
+    assert record.undo(fitted).equal(x)
+    model = pcmodel.load("conv-rgb")
+    result = model.infer(fitted, steps=2)
+    assert record.undo(result.reconstruction).shape == x.shape
+    cropped, record = fit(x, config, "crop")
+    assert cropped.shape == (1, 3, 24, 96)
+    back = record.undo(cropped)
+    assert back.shape == x.shape and back[..., 3:27, 2:98].equal(cropped)
+
+
+def test_tile_and_stitch_round_trip():
+    x = torch.rand((1, 1, 40, 60))
+    tiles, grid = tile(x, (16, 26))
+    assert tiles.shape == (3 * 3, 1, 16, 26)
+    assert grid.stitch(tiles).equal(x)
+    assert tiles[4].equal(x[0, :, 16:32, 26:52])
+    small = torch.rand((1, 3, 5, 7))
+    tiles, grid = tile(small, (32, 32))
+    assert tiles.shape == (1, 3, 32, 32) and grid.stitch(tiles).equal(small)

@@ -1,0 +1,207 @@
+"""MODEL.md section 5 B and C: the stability bound, monotone energy, batch invariance, determinism, early stop."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import pcmodel
+from pcmodel import PCModel, UnstableStepError
+
+from .conftest import KINDS, tiny_config
+
+
+def model_at(config, generator, std=0.5, k1_factor=None) -> PCModel:
+    weights = [torch.randn(s, generator=generator) * std for s in PCModel.weight_shapes(config)]
+    model = PCModel(config, weights, allow_unstable=True)
+    if k1_factor is not None:
+        bound = model.stability_bound()
+        model = PCModel(config.replace(k1=k1_factor * bound), model.weights, allow_unstable=True)
+    return model
+
+
+def energies(model, x, steps):
+    trace = model.infer(x, steps=steps).energy  # (steps + 1, B)
+    return trace
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_bound_matches_the_closed_form_hessian(kind, generator):
+    """The bound is 4 / lambda_max of the Hessian, here built independently with autograd."""
+    model = model_at(tiny_config(kind), generator)
+    x = torch.zeros((1, *model.config.input_shape), dtype=torch.float64)
+    shapes = model.latent_shapes()
+    sizes = [int(torch.tensor(s).prod()) for s in shapes]
+
+    def energy(flat):
+        parts = [p.reshape(1, *s) for p, s in zip(torch.split(flat, sizes), shapes)]
+        return model.energy(x, parts).sum()
+
+    hessian = torch.autograd.functional.hessian(energy, torch.zeros(sum(sizes), dtype=torch.float64))
+    expected = 4 / float(torch.linalg.eigvalsh(hessian)[-1])
+    assert model.stability_bound(method="exact") == pytest.approx(expected, rel=1e-9)
+    assert model.stability_bound(method="power") == pytest.approx(expected, rel=1e-3)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_energy_never_rises_below_the_bound_and_diverges_above(kind, generator):
+    """Linear f, Gaussian prior: 0.9 x bound is monotone over 1,000 steps (float64); 1.2 x diverges."""
+    config = tiny_config(kind)
+    x = torch.randn((2, *config.input_shape), generator=generator, dtype=torch.float64)
+    stable = model_at(config, generator, k1_factor=0.9)
+    trace = energies(stable, x, 1000)
+    rises = trace[1:] - trace[:-1]
+    assert (rises <= 1e-9 * trace[:-1].abs()).all()
+    assert (trace[-1] < trace[0]).all()
+    unstable = PCModel(config.replace(k1=1.2 * stable.config.k1 / 0.9), stable.weights, allow_unstable=True)
+    trace = energies(unstable, x, 1000)
+    assert (~torch.isfinite(trace[-1]) | (trace[-1] > 1e6 * trace[0])).all()
+
+
+@pytest.mark.parametrize(
+    ("kind", "f", "prior"), [(k, "tanh", "cauchy") for k in KINDS] + [("modules", "identity", "cauchy")]
+)
+def test_nonlinear_worst_case_bound_keeps_energy_monotone(kind, f, prior, generator):
+    """tanh and the Cauchy prior: the linearised bound is a worst case, so 0.9 x it is monotone too."""
+    config = tiny_config(kind, f, prior)
+    model = model_at(config, generator, k1_factor=0.9)
+    x = torch.randn((3, *config.input_shape), generator=generator, dtype=torch.float64)
+    trace = energies(model, x, 1000)
+    assert ((trace[1:] - trace[:-1]) <= 1e-9 * trace[:-1].abs()).all()
+
+
+@pytest.mark.parametrize("preset", sorted(pcmodel.PRESETS))
+def test_presets_are_monotone_at_their_own_k1(preset):
+    model = pcmodel.load(preset)
+    generator = torch.Generator().manual_seed(7)
+    x = torch.randn((4, *model.config.input_shape), generator=generator, dtype=torch.float64)
+    trace = model.infer(x).energy
+    assert trace.shape == (model.config.steps + 1, 4)
+    assert ((trace[1:] - trace[:-1]) <= 1e-9 * trace[:-1].abs()).all()
+    assert (trace[-1] < trace[0]).all()
+
+
+def test_building_above_the_bound_raises_unless_allowed(generator):
+    config = tiny_config("convolutional")
+    model = model_at(config, generator)
+    bound = model.stability_bound()
+    with pytest.raises(UnstableStepError, match=r"Lower k1 below"):
+        PCModel(config.replace(k1=1.05 * bound), model.weights)
+    PCModel(config.replace(k1=1.05 * bound), model.weights, allow_unstable=True)
+    PCModel(config.replace(k1=0.95 * bound), model.weights)
+
+
+@pytest.mark.parametrize("preset", sorted(pcmodel.PRESETS))
+def test_batch_invariance_and_determinism(preset):
+    """An image alone and inside a batch of 8 settle to the same latents; repeats are bit-identical."""
+    model = pcmodel.load(preset)
+    generator = torch.Generator().manual_seed(3)
+    x = torch.randn((8, *model.config.input_shape), generator=generator)
+    batch = model.infer(x)
+    for i in (0, 5):
+        alone = model.infer(x[i : i + 1])
+        for a, b in zip(alone.latents, batch.latents):
+            assert float((a[0] - b[i]).abs().max()) <= 1e-5
+        assert float((alone.reconstruction[0] - batch.reconstruction[i]).abs().max()) <= 1e-5
+    again = model.infer(x)
+    for a, b in zip(
+        [*batch.latents, batch.reconstruction, batch.energy], [*again.latents, again.reconstruction, again.energy]
+    ):
+        assert a.numpy().tobytes() == b.numpy().tobytes()
+
+
+def test_early_stop_reports_steps_and_matches_fixed_steps(generator):
+    model = model_at(tiny_config("convolutional", "tanh", "cauchy"), generator, std=0.3, k1_factor=0.8)
+    x = torch.randn((4, *model.config.input_shape), generator=generator)
+    x[1] *= 1e-3  # a nearly blank image: its gradient is tiny from the start
+    x[3] *= 0.05
+    fixed = model.infer(x, steps=60)
+    norms = [torch.sqrt(sum(g.square().flatten(1).sum(1) for g in model.gradients(x, fixed.latents)))]
+    tol = float(norms[0][[0, 2]].min()) * 0.5  # the two full images never get this low in 60 steps
+    early = model.infer(x, steps=60, tol=tol)
+    assert early.steps.tolist()[0] == 60 and early.steps.tolist()[2] == 60
+    assert early.steps[1] < 60 and early.steps[3] < 60
+    for i in (0, 2):
+        for a, b in zip(early.latents, fixed.latents):
+            assert a[i].numpy().tobytes() == b[i].numpy().tobytes()
+    # A stopped image's gradient is below tol where it stopped, and its energy stays put afterwards.
+    for i in (1, 3):
+        grads = model.gradients(x[i : i + 1], [r[i : i + 1] for r in early.latents])
+        assert float(torch.sqrt(sum(g.square().sum() for g in grads))) < tol
+        n = int(early.steps[i])
+        assert torch.all(early.energy[n:, i] == early.energy[n, i])
+    assert early.energy.shape[0] == 61
+
+
+def test_early_stop_with_every_image_stopped_ends_the_loop(generator):
+    model = model_at(tiny_config("modules"), generator, k1_factor=0.5)
+    x = torch.zeros((2, *model.config.input_shape))
+    result = model.infer(x, steps=50, tol=1e-3)
+    assert result.steps.tolist() == [0, 0]
+    assert result.energy.shape == (1, 2)
+
+
+def test_result_shapes_for_the_paper_preset():
+    model = pcmodel.load("rao-ballard-1999")
+    x = torch.randn((2, 1, 16, 26))
+    result = model.infer(x, steps=5)
+    assert [tuple(r.shape) for r in result.latents] == [(2, 32, 1, 3), (2, 128, 1, 1)]
+    assert tuple(result.predictions[0].shape) == (2, 3, 1, 16, 16)  # per module: its own patch
+    assert tuple(result.predictions[1].shape) == (2, 1, 32, 1, 3)  # level 2 predicts all 96 causes
+    assert tuple(result.reconstruction.shape) == (2, 1, 16, 26)
+    torch.testing.assert_close(result.error, x - result.reconstruction, rtol=0, atol=0)
+    assert result.steps.tolist() == [5, 5]
+    assert tuple(result.energy.shape) == (6, 2)
+    # Level 2's prediction error is r_1 minus its prediction, per module grid position.
+    r1 = result.latents[0].reshape(2, 1, 32, 1, 3)
+    torch.testing.assert_close(result.errors[1], r1 - result.predictions[1])
+
+
+def test_result_for_the_convolutional_preset_at_another_size():
+    model = pcmodel.load("conv-rgb")
+    x = torch.rand((1, 3, 64, 48)) * 2 - 1
+    result = model.infer(x, steps=3)
+    assert [tuple(r.shape) for r in result.latents] == [(1, 8, 15, 11), (1, 10, 7, 5)]
+    assert tuple(result.reconstruction.shape) == (1, 3, 64, 48)
+    torch.testing.assert_close(result.errors[0], result.error, rtol=0, atol=0)
+    # The reconstruction is f(U_1 r_1), computed here independently.
+    expected = torch.tanh(torch.nn.functional.conv_transpose2d(result.latents[0], model.weights[0], stride=4))
+    torch.testing.assert_close(result.reconstruction, expected)
+
+
+def test_feedforward_initial_latents(generator):
+    config = tiny_config("convolutional", initial_latents="feedforward")
+    model = model_at(config, generator, std=0.3)
+    x = torch.randn((2, *config.input_shape), generator=generator)
+    r1, r2 = model.initial_latents(x)
+    torch.testing.assert_close(r1, torch.nn.functional.conv2d(x, model.weights[0], stride=2))
+    torch.testing.assert_close(r2, torch.nn.functional.conv2d(r1, model.weights[1], stride=2))
+    assert model.infer(x, steps=0).latents[0].equal(r1)
+
+
+def test_receptive_fields():
+    paper = pcmodel.load("rao-ballard-1999")
+    assert paper.receptive_fields(1).equal(paper.weights[0])
+    level2 = paper.receptive_fields(2)
+    assert tuple(level2.shape) == (128, 1, 16, 26)
+    # Level-2 field of cause c: the three modules' patches U_1 r_1 summed over the 16x26 region.
+    u1, u2 = paper.weights
+    c = 5
+    r1 = u2[c].reshape(32, 3)  # the 96 level-1 causes cause c predicts, per module
+    expected = torch.zeros(16, 26)
+    for m in range(3):
+        expected[:, 5 * m : 5 * m + 16] += torch.einsum("k,khw->hw", r1[:, m], u1[:, 0])
+    torch.testing.assert_close(level2[c, 0], expected)
+    conv = pcmodel.load("conv-rgb")
+    assert tuple(conv.receptive_fields(2).shape) == (10, 3, 16, 16)
+    with pytest.raises(ValueError, match=r"level must be in 1\.\.2"):
+        conv.receptive_fields(3)
+
+
+def test_learn_step_lowers_the_energy_at_fixed_latents(generator):
+    model = model_at(tiny_config("dense", "tanh", "cauchy"), generator, std=0.3, k1_factor=0.5)
+    x = torch.randn((6, *model.config.input_shape), generator=generator)
+    latents = model.infer(x, steps=30).latents
+    before = model.energy(x, latents).mean()
+    model.learn_step(x, latents, k2=0.01)
+    assert model.energy(x, latents).mean() < before
