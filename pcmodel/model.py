@@ -288,18 +288,30 @@ class PCModel:
             lower = r
         return out
 
-    def infer(self, x: torch.Tensor, steps: int | None = None, tol: float | None = None) -> InferenceResult:
+    def infer(
+        self, x: torch.Tensor, steps: int | None = None, tol: float | None = None, backend: str | None = None
+    ) -> InferenceResult:
         """Settle the latents for x (B, C, H, W), already preprocessed: `steps` fixed gradient steps.
 
         With `tol`, an image stops as soon as the norm of its gradient dE/dr (all levels) falls
         below tol; it keeps its latents and `result.steps` reports the steps it used. Images that
         never stop get exactly the fixed-step result. Deterministic, no autograd.
+
+        `backend` (pcmodel.backends): None or "auto" picks by a fixed rule (CUDA graph on a GPU,
+        onnxruntime or the torch engine on a CPU); "loop" runs `_infer_loop`, the definition;
+        "torch", "onnxruntime", "cuda-graph" ask for one. `result.backend` says which ran.
         """
         steps = self.config.steps if steps is None else int(steps)
         if steps < 0:
             raise ValueError(f"steps must be >= 0, got {steps}")
         if tol is not None and not (tol >= 0 and math.isfinite(tol)):
             raise ValueError(f"tol must be a finite number >= 0, got {tol}")
+        from .backends import run_inference
+
+        return run_inference(self, x, steps, tol, backend)
+
+    def _infer_loop(self, x: torch.Tensor, steps: int, tol: float | None) -> InferenceResult:
+        """The plain loop: the mathematical definition every backend is checked against."""
         with torch.inference_mode():
             x, weights, levels = self._prepare(x)
             latents = self.initial_latents(x)
@@ -326,7 +338,7 @@ class PCModel:
                 used += active
             if tol is None:
                 used.fill_(steps)
-            return self._result(levels, x, latents, errors, torch.stack(trace), used)
+            return self._result(levels, x, latents, errors, torch.stack(trace), used, backend="loop")
 
     def _result(
         self,

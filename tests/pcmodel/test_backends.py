@@ -1,0 +1,278 @@
+"""Backends against the definition: every fast path equals the plain loop on fresh random inputs.
+
+Oracle: PCModel._infer_loop (backend="loop"), itself held against autograd in test_math.py. Tolerance:
+latents within 1e-4 in float32 (the issue's bound; measured differences are ~1e-6).
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import pcmodel
+from pcmodel import PCModel, backends
+
+from .conftest import KINDS, tiny_config
+
+CASES = list(itertools.product(KINDS, ("identity", "tanh"), ("gaussian", "cauchy")))
+FAST = ("torch", "onnxruntime")
+
+
+def stable_model(config, generator, std=0.4, factor=0.8) -> PCModel:
+    """Random weights, k1 at `factor` x the stability bound (so 20 steps move the latents a lot)."""
+    weights = [torch.randn(s, generator=generator) * std for s in PCModel.weight_shapes(config)]
+    model = PCModel(config, weights, allow_unstable=True)
+    return PCModel(config.replace(k1=factor * model.stability_bound()), model.weights, allow_unstable=True)
+
+
+def assert_same_inference(result, expected, atol=1e-4, energy_rtol=1e-4):
+    assert result.steps.tolist() == expected.steps.tolist()
+    for a, b in zip(result.latents, expected.latents):
+        assert a.shape == b.shape and a.dtype == b.dtype
+        assert float((a - b).abs().max()) <= atol
+    assert float((result.reconstruction - expected.reconstruction).abs().max()) <= atol
+    torch.testing.assert_close(result.error, expected.error, rtol=0, atol=atol)
+    for a, b in zip(result.predictions, expected.predictions):
+        assert a.shape == b.shape
+    assert result.energy.shape == expected.energy.shape
+    torch.testing.assert_close(result.energy, expected.energy, rtol=energy_rtol, atol=energy_rtol)
+
+
+@pytest.mark.parametrize(("kind", "f", "prior"), CASES)
+def test_fast_paths_equal_the_loop_on_every_tiny_config(kind, f, prior, generator):
+    model = stable_model(tiny_config(kind, f, prior), generator)
+    x = torch.randn((3, *model.config.input_shape), generator=generator)
+    expected = model.infer(x, backend="loop")
+    moved = max(float(r.abs().max()) for r in expected.latents)
+    assert moved > 1e-2  # the comparison is not between two sets of zeros
+    for backend in FAST:
+        result = model.infer(x, backend=backend)
+        assert result.backend == backend
+        assert_same_inference(result, expected)
+
+
+@pytest.mark.parametrize("preset", sorted(pcmodel.PRESETS))
+def test_fast_paths_equal_the_loop_on_the_presets(preset, generator):
+    model = pcmodel.load(preset)
+    x = torch.rand((5, *model.config.input_shape), generator=generator) * 2 - 1
+    expected = model.infer(x, backend="loop")
+    for backend in FAST:
+        assert_same_inference(model.infer(x, backend=backend), expected)
+    assert model.infer(x).backend == "onnxruntime"  # the automatic rule on a CPU, float32, default steps
+
+
+def test_plan_kinds_follow_the_mathematics():
+    assert backends.plan_kind(pcmodel.load("rao-ballard-1999")) == "quadratic"  # f linear: dE/dr = Hr - b + g'
+    assert backends.plan_kind(pcmodel.load("conv-rgb")) == "levelwise"  # tanh
+    linear = pcmodel.create(tiny_config("convolutional"))
+    assert backends.plan_kind(linear) == "quadratic"
+    assert backends.plan_kind(linear, (12 + 8 * 40, 12 + 8 * 40)) == "levelwise"  # too many latents for a dense H
+
+
+def test_conv_preset_at_another_size_and_feedforward_start(generator):
+    model = pcmodel.load("conv-rgb")
+    x = torch.rand((2, 3, 64, 48), generator=generator) * 2 - 1
+    expected = model.infer(x, steps=30, backend="loop")
+    for backend in FAST:
+        assert_same_inference(model.infer(x, steps=30, backend=backend), expected)
+    for kind, f in (("convolutional", "tanh"), ("dense", "identity"), ("modules", "tanh")):
+        fed = stable_model(tiny_config(kind, f, "cauchy", initial_latents="feedforward"), generator, std=0.3)
+        x = torch.randn((2, *fed.config.input_shape), generator=generator)
+        expected = fed.infer(x, backend="loop")
+        for backend in FAST:
+            assert_same_inference(fed.infer(x, backend=backend), expected)
+
+
+@pytest.mark.parametrize(("kernel", "stride", "size"), [((8, 8), (4, 4), (32, 32)), ((3, 5), (2, 3), (9, 14))])
+def test_phase_layout_equals_the_strided_convolutions(kernel, stride, size, generator):
+    """conv_transpose2d(r, U, s) and conv2d(e, U, s) as stride-1 convolutions of the sub-pixel phases."""
+    U = torch.randn((4, 3, *kernel), generator=generator, dtype=torch.float64)
+    latent = [(n - k) // s + 1 for n, k, s in zip(size, kernel, stride)]
+    r = torch.randn((2, 4, *latent), generator=generator, dtype=torch.float64)
+    e = torch.randn((2, 3, *size), generator=generator, dtype=torch.float64)
+    predict, adjoint, taps = backends.phase_kernels(U, stride)
+    pad = tuple(s * (n + m - 1) - h for s, n, m, h in zip(stride, latent, taps, size))
+    phases = F.conv2d(r, predict, padding=(taps[0] - 1, taps[1] - 1))
+    merged = backends.phase_merge(phases, 3, stride, size)
+    torch.testing.assert_close(merged, F.conv_transpose2d(r, U, stride=stride), rtol=1e-12, atol=1e-12)
+    split = backends.phase_split(e, stride, pad)
+    torch.testing.assert_close(F.conv2d(split, adjoint), F.conv2d(e, U, stride=stride), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(backends.phase_merge(split, 3, stride, size), e, rtol=0, atol=0)
+
+
+def test_automatic_rule_and_its_fallbacks(generator):
+    model = pcmodel.load("rao-ballard-1999")
+    x = torch.randn((2, *model.config.input_shape), generator=generator)
+    assert model.infer(x).backend == "onnxruntime"
+    assert model.infer(x.double()).backend == "torch (float64 input)"
+    assert model.infer(x.double()).latents[0].dtype == torch.float64
+    assert model.infer(x, steps=0).backend.startswith("loop")
+    assert model.infer(x, backend="onnxruntime", tol=1e-3).backend.startswith("torch (early stop")
+    assert model.infer(x, backend="loop").backend == "loop"
+    with pytest.raises(ValueError, match=r"unknown backend 'jax'; choose auto or one of"):
+        model.infer(x, backend="jax")
+    with pytest.raises(ValueError, match=r"needs the model on a CUDA device"):
+        model.infer(x, backend="cuda-graph")
+
+
+def test_step_counts_and_sizes_beyond_the_prepared_set_run_on_the_torch_engine(generator):
+    """The default steps and the first three other counts get programs; later counts run on torch."""
+    model = pcmodel.create(tiny_config("dense", "tanh", "cauchy"))
+    x = torch.randn((2, *model.config.input_shape), generator=generator)
+    warm = [model.config.steps, 3, 4, 5]
+    assert [model.infer(x, steps=t).backend for t in warm] == ["onnxruntime"] * 4
+    late = model.infer(x, steps=6)
+    assert late.backend == "torch (onnxruntime: steps=6 at 1x8x12 not prepared)"
+    assert model.infer(x, steps=3).backend == "onnxruntime"  # prepared counts stay fast
+    assert sorted(backends.engine(model).fast_steps) == sorted(warm)
+    assert_same_inference(late, model.infer(x, steps=6, backend="loop"))
+    conv = pcmodel.create(tiny_config("convolutional", "tanh"))
+    sizes = [(12, 12), (16, 16), (20, 20), (24, 24), (28, 28)]
+    chosen = [conv.infer(torch.randn((1, 3, *s), generator=generator), steps=2).backend for s in sizes]
+    assert chosen[:4] == ["onnxruntime"] * 4 and chosen[4].startswith("torch (")
+
+
+def test_learning_never_runs_on_stale_weights(generator):
+    """learn_step then infer uses the new U; a session is rebuilt once the weights stop changing."""
+    model = pcmodel.load("rao-ballard-1999")
+    x = torch.randn((4, *model.config.input_shape), generator=generator)
+    first = model.infer(x)
+    assert first.backend == "onnxruntime"
+    for _ in range(2):  # learning: U changes after every batch
+        model.learn_step(x, first.latents, k2=0.5)
+        during = model.infer(x)
+        assert during.backend == "torch (weights changed since the onnxruntime session was built)"
+        assert_same_inference(during, model.infer(x, backend="loop"))
+    explicit = model.infer(x, backend="onnxruntime")  # an explicit request rebuilds at once
+    assert_same_inference(explicit, model.infer(x, backend="loop"))
+    assert float((explicit.latents[0] - first.latents[0]).abs().max()) > 1e-3  # the new U changed the result
+    model.weights = [w * 1.01 for w in model.weights]  # new tensors, not an in-place change
+    model.infer(x)
+    settled = model.infer(x)  # the weights stayed the same for two calls: the session is rebuilt
+    assert settled.backend == "onnxruntime"
+    assert_same_inference(settled, model.infer(x, backend="loop"))
+
+
+def test_early_stop_next_to_a_prepared_program_matches_the_fixed_call_bit_for_bit(generator):
+    model = pcmodel.load("conv-rgb")
+    x = torch.rand((3, *model.config.input_shape), generator=generator) * 2 - 1
+    x[1] *= 1e-4  # stops almost at once
+    fixed = model.infer(x, steps=40)
+    assert fixed.backend == "onnxruntime"
+    early = model.infer(x, steps=40, tol=1e-3)
+    assert early.backend == "torch (early stop; images that never stopped: onnxruntime)"
+    assert early.steps[1] < 40 and early.steps[0] == early.steps[2] == 40
+    for i in (0, 2):
+        for a, b in zip(early.latents, fixed.latents):
+            assert a[i].numpy().tobytes() == b[i].numpy().tobytes()
+        assert early.energy[:, i].numpy().tobytes() == fixed.energy[:, i].numpy().tobytes()
+
+
+def test_torch_engine_is_deterministic_and_batch_invariant(generator):
+    model = pcmodel.load("conv-rgb")
+    x = torch.rand((6, *model.config.input_shape), generator=generator) * 2 - 1
+    batch = model.infer(x, backend="torch")
+    again = model.infer(x, backend="torch")
+    for a, b in zip(batch.latents, again.latents):
+        assert a.numpy().tobytes() == b.numpy().tobytes()
+    alone = model.infer(x[2:3], backend="torch")
+    for a, b in zip(alone.latents, batch.latents):
+        assert float((a[0] - b[2]).abs().max()) <= 1e-5
+
+
+def test_onnxruntime_shard_rule():
+    """One shard per thread, at most one per image; a single shard is the session with all threads."""
+    assert [backends.ort_shards(b, 2) for b in (1, 2, 3, 32)] == [1, 2, 2, 2]
+    assert backends.ort_shards(7, 3) == 3 and backends.ort_shards(5, 16) == 5 and backends.ort_shards(32, 1) == 1
+
+
+@pytest.mark.parametrize(("kind", "f"), list(itertools.product(KINDS, ("identity", "tanh"))))
+def test_sharded_onnxruntime_equals_the_loop_and_each_image_alone(kind, f, generator):
+    """Shards of (3, 2, 2) images on a single-threaded session, against the loop and against batch 1."""
+    model = stable_model(tiny_config(kind, f, "cauchy"), generator)
+    x = torch.randn((7, *model.config.input_shape), generator=generator)
+    plan = backends.make_plan(model, x.shape[-2:], torch.float32, x.device)
+    assert plan.kind == ("quadratic" if f == "identity" else "levelwise")  # both graph builders
+    program = backends.OrtProgram(plan, model.config.steps, threads=3)
+    sharded = program.run(x)
+    assert set(program.sessions) == {1}  # the sharded path ran, and only it
+    expected = model.infer(x, backend="loop")
+    for a, b in zip(sharded.latents, expected.latents):
+        assert a.shape == b.shape and float((a - b).abs().max()) <= 1e-4
+    torch.testing.assert_close(sharded.energy, expected.energy, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(sharded.reconstruction, expected.reconstruction, rtol=0, atol=1e-4)
+    for i in range(x.shape[0]):
+        alone = program.run(x[i : i + 1])  # batch 1: one session with all threads
+        for a, b in zip(alone.latents, sharded.latents):
+            assert float((a[0] - b[i]).abs().max()) <= 1e-4
+        torch.testing.assert_close(alone.energy[:, 0], sharded.energy[:, i], rtol=1e-4, atol=1e-4)
+        for a, b in zip(alone.errors, sharded.errors):
+            assert float((a[0] - b[i]).abs().max()) <= 1e-4
+    assert set(program.sessions) == {1, 3}
+
+
+def test_automatic_rule_shards_large_batches_and_reports_onnxruntime(generator):
+    model = stable_model(tiny_config("convolutional", "tanh", "gaussian"), generator)
+    x = torch.randn((4, *model.config.input_shape), generator=generator)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)  # the session is made with torch's thread count: two shards of two images
+    try:
+        result = model.infer(x)
+    finally:
+        torch.set_num_threads(threads)
+    assert result.backend == "onnxruntime"
+    program = backends.engine(model).ort[(model.config.steps, tuple(x.shape[1:]))][1]
+    assert program.threads == 2 and set(program.sessions) == {1}
+    assert_same_inference(result, model.infer(x, backend="loop"))
+    backends.engine(model).ort_sharding = False  # pc-bench's "onnxruntime-unsharded"
+    whole = model.infer(x)
+    assert whole.backend == "onnxruntime" and set(program.sessions) == {1, 2}
+    assert_same_inference(whole, result, atol=1e-5, energy_rtol=1e-5)
+
+
+# ---- CUDA (skipped without a GPU) ------------------------------------------------------------------------
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (none on this machine)")
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("preset", sorted(pcmodel.PRESETS))
+def test_cuda_graph_equals_the_loop(preset, generator):
+    model = pcmodel.load(preset, device="cuda")
+    for batch in (1, 3, 5):  # buckets 1, 4 and 8: inputs padded into the static buffer
+        x = (torch.rand((batch, *model.config.input_shape), generator=generator) * 2 - 1).cuda()
+        result = model.infer(x)
+        assert result.backend == "cuda-graph"
+        assert_same_inference(result, model.infer(x, backend="loop"))
+    assert {key[2] for key in backends.engine(model).cuda} == {1, 4, 8}
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_cuda_graph_follows_learning_without_a_new_capture(generator):
+    model = pcmodel.load("conv-rgb", device="cuda")
+    x = (torch.rand((4, *model.config.input_shape), generator=generator) * 2 - 1).cuda()
+    first = model.infer(x)
+    captured = dict(backends.engine(model).cuda)
+    model.learn_step(x, first.latents, k2=0.5)
+    after = model.infer(x)
+    assert_same_inference(after, model.infer(x, backend="loop"))
+    assert {k: v[1] for k, v in backends.engine(model).cuda.items()} == {k: v[1] for k, v in captured.items()}
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("precision", ["tf32", "bf16"])
+def test_cuda_reduced_precision_runs_and_stays_close(precision, generator):
+    """TF32 / bf16 operands with r in float32: finite and near the float32 result (the cost pc-bench reports)."""
+    model = pcmodel.load("conv-rgb", device="cuda")
+    backends.engine(model).cuda_precision = precision
+    x = (torch.rand((8, *model.config.input_shape), generator=generator) * 2 - 1).cuda()
+    result = model.infer(x)
+    expected = model.infer(x, backend="loop")
+    worst = max(float((a - b).abs().max()) for a, b in zip(result.latents, expected.latents))
+    assert worst < 5e-2

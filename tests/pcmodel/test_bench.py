@@ -1,0 +1,83 @@
+"""pc-bench runs end to end at a tiny size and reports every field (a benchmark: nothing here is timed);
+the notebook-style reference it measures against is the mathematics (autograd = the plain loop)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import pcmodel
+from pcmodel import PCModel
+from pcmodel.bench import DEFAULT_CASES, flops_per_step, main, parse_case
+from pcmodel.reference import reference_energy, reference_infer
+
+from .conftest import KINDS, tiny_config
+
+RESULT_FIELDS = {
+    "max_abs_diff", "one_off_seconds", "samples", "ms", "ms_median", "spread", "images_per_s",
+    "gflops", "peak_share", "speedup", "speedup_rounds", "letter", "note",
+}  # fmt: skip
+
+
+def test_pc_bench_json_reports_every_field(capsys):
+    argv = ["--case", "conv-rgb:32x32:1", "--case", "rao-ballard-1999:16x26:2", "--steps", "3"]
+    assert main([*argv, "--rounds", "2", "--min-time", "0", "--peak-size", "128", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    machine = report["machine"]
+    assert machine["cores"] >= 1 and machine["cpu"] and "gpu" in machine
+    assert {"python", "torch", "onnxruntime", "onnx", "numpy"} <= set(machine["versions"])
+    assert report["settings"]["threads"]["torch_intra_op"] == report["settings"]["threads"]["onnxruntime_intra_op"]
+    assert report["matmul_peak"]["best_gflops"] > 0
+    assert [c["case"] for c in report["cases"]] == ["conv-rgb 32x32 B=1", "rao-ballard-1999 16x26 B=2"]
+    conv, paper = report["cases"]
+    assert conv["flops_per_step"]["matmul"] == 326_976  # MODEL.md section 6 (and the peer benchmark)
+    assert paper["flops_per_step"]["matmul"] == 2 * 147_456
+    for case in report["cases"]:
+        results = case["results"]
+        assert {"reference", "torch", "onnxruntime"} <= set(results)
+        assert results["reference"]["letter"] == "a" and results["onnxruntime"]["letter"] == "c"
+        assert set(results["onnxruntime"]["one_off_seconds"]) == {"plan", "export", "session"}
+        for r in results.values():
+            assert set(r) >= RESULT_FIELDS
+            assert r["max_abs_diff"] <= 1e-4  # every backend agrees with (a)
+            assert r["ms"] > 0 and r["images_per_s"] > 0 and r["gflops"] > 0 and len(r["samples"]) == 2
+        assert results["reference"]["speedup"] == pytest.approx(1.0)
+
+
+def test_pc_bench_table_and_its_errors(capsys):
+    argv = ["--case", "rao-ballard-1999:16x26:1", "--steps", "2", "--rounds", "1", "--min-time", "0"]
+    assert main([*argv, "--peak-size", "64", "--backends", "reference,onnxruntime"]) == 0
+    out = capsys.readouterr().out
+    assert "| rao-ballard-1999 16x26 B=1 | (c) onnxruntime |" in out and "matmul peak" in out
+    with pytest.raises(SystemExit):
+        main(["--backends", "reference,jax"])
+    with pytest.raises(SystemExit):
+        main(["--case", "conv-rgb:32:1"])
+    assert parse_case(DEFAULT_CASES[2]).size == (128, 128)
+    assert main(["--case", "conv-rgb:33x32:1", "--steps", "1", "--rounds", "1", "--peak-size", "64"]) == 2
+    assert "does not tile" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_reference_is_the_definition(kind, generator):
+    """Autograd of the plainly built energy gives the hand-derived loop's trajectory (float64)."""
+    config = tiny_config(kind, "tanh", "cauchy", initial_latents="feedforward")
+    weights = [torch.randn(s, generator=generator, dtype=torch.float64) * 0.3 for s in PCModel.weight_shapes(config)]
+    model = PCModel(config, weights, allow_unstable=True)
+    x = torch.randn((2, *config.input_shape), generator=generator, dtype=torch.float64)
+    latents, trace = reference_infer(config, model.weights, x, 15)
+    expected = model.infer(x, steps=15, backend="loop")
+    for a, b in zip(latents, expected.latents):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-10)
+    torch.testing.assert_close(trace, expected.energy, rtol=1e-10, atol=0)
+    torch.testing.assert_close(
+        reference_energy(config, [w.double() for w in model.weights], x, latents), model.energy(x, latents)
+    )
+
+
+def test_flops_follow_model_md():
+    conv = pcmodel.load("conv-rgb")
+    big = flops_per_step(conv, (128, 128), 32)["per_level"]
+    assert big == [4 * 32 * 8 * 3 * 64 * 31 * 31, 4 * 32 * 10 * 8 * 9 * 15 * 15]

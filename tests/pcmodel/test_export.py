@@ -1,0 +1,84 @@
+"""pc-export: the written ONNX file computes the fixed-T inference (onnxruntime vs torch within 1e-4)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+
+import pcmodel
+from pcmodel import backends
+from pcmodel.export import build_graph, main
+
+from .conftest import tiny_config
+
+
+def run_file(path, x: torch.Tensor) -> dict[str, np.ndarray]:
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    names = [o.name for o in session.get_outputs()]
+    return dict(zip(names, session.run(None, {"x": x.numpy()})))
+
+
+@pytest.mark.parametrize("preset", sorted(pcmodel.PRESETS))
+def test_pc_export_writes_the_documented_graph_and_matches_torch(preset, tmp_path, capsys, generator):
+    path = tmp_path / f"{preset}.onnx"
+    assert main([preset, "--steps", "100", "-o", str(path)]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["max_abs_difference"] <= 1e-4  # pc-export's own check ran
+    model = onnx.load(str(path))
+    onnx.checker.check_model(model)
+    levels = len(pcmodel.get_preset(preset).levels)
+    assert [i.name for i in model.graph.input] == ["x"]  # the weights are inside the file
+    assert [o.name for o in model.graph.output] == [f"latent_{i + 1}" for i in range(levels)] + [
+        "energy",
+        "reconstruction",
+    ]
+    assert model.graph.input[0].type.tensor_type.shape.dim[0].dim_param == "batch"
+    meta = {p.key: p.value for p in model.metadata_props}
+    torch_model = pcmodel.load(preset)
+    assert meta["model"] == preset and meta["steps"] == "100" and meta["sha256"] == torch_model.sha256
+    for batch in (1, 3):  # the batch axis is dynamic
+        x = torch.rand((batch, *torch_model.config.input_shape), generator=generator) * 2 - 1
+        values = run_file(path, x)
+        expected = torch_model.infer(x, steps=100, backend="loop")
+        for i, r in enumerate(expected.latents):
+            assert values[f"latent_{i + 1}"].shape == tuple(r.shape)
+            assert np.abs(values[f"latent_{i + 1}"] - r.numpy()).max() <= 1e-4
+        assert values["energy"].shape == (101, batch)
+        np.testing.assert_allclose(values["energy"], expected.energy.numpy(), rtol=1e-4)
+        assert np.abs(values["reconstruction"] - expected.reconstruction.numpy()).max() <= 1e-4
+
+
+def test_export_at_another_size_and_of_a_modules_hierarchy(tmp_path, capsys, generator):
+    path = tmp_path / "conv.onnx"
+    assert main(["conv-rgb", "--steps", "5", "--size", "64", "48", "-o", str(path)]) == 0
+    assert json.loads(capsys.readouterr().out)["input"] == ["batch", 3, 64, 48]
+    x = torch.rand((2, 3, 64, 48), generator=generator) * 2 - 1
+    values = run_file(path, x)
+    expected = pcmodel.load("conv-rgb").infer(x, steps=5, backend="loop")
+    assert np.abs(values["reconstruction"] - expected.reconstruction.numpy()).max() <= 1e-4
+    # A tanh modules hierarchy takes the levelwise graph (unfold and fold as convolutions).
+    model = pcmodel.create(tiny_config("modules", "tanh", "cauchy"))
+    graph = build_graph(backends.make_plan(model, (10, 10), torch.float32, torch.device("cpu")), 7)
+    path = tmp_path / "modules.onnx"
+    path.write_bytes(graph.SerializeToString())
+    x = torch.randn((3, 1, 10, 10), generator=generator)
+    values = run_file(path, x)
+    expected = model.infer(x, steps=7, backend="loop")
+    for i, r in enumerate(expected.latents):
+        assert np.abs(values[f"latent_{i + 1}"] - r.numpy()).max() <= 1e-4
+    assert np.abs(values["reconstruction"] - expected.reconstruction.numpy()).max() <= 1e-4
+
+
+def test_pc_export_errors_name_the_fix(tmp_path, capsys):
+    assert main(["no-such-model", "-o", str(tmp_path / "a.onnx")]) == 2
+    assert "not a model name" in capsys.readouterr().err
+    assert main(["conv-rgb", "--steps", "0", "-o", str(tmp_path / "b.onnx")]) == 2
+    assert "steps must be >= 1" in capsys.readouterr().err
+    assert main(["rao-ballard-1999", "--size", "16", "31", "-o", str(tmp_path / "c.onnx")]) == 2
+    assert "dense" in capsys.readouterr().err
+    assert not any(tmp_path.iterdir())
