@@ -92,7 +92,7 @@ def test_paper_preprocessing_is_dog_and_unit_std():
     image = np.asarray(photo((64, 48)).convert("L"))
     x = preprocess([image], config)
     assert x.shape == (1, 1, 48, 64)
-    assert float(x.std(unbiased=False)) == pytest.approx(1.0, rel=1e-4)
+    assert float(x.std(unbiased=False)) == pytest.approx(config.preprocess.gain, rel=1e-4)  # unit std x gain
     flat = np.full((20, 20), 77, dtype=np.uint8)
     assert float(preprocess([flat], config).abs().max()) < 1e-3  # DoG removes uniform light
     # A DoG of a bright dot on a dark field is centre-on: positive at the dot, negative around it.
