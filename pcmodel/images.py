@@ -308,14 +308,16 @@ def to_display(x: torch.Tensor, config: PreprocessConfig, scale: float, centred:
     centred=False maps the config's value range (unfiltered inputs and reconstructions) to 0..255;
     centred=True maps [-scale, scale] to 0..255 with zero at mid-grey (filtered inputs, errors).
     """
-    x = x.detach().to("cpu", torch.float32)
+    x = x.detach().to("cpu", torch.float32).numpy()
     if centred:
         y = (x / scale + 1) * 127.5
     else:
         lo, hi = config.value_range
         y = (x - lo) * (255.0 / (hi - lo))
-    array = y.clamp(0, 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
-    return Image.fromarray(array[:, :, 0] if array.shape[2] == 1 else array)
+    # numpy, not torch: torch.round on a small map can wake the intra-op thread pool, which costs
+    # milliseconds on a busy machine (seen in the service); np.rint rounds half to even the same way.
+    array = np.rint(np.clip(y, 0, 255)).astype(np.uint8).transpose(1, 2, 0)
+    return Image.fromarray(np.ascontiguousarray(array[:, :, 0] if array.shape[2] == 1 else array))
 
 
 def display_maps(

@@ -1,0 +1,223 @@
+"""Adaptive batching: concurrent requests share model calls, grouped by (steps, input shape).
+
+Why our own batcher rather than BentoML's `batchable` API: a batchable method is an HTTP endpoint
+whose single argument is the list, so /encode (a multipart form) cannot be one, and reaching it
+from /encode goes through BentoML's internal HTTP self-proxy (a second serialisation of every
+tensor). Its dispatcher also cancels requests with 503 when its latency estimate passes
+`max_latency_ms`, and it cannot group by steps or shape or split a tiled image across batches.
+
+How it works: each request submits a job, a block of rows (one image, or the tiles of one image)
+of one input shape and one step count. A single task on the event loop takes the oldest job's key
+(steps, shape) and gathers rows of queued jobs with that key, oldest first, up to
+`max_batch_size` rows (a large job is split across batches), then runs `model.infer` on a
+dedicated thread. While the model runs, new requests queue, so the next batch is as large as the
+load: one client pays no waiting, many clients get large batches. No request is cancelled by a
+deadline; only a full queue (`max_queue` rows) is refused, with 503.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+
+class Overloaded(RuntimeError):
+    """The queue is full: the caller should retry later (HTTP 503)."""
+
+
+@dataclass
+class Settled:
+    """The part of an InferenceResult the service returns, on the CPU; rows follow the job's rows."""
+
+    latents: list[torch.Tensor]  # level 1 first, each (n, causes, H_l, W_l)
+    reconstruction: torch.Tensor  # (n, C, H, W)
+    energy: torch.Tensor  # (steps + 1, n)
+    steps: torch.Tensor  # (n,)
+    backend: str
+    model_seconds: float = 0.0  # time of the model calls these rows were in (summed over calls)
+    wait_seconds: float = 0.0  # time from submit until the first of those calls started
+
+
+@dataclass(eq=False)  # identity, not field equality: jobs hold tensors, and the queue removes by identity
+class _Job:
+    x: torch.Tensor  # (n, C, H, W) on the model's device
+    steps: int
+    future: asyncio.Future[Settled]
+    submitted: float = field(default_factory=time.perf_counter)
+    started: float | None = None  # when its first rows went into a model call
+    next_row: int = 0  # rows before this one have been handed to a batch
+    parts: dict[int, Settled] = field(default_factory=dict)  # first row -> result of that chunk
+    done_rows: int = 0
+
+    @property
+    def key(self) -> tuple[int, tuple[int, ...]]:
+        return self.steps, tuple(self.x.shape[1:])
+
+    @property
+    def rows(self) -> int:
+        return self.x.shape[0]
+
+
+InferFn = Callable[[torch.Tensor, int], Settled]
+
+
+class Batcher:
+    """Runs `infer(x, steps)` on batches gathered from concurrent `submit` calls (see module doc)."""
+
+    def __init__(
+        self,
+        infer: InferFn,
+        max_batch_size: int,
+        max_queue: int,
+        wait_s: float = 0.0,
+        on_batch: Callable[[int, float], None] | None = None,
+        thread_init: Callable[[], None] | None = None,
+    ) -> None:
+        self._infer = infer
+        self.max_batch_size = max_batch_size
+        self.max_queue = max_queue
+        self.wait_s = wait_s
+        self._on_batch = on_batch  # (rows, seconds) after each model call, for metrics
+        self._queue: collections.deque[_Job] = collections.deque()
+        self._queued_rows = 0
+        self._wakeup: asyncio.Event | None = None
+        self._task: asyncio.Task[None] | None = None
+        # One thread: one model call at a time per process; torch uses its own threads inside it.
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pc-infer", initializer=thread_init)
+
+    async def submit(self, x: torch.Tensor, steps: int) -> Settled:
+        """Queue the rows of x (n, C, H, W) for `steps` inference steps; returns their results."""
+        if self._queued_rows + x.shape[0] > self.max_queue:
+            raise Overloaded(
+                f"the model's queue is full ({self._queued_rows} images or tiles waiting); retry in a moment"
+            )
+        self._ensure_running()
+        job = _Job(x=x, steps=steps, future=asyncio.get_running_loop().create_future())
+        self._queue.append(job)
+        self._queued_rows += job.rows
+        assert self._wakeup is not None
+        self._wakeup.set()
+        return await job.future
+
+    @property
+    def queued(self) -> int:
+        """Rows waiting for the model (not counting the batch that is running)."""
+        return self._queued_rows
+
+    @property
+    def alive(self) -> bool:
+        return self._task is None or not self._task.done()
+
+    def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+        self._executor.shutdown(wait=False, cancel_futures=True)
+
+    def _ensure_running(self) -> None:
+        loop = asyncio.get_running_loop()
+        if self._task is None or self._task.get_loop() is not loop:  # first call, or a new event loop
+            self._wakeup = asyncio.Event()
+            self._task = loop.create_task(self._run(), name="pc-batcher")
+
+    def _gather(self) -> tuple[int, list[tuple[_Job, int, int]]]:
+        """Rows for the next batch: (steps, [(job, first row, end row)]) sharing the oldest job's key."""
+        key = self._queue[0].key
+        chunks: list[tuple[_Job, int, int]] = []
+        room = self.max_batch_size
+        for job in self._queue:
+            if room == 0:
+                break
+            if job.key != key:
+                continue
+            take = min(room, job.rows - job.next_row)
+            chunks.append((job, job.next_row, job.next_row + take))
+            job.next_row += take
+            room -= take
+        for job, _, end in chunks:
+            if end == job.rows:
+                self._queue.remove(job)
+        self._queued_rows -= sum(end - start for _, start, end in chunks)
+        return key[0], chunks
+
+    async def _run(self) -> None:
+        while True:
+            if not self._queue:
+                assert self._wakeup is not None
+                self._wakeup.clear()
+                await self._wakeup.wait()
+                if self.wait_s > 0 and self._queued_rows < self.max_batch_size:
+                    await asyncio.sleep(self.wait_s)
+            try:
+                await self._run_batch()
+            except Exception as exc:  # a bug here must not strand every waiting request
+                logger.exception("the batcher failed; failing the queued requests")
+                for job in self._queue:
+                    if not job.future.done():
+                        job.future.set_exception(exc)
+                self._queue.clear()
+                self._queued_rows = 0
+
+    async def _run_batch(self) -> None:
+        steps, chunks = self._gather()
+        live = [(job, a, b) for job, a, b in chunks if not job.future.done()]  # skip cancelled requests
+        if not live:
+            return
+        x = torch.cat([job.x[a:b] for job, a, b in live])  # (rows, C, H, W)
+        start = time.perf_counter()
+        for job, _, _ in live:
+            job.started = start if job.started is None else job.started
+        try:
+            result = await asyncio.get_running_loop().run_in_executor(self._executor, self._infer, x, steps)
+        except Exception as exc:  # the model failed on this batch: every job in it gets the error
+            logger.exception("inference failed on a batch of %d", x.shape[0])
+            for job, _, _ in live:
+                if not job.future.done():
+                    job.future.set_exception(exc)
+            return
+        seconds = time.perf_counter() - start
+        if self._on_batch is not None:
+            self._on_batch(x.shape[0], seconds)
+        offset = 0
+        for job, a, b in live:
+            n = b - a
+            job.parts[a] = _rows(result, offset, offset + n, seconds)
+            job.done_rows += n
+            offset += n
+            if job.done_rows == job.rows and not job.future.done():
+                settled = _join([job.parts[k] for k in sorted(job.parts)])
+                assert job.started is not None
+                settled.wait_seconds = job.started - job.submitted
+                job.future.set_result(settled)
+
+
+def _rows(result: Settled, a: int, b: int, seconds: float) -> Settled:
+    return Settled(
+        latents=[r[a:b] for r in result.latents],
+        reconstruction=result.reconstruction[a:b],
+        energy=result.energy[:, a:b],
+        steps=result.steps[a:b],
+        backend=result.backend,
+        model_seconds=seconds,
+    )
+
+
+def _join(parts: list[Settled]) -> Settled:
+    if len(parts) == 1:
+        return parts[0]
+    return Settled(
+        latents=[torch.cat(level) for level in zip(*(p.latents for p in parts))],
+        reconstruction=torch.cat([p.reconstruction for p in parts]),
+        energy=torch.cat([p.energy for p in parts], dim=1),
+        steps=torch.cat([p.steps for p in parts]),
+        backend=parts[0].backend,
+        model_seconds=sum(p.model_seconds for p in parts),
+    )

@@ -1,0 +1,98 @@
+"""pc-serve: check the settings and the checkpoint, then run the BentoML server (PCEncoder).
+
+Flags win over PC_* environment variables, which win over the defaults. A bad setting or a bad or
+missing checkpoint ends here with one line on stderr and exit status 2, before any server starts.
+The server then replaces this process (exec), so signals from a container runtime reach it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+from .settings import Settings, SettingsError
+
+logger = logging.getLogger(__name__)
+
+SERVICE = "service.service:PCEncoder"
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="pc-serve",
+        description="Serve the predictive-coding image encoder over HTTP (BentoML). Every setting also reads "
+        "from a PC_* environment variable (see the README); flags win.",
+    )
+    parser.add_argument("--model", help="checkpoint path or model name (PC_MODEL; default: default = conv-rgb)")
+    parser.add_argument("--host", help="address to bind (PC_HOST; default: 0.0.0.0)")
+    parser.add_argument("--port", type=int, help="port (PC_PORT; default: 3000)")
+    parser.add_argument("--workers", type=int, help="worker processes, each with a model copy (PC_WORKERS; default: 1)")
+    parser.add_argument(
+        "--allow-unstable",
+        action="store_true",
+        default=None,
+        help="serve a checkpoint whose k1 is above its stability bound (PC_ALLOW_UNSTABLE)",
+    )
+    parser.add_argument("--check", action="store_true", help="only check the settings and the checkpoint, then exit")
+    return parser.parse_args(argv)
+
+
+def check(settings: Settings) -> str:
+    """Load the checkpoint as the service will; returns a one-line description. Raises on a bad model."""
+    import pcmodel
+
+    model = pcmodel.load(settings.model, allow_unstable=settings.allow_unstable)
+    return f"{model.name} (sha256 {model.sha256[:12]}) from {settings.model}"
+
+
+def _writable(variable: str, default: Path) -> Path:
+    path = Path(os.environ.get(variable) or default)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path):
+            pass
+    except OSError as exc:
+        raise SettingsError(
+            f"{variable}={path} is not a writable directory ({exc.strerror}); point it at one"
+        ) from None
+    return path
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        settings = Settings.from_env(
+            model=args.model, host=args.host, port=args.port, workers=args.workers, allow_unstable=args.allow_unstable
+        )
+        # BentoML keeps its state and Prometheus files under BENTOML_HOME, uploads under TMPDIR: with a
+        # read-only root filesystem both must point at writable mounts.
+        _writable("BENTOML_HOME", Path.home() / "bentoml")
+        _writable("TMPDIR", Path(tempfile.gettempdir()))
+        description = check(settings)
+    except (ValueError, OSError) as exc:  # settings, checkpoint and config errors are all ValueErrors
+        print(f"pc-serve: {exc}", file=sys.stderr)
+        return 2
+    if args.check:
+        print(f"pc-serve: ok: {description}")
+        return 0
+    logger.info(
+        "serving %s on http://%s:%d with %d worker(s)", description, settings.host, settings.port, settings.workers
+    )
+    env = {**os.environ, **settings.to_env()}
+    env.setdefault("BENTOML_DO_NOT_TRACK", "true")  # no usage reports leave the machine unless asked for
+    root = str(Path(__file__).resolve().parent.parent)  # where `service` imports from
+    command = [sys.executable, "-m", "bentoml", "serve", SERVICE, "--host", settings.host, "--port", str(settings.port)]
+    command += ["--working-dir", root]
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execve(sys.executable, command, env)
+    return 0  # not reached
+
+
+if __name__ == "__main__":
+    sys.exit(main())

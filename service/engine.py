@@ -1,0 +1,189 @@
+"""The model inside the service: load, device, warm-up, batched inference, and the model card.
+
+Inference only ever goes through `model.infer(x, steps=...)` with one step count per call and x on
+the model's device, so whatever backend pcmodel picks (torch, onnxruntime, CUDA graphs) serves the
+requests; the warm-up calls it at the default steps and at each PC_WARMUP_STEPS count, which is
+where those backends export or capture.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from pathlib import Path
+
+import torch
+
+import pcmodel
+
+from . import metrics
+from .batching import Batcher, Settled
+from .codec import DEFAULT_OUTPUTS, OUTPUTS, SIZE_MODES
+from .settings import Settings
+
+logger = logging.getLogger(__name__)
+
+
+def pick_device(setting: str) -> torch.device:
+    """`auto`: the first CUDA device when there is one, else the CPU. CUDA devices get their index."""
+    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if setting == "auto" else setting)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())  # set_device needs an index
+    return device
+
+
+def default_threads(workers: int) -> int:
+    """Intra-op threads per worker: its share of the cores, less one for its event loop (at least 1).
+
+    The event loop decodes, encodes and answers while the model runs; on 2 cores, onnxruntime
+    with 2 threads ran conv-rgb 2-4x slower than with 1 (docs/PERFORMANCE.md).
+    """
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, cores // workers - 1)
+
+
+def model_source(setting: str) -> str:
+    """What PC_MODEL names, without the server's directory layout (a name, or a file name)."""
+    return setting if setting in pcmodel.shipped_models() else Path(setting).name
+
+
+class Engine:
+    """One loaded model and its batcher. Build it once per worker process."""
+
+    def __init__(self, settings: Settings) -> None:
+        started = time.perf_counter()
+        self.settings = settings
+        torch.set_num_threads(settings.torch_threads or default_threads(settings.workers))
+        self.device = pick_device(settings.device)
+        if self.device.type == "cuda":
+            # Plain float32 on a GPU too: with TF32 (cuDNN's default for convolutions) the torch engine's
+            # results drift ~3e-4 from the CPU's, beyond the 1e-4 that pcmodel's backends agree within.
+            torch.backends.cuda.matmul.allow_tf32 = False
+            torch.backends.cudnn.allow_tf32 = False
+        self.model = pcmodel.load(settings.model, allow_unstable=settings.allow_unstable).to(self.device)
+        self.config = self.model.config
+        self.sha256 = self.model.sha256
+        self.preset = self.config.name if self.config.name in pcmodel.PRESETS else "custom"
+        self.ref = {"name": self.config.name, "preset": self.preset, "sha256": self.sha256}
+        self.backends = self._warm_up()
+        self.backend = self.backends[self.config.steps]
+        self.batcher = Batcher(
+            self._infer,
+            max_batch_size=settings.max_batch_size,
+            max_queue=settings.max_queue,
+            wait_s=settings.batch_wait_ms / 1000,
+            on_batch=_observe_batch,
+            # The model runs on the batcher's own thread: give it the device's CUDA context up front.
+            thread_init=(lambda: torch.cuda.set_device(self.device)) if self.device.type == "cuda" else None,
+        )
+        # The label keeps the backend's name only: pcmodel may append a reason ("torch (float64 input)").
+        metrics.MODEL_INFO.labels(
+            name=self.config.name,
+            preset=self.preset,
+            sha256=self.sha256,
+            device=str(self.device),
+            backend=self.backend.split(" ")[0],
+        ).set(1)
+        logger.info(
+            "model %s (%s, sha256 %s) ready on %s with backend %s in %.1f s",
+            self.config.name,
+            self.preset,
+            self.sha256[:12],
+            self.device,
+            self.backend,
+            time.perf_counter() - started,
+        )
+
+    def _warm_up(self) -> dict[int, str]:
+        """Run every warmed step count at every batch-size bucket; returns the backend each count ran on.
+
+        This is where pcmodel's fast backends export (onnxruntime) or capture (CUDA graphs) their
+        programs. Only these step counts get one: other counts run on the torch engine, so a client
+        asking for an unusual step count never triggers an export or a capture mid-service.
+        """
+        warmed = sorted({self.config.steps, *self.settings.warmup_steps})
+        _limit_fast_programs(self.model, len(warmed))
+        c, h, w = self.config.input_shape
+        sizes = sorted({min(2**k, self.settings.max_batch_size) for k in range(11)})  # 1, 2, 4, ... max
+        generator = torch.Generator().manual_seed(0)
+        lo, hi = self.config.preprocess.value_range
+        x = (torch.rand((sizes[-1], c, h, w), generator=generator) * (hi - lo) + lo).to(self.device)
+        backends = {}
+        for steps in warmed:
+            for size in sizes:
+                result = self.model.infer(x[:size], steps=steps)
+            if not torch.isfinite(result.energy).all():
+                logger.warning(
+                    "warm-up at %d steps produced NaN/Inf: this model diverges (PC_ALLOW_UNSTABLE=%s); "
+                    "requests will get an error instead of results",
+                    steps,
+                    self.settings.allow_unstable,
+                )
+            backends[steps] = result.backend
+        return backends
+
+    def _infer(self, x: torch.Tensor, steps: int) -> Settled:
+        """Runs on the batcher's thread: one model call, results moved to the CPU."""
+        result = self.model.infer(x, steps=steps)
+        return Settled(
+            latents=[r.to("cpu") for r in result.latents],
+            reconstruction=result.reconstruction.to("cpu"),
+            energy=result.energy.to("cpu"),
+            steps=result.steps.to("cpu"),
+            backend=result.backend,
+        )
+
+    async def infer(self, rows: torch.Tensor, steps: int) -> Settled:
+        """Settle the latents of rows (n, C, H, W) for `steps` steps, batched with other requests."""
+        return await self.batcher.submit(rows.to(self.device), steps)
+
+    def card(self) -> dict:
+        """GET /model: what this service runs and accepts."""
+        s = self.settings
+        return {
+            "name": self.config.name,
+            "preset": self.preset,
+            "source": model_source(s.model),
+            "sha256": self.sha256,
+            "device": str(self.device),
+            "backend": self.backend,
+            "backends": {str(k): v for k, v in sorted(self.backends.items())},
+            "steps": {"default": self.config.steps, "max": s.max_steps, "warmed": sorted(self.backends)},
+            "input": {
+                "native_shape": list(self.config.input_shape),
+                "size_mode": {"default": self.config.preprocess.size_mode, "choices": list(SIZE_MODES)},
+                "definition": (
+                    "input is the image as the model saw it after preprocessing (resized to the native size, or "
+                    "covered with native-size tiles and stitched back), so input - reconstruction = error_map"
+                ),
+            },
+            "outputs": {"default": list(DEFAULT_OUTPUTS), "choices": list(OUTPUTS)},
+            "limits": {
+                "max_body_bytes": s.max_body_bytes,
+                "max_pixels": s.max_pixels,
+                "min_side": s.min_side,
+                "max_tiles": s.max_tiles,
+                "max_batch_images": s.max_batch_images,
+            },
+            "batching": {"max_batch_size": s.max_batch_size, "wait_ms": s.batch_wait_ms, "max_queue": s.max_queue},
+            "config": self.config.to_dict(),
+            "provenance": self.model.provenance,
+        }
+
+    def close(self) -> None:
+        self.batcher.close()
+
+
+def _limit_fast_programs(model: pcmodel.PCModel, step_counts: int) -> None:
+    """pcmodel prepares fast programs for the first step counts it is asked for: only the warm-up's."""
+    try:
+        from pcmodel.backends import engine as backend_state
+    except ImportError:  # a pcmodel without fast backends runs every call on its torch loop
+        return
+    backend_state(model).max_step_counts = step_counts
+
+
+def _observe_batch(rows: int, seconds: float) -> None:
+    metrics.BATCH_SIZE.observe(rows)
+    metrics.INFERENCE_DURATION.observe(seconds)

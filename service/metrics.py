@@ -1,0 +1,67 @@
+"""The service's Prometheus metrics, defined once. Incremented where the event happens.
+
+Plain prometheus_client: under `bentoml serve` every worker process has PROMETHEUS_MULTIPROC_DIR
+set before this module is imported, so each value lives in a per-process file and BentoML's
+/metrics sums them across workers. Labels never carry request data: `reason` takes the fixed
+values in REASONS, and the model-info labels are fixed for the life of a process.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Gauge, Histogram
+
+# Why these buckets: on a CPU a batch of small images runs in ~10 ms to ~1 s and a large tiled
+# image in seconds; on a GPU a batch takes ~1 ms. Iterations are the steps per image (1..max_steps,
+# default 100). Batch sizes are powers of two up to the largest sensible batch. The energy is a
+# sum over pixels, so it scales with the image size: decades with a midpoint cover untrained and
+# trained models on native-size and tiled inputs.
+DURATION_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+ITERATION_BUCKETS = (1, 5, 10, 20, 50, 100, 200, 500, 1000, 2000)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
+ENERGY_BUCKETS = (0.1, 0.3, 1, 3, 10, 30, 100, 300, 1e3, 3e3, 1e4, 3e4, 1e5, 3e5, 1e6)
+
+# Every value the `reason` label can take (pre-created at 0 so rate() works from the first scrape).
+REASONS = (
+    "bad_request",  # not a multipart form, malformed form, unknown field
+    "missing_field",  # no image, or an empty body
+    "bad_image",  # not an image, truncated, corrupt, a URL string instead of the file
+    "too_small",  # a side below the minimum
+    "too_large",  # body, pixels, tiles or images per request over the limit
+    "unsupported_format",  # an image format the service does not take
+    "bad_parameter",  # steps, size_mode or outputs out of range
+    "not_finite",  # inference produced NaN or Inf (an unstable checkpoint)
+    "overloaded",  # the model's queue is full
+)
+
+INFERENCE_DURATION = Histogram(
+    "pc_inference_duration_seconds", "Model time per batch (model.infer).", buckets=DURATION_BUCKETS
+)
+INFERENCE_ITERATIONS = Histogram(
+    "pc_inference_iterations",
+    "Inference steps per encoded image (tiles of one image count once); _sum is the iteration count.",
+    buckets=ITERATION_BUCKETS,
+)
+BATCH_SIZE = Histogram("pc_batch_size", "Images or tiles per model call.", buckets=BATCH_BUCKETS)
+FINAL_ENERGY = Histogram(
+    "pc_final_energy", "Energy per encoded image after the last step (sum over its tiles).", buckets=ENERGY_BUCKETS
+)
+IMAGES = Counter("pc_images", "Images encoded successfully.")  # exposed as pc_images_total
+REQUEST_ERRORS = Counter(
+    "pc_request_errors", "Rejected requests, or rejected images inside /encode_batch, by reason.", ["reason"]
+)  # exposed as pc_request_errors_total{reason}
+# One series per process with value 1; "max" merges the workers' identical series into one.
+MODEL_INFO = Gauge(
+    "pc_model_info",
+    "The model this service runs (value 1).",
+    ["name", "preset", "sha256", "device", "backend"],
+    multiprocess_mode="max",
+)
+
+for _reason in REASONS:
+    REQUEST_ERRORS.labels(reason=_reason)
+
+
+def count_error(reason: str) -> None:
+    """One rejected request (or image) for `reason`, which must be one of REASONS."""
+    assert reason in REASONS, f"unknown error reason {reason!r}"
+    REQUEST_ERRORS.labels(reason=reason).inc()

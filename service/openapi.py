@@ -1,0 +1,244 @@
+"""GET /docs.json: BentoML's OpenAPI spec, completed with our request forms, responses and GET routes.
+
+BentoML generates the spec from the API methods' signatures, but our methods read their multipart
+form themselves (see codec), and GET /model lives in a mounted ASGI app that BentoML does not
+describe. So the spec BentoML builds (health, readiness, metrics and the API routes) is taken
+whole and these parts are written over it.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+from .codec import OUTPUTS, SIZE_MODES
+from .settings import Settings
+
+ARRAY = {
+    "type": "object",
+    "description": "A float32 array: base64 of its little-endian bytes in C order, with its shape.",
+    "properties": {
+        "shape": {"type": "array", "items": {"type": "integer"}},
+        "dtype": {"type": "string", "enum": ["float32"]},
+        "data": {"type": "string", "format": "byte"},
+    },
+    "required": ["shape", "dtype", "data"],
+}
+MAP = {
+    "type": "object",
+    "description": "A (C, H, W) map: a PNG for display and the exact float32 array.",
+    "properties": {"png": {"type": "string", "format": "byte"}, "array": {"$ref": "#/components/schemas/PCArray"}},
+    "required": ["png", "array"],
+}
+MODEL_REF = {
+    "type": "object",
+    "properties": {"name": {"type": "string"}, "preset": {"type": "string"}, "sha256": {"type": "string"}},
+    "required": ["name", "preset", "sha256"],
+}
+RESULT = {
+    "type": "object",
+    "description": (
+        "One encoded image. `input` is the image as the model saw it after preprocessing, so "
+        "input.array - reconstruction.array = error_map.array exactly. Maps and latents appear when "
+        "`outputs` asks for them (default: all but trace)."
+    ),
+    "properties": {
+        "model": {"$ref": "#/components/schemas/PCModelRef"},
+        "steps": {"type": "integer", "description": "inference steps used"},
+        "size_mode": {"type": "string", "enum": list(SIZE_MODES)},
+        "energy": {
+            "type": "object",
+            "properties": {
+                "initial": {"type": "number"},
+                "final": {"type": "number"},
+                "trace": {"type": "array", "items": {"type": "number"}, "description": "steps + 1 values"},
+            },
+            "required": ["initial", "final"],
+        },
+        "latents": {
+            "type": "array",
+            "description": "r per level, level 1 first: (causes, H_l, W_l); in tile mode with a leading tile axis",
+            "items": {"$ref": "#/components/schemas/PCArray"},
+        },
+        "tile_grid": {
+            "type": "object",
+            "description": "tile mode only: tiles are row-major, `image` is (H, W) of the original",
+            "properties": {
+                "rows": {"type": "integer"},
+                "cols": {"type": "integer"},
+                "tile": {"type": "array", "items": {"type": "integer"}},
+                "image": {"type": "array", "items": {"type": "integer"}},
+            },
+        },
+        "input": {"$ref": "#/components/schemas/PCMap"},
+        "reconstruction": {"$ref": "#/components/schemas/PCMap"},
+        "error_map": {"$ref": "#/components/schemas/PCMap"},
+    },
+    "required": ["model", "steps", "size_mode", "energy"],
+}
+ERROR = {
+    "type": "object",
+    "properties": {"error": {"type": "string"}},
+    "required": ["error"],
+    "description": "What was wrong and what to send instead.",
+}
+ITEM_ERROR = {
+    "type": "object",
+    "properties": {"error": {"type": "string"}, "status": {"type": "integer"}, "reason": {"type": "string"}},
+    "required": ["error", "status", "reason"],
+}
+BATCH_RESULT = {
+    "type": "object",
+    "properties": {
+        "model": {"$ref": "#/components/schemas/PCModelRef"},
+        "results": {
+            "type": "array",
+            "description": "one entry per image, in order: a result, or that image's error",
+            "items": {
+                "oneOf": [{"$ref": "#/components/schemas/PCEncodeResult"}, {"$ref": "#/components/schemas/PCItemError"}]
+            },
+        },
+    },
+    "required": ["model", "results"],
+}
+MODEL_CARD = {
+    "type": "object",
+    "description": "The model this service runs, its device and backend, the steps and limits it accepts.",
+    "properties": {
+        "name": {"type": "string"},
+        "preset": {"type": "string"},
+        "source": {"type": "string"},
+        "sha256": {"type": "string"},
+        "device": {"type": "string"},
+        "backend": {"type": "string"},
+        "backends": {"type": "object", "additionalProperties": {"type": "string"}},
+        "steps": {"type": "object"},
+        "input": {"type": "object"},
+        "outputs": {"type": "object"},
+        "limits": {"type": "object"},
+        "batching": {"type": "object"},
+        "config": {"type": "object"},
+        "provenance": {"type": "object"},
+    },
+    "required": ["name", "preset", "sha256", "device", "backend", "steps", "config", "provenance"],
+}
+
+
+def _form(settings: Settings, image_field: str, many: bool) -> dict[str, Any]:
+    file = {"type": "string", "format": "binary"}
+    image = (
+        {"type": "array", "items": file, "maxItems": settings.max_batch_images, "description": "repeat the field"}
+        if many
+        else {**file, "description": "PNG, JPEG, WebP, TIFF, BMP or GIF (first frame); the bytes decide"}
+    )
+    return {
+        "required": True,
+        "content": {
+            "multipart/form-data": {
+                "schema": {
+                    "type": "object",
+                    "properties": {
+                        image_field: image,
+                        "steps": {
+                            "type": "integer",
+                            "minimum": 1,
+                            "maximum": settings.max_steps,
+                            "description": "inference steps (default: the model's)",
+                        },
+                        "size_mode": {
+                            "type": "string",
+                            "enum": list(SIZE_MODES),
+                            "description": "resize to the native size, or tile (default: the model's)",
+                        },
+                        "outputs": {
+                            "type": "string",
+                            "description": f"comma-separated subset of {','.join(OUTPUTS)} (default: all but trace)",
+                        },
+                    },
+                    "required": [image_field],
+                }
+            }
+        },
+    }
+
+
+def _errors(codes: dict[int, str]) -> dict[str, Any]:
+    return {
+        str(code): {
+            "description": text,
+            "content": {"application/json": {"schema": {"$ref": "#/components/schemas/PCError"}}},
+        }
+        for code, text in codes.items()
+    }
+
+
+_ENCODE_ERRORS = {
+    400: "undecodable image, missing or unknown field, malformed form, image too small",
+    413: "body, pixel count, tile count or number of images over the limit",
+    415: "unsupported image format, or not a multipart form",
+    422: "bad steps, size_mode or outputs value",
+    500: "inference produced NaN or Inf (an unstable checkpoint)",
+    503: "overloaded: the model's queue is full; retry",
+}
+
+
+def complete(spec: dict[str, Any], settings: Settings) -> dict[str, Any]:
+    """BentoML's spec (a dict) with our forms, responses and GET /model written in."""
+    spec = copy.deepcopy(spec)
+    schemas = spec.setdefault("components", {}).setdefault("schemas", {})
+    schemas.update(
+        {
+            "PCArray": ARRAY,
+            "PCMap": MAP,
+            "PCModelRef": MODEL_REF,
+            "PCEncodeResult": RESULT,
+            "PCItemError": ITEM_ERROR,
+            "PCBatchResult": BATCH_RESULT,
+            "PCError": ERROR,
+            "PCModelCard": MODEL_CARD,
+        }
+    )
+    paths = spec.setdefault("paths", {})
+    for route, field, many, result, summary in (
+        ("/encode", "image", False, "PCEncodeResult", "Encode one image"),
+        ("/encode_batch", "images", True, "PCBatchResult", "Encode several images; per-image errors are data"),
+    ):
+        post = paths.setdefault(route, {}).setdefault("post", {})
+        post["summary"] = summary
+        post["requestBody"] = _form(settings, field, many)
+        ok: dict[str, Any] = {
+            "description": "the encoding",
+            "content": {"application/json": {"schema": {"$ref": f"#/components/schemas/{result}"}}},
+        }
+        if not many:
+            ok["headers"] = {
+                "Server-Timing": {
+                    "description": "queue;dur=, model;dur=, total;dur= in milliseconds: waiting for the model, the "
+                    "model calls this image was in, and the whole request inside the server",
+                    "schema": {"type": "string"},
+                }
+            }
+        post["responses"] = {"200": ok, **_errors(_ENCODE_ERRORS)}
+    paths["/docs.json"] = {
+        "get": {
+            "summary": "This OpenAPI spec",
+            "operationId": "PCEncoder__docs",
+            "tags": ["Infrastructure"],
+            "responses": {"200": {"description": "OpenAPI 3 JSON", "content": {"application/json": {}}}},
+        }
+    }
+    paths["/model"] = {
+        "get": {
+            "summary": "The model card",
+            "operationId": "PCEncoder__model",
+            "tags": ["Service APIs"],
+            "responses": {
+                "200": {
+                    "description": "the model card",
+                    "content": {"application/json": {"schema": {"$ref": "#/components/schemas/PCModelCard"}}},
+                },
+                **_errors({503: "the model is still loading"}),
+            },
+        }
+    }
+    return spec

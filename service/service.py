@@ -1,0 +1,175 @@
+"""PCEncoder: the image-encoding service (BentoML 1.4). `bentoml serve service.service:PCEncoder`.
+
+Thin transport over the model: codec in (form -> validated options -> preprocessed rows), the
+engine's batched `model.infer`, codec out (JSON with arrays and PNGs). Settings come from PC_*
+environment variables (service.settings); `pc-serve` sets them from its flags.
+
+Routes: POST /encode, POST /encode_batch (BentoML API methods), GET /model and GET /docs.json (a
+small mounted ASGI app: BentoML API methods are POST-only), and BentoML's /livez, /readyz and
+/metrics. /readyz answers 200 only after the model is loaded, moved to its device and warmed up.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import json
+import logging
+import os
+import time
+from collections.abc import Callable
+from typing import TypeVar
+
+import bentoml
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from . import codec, metrics, openapi
+from .batching import Settled
+from .codec import EncodeOptions, Part
+from .engine import Engine
+from .middleware import BODY_KEY, CONTENT_TYPE_KEY, BodyGate
+from .settings import Settings
+
+logger = logging.getLogger(__name__)
+
+# BentoML wraps every request in OpenTelemetry spans (about a dozen per request) even with no exporter
+# configured; with the SDK off they cost nothing (~0.5 ms less per request on 2 cores). The SDK reads
+# this when the app builds its tracers, after this import. Set OTEL_SDK_DISABLED=false to trace.
+os.environ.setdefault("OTEL_SDK_DISABLED", "true")
+
+T = TypeVar("T")
+SETTINGS = Settings.from_env()
+API_ROUTES = ("/encode", "/encode_batch")
+_engines: list[Engine] = []  # the one Engine of this worker process, once loaded (for GET /model)
+
+
+@bentoml.service(
+    name="PCEncoder",
+    workers=SETTINGS.workers,
+    traffic={"timeout": SETTINGS.request_timeout_s, "max_concurrency": SETTINGS.max_concurrency or None},
+)
+class PCEncoder:
+    """Encodes images with a Rao & Ballard predictive-coding network: latents, reconstruction, error map."""
+
+    def __init__(self) -> None:
+        self.settings = SETTINGS
+        self.engine = Engine(SETTINGS)  # load, move to the device, warm up: /readyz waits for this
+        _engines.append(self.engine)
+
+    def __is_ready__(self) -> bool:
+        return self.engine.batcher.alive
+
+    @bentoml.on_shutdown
+    def close(self) -> None:
+        self.engine.close()
+
+    @bentoml.api(route="/encode")
+    async def encode(self, ctx: bentoml.Context) -> dict:
+        """Encode one image. Multipart form: `image` (file), optional `steps`, `size_mode`, `outputs`."""
+        started = time.perf_counter()
+        try:
+            images, options = codec.read_request(*_body(ctx), "image", 1, self.engine.config, self.settings)
+            result, settled, small = await self._encode(images[0], options)
+        except Exception as exc:
+            return _error_response(ctx, exc)
+        response = await _json_response(result, inline=small)
+        # Where the time went, for clients and the benchmark (the model's own time vs. the service's).
+        response.headers["Server-Timing"] = (
+            f"queue;dur={settled.wait_seconds * 1000:.3f}, model;dur={settled.model_seconds * 1000:.3f}, "
+            f"total;dur={(time.perf_counter() - started) * 1000:.3f}"
+        )
+        return response
+
+    @bentoml.api(route="/encode_batch")
+    async def encode_batch(self, ctx: bentoml.Context) -> dict:
+        """Encode several images (`images`, repeated) with shared options; a bad image is an entry, not a failure."""
+        try:
+            images, options = codec.read_request(
+                *_body(ctx), "images", self.settings.max_batch_images, self.engine.config, self.settings
+            )
+        except Exception as exc:
+            return _error_response(ctx, exc)
+        results = await asyncio.gather(*(self._encode_item(part, options) for part in images))
+        return await _json_response({"model": self.engine.ref, "results": results})
+
+    async def _encode(self, part: Part, options: EncodeOptions) -> tuple[dict, Settled, bool]:
+        config = self.engine.config
+        # A small image is decoded and encoded right here (well under a millisecond each); a large one
+        # on a thread, so that it never stalls the other requests on the event loop.
+        small = codec.is_small(part)
+        prepared = await _call(small, codec.prepare, part, options, config, self.settings)
+        settled = await self.engine.infer(prepared.rows, options.steps)
+        result = await _call(small, codec.encode_result, prepared, settled, options, self.engine.ref, config)
+        metrics.IMAGES.inc()
+        metrics.INFERENCE_ITERATIONS.observe(result["steps"])
+        metrics.FINAL_ENERGY.observe(result["energy"]["final"])
+        return result, settled, small
+
+    async def _encode_item(self, part: Part, options: EncodeOptions) -> dict:
+        try:
+            return (await self._encode(part, options))[0]
+        except Exception as exc:
+            error = _rejection_or_raise(exc)
+            metrics.count_error(error.reason)
+            return {"error": error.message, "status": error.status, "reason": error.reason}
+
+
+def _body(ctx: bentoml.Context) -> tuple[bytes, str]:
+    scope = ctx.request.scope
+    return scope.get(BODY_KEY, b""), scope.get(CONTENT_TYPE_KEY, "")
+
+
+def _rejection_or_raise(exc: Exception) -> codec.RequestError:
+    error = codec.rejection(exc)
+    if error is None:
+        raise exc  # a bug, not the client's mistake: BentoML logs it and answers 500
+    return error
+
+
+def _error_response(ctx: bentoml.Context, exc: Exception) -> Response:
+    """A flat {"error": ...} body with the error's status, counted by reason."""
+    error = _rejection_or_raise(exc)
+    metrics.count_error(error.reason)
+    if error.status >= 500:
+        logger.warning("%s: %s", error.reason, error.message)
+    if error.status == 503:
+        ctx.response.headers["Retry-After"] = "1"
+    ctx.response.status_code = error.status  # BentoML applies the context's status to whatever we return
+    return JSONResponse({"error": error.message}, status_code=error.status)
+
+
+async def _call(inline: bool, fn: Callable[..., T], *args: object) -> T:
+    return fn(*args) if inline else await asyncio.to_thread(fn, *args)
+
+
+_dumps = functools.partial(json.dumps, separators=(",", ":"))
+
+
+async def _json_response(payload: dict, inline: bool = False) -> Response:
+    return Response(await _call(inline, _dumps, payload), media_type="application/json")
+
+
+# ---- GET routes: a small ASGI app mounted beside the API methods ------------------------------------
+
+
+async def _model_card(request: Request) -> Response:
+    if not _engines:
+        return JSONResponse({"error": "the model is still loading"}, status_code=503)
+    return JSONResponse(_engines[0].card())
+
+
+async def _docs(request: Request) -> Response:
+    return JSONResponse(openapi.complete(PCEncoder.openapi_spec.asdict(), SETTINGS))
+
+
+# Mounted at "/", it answers only its own routes (BentoML's PassiveMount passes anything else on),
+# and it is matched before BentoML's own /docs.json, which it completes.
+PCEncoder.mount_asgi_app(
+    Starlette(routes=[Route("/model", _model_card, methods=["GET"]), Route("/docs.json", _docs, methods=["GET"])]),
+    path="/",
+    name="pc-routes",
+)
+PCEncoder.add_asgi_middleware(BodyGate, paths=API_ROUTES, max_bytes=SETTINGS.max_body_bytes)

@@ -1,0 +1,114 @@
+"""The service's settings: one frozen dataclass, read from PC_* environment variables.
+
+`pc-serve` turns its flags into these variables before it starts BentoML, and the BentoML worker
+processes read them again at import, so `bentoml serve service.service:PCEncoder` and `pc-serve`
+configure the same service the same way. Every field's variable is PC_<FIELD NAME IN CAPITALS>.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+
+class SettingsError(ValueError):
+    """A PC_* variable with a value the service cannot use; the message names the variable."""
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything an operator can set. Defaults serve one CPU machine; limits protect it from clients."""
+
+    model: str = "default"  # checkpoint path, or a name pcmodel.load knows (default = conv-rgb)
+    host: str = "0.0.0.0"  # BentoML's default too: reachable from outside a container
+    port: int = 3000
+    workers: int = 1  # processes, each with its own model copy and event loop (the Python work per request)
+    device: str = "auto"  # auto (cuda when available, else cpu), cpu, cuda, cuda:1, ...
+    torch_threads: int = 0  # intra-op threads per worker; 0 = cores / workers - 1 (a core for the event loop)
+    allow_unstable: bool = False  # serve a checkpoint whose k1 is above its stability bound (diverges)
+    max_steps: int = 1000  # largest `steps` a request may ask for
+    warmup_steps: tuple[int, ...] = ()  # step counts with fast programs besides the model's default
+    max_body_bytes: int = 20 * 1024 * 1024  # request bodies above this get 413 before they are read
+    max_pixels: int = 25_000_000  # decoded image size limit (a decompression bomb gets 413)
+    min_side: int = 8  # smaller images get 400: there is nothing to encode in a 1x1 image
+    max_tiles: int = 1024  # tile mode: native-size tiles one image may need (cost grows with area)
+    max_batch_images: int = 32  # images in one /encode_batch request
+    max_batch_size: int = 32  # images (or tiles) per model call; 1 turns batching off
+    batch_wait_ms: float = 0.0  # extra wait for a batch to fill; 0 = run as soon as the model is free
+    max_queue: int = 8192  # images (or tiles) waiting for the model; more gets 503 (overload)
+    request_timeout_s: float = 60.0  # BentoML's traffic.timeout: a request still running gets 504
+    max_concurrency: int = 0  # requests in flight per service before 429; 0 = no limit
+
+    def __post_init__(self) -> None:
+        at_least_one = ("port", "workers", "max_steps", "max_body_bytes", "max_pixels", "min_side")
+        for name in (*at_least_one, "max_tiles", "max_batch_images", "max_batch_size", "max_queue"):
+            if getattr(self, name) < 1:
+                raise SettingsError(f"PC_{name.upper()} must be at least 1, got {getattr(self, name)}")
+        if self.port > 65535:
+            raise SettingsError(f"PC_PORT must be a TCP port (1..65535), got {self.port}")
+        if self.torch_threads < 0 or self.max_concurrency < 0 or self.batch_wait_ms < 0:
+            raise SettingsError("PC_TORCH_THREADS, PC_MAX_CONCURRENCY and PC_BATCH_WAIT_MS must be >= 0")
+        if not self.request_timeout_s > 0:
+            raise SettingsError(f"PC_REQUEST_TIMEOUT_S must be > 0 seconds, got {self.request_timeout_s}")
+        if any(not 1 <= s <= self.max_steps for s in self.warmup_steps):
+            raise SettingsError(f"PC_WARMUP_STEPS must be step counts in 1..{self.max_steps}, got {self.warmup_steps}")
+        if self.max_queue < self.max_batch_size:
+            raise SettingsError("PC_MAX_QUEUE must be at least PC_MAX_BATCH_SIZE")
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: object) -> Settings:
+        """Settings from PC_* variables (unset ones keep their defaults); `overrides` win over both."""
+        environ = os.environ if environ is None else environ
+        values: dict[str, object] = {}
+        for f in dataclasses.fields(cls):
+            text = environ.get(env_name(f.name))
+            if text is not None and text.strip() != "":
+                values[f.name] = _parse(f, text.strip())
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(**values)
+
+    def to_env(self) -> dict[str, str]:
+        """The PC_* variables that reproduce these settings in another process."""
+        out = {}
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, bool):
+                text = "true" if value else "false"
+            elif isinstance(value, tuple):
+                text = ",".join(str(v) for v in value)
+            else:
+                text = str(value)
+            out[env_name(f.name)] = text
+        return out
+
+
+def env_name(field_name: str) -> str:
+    return f"PC_{field_name.upper()}"
+
+
+_TRUE = {"1", "true", "yes", "on"}
+_FALSE = {"0", "false", "no", "off"}
+
+
+def _parse(f: dataclasses.Field, text: str) -> object:
+    name = env_name(f.name)
+    kind = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
+    try:
+        if kind == "bool":
+            if text.lower() not in _TRUE | _FALSE:
+                raise ValueError
+            return text.lower() in _TRUE
+        if kind == "int":
+            return int(text)
+        if kind == "float":
+            return float(text)
+        if kind.startswith("tuple"):
+            return tuple(int(part) for part in text.split(",") if part.strip())
+    except ValueError:
+        expected = {"bool": "true or false", "int": "an integer", "float": "a number"}.get(
+            kind, "comma-separated integers"
+        )
+        raise SettingsError(f"{name}={text!r} is not valid: expected {expected}") from None
+    return text

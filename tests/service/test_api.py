@@ -1,0 +1,158 @@
+"""The API against a real server: shapes, exact arrays, energies, steps, tiles, batches, the model card."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import pcmodel
+from pcmodel.images import decode, display_maps, preprocess, tile
+from service.client import EncoderClient, ServiceError
+from service.engine import pick_device
+
+from .conftest import png
+
+# The service may run another backend or batch size than the local reference: pcmodel promises
+# agreement within 1e-4 between its backends in float32.
+TOL = 1e-4
+MAPS = ("input", "reconstruction", "error_map")
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    with EncoderClient(server.url) as c:
+        yield c
+
+
+def test_encode_resize_returns_consistent_arrays(client, astronaut64):
+    result = client.encode(astronaut64)
+    model = pcmodel.load("default")
+    assert result.model == {"name": "conv-rgb", "preset": "conv-rgb", "sha256": model.sha256}
+    assert result.steps == model.config.steps
+    assert result.size_mode == "resize"  # conv-rgb's default
+    assert [r.shape for r in result.latents] == [(8, 7, 7), (10, 3, 3)]
+    for name in ("input", "reconstruction", "error_map"):
+        assert getattr(result, name).shape == (3, 32, 32) and getattr(result, name).dtype == np.float32
+        assert result.images[name].size == (32, 32) and result.images[name].mode == "RGB"
+    np.testing.assert_array_equal(result.input - result.reconstruction, result.error_map)  # exactly
+    # The PNGs show the arrays as pcmodel displays them.
+    pictures = display_maps(
+        *(torch.from_numpy(getattr(result, n)) for n in MAPS), pcmodel.get_preset("conv-rgb").preprocess
+    )
+    for name, picture in zip(MAPS, pictures):
+        np.testing.assert_array_equal(np.asarray(result.images[name]), np.asarray(picture))
+    assert result.energy_final < result.energy_initial
+    assert result.energy_trace is None  # not asked for
+    assert set(result.timing) == {"queue", "model", "total"}  # Server-Timing, in ms
+    assert 0 < result.timing["model"] <= result.timing["total"]
+
+    # `input` is the image as the model saw it: pcmodel's own preprocessing of the same bytes.
+    expected = preprocess([decode(astronaut64)], model.config, size=(32, 32))[0].numpy()
+    np.testing.assert_array_equal(result.input, expected)
+    # And the service's numbers are the model's numbers.
+    local = model.infer(preprocess([decode(astronaut64)], model.config, size=(32, 32)))
+    np.testing.assert_allclose(result.reconstruction, local.reconstruction[0].numpy(), atol=TOL)
+    np.testing.assert_allclose(result.latents[1], local.latents[1][0].numpy(), atol=TOL)
+    assert result.energy_final == pytest.approx(float(local.energy[-1, 0]), rel=TOL)
+
+
+@pytest.mark.parametrize("steps", [1, 20, 250])
+def test_steps_are_honoured(client, astronaut64, steps):
+    result = client.encode(astronaut64, steps=steps, outputs=["trace"])
+    assert result.steps == steps
+    assert result.energy_trace.shape == (steps + 1,)
+    assert result.energy_trace[0] == pytest.approx(result.energy_initial)
+    assert result.energy_trace[-1] == pytest.approx(result.energy_final)
+    # Each step lowers the energy (k1 is below the stability bound), up to float32 rounding near convergence.
+    assert np.all(np.diff(result.energy_trace) <= 1e-6 * abs(result.energy_trace[0]))
+    assert result.energy_final < result.energy_initial
+    assert result.latents == [] and result.input is None  # only what `outputs` asked for
+
+
+def test_tile_mode_covers_the_whole_image(client, china_jpeg):
+    result = client.encode(china_jpeg, size_mode="tile", steps=30)
+    assert result.size_mode == "tile"
+    # 96x64 (w x h) in 32x32 tiles: 2 rows, 3 columns, row-major.
+    assert result.tile_grid == {"rows": 2, "cols": 3, "tile": [32, 32], "image": [64, 96]}
+    assert [r.shape for r in result.latents] == [(6, 8, 7, 7), (6, 10, 3, 3)]
+    for name in ("input", "reconstruction", "error_map"):
+        assert getattr(result, name).shape == (3, 64, 96)
+        assert result.images[name].size == (96, 64)
+    np.testing.assert_array_equal(result.input - result.reconstruction, result.error_map)
+    assert result.energy_final < result.energy_initial
+
+    model = pcmodel.load("default")
+    x = preprocess([decode(china_jpeg)], model.config)
+    np.testing.assert_array_equal(result.input, x[0].numpy())
+    tiles, grid = tile(x, (32, 32))
+    local = model.infer(tiles, steps=30)
+    np.testing.assert_allclose(result.latents[0], local.latents[0].numpy(), atol=TOL)
+    np.testing.assert_allclose(result.reconstruction, grid.stitch(local.reconstruction)[0].numpy(), atol=TOL)
+    assert result.energy_final == pytest.approx(float(local.energy[-1].sum()), rel=TOL)  # summed over tiles
+
+
+def test_encode_batch_reports_bad_images_as_data(client, astronaut64, china_jpeg):
+    results = client.encode_batch([astronaut64, b"not an image", china_jpeg], steps=10)
+    assert len(results) == 3
+    good, bad, other = results
+    assert good.steps == 10 and other.steps == 10
+    assert isinstance(bad, ServiceError) and bad.status == 400 and bad.reason == "bad_image"
+    single = client.encode(astronaut64, steps=10)
+    np.testing.assert_allclose(good.latents[0], single.latents[0], atol=TOL)
+    np.testing.assert_array_equal(other.input - other.reconstruction, other.error_map)
+
+
+def test_accepts_many_formats_and_modes(client, astronaut):
+    small = Image.fromarray(astronaut).resize((48, 40))
+    for fmt in ("PNG", "JPEG", "WEBP", "TIFF", "BMP", "GIF"):
+        result = client.encode(png(small, fmt), steps=2, outputs=["input"])
+        assert result.input.shape == (3, 32, 32), fmt
+
+
+def test_exif_orientation_is_applied(client, astronaut):
+    image = Image.fromarray(astronaut).resize((64, 32))  # wide
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "rotate 90 degrees clockwise to display": the displayed image is tall
+    result = client.encode(png(image, "JPEG", exif=exif), size_mode="tile", steps=1, outputs=["input"])
+    assert result.tile_grid["image"] == [64, 32]
+
+
+def test_model_card(server, client):
+    card = client.model()
+    model = pcmodel.load("default")
+    assert card["name"] == "conv-rgb" and card["preset"] == "conv-rgb" and card["source"] == "default"
+    assert card["sha256"] == model.sha256
+    assert card["device"] == str(pick_device("auto")) and card["backend"]  # cuda where there is a GPU
+    default = model.config.steps
+    assert card["steps"] == {"default": default, "max": 1000, "warmed": sorted({20, default})}
+    assert card["input"]["size_mode"] == {"default": "resize", "choices": ["resize", "tile"]}
+    assert pcmodel.ModelConfig.from_dict(card["config"]) == model.config
+    assert isinstance(card["provenance"], dict)
+
+
+def test_openapi_describes_every_route(server):
+    spec = server.get("/docs.json").json()
+    paths = spec["paths"]
+    for route, method in [
+        ("/encode", "post"),
+        ("/encode_batch", "post"),
+        ("/model", "get"),
+        ("/readyz", "get"),
+        ("/livez", "get"),
+        ("/metrics", "get"),
+    ]:
+        assert method in paths.get(route, {}), f"{method.upper()} {route} missing from /docs.json"
+    form = paths["/encode"]["post"]["requestBody"]["content"]["multipart/form-data"]["schema"]
+    assert form["required"] == ["image"] and form["properties"]["image"]["format"] == "binary"
+    assert form["properties"]["size_mode"]["enum"] == ["resize", "tile"]
+    assert {"400", "413", "415", "422"} <= set(paths["/encode"]["post"]["responses"])
+    refs = str(spec)
+    for name in ("PCEncodeResult", "PCModelCard", "PCError", "PCArray"):
+        assert name in spec["components"]["schemas"] and f"#/components/schemas/{name}" in refs
+
+
+def test_health_probes(server):
+    assert server.get("/livez").status_code == 200
+    assert server.get("/readyz").status_code == 200

@@ -1,0 +1,146 @@
+"""The engine and its batcher in-process, on real models: grouping by (steps, shape), splitting, errors."""
+
+from __future__ import annotations
+
+import asyncio
+
+import numpy as np
+import pytest
+import torch
+
+import pcmodel
+from service import codec
+from service.batching import Batcher, Overloaded
+from service.engine import Engine
+from service.settings import Settings
+
+# The service may run another backend or batch size than the local reference: pcmodel promises
+# agreement within 1e-4 between its backends in float32.
+TOL = 1e-4
+
+
+@pytest.fixture(scope="module")
+def engine() -> Engine:
+    return Engine(Settings(max_batch_size=3, warmup_steps=(5,)))
+
+
+def rows(n: int, size: int = 32, seed: int = 0) -> torch.Tensor:
+    return torch.rand((n, 3, size, size), generator=torch.Generator().manual_seed(seed)) * 2 - 1
+
+
+def test_batches_group_by_steps_and_shape_and_split_large_jobs(engine):
+    calls: list[tuple[int, int, tuple[int, ...]]] = []
+
+    def recording_infer(x, steps):
+        calls.append((x.shape[0], steps, tuple(x.shape[2:])))
+        return engine._infer(x, steps)
+
+    jobs = [(rows(1, seed=1), 5), (rows(1, seed=2), 10), (rows(3, seed=3), 5), (rows(1, 40, seed=4), 5)]
+    jobs = [(x.to(engine.device), steps) for x, steps in jobs]
+
+    async def run():
+        batcher = Batcher(recording_infer, max_batch_size=3, max_queue=100)
+        try:
+            return await asyncio.gather(*(batcher.submit(x, steps) for x, steps in jobs))
+        finally:
+            batcher.close()
+
+    results = asyncio.run(run())
+    # Oldest job first; rows of the same key join it up to 3; the 3-row job is split over two calls.
+    assert calls == [(3, 5, (32, 32)), (1, 10, (32, 32)), (1, 5, (32, 32)), (1, 5, (40, 40))]
+    for (x, steps), got in zip(jobs, results):
+        want = engine.model.infer(x, steps=steps)
+        assert got.steps.tolist() == [steps] * x.shape[0]
+        assert got.energy.shape == (steps + 1, x.shape[0])
+        for a, b in zip(got.latents, want.latents):
+            torch.testing.assert_close(a, b.cpu(), atol=TOL, rtol=TOL)
+        torch.testing.assert_close(got.reconstruction, want.reconstruction.cpu(), atol=TOL, rtol=TOL)
+
+
+def test_a_failing_batch_fails_only_its_own_jobs(engine):
+    async def run():
+        batcher = Batcher(engine._infer, max_batch_size=8, max_queue=100)
+        try:
+            bad = torch.zeros((1, 1, 32, 32))  # one channel: the model refuses it
+            return await asyncio.gather(batcher.submit(bad, 5), batcher.submit(rows(1), 5), return_exceptions=True)
+        finally:
+            batcher.close()
+
+    failed, good = asyncio.run(run())
+    assert isinstance(failed, ValueError) and "channel" in str(failed)
+    assert good.latents[0].shape == (1, 8, 7, 7)
+
+
+def test_a_full_queue_is_refused(engine):
+    async def run():
+        batcher = Batcher(engine._infer, max_batch_size=2, max_queue=4)
+        try:
+            first = asyncio.ensure_future(batcher.submit(rows(2), 50))
+            await asyncio.sleep(0.001)
+            while batcher.queued:  # until the first batch is running
+                await asyncio.sleep(0.001)
+            queued = [asyncio.ensure_future(batcher.submit(rows(2), 50)) for _ in range(2)]
+            while batcher.queued < 4:
+                await asyncio.sleep(0)
+            with pytest.raises(Overloaded, match="queue is full"):
+                await batcher.submit(rows(1), 50)
+            await asyncio.gather(first, *queued)
+        finally:
+            batcher.close()
+
+    asyncio.run(run())
+
+
+def test_only_warmed_step_counts_get_fast_programs(engine):
+    pytest.importorskip("pcmodel.backends", reason="this pcmodel has no fast backends to limit")
+    assert engine.card()["steps"]["warmed"] == [5, 100]
+
+    async def run(counts):
+        return [(await engine.infer(rows(2), steps)).backend for steps in counts]
+
+    backends = asyncio.run(run([100, 5, 7, 8, 9, 11]))
+    assert backends[:2] == [engine.backends[100], engine.backends[5]]
+    # A client's unusual step counts never prepare a program of their own: they run on the torch engine.
+    assert [b.split(" ")[0] for b in backends[2:]] == ["torch"] * 4
+
+
+@pytest.mark.slow
+def test_rao_ballard_tiles_by_default():
+    engine = Engine(Settings(model="rao-ballard-1999", max_batch_size=4))
+    config = engine.config
+    assert config.preprocess.size_mode == "tile"
+    options = codec.parse_options({"steps": "20"}, config, engine.settings)
+    image = (np.random.default_rng(0).random((40, 60)) * 255).astype(np.uint8)
+    part = codec.Part("image", "x.png", _png(image))
+    prepared = codec.prepare(part, options, config, engine.settings)
+    assert prepared.rows.shape == (3 * 3, 1, 16, 26)  # ceil(40/16) x ceil(60/26) tiles
+
+    async def run():
+        try:
+            return await engine.infer(prepared.rows, options.steps)
+        finally:
+            engine.close()
+
+    settled = asyncio.run(run())
+    out = codec.encode_result(prepared, settled, options, engine.ref, config)
+    assert out["tile_grid"] == {"rows": 3, "cols": 3, "tile": [16, 26], "image": [40, 60]}
+    from service.client import decode_array
+
+    # Level 1 is three windowed modules per tile, level 2 one dense module: a leading tile axis.
+    assert [a["shape"] for a in out["latents"]] == [[9, 32, 1, 3], [9, 128, 1, 1]]
+    shown, recon, error = (decode_array(out[k]["array"]) for k in ("input", "reconstruction", "error_map"))
+    assert shown.shape == recon.shape == error.shape == (1, 40, 60)
+    np.testing.assert_array_equal(shown - recon, error)
+    assert out["energy"]["final"] < out["energy"]["initial"]
+    assert out["model"] == {"name": "rao-ballard-1999", "preset": "rao-ballard-1999", "sha256": engine.sha256}
+    assert pcmodel.load("rao-ballard-1999").sha256 == engine.sha256
+
+
+def _png(array: np.ndarray) -> bytes:
+    import io
+
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.fromarray(array).save(buffer, format="PNG")
+    return buffer.getvalue()

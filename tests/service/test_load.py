@@ -1,0 +1,62 @@
+"""A bounded load test (small size): concurrent clients, zero 5xx, every response valid, and batching
+that groups requests correctly. The full-size run (32 clients, 2,000 requests) is pc-serve-loadtest."""
+
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import numpy as np
+import pytest
+
+from service import loadtest
+from service.client import decode_array
+
+from .conftest import metric
+
+# The service may run another backend or batch size than the local reference: pcmodel promises
+# agreement within 1e-4 between its backends in float32.
+TOL = 1e-4
+
+
+@pytest.mark.slow
+def test_small_load_has_no_server_errors_and_valid_responses(server):
+    before = server.metrics()
+    report = loadtest.run(server.url, clients=8, requests=64, warmup=8, rss=server.rss_bytes)
+    after = server.metrics()
+    assert report.server_errors == 0 and report.invalid == 0, report.problems
+    assert report.statuses == {"200": 64}
+    assert report.rss_after_mb > 0 and report.rss_ratio is not None
+    rows = metric(after, "pc_batch_size_sum") - metric(before, "pc_batch_size_sum")
+    calls = metric(after, "pc_batch_size_count") - metric(before, "pc_batch_size_count")
+    assert rows / calls > 1.5, "8 concurrent clients should share model calls"
+
+
+@pytest.mark.slow
+def test_concurrent_requests_get_the_same_answers_as_sequential_ones(server):
+    images = loadtest.photos(64)[:2]
+    specs = [
+        loadtest.Spec(images[0]),
+        loadtest.Spec(images[1], steps=40),
+        loadtest.Spec(images[0], steps=40, size_mode="tile"),
+        loadtest.Spec(images[1], steps=7),
+    ]
+
+    def send(spec: loadtest.Spec) -> dict:
+        response = httpx.post(
+            server.url + "/encode", files={"image": ("i.png", spec.image)}, data=spec.form(), timeout=120
+        )
+        assert response.status_code == 200, response.text
+        return response.json()
+
+    alone = [send(spec) for spec in specs]
+    with ThreadPoolExecutor(12) as pool:
+        together = list(pool.map(send, specs * 3))
+    for i, got in enumerate(together):
+        want = alone[i % len(specs)]
+        assert got["steps"] == want["steps"] and got["size_mode"] == want["size_mode"]
+        for a, b in zip(got["latents"], want["latents"]):
+            np.testing.assert_allclose(decode_array(a), decode_array(b), atol=TOL)
+        np.testing.assert_allclose(
+            decode_array(got["reconstruction"]["array"]), decode_array(want["reconstruction"]["array"]), atol=TOL
+        )

@@ -1,0 +1,84 @@
+"""Settings from PC_* variables and pc-serve's checks before it starts a server."""
+
+from __future__ import annotations
+
+import pytest
+
+from service import cli
+from service.settings import Settings, SettingsError
+
+
+def test_defaults_are_the_documented_ones():
+    s = Settings.from_env({})
+    assert (s.model, s.host, s.port, s.workers) == ("default", "0.0.0.0", 3000, 1)
+    assert s.max_body_bytes == 20 * 1024 * 1024 and s.max_steps == 1000 and s.max_batch_images == 32
+
+
+def test_environment_then_overrides():
+    env = {"PC_MODEL": "rao-ballard-1999", "PC_PORT": "3100", "PC_ALLOW_UNSTABLE": "yes", "PC_WARMUP_STEPS": "10, 50"}
+    s = Settings.from_env(env, port=3200, workers=None)
+    assert s.model == "rao-ballard-1999" and s.port == 3200 and s.workers == 1
+    assert s.allow_unstable is True and s.warmup_steps == (10, 50)
+    assert Settings.from_env(s.to_env()) == s  # what pc-serve hands to the workers reads back the same
+
+
+@pytest.mark.parametrize(
+    ("env", "message"),
+    [
+        ({"PC_PORT": "http"}, "PC_PORT='http' is not valid: expected an integer"),
+        ({"PC_PORT": "70000"}, "PC_PORT must be a TCP port"),
+        ({"PC_WORKERS": "0"}, "PC_WORKERS must be at least 1"),
+        ({"PC_ALLOW_UNSTABLE": "maybe"}, "expected true or false"),
+        ({"PC_WARMUP_STEPS": "0"}, "PC_WARMUP_STEPS must be step counts in 1..1000"),
+        ({"PC_MAX_BATCH_SIZE": "64", "PC_MAX_QUEUE": "8"}, "PC_MAX_QUEUE must be at least PC_MAX_BATCH_SIZE"),
+    ],
+)
+def test_bad_settings_name_the_variable(env, message):
+    with pytest.raises(SettingsError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        Settings.from_env(env)
+
+
+def run_cli(capsys, monkeypatch, tmp_path, *argv: str, **env: str) -> tuple[int, str, str]:
+    monkeypatch.setenv("BENTOML_HOME", str(tmp_path / "home"))
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    code = cli.main(["--check", *argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_pc_serve_checks_a_good_model(capsys, monkeypatch, tmp_path):
+    code, out, err = run_cli(capsys, monkeypatch, tmp_path)
+    assert code == 0 and "conv-rgb" in out and err == ""
+
+
+@pytest.mark.parametrize(
+    ("make", "message"),
+    [
+        (lambda p: p / "missing.safetensors", "no such checkpoint file"),
+        (lambda p: _write(p / "junk.safetensors", b"not a checkpoint at all"), "not a safetensors file"),
+        (lambda p: _write(p / "empty.safetensors", b""), "is empty"),
+        (lambda p: p, "no such checkpoint file"),  # a directory
+    ],
+    ids=["missing", "junk", "empty", "directory"],
+)
+def test_pc_serve_rejects_a_bad_checkpoint_in_one_line(capsys, monkeypatch, tmp_path, make, message):
+    code, out, err = run_cli(capsys, monkeypatch, tmp_path, "--model", str(make(tmp_path)))
+    assert code == 2 and out == ""
+    assert err.startswith("pc-serve: ") and err.count("\n") == 1 and message in err
+
+
+def test_pc_serve_needs_a_writable_bentoml_home(capsys, monkeypatch, tmp_path):
+    blocked = _write(tmp_path / "file", b"")  # a file where a directory should be
+    code, _, err = run_cli(capsys, monkeypatch, tmp_path, BENTOML_HOME=str(blocked / "home"))
+    assert code == 2 and "BENTOML_HOME" in err and "not a writable directory" in err
+
+
+def test_pc_serve_flags_win_over_the_environment(capsys, monkeypatch, tmp_path):
+    code, _, err = run_cli(capsys, monkeypatch, tmp_path, "--port", "99999", PC_PORT="3000")
+    assert code == 2 and "PC_PORT must be a TCP port" in err
+
+
+def _write(path, data: bytes):
+    path.write_bytes(data)
+    return path
