@@ -197,20 +197,18 @@ class DataSpec:
     held_out: str  # "default" (scikit-learn's sample photos) or a folder path
 
     def load(self) -> tuple[list[data.Photo], list[data.Photo]]:
-        if self.source == "default":
-            photos = data.default_photos()
-        else:
-            photos, skipped = data.folder_photos(self.source)
-            for line in skipped:
-                log.warning("skipped unreadable image %s", line)
-            log.info("training on %d image(s) from %s (%d skipped)", len(photos), self.source, len(skipped))
-        if self.held_out == "default":
-            held = data.held_out_photos()
-        else:
-            held, skipped = data.folder_photos(self.held_out)
-            for line in skipped:
-                log.warning("skipped unreadable held-out image %s", line)
+        photos = data.default_photos() if self.source == "default" else _folder(self.source, "training")
+        held = data.held_out_photos() if self.held_out == "default" else _folder(self.held_out, "held-out")
         return photos, held
+
+
+def _folder(path: str, role: str) -> list[data.Photo]:
+    """The readable images of a folder; the unreadable ones are listed in the log and skipped."""
+    photos, skipped = data.folder_photos(path)
+    for line in skipped:
+        log.warning("skipped unreadable %s image %s", role, line)
+    log.info("%s: %d image(s) from %s (%d skipped)", role, len(photos), path, len(skipped))
+    return photos
 
 
 class Trainer:
