@@ -21,6 +21,7 @@ import json
 import logging
 import math
 import sys
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -41,6 +42,7 @@ log = logging.getLogger(__name__)
 
 GOOD_FIT = 0.7  # R^2 at or above which a field counts as Gabor-like (MODEL.md section 5 D)
 ORIENTATION_BINS = 8
+END_STOPPING_STEPS = 1000  # steady state for 5 F: level 2 (sigma2 = 10) relaxes with a time constant of ~130 steps
 
 
 # ---- D: Gabor fits ----------------------------------------------------------------------------
@@ -213,18 +215,29 @@ def bar_stimuli(model: PCModel, lengths: list[int], rows: list[float], width: fl
     return filtered[:, :, margin : margin + h, margin : margin + w]
 
 
-def end_stopping(model: PCModel, steps: int | None = None) -> dict[str, Any] | None:
+def _horizontal(fit: GaborFit) -> bool:
+    """A Gabor-like field whose preferred bar is horizontal (orientation bin 0): a cell for 5 F."""
+    return fit.r2 >= GOOD_FIT and fit.orientation_bin == 0
+
+
+def end_stopping(
+    model: PCModel, steps: int | None = None, candidates: Sequence[int] | None = None
+) -> dict[str, Any] | None:
     """MODEL.md 5 F on the paper's geometry: three modules in a row, a level above them.
 
-    The chosen cell is the centre module's level-1 cause that responds most to a short horizontal
-    bar (half a module: 8 px in the paper) without feedback, at the bar row that drives it most.
-    Its error response is |r - r_td| with feedback and |r| without (r_td = 0). The population response is the norm over
-    the centre module's 32 error units. Ratio = response to the long bar (26 px: all three modules)
-    / short bar, and / the peak over bars no longer than a module.
+    The chosen cell is the centre module's level-1 cause, among `candidates` (the horizontal Gabor-like
+    fields, so the bar is at the cell's preferred orientation; None: every cause), that responds most to
+    a short horizontal bar (half a module: 8 px in the paper) without feedback, at the bar row that
+    drives it most. Its error response is |r - r_td| with feedback and |r| without (r_td = 0). The
+    population response is the norm over the centre module's 32 error units. Ratio = response to the
+    long bar (26 px: all three modules) / short bar, and / the peak over bars no longer than a module.
+    Responses are steady-state ones: by default max(END_STOPPING_STEPS, the model's steps) steps, since
+    level 2 (sigma2 = 10) settles far more slowly than level 1 and is not settled at the model's T.
     """
     config = model.config
     if model.num_levels < 2 or config.levels[0].kind != "modules" or model.latent_shapes()[0][1:] != (1, 3):
         return None
+    steps = max(END_STOPPING_STEPS, config.steps) if steps is None else steps
     _, h, w = config.input_shape
     module = config.levels[0].kernel[1]  # a module's width: 16 px in the paper
     lengths = list(range(2, w + 1, 2))
@@ -241,6 +254,10 @@ def end_stopping(model: PCModel, steps: int | None = None) -> dict[str, Any] | N
 
     s = lengths.index(short)
     drive = r_plain[:, s, :].abs()  # (rows, causes)
+    if candidates:  # only cells whose preferred orientation is the bar's
+        allowed = torch.zeros(drive.shape[1], dtype=torch.bool, device=drive.device)
+        allowed[list(candidates)] = True
+        drive = drive.masked_fill(~allowed, -1.0)
     row, cell = (int(v) for v in np.unravel_index(int(drive.argmax()), tuple(drive.shape)))
 
     def curve(t: torch.Tensor) -> list[float]:
@@ -263,8 +280,10 @@ def end_stopping(model: PCModel, steps: int | None = None) -> dict[str, Any] | N
         "short_px": short,
         "long_px": w,
         "module_px": module,
+        "steps": steps,
         "bar_row": rows[row],
         "cell": cell,
+        "cell_is_horizontal_gabor": bool(candidates),
         "lengths": lengths,
         "cell_error_with_feedback": curve(cell_with),
         "cell_error_without_feedback": curve(cell_without),
@@ -286,7 +305,9 @@ def end_stopping(model: PCModel, steps: int | None = None) -> dict[str, Any] | N
 # ---- the report -------------------------------------------------------------------------------
 
 
-def analyze(model: PCModel, out: Path, steps: int | None = None, seed: int = 0) -> dict[str, Any]:
+def analyze(
+    model: PCModel, out: Path, steps: int | None = None, seed: int = 0, end_stopping_steps: int | None = None
+) -> dict[str, Any]:
     """Run every check, write out/report.md, out/report.json and the figures; returns the numbers."""
     from . import figures
 
@@ -308,7 +329,9 @@ def analyze(model: PCModel, out: Path, steps: int | None = None, seed: int = 0) 
             ],
         },
         "held_out": held_out_reconstruction(model, steps=steps),
-        "end_stopping": end_stopping(model, steps=steps),
+        "end_stopping": end_stopping(
+            model, end_stopping_steps, candidates=[i for i, f in enumerate(fits) if _horizontal(f)]
+        ),
     }
     figures.save(figures.gabor_figure(fields, fits, model.name), out / "gabor_fits.png")
     if report["end_stopping"] is not None:
@@ -369,7 +392,8 @@ def markdown(report: dict[str, Any]) -> str:
         r = es["ratios"]
         lines += [
             f"Horizontal bars centred on the centre module, row {es['bar_row']:.1f}; cell {es['cell']} "
-            f"(the centre module's cause most driven by the {es['short_px']} px bar without feedback). "
+            f"(the centre module's {'horizontal Gabor-like ' if es['cell_is_horizontal_gabor'] else ''}cause most "
+            f"driven by the {es['short_px']} px bar without feedback), steady state after {es['steps']} steps. "
             f"Ratio = error response to the {es['long_px']} px bar / to the {es['short_px']} px bar "
             f"(and / the peak over lengths up to a module's {es['module_px']} px).",
             "",
@@ -391,7 +415,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="pc-analyze", description=__doc__.split("\n")[0])
     parser.add_argument("checkpoint", help="checkpoint path or model name (rao-ballard-1999, conv-rgb, default)")
     parser.add_argument("--out", type=Path, help="report folder (default: analysis/<model name>)")
-    parser.add_argument("--steps", type=int, help="inference steps (default: the model's)")
+    parser.add_argument("--steps", type=int, help="inference steps for the reconstruction (default: the model's)")
+    parser.add_argument(
+        "--end-stopping-steps",
+        type=int,
+        help=f"inference steps for end-stopping, a steady state (default: max({END_STOPPING_STEPS}, the model's))",
+    )
     parser.add_argument("--threads", type=int, help="CPU threads for torch")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
@@ -404,7 +433,7 @@ def main(argv: list[str] | None = None) -> int:
         log.error("%s", exc)
         return 2
     out = args.out or Path("analysis") / model.name
-    report = analyze(model, out, steps=args.steps)
+    report = analyze(model, out, steps=args.steps, end_stopping_steps=args.end_stopping_steps)
     g, e = report["gabor"], report["held_out"]
     summary = {
         "gabor_share": round(g["share_good"], 3),

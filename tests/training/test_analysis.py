@@ -65,6 +65,16 @@ def test_end_stopping_on_the_papers_geometry_only():
     for name in ("cell_with_feedback", "cell_without_feedback", "population_with_feedback"):
         assert np.isfinite(result["ratios"][name]["long_over_short"])
     assert analysis.end_stopping(pcmodel.create("conv-rgb"), steps=5) is None
+    # The cell comes from the candidates (the horizontal Gabor-like fields) when there are any.
+    others = [c for c in range(32) if c != result["cell"]]
+    assert analysis.end_stopping(model, steps=20, candidates=others[:3])["cell"] in others[:3]
+    assert not result["cell_is_horizontal_gabor"]
+
+
+def test_end_stopping_measures_a_steady_state_by_default():
+    model = pcmodel.create("rao-ballard-1999")
+    assert analysis.end_stopping(model)["steps"] == max(analysis.END_STOPPING_STEPS, model.config.steps)
+    assert analysis.END_STOPPING_STEPS >= 1000  # level 2 relaxes with a time constant of ~130 steps
 
 
 @pytest.mark.slow
