@@ -18,8 +18,9 @@ import torch
 from .checkpoint import CheckpointError
 from .checkpoint import load as _load_checkpoint
 from .config import ConfigError, LearningConfig, LevelConfig, ModelConfig, PreprocessConfig
+from .energy import InferenceResult
 from .images import ImageError
-from .model import InferenceResult, PCModel, UnstableStepError
+from .model import PCModel, UnstableStepError
 from .presets import PRESETS, get_preset
 
 __all__ = [

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import hashlib
+import importlib.metadata
 import json
 import os
 import struct
@@ -23,7 +24,7 @@ import torch
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
-from .config import ConfigError, ModelConfig
+from .config import ConfigError, ModelConfig, weight_shapes
 
 FORMAT = "pcmodel-checkpoint"
 FORMAT_VERSION = 1
@@ -61,9 +62,7 @@ def content_hash(config: ModelConfig, weights: Sequence[torch.Tensor]) -> str:
 
 def code_version() -> str:
     try:
-        from importlib.metadata import version
-
-        return version("predictive-coding")
+        return importlib.metadata.version("predictive-coding")
     except Exception:  # running from a source tree that was never installed
         return "unknown"
 
@@ -161,9 +160,7 @@ def _parse_header(data: bytes, name: str) -> tuple[dict[str, Any], int]:
 
 
 def _check_tensors(header: dict[str, Any], config: ModelConfig, data_bytes: int, name: str) -> None:
-    from .model import PCModel  # the model knows the weight shapes its config implies
-
-    expected = {tensor_name(i): PCModel.weight_shapes(config)[i] for i in range(len(config.levels))}
+    expected = {tensor_name(i): shape for i, shape in enumerate(weight_shapes(config))}
     missing = sorted(set(expected) - set(header))
     extra = sorted(set(header) - set(expected))
     if missing or extra:

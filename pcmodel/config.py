@@ -3,7 +3,7 @@
 A `ModelConfig` describes the whole network: the native input, its preprocessing, the hierarchy of
 levels, the inference settings (k1, steps, initial r) and the learning settings (k2 and its
 schedule). It is stored inside every checkpoint, so the checkpoint alone rebuilds the model and
-prepares images exactly as training did. Shapes follow MODEL.md: level l predicts level l-1
+prepares images exactly as training did. Shapes follow docs/MODEL.md: level l predicts level l-1
 (level 0 is the image) through f(U_l r_l).
 """
 
@@ -305,6 +305,11 @@ def level_shapes(config: ModelConfig, input_hw: tuple[int, int] | None = None) -
         out.append(geometry)
         lower = geometry.latent
     return out
+
+
+def weight_shapes(config: ModelConfig) -> list[tuple[int, int, int, int]]:
+    """Shape of each U_l: (causes, C_below, kh, kw), from the config alone (checkpoints check against it)."""
+    return [(lc.causes, g.lower[0], *g.kernel) for lc, g in zip(config.levels, level_shapes(config))]
 
 
 def _native_lower_shapes(config: ModelConfig) -> list[tuple[int, int, int]]:

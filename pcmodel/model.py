@@ -1,23 +1,14 @@
-"""The predictive-coding network of Rao & Ballard (1999): energy, hand-derived updates, inference, learning.
+"""PCModel: a predictive-coding hierarchy with its weights, and the public methods on it.
 
-Energy of ONE image (MODEL.md section 1), level 0 being the input x:
-
-    E = sum_l (1/sigma_l^2) ||t_l(r_{l-1}) - f(U_l r_l)||^2  +  sum_l g_l(r_l)  +  sum_l lam_l ||U_l||^2
-
-where t_l is the identity for convolutional levels and the (windowed) patches for module levels,
-g is alpha*sum r^2 (Gaussian) or alpha*sum log(1 + r^2) (Cauchy). Sums everywhere, never means,
-so an image's result does not depend on its batch or on the map size.
-
-Inference (fast timescale), all levels from the same state:   r_l <- r_l - (k1/2) dE/dr_l
-Learning (slow timescale), batch mean:                        U_l <- U_l - (k2/2) dE/dU_l
-Both gradients are derived by hand below and checked against autograd in the tests.
+The mathematics lives in pcmodel.energy (docs/MODEL.md); the fast engines in pcmodel.engines. The model
+owns its weights, its device and its engine state (`engines`: what it is prepared for, plans and
+programs), and calls both; neither calls back.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -25,52 +16,16 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .config import ConfigError, ModelConfig, level_shapes
+from . import checkpoint, energy
+from .config import ConfigError, ModelConfig, level_shapes, weight_shapes
+from .energy import InferenceResult, make_result
+from .engines import EngineState, select, weights_key
+from .images import preprocess as preprocess_images
 from .levels import Level
 
 
 class UnstableStepError(ValueError):
     """k1 is above the largest step for which inference is stable."""
-
-
-@dataclass
-class LevelErrors:
-    """One level's prediction of the level below, at one latent state."""
-
-    prediction: torch.Tensor  # f(U_l r_l), in the level's target space
-    error: torch.Tensor  # t_l(r_{l-1}) - prediction
-    slope: torch.Tensor | None  # f'(U_l r_l); None where f is the identity
-
-
-@dataclass
-class InferenceResult:
-    """What inference returns. Maps are (B, C, H, W); `energy` is (steps + 1, B)."""
-
-    latents: list[torch.Tensor]  # r_l, level 1 first: (B, causes, H_l, W_l); modules: the module grid
-    predictions: list[torch.Tensor]  # level l's prediction of level l-1, level 1 first
-    errors: list[torch.Tensor]  # level l-1 minus that prediction (what the energy sums), same layout
-    reconstruction: torch.Tensor  # f(U_1 r_1) on the input grid (module levels: overlaps averaged)
-    error: torch.Tensor  # x - reconstruction
-    energy: torch.Tensor  # energy per image before the first step and after each step
-    steps: torch.Tensor  # (B,) int64: steps each image used (< the budget where it stopped early)
-    backend: str = "torch"
-
-
-def prior_energy(r: torch.Tensor, prior: str, alpha: float) -> torch.Tensor:
-    """g(r) summed per image: alpha*sum r^2 or alpha*sum log(1 + r^2)."""
-    if alpha == 0:
-        return r.new_zeros(r.shape[0])
-    terms = r.square() if prior == "gaussian" else torch.log1p(r.square())
-    return alpha * terms.flatten(1).sum(1)
-
-
-def prior_gradient(r: torch.Tensor, prior: str, alpha: float) -> torch.Tensor | None:
-    """g'(r): 2*alpha*r or 2*alpha*r / (1 + r^2); None when alpha = 0."""
-    if alpha == 0:
-        return None
-    if prior == "gaussian":
-        return (2 * alpha) * r
-    return (2 * alpha) * r / (1 + r.square())
 
 
 class PCModel:
@@ -87,7 +42,7 @@ class PCModel:
     ) -> None:
         self.config = config
         self.provenance = dict(provenance or {})
-        expected = self.weight_shapes(config)
+        expected = weight_shapes(config)
         shapes = [tuple(w.shape) for w in weights]
         if shapes != expected:
             raise ConfigError(f"weights have shapes {shapes}; this config needs {expected}")
@@ -95,6 +50,7 @@ class PCModel:
         self.weights = [w.detach().to(device=device, dtype=torch.float32).clone() for w in weights]
         if not all(torch.isfinite(w).all() for w in self.weights):
             raise ConfigError("weights contain NaN or Inf")
+        self.engines = EngineState(config)
         self.check_stability(allow_unstable=allow_unstable)
 
     # ---- structure -------------------------------------------------------------------------
@@ -110,22 +66,24 @@ class PCModel:
     @staticmethod
     def weight_shapes(config: ModelConfig) -> list[tuple[int, int, int, int]]:
         """Shape of each U_l: (causes, C_below, kh, kw)."""
-        return [(lc.causes, g.lower[0], *g.kernel) for lc, g in zip(config.levels, level_shapes(config))]
+        return weight_shapes(config)
 
-    def _levels(self, input_hw: Sequence[int]) -> list[Level]:
-        return [Level(lc, g) for lc, g in zip(self.config.levels, level_shapes(self.config, tuple(input_hw)))]
+    def levels(self, input_hw: Sequence[int] | None = None) -> list[Level]:
+        """The level maps at an input size (default: native)."""
+        hw = tuple(self.config.input_shape[1:] if input_hw is None else input_hw)
+        return [Level(lc, g) for lc, g in zip(self.config.levels, level_shapes(self.config, hw))]
 
     def latent_shapes(self, input_hw: Sequence[int] | None = None) -> list[tuple[int, int, int]]:
         """(causes, H_l, W_l) per level for an input of this size (default: native)."""
-        hw = self.config.input_shape[1:] if input_hw is None else input_hw
-        return [lv.geometry.latent for lv in self._levels(hw)]
+        return [lv.geometry.latent for lv in self.levels(input_hw)]
 
     def to(self, device: torch.device | str) -> PCModel:
         """Move the weights to a device (in place) and return the model."""
         self.weights = [w.to(device) for w in self.weights]
         return self
 
-    def _prepare(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor], list[Level]]:
+    def _inputs(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor], list[Level]]:
+        """x on the model's device in float32 (float64 stays float64), the weights alike, and the levels."""
         if not isinstance(x, torch.Tensor) or x.dim() != 4:
             shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
             raise ValueError(f"x must be a float tensor (B, C, H, W), got {shape}")
@@ -134,7 +92,7 @@ class PCModel:
         dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
         x = x.to(device=self.device, dtype=dtype)
         weights = [w.to(dtype) for w in self.weights]
-        return x, weights, self._levels(x.shape[-2:])
+        return x, weights, self.levels(x.shape[-2:])
 
     @property
     def name(self) -> str:
@@ -143,86 +101,20 @@ class PCModel:
     @property
     def sha256(self) -> str:
         """Content hash over the config and the weights: identifies the model (not the provenance)."""
-        from .checkpoint import content_hash
-
-        return content_hash(self.config, self.weights)
+        return checkpoint.content_hash(self.config, self.weights)
 
     def save(self, path: str | Path, provenance: dict[str, Any] | None = None) -> str:
         """Write a .safetensors checkpoint (weights, config, provenance); returns the content hash."""
-        from .checkpoint import save
-
         info = {**self.provenance, **(provenance or {})}
-        return save(path, self.config, self.weights, info)
+        return checkpoint.save(path, self.config, self.weights, info)
 
     def preprocess(
         self, images: Image.Image | np.ndarray | Sequence[Image.Image | np.ndarray], size: tuple[int, int] | None = None
     ) -> torch.Tensor:
         """PIL images or uint8 arrays -> x (B, C, H, W) on the model's device, prepared as in training."""
-        from .images import preprocess
+        return preprocess_images(images, self.config, size=size).to(self.device)
 
-        return preprocess(images, self.config, size=size).to(self.device)
-
-    # ---- the mathematics -------------------------------------------------------------------
-
-    def _errors(
-        self,
-        levels: list[Level],
-        weights: list[torch.Tensor],
-        x: torch.Tensor,
-        latents: Sequence[torch.Tensor],
-        linear: bool = False,
-    ) -> list[LevelErrors]:
-        """Each level's prediction, error and f' at this state. linear=True treats f as the identity."""
-        out = []
-        lower = x
-        for level, U, r in zip(levels, weights, latents):
-            a = level.predict(r, U)
-            if level.config.f == "tanh" and not linear:
-                prediction = torch.tanh(a)
-                slope = 1 - prediction.square()
-            else:
-                prediction, slope = a, None
-            out.append(LevelErrors(prediction, level.target(lower) - prediction, slope))
-            lower = r
-        return out
-
-    def _energy(
-        self, weights: list[torch.Tensor], latents: Sequence[torch.Tensor], errors: list[LevelErrors]
-    ) -> torch.Tensor:
-        """The energy per image (B,) from a state's errors: the formula in the module docstring."""
-        energy = 0
-        for lc, U, r, le in zip(self.config.levels, weights, latents, errors):
-            energy = energy + le.error.square().flatten(1).sum(1) / lc.sigma2
-            energy = energy + prior_energy(r, lc.prior, lc.alpha)
-            energy = energy + lc.lam * U.square().sum()
-        return energy
-
-    def _latent_gradients(
-        self,
-        levels: list[Level],
-        weights: list[torch.Tensor],
-        latents: Sequence[torch.Tensor],
-        errors: list[LevelErrors],
-        gaussian_prior: bool = False,
-    ) -> list[torch.Tensor]:
-        """dE/dr_l for every level, by hand:
-
-        dE/dr_l = -(2/sigma_l^2) U_l^T (f' * e_{l-1}) + g_l'(r_l) + (2/sigma_{l+1}^2) t_{l+1}^T(e_l)
-        (the last term is absent at the top level; f' multiplies the error before U^T).
-        """
-        grads = []
-        for i, (level, U, r, le) in enumerate(zip(levels, weights, latents, errors)):
-            lc = level.config
-            bottom_up = le.error if le.slope is None else le.slope * le.error
-            grad = level.adjoint(bottom_up, U) * (-2 / lc.sigma2)
-            prior = prior_gradient(r, "gaussian" if gaussian_prior else lc.prior, lc.alpha)
-            if prior is not None:
-                grad = grad + prior
-            if i + 1 < len(levels):
-                above = levels[i + 1]
-                grad = grad + above.target_adjoint(errors[i + 1].error) * (2 / above.config.sigma2)
-            grads.append(grad)
-        return grads
+    # ---- the mathematics (pcmodel.energy) ----------------------------------------------------
 
     def energy(
         self, x: torch.Tensor, latents: Sequence[torch.Tensor], weights: Sequence[torch.Tensor] | None = None
@@ -232,33 +124,24 @@ class PCModel:
         Runs in float64 when x is float64, else float32. `weights` replaces the model's U_l
         (e.g. float64 tensors that require grad, to differentiate with respect to U).
         """
-        x, own, levels = self._prepare(x)
+        x, own, levels = self._inputs(x)
         weights = own if weights is None else list(weights)
         latents = [r.to(x.dtype) for r in latents]
-        return self._energy(weights, latents, self._errors(levels, weights, x, latents))
+        return energy.energy(self.config, weights, latents, energy.level_errors(levels, weights, x, latents))
 
     def gradients(self, x: torch.Tensor, latents: Sequence[torch.Tensor]) -> list[torch.Tensor]:
         """dE/dr_l per level (hand-derived), shaped like the latents."""
-        x, weights, levels = self._prepare(x)
+        x, weights, levels = self._inputs(x)
         latents = [r.to(x.dtype) for r in latents]
-        errors = self._errors(levels, weights, x, latents)
-        return self._latent_gradients(levels, weights, latents, errors)
+        errors = energy.level_errors(levels, weights, x, latents)
+        return energy.latent_gradients(levels, weights, latents, errors)
 
     def weight_gradients(self, x: torch.Tensor, latents: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-        """dE/dU_l as a batch mean (hand-derived), shaped like the weights:
-
-        dE/dU_l = -(2/sigma_l^2) mean_b (f' * e_{l-1}) r_l^T + 2 lam_l U_l
-        """
-        x, weights, levels = self._prepare(x)
+        """dE/dU_l as a batch mean (hand-derived), shaped like the weights (docs/MODEL.md section 3)."""
+        x, weights, levels = self._inputs(x)
         latents = [r.to(x.dtype) for r in latents]
-        errors = self._errors(levels, weights, x, latents)
-        grads = []
-        for level, U, r, le in zip(levels, weights, latents, errors):
-            lc = level.config
-            bottom_up = le.error if le.slope is None else le.slope * le.error
-            data = level.weight_gradient(bottom_up, r) * (-2 / (lc.sigma2 * x.shape[0]))
-            grads.append(data + (2 * lc.lam) * U)
-        return grads
+        errors = energy.level_errors(levels, weights, x, latents)
+        return energy.weight_gradients(levels, weights, latents, errors)
 
     def apply_weight_gradients(self, grads: Sequence[torch.Tensor], k2: float) -> None:
         """U_l <- U_l - (k2/2) grad_l, in place (grads may be averaged across processes first)."""
@@ -272,21 +155,38 @@ class PCModel:
         with torch.inference_mode():
             self.apply_weight_gradients(self.weight_gradients(x, latents), k2)
 
-    # ---- inference -------------------------------------------------------------------------
-
     def initial_latents(self, x: torch.Tensor) -> list[torch.Tensor]:
         """The deterministic start: zeros, or feed-forward r_l = U_l^T t_l(r_{l-1}) bottom up."""
-        x, weights, levels = self._prepare(x)
-        out = []
-        lower = x
-        for level, U in zip(levels, weights):
-            if self.config.initial_latents == "feedforward":
-                r = level.adjoint(level.target(lower), U)
-            else:
-                r = x.new_zeros((x.shape[0], *level.geometry.latent))
-            out.append(r)
-            lower = r
-        return out
+        x, weights, levels = self._inputs(x)
+        return energy.initial_latents(self.config, levels, weights, x)
+
+    # ---- inference -------------------------------------------------------------------------
+
+    def prepare(
+        self, steps: Sequence[int] | None = None, shapes: Sequence[Sequence[int]] | None = None, build: bool = True
+    ) -> None:
+        """Say which step counts and input shapes (C, H, W) or (H, W) the fast backends serve.
+
+        Replaces the prepared set (by default: the model's steps at its native shape). With `build`, the
+        onnxruntime sessions are built now (CUDA graphs are captured per batch size on first use).
+        Calls outside the set run on the torch engine, so memory stays bounded whatever callers ask for.
+        """
+        steps = [self.config.steps] if steps is None else [int(t) for t in steps]
+        native = tuple(self.config.input_shape)
+        full = [native] if shapes is None else [self._full_shape(s) for s in shapes]
+        for shape in full:
+            level_shapes(self.config, shape[1:])  # raises ConfigError for a size the hierarchy does not tile
+        self.engines.set_prepared(steps, full)
+        if build and self.device.type == "cpu":
+            self.engines.build(self.config, self.weights, self.device)
+
+    def _full_shape(self, shape: Sequence[int]) -> tuple[int, int, int]:
+        dims = tuple(int(v) for v in shape)
+        if len(dims) == 2:
+            return (self.config.input_shape[0], *dims)
+        if len(dims) != 3 or dims[0] != self.config.input_shape[0]:
+            raise ValueError(f"a prepared shape is (H, W) or ({self.config.input_shape[0]}, H, W), got {shape}")
+        return dims  # type: ignore[return-value]
 
     def infer(
         self, x: torch.Tensor, steps: int | None = None, tol: float | None = None, backend: str | None = None
@@ -297,80 +197,79 @@ class PCModel:
         below tol; it keeps its latents and `result.steps` reports the steps it used. Images that
         never stop get exactly the fixed-step result. Deterministic, no autograd.
 
-        `backend` (pcmodel.backends): None or "auto" picks by a fixed rule (CUDA graph on a GPU,
-        onnxruntime or the torch engine on a CPU); "loop" runs `_infer_loop`, the definition;
-        "torch", "onnxruntime", "cuda-graph" ask for one. `result.backend` says which ran.
+        `backend`: None or "auto" picks by the fixed rule of pcmodel.engines.select; "loop" runs the
+        definition (pcmodel.energy.infer_loop); "torch", "onnxruntime", "cuda-graph" ask for one.
+        `result.backend` names the backend that ran, `result.reason` why, where it is not the rule's first pick.
         """
         steps = self.config.steps if steps is None else int(steps)
         if steps < 0:
             raise ValueError(f"steps must be >= 0, got {steps}")
         if tol is not None and not (tol >= 0 and math.isfinite(tol)):
             raise ValueError(f"tol must be a finite number >= 0, got {tol}")
-        from .backends import run_inference
-
-        return run_inference(self, x, steps, tol, backend)
-
-    def _infer_loop(self, x: torch.Tensor, steps: int, tol: float | None) -> InferenceResult:
-        """The plain loop: the mathematical definition every backend is checked against."""
         with torch.inference_mode():
-            x, weights, levels = self._prepare(x)
-            latents = self.initial_latents(x)
-            rate = self.config.k1 / 2
-            batch = x.shape[0]
-            used = torch.zeros(batch, dtype=torch.int64, device=x.device)
-            active = torch.ones(batch, dtype=torch.bool, device=x.device)
-            trace = []
-            for step in range(steps + 1):
-                errors = self._errors(levels, weights, x, latents)
-                trace.append(self._energy(weights, latents, errors))
-                if step == steps:
-                    break
-                grads = self._latent_gradients(levels, weights, latents, errors)
-                if tol is None:
-                    latents = [r - rate * g for r, g in zip(latents, grads)]
-                    continue
-                norm = torch.sqrt(sum(g.square().flatten(1).sum(1) for g in grads))
-                active = active & (norm >= tol)
-                if not active.any():
-                    break
-                keep = active.view(-1, 1, 1, 1)
-                latents = [torch.where(keep, r - rate * g, r) for r, g in zip(latents, grads)]
-                used += active
-            if tol is None:
-                used.fill_(steps)
-            return self._result(levels, x, latents, errors, torch.stack(trace), used, backend="loop")
+            x, weights, levels = self._inputs(x)
+            key = weights_key(self.weights)
+            shape = tuple(x.shape[1:])
+            prepared = self.engines.is_prepared(steps, shape)
+            built = self.engines.onnxruntime.built_for(steps, shape)
+            choice = select(
+                backend,
+                device=self.device.type,
+                float64=x.dtype == torch.float64,
+                steps=steps,
+                tol=tol,
+                prepared=prepared,
+                weights_changing=self.engines.last_key is not None and self.engines.last_key != key,
+                program_stale=built is not None and built != key,
+            )
+            self.engines.last_key = key
+            if choice.backend == "loop":
+                result = energy.infer_loop(self.config, levels, weights, x, steps, tol)
+                result.reason = choice.reason
+                if tol is not None and backend in (None, "auto"):
+                    self._fixed_where_unstopped(result, x, steps)
+                return result
+            run = self.engines.run(choice, self.config, weights, key, x, steps)
+            used = torch.full((x.shape[0],), steps, dtype=torch.int64, device=x.device)
+            return make_result(
+                levels,
+                x,
+                run.latents,
+                run.predictions,
+                run.energy,
+                used,
+                errors=run.errors,
+                reconstruction=run.reconstruction,
+                backend=choice.backend,
+                reason=choice.reason,
+            )
 
-    def _result(
-        self,
-        levels: list[Level],
-        x: torch.Tensor,
-        latents: list[torch.Tensor],
-        errors: list[LevelErrors],
-        trace: torch.Tensor,
-        used: torch.Tensor,
-        backend: str = "torch",
-    ) -> InferenceResult:
-        def layout(level: Level, t: torch.Tensor) -> torch.Tensor:
-            return level.as_patches(t) if level.patchwise else t
+    def _fixed_where_unstopped(self, result: InferenceResult, x: torch.Tensor, steps: int) -> None:
+        """Early stop: images that never stopped take the fixed-step result.
 
-        reconstruction = levels[0].to_lower_map(errors[0].prediction)
-        predictions = [layout(lv, le.prediction) for lv, le in zip(levels, errors)]
-        level_errors = [layout(lv, le.error) for lv, le in zip(levels, errors)]
-        return InferenceResult(
-            latents=latents,
-            predictions=predictions,
-            errors=level_errors,
-            reconstruction=reconstruction,
-            error=x - reconstruction,
-            energy=trace,
-            steps=used,
-            backend=backend,
-        )
+        `infer` promises that such images get exactly what the call without `tol` returns; that call runs
+        on another backend, whose rounding differs from the loop's. Costs a second, fixed-step run; early
+        stop is not the service's path.
+        """
+        never = result.steps == steps
+        if not bool(never.any()) or result.energy.shape[0] != steps + 1:
+            return
+        fixed = self.infer(x, steps=steps)
+        keep = never.view(-1, 1, 1, 1)
+        result.latents = [torch.where(keep, f, r) for f, r in zip(fixed.latents, result.latents)]
+        result.energy = torch.where(never[None, :], fixed.energy, result.energy)
+        for name in ("reconstruction", "error"):
+            setattr(result, name, torch.where(keep, getattr(fixed, name), getattr(result, name)))
+        for field in ("predictions", "errors"):
+            mine, theirs = getattr(result, field), getattr(fixed, field)
+            for i, (a, b) in enumerate(zip(mine, theirs)):
+                mine[i] = torch.where(never.view(-1, *[1] * (a.dim() - 1)), b, a)
+        result.reason = f"early stop; images that never stopped: {fixed.backend}"
 
     # ---- stability -------------------------------------------------------------------------
 
     def stability_bound(self, input_hw: Sequence[int] | None = None, method: str = "auto") -> float:
-        """Largest stable k1 (MODEL.md section 2), from the top eigenvalue of the Hessian in float64.
+        """Largest stable k1 (docs/MODEL.md section 2), from the top eigenvalue of the Hessian in float64.
 
         For linear f and a Gaussian prior E is quadratic in r with Hessian H = 2A, and the step
         r <- r - (k1/2) H r is stable iff k1 < 4 / lambda_max(H). For tanh (f' <= 1) and the
@@ -382,7 +281,7 @@ class PCModel:
         or "auto" (exact up to 1024 latents, else power iteration).
         """
         hw = tuple(self.config.input_shape[1:] if input_hw is None else input_hw)
-        levels = self._levels(hw)
+        levels = self.levels(hw)
         weights = [w.detach().to(device=self.device, dtype=torch.float64) for w in self.weights]
         shapes = [lv.geometry.latent for lv in levels]
         sizes = [math.prod(s) for s in shapes]
@@ -392,8 +291,8 @@ class PCModel:
         def hessian_times(v: torch.Tensor) -> torch.Tensor:  # (N, n) -> (N, n), rows are vectors
             parts = [p.reshape(v.shape[0], *s) for p, s in zip(torch.split(v, sizes, dim=1), shapes)]
             zero = v.new_zeros((v.shape[0], self.config.input_shape[0], *hw))
-            errors = self._errors(levels, weights, zero, parts, linear=True)
-            grads = self._latent_gradients(levels, weights, parts, errors, gaussian_prior=True)
+            errors = energy.level_errors(levels, weights, zero, parts, linear=True)
+            grads = energy.latent_gradients(levels, weights, parts, errors, gaussian_prior=True)
             return torch.cat([g.flatten(1) for g in grads], dim=1)
 
         n = sum(sizes)
@@ -433,7 +332,7 @@ class PCModel:
             if level == 1:
                 return self.weights[0].clone()
             hw = self._minimal_input(level)
-            levels = self._levels(hw)
+            levels = self.levels(hw)
             causes = self.config.levels[level - 1].causes
             shape = levels[level - 1].geometry.latent
             r = torch.zeros((causes, *shape), device=self.device)

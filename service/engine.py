@@ -77,13 +77,12 @@ class Engine:
             # The model runs on the batcher's own thread: give it the device's CUDA context up front.
             thread_init=(lambda: torch.cuda.set_device(self.device)) if self.device.type == "cuda" else None,
         )
-        # The label keeps the backend's name only: pcmodel may append a reason ("torch (float64 input)").
         metrics.MODEL_INFO.labels(
             name=self.config.name,
             preset=self.preset,
             sha256=self.sha256,
             device=str(self.device),
-            backend=self.backend.split(" ")[0],
+            backend=self.backend,
         ).set(1)
         logger.info(
             "model %s (%s, sha256 %s) ready on %s with backend %s in %.1f s",
@@ -103,7 +102,7 @@ class Engine:
         asking for an unusual step count never triggers an export or a capture mid-service.
         """
         warmed = sorted({self.config.steps, *self.settings.warmup_steps})
-        _limit_fast_programs(self.model, len(warmed))
+        self.model.prepare(steps=warmed)
         c, h, w = self.config.input_shape
         sizes = sorted({min(2**k, self.settings.max_batch_size) for k in range(11)})  # 1, 2, 4, ... max
         generator = torch.Generator().manual_seed(0)
@@ -173,15 +172,6 @@ class Engine:
 
     def close(self) -> None:
         self.batcher.close()
-
-
-def _limit_fast_programs(model: pcmodel.PCModel, step_counts: int) -> None:
-    """pcmodel prepares fast programs for the first step counts it is asked for: only the warm-up's."""
-    try:
-        from pcmodel.backends import engine as backend_state
-    except ImportError:  # a pcmodel without fast backends runs every call on its torch loop
-        return
-    backend_state(model).max_step_counts = step_counts
 
 
 def _observe_batch(rows: int, seconds: float) -> None:

@@ -1,7 +1,7 @@
 """Backends against the definition: every fast path equals the plain loop on fresh random inputs.
 
-Oracle: PCModel._infer_loop (backend="loop"), itself held against autograd in test_math.py. Tolerance:
-latents within 1e-4 in float32 (the issue's bound; measured differences are ~1e-6).
+Oracle: pcmodel.energy.infer_loop (backend="loop"), itself held against autograd in test_math.py.
+Tolerance: latents within 1e-4 in float32 (measured differences are ~1e-6). docs/MODEL.md section 7.
 """
 
 from __future__ import annotations
@@ -13,7 +13,9 @@ import torch
 import torch.nn.functional as F
 
 import pcmodel
-from pcmodel import PCModel, backends
+from pcmodel import PCModel
+from pcmodel.engines import onnxruntime as ort_engine
+from pcmodel.engines import ops, plans
 
 from .conftest import KINDS, tiny_config
 
@@ -50,7 +52,7 @@ def test_fast_paths_equal_the_loop_on_every_tiny_config(kind, f, prior, generato
     assert moved > 1e-2  # the comparison is not between two sets of zeros
     for backend in FAST:
         result = model.infer(x, backend=backend)
-        assert result.backend == backend
+        assert (result.backend, result.reason) == (backend, "requested")
         assert_same_inference(result, expected)
 
 
@@ -61,15 +63,17 @@ def test_fast_paths_equal_the_loop_on_the_presets(preset, generator):
     expected = model.infer(x, backend="loop")
     for backend in FAST:
         assert_same_inference(model.infer(x, backend=backend), expected)
-    assert model.infer(x).backend == "onnxruntime"  # the automatic rule on a CPU, float32, default steps
+    model.prepare(shapes=[x.shape[1:]])
+    auto = model.infer(x)  # the automatic rule on a CPU, float32, default steps, prepared shape
+    assert (auto.backend, auto.reason) == ("onnxruntime", "")
 
 
 def test_plan_kinds_follow_the_mathematics():
-    assert backends.plan_kind(pcmodel.load("rao-ballard-1999")) == "quadratic"  # f linear: dE/dr = Hr - b + g'
-    assert backends.plan_kind(pcmodel.load("conv-rgb")) == "levelwise"  # tanh
-    linear = pcmodel.create(tiny_config("convolutional"))
-    assert backends.plan_kind(linear) == "quadratic"
-    assert backends.plan_kind(linear, (12 + 8 * 40, 12 + 8 * 40)) == "levelwise"  # too many latents for a dense H
+    assert plans.plan_kind(pcmodel.get_preset("rao-ballard-1999")) == "quadratic"  # f linear: dE/dr = Hr - b + g'
+    assert plans.plan_kind(pcmodel.get_preset("conv-rgb")) == "levelwise"  # tanh
+    linear = tiny_config("convolutional")
+    assert plans.plan_kind(linear) == "quadratic"
+    assert plans.plan_kind(linear, (12 + 8 * 40, 12 + 8 * 40)) == "levelwise"  # too many latents for a dense H
 
 
 def test_conv_preset_at_another_size_and_feedforward_start(generator):
@@ -93,25 +97,32 @@ def test_phase_layout_equals_the_strided_convolutions(kernel, stride, size, gene
     latent = [(n - k) // s + 1 for n, k, s in zip(size, kernel, stride)]
     r = torch.randn((2, 4, *latent), generator=generator, dtype=torch.float64)
     e = torch.randn((2, 3, *size), generator=generator, dtype=torch.float64)
-    predict, adjoint, taps = backends.phase_kernels(U, stride)
+    predict, adjoint, taps = plans.phase_kernels(U, stride)
     pad = tuple(s * (n + m - 1) - h for s, n, m, h in zip(stride, latent, taps, size))
     phases = F.conv2d(r, predict, padding=(taps[0] - 1, taps[1] - 1))
-    merged = backends.phase_merge(phases, 3, stride, size)
+    merged = ops.phase_merge(phases, 3, stride, size)
     torch.testing.assert_close(merged, F.conv_transpose2d(r, U, stride=stride), rtol=1e-12, atol=1e-12)
-    split = backends.phase_split(e, stride, pad)
+    split = ops.phase_split(e, stride, pad)
     torch.testing.assert_close(F.conv2d(split, adjoint), F.conv2d(e, U, stride=stride), rtol=1e-12, atol=1e-12)
-    torch.testing.assert_close(backends.phase_merge(split, 3, stride, size), e, rtol=0, atol=0)
+    torch.testing.assert_close(ops.phase_merge(split, 3, stride, size), e, rtol=0, atol=0)
 
 
 def test_automatic_rule_and_its_fallbacks(generator):
     model = pcmodel.load("rao-ballard-1999")
     x = torch.randn((2, *model.config.input_shape), generator=generator)
-    assert model.infer(x).backend == "onnxruntime"
-    assert model.infer(x.double()).backend == "torch (float64 input)"
-    assert model.infer(x.double()).latents[0].dtype == torch.float64
-    assert model.infer(x, steps=0).backend.startswith("loop")
-    assert model.infer(x, backend="onnxruntime", tol=1e-3).backend.startswith("torch (early stop")
-    assert model.infer(x, backend="loop").backend == "loop"
+
+    def chosen(**kwargs) -> tuple[str, str]:
+        result = model.infer(x, **kwargs)
+        return result.backend, result.reason
+
+    assert chosen() == ("onnxruntime", "")
+    double = model.infer(x.double())
+    assert (double.backend, double.reason) == ("torch", "float64 input")
+    assert double.latents[0].dtype == torch.float64
+    assert chosen(steps=0) == ("loop", "no steps")
+    assert chosen(backend="onnxruntime", tol=1e-3) == ("loop", "early stop")
+    assert chosen(backend="loop") == ("loop", "requested")
+    assert chosen(steps=7) == ("torch", "onnxruntime: not prepared for these steps and shape")
     with pytest.raises(ValueError, match=r"unknown backend 'jax'; choose auto or one of"):
         model.infer(x, backend="jax")
     with pytest.raises(ValueError, match=r"needs the model on a CUDA device"):
@@ -119,20 +130,44 @@ def test_automatic_rule_and_its_fallbacks(generator):
 
 
 def test_step_counts_and_sizes_beyond_the_prepared_set_run_on_the_torch_engine(generator):
-    """The default steps and the first three other counts get programs; later counts run on torch."""
+    """Only prepared (steps, shape) pairs get fast programs; everything else runs on the torch engine."""
     model = pcmodel.create(tiny_config("dense", "tanh", "cauchy"))
     x = torch.randn((2, *model.config.input_shape), generator=generator)
     warm = [model.config.steps, 3, 4, 5]
+    model.prepare(steps=warm)
+    assert {key[0] for key in model.engines.onnxruntime.programs} == set(warm)  # built by prepare
     assert [model.infer(x, steps=t).backend for t in warm] == ["onnxruntime"] * 4
     late = model.infer(x, steps=6)
-    assert late.backend == "torch (onnxruntime: steps=6 at 1x8x12 not prepared)"
+    assert (late.backend, late.reason) == ("torch", "onnxruntime: not prepared for these steps and shape")
     assert model.infer(x, steps=3).backend == "onnxruntime"  # prepared counts stay fast
-    assert sorted(backends.engine(model).fast_steps) == sorted(warm)
+    assert {key[0] for key in model.engines.onnxruntime.programs} == set(warm)  # nothing built on demand
     assert_same_inference(late, model.infer(x, steps=6, backend="loop"))
     conv = pcmodel.create(tiny_config("convolutional", "tanh"))
     sizes = [(12, 12), (16, 16), (20, 20), (24, 24), (28, 28)]
+    conv.prepare(steps=[2], shapes=sizes[:4])
     chosen = [conv.infer(torch.randn((1, 3, *s), generator=generator), steps=2).backend for s in sizes]
-    assert chosen[:4] == ["onnxruntime"] * 4 and chosen[4].startswith("torch (")
+    assert chosen == ["onnxruntime"] * 4 + ["torch"]
+    with pytest.raises(ValueError, match="at most 8 step counts and 4 shapes"):
+        conv.prepare(steps=[2], shapes=sizes)
+    with pytest.raises(pcmodel.ConfigError, match="does not tile"):
+        conv.prepare(steps=[2], shapes=[(13, 12)])
+
+
+@pytest.mark.parametrize("preset", sorted(pcmodel.PRESETS))
+@pytest.mark.parametrize("steps", [None, 60, 150])
+def test_an_image_gets_the_same_bits_alone_and_in_a_batch_at_any_step_count(preset, steps, generator):
+    """On a CPU a row's result never depends on its neighbours: prepared counts (onnxruntime, sharded or
+    not) and unprepared ones (the torch engine, row by row) alike."""
+    model = pcmodel.load(preset)
+    x = torch.rand((5, *model.config.input_shape), generator=generator) * 2 - 1
+    batch = model.infer(x, steps=steps)
+    assert batch.backend == ("onnxruntime" if steps is None else "torch")
+    for i in (0, 3):
+        alone = model.infer(x[i : i + 1], steps=steps)
+        for a, b in zip(alone.latents, batch.latents):
+            assert a[0].numpy().tobytes() == b[i].numpy().tobytes()
+        assert alone.energy[:, 0].numpy().tobytes() == batch.energy[:, i].numpy().tobytes()
+        assert alone.reconstruction[0].numpy().tobytes() == batch.reconstruction[i].numpy().tobytes()
 
 
 def test_learning_never_runs_on_stale_weights(generator):
@@ -144,7 +179,7 @@ def test_learning_never_runs_on_stale_weights(generator):
     for _ in range(2):  # learning: U changes after every batch
         model.learn_step(x, first.latents, k2=0.5)
         during = model.infer(x)
-        assert during.backend == "torch (weights changed since the onnxruntime session was built)"
+        assert (during.backend, during.reason) == ("torch", "weights changed since the onnxruntime session was built")
         assert_same_inference(during, model.infer(x, backend="loop"))
     explicit = model.infer(x, backend="onnxruntime")  # an explicit request rebuilds at once
     assert_same_inference(explicit, model.infer(x, backend="loop"))
@@ -160,10 +195,11 @@ def test_early_stop_next_to_a_prepared_program_matches_the_fixed_call_bit_for_bi
     model = pcmodel.load("conv-rgb")
     x = torch.rand((3, *model.config.input_shape), generator=generator) * 2 - 1
     x[1] *= 1e-4  # stops almost at once
+    model.prepare(steps=[40])
     fixed = model.infer(x, steps=40)
     assert fixed.backend == "onnxruntime"
     early = model.infer(x, steps=40, tol=1e-3)
-    assert early.backend == "torch (early stop; images that never stopped: onnxruntime)"
+    assert (early.backend, early.reason) == ("loop", "early stop; images that never stopped: onnxruntime")
     assert early.steps[1] < 40 and early.steps[0] == early.steps[2] == 40
     for i in (0, 2):
         for a, b in zip(early.latents, fixed.latents):
@@ -185,8 +221,8 @@ def test_torch_engine_is_deterministic_and_batch_invariant(generator):
 
 def test_onnxruntime_shard_rule():
     """One shard per thread, at most one per image; a single shard is the session with all threads."""
-    assert [backends.ort_shards(b, 2) for b in (1, 2, 3, 32)] == [1, 2, 2, 2]
-    assert backends.ort_shards(7, 3) == 3 and backends.ort_shards(5, 16) == 5 and backends.ort_shards(32, 1) == 1
+    assert [ort_engine.ort_shards(b, 2) for b in (1, 2, 3, 32)] == [1, 2, 2, 2]
+    assert ort_engine.ort_shards(7, 3) == 3 and ort_engine.ort_shards(5, 16) == 5 and ort_engine.ort_shards(32, 1) == 1
 
 
 @pytest.mark.parametrize(("kind", "f"), list(itertools.product(KINDS, ("identity", "tanh"))))
@@ -194,9 +230,9 @@ def test_sharded_onnxruntime_equals_the_loop_and_each_image_alone(kind, f, gener
     """Shards of (3, 2, 2) images on a single-threaded session, against the loop and against batch 1."""
     model = stable_model(tiny_config(kind, f, "cauchy"), generator)
     x = torch.randn((7, *model.config.input_shape), generator=generator)
-    plan = backends.make_plan(model, x.shape[-2:], torch.float32, x.device)
+    plan = plans.make_plan(model.config, model.weights, x.shape[-2:], torch.float32, x.device)
     assert plan.kind == ("quadratic" if f == "identity" else "levelwise")  # both graph builders
-    program = backends.OrtProgram(plan, model.config.steps, threads=3)
+    program = ort_engine.OrtProgram(plan, model.config.steps, threads=3)
     sharded = program.run(x)
     assert set(program.sessions) == {1}  # the sharded path ran, and only it
     expected = model.infer(x, backend="loop")
@@ -224,10 +260,10 @@ def test_automatic_rule_shards_large_batches_and_reports_onnxruntime(generator):
     finally:
         torch.set_num_threads(threads)
     assert result.backend == "onnxruntime"
-    program = backends.engine(model).ort[(model.config.steps, tuple(x.shape[1:]))][1]
+    program = model.engines.onnxruntime.programs[(model.config.steps, tuple(x.shape[1:]))][1]
     assert program.threads == 2 and set(program.sessions) == {1}
     assert_same_inference(result, model.infer(x, backend="loop"))
-    backends.engine(model).ort_sharding = False  # pc-bench's "onnxruntime-unsharded"
+    model.engines.onnxruntime.sharding = False  # pc-bench's "onnxruntime-unsharded"
     whole = model.infer(x)
     assert whole.backend == "onnxruntime" and set(program.sessions) == {1, 2}
     assert_same_inference(whole, result, atol=1e-5, energy_rtol=1e-5)
@@ -248,7 +284,7 @@ def test_cuda_graph_equals_the_loop(preset, generator):
         result = model.infer(x)
         assert result.backend == "cuda-graph"
         assert_same_inference(result, model.infer(x, backend="loop"))
-    assert {key[2] for key in backends.engine(model).cuda} == {1, 4, 8}
+    assert {key[2] for key in model.engines.cuda_graph.programs} == {1, 4, 8}
 
 
 @pytest.mark.gpu
@@ -257,11 +293,11 @@ def test_cuda_graph_follows_learning_without_a_new_capture(generator):
     model = pcmodel.load("conv-rgb", device="cuda")
     x = (torch.rand((4, *model.config.input_shape), generator=generator) * 2 - 1).cuda()
     first = model.infer(x)
-    captured = dict(backends.engine(model).cuda)
+    captured = dict(model.engines.cuda_graph.programs)
     model.learn_step(x, first.latents, k2=0.5)
     after = model.infer(x)
     assert_same_inference(after, model.infer(x, backend="loop"))
-    assert {k: v[1] for k, v in backends.engine(model).cuda.items()} == {k: v[1] for k, v in captured.items()}
+    assert {k: v[1] for k, v in model.engines.cuda_graph.programs.items()} == {k: v[1] for k, v in captured.items()}
 
 
 @pytest.mark.gpu
@@ -270,7 +306,7 @@ def test_cuda_graph_follows_learning_without_a_new_capture(generator):
 def test_cuda_reduced_precision_runs_and_stays_close(precision, generator):
     """TF32 / bf16 operands with r in float32: finite and near the float32 result (the cost pc-bench reports)."""
     model = pcmodel.load("conv-rgb", device="cuda")
-    backends.engine(model).cuda_precision = precision
+    model.engines.cuda_graph.precision = precision
     x = (torch.rand((8, *model.config.input_shape), generator=generator) * 2 - 1).cuda()
     result = model.infer(x)
     expected = model.infer(x, backend="loop")

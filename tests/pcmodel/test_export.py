@@ -11,8 +11,9 @@ import pytest
 import torch
 
 import pcmodel
-from pcmodel import backends
-from pcmodel.export import build_graph, main
+from pcmodel.engines.onnx_graph import build_graph
+from pcmodel.engines.plans import make_plan
+from pcmodel.export import main
 
 from .conftest import tiny_config
 
@@ -63,7 +64,7 @@ def test_export_at_another_size_and_of_a_modules_hierarchy(tmp_path, capsys, gen
     assert np.abs(values["reconstruction"] - expected.reconstruction.numpy()).max() <= 1e-4
     # A tanh modules hierarchy takes the levelwise graph (unfold and fold as convolutions).
     model = pcmodel.create(tiny_config("modules", "tanh", "cauchy"))
-    graph = build_graph(backends.make_plan(model, (10, 10), torch.float32, torch.device("cpu")), 7)
+    graph = build_graph(make_plan(model.config, model.weights, (10, 10), torch.float32, torch.device("cpu")), 7)
     path = tmp_path / "modules.onnx"
     path.write_bytes(graph.SerializeToString())
     x = torch.randn((3, 1, 10, 10), generator=generator)

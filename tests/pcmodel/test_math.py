@@ -93,7 +93,7 @@ def test_level_maps_are_adjoint(kind, generator):
     """<U r, e> = <r, U^T e> and <t(lower), e> = <lower, t^T e> for every level kind."""
     config = tiny_config(kind)
     model = random_model(config, generator)
-    for level, weight in zip(model._levels(config.input_shape[1:]), model.weights):
+    for level, weight in zip(model.levels(config.input_shape[1:]), model.weights):
         U = weight.double()
         batch = 2
         r = torch.randn((batch, *level.geometry.latent), generator=generator, dtype=torch.float64)
@@ -111,7 +111,7 @@ def test_modules_predict_each_patch_with_the_shared_basis(generator):
     """A module's prediction is U times its own causes, on its own windowed patch (the paper's modules)."""
     config = tiny_config("dense")
     model = random_model(config, generator)
-    level = Level(config.levels[0], model._levels(config.input_shape[1:])[0].geometry)
+    level = Level(config.levels[0], model.levels(config.input_shape[1:])[0].geometry)
     U = model.weights[0].double()
     r = torch.randn((1, *level.geometry.latent), generator=generator, dtype=torch.float64)
     patches = level.as_patches(level.predict(r, U))  # (1, M, C, kh, kw)

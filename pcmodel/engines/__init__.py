@@ -1,0 +1,15 @@
+"""Inference engines: the program of pcmodel.engines.program run by one of several backends.
+
+- plans.py: the definition's step rearranged per input size (quadratic or levelwise);
+- program.py: the step written once against ops.py (TorchOps) or onnx_graph.py (OnnxOps);
+- torch_engine.py, onnxruntime.py, cuda_graph.py: the backends (base.py: what a backend is);
+- select.py: the pure rule that picks one; state.py: what a model has prepared and built.
+"""
+
+from __future__ import annotations
+
+from .base import Backend, EngineRun
+from .select import BACKENDS, Choice, select
+from .state import EngineState, weights_key
+
+__all__ = ["BACKENDS", "Backend", "Choice", "EngineRun", "EngineState", "select", "weights_key"]

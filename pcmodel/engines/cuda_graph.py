@@ -1,0 +1,126 @@
+"""The CUDA-graph backend: the torch engine's T-step program captured once per (batch bucket, shape).
+
+Inputs are copied into a static buffer and the graph replayed; the plan's weight tensors are read in
+place, so new weights (learning) are copied into them without a new capture. Optional TF32 or bf16
+operands (`precision`) with r and the sums kept in float32.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+
+import torch
+
+from .base import EngineRun
+from .plans import Plan
+from .torch_engine import TorchBackend
+
+CUDA_PRECISIONS = ("float32", "tf32", "bf16")
+CUDA_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)  # batch sizes a CUDA graph is captured for
+
+
+class CudaGraphProgram:
+    """The torch engine's fixed-T loop captured as one CUDA graph for a (batch bucket, input size).
+
+    Inputs are copied into a static buffer and the graph replayed; the plan's weight tensors are read in
+    place, so new weights are copied into them (`refresh`) without a new capture. `precision`: float32
+    (TF32 off), tf32 (TF32 matmuls and convolutions), bf16 (bf16 operands, r and sums in float32).
+    """
+
+    def __init__(self, plan: Plan, steps: int, bucket: int, input_shape: Sequence[int], precision: str) -> None:
+        if precision not in CUDA_PRECISIONS:
+            raise ValueError(f"unknown CUDA precision {precision!r}; choose one of {', '.join(CUDA_PRECISIONS)}")
+        self.plan, self.steps, self.bucket, self.precision = plan, steps, bucket, precision
+        device = next(iter(plan.tensors().values())).device
+        self.static_x = torch.zeros((bucket, *input_shape), device=device)
+        operand = torch.bfloat16 if precision == "bf16" else None
+        with _tf32(precision == "tf32"):
+            side = torch.cuda.Stream(device)
+            side.wait_stream(torch.cuda.current_stream(device))
+            with torch.cuda.stream(side):  # warm-up: library handles and autotuning happen outside the capture
+                for _ in range(2):
+                    TorchBackend().run(plan, self.static_x, steps, operand=operand)
+            torch.cuda.current_stream(device).wait_stream(side)
+            self.graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.graph):
+                self.out = TorchBackend().run(plan, self.static_x, steps, operand=operand)
+        torch.cuda.synchronize(device)
+
+    def refresh(self, plan: Plan) -> None:
+        """Copy a new plan's weight tensors into the captured ones (same shapes): new weights, same graph."""
+        mine = self.plan.tensors()
+        for name, tensor in plan.tensors().items():
+            mine[name].copy_(tensor)
+
+    def run(self, x: torch.Tensor) -> EngineRun:
+        batch = x.shape[0]
+        self.static_x[:batch].copy_(x)
+        if batch < self.bucket:
+            self.static_x[batch:].zero_()
+        self.graph.replay()
+        out = self.out
+        return EngineRun(
+            latents=[r[:batch].clone() for r in out.latents],
+            energy=out.energy[:, :batch].clone(),
+            predictions=[p[:batch].clone() for p in out.predictions],
+            errors=[e[:batch].clone() for e in out.errors],
+            reconstruction=out.reconstruction[:batch].clone(),
+        )
+
+
+class _tf32:
+    def __init__(self, enabled: bool) -> None:
+        self.enabled = enabled
+
+    def __enter__(self) -> None:
+        self.saved = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+        torch.backends.cuda.matmul.allow_tf32 = self.enabled
+        torch.backends.cudnn.allow_tf32 = self.enabled
+
+    def __exit__(self, *exc: object) -> None:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = self.saved
+
+
+def cuda_bucket(batch: int) -> int:
+    """The smallest captured batch size that holds `batch` (larger batches are split into the largest)."""
+    for size in CUDA_BUCKETS:
+        if batch <= size:
+            return size
+    return CUDA_BUCKETS[-1]
+
+
+class CudaGraphBackend:
+    """Captured programs by (steps, input shape, bucket, precision), each with its weights key."""
+
+    name = "cuda-graph"
+
+    def __init__(self) -> None:
+        self.precision = "float32"
+        self.programs: dict[tuple, tuple[tuple, CudaGraphProgram]] = {}
+        self.prepare_seconds: dict[str, float] = {}
+
+    def prepare(self, plan: Plan, steps: int, shape: tuple[int, ...], key: tuple) -> None:
+        """Capture lazily, per batch bucket, on first use (a capture needs the batch size)."""
+
+    def run(self, plan: Plan, x: torch.Tensor, steps: int, key: tuple) -> EngineRun:
+        largest = CUDA_BUCKETS[-1]
+        if x.shape[0] > largest:  # split into the largest bucket; images are independent
+            return EngineRun.cat([self.run(plan, chunk, steps, key) for chunk in torch.split(x, largest)])
+        bucket = cuda_bucket(x.shape[0])
+        shape = tuple(x.shape[1:])
+        index = (steps, shape, bucket, self.precision)
+        cached = self.programs.get(index)
+        if cached is None:
+            start = time.perf_counter()
+            program = CudaGraphProgram(plan, steps, bucket, shape, self.precision)
+            self.prepare_seconds[f"cuda-graph T={steps} B={bucket} {'x'.join(map(str, shape))}"] = (
+                time.perf_counter() - start
+            )
+            self.programs[index] = (key, program)
+        else:
+            seen, program = cached
+            if seen != key:  # learning changed U: new weights into the captured buffers, no new capture
+                program.refresh(plan)
+                self.programs[index] = (key, program)
+        return program.run(x)

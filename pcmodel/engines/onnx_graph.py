@@ -1,0 +1,280 @@
+"""The inference program as one ONNX graph: `OnnxOps` appends a node where `TorchOps` computes.
+
+`build_graph(plan, steps)` runs pcmodel.engines.program with these ops, so the graph is the program
+with its T steps unrolled (PyTorch's exporter unrolls Python loops anyway and cannot export a while
+loop; building nodes directly takes milliseconds, not seconds). The onnxruntime backend runs it, and
+pc-export (pcmodel.export) writes it.
+
+Inputs and outputs (batch axis dynamic, float32): input `x` (batch, C, H, W), preprocessed; outputs
+`latent_1` ... `latent_L` (batch, causes_l, H_l, W_l), `energy` (T + 1, batch), `reconstruction`
+(batch, C, H, W) and, when asked for, `prediction_l` and `error_l` at the final state (target layout).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import onnx
+import torch
+from onnx import TensorProto, helper, numpy_helper
+
+from .plans import Plan, PlanLevel
+from .program import run_program
+
+OPSET = 17
+OUTPUTS = ("latents", "energy", "reconstruction")  # a pc-export file's outputs
+EXTRA_OUTPUTS = ("predictions", "errors")  # the backend also takes each level's final prediction and error
+FULL_OUTPUTS = OUTPUTS + EXTRA_OUTPUTS
+
+
+class OnnxOps:
+    """Ops that append ONNX nodes; weight tensors become initializers. Values are node output names."""
+
+    exact = True
+
+    def __init__(self) -> None:
+        self.nodes: list[onnx.NodeProto] = []
+        self.initializers: list[onnx.TensorProto] = []
+        self.count = 0
+        self.constants: dict[tuple, str] = {}
+        self.weights: dict[str, str] = {}
+        self.swapped: dict[str, str] = {}
+
+    # ---- graph building --------------------------------------------------------------------------
+
+    def op(self, op_type: str, *inputs: str, **attrs: Any) -> str:
+        self.count += 1
+        out = f"{op_type.lower()}_{self.count}"
+        self.nodes.append(helper.make_node(op_type, list(inputs), [out], **attrs))
+        return out
+
+    def const(self, value: Any, dtype: Any = np.float32) -> str:
+        """A constant that does not depend on the weights (shapes, scalars, masks), shared by value."""
+        array = np.asarray(value, dtype=dtype)
+        key = (array.dtype.str, array.shape, array.tobytes())
+        if key not in self.constants:
+            name = f"c_{len(self.constants)}"
+            self.initializers.append(numpy_helper.from_array(array, name))
+            self.constants[key] = name
+        return self.constants[key]
+
+    def shape(self, *dims: int) -> str:
+        return self.const(list(dims), np.int64)
+
+    def _rank_sum(self, op_type: str, value: str) -> str:
+        """Sum over every axis but the batch (dynamic rank: flatten first)."""
+        flat = self.op("Flatten", value, axis=1)
+        if op_type == "ReduceSum":  # axes are an input from opset 13
+            return self.op("ReduceSum", flat, self.shape(1), keepdims=0)
+        return self.op(op_type, flat, axes=[1], keepdims=0)
+
+    # ---- the Ops protocol ------------------------------------------------------------------------
+
+    def weight(self, name: str, tensor: torch.Tensor) -> str:
+        # Baked in as initializers: onnxruntime prepacks constant matrices (several times faster at batch 1).
+        if name not in self.weights:
+            array = tensor.detach().cpu().to(torch.float32).numpy()
+            key = f"w_{name}"
+            self.initializers.append(numpy_helper.from_array(np.ascontiguousarray(array), key))
+            self.weights[name] = key
+        return self.weights[name]
+
+    def one(self) -> str:
+        return self.const(1.0)
+
+    def flatten(self, x: str) -> str:
+        return self.op("Flatten", x, axis=1)
+
+    def reshape_rows(self, x: str, shape: Sequence[int]) -> str:
+        return self.op("Reshape", x, self.shape(0, *shape))
+
+    def split_latents(self, flat: str, shapes: Sequence[Sequence[int]]) -> list[str]:
+        out, offset = [], 0
+        for lat in shapes:
+            size = int(np.prod(lat))
+            part = self.op("Slice", flat, self.shape(offset), self.shape(offset + size), self.shape(1))
+            out.append(self.op("Reshape", part, self.shape(0, *lat)))
+            offset += size
+        return out
+
+    def _zeros(self, dims: str) -> str:
+        return self.op("ConstantOfShape", dims, value=helper.make_tensor("zero", TensorProto.FLOAT, [1], [0.0]))
+
+    def zeros_like_rows(self, x: str) -> str:
+        return self._zeros(self.op("Shape", x))
+
+    def zeros_latents(self, x: str, shape: Sequence[int]) -> str:
+        batch = self.op("Slice", self.op("Shape", x), self.shape(0), self.shape(1))
+        return self._zeros(self.op("Concat", batch, self.shape(*shape), axis=0))
+
+    def stack(self, values: Sequence[str]) -> str:
+        # Concat along the batch axis, then split it: (T+1) x (B, ...) -> (T+1, B, ...) with no per-step node.
+        first = values[0]
+        joined = self.op("Concat", *values, axis=0)
+        tail = self.op("Slice", self.op("Shape", first), self.shape(1), self.shape(2**62))
+        return self.op("Reshape", joined, self.op("Concat", self.shape(len(values), -1), tail, axis=0))
+
+    def matmul(self, a: str, b: str) -> str:
+        return self.op("MatMul", a, b)
+
+    def matvec(self, a: str, v: str) -> str:
+        return self.op("MatMul", a, v)
+
+    def affine(self, s: str, m: str, c: str) -> str:
+        return self.op("Add", self.op("MatMul", s, m), c)
+
+    def exact_affine(self, s: str, m: str, c: str) -> str:
+        return self.affine(s, m, c)
+
+    def add(self, a: str, b: str) -> str:
+        return self.op("Add", a, b)
+
+    def sub(self, a: str, b: str) -> str:
+        return self.op("Sub", a, b)
+
+    def mul(self, a: str, b: str) -> str:
+        return self.op("Mul", a, b)
+
+    def scale(self, a: str, factor: float) -> str:
+        return self.op("Mul", a, self.const(factor))
+
+    def log1p(self, a: str) -> str:
+        return self.op("Log", self.op("Add", a, self.one()))
+
+    def addcmul(self, a: str, b: str, c: str) -> str:
+        return self.op("Add", a, self.op("Mul", b, c))
+
+    def addcdiv(self, a: str, b: str, c: str, value: float) -> str:
+        quotient = self.op("Div", b, c)
+        if value == -1.0:
+            return self.op("Sub", a, quotient)
+        return self.op("Add", a, self.op("Mul", quotient, self.const(value)))
+
+    def add_(self, a: str, b: str) -> str:
+        return self.op("Add", a, b)
+
+    def add_scaled_(self, a: str, b: str, alpha: float) -> str:
+        if alpha == 1.0:
+            return self.op("Add", a, b)
+        if alpha == -1.0:
+            return self.op("Sub", a, b)
+        return self.op("Add", a, self.op("Mul", b, self.const(alpha)))
+
+    def addcdiv_(self, a: str, b: str, c: str, value: float) -> str:
+        return self.addcdiv(a, b, c, value)
+
+    def tanh_(self, a: str) -> str:
+        return self.op("Tanh", a)
+
+    def slope_error_(self, p: str, e: str) -> str:
+        return self.op("Mul", e, self.op("Sub", self.one(), self.op("Mul", p, p)))
+
+    def sum_squares(self, a: str) -> str:
+        return self._rank_sum("ReduceSumSquare", a)
+
+    def sum_log(self, a: str) -> str:
+        return self._rank_sum("ReduceSum", self.op("Log", a))
+
+    def predict(self, lv: PlanLevel, r: str, weight: str) -> str:
+        if lv.phase:
+            mh, mw = lv.taps
+            return self.op("Conv", r, weight, pads=[mh - 1, mw - 1, mh - 1, mw - 1])
+        if lv.kind == "convolutional":
+            return self.op("ConvTranspose", r, weight, strides=list(lv.stride))
+        causes = lv.level.geometry.latent[0]
+        return self.op("MatMul", weight, self.op("Reshape", r, self.shape(0, causes, -1)))  # (D, C) @ (B, C, M)
+
+    def adjoint(self, lv: PlanLevel, g: str, weight: str) -> str:
+        if lv.phase:
+            # conv2d(g, A) as a ConvTranspose of g with A's channel axes swapped and its taps reversed, padded
+            # by taps - 1: the same sums, and onnxruntime's ConvTranspose runs these shapes (48 -> 8 channels,
+            # 2 x 2 taps) 1.5-3x faster than its Conv (docs/PERFORMANCE.md). Folded once as a constant.
+            mh, mw = lv.taps
+            return self.op("ConvTranspose", g, self._swap_and_reverse(weight), pads=[mh - 1, mw - 1, mh - 1, mw - 1])
+        if lv.kind == "convolutional":
+            return self.op("Conv", g, weight, strides=list(lv.stride))
+        return self.op("Reshape", self.op("MatMul", weight, g), self.shape(0, *lv.level.geometry.latent))
+
+    def _swap_and_reverse(self, weight: str) -> str:  # (C, C0 s^2, mh, mw) -> (C0 s^2, C, mh, mw), taps reversed
+        if weight not in self.swapped:
+            swapped = self.op("Transpose", weight, perm=[1, 0, 2, 3])
+            end = -(2**63)  # Slice with step -1 to the start of the axis
+            self.swapped[weight] = self.op(
+                "Slice", swapped, self.shape(-1, -1), self.shape(end, end), self.shape(2, 3), self.shape(-1, -1)
+            )
+        return self.swapped[weight]
+
+    def _unfold(self, lv: PlanLevel) -> str:
+        assert lv.unfold is not None
+        geometry = (*lv.level.geometry.lower, *lv.level.geometry.kernel, *lv.stride)
+        return self.weight("unfold_" + "x".join(map(str, geometry)), lv.unfold)
+
+    def target(self, lv: PlanLevel, lower: str) -> str:
+        if not lv.patchwise:
+            return lower
+        patches = self.op("Conv", lower, self._unfold(lv), strides=list(lv.stride))  # windowed patches
+        return self.op("Reshape", patches, self.shape(0, lv.level.geometry.patch_size, -1))  # (B, D, M)
+
+    def target_adjoint(self, lv: PlanLevel, e: str) -> str:
+        if not lv.patchwise:
+            return e
+        grid = lv.level.geometry.latent[1:]
+        e4 = self.op("Reshape", e, self.shape(0, lv.level.geometry.patch_size, *grid))
+        return self.op("ConvTranspose", e4, self._unfold(lv), strides=list(lv.stride))
+
+    def phase_split(self, x: str, lv: PlanLevel) -> str:
+        c0, h, w = lv.level.geometry.lower
+        sh, sw = lv.stride
+        padded = x if lv.pad == (0, 0) else self.op("Pad", x, self.shape(0, 0, 0, 0, 0, 0, lv.pad[0], lv.pad[1]))
+        ph, pw = (h + lv.pad[0]) // sh, (w + lv.pad[1]) // sw
+        split = self.op("Reshape", padded, self.shape(0, c0, ph, sh, pw, sw))
+        split = self.op("Transpose", split, perm=[0, 1, 3, 5, 2, 4])
+        return self.op("Reshape", split, self.shape(0, c0 * sh * sw, ph, pw))
+
+    def phase_merge(self, phases: str, lv: PlanLevel) -> str:
+        c0, h, w = lv.level.geometry.lower
+        sh, sw = lv.stride
+        ph, pw = (h + lv.pad[0]) // sh, (w + lv.pad[1]) // sw
+        merged = self.op("Reshape", phases, self.shape(0, c0, sh, sw, ph, pw))
+        merged = self.op("Transpose", merged, perm=[0, 1, 4, 2, 5, 3])
+        merged = self.op("Reshape", merged, self.shape(0, c0, ph * sh, pw * sw))
+        return self.op("Slice", merged, self.shape(0, 0), self.shape(h, w), self.shape(2, 3))
+
+    def patches_to_map(self, lv: PlanLevel, patches: str) -> str:
+        # The least-squares average of the overlapping (windowed) module predictions: t^T(p) / t^T(t(1)).
+        ones = torch.ones((1, *lv.level.geometry.lower), dtype=torch.float64)
+        weight = lv.level.target_adjoint(lv.level.target(ones)).to(torch.float32).numpy()
+        return self.op("Div", self.target_adjoint(lv, patches), self.const(weight))
+
+
+def build_graph(plan: Plan, steps: int, *, outputs: Sequence[str] = OUTPUTS) -> onnx.ModelProto:
+    """The fixed-`steps` inference program of a plan as one ONNX model (outputs: the module docstring)."""
+    if steps < 1:
+        raise ValueError(f"steps must be >= 1 to build a graph, got {steps}")
+    unknown = set(outputs) - set(FULL_OUTPUTS)
+    if unknown:
+        raise ValueError(f"unknown outputs {sorted(unknown)}; choose from {', '.join(FULL_OUTPUTS)}")
+    ops = OnnxOps()
+    out = run_program(ops, plan, "x", steps)
+    named: list[tuple[str, str, list | None]] = []
+    if "latents" in outputs:
+        named += [(r, f"latent_{i}", ["batch", *s]) for i, (r, s) in enumerate(zip(out.latents, plan.shapes), 1)]
+    if "energy" in outputs:
+        named.append((out.energy, "energy", [steps + 1, "batch"]))
+    if "reconstruction" in outputs:
+        named.append((out.reconstruction, "reconstruction", ["batch", *plan.input_shape]))
+    if "predictions" in outputs:
+        named += [(p, f"prediction_{i}", None) for i, p in enumerate(out.predictions, 1)]
+    if "errors" in outputs:
+        named += [(e, f"error_{i}", None) for i, e in enumerate(out.errors, 1)]
+    graph_outputs = []
+    for value, name, dims in named:
+        ops.nodes.append(helper.make_node("Identity", [value], [name]))
+        graph_outputs.append(helper.make_tensor_value_info(name, TensorProto.FLOAT, dims))
+    inputs = [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", *plan.input_shape])]
+    graph = helper.make_graph(ops.nodes, f"pcmodel-{plan.kind}-T{steps}", inputs, graph_outputs, ops.initializers)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], producer_name="pcmodel")
+    model.ir_version = 8  # readable by onnxruntime releases from 1.14 on
+    return model

@@ -1,0 +1,211 @@
+"""The tiny ops layer the inference program (pcmodel.engines.program) is written against.
+
+Two implementations: `TorchOps` computes eagerly (the torch engine, and what a CUDA graph captures);
+`pcmodel.engines.onnx_graph.OnnxOps` appends ONNX nodes. Besides elementwise algebra and per-image
+reductions, the layer knows each plan level's linear maps: its prediction U r, the adjoint U^T g, its
+target t(lower) and the target's adjoint, and the phase split of a convolutional level 1.
+Methods ending in `_` may overwrite their first argument.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any, Protocol
+
+import torch
+import torch.nn.functional as F
+
+from .plans import PlanLevel
+
+
+class Ops(Protocol):
+    exact: bool  # False where matmuls run in reduced precision (CUDA TF32 / bf16 operands)
+
+    def weight(self, name: str, tensor: torch.Tensor) -> Any: ...
+    def one(self) -> Any: ...
+    def flatten(self, x: Any) -> Any: ...
+    def reshape_rows(self, x: Any, shape: Sequence[int]) -> Any: ...
+    def split_latents(self, flat: Any, shapes: Sequence[Sequence[int]]) -> list[Any]: ...
+    def zeros_like_rows(self, x: Any) -> Any: ...
+    def zeros_latents(self, x: Any, shape: Sequence[int]) -> Any: ...
+    def stack(self, values: Sequence[Any]) -> Any: ...
+    def matmul(self, a: Any, b: Any) -> Any: ...
+    def matvec(self, a: Any, v: Any) -> Any: ...
+    def affine(self, s: Any, m: Any, c: Any) -> Any: ...
+    def exact_affine(self, s: Any, m: Any, c: Any) -> Any: ...
+    def add(self, a: Any, b: Any) -> Any: ...
+    def sub(self, a: Any, b: Any) -> Any: ...
+    def mul(self, a: Any, b: Any) -> Any: ...
+    def scale(self, a: Any, factor: float) -> Any: ...
+    def log1p(self, a: Any) -> Any: ...
+    def addcmul(self, a: Any, b: Any, c: Any) -> Any: ...
+    def addcdiv(self, a: Any, b: Any, c: Any, value: float) -> Any: ...
+    def add_(self, a: Any, b: Any) -> Any: ...
+    def add_scaled_(self, a: Any, b: Any, alpha: float) -> Any: ...
+    def addcdiv_(self, a: Any, b: Any, c: Any, value: float) -> Any: ...
+    def tanh_(self, a: Any) -> Any: ...
+    def slope_error_(self, p: Any, e: Any) -> Any: ...
+    def sum_squares(self, a: Any) -> Any: ...
+    def sum_log(self, a: Any) -> Any: ...
+    def predict(self, lv: PlanLevel, r: Any, weight: Any) -> Any: ...
+    def adjoint(self, lv: PlanLevel, g: Any, weight: Any) -> Any: ...
+    def target(self, lv: PlanLevel, lower: Any) -> Any: ...
+    def target_adjoint(self, lv: PlanLevel, e: Any) -> Any: ...
+    def phase_split(self, x: torch.Tensor, lv: PlanLevel) -> Any: ...
+    def phase_merge(self, phases: Any, lv: PlanLevel) -> Any: ...
+    def patches_to_map(self, lv: PlanLevel, patches: Any) -> Any: ...
+
+
+def phase_split(x: torch.Tensor, stride: tuple[int, int], pad: tuple[int, int]) -> torch.Tensor:
+    """(B, C, H, W) -> (B, C sh sw, (H + pad_h) / sh, (W + pad_w) / sw): the sub-pixel phases as channels."""
+    if pad != (0, 0):
+        x = F.pad(x, (0, pad[1], 0, pad[0]))
+    b, c, h, w = x.shape
+    sh, sw = stride
+    x = x.reshape(b, c, h // sh, sh, w // sw, sw).permute(0, 1, 3, 5, 2, 4)
+    return x.reshape(b, c * sh * sw, h // sh, w // sw)
+
+
+def phase_merge(p: torch.Tensor, channels: int, stride: tuple[int, int], hw: Sequence[int]) -> torch.Tensor:
+    """Inverse of `phase_split`, cropped to hw."""
+    b, _, ph, pw = p.shape
+    sh, sw = stride
+    x = p.reshape(b, channels, sh, sw, ph, pw).permute(0, 1, 4, 2, 5, 3).reshape(b, channels, ph * sh, pw * sw)
+    return x[:, :, : hw[0], : hw[1]]
+
+
+class TorchOps:
+    """Eager torch. `operand` (CUDA only): the dtype of matmul and convolution operands (bf16)."""
+
+    def __init__(self, x: torch.Tensor, operand: torch.dtype | None = None) -> None:
+        self.operand = operand
+        self.exact = operand is None and not (x.is_cuda and bool(torch.backends.cuda.matmul.allow_tf32))
+        self._one = x.new_ones(())
+
+    def _op(self, t: torch.Tensor) -> torch.Tensor:
+        return t if self.operand is None else t.to(self.operand)
+
+    def _back(self, t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        return t if self.operand is None else t.to(like.dtype)
+
+    def weight(self, name: str, tensor: torch.Tensor) -> torch.Tensor:
+        return tensor
+
+    def one(self) -> torch.Tensor:
+        return self._one
+
+    def flatten(self, x: torch.Tensor) -> torch.Tensor:
+        return x.reshape(x.shape[0], -1)
+
+    def reshape_rows(self, x: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
+        return x.reshape(x.shape[0], *shape)
+
+    def split_latents(self, flat: torch.Tensor, shapes: Sequence[Sequence[int]]) -> list[torch.Tensor]:
+        parts = torch.split(flat, [math.prod(s) for s in shapes], 1)
+        return [p.reshape(flat.shape[0], *s).contiguous() for p, s in zip(parts, shapes)]
+
+    def zeros_like_rows(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.zeros_like(x)
+
+    def zeros_latents(self, x: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
+        return x.new_zeros((x.shape[0], *shape))
+
+    def stack(self, values: Sequence[torch.Tensor]) -> torch.Tensor:
+        return torch.stack(list(values))
+
+    def matmul(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return self._back(self._op(a) @ self._op(b), a)
+
+    def matvec(self, a: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        return a @ v
+
+    def affine(self, s: torch.Tensor, m: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        if self.operand is None:
+            return torch.addmm(c, s, m)
+        return c + (s.to(self.operand) @ m.to(self.operand)).to(s.dtype)
+
+    def exact_affine(self, s: torch.Tensor, m: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        """s M + c in full float32 (the energy needs z exactly, whatever the loop's operands were)."""
+        saved = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+        try:
+            return torch.matmul(s, m) + c
+        finally:
+            torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+    def add(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return a + b
+
+    def sub(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return a - b
+
+    def mul(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return a * b
+
+    def scale(self, a: torch.Tensor, factor: float) -> torch.Tensor:
+        return a * factor
+
+    def log1p(self, a: torch.Tensor) -> torch.Tensor:
+        return torch.log1p(a)
+
+    def addcmul(self, a: torch.Tensor, b: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        return torch.addcmul(a, b, c)
+
+    def addcdiv(self, a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, value: float) -> torch.Tensor:
+        return torch.addcdiv(a, b, c, value=value)
+
+    def add_(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return a.add_(b)
+
+    def add_scaled_(self, a: torch.Tensor, b: torch.Tensor, alpha: float) -> torch.Tensor:
+        return a.add_(b, alpha=alpha)
+
+    def addcdiv_(self, a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, value: float) -> torch.Tensor:
+        return a.addcdiv_(b, c, value=value)
+
+    def tanh_(self, a: torch.Tensor) -> torch.Tensor:
+        return a.tanh_()
+
+    def slope_error_(self, p: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
+        return torch.addcmul(e, e, p.square_(), value=-1)  # e (1 - p^2)
+
+    def sum_squares(self, a: torch.Tensor) -> torch.Tensor:
+        flat = a.reshape(a.shape[0], -1)
+        return torch.linalg.vecdot(flat, flat)
+
+    def sum_log(self, a: torch.Tensor) -> torch.Tensor:
+        return torch.log(a).reshape(a.shape[0], -1).sum(1)
+
+    def predict(self, lv: PlanLevel, r: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        if lv.phase:
+            a = F.conv2d(self._op(r), self._op(weight), padding=(lv.taps[0] - 1, lv.taps[1] - 1))
+        elif lv.kind == "convolutional":
+            a = F.conv_transpose2d(self._op(r), self._op(weight), stride=lv.stride)
+        else:
+            a = self._op(weight) @ self._op(r).flatten(2)  # (D, C) @ (B, C, M)
+        return self._back(a, r)
+
+    def adjoint(self, lv: PlanLevel, g: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        if lv.phase:
+            u = F.conv2d(self._op(g), self._op(weight))
+        elif lv.kind == "convolutional":
+            u = F.conv2d(self._op(g), self._op(weight), stride=lv.stride)
+        else:
+            u = (self._op(weight) @ self._op(g)).reshape(g.shape[0], *lv.level.geometry.latent)
+        return self._back(u, g)
+
+    def target(self, lv: PlanLevel, lower: torch.Tensor) -> torch.Tensor:
+        return lv.level.target(lower).contiguous() if lv.patchwise else lower
+
+    def target_adjoint(self, lv: PlanLevel, e: torch.Tensor) -> torch.Tensor:
+        return lv.level.target_adjoint(e) if lv.patchwise else e
+
+    def phase_split(self, x: torch.Tensor, lv: PlanLevel) -> torch.Tensor:
+        return phase_split(x, lv.stride, lv.pad).contiguous()
+
+    def phase_merge(self, phases: torch.Tensor, lv: PlanLevel) -> torch.Tensor:
+        return phase_merge(phases, lv.level.geometry.lower[0], lv.stride, lv.level.geometry.lower[1:])
+
+    def patches_to_map(self, lv: PlanLevel, patches: torch.Tensor) -> torch.Tensor:
+        return lv.level.to_lower_map(patches)

@@ -1,0 +1,364 @@
+"""Plans: the definition's step rearranged for speed, derived once per (weights, input size).
+
+A plan holds the tensors an engine needs; the step itself is written once, in pcmodel.engines.program,
+and every engine runs that program (eagerly, captured in a CUDA graph, or as an ONNX graph).
+
+- `QuadraticPlan`, for networks whose f is the identity at every level and whose latents are few (the
+  paper's rao-ballard-1999): the data terms are quadratic in r = (r_1, ..., r_L) stacked, so
+  dE/dr = H r - b(x) + g'(r) with a fixed symmetric H (Gaussian priors folded in) and b linear in x.
+  One step is r <- r M + c - kappa r / (1 + r^2) with M = I - H diag(eta), c = eta b(x) and kappa =
+  2 eta alpha on Cauchy entries (eta: each latent's step size, pcmodel.energy.step_rates). Scaling each
+  Cauchy entry by k = sqrt(kappa) (r = k s) turns that into three fused operations per step:
+  q = 1/kappa + s^2; z = c_s + s M_s; s <- z - s / q. The energy of every step comes afterwards from
+  the kept (s, z) history without another matmul:
+  E = E(0) + sum_i k_i^2 s_i (s_i - z_i - c_i) / (2 eta_i) + sum_Cauchy alpha log(1 + r^2).
+  H and b are built by applying the definition's level maps (pcmodel.levels) to unit vectors.
+- `LevelwisePlan`, for everything else (tanh, large maps): level by level as in the definition, with
+  the step size and 2/sigma^2 folded into the adjoint weights, and a convolutional first level in
+  *phase layout*: x is split once into its stride x stride sub-pixel phases, so the transposed
+  convolution U r becomes an ordinary small convolution (kernel ceil(k/stride)) and U^T e another one,
+  both stride 1, with no ConvTranspose and no shuffling inside the loop.
+
+Level kinds keep the config's names (modules, convolutional, dense); `phase` marks the layout.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from ..config import ModelConfig, level_shapes
+from ..energy import LevelRates, step_rates
+from ..levels import Level
+
+QUADRATIC_MAX_LATENTS = 2048  # H is n x n: beyond this the levelwise plan is cheaper
+QUADRATIC_MAX_ENTRIES = 1 << 23  # cap on inputs x latents for the dense map b(x) (32 MiB in float32)
+
+
+def geometry(config: ModelConfig, input_hw: Sequence[int]) -> list[Level]:
+    """The definition's levels at one input size."""
+    return [Level(lc, g) for lc, g in zip(config.levels, level_shapes(config, (int(input_hw[0]), int(input_hw[1]))))]
+
+
+def _prod(shape: Sequence[int]) -> int:
+    return math.prod(int(v) for v in shape)
+
+
+@dataclass
+class QuadraticPlan:
+    """All f linear, few latents: one matmul and two fused elementwise operations per step (module docstring)."""
+
+    shapes: list[tuple[int, int, int]]  # latent shape per level
+    input_shape: tuple[int, int, int]
+    step: torch.Tensor  # M_s (n, n): s <- s M_s + c_s - s / q
+    drive: torch.Tensor  # B_s (n_x, n): c_s = x_flat B_s
+    start: torch.Tensor | None  # (n_x, n): s_0 = x_flat start (feed-forward initial latents), None for zeros
+    qinv: torch.Tensor  # (n,) 1/kappa on Cauchy entries, +inf elsewhere (then s / q = 0)
+    scale: torch.Tensor  # k (n,): r = k s
+    cauchy_alpha: torch.Tensor  # (n,) alpha on Cauchy entries, 0 elsewhere (energy)
+    energy_weight: torch.Tensor  # (n,) k^2 / (2 eta): E = E(0) + sum energy_weight s (s - z - c) + Cauchy terms
+    omega: torch.Tensor  # (n_x,) E(r = 0) = sum omega x^2 + const
+    const: torch.Tensor  # () sum_l lam_l ||U_l||^2 (a tensor: a captured CUDA graph reads it in place)
+    reconstruct: torch.Tensor  # (n, n_x): reconstruction = s reconstruct (f linear: the level-1 map)
+    has_cauchy: bool
+    predict_maps: list[torch.Tensor] = field(default_factory=list)  # P_l (n_l, n_t): prediction = r_l P_l
+    target_maps: list[torch.Tensor] = field(default_factory=list)  # T_l (n_{l-1} or n_x, n_t): target = lower T_l
+    target_shapes: list[tuple[int, ...]] = field(default_factory=list)  # target space per level, without batch
+    kind: str = "quadratic"
+
+    @property
+    def size(self) -> int:
+        return int(self.step.shape[0])
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """The weight-derived tensors by name (a CUDA graph reads them in place; ONNX graphs embed them)."""
+        out = {"step": self.step, "drive": self.drive, "qinv": self.qinv, "scale": self.scale, "const": self.const}
+        out.update({"cauchy_alpha": self.cauchy_alpha, "omega": self.omega, "reconstruct": self.reconstruct})
+        out["energy_weight"] = self.energy_weight
+        if self.start is not None:
+            out["start"] = self.start
+        for i, (P, T) in enumerate(zip(self.predict_maps, self.target_maps)):
+            out[f"predict_map{i}"], out[f"target_map{i}"] = P, T
+        return out
+
+
+@dataclass
+class PlanLevel:
+    """One level of a levelwise plan: its linear maps with the step size folded in, and its scalars."""
+
+    kind: str  # the config's level kind: modules | convolutional | dense
+    phase: bool  # a convolutional level 1 in phase layout (its target is x split into sub-pixel phases)
+    level: Level  # the definition's geometry (targets and adjoints of module levels)
+    predict: torch.Tensor  # phase: W (C0 s^2, C, mh, mw); convolutional: U; modules, dense: U^T (D, C)
+    adjoint: torch.Tensor  # U^T scaled by rates.adjoint (= eta 2/sigma^2): conv kernels or (C, D)
+    feedforward: torch.Tensor | None  # unscaled adjoint for feed-forward initial latents, else None
+    unfold: torch.Tensor | None  # module levels: one-hot x window kernel (D, C_low, kh, kw) for ONNX
+    tanh: bool
+    sigma2: float
+    alpha: float
+    rates: LevelRates  # the step's coefficients (pcmodel.energy.step_rates)
+    lam_energy: float  # lam ||U||^2
+    stride: tuple[int, int] = (1, 1)  # (sh, sw): the level's stride, also the phase split's
+    taps: tuple[int, int] = (1, 1)  # (mh, mw) = ceil(k / s) (phase layout)
+    pad: tuple[int, int] = (0, 0)  # zeros added below / right of x before the phase split
+
+    @property
+    def patchwise(self) -> bool:
+        """Modules and dense levels predict windowed patches (B, D, M) rather than a map."""
+        return self.kind != "convolutional"
+
+    @property
+    def cauchy(self) -> bool:
+        return self.rates.cauchy > 0
+
+
+@dataclass
+class LevelwisePlan:
+    """Any network: the definition's level loop, fused and in phase layout at a convolutional level 1."""
+
+    levels: list[PlanLevel]
+    shapes: list[tuple[int, int, int]]
+    input_shape: tuple[int, int, int]
+    const: torch.Tensor  # () sum_l lam_l ||U_l||^2
+    kind: str = "levelwise"
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        out: dict[str, torch.Tensor] = {"const": self.const}
+        for i, lv in enumerate(self.levels):
+            out[f"predict{i}"] = lv.predict
+            out[f"adjoint{i}"] = lv.adjoint
+            if lv.feedforward is not None:
+                out[f"feedforward{i}"] = lv.feedforward
+            if lv.unfold is not None:
+                out[f"unfold{i}"] = lv.unfold
+        return out
+
+
+Plan = QuadraticPlan | LevelwisePlan
+
+
+def plan_kind(config: ModelConfig, input_hw: Sequence[int] | None = None) -> str:
+    """Which plan a model gets at this input size: "quadratic" or "levelwise"."""
+    hw = tuple(config.input_shape[1:] if input_hw is None else input_hw)
+    if any(lc.f != "identity" for lc in config.levels):
+        return "levelwise"
+    n = sum(_prod(lv.geometry.latent) for lv in geometry(config, hw))
+    n_x = config.input_shape[0] * _prod(hw)
+    if n > QUADRATIC_MAX_LATENTS or n * n_x > QUADRATIC_MAX_ENTRIES:
+        return "levelwise"
+    return "quadratic"
+
+
+def make_plan(
+    config: ModelConfig,
+    weights: Sequence[torch.Tensor],
+    input_hw: Sequence[int],
+    dtype: torch.dtype,
+    device: torch.device,
+) -> Plan:
+    """Derive the plan for these weights at one input size, in float64, then cast."""
+    hw = (int(input_hw[0]), int(input_hw[1]))
+    with torch.inference_mode():
+        if plan_kind(config, hw) == "quadratic":
+            return _quadratic_plan(config, weights, hw, dtype, device)
+        return _levelwise_plan(config, weights, hw, dtype, device)
+
+
+def _quadratic_plan(
+    config: ModelConfig, weights: Sequence[torch.Tensor], hw: tuple[int, int], dtype: torch.dtype, device: torch.device
+) -> QuadraticPlan:
+    """H, b(x) and the rest from each level's linear maps written as matrices (rows: unit inputs).
+
+    With P_l = U_l (latents -> level l's target space) and T_l = t_l (the map below -> target space),
+    E_data = sum_l (1/sigma_l^2) |lower T_l - r_l P_l|^2 in row form, so H has the blocks
+    (2/sigma_l^2) P_l P_l^T, (2/sigma_l^2) T_l T_l^T (on level l-1) and -(2/sigma_l^2) P_l T_l^T, and
+    b(x) = (2/sigma_1^2) x T_1 P_1^T. Everything comes from the definition's Level.predict and .target.
+    """
+    cpu = torch.device("cpu")
+    levels = geometry(config, hw)
+    weights = [w.detach().to(device=cpu, dtype=torch.float64) for w in weights]
+    shapes = [lv.geometry.latent for lv in levels]
+    sizes = [_prod(s) for s in shapes]
+    n, channels = sum(sizes), config.input_shape[0]
+    n_x = channels * hw[0] * hw[1]
+    offsets = [sum(sizes[:i]) for i in range(len(sizes) + 1)]
+
+    def basis(shape: Sequence[int]) -> torch.Tensor:
+        size = _prod(shape)
+        return torch.eye(size, dtype=torch.float64).reshape(size, *shape)
+
+    predicts = [lv.predict(basis(s), U).flatten(1) for lv, s, U in zip(levels, shapes, weights)]  # P_l (n_l, n_t)
+    lowers = [(channels, *hw), *shapes[:-1]]
+    targets = [_target_matrix(lv, low) for lv, low in zip(levels, lowers)]  # T_l (n_{l-1}, n_t)
+    hessian = torch.zeros((n, n), dtype=torch.float64)
+    for i, (lc, P, T) in enumerate(zip(config.levels, predicts, targets)):
+        w = 2 / lc.sigma2
+        a, b = offsets[i], offsets[i + 1]
+        hessian[a:b, a:b] += w * P @ P.T
+        if i > 0:
+            lo, hi = offsets[i - 1], offsets[i]
+            hessian[lo:hi, lo:hi] += w * T @ T.T
+            hessian[a:b, lo:hi] -= w * P @ T.T
+            hessian[lo:hi, a:b] -= w * T @ P.T
+    drive = torch.zeros((n_x, n), dtype=torch.float64)
+    drive[:, : sizes[0]] = (2 / config.levels[0].sigma2) * targets[0] @ predicts[0].T
+    gaussian = torch.cat(
+        [torch.full((s,), 2 * lc.alpha if lc.prior == "gaussian" else 0.0, dtype=torch.float64)
+         for s, lc in zip(sizes, config.levels)]
+    )  # fmt: skip
+    alpha = torch.cat(
+        [torch.full((s,), lc.alpha if lc.prior == "cauchy" else 0.0, dtype=torch.float64)
+         for s, lc in zip(sizes, config.levels)]
+    )  # fmt: skip
+    hessian = hessian + torch.diag(gaussian)
+    eta = torch.cat([torch.full((s,), lr.eta, dtype=torch.float64) for s, lr in zip(sizes, step_rates(config))])
+    kappa = 2 * eta * alpha
+    scale = torch.where(kappa > 0, kappa.sqrt(), torch.ones_like(kappa))
+    qinv = torch.where(kappa > 0, 1 / kappa.clamp_min(1e-300), torch.full_like(kappa, math.inf))
+    step = torch.eye(n, dtype=torch.float64) - hessian * eta[None, :]  # r <- r M (+ c): r - (r H) diag(eta)
+    step = scale[:, None] * step / scale[None, :]
+    start = None
+    if config.initial_latents == "feedforward":  # r_l = U_l^T t_l(r_{l-1}): lower T_l P_l^T, bottom up
+        start = torch.zeros((n_x, n), dtype=torch.float64)
+        lower = torch.eye(n_x, dtype=torch.float64)
+        for i, (P, T) in enumerate(zip(predicts, targets)):
+            lower = lower @ T @ P.T
+            start[:, offsets[i] : offsets[i + 1]] = lower
+        start = start / scale[None, :]
+    omega = targets[0].square().sum(1) / config.levels[0].sigma2  # |t_1(x)|^2 = sum omega x^2: t_1 has no overlap terms
+    const = sum(lc.lam * float(w.square().sum()) for lc, w in zip(config.levels, weights))
+    target_shapes = [tuple(lv.predict(basis(s)[:1], U).shape[1:]) for lv, s, U in zip(levels, shapes, weights)]
+    recon = torch.zeros((n, n_x), dtype=torch.float64)  # f linear: f(U_1 r_1) on the input grid is r_1 R
+    recon[: sizes[0]] = levels[0].to_lower_map(predicts[0].reshape(sizes[0], *target_shapes[0])).flatten(1)
+
+    def cast(t: torch.Tensor) -> torch.Tensor:
+        return t.to(device=device, dtype=dtype).contiguous()
+
+    return QuadraticPlan(
+        shapes=list(shapes),
+        input_shape=(channels, *hw),
+        step=cast(step),
+        drive=cast(drive * (eta / scale)[None, :]),
+        start=None if start is None else cast(start),
+        qinv=cast(qinv),
+        scale=cast(scale),
+        cauchy_alpha=cast(alpha),
+        energy_weight=cast(scale.square() / (2 * eta)),
+        omega=cast(omega),
+        const=cast(torch.tensor(const)),
+        reconstruct=cast(scale[:, None] * recon),
+        has_cauchy=bool((kappa > 0).any()),
+        predict_maps=[cast(P) for P in predicts],
+        target_maps=[cast(T) for T in targets],
+        target_shapes=target_shapes,
+    )
+
+
+@functools.lru_cache(maxsize=32)
+def _target_matrix(level: Level, lower: tuple[int, ...]) -> torch.Tensor:
+    """t_l as a matrix (rows: unit maps below). Geometry only, not weights: kept across learning steps."""
+    size = _prod(lower)
+    return level.target(torch.eye(size, dtype=torch.float64).reshape(size, *lower)).flatten(1)
+
+
+def phase_split(x: torch.Tensor, stride: tuple[int, int], pad: tuple[int, int]) -> torch.Tensor:
+    """(B, C, H, W) -> (B, C sh sw, (H + pad_h) / sh, (W + pad_w) / sw): the sub-pixel phases as channels."""
+    if pad != (0, 0):
+        x = F.pad(x, (0, pad[1], 0, pad[0]))
+    b, c, h, w = x.shape
+    sh, sw = stride
+    x = x.reshape(b, c, h // sh, sh, w // sw, sw).permute(0, 1, 3, 5, 2, 4)
+    return x.reshape(b, c * sh * sw, h // sh, w // sw)
+
+
+def phase_merge(p: torch.Tensor, channels: int, stride: tuple[int, int], hw: Sequence[int]) -> torch.Tensor:
+    """Inverse of `phase_split`, cropped to hw."""
+    b, _, ph, pw = p.shape
+    sh, sw = stride
+    x = p.reshape(b, channels, sh, sw, ph, pw).permute(0, 1, 4, 2, 5, 3).reshape(b, channels, ph * sh, pw * sw)
+    return x[:, :, : hw[0], : hw[1]]
+
+
+def phase_kernels(U: torch.Tensor, stride: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor, tuple[int, int]]:
+    """Kernels of conv_transpose2d(r, U, stride) and conv2d(e, U, stride) in phase layout.
+
+    Output pixel (s i + a) receives r[i - p] U[s p + a] for p < m = ceil(k / s): a stride-1 convolution
+    of r (padded by m - 1) with the flipped taps gives every phase a as its own channel; the adjoint is
+    the unflipped stride-1 convolution of the phases. U is zero-padded to s m taps.
+    """
+    c, c0, kh, kw = U.shape
+    sh, sw = stride
+    mh, mw = -(-kh // sh), -(-kw // sw)
+    padded = F.pad(U, (0, sw * mw - kw, 0, sh * mh - kh)).reshape(c, c0, mh, sh, mw, sw)
+    predict = padded.permute(1, 3, 5, 0, 2, 4).flip(-1, -2).reshape(c0 * sh * sw, c, mh, mw)
+    adjoint = padded.permute(0, 1, 3, 5, 2, 4).reshape(c, c0 * sh * sw, mh, mw)
+    return predict.contiguous(), adjoint.contiguous(), (mh, mw)
+
+
+def _unfold_kernel(level: Level) -> torch.Tensor:
+    """F.unfold (times the window) as a convolution kernel (D, C_low, kh, kw): what ONNX can run."""
+    c0 = level.geometry.lower[0]
+    kh, kw = level.geometry.kernel
+    d = c0 * kh * kw
+    kernel = torch.eye(d, dtype=torch.float64).reshape(d, c0, kh, kw)
+    window = level.window(torch.float64, torch.device("cpu"))
+    return kernel if window is None else kernel * window.reshape(d, 1, 1, 1)
+
+
+def _levelwise_plan(
+    config: ModelConfig, weights: Sequence[torch.Tensor], hw: tuple[int, int], dtype: torch.dtype, device: torch.device
+) -> LevelwisePlan:
+    levels = geometry(config, hw)
+    feedforward = config.initial_latents == "feedforward"
+
+    def cast(t: torch.Tensor) -> torch.Tensor:
+        return t.to(device=device, dtype=dtype).contiguous()
+
+    out = []
+    for i, (level, U, rates) in enumerate(zip(levels, weights, step_rates(config))):
+        lc = level.config
+        U = U.detach().to(device="cpu", dtype=torch.float64)
+        stride = level.geometry.stride
+        extra: dict = {}
+        unfold = None
+        if lc.kind == "convolutional" and i == 0:
+            predict, adjoint, taps = phase_kernels(U, stride)
+            lower = level.geometry.lower
+            latent = level.geometry.latent[1:]
+            pad = tuple(s * (n + m - 1) - size for s, n, m, size in zip(stride, latent, taps, lower[1:]))
+            extra = dict(taps=taps, pad=pad)
+        elif lc.kind == "convolutional":
+            predict, adjoint = U, U
+        else:
+            matrix = U.reshape(U.shape[0], -1)  # (C, D)
+            predict, adjoint = matrix.T, matrix
+            unfold = _unfold_kernel(level)
+        out.append(
+            PlanLevel(
+                kind=lc.kind,
+                phase=lc.kind == "convolutional" and i == 0,
+                level=level,
+                predict=cast(predict),
+                adjoint=cast(adjoint * rates.adjoint),
+                feedforward=cast(adjoint) if feedforward else None,
+                unfold=None if unfold is None else cast(unfold),
+                tanh=lc.f == "tanh",
+                sigma2=lc.sigma2,
+                alpha=lc.alpha,
+                rates=rates,
+                lam_energy=lc.lam * float(U.square().sum()),
+                stride=stride,
+                **extra,
+            )
+        )
+    return LevelwisePlan(
+        levels=out,
+        shapes=[lv.geometry.latent for lv in levels],
+        input_shape=(config.input_shape[0], *hw),
+        const=torch.tensor(sum(lv.lam_energy for lv in out), dtype=dtype, device=device),
+    )

@@ -1,0 +1,69 @@
+"""The automatic rule: which backend runs a call. Pure: the same arguments always give the same Choice.
+
+float64 -> torch; early stop (tol) -> the plain loop; CUDA -> cuda-graph; CPU -> onnxruntime (fastest in
+pc-bench for both plan kinds at batch 1 and 32, docs/PERFORMANCE.md). The fast backends serve the step
+counts and input shapes the model was *prepared* for (`PCModel.prepare`); other calls run on the torch
+engine, which on a CPU then runs row by row so that an image's result never depends on its batch.
+Never timed at start-up, so results are deterministic.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+BACKENDS = ("loop", "torch", "onnxruntime", "cuda-graph")
+
+
+@dataclass(frozen=True)
+class Choice:
+    """A backend name (one of BACKENDS) and, where the rule fell back or was overridden, why."""
+
+    backend: str
+    reason: str = ""
+    rowwise: bool = False  # torch engine only: one image at a time (batch-invariant results)
+
+
+def select(
+    requested: str | None,
+    *,
+    device: str,
+    float64: bool,
+    steps: int,
+    tol: float | None,
+    prepared: bool,
+    weights_changing: bool,
+    program_stale: bool,
+) -> Choice:
+    """The backend for one call.
+
+    requested: None/"auto" or a name in BACKENDS; device: "cpu" or "cuda"; prepared: whether (steps,
+    input shape) is in the model's prepared set; weights_changing: the weights differ from the previous
+    call's (learning: U changes after every batch); program_stale: the fast program for these steps and
+    shape was built for other weights. While the weights keep changing, rebuilding an onnxruntime session
+    (~0.1-0.5 s) for every call would cost more than it saves: such calls run on the torch engine, batched.
+    """
+    choice = "auto" if requested is None else requested
+    if choice not in ("auto", *BACKENDS):
+        raise ValueError(f"unknown backend {requested!r}; choose auto or one of: {', '.join(BACKENDS)}")
+    if choice in ("loop", "torch"):
+        return Choice(choice, "requested")
+    on_cuda = device == "cuda"
+    if choice == "cuda-graph" and not on_cuda:
+        raise ValueError("backend 'cuda-graph' needs the model on a CUDA device: model.to('cuda') first")
+    if choice == "onnxruntime" and on_cuda:
+        raise ValueError("backend 'onnxruntime' runs on the CPU; move the model with model.to('cpu')")
+    if steps == 0:
+        return Choice("loop", "no steps")
+    if float64:
+        return Choice("torch", "float64 input")
+    if tol is not None:
+        return Choice("loop", "early stop")
+    if choice != "auto":
+        return Choice(choice, "requested")
+    fast = "cuda-graph" if on_cuda else "onnxruntime"
+    if not prepared:
+        rowwise = not on_cuda and not weights_changing
+        return Choice("torch", f"{fast}: not prepared for these steps and shape", rowwise=rowwise)
+    if fast == "onnxruntime" and weights_changing and program_stale:
+        return Choice("torch", "weights changed since the onnxruntime session was built")
+    return Choice(fast)
