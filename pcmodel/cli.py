@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 import pcmodel
-from pcmodel.images import DEFAULT_MAX_PIXELS, decode, display_maps, tile
+from pcmodel.images import DEFAULT_MAX_PIXELS, decode, display_maps, prepare_image
 
 
 def bundled_photo(name: str = "astronaut") -> np.ndarray:
@@ -22,16 +22,11 @@ def bundled_photo(name: str = "astronaut") -> np.ndarray:
 
 
 def encode_array(model: pcmodel.PCModel, image, steps: int | None, size_mode: str | None):
-    """Preprocess one image as the model's config says, run inference, return (x, result, maps on the image grid)."""
-    mode = size_mode or model.config.preprocess.size_mode
-    if mode == "resize":
-        x = model.preprocess([image], size=model.config.input_shape[1:])
-        result = model.infer(x, steps=steps)
-        return x, result, (x[0], result.reconstruction[0], result.error[0])
-    x = model.preprocess([image])
-    tiles, grid = tile(x, model.config.input_shape[1:])
-    result = model.infer(tiles, steps=steps)
-    return x, result, (x[0], grid.stitch(result.reconstruction)[0], grid.stitch(result.error)[0])
+    """Prepare one image as the model's config says, run inference, return (result, maps on the image grid)."""
+    rows, shown, placement = prepare_image(image, model.config, size_mode or model.config.preprocess.size_mode)
+    result = model.infer(rows.to(model.device), steps=steps)
+    reconstruction = placement.restore(result.reconstruction.cpu())[0]
+    return result, (shown, reconstruction, shown - reconstruction)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -48,7 +43,7 @@ def main(argv: list[str] | None = None) -> int:
     except (OSError, ValueError) as exc:
         print(f"pc-encode: {exc}", file=sys.stderr)
         return 2
-    x, result, (shown, reconstruction, error) = encode_array(model, image, args.steps, args.size_mode)
+    result, (shown, reconstruction, error) = encode_array(model, image, args.steps, args.size_mode)
     args.out.mkdir(parents=True, exist_ok=True)
     for name, picture in zip(
         ("input", "reconstruction", "error"), display_maps(shown, reconstruction, error, model.config.preprocess)
@@ -59,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
     summary = {
         "model": model.name,
         "sha256": model.sha256,
-        "input": list(x.shape),
+        "input": [1, *shown.shape],
         "steps": int(result.steps.max()),
         "energy_initial": float(result.energy[0].sum()),
         "energy_final": float(result.energy[-1].sum()),

@@ -288,6 +288,66 @@ def tile(x: torch.Tensor, tile_hw: tuple[int, int]) -> tuple[torch.Tensor, TileG
     return tiles, TileGrid((h, w), (th, tw), rows, cols)
 
 
+def tile_count(config: ModelConfig, height: int, width: int) -> int:
+    """Native-size tiles that cover an image of this size (what tile mode runs)."""
+    th, tw = config.input_shape[1:]
+    return math.ceil(height / th) * math.ceil(width / tw)
+
+
+@dataclass(frozen=True)
+class Placement:
+    """How one preprocessed image became the model's rows, and how outputs go back onto its grid.
+
+    mode: resize (one row at the native size), tile (native-size tiles, `grid`) or fit (one row padded
+    or cropped to a size the hierarchy tiles, `fit`). `restore` maps the rows' maps (n, C, h, w) back to
+    (1, C, H, W) on the grid of the preprocessed image.
+    """
+
+    mode: str
+    grid: TileGrid | None = None
+    fit: Fit | None = None
+
+    def restore(self, maps: torch.Tensor) -> torch.Tensor:
+        if self.grid is not None:
+            return self.grid.stitch(maps)
+        if self.fit is not None:
+            return self.fit.undo(maps)
+        return maps
+
+
+PLACEMENTS = ("resize", "tile", "fit")
+
+
+def place(x: torch.Tensor, config: ModelConfig, mode: str) -> tuple[torch.Tensor, Placement]:
+    """Rows the model runs for one preprocessed image x (1, C, H, W): its tiles (tile) or x fitted (fit).
+
+    Models with a dense level take only their native size, so `fit` tiles them.
+    """
+    if mode == "tile" or (mode == "fit" and any(lv.kind == "dense" for lv in config.levels)):
+        rows, grid = tile(x, config.input_shape[1:])
+        return rows, Placement("tile", grid=grid)
+    if mode == "fit":
+        rows, record = fit(x, config)
+        return rows, Placement("fit", fit=record)
+    raise ValueError(f"place takes mode tile or fit, got {mode!r} (resize happens before preprocessing)")
+
+
+def prepare_image(image: ImageLike, config: ModelConfig, mode: str) -> tuple[torch.Tensor, torch.Tensor, Placement]:
+    """One image as the model takes it: (rows (n, C, h, w), the preprocessed image (C, H, W), placement).
+
+    resize: the image resized to the native size before preprocessing (n = 1); tile and fit: the whole
+    image preprocessed (filters see all of it, as in training), then `place`d.
+    """
+    if mode not in PLACEMENTS:
+        raise ValueError(f"unknown size mode {mode!r}; choose one of: {', '.join(PLACEMENTS)}")
+    if mode == "resize":
+        x = preprocess([image], config, size=config.input_shape[1:])
+        return x, x[0], Placement("resize")
+    x = preprocess([image], config)
+    rows, placement = place(x, config, mode)
+    return rows, x[0], placement
+
+
 # ---- display -----------------------------------------------------------------------------------
 
 

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import base64
 import io
-import math
 import struct
 import zlib
 from dataclasses import dataclass
@@ -27,7 +26,7 @@ from python_multipart.exceptions import FormParserError
 from python_multipart.multipart import MultipartParser, parse_options_header
 
 from pcmodel import ModelConfig
-from pcmodel.images import ImageError, TileGrid, decode, display_scale, preprocess, tile, to_display
+from pcmodel.images import ImageError, TileGrid, decode, display_scale, prepare_image, tile_count, to_display
 
 from .batching import Overloaded, Settled
 from .settings import Settings
@@ -262,22 +261,19 @@ def prepare(part: Part, options: EncodeOptions, config: ModelConfig, settings: S
             f"(curl -F {part.name}=@photo.jpg)",
         )
     image = decode(part.data, max_pixels=settings.max_pixels, min_side=settings.min_side)
-    native = config.input_shape[1:]
-    if options.size_mode == "resize":
-        x = preprocess([image], config, size=native)  # (1, C, h, w)
-        return Prepared(rows=x, shown=x[0], grid=None)
-    width, height = image.size
-    tiles = math.ceil(height / native[0]) * math.ceil(width / native[1])
-    if tiles > settings.max_tiles:
-        raise RequestError(
-            413,
-            "too_large",
-            f"in tile mode this {width}x{height} image needs {tiles} tiles of {native[0]}x{native[1]}, over the "
-            f"limit of {settings.max_tiles}; send a smaller image or use size_mode=resize",
-        )
-    x = preprocess([image], config)  # (1, C, H, W): filters see the whole image, as in training
-    rows, grid = tile(x, native)
-    return Prepared(rows=rows, shown=x[0], grid=grid)
+    if options.size_mode == "tile":
+        width, height = image.size
+        tiles = tile_count(config, height, width)
+        if tiles > settings.max_tiles:
+            native = config.input_shape[1:]
+            raise RequestError(
+                413,
+                "too_large",
+                f"in tile mode this {width}x{height} image needs {tiles} tiles of {native[0]}x{native[1]}, over "
+                f"the limit of {settings.max_tiles}; send a smaller image or use size_mode=resize",
+            )
+    rows, shown, placement = prepare_image(image, config, options.size_mode)
+    return Prepared(rows=rows, shown=shown, grid=placement.grid)
 
 
 # ---- the response --------------------------------------------------------------------------------

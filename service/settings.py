@@ -12,6 +12,8 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+from pcmodel.engines.state import MAX_PREPARED_STEPS
+
 
 class SettingsError(ValueError):
     """A PC_* variable with a value the service cannot use; the message names the variable."""
@@ -54,6 +56,11 @@ class Settings:
             raise SettingsError(f"PC_REQUEST_TIMEOUT_S must be > 0 seconds, got {self.request_timeout_s}")
         if any(not 1 <= s <= self.max_steps for s in self.warmup_steps):
             raise SettingsError(f"PC_WARMUP_STEPS must be step counts in 1..{self.max_steps}, got {self.warmup_steps}")
+        if len(set(self.warmup_steps)) > MAX_PREPARED_STEPS - 1:  # the model's default steps take one place
+            raise SettingsError(
+                f"PC_WARMUP_STEPS takes at most {MAX_PREPARED_STEPS - 1} step counts (fast programs stay bounded), "
+                f"got {len(set(self.warmup_steps))}"
+            )
         if self.max_queue < self.max_batch_size:
             raise SettingsError("PC_MAX_QUEUE must be at least PC_MAX_BATCH_SIZE")
 

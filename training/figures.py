@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from pcmodel import PCModel
-from pcmodel.images import display_maps, fit, tile
+from pcmodel.images import display_maps, place
 
 from . import data
 
@@ -51,18 +51,13 @@ def basis_grid(fields: torch.Tensor, title: str, columns: int | None = None) -> 
 def encode_region(model: PCModel, x: torch.Tensor, steps: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Reconstruction and error of one preprocessed region x (1, C, H, W), on its own grid.
 
-    Models with a dense level (or that serve by tiling) are run on tiles of their native size;
-    convolutional ones on the whole region, fitted to a size the hierarchy tiles.
+    Models that serve by tiling (or have a dense level) run on native-size tiles; convolutional ones on
+    the whole region, fitted to a size the hierarchy tiles (pcmodel.images.place).
     """
-    tiled = model.config.preprocess.size_mode == "tile" or any(lv.kind == "dense" for lv in model.config.levels)
-    if tiled:
-        tiles, grid = tile(x, model.config.input_shape[1:])
-        result = model.infer(tiles.to(model.device), steps=steps)
-        reconstruction = grid.stitch(result.reconstruction.cpu())
-    else:
-        fitted, record = fit(x, model.config)
-        result = model.infer(fitted.to(model.device), steps=steps)
-        reconstruction = record.undo(result.reconstruction.cpu())
+    mode = "tile" if model.config.preprocess.size_mode == "tile" else "fit"
+    rows, placement = place(x, model.config, mode)
+    result = model.infer(rows.to(model.device), steps=steps)
+    reconstruction = placement.restore(result.reconstruction.cpu())
     return reconstruction, x - reconstruction
 
 

@@ -30,6 +30,7 @@ def test_environment_then_overrides():
         ({"PC_WORKERS": "0"}, "PC_WORKERS must be at least 1"),
         ({"PC_ALLOW_UNSTABLE": "maybe"}, "expected true or false"),
         ({"PC_WARMUP_STEPS": "0"}, "PC_WARMUP_STEPS must be step counts in 1..1000"),
+        ({"PC_WARMUP_STEPS": "1,2,3,4,5,6,7,8"}, "PC_WARMUP_STEPS takes at most 7 step counts"),
         ({"PC_MAX_BATCH_SIZE": "64", "PC_MAX_QUEUE": "8"}, "PC_MAX_QUEUE must be at least PC_MAX_BATCH_SIZE"),
     ],
 )
