@@ -30,7 +30,7 @@ import httpx
 import numpy as np
 from PIL import Image
 
-from .client import decode_array
+from service.client import decode_array
 
 
 @dataclass(frozen=True)
@@ -242,7 +242,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     warmup = args.warmup if args.warmup is not None else 4 * args.clients
 
-    from .launch import LocalServer, process_tree_rss
+    from service.launch import LocalServer, process_tree_rss
 
     if args.url:
         rss = (lambda: process_tree_rss(args.server_pid)) if args.server_pid else None
