@@ -242,7 +242,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     warmup = args.warmup if args.warmup is not None else 4 * args.clients
 
-    from service.launch import LocalServer, process_tree_rss
+    from .launch import LocalServer, process_tree_rss
 
     if args.url:
         rss = (lambda: process_tree_rss(args.server_pid)) if args.server_pid else None

@@ -153,8 +153,9 @@ def main(argv: list[str] | None = None) -> int:
     import pcmodel
     from service import codec
     from service.engine import default_threads, pick_device
-    from service.launch import LocalServer
     from service.settings import Settings
+
+    from .launch import LocalServer
 
     image = photos(args.size)[0]
     spec = Spec(image, steps=args.steps, size_mode=args.size_mode)
