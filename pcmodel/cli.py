@@ -11,14 +11,7 @@ import numpy as np
 import torch
 
 import pcmodel
-from pcmodel.images import DEFAULT_MAX_PIXELS, decode, display_maps, prepare_image
-
-
-def bundled_photo(name: str = "astronaut") -> np.ndarray:
-    """One of scikit-image's bundled public-domain photos as a uint8 array."""
-    from skimage import data
-
-    return getattr(data, name)()
+from pcmodel.images import DEFAULT_MAX_PIXELS, decode, display_maps, prepare_image, sample_photo
 
 
 def encode_array(model: pcmodel.PCModel, image, steps: int | None, size_mode: str | None):
@@ -31,7 +24,7 @@ def encode_array(model: pcmodel.PCModel, image, steps: int | None, size_mode: st
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="pc-encode", description=__doc__)
-    parser.add_argument("image", nargs="?", help="image file (default: scikit-image's astronaut photo)")
+    parser.add_argument("image", nargs="?", help="image file (default: the bundled astronaut photo, 256x256)")
     parser.add_argument("--model", default="default", help="checkpoint path or name (default: %(default)s)")
     parser.add_argument("--steps", type=int, default=None, help="inference steps (default: the model's)")
     parser.add_argument("--size-mode", choices=("resize", "tile"), default=None, help="default: the model's")
@@ -39,7 +32,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         model = pcmodel.load(args.model)
-        image = bundled_photo() if args.image is None else decode(Path(args.image).read_bytes(), DEFAULT_MAX_PIXELS)
+        image = sample_photo() if args.image is None else decode(Path(args.image).read_bytes(), DEFAULT_MAX_PIXELS)
     except (OSError, ValueError) as exc:
         print(f"pc-encode: {exc}", file=sys.stderr)
         return 2

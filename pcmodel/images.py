@@ -13,6 +13,7 @@ import math
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
+from importlib import resources
 
 import numpy as np
 import torch
@@ -73,6 +74,16 @@ def decode(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS, min_side: int = 1)
     except Exception as exc:  # truncated or corrupt pixel data
         raise ImageError(f"the image data is truncated or corrupt ({exc})", "bad_image") from None
     return image
+
+
+def sample_photo() -> np.ndarray:
+    """The bundled photo, for examples and `pc-encode` without an image: (256, 256, 3) uint8 RGB.
+
+    NASA astronaut Eileen Collins: a NASA photo in the public domain, as scikit-image ships it
+    (`skimage.data.astronaut()`), resized to 256x256 (pcmodel/data/README.md).
+    """
+    data = resources.files("pcmodel").joinpath("data", "astronaut.jpg").read_bytes()
+    return to_uint8(decode(data), "rgb")
 
 
 def to_uint8(image: ImageLike, color: str) -> np.ndarray:

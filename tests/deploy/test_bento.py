@@ -79,10 +79,11 @@ def test_bento_describes_the_service(bento):
     assert {"/model", "/docs.json"} <= set(manifest["schema"]["paths"])
 
 
-def test_bento_requirements_are_the_project_dependencies(bento):
+def test_bento_requirements_are_the_dependencies_and_the_serve_extra(bento):
     _, built = bento
     lines = (built / "env" / "python" / "requirements.txt").read_text().splitlines()
     requirements = {str(Requirement(line)) for line in lines if line.strip() and not line.startswith(("#", "-"))}
-    dependencies = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    dependencies = project["dependencies"] + project["optional-dependencies"]["serve"]
     assert {str(Requirement(d)) for d in dependencies} <= requirements
     assert (built / "env" / "docker" / "Dockerfile").exists()

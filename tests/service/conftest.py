@@ -19,8 +19,8 @@ from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 
 import pcmodel
+from benchmarks.launch import LocalServer
 from pcmodel import PCModel
-from service.launch import LocalServer
 
 
 class Server(LocalServer):

@@ -9,7 +9,7 @@ import httpx
 import numpy as np
 import pytest
 
-from service import loadtest
+from benchmarks import loadtest
 from service.client import decode_array
 
 from .conftest import metric

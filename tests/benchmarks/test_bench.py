@@ -9,9 +9,9 @@ import pytest
 import torch
 
 import pcmodel
+from benchmarks.bench import DEFAULT_CASES, flops_per_step, main, parse_case
+from benchmarks.reference import reference_energy, reference_infer
 from pcmodel import PCModel
-from pcmodel.bench import DEFAULT_CASES, flops_per_step, main, parse_case
-from pcmodel.reference import reference_energy, reference_infer
 
 from .conftest import KINDS, tiny_config
 

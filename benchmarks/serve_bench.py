@@ -28,7 +28,8 @@ import urllib.parse
 
 import numpy as np
 
-from .client import server_timing
+from service.client import server_timing
+
 from .loadtest import Spec, drive, machine, percentiles_ms, photos
 
 
@@ -150,11 +151,11 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     import pcmodel
+    from service import codec
+    from service.engine import default_threads, pick_device
+    from service.settings import Settings
 
-    from . import codec
-    from .engine import default_threads, pick_device
     from .launch import LocalServer
-    from .settings import Settings
 
     image = photos(args.size)[0]
     spec = Spec(image, steps=args.steps, size_mode=args.size_mode)

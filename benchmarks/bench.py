@@ -1,6 +1,6 @@
 """pc-bench: fixed-T inference of every backend side by side, on the same weights, inputs and steps.
 
-Cases (a) the notebook-style reference (pcmodel.reference: eager PyTorch, autograd of the energy at
+Cases (a) the notebook-style reference (benchmarks.reference: eager PyTorch, autograd of the energy at
 every step), (b) the torch engine, (c) onnxruntime, (d) CUDA graphs (when CUDA is available: float32,
 TF32 and bf16 operands, and the eager torch engine on the GPU for comparison) and (e) pcx, the same
 network written in pcx's idioms (when the optional `pcx` extra is importable). For each it prints the
@@ -36,8 +36,8 @@ import torch
 import torch.nn.functional as F
 
 import pcmodel
+from pcmodel import backends
 
-from . import backends
 from .reference import reference_infer
 
 log = logging.getLogger(__name__)
@@ -223,7 +223,7 @@ def _ort_runner(
     """onnxruntime with its one-off costs measured apart: plan, graph build ("export"), session."""
     import onnxruntime as ort
 
-    from .export import build_graph
+    from pcmodel.export import build_graph
 
     hw = (int(x.shape[-2]), int(x.shape[-1]))
     start = time.perf_counter()
@@ -638,7 +638,7 @@ def profile_case(case: Case, steps: int) -> dict[str, Any]:
     import onnxruntime as ort
     from torch.profiler import ProfilerActivity, profile
 
-    from .export import build_graph
+    from pcmodel.export import build_graph
 
     model = pcmodel.load(case.model)
     x = torch.rand((case.batch, model.config.input_shape[0], *case.size)) * 2 - 1

@@ -30,7 +30,7 @@ import httpx
 import numpy as np
 from PIL import Image
 
-from .client import decode_array
+from service.client import decode_array
 
 
 @dataclass(frozen=True)

@@ -18,7 +18,7 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
-from .config import ModelConfig, level_shapes
+from pcmodel.config import ModelConfig, level_shapes
 
 
 def _window(kernel: tuple[int, int], sigma: float, channels: int, dtype: torch.dtype) -> torch.Tensor:
