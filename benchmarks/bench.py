@@ -7,7 +7,7 @@ network written in pcx's idioms (when the optional `pcx` extra is importable). F
 largest latent difference from (a), ms per batch, images/s, the speed-up over (a), the model's FLOPs per
 step (MODEL.md section 6), the achieved GFLOP/s and its share of this machine's matmul peak (measured
 first, in the same run), and the one-off costs (graph build, session, capture, compile) apart. Where
-onnxruntime splits the batch into single-threaded shards (`backends.ort_shards`), the whole batch on one
+onnxruntime splits the batch into single-threaded shards (`ort_shards`), the whole batch on one
 session with all threads runs beside it as "onnxruntime-unsharded".
 
 Timing: every backend of a case is timed once per round, round after round (interleaved, so a busy
@@ -36,7 +36,9 @@ import torch
 import torch.nn.functional as F
 
 import pcmodel
-from pcmodel import backends
+from pcmodel.engines import cuda_graph, ops, plans
+from pcmodel.engines import onnxruntime as ort_engine
+from pcmodel.engines.onnx_graph import build_graph
 
 from .reference import reference_infer
 
@@ -106,7 +108,7 @@ def machine() -> dict[str, Any]:
             continue
     info: dict[str, Any] = {
         "cpu": cpu,
-        "cores": backends.available_cores(),
+        "cores": ort_engine.available_cores(),
         "memory_gib": memory,
         "os": platform.platform(),
         "versions": versions,
@@ -138,7 +140,7 @@ def flops_per_step(model: pcmodel.PCModel, size: tuple[int, int], batch: int) ->
     """
     per_level = []
     elements = latents = 0
-    for level in model._levels(size):
+    for level in model.levels(size):
         g = level.geometry
         causes, rows, cols = g.latent
         per_level.append(4 * batch * causes * g.lower[0] * g.kernel[0] * g.kernel[1] * rows * cols)
@@ -194,13 +196,12 @@ def runners(model: pcmodel.PCModel, x: torch.Tensor, steps: int, names: list[str
         elif name == "torch":
             out.append(Runner(name, lambda: model.infer(x, steps=steps, backend="torch").latents, {}))
         elif name == "onnxruntime":
-            out.append(_ort_runner(model, x, steps, name, weights_as_inputs=False))
-            if backends.ort_shards(x.shape[0], torch.get_num_threads()) > 1:
+            out.append(_ort_runner(model, x, steps, name))
+            if ort_engine.ort_shards(x.shape[0], torch.get_num_threads()) > 1:
                 out.append(_unsharded_runner(model, x, steps))
             if ideas:
-                out.append(_ort_runner(model, x, steps, "onnxruntime-weights-as-inputs", weights_as_inputs=True))
-                other = "all" if backends.plan_kind(model, x.shape[-2:]) == "levelwise" else "extended"
-                out.append(_ort_runner(model, x, steps, f"onnxruntime-{other}", weights_as_inputs=False, level=other))
+                other = "all" if plans.plan_kind(model.config, x.shape[-2:]) == "levelwise" else "extended"
+                out.append(_ort_runner(model, x, steps, f"onnxruntime-{other}", level=other))
         elif name == "cuda-graph":
             if not torch.cuda.is_available():
                 log.info("cuda-graph: no CUDA device here, skipped")
@@ -217,19 +218,15 @@ def runners(model: pcmodel.PCModel, x: torch.Tensor, steps: int, names: list[str
     return out
 
 
-def _ort_runner(
-    model: pcmodel.PCModel, x: torch.Tensor, steps: int, name: str, weights_as_inputs: bool, level: str | None = None
-) -> Runner:
+def _ort_runner(model: pcmodel.PCModel, x: torch.Tensor, steps: int, name: str, level: str | None = None) -> Runner:
     """onnxruntime with its one-off costs measured apart: plan, graph build ("export"), session."""
     import onnxruntime as ort
 
-    from pcmodel.export import build_graph
-
     hw = (int(x.shape[-2]), int(x.shape[-1]))
     start = time.perf_counter()
-    plan = backends.make_plan(model, hw, torch.float32, torch.device("cpu"))
-    planned = time.perf_counter()  # the graph below is the backend's own (weights as initializers) unless told
-    graph = build_graph(plan, steps, weights_as_inputs=weights_as_inputs, outputs=("latents", "energy"))
+    plan = plans.make_plan(model.config, model.weights, hw, torch.float32, torch.device("cpu"))
+    planned = time.perf_counter()
+    graph = build_graph(plan, steps, outputs=("latents", "energy"))
     built = time.perf_counter()
     options = ort.SessionOptions()
     options.intra_op_num_threads = torch.get_num_threads()
@@ -239,12 +236,9 @@ def _ort_runner(
         "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
         "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
     }
-    options.graph_optimization_level = levels[level] if level else backends.ort_optimization(plan.kind)
+    options.graph_optimization_level = levels[level] if level else ort_engine.ort_optimization(plan.kind)
     session = ort.InferenceSession(graph.SerializeToString(), options, providers=["CPUExecutionProvider"])
     ready = time.perf_counter()
-    names = [i.name for i in graph.graph.input if i.name != "x"]
-    tensors = plan.tensors()
-    feed = {n: tensors[n[2:]].detach().numpy() for n in names}
     count = len(plan.shapes)
     one_off = {"plan": planned - start, "export": built - planned, "session": ready - built}
 
@@ -256,7 +250,7 @@ def _ort_runner(
     else:
 
         def call() -> list[torch.Tensor]:
-            values = session.run([f"latent_{i + 1}" for i in range(count)], {"x": x.numpy(), **feed})
+            values = session.run([f"latent_{i + 1}" for i in range(count)], {"x": x.numpy()})
             return [torch.from_numpy(v) for v in values]
 
     note = f"{len(graph.graph.node)} nodes"
@@ -265,28 +259,22 @@ def _ort_runner(
 
 def _unsharded_runner(model: pcmodel.PCModel, x: torch.Tensor, steps: int) -> Runner:
     """onnxruntime as before batches were sharded: the whole batch on one session with all threads."""
-    import copy
-
-    whole = copy.copy(model)  # its own backend state
-    backends.engine(whole).ort_sharding = False
+    whole = pcmodel.PCModel(model.config, model.weights, allow_unstable=True)  # its own engine state
+    whole.engines.onnxruntime.sharding = False
     whole.infer(x, steps=steps, backend="onnxruntime")
     return Runner("onnxruntime-unsharded", lambda: whole.infer(x, steps=steps, backend="onnxruntime").latents, {})
 
 
 def _cuda_runners(model: pcmodel.PCModel, x: torch.Tensor, steps: int) -> list[Runner]:
     """CUDA graphs in float32 (TF32 off), TF32 and bf16 operands, and the eager torch engine on the GPU."""
-    import copy
-
     out = []
     gpu_x = x.cuda()
-    eager = copy.copy(model)
-    eager.weights = [w.cuda() for w in model.weights]
+    eager = pcmodel.PCModel(model.config, model.weights, allow_unstable=True, device="cuda")
     eager.infer(gpu_x, steps=1, backend="torch")
     out.append(Runner("torch-cuda", lambda: eager.infer(gpu_x, steps=steps, backend="torch").latents, {}))
-    for precision in backends.CUDA_PRECISIONS:
-        gpu = copy.copy(model)
-        gpu.weights = [w.cuda() for w in model.weights]
-        backends.engine(gpu).cuda_precision = precision
+    for precision in cuda_graph.CUDA_PRECISIONS:
+        gpu = pcmodel.PCModel(model.config, model.weights, allow_unstable=True, device="cuda")
+        gpu.engines.cuda_graph.precision = precision
         start = time.perf_counter()
         gpu.infer(gpu_x, steps=steps, backend="cuda-graph")
         seconds = time.perf_counter() - start
@@ -301,7 +289,7 @@ def _cuda_runners(model: pcmodel.PCModel, x: torch.Tensor, steps: int) -> list[R
 
 def _idea_runners(model: pcmodel.PCModel, x: torch.Tensor, steps: int) -> list[Runner]:
     """Ideas measured for docs/PERFORMANCE.md: the plain hand-derived loop (no autograd, nothing else
-    changed), the torch engine with oneDNN off, and torch.compile."""
+    changed) and the torch engine with oneDNN off."""
     out = [Runner("loop (hand-derived, plain)", lambda: model.infer(x, steps=steps, backend="loop").latents, {})]
 
     def onednn_off() -> list[torch.Tensor]:
@@ -311,95 +299,19 @@ def _idea_runners(model: pcmodel.PCModel, x: torch.Tensor, steps: int) -> list[R
                 return model.infer(x, steps=steps, backend="torch").latents
 
     out.append(Runner("torch-onednn-off", onednn_off, {}))
-    compiled = _compiled_runner(model, x, steps)
-    if compiled is not None:
-        out.append(compiled)
     return out
-
-
-def _compiled_runner(model: pcmodel.PCModel, x: torch.Tensor, steps: int) -> Runner | None:
-    """torch.compile of one whole step of the plan (Inductor, C++ on CPU), called T times from Python."""
-    hw = (int(x.shape[-2]), int(x.shape[-1]))
-    plan = backends.make_plan(model, hw, torch.float32, x.device)
-    if isinstance(plan, backends.QuadraticPlan):
-
-        def step(s: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-            z = torch.addmm(c, s, plan.step)
-            return z - s / (plan.qinv + s * s) if plan.has_cauchy else z
-
-        def run() -> list[torch.Tensor]:
-            c = x.reshape(x.shape[0], -1) @ plan.drive
-            s = torch.zeros_like(c)
-            for _ in range(steps):
-                s = compiled(s, c)
-            r = s * plan.scale
-            sizes = [math.prod(shape) for shape in plan.shapes]
-            return [p.reshape(-1, *shape) for p, shape in zip(torch.split(r, sizes, 1), plan.shapes)]
-
-    else:
-        levels = plan.levels
-
-        def step(*latents: torch.Tensor) -> tuple[torch.Tensor, ...]:  # type: ignore[misc]
-            *rs, target = latents
-            errors = []
-            for i, lv in enumerate(levels):
-                a = backends._predict(lv, rs[i], None)
-                p = torch.tanh(a) if lv.tanh else a
-                t = target if i == 0 else backends._target(lv, rs[i - 1])
-                errors.append((t - p, p))
-            new = []
-            for i, lv in enumerate(levels):
-                e, p = errors[i]
-                d = e * (1 - p * p) if lv.tanh else e
-                u = backends._adjoint(lv, lv.adjoint, d, None)
-                r = rs[i]
-                if lv.prior == "cauchy":
-                    r = r + u - 2 * plan.eta * lv.alpha * r / (1 + r * r)
-                else:
-                    r = u + (1 - 2 * plan.eta * lv.alpha) * r
-                if i + 1 < len(levels):
-                    above = levels[i + 1]
-                    e_above = errors[i + 1][0]
-                    r = r - lv.above * (above.level.target_adjoint(e_above) if above.kind == "patch" else e_above)
-                new.append(r)
-            return tuple(new)
-
-        first = levels[0]
-
-        def run() -> list[torch.Tensor]:
-            target = backends.phase_split(x, first.phase, first.pad) if first.kind == "phase" else first.level.target(x)
-            rs = tuple(x.new_zeros((x.shape[0], *s)) for s in plan.shapes)
-            for _ in range(steps):
-                rs = compiled(*rs, target)
-            return list(rs)
-
-    try:
-        compiled = torch.compile(step, fullgraph=True, dynamic=False)
-        start = time.perf_counter()
-        with torch.inference_mode():
-            run()
-        seconds = time.perf_counter() - start
-    except Exception as exc:  # no C++ compiler, or an unsupported op: report, do not fail the benchmark
-        log.warning("torch.compile unavailable here: %s", str(exc).splitlines()[0][:200])
-        return None
-
-    def call() -> list[torch.Tensor]:
-        with torch.inference_mode():
-            return run()
-
-    return Runner("torch.compile", call, {"compile (first call)": seconds}, "energy not computed")
 
 
 def op_timings(model: pcmodel.PCModel, x: torch.Tensor, min_time: float) -> dict[str, float]:
     """Microseconds per call of level 1's two maps, strided (oneDNN on and off) and in phase layout."""
-    level = model._levels(x.shape[-2:])[0]
+    level = model.levels(x.shape[-2:])[0]
     if level.config.kind != "convolutional":
         return {}
     U, stride = model.weights[0], level.geometry.stride
     r = torch.randn((x.shape[0], *level.geometry.latent))
-    predict, adjoint, taps = backends.phase_kernels(U, stride)
+    predict, adjoint, taps = plans.phase_kernels(U, stride)
     pad = tuple(s * (n + m - 1) - h for s, n, m, h in zip(stride, level.geometry.latent[1:], taps, x.shape[-2:]))
-    phases = backends.phase_split(x, stride, pad).contiguous()
+    phases = ops.phase_split(x, stride, pad).contiguous()
     calls = {
         "conv_transpose2d": lambda: F.conv_transpose2d(r, U, stride=stride),
         "conv2d (stride)": lambda: F.conv2d(x, U, stride=stride),
@@ -442,7 +354,7 @@ def _pcx_runner(model: pcmodel.PCModel, x: torch.Tensor, steps: int) -> Runner |
         log.info("pcx: not importable (%s); install the optional extra: pip install -e '.[pcx]'", exc)
         return None
     config = model.config
-    levels = model._levels(x.shape[-2:])
+    levels = model.levels(x.shape[-2:])
     kinds = [lc.kind for lc in config.levels]
     if len(kinds) != 2 or kinds not in (["convolutional", "convolutional"], ["modules", "dense"]):
         log.info("pcx: case (e) is written for the two presets' shapes, not %s", kinds)
@@ -579,7 +491,7 @@ def bench_case(
     flops = flops_per_step(model, case.size, case.batch)
     with torch.inference_mode(False):
         reference = reference_infer(model.config, model.weights, x, steps)[0]
-    backends.engine(model).max_step_counts = 8  # the benchmark prepares what it asks for
+    model.prepare(steps=[steps], shapes=[case.size], build=False)  # the benchmark prepares what it asks for
     todo = runners(model, x, steps, names, ideas)
     results: dict[str, dict[str, Any]] = {}
     for runner in todo:
@@ -621,7 +533,7 @@ def bench_case(
         "size": list(case.size),
         "batch": case.batch,
         "steps": steps,
-        "plan": backends.plan_kind(model, case.size),
+        "plan": plans.plan_kind(model.config, case.size),
         "flops_per_step": flops,
         "results": results,
     }
@@ -638,28 +550,26 @@ def profile_case(case: Case, steps: int) -> dict[str, Any]:
     import onnxruntime as ort
     from torch.profiler import ProfilerActivity, profile
 
-    from pcmodel.export import build_graph
-
     model = pcmodel.load(case.model)
     x = torch.rand((case.batch, model.config.input_shape[0], *case.size)) * 2 - 1
     model.infer(x, steps=steps, backend="torch")
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         model.infer(x, steps=steps, backend="torch")
-    ops = sorted(
+    aten = sorted(
         (e for e in prof.key_averages() if e.key.startswith("aten::") and e.self_cpu_time_total > 0),
         key=lambda e: -e.self_cpu_time_total,
     )
     torch_ops = [
         {"op": e.key, "calls_per_step": round(e.count / steps, 2), "self_us_total": round(e.self_cpu_time_total, 1)}
-        for e in ops[:15]
+        for e in aten[:15]
     ]
-    plan = backends.make_plan(model, case.size, torch.float32, torch.device("cpu"))
+    plan = plans.make_plan(model.config, model.weights, case.size, torch.float32, torch.device("cpu"))
     graph = build_graph(plan, steps, outputs=("latents", "energy"))
     options = ort.SessionOptions()
     options.intra_op_num_threads = torch.get_num_threads()
     options.enable_profiling = True
     options.log_severity_level = 3
-    options.graph_optimization_level = backends.ort_optimization(plan.kind)
+    options.graph_optimization_level = ort_engine.ort_optimization(plan.kind)
     options.profile_file_prefix = os.path.join(os.environ.get("TMPDIR", "/tmp"), "pc-bench-ort")
     session = ort.InferenceSession(graph.SerializeToString(), options, providers=["CPUExecutionProvider"])
     for _ in range(3):
@@ -742,9 +652,9 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unknown backends {sorted(unknown)}; choose from {', '.join(LETTERS)}")
     if args.steps < 1 or args.rounds < 1:
         parser.error("--steps and --rounds must be >= 1")
-    threads = args.threads or backends.available_cores()
+    threads = args.threads or ort_engine.available_cores()
     saved = torch.get_num_threads()
-    torch.set_num_threads(threads)  # onnxruntime sessions take torch's thread count (backends.OrtProgram)
+    torch.set_num_threads(threads)  # onnxruntime sessions take torch's thread count
     try:
         return _run(args, names, threads)
     finally:
@@ -760,7 +670,7 @@ def _run(args: argparse.Namespace, names: list[str], threads: int) -> int:
             "rounds": args.rounds,
             "min_time_s": args.min_time,
             "threads": {"torch_intra_op": threads, "onnxruntime_intra_op": threads, "onnxruntime_inter_op": 1},
-            "onnxruntime_shards": f"min({threads}, batch) with 1 intra-op thread each (backends.ort_shards)",
+            "onnxruntime_shards": f"min({threads}, batch) with 1 intra-op thread each (ort_shards)",
             "input": "uniform in [-1, 1], seed 0; weights: the shipped checkpoint or the seed-0 preset",
         },
     }
