@@ -5,7 +5,7 @@ every step), (b) the torch engine, (c) onnxruntime, (d) CUDA graphs (when CUDA i
 TF32 and bf16 operands, and the eager torch engine on the GPU for comparison) and (e) pcx, the same
 network written in pcx's idioms (when the optional `pcx` extra is importable). For each it prints the
 largest latent difference from (a), ms per batch, images/s, the speed-up over (a), the model's FLOPs per
-step (MODEL.md section 6), the achieved GFLOP/s and its share of this machine's matmul peak (measured
+step (docs/MODEL.md section 6), the achieved GFLOP/s and its share of this machine's matmul peak (measured
 first, in the same run), and the one-off costs (graph build, session, capture, compile) apart. Where
 onnxruntime splits the batch into single-threaded shards (`ort_shards`), the whole batch on one
 session with all threads runs beside it as "onnxruntime-unsharded".
@@ -132,7 +132,7 @@ def matmul_peak(size: int = 2048, repeats: int = 10) -> dict[str, float]:
 
 
 def flops_per_step(model: pcmodel.PCModel, size: tuple[int, int], batch: int) -> dict[str, Any]:
-    """MODEL.md section 6: sum_l 4 B C_l C_{l-1} kh kw H_l W_l (prediction and U^T e), plus ~10 per element.
+    """docs/MODEL.md section 6: sum_l 4 B C_l C_{l-1} kh kw H_l W_l (prediction and U^T e), plus ~10 per element.
 
     Module and dense levels fit the same formula with H_l W_l = the number of modules. `bytes_floor`:
     the memory traffic of one perfectly fused step (read the input and every latent, write every latent,

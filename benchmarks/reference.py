@@ -3,7 +3,7 @@
 This is case (a) of pc-bench, the baseline every fast path is measured against, written the way a
 research notebook writes predictive-coding inference: build E(x, r) from the configuration with
 ordinary layers, call backward, step r against the gradient, repeat. It is kept deliberately plain
-and is NEVER optimised: its job is to be obviously the mathematics of MODEL.md section 1,
+and is NEVER optimised: its job is to be obviously the mathematics of docs/MODEL.md section 1,
 
     E = sum_l (1/sigma_l^2) ||t_l(r_{l-1}) - f(U_l r_l)||^2 + sum_l g_l(r_l) + sum_l lam_l ||U_l||^2,
     r_l <- r_l - (k1/2) dE/dr_l   (all levels from the same state),

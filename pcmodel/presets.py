@@ -14,7 +14,7 @@ RAO_BALLARD_1999 = ModelConfig(
     levels=(
         # Level 1: three modules sharing one U (one basis to show, as in the paper's Fig. 2b), each
         # predicting its own windowed 16x16 patch. The sparse (Cauchy) prior gives localised,
-        # oriented fields; a Gaussian one gives global PCA-like patterns (MODEL.md section 4).
+        # oriented fields; a Gaussian one gives global PCA-like patterns (docs/MODEL.md section 4).
         LevelConfig(
             causes=32,
             kind="modules",

@@ -1,4 +1,4 @@
-"""pc-analyze: does a trained model reproduce Rao & Ballard (1999)? (MODEL.md section 5 D, E, F.)
+"""pc-analyze: does a trained model reproduce Rao & Ballard (1999)? (docs/MODEL.md section 5 D, E, F.)
 
     pc-analyze rao-ballard-1999                  # a shipped model by name, or a checkpoint path
     pc-analyze runs/rao-ballard-1999/model.safetensors --out report/
@@ -40,7 +40,7 @@ from .metrics import error_sums
 
 log = logging.getLogger(__name__)
 
-GOOD_FIT = 0.7  # R^2 at or above which a field counts as Gabor-like (MODEL.md section 5 D)
+GOOD_FIT = 0.7  # R^2 at or above which a field counts as Gabor-like (docs/MODEL.md section 5 D)
 ORIENTATION_BINS = 8
 END_STOPPING_STEPS = 1000  # steady state for 5 F: level 2 (sigma2 = 10) relaxes with a time constant of ~130 steps
 
@@ -223,7 +223,7 @@ def _horizontal(fit: GaborFit) -> bool:
 def end_stopping(
     model: PCModel, steps: int | None = None, candidates: Sequence[int] | None = None
 ) -> dict[str, Any] | None:
-    """MODEL.md 5 F on the paper's geometry: three modules in a row, a level above them.
+    """docs/MODEL.md 5 F on the paper's geometry: three modules in a row, a level above them.
 
     The chosen cell is the centre module's level-1 cause, among `candidates` (the horizontal Gabor-like
     fields, so the bar is at the cell's preferred orientation; None: every cause), that responds most to

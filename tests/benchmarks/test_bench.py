@@ -32,7 +32,7 @@ def test_pc_bench_json_reports_every_field(capsys):
     assert report["matmul_peak"]["best_gflops"] > 0
     assert [c["case"] for c in report["cases"]] == ["conv-rgb 32x32 B=1", "rao-ballard-1999 16x26 B=2"]
     conv, paper = report["cases"]
-    assert conv["flops_per_step"]["matmul"] == 326_976  # MODEL.md section 6 (and the peer benchmark)
+    assert conv["flops_per_step"]["matmul"] == 326_976  # docs/MODEL.md section 6 (and the peer benchmark)
     assert paper["flops_per_step"]["matmul"] == 2 * 147_456
     for case in report["cases"]:
         results = case["results"]

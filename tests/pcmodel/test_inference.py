@@ -1,4 +1,4 @@
-"""MODEL.md section 5 B and C: the stability bound, monotone energy, batch invariance, determinism, early stop."""
+"""docs/MODEL.md section 5 B and C: the stability bound, monotone energy, batch invariance, determinism, early stop."""
 
 from __future__ import annotations
 

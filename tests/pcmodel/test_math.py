@@ -1,4 +1,4 @@
-"""MODEL.md section 5 A: the hand-derived updates equal autograd in float64; the level maps are adjoint."""
+"""docs/MODEL.md section 5 A: the hand-derived updates equal autograd in float64; the level maps are adjoint."""
 
 from __future__ import annotations
 

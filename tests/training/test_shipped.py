@@ -1,6 +1,6 @@
 """The shipped weights: they load by name, meet the issue's targets, and their recorded command still trains.
 
-Targets (issue 3, MODEL.md section 5): rao-ballard-1999 has >= 60% of its level-1 fields with Gabor
+Targets (issue 3, docs/MODEL.md section 5): rao-ballard-1999 has >= 60% of its level-1 fields with Gabor
 R^2 >= 0.7 covering >= 4 of 8 orientation bins and a held-out relative error <= 0.2; conv-rgb has a
 held-out relative error <= 0.1 on 32x32 crops of photos it never saw, both with the default steps.
 """
