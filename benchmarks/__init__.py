@@ -1,0 +1,1 @@
+"""Tools, not library code: pc-bench (with the notebook-style reference and peer cases), the service benchmark and load test."""
