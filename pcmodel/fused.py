@@ -213,7 +213,7 @@ def run_fused_quadratic(plan: QuadraticPlan, x: torch.Tensor, steps: int, thread
 
     CPU, float32 or float64, fixed steps (no tol). c = x B_s, s_0 = x start and the energy trace (from the
     (s, z) history, the formula of run_quadratic, summed in order per image) are row-wise too, so an image's
-    latents and energies do not depend on its batch (the x^2 omega term is one torch matvec).
+    latents and energies do not depend on its batch. No torch operation runs (torch's thread pool is not used).
     """
     import torch
 
@@ -227,19 +227,20 @@ def run_fused_quadratic(plan: QuadraticPlan, x: torch.Tensor, steps: int, thread
     c = rowwise_matmul(xf, plan.drive.numpy(), threads)
     s0 = None if plan.start is None else rowwise_matmul(xf, plan.start.numpy(), threads)
     states_np, drives_np = quadratic_steps(step, c, s0, plan.qinv.numpy(), steps, plan.has_cauchy, threads)
-    scale2 = plan.scale.square()
-    weight = (scale2 / (2 * plan.eta)).numpy()
-    base = ((x.reshape(batch, -1).square() @ plan.omega) + plan.const).numpy()
+    # Everything after the kernel in numpy (single-threaded): torch ops with 2 threads wait at a barrier
+    # each, which on a loaded machine costs more than the kernel itself. log1p is numpy's SIMD loop (one
+    # code path for every entry), the sums per image in the kernel.
+    scale2 = plan.scale.square().numpy()
+    weight = scale2 / np.float32(2 * plan.eta)
+    omega = np.ascontiguousarray(plan.omega.numpy()[:, None])
+    base = rowwise_matmul(np.square(xf), omega, threads)[:, 0] + plan.const.numpy()
+    logs = np.log1p(np.square(states_np) * scale2) if plan.has_cauchy else states_np
     energy_np = np.empty((steps + 1, batch), dtype=step.dtype)
     _, _, energy_rows = _kernels(FMA)
-    # log1p elementwise in torch (vectorised; n is a multiple of the vector width here, so every entry
-    # takes the same path whatever the batch), the sums per image in the kernel.
-    states_t = torch.from_numpy(states_np)
-    logs = torch.log1p(states_t.square() * scale2).numpy() if plan.has_cauchy else states_np
     args = (states_np, drives_np, c, weight, logs, plan.cauchy_alpha.numpy(), base, plan.has_cauchy)
     _parallel(energy_rows, batch, threads, *args, energy_np)
-    states, energy = states_t, torch.from_numpy(energy_np)
-    final = states[steps] * plan.scale
+    final_np = states_np[steps] * plan.scale.numpy()
     sizes = [math.prod(s) for s in plan.shapes]
-    latents = [p.reshape(batch, *s).contiguous() for p, s in zip(torch.split(final, sizes, 1), plan.shapes)]
-    return EngineRun(latents, energy, torch.full((batch,), steps, dtype=torch.int64))
+    parts = np.split(final_np, np.cumsum(sizes)[:-1], axis=1)
+    latents = [torch.from_numpy(np.ascontiguousarray(p).reshape(batch, *s)) for p, s in zip(parts, plan.shapes)]
+    return EngineRun(latents, torch.from_numpy(energy_np), torch.full((batch,), steps, dtype=torch.int64))
