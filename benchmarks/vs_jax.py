@@ -1,0 +1,152 @@
+"""Where we stand against the JAX-jit peer: our default CPU backend vs jax.jit, side by side, T = 100.
+
+    python -m benchmarks.vs_jax --threads 1 --json
+    python -m benchmarks.vs_jax --threads 2
+
+Cases: conv-rgb 32x32 B=1 and B=32, rao-ballard-1999 16x26 B=1 and B=32 (inputs uniform in [-1, 1],
+seed 0). Per round every runner is timed once (mean over calls lasting at least --min-time), in the
+same order, so the ratio of a round compares runs taken side by side; the median of the per-round
+ratios is the number to read. "ours" is `model.infer(x, steps=100)` (the automatic backend:
+onnxruntime), called once first to prepare; "fused" (rao-ballard only, where numba imports) is the
+prototype kernel of pcmodel/fused.py with its energy trace (`run_fused_quadratic`: latents and energy;
+the final predictions / errors that `infer` also returns are not included: one small matmul per level).
+
+Threads are a property of the process: torch.set_num_threads(n) (our backends read it) and XLA_FLAGS
+set by benchmarks.jax_peer.configure_threads before jax is imported. Run one process per thread count.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+CASES = [("conv-rgb", (32, 32), 1), ("conv-rgb", (32, 32), 32), ("rao-ballard-1999", (16, 26), 1),
+         ("rao-ballard-1999", (16, 26), 32)]  # fmt: skip
+
+
+def time_call(call: Callable[[], Any], min_time: float) -> float:
+    """Milliseconds per call: the mean over calls lasting at least min_time seconds."""
+    count, start = 0, time.perf_counter()
+    while True:
+        call()
+        count += 1
+        elapsed = time.perf_counter() - start
+        if elapsed >= min_time:
+            return 1e3 * elapsed / count
+
+
+def fused_call(model: Any, x: Any, steps: int) -> Callable[[], list[Any]] | None:
+    """The fused kernel as an engine would run it (plan cached), or None where it does not apply."""
+    import torch
+
+    from pcmodel import backends, fused
+
+    if not fused.available():
+        return None
+    hw = (int(x.shape[-2]), int(x.shape[-1]))
+    if backends.plan_kind(model, hw) != "quadratic":
+        return None
+    plan = backends.make_plan(model, hw, torch.float32, torch.device("cpu"))
+
+    def call() -> list[Any]:
+        return fused.run_fused_quadratic(plan, x, steps).latents
+
+    return call
+
+
+def run_case(name: str, hw: tuple[int, int], batch: int, steps: int, rounds: int, min_time: float) -> dict[str, Any]:
+    import torch
+
+    import pcmodel
+    from benchmarks.jax_peer import jax_runner
+    from pcmodel import fused
+
+    model = pcmodel.load(name)
+    x = torch.rand((batch, model.config.input_shape[0], *hw), generator=torch.Generator().manual_seed(0)) * 2 - 1
+    first = model.infer(x, steps=steps)  # prepares the session
+    expected = model.infer(x, steps=steps, backend="loop").latents
+    runners: dict[str, Callable[[], Any]] = {"ours": lambda: model.infer(x, steps=steps).latents}
+    info: dict[str, Any] = {"ours_backend": first.backend}
+    jax_call, info["jax"] = jax_runner(model, x, steps)
+    runners["jax"] = jax_call
+    start = time.perf_counter()
+    call = fused_call(model, x, steps)
+    if call is not None:
+        info["fused_compile_s"] = fused.warm_up() + (time.perf_counter() - start)
+        runners["fused"] = call
+    diffs = {}
+    for key, runner in runners.items():
+        got = runner()
+        diffs[key] = max(float((a - b).abs().max()) for a, b in zip(got, expected))
+    samples: dict[str, list[float]] = {key: [] for key in runners}
+    for _ in range(rounds):
+        for key, runner in runners.items():
+            samples[key].append(time_call(runner, min_time))
+    ratios = {
+        key: [j / o for j, o in zip(samples["jax"], samples[key])] for key in runners if key != "jax"
+    }  # > 1: faster than JAX
+    return {
+        "case": f"{name} {hw[0]}x{hw[1]} B={batch}",
+        "ms": {k: statistics.median(v) for k, v in samples.items()},
+        "samples_ms": samples,
+        "ratio_vs_jax": ratios,
+        "median_ratio_vs_jax": {k: statistics.median(v) for k, v in ratios.items()},
+        "max_abs_diff_vs_loop": diffs,
+        "info": info,
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--steps", type=int, default=100)
+    parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--min-time", type=float, default=0.2)
+    parser.add_argument("--case", action="append", help="name:HxW:B (repeatable); default: the four cases")
+    parser.add_argument("--json", action="store_true", help="print one JSON object")
+    args = parser.parse_args(argv)
+
+    from benchmarks.jax_peer import configure_threads
+
+    flags = configure_threads(args.threads)
+    import torch
+
+    torch.set_num_threads(args.threads)
+    cases = CASES
+    if args.case:
+        cases = []
+        for spec in args.case:
+            name, size, batch = spec.split(":")
+            h, w = size.split("x")
+            cases.append((name, (int(h), int(w)), int(batch)))
+    results = []
+    for name, hw, batch in cases:
+        result = run_case(name, hw, batch, args.steps, args.rounds, args.min_time)
+        results.append(result)
+        if not args.json:
+            ms = "  ".join(f"{k} {v:.3f} ms" for k, v in result["ms"].items())
+            print(f"{result['case']}: {ms}  (jax: {result['info']['jax']['formulation']})")
+            for key, ratios in result["ratio_vs_jax"].items():
+                rounds = " ".join(f"{r:.2f}" for r in ratios)
+                print(f"  {key} / jax speed per round: {rounds}  median {statistics.median(ratios):.2f}x")
+            diffs = " ".join(f"{k} {v:.1e}" for k, v in result["max_abs_diff_vs_loop"].items())
+            print(f"  max |latent - loop|: {diffs}", flush=True)
+    if args.json:
+        import platform
+
+        import jax
+
+        machine = {"threads": args.threads, "xla_flags": flags, "torch": torch.__version__, "jax": jax.__version__}
+        machine["python"] = platform.python_version()
+        json.dump({"machine": machine, "steps": args.steps, "results": results}, sys.stdout, indent=1)
+        print()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
