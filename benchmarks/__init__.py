@@ -1,1 +1,1 @@
-"""Tools, not library code: pc-bench (with the notebook-style reference and peer cases), the service benchmark and load test."""
+"""Tools, not library code: pc-bench with its reference and peers, the service benchmark, the load test."""

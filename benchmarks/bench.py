@@ -52,7 +52,7 @@ DEFAULT_CASES = (
     "rao-ballard-1999:16x26:1",
     "rao-ballard-1999:16x26:32",
 )
-LETTERS = {"reference": "a", "torch": "b", "onnxruntime": "c", "cuda-graph": "d", "pcx": "e"}
+LETTERS = {"reference": "a", "torch": "b", "onnxruntime": "c", "cuda-graph": "d", "pcx": "e", "jax": "f"}
 
 
 @dataclass(frozen=True)
@@ -211,6 +211,10 @@ def runners(model: pcmodel.PCModel, x: torch.Tensor, steps: int, names: list[str
             runner = _pcx_runner(model, x, steps)
             if runner is not None:
                 out.append(runner)
+        elif name == "jax":
+            runner = _jax_runner(model, x, steps)
+            if runner is not None:
+                out.append(runner)
         else:
             raise ValueError(f"unknown backend {name!r}")
     if ideas:
@@ -330,6 +334,20 @@ def op_timings(model: pcmodel.PCModel, x: torch.Tensor, min_time: float) -> dict
 
 
 # ---- pcx (case e) -------------------------------------------------------------------------------------
+
+
+def _jax_runner(model: pcmodel.PCModel, x: torch.Tensor, steps: int) -> Runner | None:
+    """Case (f): an independent jax.jit of the same network (benchmarks/jax_peer.py), the faster formulation."""
+    try:
+        from .jax_peer import jax_runner
+    except ImportError as exc:  # pragma: no cover - jax is in the bench extra
+        log.info("jax: not importable (%s); install the bench extra", exc)
+        return None
+    start = time.perf_counter()
+    call, info = jax_runner(model, x, steps)
+    seconds = time.perf_counter() - start
+    note = f"jax {info['jax']}, {info['formulation']}"
+    return Runner("jax", call, {"jit compile and choice": seconds}, note)
 
 
 def _pcx_runner(model: pcmodel.PCModel, x: torch.Tensor, steps: int) -> Runner | None:
@@ -634,8 +652,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=100, help="inference steps T (default: %(default)s)")
     parser.add_argument(
         "--backends",
-        default="reference,torch,onnxruntime,cuda-graph,pcx",
-        help="comma-separated subset of reference,torch,onnxruntime,cuda-graph,pcx (default: all)",
+        default="reference,torch,onnxruntime,cuda-graph,pcx,jax",
+        help="comma-separated subset of reference,torch,onnxruntime,cuda-graph,pcx,jax (default: all)",
     )
     parser.add_argument("--rounds", type=int, default=5, help="timing rounds per case (default: %(default)s)")
     parser.add_argument("--min-time", type=float, default=0.2, help="seconds per timing sample (default: %(default)s)")
@@ -655,6 +673,10 @@ def main(argv: list[str] | None = None) -> int:
     threads = args.threads or ort_engine.available_cores()
     saved = torch.get_num_threads()
     torch.set_num_threads(threads)  # onnxruntime sessions take torch's thread count
+    if "jax" in names and "jax" not in sys.modules:
+        from .jax_peer import configure_threads
+
+        configure_threads(threads)  # XLA fixes its thread pools when jax is first imported
     try:
         return _run(args, names, threads)
     finally:

@@ -8,7 +8,7 @@ seed 0). Per round every runner is timed once (mean over calls lasting at least 
 same order, so the ratio of a round compares runs taken side by side; the median of the per-round
 ratios is the number to read. "ours" is `model.infer(x, steps=100)` (the automatic backend:
 onnxruntime), called once first to prepare; "fused" (rao-ballard only, where numba imports) is the
-prototype kernel of pcmodel/fused.py with its energy trace (`run_fused_quadratic`: latents and energy;
+prototype kernel of benchmarks/fused_quadratic.py with its energy trace (`run_fused_quadratic`: latents and energy;
 the final predictions / errors that `infer` also returns are not included: one small matmul per level).
 
 Threads are a property of the process: torch.set_num_threads(n) (our backends read it) and XLA_FLAGS
@@ -44,17 +44,18 @@ def fused_call(model: Any, x: Any, steps: int) -> Callable[[], list[Any]] | None
     """The fused kernel as an engine would run it (plan cached), or None where it does not apply."""
     import torch
 
-    from pcmodel import backends, fused
+    from benchmarks import fused_quadratic as fused
+    from pcmodel.engines import plans
 
     if not fused.available():
         return None
     hw = (int(x.shape[-2]), int(x.shape[-1]))
-    if backends.plan_kind(model, hw) != "quadratic":
+    if plans.plan_kind(model.config, hw) != "quadratic":
         return None
-    plan = backends.make_plan(model, hw, torch.float32, torch.device("cpu"))
+    plan = plans.make_plan(model.config, model.weights, hw, torch.float32, torch.device("cpu"))
 
     def call() -> list[Any]:
-        return fused.run_fused_quadratic(plan, x, steps).latents
+        return fused.run_fused_quadratic(plan, x, steps)[0]
 
     return call
 
@@ -63,8 +64,8 @@ def run_case(name: str, hw: tuple[int, int], batch: int, steps: int, rounds: int
     import torch
 
     import pcmodel
+    from benchmarks import fused_quadratic as fused
     from benchmarks.jax_peer import jax_runner
-    from pcmodel import fused
 
     model = pcmodel.load(name)
     x = torch.rand((batch, model.config.input_shape[0], *hw), generator=torch.Generator().manual_seed(0)) * 2 - 1

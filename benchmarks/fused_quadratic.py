@@ -1,7 +1,7 @@
 """A fused CPU kernel for the quadratic plan: all T steps of one image in one compiled loop (prototype).
 
-`backends.run_quadratic` runs s <- s M_s + c_s - s / (qinv + s^2) as a few torch operations per step,
-and the onnxruntime graph as ~6 kernels per step; with n ~ 200 latents the per-operation overhead
+The quadratic program (pcmodel.engines.program) runs s <- s M_s + c_s - s / (qinv + s^2) as a few
+torch operations per step, and as ~6 onnxruntime kernels per step; with n ~ 200 latents the per-operation overhead
 dominates. Here the whole recurrence, for every image, is one numba-compiled function over numpy
 arrays:
 
@@ -18,7 +18,7 @@ is split into contiguous row ranges run at once (the kernel releases the GIL).
 numba is optional: `available()` says whether it imports; nothing here needs a compiler at build or
 install time (numba ships LLVM in its llvmlite wheel). The first call per dtype compiles (`warm_up`).
 `run_fused_quadratic(plan, x, steps)` is the engine-facing adapter: an `EngineRun` like
-`backends.run_quadratic(plan, x, steps)`, the energy trace computed from the history as there.
+the quadratic program, the energy trace computed from the history as there.
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ import numpy as np
 if TYPE_CHECKING:
     import torch
 
-    from .backends import EngineRun, QuadraticPlan
+    from pcmodel.engines.plans import QuadraticPlan
 
 FMA = True  # the default: LLVM may contract a*b + c into one FMA (still batch-invariant; see _kernels)
 
@@ -208,16 +208,16 @@ def warm_up(dtype: Any = np.float32, fma: bool = FMA) -> float:
     return time.perf_counter() - start
 
 
-def run_fused_quadratic(plan: QuadraticPlan, x: torch.Tensor, steps: int, threads: int | None = None) -> EngineRun:
-    """The engine-facing adapter: what `backends.run_quadratic(plan, x, steps)` returns, on the fused kernel.
+def run_fused_quadratic(
+    plan: QuadraticPlan, x: torch.Tensor, steps: int, threads: int | None = None
+) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """Latents and the energy trace (steps + 1, B) of the quadratic program, on the fused kernel.
 
     CPU, float32 or float64, fixed steps (no tol). c = x B_s, s_0 = x start and the energy trace (from the
     (s, z) history, the formula of run_quadratic, summed in order per image) are row-wise too, so an image's
     latents and energies do not depend on its batch. No torch operation runs (torch's thread pool is not used).
     """
     import torch
-
-    from .backends import EngineRun
 
     if threads is None:
         threads = torch.get_num_threads()
@@ -231,7 +231,7 @@ def run_fused_quadratic(plan: QuadraticPlan, x: torch.Tensor, steps: int, thread
     # each, which on a loaded machine costs more than the kernel itself. log1p is numpy's SIMD loop (one
     # code path for every entry), the sums per image in the kernel.
     scale2 = plan.scale.square().numpy()
-    weight = scale2 / np.float32(2 * plan.eta)
+    weight = plan.energy_weight.numpy()
     omega = np.ascontiguousarray(plan.omega.numpy()[:, None])
     base = rowwise_matmul(np.square(xf), omega, threads)[:, 0] + plan.const.numpy()
     logs = np.log1p(np.square(states_np) * scale2) if plan.has_cauchy else states_np
@@ -243,4 +243,4 @@ def run_fused_quadratic(plan: QuadraticPlan, x: torch.Tensor, steps: int, thread
     sizes = [math.prod(s) for s in plan.shapes]
     parts = np.split(final_np, np.cumsum(sizes)[:-1], axis=1)
     latents = [torch.from_numpy(np.ascontiguousarray(p).reshape(batch, *s)) for p, s in zip(parts, plan.shapes)]
-    return EngineRun(latents, torch.from_numpy(energy_np), torch.full((batch,), steps, dtype=torch.int64))
+    return latents, torch.from_numpy(energy_np)

@@ -1,4 +1,5 @@
-"""The fused quadratic kernel (pcmodel/fused.py): the torch engine's recurrence, batch-invariant bit for bit."""
+"""The fused quadratic kernel (benchmarks/fused_quadratic.py): the quadratic program's recurrence, bit-for-bit
+batch-invariant."""
 
 from __future__ import annotations
 
@@ -7,11 +8,11 @@ import pytest
 import torch
 
 import pcmodel
-from pcmodel import backends
+from pcmodel.engines import plans
 
 pytest.importorskip("numba")
 
-from pcmodel import fused
+from benchmarks import fused_quadratic as fused
 
 
 def _random_plan(n: int, seed: int, cauchy: bool = True) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
@@ -66,12 +67,12 @@ def test_batch_invariant_bit_for_bit(threads: int, fma: bool) -> None:
 def test_engine_adapter_matches_the_loop(threads: int) -> None:
     model = pcmodel.load("rao-ballard-1999")
     x = torch.rand((7, *model.config.input_shape), generator=torch.Generator().manual_seed(0)) * 2 - 1
-    plan = backends.make_plan(model, x.shape[-2:], torch.float32, torch.device("cpu"))
-    run = fused.run_fused_quadratic(plan, x, 25, threads=threads)
+    plan = plans.make_plan(model.config, model.weights, x.shape[-2:], torch.float32, torch.device("cpu"))
+    latents, energy = fused.run_fused_quadratic(plan, x, 25, threads=threads)
     expected = model.infer(x, steps=25, backend="loop")
-    for got, want in zip(run.latents, expected.latents):
+    for got, want in zip(latents, expected.latents):
         assert float((got - want).abs().max()) < 1e-4
-    torch.testing.assert_close(run.energy, expected.energy, rtol=1e-5, atol=1e-3)
-    alone = fused.run_fused_quadratic(plan, x[2:3], 25, threads=threads)
-    assert all(torch.equal(a[0], b[2]) for a, b in zip(alone.latents, run.latents))
-    assert torch.equal(alone.energy[:, 0], run.energy[:, 2])
+    torch.testing.assert_close(energy, expected.energy, rtol=1e-5, atol=1e-3)
+    alone, alone_energy = fused.run_fused_quadratic(plan, x[2:3], 25, threads=threads)
+    assert all(torch.equal(a[0], b[2]) for a, b in zip(alone, latents))
+    assert torch.equal(alone_energy[:, 0], energy[:, 2])
