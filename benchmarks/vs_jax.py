@@ -6,10 +6,10 @@
 Cases: conv-rgb 32x32 B=1 and B=32, rao-ballard-1999 16x26 B=1 and B=32 (inputs uniform in [-1, 1],
 seed 0). Per round every runner is timed once (mean over calls lasting at least --min-time), in the
 same order, so the ratio of a round compares runs taken side by side; the median of the per-round
-ratios is the number to read. "ours" is `model.infer(x, steps=100)` (the automatic backend:
-onnxruntime), called once first to prepare; "fused" (rao-ballard only, where numba imports) is the
-prototype kernel of benchmarks/fused_quadratic.py with its energy trace (`run_fused_quadratic`: latents and energy;
-the final predictions / errors that `infer` also returns are not included: one small matmul per level).
+ratios is the number to read. "ours" is `model.infer(x, steps=100)` (the automatic backend: numba for
+the quadratic plan where numba is installed, else onnxruntime), called once first to prepare; beside it
+each CPU backend that applies, asked for by name ("onnxruntime", "numba"), the whole result as `infer`
+returns it.
 
 Threads are a property of the process: torch.set_num_threads(n) (our backends read it) and XLA_FLAGS
 set by benchmarks.jax_peer.configure_threads before jax is imported. Run one process per thread count.
@@ -40,46 +40,32 @@ def time_call(call: Callable[[], Any], min_time: float) -> float:
             return 1e3 * elapsed / count
 
 
-def fused_call(model: Any, x: Any, steps: int) -> Callable[[], list[Any]] | None:
-    """The fused kernel as an engine would run it (plan cached), or None where it does not apply."""
-    import torch
-
-    from benchmarks import fused_quadratic as fused
-    from pcmodel.engines import plans
-
-    if not fused.available():
-        return None
-    hw = (int(x.shape[-2]), int(x.shape[-1]))
-    if plans.plan_kind(model.config, hw) != "quadratic":
-        return None
-    plan = plans.make_plan(model.config, model.weights, hw, torch.float32, torch.device("cpu"))
-
-    def call() -> list[Any]:
-        return fused.run_fused_quadratic(plan, x, steps)[0]
-
-    return call
-
-
 def run_case(name: str, hw: tuple[int, int], batch: int, steps: int, rounds: int, min_time: float) -> dict[str, Any]:
     import torch
 
     import pcmodel
-    from benchmarks import fused_quadratic as fused
     from benchmarks.jax_peer import jax_runner
+    from pcmodel.engines import numba_quadratic, plans
 
     model = pcmodel.load(name)
     x = torch.rand((batch, model.config.input_shape[0], *hw), generator=torch.Generator().manual_seed(0)) * 2 - 1
-    first = model.infer(x, steps=steps)  # prepares the session
+    model.prepare(steps=[steps], shapes=[hw])
+    first = model.infer(x, steps=steps)
     expected = model.infer(x, steps=steps, backend="loop").latents
     runners: dict[str, Callable[[], Any]] = {"ours": lambda: model.infer(x, steps=steps).latents}
     info: dict[str, Any] = {"ours_backend": first.backend}
     jax_call, info["jax"] = jax_runner(model, x, steps)
     runners["jax"] = jax_call
-    start = time.perf_counter()
-    call = fused_call(model, x, steps)
-    if call is not None:
-        info["fused_compile_s"] = fused.warm_up() + (time.perf_counter() - start)
-        runners["fused"] = call
+    named = ["onnxruntime"]
+    if numba_quadratic.available() and plans.plan_kind(model.config, hw) == "quadratic":
+        named.append("numba")
+    for backend in named:
+        model.infer(x, steps=steps, backend=backend)  # builds or compiles
+
+        def call(backend: str = backend) -> Any:
+            return model.infer(x, steps=steps, backend=backend).latents
+
+        runners[backend] = call
     diffs = {}
     for key, runner in runners.items():
         got = runner()

@@ -87,13 +87,14 @@ def test_core_dependencies_are_the_light_set():
 
 def test_extras_exist_and_test_takes_the_others():
     extras = PYPROJECT["project"]["optional-dependencies"]
-    assert {"serve", "train", "bench", "pcx", "test"} <= set(extras)
+    assert {"serve", "train", "bench", "fast", "pcx", "test"} <= set(extras)
     assert {"bentoml", "prometheus-client", "python-multipart", "httpx"} <= names(extras["serve"])
     assert {"scipy", "scikit-image", "scikit-learn", "matplotlib", "rich"} <= names(extras["train"])
     assert {"httpx", "psutil", "jax"} <= names(extras["bench"])
     assert not CORE & (names(extras["serve"]) | names(extras["train"]))
     (self_reference,) = [Requirement(r) for r in extras["test"] if Requirement(r).name == "predictive-coding"]
-    assert self_reference.extras == {"serve", "train", "bench"}
+    assert self_reference.extras == {"serve", "train", "bench", "fast"}
+    assert names(extras["fast"]) == {"numba"}
     assert {"pytest", "ruff"} <= names(extras["test"])
 
 

@@ -1,17 +1,17 @@
 """The automatic rule: which backend runs a call. Pure: the same arguments always give the same Choice.
 
-float64 -> torch; early stop (tol) -> the plain loop; CUDA -> cuda-graph; CPU -> onnxruntime (fastest in
-pc-bench for both plan kinds at batch 1 and 32, docs/PERFORMANCE.md). The fast backends serve the step
-counts and input shapes the model was *prepared* for (`PCModel.prepare`); other calls run on the torch
-engine, which on a CPU then runs row by row so that an image's result never depends on its batch.
-Never timed at start-up, so results are deterministic.
+float64 -> torch; early stop (tol) -> the plain loop; CUDA -> cuda-graph; CPU -> numba for quadratic
+plans where numba is installed (one compiled loop per image), else onnxruntime (docs/PERFORMANCE.md).
+The fast backends serve the step counts and input shapes the model was *prepared* for
+(`PCModel.prepare`); other calls run on the torch engine, which on a CPU then runs row by row so that
+an image's result never depends on its batch. Never timed at start-up, so results are deterministic.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-BACKENDS = ("loop", "torch", "onnxruntime", "cuda-graph")
+BACKENDS = ("loop", "torch", "onnxruntime", "numba", "cuda-graph")
 
 
 @dataclass(frozen=True)
@@ -33,13 +33,16 @@ def select(
     prepared: bool,
     weights_changing: bool,
     program_stale: bool,
+    quadratic: bool = False,
+    numba: bool = False,
 ) -> Choice:
     """The backend for one call.
 
     requested: None/"auto" or a name in BACKENDS; device: "cpu" or "cuda"; prepared: whether (steps,
     input shape) is in the model's prepared set; weights_changing: the weights differ from the previous
     call's (learning: U changes after every batch); program_stale: the fast program for these steps and
-    shape was built for other weights. While the weights keep changing, rebuilding an onnxruntime session
+    shape was built for other weights; quadratic: the model's plan at this shape is quadratic; numba: numba
+    is installed. While the weights keep changing, rebuilding an onnxruntime session
     (~0.1-0.5 s) for every call would cost more than it saves: such calls run on the torch engine, batched.
     """
     choice = "auto" if requested is None else requested
@@ -50,8 +53,11 @@ def select(
     on_cuda = device == "cuda"
     if choice == "cuda-graph" and not on_cuda:
         raise ValueError("backend 'cuda-graph' needs the model on a CUDA device: model.to('cuda') first")
-    if choice == "onnxruntime" and on_cuda:
-        raise ValueError("backend 'onnxruntime' runs on the CPU; move the model with model.to('cpu')")
+    if choice in ("onnxruntime", "numba") and on_cuda:
+        raise ValueError(f"backend {choice!r} runs on the CPU; move the model with model.to('cpu')")
+    if choice == "numba" and not (quadratic and numba):
+        need = "numba installed (pip install 'predictive-coding[fast]')" if quadratic else "a quadratic plan"
+        raise ValueError(f"backend 'numba' runs the quadratic plan (linear f, few latents) and needs {need}")
     if steps == 0:
         return Choice("loop", "no steps")
     if float64:
@@ -60,7 +66,7 @@ def select(
         return Choice("loop", "early stop")
     if choice != "auto":
         return Choice(choice, "requested")
-    fast = "cuda-graph" if on_cuda else "onnxruntime"
+    fast = "cuda-graph" if on_cuda else ("numba" if quadratic and numba else "onnxruntime")
     if not prepared:
         rowwise = not on_cuda and not weights_changing
         return Choice("torch", f"{fast}: not prepared for these steps and shape", rowwise=rowwise)

@@ -11,10 +11,12 @@ from collections.abc import Sequence
 import torch
 
 from ..config import ModelConfig
+from . import numba_quadratic
 from .base import EngineRun
 from .cuda_graph import CudaGraphBackend
+from .numba_quadratic import NumbaBackend
 from .onnxruntime import OrtBackend
-from .plans import Plan, make_plan
+from .plans import Plan, make_plan, plan_kind
 from .select import Choice
 from .torch_engine import TorchBackend
 
@@ -38,6 +40,8 @@ class EngineState:
         self.torch = TorchBackend()
         self.onnxruntime = OrtBackend()
         self.cuda_graph = CudaGraphBackend()
+        self.numba = NumbaBackend()
+        self.quadratic: dict[tuple[int, int], bool] = {}  # plan kind by input size
         self.last_key: tuple | None = None  # the weights key of the previous call
 
     def set_prepared(self, steps: Sequence[int], shapes: Sequence[tuple[int, ...]]) -> None:
@@ -56,8 +60,24 @@ class EngineState:
     def is_prepared(self, steps: int, shape: tuple[int, ...]) -> bool:
         return shape in self.prepared.get(steps, [])
 
-    def backend(self, name: str) -> TorchBackend | OrtBackend | CudaGraphBackend:
-        return {"torch": self.torch, "onnxruntime": self.onnxruntime, "cuda-graph": self.cuda_graph}[name]
+    def backend(self, name: str) -> TorchBackend | OrtBackend | NumbaBackend | CudaGraphBackend:
+        named = {"torch": self.torch, "onnxruntime": self.onnxruntime, "numba": self.numba}
+        return self.cuda_graph if name == "cuda-graph" else named[name]
+
+    def is_quadratic(self, config: ModelConfig, hw: tuple[int, int]) -> bool:
+        if hw not in self.quadratic:
+            self.quadratic[hw] = plan_kind(config, hw) == "quadratic"
+        return self.quadratic[hw]
+
+    @staticmethod
+    def numba_available() -> bool:
+        return numba_quadratic.available()
+
+    def fast_backend(self, config: ModelConfig, hw: tuple[int, int], device: torch.device) -> str:
+        """The backend the automatic rule prefers for prepared calls at this size on this device."""
+        if device.type == "cuda":
+            return "cuda-graph"
+        return "numba" if self.is_quadratic(config, hw) and self.numba_available() else "onnxruntime"
 
     def plan(
         self,
@@ -89,12 +109,12 @@ class EngineState:
 
     def build(self, config: ModelConfig, weights: list[torch.Tensor], device: torch.device) -> None:
         """Build the fast programs of the prepared set now (sessions; CUDA graphs capture on first use)."""
-        fast = self.cuda_graph if device.type == "cuda" else self.onnxruntime
         key = weights_key(weights)
         for steps, shapes in self.prepared.items():
             for shape in shapes:
-                plan = self.plan(config, weights, key, (shape[1], shape[2]), torch.float32, device)
-                fast.prepare(plan, steps, shape, key)
+                hw = (shape[1], shape[2])
+                plan = self.plan(config, weights, key, hw, torch.float32, device)
+                self.backend(self.fast_backend(config, hw, device)).prepare(plan, steps, shape, key)
 
 
 __all__ = ["EngineRun", "EngineState", "weights_key"]

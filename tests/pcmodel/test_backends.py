@@ -14,13 +14,24 @@ import torch.nn.functional as F
 
 import pcmodel
 from pcmodel import PCModel
+from pcmodel.engines import numba_quadratic, ops, plans
 from pcmodel.engines import onnxruntime as ort_engine
-from pcmodel.engines import ops, plans
 
 from .conftest import KINDS, tiny_config
 
 CASES = list(itertools.product(KINDS, ("identity", "tanh"), ("gaussian", "cauchy")))
 FAST = ("torch", "onnxruntime")
+
+
+def fast_backends(model: PCModel, hw=None) -> tuple[str, ...]:
+    """The named backends that apply on a CPU: the numba one for quadratic plans where numba is installed."""
+    quadratic = plans.plan_kind(model.config, hw) == "quadratic"
+    return FAST + (("numba",) if quadratic and numba_quadratic.available() else ())
+
+
+def automatic(model: PCModel, hw=None) -> str:
+    """What the automatic rule picks on a CPU for prepared calls (docs/PERFORMANCE.md)."""
+    return "numba" if "numba" in fast_backends(model, hw) else "onnxruntime"
 
 
 def stable_model(config, generator, std=0.4, factor=0.8) -> PCModel:
@@ -50,7 +61,7 @@ def test_fast_paths_equal_the_loop_on_every_tiny_config(kind, f, prior, generato
     expected = model.infer(x, backend="loop")
     moved = max(float(r.abs().max()) for r in expected.latents)
     assert moved > 1e-2  # the comparison is not between two sets of zeros
-    for backend in FAST:
+    for backend in fast_backends(model):
         result = model.infer(x, backend=backend)
         assert (result.backend, result.reason) == (backend, "requested")
         assert_same_inference(result, expected)
@@ -61,11 +72,11 @@ def test_fast_paths_equal_the_loop_on_the_presets(preset, generator):
     model = pcmodel.load(preset)
     x = torch.rand((5, *model.config.input_shape), generator=generator) * 2 - 1
     expected = model.infer(x, backend="loop")
-    for backend in FAST:
+    for backend in fast_backends(model):
         assert_same_inference(model.infer(x, backend=backend), expected)
     model.prepare(shapes=[x.shape[1:]])
     auto = model.infer(x)  # the automatic rule on a CPU, float32, default steps, prepared shape
-    assert (auto.backend, auto.reason) == ("onnxruntime", "")
+    assert (auto.backend, auto.reason) == (automatic(model), "")
 
 
 def test_plan_kinds_follow_the_mathematics():
@@ -115,14 +126,14 @@ def test_automatic_rule_and_its_fallbacks(generator):
         result = model.infer(x, **kwargs)
         return result.backend, result.reason
 
-    assert chosen() == ("onnxruntime", "")
+    assert chosen() == (automatic(model), "")
     double = model.infer(x.double())
     assert (double.backend, double.reason) == ("torch", "float64 input")
     assert double.latents[0].dtype == torch.float64
     assert chosen(steps=0) == ("loop", "no steps")
     assert chosen(backend="onnxruntime", tol=1e-3) == ("loop", "early stop")
     assert chosen(backend="loop") == ("loop", "requested")
-    assert chosen(steps=7) == ("torch", "onnxruntime: not prepared for these steps and shape")
+    assert chosen(steps=7) == ("torch", f"{automatic(model)}: not prepared for these steps and shape")
     with pytest.raises(ValueError, match=r"unknown backend 'jax'; choose auto or one of"):
         model.infer(x, backend="jax")
     with pytest.raises(ValueError, match=r"needs the model on a CUDA device"):
@@ -161,7 +172,7 @@ def test_an_image_gets_the_same_bits_alone_and_in_a_batch_at_any_step_count(pres
     model = pcmodel.load(preset)
     x = torch.rand((5, *model.config.input_shape), generator=generator) * 2 - 1
     batch = model.infer(x, steps=steps)
-    assert batch.backend == ("onnxruntime" if steps is None else "torch")
+    assert batch.backend == (automatic(model) if steps is None else "torch")
     for i in (0, 3):
         alone = model.infer(x[i : i + 1], steps=steps)
         for a, b in zip(alone.latents, batch.latents):
@@ -172,12 +183,12 @@ def test_an_image_gets_the_same_bits_alone_and_in_a_batch_at_any_step_count(pres
 
 def test_learning_never_runs_on_stale_weights(generator):
     """learn_step then infer uses the new U; a session is rebuilt once the weights stop changing."""
-    model = pcmodel.load("rao-ballard-1999")
-    x = torch.randn((4, *model.config.input_shape), generator=generator)
+    model = pcmodel.load("conv-rgb")
+    x = torch.rand((4, *model.config.input_shape), generator=generator) * 2 - 1
     first = model.infer(x)
     assert first.backend == "onnxruntime"
     for _ in range(2):  # learning: U changes after every batch
-        model.learn_step(x, first.latents, k2=0.5)
+        model.learn_step(x, first.latents, k2=0.2)
         during = model.infer(x)
         assert (during.backend, during.reason) == ("torch", "weights changed since the onnxruntime session was built")
         assert_same_inference(during, model.infer(x, backend="loop"))
@@ -189,6 +200,13 @@ def test_learning_never_runs_on_stale_weights(generator):
     settled = model.infer(x)  # the weights stayed the same for two calls: the session is rebuilt
     assert settled.backend == "onnxruntime"
     assert_same_inference(settled, model.infer(x, backend="loop"))
+    rao = pcmodel.load("rao-ballard-1999")  # a quadratic plan: whatever the backend, it follows the new U
+    x = torch.rand((3, *rao.config.input_shape), generator=generator) * 2 - 1
+    before = rao.infer(x)
+    rao.learn_step(x, before.latents, k2=0.5)
+    after = rao.infer(x)
+    assert_same_inference(after, rao.infer(x, backend="loop"))
+    assert float((after.latents[0] - before.latents[0]).abs().max()) > 1e-4
 
 
 def test_early_stop_next_to_a_prepared_program_matches_the_fixed_call_bit_for_bit(generator):

@@ -1,0 +1,144 @@
+"""The numba backend: the quadratic program's T steps for each image in one compiled loop (CPU, optional).
+
+For the quadratic plan a step is s <- s M_s + c_s - s / (qinv + s^2) (pcmodel.engines.program): one
+small matrix-vector product and a few elementwise operations, so as separate kernels (onnxruntime:
+~6 per step) the per-kernel overhead dominates. Here every step of every image runs in one
+numba-compiled function with M (n x n, ~200 KB) in cache. It is the same recurrence as the program,
+held to the plain loop by the tests; the plan it reads is derived from the definition as for the others.
+
+Bit-for-bit batch invariance: each output element is summed over i in order, four i per pass,
+(((o + v0 m0) + v1 m1) + v2 m2) + v3 m3, vectorised over j, with no reassociation (LLVM may only
+contract a*b + c into one FMA). Four images are processed together to reuse each loaded row of M, each
+with exactly the expression it gets alone, so an image's result never depends on its neighbours, the
+batch size or the thread that runs it. With several threads the batch is split into row ranges.
+
+numba is optional (the `fast` extra): nothing needs a compiler at build or install time (numba ships
+LLVM in its llvmlite wheel). The kernels compile on first use (~4 s; cached on disk afterwards).
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+import itertools
+import math
+import time
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import numpy as np
+import torch
+
+from .base import EngineRun
+from .plans import Plan, QuadraticPlan
+
+
+@functools.cache
+def available() -> bool:
+    """Whether numba is installed (the backend can run); does not import it (that takes ~0.5 s)."""
+    return importlib.util.find_spec("numba") is not None
+
+
+@functools.cache
+def _kernels() -> tuple[Any, Any, Any]:
+    """The compiled kernels (numba imported lazily, on first use; compiled once and cached on disk)."""
+    from . import numba_kernels
+
+    return numba_kernels.matmul_rows, numba_kernels.steps_rows, numba_kernels.energy_rows
+
+
+@functools.cache
+def _pool(workers: int) -> ThreadPoolExecutor:
+    return ThreadPoolExecutor(workers, thread_name_prefix="pcmodel-numba")
+
+
+def _parallel(fn: Any, batch: int, threads: int, *args: Any) -> None:
+    """fn(*args, lo, hi) over contiguous row ranges, one per thread (the kernels release the GIL)."""
+    parts = max(1, min(threads, batch))
+    edges = [round(i * batch / parts) for i in range(parts + 1)]
+    ranges = [(lo, hi) for lo, hi in itertools.pairwise(edges) if hi > lo]
+    if len(ranges) == 1:
+        fn(*args, 0, batch)
+        return
+    pending = [_pool(len(ranges) - 1).submit(fn, *args, lo, hi) for lo, hi in ranges[1:]]
+    fn(*args, *ranges[0])
+    for f in pending:
+        f.result()
+
+
+def matmul(a: np.ndarray, m: np.ndarray, threads: int = 1) -> np.ndarray:
+    """a @ m, every row of the result computed on its own in a fixed order (batch-invariant)."""
+    a = np.ascontiguousarray(a, dtype=m.dtype)
+    out = np.empty((a.shape[0], m.shape[1]), dtype=m.dtype)
+    _parallel(_kernels()[0], a.shape[0], threads, a, np.ascontiguousarray(m), out)
+    return out
+
+
+def quadratic_steps(
+    step: np.ndarray, c: np.ndarray, s0: np.ndarray | None, qinv: np.ndarray, steps: int, threads: int = 1
+) -> tuple[np.ndarray, np.ndarray]:
+    """`steps` steps of the recurrence: (states (T+1, B, n), drives (T+1, B, n)); s0 None starts at zeros."""
+    dtype = step.dtype
+    batch, n = c.shape
+    states = np.empty((steps + 1, batch, n), dtype=dtype)
+    drives = np.empty((steps + 1, batch, n), dtype=dtype)
+    states[0] = 0 if s0 is None else s0
+    has_cauchy = bool(np.isfinite(qinv).any())
+    args = (np.ascontiguousarray(step), np.ascontiguousarray(c, dtype=dtype), np.ascontiguousarray(qinv, dtype=dtype))
+    _parallel(_kernels()[1], batch, threads, *args, int(steps), has_cauchy, states, drives)
+    return states, drives
+
+
+def run(plan: QuadraticPlan, x: torch.Tensor, steps: int, threads: int) -> EngineRun:
+    """The quadratic program (latents, energy, final predictions and errors) on the compiled kernels."""
+    batch = x.shape[0]
+    xf = x.detach().reshape(batch, -1).contiguous().numpy()
+    t = {name: v.detach().cpu().numpy() for name, v in plan.tensors().items()}
+    c = matmul(xf, t["drive"], threads)
+    s0 = None if plan.start is None else matmul(xf, t["start"], threads)
+    states, drives = quadratic_steps(t["step"], c, s0, t["qinv"], steps, threads)
+    # Energy from the (s, z) history (the program's formula), per image in a fixed order; numpy's
+    # elementwise log1p is one code path for every entry.
+    scale = t["scale"]
+    base = matmul(np.square(xf), np.ascontiguousarray(t["omega"][:, None]), threads)[:, 0] + t["const"]
+    logs = np.log1p(np.square(states) * np.square(scale)) if plan.has_cauchy else states
+    energy = np.empty((steps + 1, batch), dtype=states.dtype)
+    args = (states, drives, c, t["energy_weight"], logs, t["cauchy_alpha"], base, plan.has_cauchy)
+    _parallel(_kernels()[2], batch, threads, *args, energy)
+    final = states[steps] * scale
+    sizes = [math.prod(s) for s in plan.shapes]
+    flats = np.split(final, np.cumsum(sizes)[:-1], axis=1)
+    lowers = [xf, *flats[:-1]]
+    predictions, errors = [], []
+    for i, (r, lower) in enumerate(zip(flats, lowers)):
+        p = matmul(r, t[f"predict_map{i}"], threads)
+        e = matmul(lower, t[f"target_map{i}"], threads) - p
+        predictions.append(torch.from_numpy(p.reshape(batch, *plan.target_shapes[i])))
+        errors.append(torch.from_numpy(e.reshape(batch, *plan.target_shapes[i])))
+    reconstruction = matmul(states[steps], t["reconstruct"], threads).reshape(batch, *plan.input_shape)
+    return EngineRun(
+        latents=[torch.from_numpy(np.ascontiguousarray(r).reshape(batch, *s)) for r, s in zip(flats, plan.shapes)],
+        energy=torch.from_numpy(energy),
+        predictions=predictions,
+        errors=errors,
+        reconstruction=torch.from_numpy(reconstruction),
+    )
+
+
+class NumbaBackend:
+    name = "numba"
+
+    def __init__(self) -> None:
+        self.prepare_seconds: dict[str, float] = {}
+
+    def prepare(self, plan: Plan, steps: int, shape: tuple[int, ...], key: tuple) -> None:
+        """Compile the kernels (once per process; from the disk cache after the first time)."""
+        start = time.perf_counter()
+        _kernels()
+        m = np.eye(5, dtype=np.float32)
+        quadratic_steps(m, np.ones((5, 5), np.float32), None, np.full(5, 4.0, np.float32), 1)
+        self.prepare_seconds.setdefault("numba compile", time.perf_counter() - start)
+
+    def run(self, plan: Plan, x: torch.Tensor, steps: int, key: tuple) -> EngineRun:
+        assert isinstance(plan, QuadraticPlan), "the numba backend runs quadratic plans only"
+        return run(plan, x, steps, torch.get_num_threads())

@@ -1,0 +1,91 @@
+"""The numba backend (pcmodel/engines/numba_quadratic.py): the quadratic program's recurrence in one compiled
+loop, equal to the torch engine's recurrence and to the plain loop, and batch-invariant bit for bit."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import pcmodel
+from pcmodel.engines import plans
+
+pytest.importorskip("numba")
+
+from pcmodel.engines import numba_quadratic as fused
+
+
+def _random_plan(n: int, seed: int, cauchy: bool = True) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    step = (np.eye(n) * 0.8 + rng.standard_normal((n, n)) * (0.15 / np.sqrt(n))).astype(np.float32)  # stable
+    c = rng.standard_normal((32, n)).astype(np.float32)
+    s0 = rng.standard_normal((32, n)).astype(np.float32) * 0.5
+    qinv = np.where(rng.random(n) < 0.7, 1 / rng.uniform(0.05, 0.5, n), np.inf) if cauchy else np.full(n, np.inf)
+    return step, c, s0, qinv.astype(np.float32)
+
+
+def _torch_reference(step, c, s0, qinv, steps):
+    """run_quadratic's recurrence, written with the same torch operations."""
+    M, ct, s = (torch.from_numpy(a) for a in (step, c, s0))
+    q = torch.from_numpy(qinv)
+    states, drives = [s], []
+    for t in range(steps + 1):
+        z = torch.addmm(ct, s, M)
+        drives.append(z)
+        if t == steps:
+            break
+        s = torch.addcdiv(z, s, torch.addcmul(q, s, s), value=-1)
+        states.append(s)
+    return torch.stack(states).numpy(), torch.stack(drives).numpy()
+
+
+@pytest.mark.parametrize(("n", "cauchy"), [(37, True), (224, True), (64, False)])
+def test_matches_the_torch_recurrence(n: int, cauchy: bool) -> None:
+    step, c, s0, qinv = _random_plan(n, seed=n, cauchy=cauchy)
+    states, drives = fused.quadratic_steps(step, c, s0, qinv, 30)
+    want_states, want_drives = _torch_reference(step, c, s0, qinv, 30)
+    np.testing.assert_allclose(states, want_states, rtol=0, atol=1e-5)
+    np.testing.assert_allclose(drives, want_drives, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("n", [224, 37])
+def test_batch_invariant_bit_for_bit(threads: int, n: int) -> None:
+    """Rows alone (the one-row kernel) and in blocks of four (the four-row kernel) give the same bits."""
+    step, c, s0, qinv = _random_plan(n, seed=5)
+    for row in (0, 3, 6):
+        alone = fused.quadratic_steps(step, c[row : row + 1], s0[row : row + 1], qinv, 20, threads=threads)
+        for batch in (7, 32):
+            together = fused.quadratic_steps(step, c[:batch], s0[:batch], qinv, 20, threads=threads)
+            for a, b in zip(alone, together):
+                assert np.array_equal(a[:, 0], b[:, row])
+        product = fused.matmul(c, step, threads=threads)
+        assert np.array_equal(fused.matmul(c[row : row + 1], step)[0], product[row])
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_the_backend_matches_the_loop_and_is_batch_invariant(threads: int) -> None:
+    model = pcmodel.load("rao-ballard-1999")
+    x = torch.rand((7, *model.config.input_shape), generator=torch.Generator().manual_seed(0)) * 2 - 1
+    plan = plans.make_plan(model.config, model.weights, x.shape[-2:], torch.float32, torch.device("cpu"))
+    run = fused.run(plan, x, 25, threads=threads)
+    expected = model.infer(x, steps=25, backend="loop")
+    for got, want in zip(run.latents, expected.latents):
+        assert float((got - want).abs().max()) < 1e-4
+    torch.testing.assert_close(run.energy, expected.energy, rtol=1e-5, atol=1e-3)
+    alone = fused.run(plan, x[2:3], 25, threads=threads)
+    for field in ("latents", "predictions", "errors"):
+        assert all(torch.equal(a[0], b[2]) for a, b in zip(getattr(alone, field), getattr(run, field)))
+    assert torch.equal(alone.energy[:, 0], run.energy[:, 2])
+    assert torch.equal(alone.reconstruction[0], run.reconstruction[2])
+
+
+def test_the_automatic_rule_takes_it_for_quadratic_plans_only(generator) -> None:
+    rao = pcmodel.load("rao-ballard-1999")
+    x = torch.rand((3, *rao.config.input_shape), generator=generator) * 2 - 1
+    result = rao.infer(x)
+    assert (result.backend, result.reason) == ("numba", "")
+    conv = pcmodel.load("conv-rgb")
+    assert conv.infer(torch.rand((1, *conv.config.input_shape), generator=generator)).backend == "onnxruntime"
+    with pytest.raises(ValueError, match="backend 'numba' runs the quadratic plan"):
+        conv.infer(torch.rand((1, *conv.config.input_shape), generator=generator), backend="numba")
