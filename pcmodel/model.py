@@ -7,6 +7,7 @@ programs), and calls both; neither calls back.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 from pathlib import Path
@@ -22,6 +23,12 @@ from .energy import InferenceResult, make_result
 from .engines import EngineState, select, weights_key
 from .images import preprocess as preprocess_images
 from .levels import Level
+
+
+@functools.lru_cache(maxsize=64)
+def _levels(config: ModelConfig, hw: tuple[int, ...]) -> tuple[Level, ...]:
+    """Levels are pure geometry of (config, size): made once per size."""
+    return tuple(Level(lc, g) for lc, g in zip(config.levels, level_shapes(config, hw)))
 
 
 class UnstableStepError(ValueError):
@@ -70,8 +77,8 @@ class PCModel:
 
     def levels(self, input_hw: Sequence[int] | None = None) -> list[Level]:
         """The level maps at an input size (default: native)."""
-        hw = tuple(self.config.input_shape[1:] if input_hw is None else input_hw)
-        return [Level(lc, g) for lc, g in zip(self.config.levels, level_shapes(self.config, hw))]
+        hw = tuple(int(v) for v in (self.config.input_shape[1:] if input_hw is None else input_hw))
+        return list(_levels(self.config, hw))
 
     def latent_shapes(self, input_hw: Sequence[int] | None = None) -> list[tuple[int, int, int]]:
         """(causes, H_l, W_l) per level for an input of this size (default: native)."""

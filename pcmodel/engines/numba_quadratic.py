@@ -54,7 +54,10 @@ def _pool(workers: int) -> ThreadPoolExecutor:
 
 def _parallel(fn: Any, batch: int, threads: int, *args: Any) -> None:
     """fn(*args, lo, hi) over contiguous row ranges, one per thread (the kernels release the GIL)."""
-    parts = max(1, min(threads, batch))
+    if threads <= 1 or batch <= 1:
+        fn(*args, 0, batch)
+        return
+    parts = min(threads, batch)
     edges = [round(i * batch / parts) for i in range(parts + 1)]
     ranges = [(lo, hi) for lo, hi in itertools.pairwise(edges) if hi > lo]
     if len(ranges) == 1:
@@ -89,13 +92,49 @@ def quadratic_steps(
     return states, drives
 
 
+@functools.lru_cache(maxsize=16)
+def _arrays(plan: QuadraticPlan) -> dict[str, np.ndarray]:
+    """The plan's tensors as numpy arrays, once per plan, with the final products joined into two maps.
+
+    `finals`: the last state s -> [every level's prediction r_l P_l (r = k s) | the reconstruction];
+    `targets`: [x | r_1 .. r_{L-1}] -> every level's target lower_l T_l. Block-diagonal: two kernel
+    calls instead of one per level and product.
+    """
+    t = {name: np.ascontiguousarray(v.detach().cpu().numpy()) for name, v in plan.tensors().items()}
+    levels = range(len(plan.shapes))
+    scale = t["scale"]
+    sizes = [math.prod(s) for s in plan.shapes]
+    offsets = np.cumsum([0, *sizes])
+    widths = [t[f"predict_map{i}"].shape[1] for i in levels]
+    columns = np.cumsum([0, *widths])
+    finals = np.zeros((offsets[-1], columns[-1] + t["reconstruct"].shape[1]), dtype=scale.dtype)
+    lowers = [t["drive"].shape[0], *sizes[:-1]]
+    rows = np.cumsum([0, *lowers])
+    targets = np.zeros((rows[-1], columns[-1]), dtype=scale.dtype)
+    for i in levels:
+        lo, hi = offsets[i], offsets[i + 1]
+        finals[lo:hi, columns[i] : columns[i + 1]] = scale[lo:hi, None] * t[f"predict_map{i}"]
+        target = t[f"target_map{i}"]
+        if i > 0:  # the level below is r_{i} = k s: its scale folded in
+            target = scale[offsets[i - 1] : offsets[i], None] * target
+        targets[rows[i] : rows[i + 1], columns[i] : columns[i + 1]] = target
+    finals[:, columns[-1] :] = t["reconstruct"]
+    t["finals"], t["targets"], t["columns"] = finals, targets, columns
+    t["inputs"] = np.ascontiguousarray(
+        t["drive"] if plan.start is None else np.concatenate([t["drive"], t["start"]], axis=1)
+    )
+    return t
+
+
 def run(plan: QuadraticPlan, x: torch.Tensor, steps: int, threads: int) -> EngineRun:
     """The quadratic program (latents, energy, final predictions and errors) on the compiled kernels."""
     batch = x.shape[0]
     xf = x.detach().reshape(batch, -1).contiguous().numpy()
-    t = {name: v.detach().cpu().numpy() for name, v in plan.tensors().items()}
-    c = matmul(xf, t["drive"], threads)
-    s0 = None if plan.start is None else matmul(xf, t["start"], threads)
+    t = _arrays(plan)
+    n = t["step"].shape[0]
+    driven = matmul(xf, t["inputs"], threads)  # c (and s_0 for feed-forward starts)
+    c = np.ascontiguousarray(driven[:, :n])
+    s0 = None if plan.start is None else driven[:, n:]
     states, drives = quadratic_steps(t["step"], c, s0, t["qinv"], steps, threads)
     # Energy from the (s, z) history (the program's formula), per image in a fixed order; numpy's
     # elementwise log1p is one code path for every entry.
@@ -105,23 +144,28 @@ def run(plan: QuadraticPlan, x: torch.Tensor, steps: int, threads: int) -> Engin
     energy = np.empty((steps + 1, batch), dtype=states.dtype)
     args = (states, drives, c, t["energy_weight"], logs, t["cauchy_alpha"], base, plan.has_cauchy)
     _parallel(_kernels()[2], batch, threads, *args, energy)
-    final = states[steps] * scale
-    sizes = [math.prod(s) for s in plan.shapes]
-    flats = np.split(final, np.cumsum(sizes)[:-1], axis=1)
-    lowers = [xf, *flats[:-1]]
+    last = states[steps]
+    final = matmul(last, t["finals"], threads)  # predictions | reconstruction
+    below = np.concatenate([xf, last[:, : n - math.prod(plan.shapes[-1])]], axis=1)
+    target = matmul(below, t["targets"], threads)
+    columns = t["columns"]
     predictions, errors = [], []
-    for i, (r, lower) in enumerate(zip(flats, lowers)):
-        p = matmul(r, t[f"predict_map{i}"], threads)
-        e = matmul(lower, t[f"target_map{i}"], threads) - p
-        predictions.append(torch.from_numpy(p.reshape(batch, *plan.target_shapes[i])))
-        errors.append(torch.from_numpy(e.reshape(batch, *plan.target_shapes[i])))
-    reconstruction = matmul(states[steps], t["reconstruct"], threads).reshape(batch, *plan.input_shape)
+    for i, shape in enumerate(plan.target_shapes):
+        p = final[:, columns[i] : columns[i + 1]]
+        e = target[:, columns[i] : columns[i + 1]] - p
+        predictions.append(torch.from_numpy(np.ascontiguousarray(p).reshape(batch, *shape)))
+        errors.append(torch.from_numpy(e.reshape(batch, *shape)))
+    latent = last * scale
+    sizes = [math.prod(s) for s in plan.shapes]
+    flats = np.split(latent, np.cumsum(sizes)[:-1], axis=1)
     return EngineRun(
         latents=[torch.from_numpy(np.ascontiguousarray(r).reshape(batch, *s)) for r, s in zip(flats, plan.shapes)],
         energy=torch.from_numpy(energy),
         predictions=predictions,
         errors=errors,
-        reconstruction=torch.from_numpy(reconstruction),
+        reconstruction=torch.from_numpy(
+            np.ascontiguousarray(final[:, columns[-1] :]).reshape(batch, *plan.input_shape)
+        ),
     )
 
 

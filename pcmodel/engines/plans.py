@@ -49,7 +49,7 @@ def _prod(shape: Sequence[int]) -> int:
     return math.prod(int(v) for v in shape)
 
 
-@dataclass
+@dataclass(eq=False)  # identity: holds tensors, cached per plan object
 class QuadraticPlan:
     """All f linear, few latents: one matmul and two fused elementwise operations per step (module docstring)."""
 
