@@ -210,4 +210,7 @@ PCEncoder.mount_asgi_app(
     path="/",
     name="pc-routes",
 )
-PCEncoder.add_asgi_middleware(BodyGate, paths=API_ROUTES, max_bytes=SETTINGS.max_body_bytes)
+# The body must arrive a little before BentoML's request timeout (its 504) would fire: 408 instead.
+PCEncoder.add_asgi_middleware(
+    BodyGate, paths=API_ROUTES, max_bytes=SETTINGS.max_body_bytes, body_timeout_s=SETTINGS.request_timeout_s * 0.9
+)

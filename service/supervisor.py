@@ -166,7 +166,7 @@ class Supervisor:
             error = failed.read_text().strip() if failed.exists() else f"exited with status {process.returncode}"
             logger.error(
                 "worker %d (pid %d) failed to start (%d in a row): %s", worker.index, pid, self.failures, error
-            )  # noqa: E501
+            )
             if self.failures >= MAX_START_FAILURES:
                 raise StartFailed(f"a worker failed to start {self.failures} times in a row: {error}")
             worker.restart_at = now + min(0.5 * 2**self.failures, 10.0)  # back off a little
