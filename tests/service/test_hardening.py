@@ -176,7 +176,9 @@ def test_a_killed_worker_leaves_no_requests_in_progress(hardened, astronaut):
         time.sleep(0.5)
     assert len(current) == 2 and victim.pid not in current
     assert in_progress(hardened) == 0
+    all_ready(hardened)  # the new worker loads its model (requests sent to it meanwhile wait)
     assert hardened.post("/encode", files={"image": ("a.png", image)}).status_code == 200
+    assert in_progress(hardened) == 0
 
 
 def test_sigterm_drains_and_refuses_new_connections_at_once(hardened, astronaut):
