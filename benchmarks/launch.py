@@ -30,7 +30,13 @@ def free_port() -> int:
 class LocalServer:
     """A pc-serve process on 127.0.0.1; `settings` are PC_* names without the prefix (model="conv-rgb")."""
 
-    def __init__(self, home: str | os.PathLike[str] | None = None, start_timeout_s: float = 120, **settings: object):
+    def __init__(
+        self,
+        home: str | os.PathLike[str] | None = None,
+        start_timeout_s: float = 120,
+        cwd: str | os.PathLike[str] | None = None,
+        **settings: object,
+    ):
         self._tmp = None if home is not None else tempfile.TemporaryDirectory(prefix="pc-serve-")
         self.home = Path(home if home is not None else self._tmp.name)  # type: ignore[union-attr]
         self.port = free_port()
@@ -41,6 +47,8 @@ class LocalServer:
         self.start_timeout_s = start_timeout_s
         self.log = self.home / "server.log"
         self.process: subprocess.Popen | None = None
+        self.cwd = cwd  # pc-serve's working directory (relative checkpoint paths are relative to it)
+        self.probes: list[tuple[str, int]] = []  # (path, status) of every /readyz and /livez answer while starting
 
     def start(self) -> LocalServer:
         """Start and wait until /readyz answers 200 (model loaded and warmed up)."""
@@ -61,6 +69,7 @@ class LocalServer:
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
+                cwd=self.cwd,
             )
         deadline = time.monotonic() + self.start_timeout_s
         while time.monotonic() < deadline:
@@ -71,7 +80,10 @@ class LocalServer:
                 self.stop()
                 raise RuntimeError(f"the service failed to start:\n{tail}")
             try:
-                if httpx.get(self.url + "/readyz", timeout=2).status_code == 200:
+                self.probes.append(("/livez", httpx.get(self.url + "/livez", timeout=2).status_code))
+                status = httpx.get(self.url + "/readyz", timeout=2).status_code
+                self.probes.append(("/readyz", status))
+                if status == 200:
                     return self
             except httpx.HTTPError:
                 pass

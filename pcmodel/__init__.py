@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import CheckpointError
+from .checkpoint import CheckpointError, not_a_file
 from .checkpoint import load as _load_checkpoint
 from .config import ConfigError, LearningConfig, LevelConfig, ModelConfig, PreprocessConfig
 from .energy import InferenceResult
@@ -96,6 +96,9 @@ def load(
     else:
         path = Path(text)
         if not path.is_file():
-            raise CheckpointError(f"{text}: no such checkpoint file, and not a model name ({', '.join(names)})")
+            reason = not_a_file(path)
+            if not path.exists():
+                reason += f", and not a model name ({', '.join(names)})"
+            raise CheckpointError(f"{text}: {reason}")
     ckpt = _load_checkpoint(path)
     return PCModel(ckpt.config, ckpt.weights, allow_unstable=allow_unstable, device=device, provenance=ckpt.provenance)

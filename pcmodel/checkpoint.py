@@ -93,12 +93,25 @@ def save(
     return sha
 
 
+def not_a_file(path: Path) -> str:
+    """Why `path` cannot be read as a checkpoint file, in a few words (it is not a regular file)."""
+    if not path.exists():
+        return "no such checkpoint file"
+    if path.is_dir():
+        return "is a directory, not a checkpoint file (name the .safetensors file inside it)"
+    if path.is_fifo():
+        return "is a named pipe (FIFO), not a checkpoint file"
+    if path.is_socket():
+        return "is a socket, not a checkpoint file"
+    return "is not a regular file (a device or other special file), not a checkpoint file"
+
+
 def load(path: str | os.PathLike[str], max_bytes: int = MAX_CHECKPOINT_BYTES) -> Checkpoint:
     """Read and validate a checkpoint; raises CheckpointError with a one-sentence reason."""
     path = Path(path)
     name = str(path)
     if not path.is_file():
-        raise CheckpointError(f"{name}: no such checkpoint file")
+        raise CheckpointError(f"{name}: {not_a_file(path)}")
     size = path.stat().st_size
     if size == 0:
         raise CheckpointError(f"{name} is empty (0 bytes), not a pcmodel checkpoint")

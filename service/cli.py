@@ -2,12 +2,16 @@
 
 Flags win over PC_* environment variables, which win over the defaults. A bad setting or a bad or
 missing checkpoint ends here with one line on stderr and exit status 2, before any server starts.
-The server then replaces this process (exec), so signals from a container runtime reach it.
+pc-serve then supervises the BentoML worker processes (service.supervisor): it restarts a worker that
+dies, stops with exit status 1 and the worker's one-line error when workers fail to start
+MAX_START_FAILURES times in a row, and on SIGTERM stops listening and lets the requests in flight
+finish before it exits.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import os
 import sys
@@ -15,6 +19,7 @@ import tempfile
 from pathlib import Path
 
 from .settings import Settings, SettingsError
+from .supervisor import StartFailed, Supervisor
 
 logger = logging.getLogger(__name__)
 
@@ -49,8 +54,17 @@ def check(settings: Settings) -> str:
     return f"{model.name} (sha256 {model.sha256[:12]}) from {settings.model}"
 
 
+def resolve_model(model: str) -> str:
+    """A checkpoint path made absolute against the user's directory (the workers run elsewhere)."""
+    import pcmodel
+
+    if model in pcmodel.shipped_models() and not Path(model).is_file():
+        return model  # a model name
+    return str(Path(model).expanduser().absolute())
+
+
 def _writable(variable: str, default: Path) -> Path:
-    path = Path(os.environ.get(variable) or default)
+    path = Path(os.environ.get(variable) or default).expanduser().absolute()  # the workers run elsewhere
     try:
         path.mkdir(parents=True, exist_ok=True)
         with tempfile.NamedTemporaryFile(dir=path):
@@ -69,10 +83,11 @@ def main(argv: list[str] | None = None) -> int:
         settings = Settings.from_env(
             model=args.model, host=args.host, port=args.port, workers=args.workers, allow_unstable=args.allow_unstable
         )
+        settings = dataclasses.replace(settings, model=resolve_model(settings.model))
         # BentoML keeps its state and Prometheus files under BENTOML_HOME, uploads under TMPDIR: with a
         # read-only root filesystem both must point at writable mounts.
-        _writable("BENTOML_HOME", Path.home() / "bentoml")
-        _writable("TMPDIR", Path(tempfile.gettempdir()))
+        home = _writable("BENTOML_HOME", Path.home() / "bentoml")
+        tmp = _writable("TMPDIR", Path(tempfile.gettempdir()))
         description = check(settings)
     except (ValueError, OSError) as exc:  # settings, checkpoint and config errors are all ValueErrors
         print(f"pc-serve: {exc}", file=sys.stderr)
@@ -83,15 +98,19 @@ def main(argv: list[str] | None = None) -> int:
     logger.info(
         "serving %s on http://%s:%d with %d worker(s)", description, settings.host, settings.port, settings.workers
     )
-    env = {**os.environ, **settings.to_env()}
+    env = {**os.environ, **settings.to_env(), "BENTOML_HOME": str(home), "TMPDIR": str(tmp)}
     env.setdefault("BENTOML_DO_NOT_TRACK", "true")  # no usage reports leave the machine unless asked for
     root = str(Path(__file__).resolve().parent.parent)  # where `service` imports from
-    command = [sys.executable, "-m", "bentoml", "serve", SERVICE, "--host", settings.host, "--port", str(settings.port)]
-    command += ["--working-dir", root]
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os.execve(sys.executable, command, env)
-    return 0  # not reached
+    try:
+        supervisor = Supervisor(SERVICE, root, settings.host, settings.port, settings.workers, env, home)
+    except OSError as exc:
+        print(f"pc-serve: cannot listen on {settings.host}:{settings.port}: {exc.strerror}", file=sys.stderr)
+        return 2
+    try:
+        return supervisor.run()
+    except StartFailed as exc:
+        print(f"pc-serve: {exc}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

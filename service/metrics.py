@@ -31,6 +31,7 @@ REASONS = (
     "bad_parameter",  # steps, size_mode or outputs out of range
     "not_finite",  # inference produced NaN or Inf (an unstable checkpoint)
     "overloaded",  # the model's queue is full
+    "timeout",  # the request body did not arrive in time (408): a slow or stalled client
 )
 
 INFERENCE_DURATION = Histogram(

@@ -6,7 +6,9 @@ environment variables (service.settings); `pc-serve` sets them from its flags.
 
 Routes: POST /encode, POST /encode_batch (BentoML API methods), GET /model and GET /docs.json (a
 small mounted ASGI app: BentoML API methods are POST-only), and BentoML's /livez, /readyz and
-/metrics. /readyz answers 200 only after the model is loaded, moved to its device and warmed up.
+/metrics. The model loads on a thread (service.health), so the probes answer at once: /readyz 503
+until the model is loaded, moved to its device and warmed up, then 200; /livez 200 unless the load
+failed or the batcher's task has died (then 503, so Kubernetes restarts the pod).
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from . import codec, metrics, openapi
 from .batching import Settled
 from .codec import EncodeOptions, Part
 from .engine import Engine
+from .health import ModelLoader, NotLoaded
 from .middleware import BODY_KEY, CONTENT_TYPE_KEY, BodyGate
 from .settings import Settings
 
@@ -56,21 +59,35 @@ class PCEncoder:
 
     def __init__(self) -> None:
         self.settings = SETTINGS
-        self.engine = Engine(SETTINGS)  # load, move to the device, warm up: /readyz waits for this
-        _engines.append(self.engine)
+        self.loader = ModelLoader(self._load)  # load, move to the device, warm up: /readyz waits for this
+
+    def _load(self) -> Engine:
+        engine = Engine(SETTINGS)
+        _engines.append(engine)
+        return engine
+
+    @property
+    def engine(self) -> Engine:
+        assert self.loader.value is not None, "the API methods wait for the model first"
+        return self.loader.value
 
     def __is_ready__(self) -> bool:
-        return self.engine.batcher.alive
+        return self.loader.loaded and self.engine.batcher.alive
+
+    def __is_alive__(self) -> bool:
+        return self.loader.error is None and (not self.loader.loaded or self.engine.batcher.alive)
 
     @bentoml.on_shutdown
     def close(self) -> None:
-        self.engine.close()
+        if self.loader.loaded:
+            self.engine.close()
 
     @bentoml.api(route="/encode")
     async def encode(self, ctx: bentoml.Context) -> dict:
         """Encode one image. Multipart form: `image` (file), optional `steps`, `size_mode`, `outputs`."""
         started = time.perf_counter()
         try:
+            await self.loader.wait()  # at once, unless the model is still loading
             images, options = codec.read_request(*_body(ctx), "image", 1, self.engine.config, self.settings)
             result, settled, small = await self._encode(images[0], options)
         except Exception as exc:
@@ -87,6 +104,7 @@ class PCEncoder:
     async def encode_batch(self, ctx: bentoml.Context) -> dict:
         """Encode several images (`images`, repeated) with shared options; a bad image is an entry, not a failure."""
         try:
+            await self.loader.wait()
             images, options = codec.read_request(
                 *_body(ctx), "images", self.settings.max_batch_images, self.engine.config, self.settings
             )
@@ -131,14 +149,34 @@ def _rejection_or_raise(exc: Exception) -> codec.RequestError:
 
 def _error_response(ctx: bentoml.Context, exc: Exception) -> Response:
     """A flat {"error": ...} body with the error's status, counted by reason."""
+    if isinstance(exc, NotLoaded):  # /livez fails too: not a request error, the pod is restarted
+        ctx.response.status_code = 503
+        return JSONResponse({"error": str(exc)}, status_code=503)
     error = _rejection_or_raise(exc)
     metrics.count_error(error.reason)
     if error.status >= 500:
-        logger.warning("%s: %s", error.reason, error.message)
+        _warn_limited(error.reason, error.message)
     if error.status == 503:
         ctx.response.headers["Retry-After"] = "1"
     ctx.response.status_code = error.status  # BentoML applies the context's status to whatever we return
     return JSONResponse({"error": error.message}, status_code=error.status)
+
+
+_WARN_EVERY_S = 10.0
+_warned: dict[str, tuple[float, int]] = {}  # reason -> (when last logged, how many not logged since)
+
+
+def _warn_limited(reason: str, message: str) -> None:
+    """A WARNING per reason at most every _WARN_EVERY_S: an overload makes hundreds of 503s a second,
+    which pc_request_errors_total counts; the log only needs to say that it is happening."""
+    now = time.monotonic()
+    last, suppressed = _warned.get(reason, (-_WARN_EVERY_S, 0))
+    if now - last < _WARN_EVERY_S:
+        _warned[reason] = (last, suppressed + 1)
+        return
+    more = f" (and {suppressed} more like it in the last {now - last:.0f} s)" if suppressed else ""
+    logger.warning("%s: %s%s", reason, message, more)
+    _warned[reason] = (now, 0)
 
 
 async def _call(inline: bool, fn: Callable[..., T], *args: object) -> T:
@@ -172,4 +210,7 @@ PCEncoder.mount_asgi_app(
     path="/",
     name="pc-routes",
 )
-PCEncoder.add_asgi_middleware(BodyGate, paths=API_ROUTES, max_bytes=SETTINGS.max_body_bytes)
+# The body must arrive a little before BentoML's request timeout (its 504) would fire: 408 instead.
+PCEncoder.add_asgi_middleware(
+    BodyGate, paths=API_ROUTES, max_bytes=SETTINGS.max_body_bytes, body_timeout_s=SETTINGS.request_timeout_s * 0.9
+)

@@ -29,6 +29,7 @@ EXPECTED_KINDS = {
     "ConfigMap",
     "Deployment",
     "Service",
+    "Ingress",
     "HorizontalPodAutoscaler",
     "PodDisruptionBudget",
     "ServiceMonitor",
@@ -180,7 +181,7 @@ def test_probes_and_port(rendered, overlay):
     assert c["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "http"}
     assert c["livenessProbe"]["httpGet"] == {"path": "/livez", "port": "http"}
     startup = c["startupProbe"]
-    # /readyz hangs while the model loads: give that minutes before the liveness probe takes over.
+    # /readyz answers 503 while the model loads and warms up: give that minutes before liveness takes over.
     assert startup["periodSeconds"] * startup["failureThreshold"] >= 300
     assert settings_env(rendered[overlay])["PC_PORT"] == "3000"
 
@@ -238,3 +239,21 @@ def test_cpu_overlay_has_no_gpu_and_pins_threads_to_its_cpu_request(rendered):
     assert c["image"].endswith("-cpu")
     (metric,) = by_kind(rendered["cpu"], "HorizontalPodAutoscaler")["spec"]["metrics"]
     assert metric["type"] == "Resource" and metric["resource"]["name"] == "cpu"
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_ingress_buffers_requests_for_the_service(rendered, overlay):
+    """Slow clients meet nginx, not a worker: uvicorn has no header timeout (docs/DEPLOY.md)."""
+    resources = rendered[overlay]
+    ingress = by_kind(resources, "Ingress")
+    annotations = ingress["metadata"]["annotations"]
+    assert annotations["nginx.ingress.kubernetes.io/proxy-request-buffering"] == "on"
+    timeout = Settings.from_env(settings_env(resources)).request_timeout_s
+    assert int(annotations["nginx.ingress.kubernetes.io/proxy-read-timeout"]) > timeout
+    (rule,) = ingress["spec"]["rules"]
+    (path,) = rule["http"]["paths"]
+    service = by_kind(resources, "Service")
+    assert path["backend"]["service"] == {"name": service["metadata"]["name"], "port": {"name": "http"}}
+    assert service["spec"]["ports"][0]["name"] == "http"
+    terminate = by_kind(resources, "Deployment")["spec"]["template"]["spec"]["terminationGracePeriodSeconds"]
+    assert terminate > timeout, "requests in flight must finish within the grace period"

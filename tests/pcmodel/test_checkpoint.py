@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import pickle
 import struct
 import zipfile
@@ -89,6 +90,12 @@ def expect(path, pattern):
 
 def test_missing_file(tmp_path):
     expect(tmp_path / "nope.safetensors", "no such checkpoint file")
+
+
+def test_a_directory_or_a_fifo_is_named_for_what_it_is(tmp_path):
+    assert "no such" not in expect(tmp_path, "is a directory, not a checkpoint file")
+    os.mkfifo(tmp_path / "pipe.safetensors")
+    assert "no such" not in expect(tmp_path / "pipe.safetensors", "is a named pipe")
 
 
 def test_empty_file(tmp_path):

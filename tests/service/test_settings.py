@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
 from service import cli
@@ -59,9 +61,10 @@ def test_pc_serve_checks_a_good_model(capsys, monkeypatch, tmp_path):
         (lambda p: p / "missing.safetensors", "no such checkpoint file"),
         (lambda p: _write(p / "junk.safetensors", b"not a checkpoint at all"), "not a safetensors file"),
         (lambda p: _write(p / "empty.safetensors", b""), "is empty"),
-        (lambda p: p, "no such checkpoint file"),  # a directory
+        (lambda p: p, "is a directory"),
+        (lambda p: _fifo(p / "pipe.safetensors"), "is a named pipe"),
     ],
-    ids=["missing", "junk", "empty", "directory"],
+    ids=["missing", "junk", "empty", "directory", "fifo"],
 )
 def test_pc_serve_rejects_a_bad_checkpoint_in_one_line(capsys, monkeypatch, tmp_path, make, message):
     code, out, err = run_cli(capsys, monkeypatch, tmp_path, "--model", str(make(tmp_path)))
@@ -78,6 +81,11 @@ def test_pc_serve_needs_a_writable_bentoml_home(capsys, monkeypatch, tmp_path):
 def test_pc_serve_flags_win_over_the_environment(capsys, monkeypatch, tmp_path):
     code, _, err = run_cli(capsys, monkeypatch, tmp_path, "--port", "99999", PC_PORT="3000")
     assert code == 2 and "PC_PORT must be a TCP port" in err
+
+
+def _fifo(path):
+    os.mkfifo(path)  # opening it to read would block: the check must not
+    return path
 
 
 def _write(path, data: bytes):

@@ -1,0 +1,192 @@
+"""pc-serve's supervisor: BentoML's HTTP workers as child processes that pc-serve starts and watches.
+
+`bentoml serve` runs a circus arbiter that binds one socket shared by every worker, restarts a
+worker that fails to start forever, keeps a dead worker's Prometheus files, and holds the socket
+open while it drains (new connections wait in the backlog, unanswered, until the process exits).
+pc-serve runs BentoML's own worker entry point (`_bentoml_impl.worker.service`, what the arbiter
+runs) under this small supervisor instead:
+
+- One socket per worker, all bound to the port with SO_REUSEPORT, so the kernel spreads
+  connections over the workers (with one shared socket, the first worker to wake accepts every
+  queued connection, and keep-alive clients stay with it). The supervisor only binds them; a
+  worker's server calls listen() once its application has started, so the port accepts
+  connections only when a worker can answer them.
+- A worker that exits is restarted, and its live Prometheus gauges (requests in progress) are
+  removed with `multiprocess.mark_process_dead`, so /metrics stops counting its lost requests.
+- A worker reports its model load through a file in the state directory (`ready-PID`, or
+  `failed-PID` holding a one-line error, see service.health). MAX_START_FAILURES failed starts in
+  a row stop pc-serve with exit status 1 and that line.
+- SIGTERM or SIGINT: the supervisor closes its copies of the sockets and passes the signal on;
+  each worker's server stops listening, so new connections are refused at once, and finishes the
+  requests in flight before it exits.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from prometheus_client import multiprocess
+
+logger = logging.getLogger(__name__)
+
+WORKER_MODULE = "_bentoml_impl.worker.service"  # what `bentoml serve` runs in each worker process
+STATE_DIR_VARIABLE = "PCSERVE_STATE_DIR"  # where workers write ready-PID / failed-PID (service.health)
+MAX_START_FAILURES = 3  # failed worker starts in a row before pc-serve gives up
+POLL_S = 0.2
+
+
+class StartFailed(RuntimeError):
+    """Workers failed to start MAX_START_FAILURES times in a row; the message is the last one's error."""
+
+
+@dataclass
+class _Worker:
+    index: int  # 1-based, BentoML's worker id
+    sock: socket.socket
+    process: subprocess.Popen | None = None
+    ready: bool = False
+    restart_at: float = 0.0
+
+
+def bind_sockets(host: str, port: int, count: int) -> list[socket.socket]:
+    """`count` sockets bound to host:port with SO_REUSEPORT, not listening yet. Raises OSError."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sockets = []
+    try:
+        for _ in range(count):
+            s = socket.socket(family, socket.SOCK_STREAM)
+            sockets.append(s)
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+            s.bind((host, port))
+            s.set_inheritable(True)
+    except OSError:
+        for s in sockets:
+            s.close()
+        raise
+    return sockets
+
+
+def prometheus_dir(bentoml_home: Path) -> Path:
+    """BentoML's multiprocess directory, emptied as `bentoml serve` does at every start."""
+    path = bentoml_home / "prometheus_multiproc_dir"
+    shutil.rmtree(path, ignore_errors=True)
+    path.mkdir(parents=True)
+    return path
+
+
+class Supervisor:
+    """Runs `workers` BentoML worker processes for `service` on host:port until a signal stops it."""
+
+    def __init__(
+        self, service: str, root: str, host: str, port: int, workers: int, env: dict[str, str], bentoml_home: Path
+    ) -> None:
+        self.service = service
+        self.root = root  # the working directory the service imports from
+        self.sockets = bind_sockets(host, port, workers)
+        self.metrics_dir = prometheus_dir(bentoml_home)
+        self.state_dir = Path(tempfile.mkdtemp(prefix="pc-serve-state-"))
+        name = service.rsplit(":", 1)[-1]
+        url = f"http://{'localhost' if host in ('0.0.0.0', '::') else host}:{port}"
+        self.env = {
+            **env,
+            "PROMETHEUS_MULTIPROC_DIR": str(self.metrics_dir),
+            "BENTOML_RUNNER_MAP": json.dumps({name: url}),
+            STATE_DIR_VARIABLE: str(self.state_dir),
+        }
+        self.name = name
+        self.workers = [_Worker(index=i + 1, sock=s) for i, s in enumerate(self.sockets)]
+        self.failures = 0  # failed starts in a row, over all workers
+        self.stopping = False
+
+    def run(self) -> int:
+        """Serve until SIGTERM/SIGINT (returns 0 once every worker has drained) or StartFailed."""
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, self._on_signal)
+        try:
+            for worker in self.workers:
+                self._start(worker)
+            while not self.stopping:
+                self._check()
+                time.sleep(POLL_S)
+            self._drain()
+            return 0
+        finally:
+            self._kill_all()
+            shutil.rmtree(self.state_dir, ignore_errors=True)
+
+    def _on_signal(self, signum: int, frame: object) -> None:
+        if not self.stopping:
+            logger.info("%s: finishing the requests in flight, then stopping", signal.Signals(signum).name)
+        self.stopping = True
+
+    def _start(self, worker: _Worker) -> None:
+        fd = worker.sock.fileno()
+        command = [sys.executable, "-m", WORKER_MODULE, self.service, "--fd", str(fd)]
+        command += ["--service-name", self.name, "--worker-id", str(worker.index)]
+        worker.process = subprocess.Popen(command, cwd=self.root, env=self.env, pass_fds=(fd,))
+        worker.ready = False
+        logger.info("worker %d started (pid %d)", worker.index, worker.process.pid)
+
+    def _check(self) -> None:
+        now = time.monotonic()
+        for worker in self.workers:
+            process = worker.process
+            if process is None:
+                if now >= worker.restart_at:
+                    self._start(worker)
+                continue
+            pid = process.pid
+            failed = self.state_dir / f"failed-{pid}"
+            if not worker.ready and (self.state_dir / f"ready-{pid}").exists():
+                worker.ready = True
+                self.failures = 0
+            if process.poll() is None and not failed.exists():
+                continue
+            if process.poll() is None:  # it reported a failed start: it has nothing in flight
+                process.kill()
+                process.wait()
+            multiprocess.mark_process_dead(pid, str(self.metrics_dir))  # drop its in-progress gauges
+            worker.process = None
+            if worker.ready:
+                logger.warning("worker %d (pid %d) exited (%s); restarting it", worker.index, pid, process.returncode)
+                worker.restart_at = now
+                continue
+            self.failures += 1
+            error = failed.read_text().strip() if failed.exists() else f"exited with status {process.returncode}"
+            logger.error(
+                "worker %d (pid %d) failed to start (%d in a row): %s", worker.index, pid, self.failures, error
+            )
+            if self.failures >= MAX_START_FAILURES:
+                raise StartFailed(f"a worker failed to start {self.failures} times in a row: {error}")
+            worker.restart_at = now + min(0.5 * 2**self.failures, 10.0)  # back off a little
+
+    def _drain(self) -> None:
+        for s in self.sockets:
+            s.close()  # the workers' copies are then the last: when they stop listening, the port closes
+        for worker in self.workers:
+            if worker.process is not None and worker.process.poll() is None:
+                worker.process.send_signal(signal.SIGTERM)
+        for worker in self.workers:
+            if worker.process is not None:
+                worker.process.wait()
+                multiprocess.mark_process_dead(worker.process.pid, str(self.metrics_dir))
+        logger.info("every worker has stopped")
+
+    def _kill_all(self) -> None:
+        for worker in self.workers:
+            if worker.process is not None and worker.process.poll() is None:
+                worker.process.kill()
+                worker.process.wait()
+        for s in self.sockets:
+            s.close()
