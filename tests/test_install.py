@@ -103,3 +103,17 @@ def test_the_bento_lists_the_serve_extra():
     packages = PYPROJECT["tool"]["bentoml"]["build"]["python"]["packages"]
     serve = PYPROJECT["project"]["optional-dependencies"]["serve"]
     assert {str(Requirement(p)) for p in packages} == {str(Requirement(r)) for r in serve}
+
+
+def test_every_package_is_installed():
+    """Every folder with an __init__.py under the installed packages is listed (a wheel leaves out the rest)."""
+    listed = set(PYPROJECT["tool"]["setuptools"]["packages"])
+    found = {
+        ".".join(init.parent.relative_to(ROOT).parts)
+        for top in ("pcmodel", "service", "training", "benchmarks")
+        for init in (ROOT / top).rglob("__init__.py")
+    }
+    assert found == listed
+    include = PYPROJECT["tool"]["bentoml"]["build"]["include"]
+    for package in found - {"training", "benchmarks"}:  # the bento serves; it needs no tools
+        assert f"{package.replace('.', '/')}/*.py" in include

@@ -60,9 +60,9 @@ def bento(tmp_path_factory) -> tuple[Path, Path]:
 
 def test_bento_holds_the_sources_and_the_shipped_weights(bento):
     source, built = bento
-    for package in ("service", "pcmodel"):
+    for package in ("service", "pcmodel", "pcmodel/engines"):
         expected = {p.name for p in (source / package).glob("*.py")}
-        assert expected <= {p.name for p in (built / "src" / package).glob("*.py")}
+        assert expected and expected <= {p.name for p in (built / "src" / package).glob("*.py")}
     shipped = {p.name: digest(p) for p in (source / "pcmodel" / "weights").glob("*.safetensors")}
     packed = {p.name: digest(p) for p in (built / "src" / "pcmodel" / "weights").glob("*.safetensors")}
     assert shipped and packed == shipped
