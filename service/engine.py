@@ -37,7 +37,7 @@ def default_threads(workers: int) -> int:
     """Intra-op threads per worker: its share of the cores, less one for its event loop (at least 1).
 
     The event loop decodes, encodes and answers while the model runs; on 2 cores, onnxruntime
-    with 2 threads ran conv-rgb 2-4x slower than with 1 (docs/PERFORMANCE.md).
+    with 2 threads ran conv-rgb slower than with 1 (measured in docs/PERFORMANCE.md).
     """
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     return max(1, cores // workers - 1)

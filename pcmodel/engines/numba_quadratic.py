@@ -92,8 +92,7 @@ def quadratic_steps(
     return states, drives
 
 
-@functools.lru_cache(maxsize=16)
-def _arrays(plan: QuadraticPlan) -> dict[str, np.ndarray]:
+def arrays(plan: QuadraticPlan) -> dict[str, np.ndarray]:
     """The plan's tensors as numpy arrays, once per plan, with the final products joined into two maps.
 
     `finals`: the last state s -> [every level's prediction r_l P_l (r = k s) | the reconstruction];
@@ -126,11 +125,14 @@ def _arrays(plan: QuadraticPlan) -> dict[str, np.ndarray]:
     return t
 
 
-def run(plan: QuadraticPlan, x: torch.Tensor, steps: int, threads: int) -> EngineRun:
-    """The quadratic program (latents, energy, final predictions and errors) on the compiled kernels."""
+def run(plan: QuadraticPlan, x: torch.Tensor, steps: int, threads: int, t: dict | None = None) -> EngineRun:
+    """The quadratic program (latents, energy, final predictions and errors) on the compiled kernels.
+
+    `t`: the plan's `arrays` where the caller keeps them (made here otherwise).
+    """
     batch = x.shape[0]
     xf = x.detach().reshape(batch, -1).contiguous().numpy()
-    t = _arrays(plan)
+    t = arrays(plan) if t is None else t
     n = t["step"].shape[0]
     driven = matmul(xf, t["inputs"], threads)  # c (and s_0 for feed-forward starts)
     c = np.ascontiguousarray(driven[:, :n])
@@ -174,6 +176,7 @@ class NumbaBackend:
 
     def __init__(self) -> None:
         self.prepare_seconds: dict[str, float] = {}
+        self.arrays: tuple[Plan, dict[str, np.ndarray]] | None = None  # the last plan's arrays
 
     def prepare(self, plan: Plan, steps: int, shape: tuple[int, ...], key: tuple) -> None:
         """Compile the kernels (once per process; from the disk cache after the first time)."""
@@ -185,4 +188,6 @@ class NumbaBackend:
 
     def run(self, plan: Plan, x: torch.Tensor, steps: int, key: tuple) -> EngineRun:
         assert isinstance(plan, QuadraticPlan), "the numba backend runs quadratic plans only"
-        return run(plan, x, steps, torch.get_num_threads())
+        if self.arrays is None or self.arrays[0] is not plan:
+            self.arrays = (plan, arrays(plan))  # a new plan: new weights or another input size
+        return run(plan, x, steps, torch.get_num_threads(), self.arrays[1])

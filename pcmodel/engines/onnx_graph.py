@@ -73,7 +73,7 @@ class OnnxOps:
     # ---- the Ops protocol ------------------------------------------------------------------------
 
     def weight(self, name: str, tensor: torch.Tensor) -> str:
-        # Baked in as initializers: onnxruntime prepacks constant matrices (several times faster at batch 1).
+        # Baked in as initializers: onnxruntime prepacks constant matrices (docs/PERFORMANCE.md).
         if name not in self.weights:
             array = tensor.detach().cpu().to(torch.float32).numpy()
             key = f"w_{name}"
@@ -190,7 +190,7 @@ class OnnxOps:
         if lv.phase:
             # conv2d(g, A) as a ConvTranspose of g with A's channel axes swapped and its taps reversed, padded
             # by taps - 1: the same sums, and onnxruntime's ConvTranspose runs these shapes (48 -> 8 channels,
-            # 2 x 2 taps) 1.5-3x faster than its Conv (docs/PERFORMANCE.md). Folded once as a constant.
+            # 2 x 2 taps) faster than its Conv (measured in docs/PERFORMANCE.md). Folded once as a constant.
             mh, mw = lv.taps
             return self.op("ConvTranspose", g, self._swap_and_reverse(weight), pads=[mh - 1, mw - 1, mh - 1, mw - 1])
         if lv.kind == "convolutional":

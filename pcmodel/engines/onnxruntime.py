@@ -1,8 +1,8 @@
 """The onnxruntime backend: the inference program as one ONNX graph (T steps unrolled), on the CPU.
 
 A program is built per (weights, T, input shape) with a dynamic batch axis. The weights are baked into
-the graph (onnxruntime prepacks constants: several times faster at batch 1 than weights fed as inputs),
-so a program is keyed on the weights it was made from and never runs with other weights. float32 only.
+the graph (onnxruntime prepacks constants; docs/PERFORMANCE.md measures the gain), so a program is
+keyed on the weights it was made from and never runs with other weights. float32 only.
 A batch of B > 1 is split into min(threads, B) shards that run at once on one single-threaded session
 (`ort_shards`): images are independent, so results are the same per image, bit for bit, and no thread
 waits at a barrier after every small kernel.
@@ -37,7 +37,7 @@ class OrtProgram:
     """onnxruntime sessions for (model weights, T, input size) with a dynamic batch axis.
 
     The weights are baked into the graph as initializers, as in a pc-export file: onnxruntime prepacks
-    constant matrices, which measured several times faster than feeding them as inputs at batch 1.
+    constant matrices (the measured gain at batch 1: docs/PERFORMANCE.md).
     A batch runs on one session with all threads, or split into `ort_shards` shards that run at once,
     each on one thread, through one single-threaded session (its run() is thread-safe and releases the
     GIL). Images are independent, so every image gets the same arithmetic either way. Sessions are made
@@ -103,9 +103,9 @@ def ort_shards(batch: int, threads: int) -> int:
 
     One shard per thread, as many as there are images: a multi-threaded session waits at a barrier after
     each of these small kernels (far longer on a shared machine), a shard on its own thread waits for
-    nothing. Fixed, never timed at start-up. Measured on 2 cores (docs/PERFORMANCE.md): batch 32 ran
-    1.25-1.4x faster sharded than on one 2-thread session (1.5-1.7x under load), batches 2-4 1.4-1.7x
-    under load; batch 1 stays on the 2-thread session, which was as fast as one thread or faster.
+    nothing. Fixed, never timed at start-up. Measured on 2 cores (docs/PERFORMANCE.md, item 12): batches
+    B > 1 ran faster sharded; batch 1 stays on the session with all threads, which was as
+    fast as one thread or faster.
     """
     return max(1, min(threads, batch))
 
