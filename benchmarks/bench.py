@@ -1,8 +1,8 @@
 """pc-bench: fixed-T inference of every backend side by side, on the same weights, inputs and steps.
 
 Cases (a) the notebook-style reference (benchmarks.reference: eager PyTorch, autograd of the energy at
-every step), (b) the torch engine, (c) onnxruntime, (d) CUDA graphs (when CUDA is available: float32,
-TF32 and bf16 operands, and the eager torch engine on the GPU for comparison) and (e) pcx, the same
+every step), (b) the torch backend, (c) onnxruntime, (d) CUDA graphs (when CUDA is available: float32,
+TF32 and bf16 operands, and the eager torch backend on the GPU for comparison) and (e) pcx, the same
 network written in pcx's idioms (when the optional `pcx` extra is importable). For each it prints the
 largest latent difference from (a), ms per batch, images/s, the speed-up over (a), the model's FLOPs per
 step (docs/MODEL.md section 6), the achieved GFLOP/s and its share of this machine's matmul peak (measured
@@ -270,7 +270,7 @@ def _unsharded_runner(model: pcmodel.PCModel, x: torch.Tensor, steps: int) -> Ru
 
 
 def _cuda_runners(model: pcmodel.PCModel, x: torch.Tensor, steps: int) -> list[Runner]:
-    """CUDA graphs in float32 (TF32 off), TF32 and bf16 operands, and the eager torch engine on the GPU."""
+    """CUDA graphs in float32 (TF32 off), TF32 and bf16 operands, and the eager torch backend on the GPU."""
     out = []
     gpu_x = x.cuda()
     eager = pcmodel.PCModel(model.config, model.weights, allow_unstable=True, device="cuda")
@@ -293,7 +293,7 @@ def _cuda_runners(model: pcmodel.PCModel, x: torch.Tensor, steps: int) -> list[R
 
 def _idea_runners(model: pcmodel.PCModel, x: torch.Tensor, steps: int) -> list[Runner]:
     """Ideas measured for docs/PERFORMANCE.md: the plain hand-derived loop (no autograd, nothing else
-    changed) and the torch engine with oneDNN off."""
+    changed) and the torch backend with oneDNN off."""
     out = [Runner("loop (hand-derived, plain)", lambda: model.infer(x, steps=steps, backend="loop").latents, {})]
 
     def onednn_off() -> list[torch.Tensor]:
@@ -561,7 +561,7 @@ def bench_case(
 
 
 def profile_case(case: Case, steps: int) -> dict[str, Any]:
-    """Where the time goes: torch engine operators and onnxruntime nodes, per step."""
+    """Where the time goes: torch backend operators and onnxruntime nodes, per step."""
     import collections
     import json as _json
 
@@ -659,7 +659,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--min-time", type=float, default=0.2, help="seconds per timing sample (default: %(default)s)")
     parser.add_argument("--threads", type=int, default=None, help="torch and onnxruntime threads (default: all cores)")
     parser.add_argument("--ideas", action="store_true", help="also time the alternatives recorded in PERFORMANCE.md")
-    parser.add_argument("--profile", action="store_true", help="also profile the torch engine and onnxruntime")
+    parser.add_argument("--profile", action="store_true", help="also profile the torch backend and onnxruntime")
     parser.add_argument("--peak-size", type=int, default=2048, help="matmul size for the peak (default: %(default)s)")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
     args = parser.parse_args(argv)
@@ -729,7 +729,7 @@ def _run(args: argparse.Namespace, names: list[str], threads: int) -> int:
             for name, us in case["ops_us"].items():
                 print(f"  {name}: {us:.1f}")
     for prof in report.get("profiles", []):
-        print(f"\nprofile {prof['case']}: torch engine {prof['torch_ops_per_step']} ops/step; ", end="")
+        print(f"\nprofile {prof['case']}: torch backend {prof['torch_ops_per_step']} ops/step; ", end="")
         print(f"onnxruntime {prof['onnx_nodes']} nodes, {prof['onnxruntime_kernels_per_step']} kernels/step")
         for row in prof["torch"][:8]:
             print(f"  torch {row['op']}: {row['calls_per_step']}/step, {row['self_us_total']} us")

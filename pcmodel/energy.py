@@ -11,7 +11,7 @@ so an image's result does not depend on its batch or on the map size.
 Inference (fast timescale), all levels from the same state:   r_l <- r_l - eta_l dE/dr_l
 Learning (slow timescale), batch mean:                        U_l <- U_l - (k2/2) dE/dU_l
 
-with eta_l = k1/2 (`step_rates`: the one place the step size per level is decided; every engine takes
+with eta_l = k1/2 (`step_rates`: the one place the step size per level is decided; every backend takes
 its coefficients from there). Both gradients are derived by hand and checked against autograd in the
 tests. Everything here is a function of (config, levels, weights, state): no model object, no caches.
 The engines in pcmodel.engines rearrange `infer_loop`'s arithmetic; `infer_loop` is their definition.
@@ -214,7 +214,7 @@ def infer_loop(
     steps: int,
     tol: float | None = None,
 ) -> InferenceResult:
-    """The plain loop: the mathematical definition every engine is checked against.
+    """The plain loop: the mathematical definition every backend is checked against.
 
     With `tol`, an image stops once the norm of its gradient (all levels) falls below tol and keeps
     its latents; `steps` in the result counts the steps each image took.

@@ -38,7 +38,7 @@ def export(
     """Write the fixed-`steps` inference of `model` at one input size to an ONNX file; returns a summary.
 
     With `check`, onnxruntime runs the file on a random batch and its latents must match the torch
-    engine's within 1e-4 (raises ValueError otherwise).
+    backend's within 1e-4 (raises ValueError otherwise).
     """
     hw = tuple(model.config.input_shape[1:] if input_hw is None else input_hw)
     start = time.perf_counter()
@@ -73,7 +73,7 @@ def export(
 
 
 def check_file(model: Any, path: str | Path, steps: int, hw: Sequence[int], batch: int = 3, seed: int = 0) -> float:
-    """Largest |latent difference| between the ONNX file (onnxruntime) and the torch engine on random input."""
+    """Largest |latent difference| between the ONNX file (onnxruntime) and the torch backend on random input."""
     import onnxruntime as ort
 
     generator = torch.Generator().manual_seed(seed)
@@ -83,7 +83,7 @@ def check_file(model: Any, path: str | Path, steps: int, hw: Sequence[int], batc
     expected = model.infer(x, steps=steps, backend="torch")
     worst = max(float(np.abs(values[f"latent_{i + 1}"] - r.numpy()).max()) for i, r in enumerate(expected.latents))
     if not worst <= 1e-4:
-        raise ValueError(f"{path}: onnxruntime's latents differ from the torch engine's by {worst:.3g} (> 1e-4)")
+        raise ValueError(f"{path}: onnxruntime's latents differ from the torch backend's by {worst:.3g} (> 1e-4)")
     return worst
 
 

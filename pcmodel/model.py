@@ -176,7 +176,7 @@ class PCModel:
 
         Replaces the prepared set (by default: the model's steps at its native shape). With `build`, the
         onnxruntime sessions are built now (CUDA graphs are captured per batch size on first use).
-        Calls outside the set run on the torch engine, so memory stays bounded whatever callers ask for.
+        Calls outside the set run on the torch backend, so memory stays bounded whatever callers ask for.
         """
         steps = [self.config.steps] if steps is None else [int(t) for t in steps]
         native = tuple(self.config.input_shape)

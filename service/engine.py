@@ -57,7 +57,7 @@ class Engine:
         torch.set_num_threads(settings.torch_threads or default_threads(settings.workers))
         self.device = pick_device(settings.device)
         if self.device.type == "cuda":
-            # Plain float32 on a GPU too: with TF32 (cuDNN's default for convolutions) the torch engine's
+            # Plain float32 on a GPU too: with TF32 (cuDNN's default for convolutions) the torch backend's
             # results drift ~3e-4 from the CPU's, beyond the 1e-4 that pcmodel's backends agree within.
             torch.backends.cuda.matmul.allow_tf32 = False
             torch.backends.cudnn.allow_tf32 = False
@@ -98,7 +98,7 @@ class Engine:
         """Run every warmed step count at every batch-size bucket; returns the backend each count ran on.
 
         This is where pcmodel's fast backends export (onnxruntime) or capture (CUDA graphs) their
-        programs. Only these step counts get one: other counts run on the torch engine, so a client
+        programs. Only these step counts get one: other counts run on the torch backend, so a client
         asking for an unusual step count never triggers an export or a capture mid-service.
         """
         warmed = sorted({self.config.steps, *self.settings.warmup_steps})

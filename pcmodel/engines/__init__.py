@@ -1,4 +1,8 @@
-"""Inference engines: the program of pcmodel.engines.program run by one of several backends.
+"""The inference machinery: the program of pcmodel.engines.program, run by one of several backends.
+
+Words: a *backend* is one way to run the program (loop, torch, onnxruntime, numba, cuda-graph; the
+"torch backend" is the program on eager torch ops); a *plan* is the step's arrangement for one input
+size; a *program* is what a backend built for (plan, steps); "engines" names this package only.
 
 - plans.py: the definition's step rearranged per input size (quadratic or levelwise);
 - program.py: the step written once against ops.py (TorchOps) or onnx_graph.py (OnnxOps);

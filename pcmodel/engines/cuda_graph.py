@@ -1,4 +1,4 @@
-"""The CUDA-graph backend: the torch engine's T-step program captured once per (batch bucket, shape).
+"""The CUDA-graph backend: the torch backend's T-step program captured once per (batch bucket, shape).
 
 Inputs are copied into a static buffer and the graph replayed; the plan's weight tensors are read in
 place, so new weights (learning) are copied into them without a new capture. Optional TF32 or bf16
@@ -21,7 +21,7 @@ CUDA_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)  # batch sizes a CUDA graph is
 
 
 class CudaGraphProgram:
-    """The torch engine's fixed-T loop captured as one CUDA graph for a (batch bucket, input size).
+    """The torch backend's fixed-T loop captured as one CUDA graph for a (batch bucket, input size).
 
     Inputs are copied into a static buffer and the graph replayed; the plan's weight tensors are read in
     place, so new weights are copied into them (`refresh`) without a new capture. `precision`: float32

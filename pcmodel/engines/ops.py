@@ -1,6 +1,6 @@
 """The tiny ops layer the inference program (pcmodel.engines.program) is written against.
 
-Two implementations: `TorchOps` computes eagerly (the torch engine, and what a CUDA graph captures);
+Two implementations: `TorchOps` computes eagerly (the torch backend, and what a CUDA graph captures);
 `pcmodel.engines.onnx_graph.OnnxOps` appends ONNX nodes. Besides elementwise algebra and per-image
 reductions, the layer knows each plan level's linear maps: its prediction U r, the adjoint U^T g, its
 target t(lower) and the target's adjoint, and the phase split of a convolutional level 1.

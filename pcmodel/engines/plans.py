@@ -1,7 +1,7 @@
 """Plans: the definition's step rearranged for speed, derived once per (weights, input size).
 
 A plan holds the tensors an engine needs; the step itself is written once, in pcmodel.engines.program,
-and every engine runs that program (eagerly, captured in a CUDA graph, or as an ONNX graph).
+and every backend runs that program (eagerly, captured in a CUDA graph, or as an ONNX graph).
 
 - `QuadraticPlan`, for networks whose f is the identity at every level and whose latents are few (the
   paper's rao-ballard-1999): the data terms are quadratic in r = (r_1, ..., r_L) stacked, so

@@ -1,10 +1,10 @@
 """The inference step of each plan, written once against a tiny ops layer (pcmodel.engines.ops).
 
-`run_program(ops, plan, x, steps)` is what every engine runs: the torch engine calls it with eager
+`run_program(ops, plan, x, steps)` is what every backend runs: the torch backend calls it with eager
 torch ops, the CUDA-graph backend captures that call, and the onnxruntime backend (and pc-export) call
 it with ops that append ONNX nodes, so the graph *is* this code unrolled. A new prior, level kind or
 step rule is one change here (with its coefficients from pcmodel.energy.step_rates), and the tests
-hold every engine against the plain loop (pcmodel.energy.infer_loop).
+hold every backend against the plain loop (pcmodel.energy.infer_loop).
 
 Ops methods ending in `_` may reuse their first argument's storage: the program only passes values
 that are dead afterwards.

@@ -3,7 +3,7 @@
 float64 -> torch; early stop (tol) -> the plain loop; CUDA -> cuda-graph; CPU -> numba for quadratic
 plans where numba is installed (one compiled loop per image), else onnxruntime (docs/PERFORMANCE.md).
 The fast backends serve the step counts and input shapes the model was *prepared* for
-(`PCModel.prepare`); other calls run on the torch engine, which on a CPU then runs row by row so that
+(`PCModel.prepare`); other calls run on the torch backend, which on a CPU then runs row by row so that
 an image's result never depends on its batch. Never timed at start-up, so results are deterministic.
 """
 
@@ -20,7 +20,7 @@ class Choice:
 
     backend: str
     reason: str = ""
-    rowwise: bool = False  # torch engine only: one image at a time (batch-invariant results)
+    rowwise: bool = False  # torch backend only: one image at a time (batch-invariant results)
 
 
 def select(
@@ -43,7 +43,7 @@ def select(
     call's (learning: U changes after every batch); program_stale: the fast program for these steps and
     shape was built for other weights; quadratic: the model's plan at this shape is quadratic; numba: numba
     is installed. While the weights keep changing, rebuilding an onnxruntime session
-    (~0.1-0.5 s) for every call would cost more than it saves: such calls run on the torch engine, batched.
+    (~0.1-0.5 s) for every call would cost more than it saves: such calls run on the torch backend, batched.
     """
     choice = "auto" if requested is None else requested
     if choice not in ("auto", *BACKENDS):

@@ -1,4 +1,4 @@
-"""The torch engine: the inference program run eagerly, on any device, dtype and step count.
+"""The torch backend: the inference program run eagerly, on any device, dtype and step count.
 
 It is every other backend's fallback. `rowwise` runs one image at a time: torch picks other kernels
 for other batch sizes (a matrix-vector product at batch 1), so only then is an image's result

@@ -141,7 +141,7 @@ def test_automatic_rule_and_its_fallbacks(generator):
 
 
 def test_step_counts_and_sizes_beyond_the_prepared_set_run_on_the_torch_engine(generator):
-    """Only prepared (steps, shape) pairs get fast programs; everything else runs on the torch engine."""
+    """Only prepared (steps, shape) pairs get fast programs; everything else runs on the torch backend."""
     model = pcmodel.create(tiny_config("dense", "tanh", "cauchy"))
     x = torch.randn((2, *model.config.input_shape), generator=generator)
     warm = [model.config.steps, 3, 4, 5]
@@ -168,7 +168,7 @@ def test_step_counts_and_sizes_beyond_the_prepared_set_run_on_the_torch_engine(g
 @pytest.mark.parametrize("steps", [None, 60, 150])
 def test_an_image_gets_the_same_bits_alone_and_in_a_batch_at_any_step_count(preset, steps, generator):
     """On a CPU a row's result never depends on its neighbours: prepared counts (onnxruntime, sharded or
-    not) and unprepared ones (the torch engine, row by row) alike."""
+    not) and unprepared ones (the torch backend, row by row) alike."""
     model = pcmodel.load(preset)
     x = torch.rand((5, *model.config.input_shape), generator=generator) * 2 - 1
     batch = model.infer(x, steps=steps)

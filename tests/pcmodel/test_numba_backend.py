@@ -1,5 +1,5 @@
 """The numba backend (pcmodel/engines/numba_quadratic.py): the quadratic program's recurrence in one compiled
-loop, equal to the torch engine's recurrence and to the plain loop, and batch-invariant bit for bit."""
+loop, equal to the torch backend's recurrence and to the plain loop, and batch-invariant bit for bit."""
 
 from __future__ import annotations
 

@@ -99,7 +99,7 @@ def test_only_warmed_step_counts_get_fast_programs(engine):
 
     backends = asyncio.run(run([100, 5, 7, 8, 9, 11]))
     assert backends[:2] == [engine.backends[100], engine.backends[5]]
-    # A client's unusual step counts never prepare a program of their own: they run on the torch engine.
+    # A client's unusual step counts never prepare a program of their own: they run on the torch backend.
     assert backends[2:] == ["torch"] * 4
     assert {key[0] for key in engine.model.engines.onnxruntime.programs} == {5, 100}
 
