@@ -28,6 +28,7 @@ from starlette.routing import Route
 
 from . import codec, metrics, openapi
 from .batching import Settled
+from .budget import Budget
 from .codec import EncodeOptions, Part
 from .engine import Engine
 from .middleware import BODY_KEY, CONTENT_TYPE_KEY, BodyGate
@@ -44,6 +45,9 @@ T = TypeVar("T")
 SETTINGS = Settings.from_env()
 API_ROUTES = ("/encode", "/encode_batch")
 _engines: list[Engine] = []  # the one Engine of this worker process, once loaded (for GET /model)
+# This worker's memory budgets (service.budget): request bodies held, images being decoded.
+BODIES = Budget("bodies", SETTINGS.inflight_bytes, SETTINGS.budget_wait_ms / 1000)
+DECODING = Budget("decoding", SETTINGS.decoding_bytes, SETTINGS.budget_wait_ms / 1000, trim=True)
 
 
 @bentoml.service(
@@ -100,7 +104,9 @@ class PCEncoder:
         # A small image is decoded and encoded right here (well under a millisecond each); a large one
         # on a thread, so that it never stalls the other requests on the event loop.
         small = codec.is_small(part)
-        prepared = await _call(small, codec.prepare, part, options, config, self.settings)
+        planned = await _call(small, codec.plan, part, options, config, self.settings)
+        async with DECODING.hold(planned.cost, "decoding this image"):  # bounds decode memory across requests
+            prepared = await _call(small, codec.prepare, planned, options, config)
         settled = await self.engine.infer(prepared.rows, options.steps)
         result = await _call(small, codec.encode_result, prepared, settled, options, self.engine.ref, config)
         metrics.IMAGES.inc()
@@ -172,4 +178,4 @@ PCEncoder.mount_asgi_app(
     path="/",
     name="pc-routes",
 )
-PCEncoder.add_asgi_middleware(BodyGate, paths=API_ROUTES, max_bytes=SETTINGS.max_body_bytes)
+PCEncoder.add_asgi_middleware(BodyGate, paths=API_ROUTES, max_bytes=SETTINGS.max_body_bytes, budget=BODIES)
