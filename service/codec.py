@@ -309,10 +309,13 @@ def plan(part: Part, options: EncodeOptions, config: ModelConfig, settings: Sett
             f"{settings.max_image_bytes}; send fewer pixels or 8 bits per sample",
         )
     width, height = image.size  # after a JPEG's draft
-    # The decoded pixels, one 8-bit copy of up to 4 bands, and in tile mode the float32 image and the
-    # filter's temporaries (about six copies) over the model's channels.
-    float_copies = 6 * 4 * channels if options.size_mode == "tile" else 0
-    return Planned(image=image, cost=raw + width * height * (4 + float_copies))
+    # The decoded pixels plus one 8-bit copy (palette and 1-bit images expand to RGB(A) to be reduced).
+    # Resize mode converts to the model's channels after reducing; tile mode converts the whole image
+    # and holds it as float32 with the filter's temporaries (about six copies) over the model's channels.
+    per_pixel = 4 if image.mode in ("P", "PA", "1") else len(image.getbands())
+    if options.size_mode != "resize":
+        per_pixel = max(per_pixel, channels) + 6 * 4 * channels
+    return Planned(image=image, cost=raw + width * height * per_pixel)
 
 
 def prepare(planned: Planned, options: EncodeOptions, config: ModelConfig) -> Prepared:

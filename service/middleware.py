@@ -51,8 +51,8 @@ class BodyGate:
         held = 0  # bytes charged to the budget for this request
         try:
             if length is not None:
+                await self.budget.acquire(2 * int(length), "this request body")
                 held = 2 * int(length)
-                await self.budget.acquire(held, "this request body")
             chunks = []
             size = 0
             while True:
@@ -89,6 +89,7 @@ class BodyGate:
             await self.app(inner, replay, send)
         except OverBudget as exc:
             metrics.count_error("over_budget")
+            await _discard(receive)  # read (not keep) the rest, so that the client sees the 503 and retries
             await _reply(send, 503, str(exc), ((b"retry-after", b"1"),))
         except NeverFits as exc:
             metrics.count_error("too_large")
@@ -101,6 +102,14 @@ class BodyGate:
         metrics.count_error("too_large")
         message = f"the request body is over the limit of {self.max_bytes} bytes; send a smaller image or fewer images"
         await _reply(send, 413, message)
+
+
+async def _discard(receive: Receive) -> None:
+    """Read a request body to its end without keeping it (at most max_bytes arrive: BodyGate checked)."""
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect" or not message.get("more_body", False):
+            return
 
 
 async def _reply(send: Send, status: int, message: str, extra: tuple[tuple[bytes, bytes], ...] = ()) -> None:
