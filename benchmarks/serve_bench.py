@@ -163,7 +163,8 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.torch_threads or default_threads(args.workers))  # as in the servers
     model = pcmodel.load(args.model).to(device)
     options = codec.parse_options(spec.form(), model.config, Settings())
-    rows = codec.prepare(codec.Part("image", "x.png", image), options, model.config, Settings()).rows.to(device)
+    planned = codec.plan(codec.Part("image", "x.png", image), options, model.config, Settings())
+    rows = codec.prepare(planned, options, model.config).rows.to(device)
     model.infer(rows, steps=args.steps)  # warm-up (and the fast backends' export)
 
     rounds = []

@@ -35,11 +35,11 @@ class ImageError(ValueError):
         self.reason = reason  # bad_image | too_large | too_small | unsupported_format
 
 
-def decode(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS, min_side: int = 1) -> Image.Image:
-    """Decode untrusted bytes into a loaded PIL image (first frame, EXIF orientation applied).
+def open_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS, min_side: int = 1) -> Image.Image:
+    """Open untrusted bytes as a PIL image without decoding any pixel: format, pixel count and sides checked.
 
-    The bytes decide the format. The pixel count is checked from the header before any pixel is
-    decoded, so a decompression bomb costs nothing.
+    The bytes decide the format. The pixel count is checked from the header, so a decompression bomb
+    costs nothing. `load` (or `decode`, which calls both) decodes the pixels.
     """
     if not data:
         raise ImageError("the image is empty (0 bytes)", "bad_image")
@@ -67,13 +67,91 @@ def decode(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS, min_side: int = 1)
         raise ImageError(
             f"the image is {width}x{height}; each side must be at least {max(min_side, 1)} pixels", "too_small"
         )
+    return image
+
+
+def load(image: Image.Image) -> Image.Image:
+    """Decode an opened image's pixels (first frame) and apply its EXIF orientation."""
     try:
         image.seek(0)
         image.load()
-        image = ImageOps.exif_transpose(image)
+        ImageOps.exif_transpose(image, in_place=True)  # not a copy: the pixels can be large
+        return image
     except Exception as exc:  # truncated or corrupt pixel data
         raise ImageError(f"the image data is truncated or corrupt ({exc})", "bad_image") from None
-    return image
+
+
+def decode(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS, min_side: int = 1) -> Image.Image:
+    """Decode untrusted bytes into a loaded PIL image (first frame, EXIF orientation applied)."""
+    return load(open_image(data, max_pixels, min_side))
+
+
+# Bytes per pixel of PIL's modes as decoders produce them ("1" and "P" are stored a byte per pixel).
+_MODE_BYTES = {"I;16": 2, "I;16B": 2, "I;16L": 2, "I;16N": 2, "I": 4, "F": 4, "LA": 2, "La": 2, "PA": 2}
+_MODE_BYTES.update({"RGB": 3, "YCbCr": 3, "LAB": 3, "HSV": 3, "RGBA": 4, "RGBa": 4, "RGBX": 4, "CMYK": 4})
+# Resize mode reduces (box-averages) a large image by an integer factor while it stays at least this
+# many times the model's native size on its short side; the antialiased bicubic resize does the rest.
+# Pillow's `reducing_gap` documents 3 as indistinguishable from resizing the whole image.
+REDUCE_MARGIN = 4
+
+
+def decoded_bytes(image: Image.Image) -> int:
+    """Bytes the decoder allocates for an opened image's pixels: pixels x bands x bytes per sample."""
+    width, height = image.size
+    return width * height * _MODE_BYTES.get(image.mode, 1)
+
+
+def draft_for(image: Image.Image, color: str, size: tuple[int, int] | None) -> None:
+    """Let a JPEG decode small and in the model's colours: DCT scaling (1/2 .. 1/8) down to
+    REDUCE_MARGIN x `size` (H, W) on the short side, and gray decoded as gray. A no-op for other formats."""
+    if image.format != "JPEG":
+        return
+    width, height = image.size
+    mode = "L" if color == "gray" else "RGB"
+    if size is None:
+        image.draft(mode, (width, height))
+        return
+    ratio = min(1.0, REDUCE_MARGIN * max(size) / min(width, height))
+    image.draft(mode, (max(1, math.ceil(width * ratio)), max(1, math.ceil(height * ratio))))
+
+
+def load_uint8(image: Image.Image, color: str, size: tuple[int, int] | None = None) -> np.ndarray:
+    """An opened image decoded for a model: (H, W) gray or (H, W, 3) RGB uint8, the same as
+    `to_uint8(load(image), color)`, but never holding a float copy of a large image, and (given the
+    native `size` (H, W) that resize mode will resize to) reduced first when it is far larger.
+
+    Peak memory: the decoded pixels (`decoded_bytes`, less after `draft_for`) plus one 8-bit copy.
+    """
+    image = load(image)
+    if image.mode in _INT_MODES or image.mode == "F":
+        image = _to_8bit(image)  # (H, W) "L", in bands of rows
+    if size is not None:
+        factor = min(image.size) // (REDUCE_MARGIN * max(size))
+        if factor >= 2:
+            if image.mode in ("P", "PA", "1"):
+                image = image.convert("RGBA" if "A" in image.mode or "transparency" in image.info else "RGB")
+            image = image.reduce(factor)
+    return to_uint8(image, color)
+
+
+_INT_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")
+
+
+def _to_8bit(image: Image.Image) -> Image.Image:
+    """A 16/32-bit integer or float gray image as 8-bit "L", scaled as `to_uint8` does, a band of rows at a time."""
+    width, height = image.size
+    top = None
+    if image.mode != "F":
+        top = 65535.0 if image.mode.startswith("I;16") or (image.getextrema()[1] or 0) > 255 else 255.0
+    out = np.empty((height, width), dtype=np.uint8)
+    step = max(1, (1 << 20) // width)  # ~1 M pixels per band: a few MB of float64 at a time
+    for top_row in range(0, height, step):
+        band = np.asarray(image.crop((0, top_row, width, min(height, top_row + step))))
+        if top is None:
+            out[top_row : top_row + step] = _array_to_uint8(band)
+        else:
+            out[top_row : top_row + step] = np.clip(np.round(band.astype(np.float64) / top * 255), 0, 255)
+    return Image.fromarray(out)
 
 
 def sample_photo() -> np.ndarray:
@@ -95,12 +173,8 @@ def to_uint8(image: ImageLike, color: str) -> np.ndarray:
     if isinstance(image, np.ndarray):
         array = _array_to_uint8(image)
         image = Image.fromarray(array)
-    if image.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
-        array = np.asarray(image).astype(np.float64)
-        top = 65535.0 if image.mode.startswith("I;16") or array.max(initial=0) > 255 else 255.0
-        image = Image.fromarray(np.clip(np.round(array / top * 255), 0, 255).astype(np.uint8))
-    elif image.mode == "F":
-        image = Image.fromarray(_array_to_uint8(np.asarray(image)))
+    if image.mode in _INT_MODES or image.mode == "F":
+        image = _to_8bit(image)
     if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
         rgba = image.convert("RGBA")
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))

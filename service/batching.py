@@ -96,6 +96,8 @@ class Batcher:
 
     async def submit(self, x: torch.Tensor, steps: int) -> Settled:
         """Queue the rows of x (n, C, H, W) for `steps` inference steps; returns their results."""
+        if x.shape[0] > self.max_queue:  # never admissible: the codec refuses such images first (413)
+            raise ValueError(f"{x.shape[0]} rows can never fit a queue of {self.max_queue}")
         if self._queued_rows + x.shape[0] > self.max_queue:
             raise Overloaded(
                 f"the model's queue is full ({self._queued_rows} images or tiles waiting); retry in a moment"

@@ -26,9 +26,21 @@ from python_multipart.exceptions import FormParserError
 from python_multipart.multipart import MultipartParser, parse_options_header
 
 from pcmodel import ModelConfig
-from pcmodel.images import ImageError, TileGrid, decode, display_scale, prepare_image, tile_count, to_display
+from pcmodel.images import (
+    ImageError,
+    TileGrid,
+    decoded_bytes,
+    display_scale,
+    draft_for,
+    load_uint8,
+    open_image,
+    prepare_image,
+    tile_count,
+    to_display,
+)
 
 from .batching import Overloaded, Settled
+from .budget import NeverFits, OverBudget
 from .settings import Settings
 
 SIZE_MODES = ("resize", "tile")
@@ -60,6 +72,10 @@ def rejection(exc: BaseException) -> RequestError | None:
         return RequestError(IMAGE_STATUS.get(exc.reason, 400), exc.reason, str(exc))
     if isinstance(exc, Overloaded):
         return RequestError(503, "overloaded", str(exc))
+    if isinstance(exc, OverBudget):
+        return RequestError(503, "over_budget", str(exc))
+    if isinstance(exc, NeverFits):
+        return RequestError(413, "too_large", str(exc))
     if isinstance(exc, NotFinite):
         return RequestError(500, "not_finite", str(exc))
     return None
@@ -251,8 +267,16 @@ def is_small(part: Part) -> bool:
     return width * height <= SMALL_PIXELS
 
 
-def prepare(part: Part, options: EncodeOptions, config: ModelConfig, settings: Settings) -> Prepared:
-    """Decode untrusted bytes and preprocess them exactly as training does (pcmodel.images)."""
+@dataclass(frozen=True)
+class Planned:
+    """An image opened and checked from its header, not yet decoded, and what decoding it will cost."""
+
+    image: Image.Image  # lazy: no pixel decoded yet (a JPEG already set to decode reduced, in resize mode)
+    cost: int  # bytes its decoding and preprocessing may hold at once (the decoding budget's charge)
+
+
+def plan(part: Part, options: EncodeOptions, config: ModelConfig, settings: Settings) -> Planned:
+    """Check an image from its header alone: format, pixels, sides, decoded bytes, tiles (all before decoding)."""
     if part.data[:16].strip().lower().startswith(_URL_PREFIXES):
         raise RequestError(
             400,
@@ -260,19 +284,48 @@ def prepare(part: Part, options: EncodeOptions, config: ModelConfig, settings: S
             f"the `{part.name}` field holds a URL; this service never fetches URLs: upload the image file itself "
             f"(curl -F {part.name}=@photo.jpg)",
         )
-    image = decode(part.data, max_pixels=settings.max_pixels, min_side=settings.min_side)
+    image = open_image(part.data, max_pixels=settings.max_pixels, min_side=settings.min_side)
+    width, height = image.size
+    channels = config.input_shape[0]
     if options.size_mode == "tile":
-        width, height = image.size
         tiles = tile_count(config, height, width)
-        if tiles > settings.max_tiles:
+        # The batcher queues at most max_queue rows: an image with more tiles could never be admitted.
+        limit = min(settings.max_tiles, settings.max_queue)
+        if tiles > limit:
             native = config.input_shape[1:]
             raise RequestError(
                 413,
                 "too_large",
                 f"in tile mode this {width}x{height} image needs {tiles} tiles of {native[0]}x{native[1]}, over "
-                f"the limit of {settings.max_tiles}; send a smaller image or use size_mode=resize",
+                f"the limit of {limit}; send a smaller image or use size_mode=resize",
             )
-    rows, shown, placement = prepare_image(image, config, options.size_mode)
+    draft_for(image, config.preprocess.color, config.input_shape[1:] if options.size_mode == "resize" else None)
+    raw = decoded_bytes(image)
+    if raw > settings.max_image_bytes:
+        raise RequestError(
+            413,
+            "too_large",
+            f"this {width}x{height} {image.mode} image decodes to {raw} bytes, over the limit of "
+            f"{settings.max_image_bytes}; send fewer pixels or 8 bits per sample",
+        )
+    width, height = image.size  # after a JPEG's draft
+    # The decoded pixels plus one 8-bit copy (palette and 1-bit images expand to RGB(A) to be reduced).
+    # Resize mode converts to the model's channels after reducing; tile mode converts the whole image
+    # and holds it as float32 with the filter's temporaries (about six copies) over the model's channels.
+    per_pixel = 4 if image.mode in ("P", "PA", "1") else len(image.getbands())
+    if options.size_mode != "resize":
+        per_pixel = max(per_pixel, channels) + 6 * 4 * channels
+    return Planned(image=image, cost=raw + width * height * per_pixel)
+
+
+def prepare(planned: Planned, options: EncodeOptions, config: ModelConfig) -> Prepared:
+    """Decode a planned image and preprocess it exactly as training does (pcmodel.images)."""
+    native = config.input_shape[1:] if options.size_mode == "resize" else None
+    try:
+        pixels = load_uint8(planned.image, config.preprocess.color, native)
+    finally:
+        planned.image.close()  # frees the decoded pixels now, not when the last reference goes
+    rows, shown, placement = prepare_image(pixels, config, options.size_mode)
     return Prepared(rows=rows, shown=shown, grid=placement.grid)
 
 

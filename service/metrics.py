@@ -32,7 +32,9 @@ REASONS = (
     "not_finite",  # inference produced NaN or Inf (an unstable checkpoint)
     "overloaded",  # the model's queue is full
     "timeout",  # the request body did not arrive in time (408): a slow or stalled client
+    "over_budget",  # a worker's memory budget (bodies or decoding in flight) is full: 503, retry
 )
+BUDGETS = ("bodies", "decoding")  # service.budget: request bodies held, images being decoded
 
 INFERENCE_DURATION = Histogram(
     "pc_inference_duration_seconds", "Model time per batch (model.infer).", buckets=DURATION_BUCKETS
@@ -56,6 +58,14 @@ MODEL_INFO = Gauge(
     "The model this service runs (value 1).",
     ["name", "preset", "sha256", "device", "backend"],
     multiprocess_mode="max",
+)
+
+# Per process; "livesum" adds the live workers' values, so /metrics shows the service's totals.
+INFLIGHT_BYTES = Gauge(
+    "pc_inflight_bytes", "Bytes held now under each memory budget.", ["budget"], multiprocess_mode="livesum"
+)
+BUDGET_LIMIT = Gauge(
+    "pc_budget_limit_bytes", "Capacity of each memory budget.", ["budget"], multiprocess_mode="livesum"
 )
 
 for _reason in REASONS:

@@ -6,6 +6,10 @@ of the body), or as soon as a streamed body passes it. Otherwise it reads the bo
 in the ASGI scope for the API method (codec.parse_form parses it), and gives BentoML an empty JSON
 object to parse instead, so BentoML's form handling never sees untrusted bytes.
 
+The bodies held at once are bounded too (service.budget, PC_MAX_INFLIGHT_BYTES): each is charged
+twice its size (the bytes and the parsed form's copy) from before it is read until the response
+is sent; Content-Length is charged up front, a streamed body chunk by chunk. Beyond the budget: 503.
+
 A body that has not fully arrived within `body_timeout_s` (a slow or stalled client) gets 408,
 counted as reason `timeout`: the client's fault, so neither BentoML's 504 nor a server error.
 """
@@ -13,12 +17,14 @@ counted as reason `timeout`: the client's fault, so neither BentoML's 504 nor a 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import time
 from collections.abc import Awaitable, Callable, Iterable
 from typing import Any
 
 from . import metrics
+from .budget import Budget, NeverFits, OverBudget
 
 Scope = dict[str, Any]
 Message = dict[str, Any]
@@ -33,10 +39,13 @@ CONTENT_TYPE_KEY = "pc.content_type"
 class BodyGate:
     """ASGI middleware for POST `paths`: 413 above `max_bytes`, else the body moves into the scope."""
 
-    def __init__(self, app: ASGIApp, paths: Iterable[str], max_bytes: int, body_timeout_s: float) -> None:
+    def __init__(
+        self, app: ASGIApp, paths: Iterable[str], max_bytes: int, budget: Budget, body_timeout_s: float
+    ) -> None:
         self.app = app
         self.paths = frozenset(paths)
         self.max_bytes = max_bytes
+        self.budget = budget
         self.body_timeout_s = body_timeout_s
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -48,66 +57,87 @@ class BodyGate:
         if length is not None and (not length.isdigit() or int(length) > self.max_bytes):
             await self._too_large(send)
             return
-        chunks = []
-        size = 0
-        deadline = time.monotonic() + self.body_timeout_s
-        while True:
-            try:
-                message = await asyncio.wait_for(receive(), max(deadline - time.monotonic(), 0))
-            except TimeoutError:
-                await self._timed_out(send)
-                return
-            if message["type"] == "http.disconnect":
-                return  # the client went away: nothing to answer
-            chunk = message.get("body", b"")
-            size += len(chunk)
-            if size > self.max_bytes:
-                await self._too_large(send)
-                return
-            chunks.append(chunk)
-            if not message.get("more_body", False):
-                break
-        inner = dict(scope)
-        inner[BODY_KEY] = b"".join(chunks)
-        inner[CONTENT_TYPE_KEY] = headers.get(b"content-type", b"").decode("latin-1")
-        inner["headers"] = [(k, v) for k, v in scope["headers"] if k not in (b"content-type", b"content-length")] + [
-            (b"content-type", b"application/json"),
-            (b"content-length", b"2"),
-        ]
-        handed_over = False
+        held = 0  # bytes charged to the budget for this request
+        try:
+            if length is not None:
+                await self.budget.acquire(2 * int(length), "this request body")
+                held = 2 * int(length)
+            chunks = []
+            size = 0
+            deadline = time.monotonic() + self.body_timeout_s
+            while True:
+                try:
+                    message = await asyncio.wait_for(receive(), max(deadline - time.monotonic(), 0))
+                except TimeoutError:
+                    await self._timed_out(send)
+                    return
+                if message["type"] == "http.disconnect":
+                    return  # the client went away: nothing to answer
+                chunk = message.get("body", b"")
+                size += len(chunk)
+                if size > self.max_bytes:
+                    await self._too_large(send)
+                    return
+                if 2 * size > held:  # a streamed body (or one longer than it said): charge as it comes
+                    await self.budget.acquire(2 * size - held, "this request body", wait=False)
+                    held = 2 * size
+                chunks.append(chunk)
+                if not message.get("more_body", False):
+                    break
+            inner = dict(scope)
+            inner[BODY_KEY] = b"".join(chunks)
+            del chunks
+            inner[CONTENT_TYPE_KEY] = headers.get(b"content-type", b"").decode("latin-1")
+            inner["headers"] = [
+                (k, v) for k, v in scope["headers"] if k not in (b"content-type", b"content-length")
+            ] + [(b"content-type", b"application/json"), (b"content-length", b"2")]
+            handed_over = False
 
-        async def replay() -> Message:
-            nonlocal handed_over
-            if not handed_over:
-                handed_over = True
-                return {"type": "http.request", "body": b"{}", "more_body": False}
-            return await receive()  # later calls wait for the disconnect, as the server would
+            async def replay() -> Message:
+                nonlocal handed_over
+                if not handed_over:
+                    handed_over = True
+                    return {"type": "http.request", "body": b"{}", "more_body": False}
+                return await receive()  # later calls wait for the disconnect, as the server would
 
-        await self.app(inner, replay, send)
+            await self.app(inner, replay, send)
+        except OverBudget as exc:
+            metrics.count_error("over_budget")
+            # Read (not keep) the rest, so that the client sees the 503 and retries; a stalled client gets
+            # the 503 and a closed connection.
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(_discard(receive), self.body_timeout_s)
+            await _reply(send, 503, str(exc), ((b"retry-after", b"1"),))
+        except NeverFits as exc:
+            metrics.count_error("too_large")
+            await _reply(send, 413, str(exc))
+        finally:
+            if held:
+                self.budget.release(held)
 
     async def _too_large(self, send: Send) -> None:
         metrics.count_error("too_large")
         message = f"the request body is over the limit of {self.max_bytes} bytes; send a smaller image or fewer images"
-        await _error(send, 413, message)
+        await _reply(send, 413, message)
 
     async def _timed_out(self, send: Send) -> None:
         metrics.count_error("timeout")
         message = f"the request body did not arrive within {self.body_timeout_s:g} s; send it faster, or a smaller one"
-        await _error(send, 408, message)
+        await _reply(send, 408, message)
 
 
-async def _error(send: Send, status: int, message: str) -> None:
-    """A flat JSON error; the connection closes after it (the rest of the body is never read)."""
+async def _discard(receive: Receive) -> None:
+    """Read a request body to its end without keeping it (at most max_bytes arrive: BodyGate checked)."""
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect" or not message.get("more_body", False):
+            return
+
+
+async def _reply(send: Send, status: int, message: str, extra: tuple[tuple[bytes, bytes], ...] = ()) -> None:
+    """A flat {"error": message} answer; the connection closes (the body may not have been read)."""
     body = json.dumps({"error": message}).encode()
-    await send(
-        {
-            "type": "http.response.start",
-            "status": status,
-            "headers": [
-                (b"content-type", b"application/json"),
-                (b"content-length", str(len(body)).encode()),
-                (b"connection", b"close"),
-            ],
-        }
-    )
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    headers += [*extra, (b"connection", b"close")]
+    await send({"type": "http.response.start", "status": status, "headers": headers})
     await send({"type": "http.response.body", "body": body})

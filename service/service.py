@@ -30,6 +30,7 @@ from starlette.routing import Route
 
 from . import codec, metrics, openapi
 from .batching import Settled
+from .budget import Budget
 from .codec import EncodeOptions, Part
 from .engine import Engine
 from .health import ModelLoader, NotLoaded
@@ -47,6 +48,9 @@ T = TypeVar("T")
 SETTINGS = Settings.from_env()
 API_ROUTES = ("/encode", "/encode_batch")
 _engines: list[Engine] = []  # the one Engine of this worker process, once loaded (for GET /model)
+# This worker's memory budgets (service.budget): request bodies held, images being decoded.
+BODIES = Budget("bodies", SETTINGS.inflight_bytes, SETTINGS.budget_wait_ms / 1000)
+DECODING = Budget("decoding", SETTINGS.decoding_bytes, SETTINGS.budget_wait_ms / 1000, trim=True)
 
 
 @bentoml.service(
@@ -118,7 +122,9 @@ class PCEncoder:
         # A small image is decoded and encoded right here (well under a millisecond each); a large one
         # on a thread, so that it never stalls the other requests on the event loop.
         small = codec.is_small(part)
-        prepared = await _call(small, codec.prepare, part, options, config, self.settings)
+        planned = await _call(small, codec.plan, part, options, config, self.settings)
+        async with DECODING.hold(planned.cost, "decoding this image"):  # bounds decode memory across requests
+            prepared = await _call(small, codec.prepare, planned, options, config)
         settled = await self.engine.infer(prepared.rows, options.steps)
         result = await _call(small, codec.encode_result, prepared, settled, options, self.engine.ref, config)
         metrics.IMAGES.inc()
@@ -212,5 +218,9 @@ PCEncoder.mount_asgi_app(
 )
 # The body must arrive a little before BentoML's request timeout (its 504) would fire: 408 instead.
 PCEncoder.add_asgi_middleware(
-    BodyGate, paths=API_ROUTES, max_bytes=SETTINGS.max_body_bytes, body_timeout_s=SETTINGS.request_timeout_s * 0.9
+    BodyGate,
+    paths=API_ROUTES,
+    max_bytes=SETTINGS.max_body_bytes,
+    budget=BODIES,
+    body_timeout_s=SETTINGS.request_timeout_s * 0.9,
 )

@@ -7,10 +7,12 @@ configure the same service the same way. Every field's variable is PC_<FIELD NAM
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
 
 from pcmodel.engines.state import MAX_PREPARED_STEPS
 
@@ -34,6 +36,12 @@ class Settings:
     warmup_steps: tuple[int, ...] = ()  # step counts with fast programs besides the model's default
     max_body_bytes: int = 20 * 1024 * 1024  # request bodies above this get 413 before they are read
     max_pixels: int = 25_000_000  # decoded image size limit (a decompression bomb gets 413)
+    max_image_bytes: int = 100 * 1024 * 1024  # pixels x bands x bytes per sample of one decoded image; more: 413
+    # Memory budgets per worker (service.budget); 0 = a quarter of the memory the service may use
+    # (the cgroup's memory.max, else physical memory) divided by the workers. Beyond them: 503.
+    max_inflight_bytes: int = 0  # request bodies held at once (each counted twice: bytes and parsed form)
+    max_decoding_bytes: int = 0  # images being decoded and preprocessed at once (their estimated peak bytes)
+    budget_wait_ms: float = 1000.0  # how long a request waits for room in a budget before it gets 503
     min_side: int = 8  # smaller images get 400: there is nothing to encode in a 1x1 image
     max_tiles: int = 1024  # tile mode: native-size tiles one image may need (cost grows with area)
     max_batch_images: int = 32  # images in one /encode_batch request
@@ -52,6 +60,10 @@ class Settings:
             raise SettingsError(f"PC_PORT must be a TCP port (1..65535), got {self.port}")
         if self.torch_threads < 0 or self.max_concurrency < 0 or self.batch_wait_ms < 0:
             raise SettingsError("PC_TORCH_THREADS, PC_MAX_CONCURRENCY and PC_BATCH_WAIT_MS must be >= 0")
+        if min(self.max_image_bytes, self.max_inflight_bytes + 1, self.max_decoding_bytes + 1) < 1:
+            raise SettingsError("PC_MAX_IMAGE_BYTES must be >= 1; PC_MAX_INFLIGHT_BYTES, PC_MAX_DECODING_BYTES >= 0")
+        if self.budget_wait_ms < 0:
+            raise SettingsError(f"PC_BUDGET_WAIT_MS must be >= 0, got {self.budget_wait_ms}")
         if not self.request_timeout_s > 0:
             raise SettingsError(f"PC_REQUEST_TIMEOUT_S must be > 0 seconds, got {self.request_timeout_s}")
         if any(not 1 <= s <= self.max_steps for s in self.warmup_steps):
@@ -63,6 +75,16 @@ class Settings:
             )
         if self.max_queue < self.max_batch_size:
             raise SettingsError("PC_MAX_QUEUE must be at least PC_MAX_BATCH_SIZE")
+
+    @property
+    def inflight_bytes(self) -> int:
+        """PC_MAX_INFLIGHT_BYTES, or its default: a quarter of the memory limit per worker."""
+        return self.max_inflight_bytes or memory_limit() // 4 // self.workers
+
+    @property
+    def decoding_bytes(self) -> int:
+        """PC_MAX_DECODING_BYTES, or its default: a quarter of the memory limit per worker."""
+        return self.max_decoding_bytes or memory_limit() // 4 // self.workers
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: object) -> Settings:
@@ -89,6 +111,15 @@ class Settings:
                 text = str(value)
             out[env_name(f.name)] = text
         return out
+
+
+def memory_limit(cgroup: Path = Path("/sys/fs/cgroup/memory.max")) -> int:
+    """Bytes this process may use: the cgroup v2 limit when there is one ("max" is none), else physical memory."""
+    with contextlib.suppress(OSError, ValueError):
+        text = cgroup.read_text().strip()
+        if text != "max":
+            return int(text)
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
 def env_name(field_name: str) -> str:

@@ -20,6 +20,8 @@ REQUIRED_PANELS = {
     "final energy": "pc_final_energy",
     "error rate by reason": "pc_request_errors_total",
     "model info": "pc_model_info",
+    "memory budgets in flight": "pc_inflight_bytes",
+    "memory budget capacity": "pc_budget_limit_bytes",
 }
 
 

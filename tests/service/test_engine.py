@@ -112,7 +112,7 @@ def test_rao_ballard_tiles_by_default():
     options = codec.parse_options({"steps": "20"}, config, engine.settings)
     image = (np.random.default_rng(0).random((40, 60)) * 255).astype(np.uint8)
     part = codec.Part("image", "x.png", _png(image))
-    prepared = codec.prepare(part, options, config, engine.settings)
+    prepared = codec.prepare(codec.plan(part, options, config, engine.settings), options, config)
     assert prepared.rows.shape == (3 * 3, 1, 16, 26)  # ceil(40/16) x ceil(60/26) tiles
 
     async def run():

@@ -60,3 +60,18 @@ def test_concurrent_requests_get_the_same_answers_as_sequential_ones(server):
         np.testing.assert_allclose(
             decode_array(got["reconstruction"]["array"]), decode_array(want["reconstruction"]["array"]), atol=TOL
         )
+
+
+@pytest.mark.slow
+def test_a_short_soak_agrees_with_the_metrics(server):
+    """pc-serve-soak for a few seconds: mixed good and bad traffic, each answer as expected, and /metrics
+    moved by exactly the client's counts (images, rejections by reason, responses per endpoint and status)."""
+    import asyncio
+
+    from benchmarks import soak
+
+    report = asyncio.run(soak.soak(server.url, server.process.pid, minutes=0.1, clients=4, seed=0))
+    assert report["invalid"] == 0 and report["server_errors"] == 0, report["problems"]
+    assert report["metrics_agree"], report["mismatches"]
+    assert {"200", "400"} <= set(report["statuses"]) and report["requests"] >= 10
+    assert report["resources"] and all(s["rss_mib"] > 100 and s["open_files"] > 0 for s in report["resources"])
