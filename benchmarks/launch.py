@@ -35,6 +35,7 @@ class LocalServer:
         home: str | os.PathLike[str] | None = None,
         start_timeout_s: float = 120,
         cwd: str | os.PathLike[str] | None = None,
+        probe_encode: bool = False,
         **settings: object,
     ):
         self._tmp = None if home is not None else tempfile.TemporaryDirectory(prefix="pc-serve-")
@@ -48,6 +49,7 @@ class LocalServer:
         self.log = self.home / "server.log"
         self.process: subprocess.Popen | None = None
         self.cwd = cwd  # pc-serve's working directory (relative checkpoint paths are relative to it)
+        self.probe_encode = probe_encode  # also POST /encode while starting (recorded in probes)
         self.probes: list[tuple[str, int]] = []  # (path, status) of every /readyz and /livez answer while starting
 
     def start(self) -> LocalServer:
@@ -85,6 +87,11 @@ class LocalServer:
                 self.probes.append(("/readyz", status))
                 if status == 200:
                     return self
+                if self.probe_encode:  # not an image: 400 once the model is loaded, 503 while it loads
+                    files = {"image": ("probe.png", b"not an image", "image/png")}
+                    self.probes.append(
+                        ("/encode", httpx.post(self.url + "/encode", files=files, timeout=2).status_code)
+                    )
             except httpx.HTTPError:
                 pass
             time.sleep(0.3)

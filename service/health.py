@@ -3,7 +3,7 @@
 BentoML builds the service in its ASGI lifespan, before the worker's server listens: a model load
 and warm-up inside `__init__` (seconds, more with PC_WARMUP_STEPS) left /readyz and /livez
 unanswered all that time. ModelLoader starts the load on a thread instead; meanwhile /readyz says
-503, /livez 200, and requests wait for the model (within the request timeout). A failed load makes
+503, /livez 200, and encode requests get 503 (reason `loading`, service.service). A failed load makes
 /livez fail (a bare `bentoml serve` under Kubernetes is then restarted) and, under pc-serve, writes
 `failed-PID` with the one-line error to the supervisor's state directory (`ready-PID` on success),
 so pc-serve can count failed starts (service.supervisor).
@@ -11,7 +11,6 @@ so pc-serve can count failed starts (service.supervisor).
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import os
 import threading
@@ -55,14 +54,6 @@ class ModelLoader(Generic[T]):
     @property
     def loaded(self) -> bool:
         return self.value is not None
-
-    async def wait(self) -> T:
-        """The loaded value; waits while it loads. Raises NotLoaded if the load failed."""
-        while not self._done.is_set():
-            await asyncio.sleep(0.05)
-        if self.value is None:
-            raise NotLoaded(f"the model failed to load: {self.error}")
-        return self.value
 
 
 def _report(state: str, line: str) -> None:

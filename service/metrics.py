@@ -31,6 +31,7 @@ REASONS = (
     "bad_parameter",  # steps, size_mode or outputs out of range
     "not_finite",  # inference produced NaN or Inf (an unstable checkpoint)
     "overloaded",  # the model's queue is full
+    "loading",  # the worker's model is still loading (503, retry): a worker starting or restarting
     "timeout",  # the request body did not arrive in time (408): a slow or stalled client
     "over_budget",  # a worker's memory budget (bodies or decoding in flight) is full: 503, retry
 )

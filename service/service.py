@@ -72,7 +72,7 @@ class PCEncoder:
 
     @property
     def engine(self) -> Engine:
-        assert self.loader.value is not None, "the API methods wait for the model first"
+        assert self.loader.value is not None, "the API methods check for the model first (_require_model)"
         return self.loader.value
 
     def __is_ready__(self) -> bool:
@@ -80,6 +80,14 @@ class PCEncoder:
 
     def __is_alive__(self) -> bool:
         return self.loader.error is None and (not self.loader.loaded or self.engine.batcher.alive)
+
+    def _require_model(self) -> None:
+        """503 at once while the model loads (a worker starting or restarting behind a shared port): the
+        client retries after Retry-After, often on another worker, instead of waiting out the load."""
+        if self.loader.error is not None:
+            raise NotLoaded(f"the model failed to load: {self.loader.error}")
+        if not self.loader.loaded:
+            raise codec.RequestError(503, "loading", "the model is still loading; retry in a few seconds")
 
     @bentoml.on_shutdown
     def close(self) -> None:
@@ -91,7 +99,7 @@ class PCEncoder:
         """Encode one image. Multipart form: `image` (file), optional `steps`, `size_mode`, `outputs`."""
         started = time.perf_counter()
         try:
-            await self.loader.wait()  # at once, unless the model is still loading
+            self._require_model()
             images, options = codec.read_request(*_body(ctx), "image", 1, self.engine.config, self.settings)
             result, settled, small = await self._encode(images[0], options)
         except Exception as exc:
@@ -108,7 +116,7 @@ class PCEncoder:
     async def encode_batch(self, ctx: bentoml.Context) -> dict:
         """Encode several images (`images`, repeated) with shared options; a bad image is an entry, not a failure."""
         try:
-            await self.loader.wait()
+            self._require_model()
             images, options = codec.read_request(
                 *_body(ctx), "images", self.settings.max_batch_images, self.engine.config, self.settings
             )

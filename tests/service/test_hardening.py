@@ -42,6 +42,7 @@ def hardened(tmp_path_factory) -> Iterator[Server]:
         warmup_steps="300",
         max_batch_size=8,  # fewer batch sizes to warm up: a quicker start on 2 shared cores
         request_timeout_s=5,
+        probe_encode=True,
     )
     with server as s:
         all_ready(s)
@@ -78,6 +79,9 @@ def test_probes_answer_while_the_model_loads(hardened):
     loading = hardened.probes[:first_ready]
     assert ("/readyz", 503) in loading, hardened.probes
     assert ("/livez", 200) in loading and ("/livez", 503) not in loading
+    # A request while the model loads is answered at once: 503 (retry), never a wait into a 504.
+    encodes = {status for path, status in hardened.probes if path == "/encode"}
+    assert 503 in encodes and encodes <= {503, 400}, hardened.probes
 
 
 def test_a_relative_checkpoint_path_is_the_users(hardened):
