@@ -152,7 +152,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import pcmodel
     from service import codec
-    from service.engine import default_threads, pick_device
+    from service.host import default_threads, pick_device
     from service.settings import Settings
 
     from .launch import LocalServer

@@ -1,7 +1,7 @@
 """PCEncoder: the image-encoding service (BentoML 1.4). `bentoml serve service.service:PCEncoder`.
 
 Thin transport over the model: codec in (form -> validated options -> preprocessed rows), the
-engine's batched `model.infer`, codec out (JSON with arrays and PNGs). Settings come from PC_*
+host's batched `model.infer`, codec out (JSON with arrays and PNGs). Settings come from PC_*
 environment variables (service.settings); `pc-serve` sets them from its flags.
 
 Routes: POST /encode, POST /encode_batch (BentoML API methods), GET /model and GET /docs.json (a
@@ -32,8 +32,8 @@ from . import codec, metrics, openapi
 from .batching import Settled
 from .budget import Budget
 from .codec import EncodeOptions, Part
-from .engine import Engine
 from .health import ModelLoader, NotLoaded
+from .host import ModelHost
 from .middleware import BODY_KEY, CONTENT_TYPE_KEY, BodyGate
 from .settings import Settings
 
@@ -47,7 +47,7 @@ os.environ.setdefault("OTEL_SDK_DISABLED", "true")
 T = TypeVar("T")
 SETTINGS = Settings.from_env()
 API_ROUTES = ("/encode", "/encode_batch")
-_engines: list[Engine] = []  # the one Engine of this worker process, once loaded (for GET /model)
+_hosts: list[ModelHost] = []  # the one ModelHost of this worker process, once loaded (for GET /model)
 # This worker's memory budgets (service.budget): request bodies held, images being decoded.
 BODIES = Budget("bodies", SETTINGS.inflight_bytes, SETTINGS.budget_wait_ms / 1000)
 DECODING = Budget("decoding", SETTINGS.decoding_bytes, SETTINGS.budget_wait_ms / 1000, trim=True)
@@ -65,21 +65,21 @@ class PCEncoder:
         self.settings = SETTINGS
         self.loader = ModelLoader(self._load)  # load, move to the device, warm up: /readyz waits for this
 
-    def _load(self) -> Engine:
-        engine = Engine(SETTINGS)
-        _engines.append(engine)
-        return engine
+    def _load(self) -> ModelHost:
+        host = ModelHost(SETTINGS)
+        _hosts.append(host)
+        return host
 
     @property
-    def engine(self) -> Engine:
+    def host(self) -> ModelHost:
         assert self.loader.value is not None, "the API methods check for the model first (_require_model)"
         return self.loader.value
 
     def __is_ready__(self) -> bool:
-        return self.loader.loaded and self.engine.batcher.alive
+        return self.loader.loaded and self.host.batcher.alive
 
     def __is_alive__(self) -> bool:
-        return self.loader.error is None and (not self.loader.loaded or self.engine.batcher.alive)
+        return self.loader.error is None and (not self.loader.loaded or self.host.batcher.alive)
 
     def _require_model(self) -> None:
         """503 at once while the model loads (a worker starting or restarting behind a shared port): the
@@ -92,7 +92,7 @@ class PCEncoder:
     @bentoml.on_shutdown
     def close(self) -> None:
         if self.loader.loaded:
-            self.engine.close()
+            self.host.close()
 
     @bentoml.api(route="/encode")
     async def encode(self, ctx: bentoml.Context) -> dict:
@@ -100,7 +100,7 @@ class PCEncoder:
         started = time.perf_counter()
         try:
             self._require_model()
-            images, options = codec.read_request(*_body(ctx), "image", 1, self.engine.config, self.settings)
+            images, options = codec.read_request(*_body(ctx), "image", 1, self.host.config, self.settings)
             result, settled, small = await self._encode(images[0], options)
         except Exception as exc:
             return _error_response(ctx, exc)
@@ -118,23 +118,23 @@ class PCEncoder:
         try:
             self._require_model()
             images, options = codec.read_request(
-                *_body(ctx), "images", self.settings.max_batch_images, self.engine.config, self.settings
+                *_body(ctx), "images", self.settings.max_batch_images, self.host.config, self.settings
             )
         except Exception as exc:
             return _error_response(ctx, exc)
         results = await asyncio.gather(*(self._encode_item(part, options) for part in images))
-        return await _json_response({"model": self.engine.ref, "results": results})
+        return await _json_response({"model": self.host.ref, "results": results})
 
     async def _encode(self, part: Part, options: EncodeOptions) -> tuple[dict, Settled, bool]:
-        config = self.engine.config
+        config = self.host.config
         # A small image is decoded and encoded right here (well under a millisecond each); a large one
         # on a thread, so that it never stalls the other requests on the event loop.
         small = codec.is_small(part)
         planned = await _call(small, codec.plan, part, options, config, self.settings)
         async with DECODING.hold(planned.cost, "decoding this image"):  # bounds decode memory across requests
             prepared = await _call(small, codec.prepare, planned, options, config)
-        settled = await self.engine.infer(prepared.rows, options.steps)
-        result = await _call(small, codec.encode_result, prepared, settled, options, self.engine.ref, config)
+        settled = await self.host.infer(prepared.rows, options.steps)
+        result = await _call(small, codec.encode_result, prepared, settled, options, self.host.ref, config)
         metrics.IMAGES.inc()
         metrics.INFERENCE_ITERATIONS.observe(result["steps"])
         metrics.FINAL_ENERGY.observe(result["energy"]["final"])
@@ -208,9 +208,9 @@ async def _json_response(payload: dict, inline: bool = False) -> Response:
 
 
 async def _model_card(request: Request) -> Response:
-    if not _engines:
+    if not _hosts:
         return JSONResponse({"error": "the model is still loading"}, status_code=503)
-    return JSONResponse(_engines[0].card())
+    return JSONResponse(_hosts[0].card())
 
 
 async def _docs(request: Request) -> Response:

@@ -10,7 +10,7 @@ from PIL import Image
 import pcmodel
 from pcmodel.images import decode, display_maps, preprocess, tile
 from service.client import EncoderClient, ServiceError
-from service.engine import pick_device
+from service.host import pick_device
 
 from .conftest import png
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 import pcmodel
-from service.engine import pick_device
+from service.host import pick_device
 from service.metrics import REASONS
 
 from .conftest import metric

@@ -1,4 +1,4 @@
-"""The engine and its batcher in-process, on real models: grouping by (steps, shape), splitting, errors."""
+"""The host and its batcher in-process, on real models: grouping by (steps, shape), splitting, errors."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import torch
 import pcmodel
 from service import codec
 from service.batching import Batcher, Overloaded
-from service.engine import Engine
+from service.host import ModelHost
 from service.settings import Settings
 
 # The service may run another backend or batch size than the local reference: pcmodel promises
@@ -20,23 +20,23 @@ TOL = 1e-4
 
 
 @pytest.fixture(scope="module")
-def engine() -> Engine:
-    return Engine(Settings(max_batch_size=3, warmup_steps=(5,)))
+def host() -> ModelHost:
+    return ModelHost(Settings(max_batch_size=3, warmup_steps=(5,)))
 
 
 def rows(n: int, size: int = 32, seed: int = 0) -> torch.Tensor:
     return torch.rand((n, 3, size, size), generator=torch.Generator().manual_seed(seed)) * 2 - 1
 
 
-def test_batches_group_by_steps_and_shape_and_split_large_jobs(engine):
+def test_batches_group_by_steps_and_shape_and_split_large_jobs(host):
     calls: list[tuple[int, int, tuple[int, ...]]] = []
 
     def recording_infer(x, steps):
         calls.append((x.shape[0], steps, tuple(x.shape[2:])))
-        return engine._infer(x, steps)
+        return host._infer(x, steps)
 
     jobs = [(rows(1, seed=1), 5), (rows(1, seed=2), 10), (rows(3, seed=3), 5), (rows(1, 40, seed=4), 5)]
-    jobs = [(x.to(engine.device), steps) for x, steps in jobs]
+    jobs = [(x.to(host.device), steps) for x, steps in jobs]
 
     async def run():
         batcher = Batcher(recording_infer, max_batch_size=3, max_queue=100)
@@ -49,7 +49,7 @@ def test_batches_group_by_steps_and_shape_and_split_large_jobs(engine):
     # Oldest job first; rows of the same key join it up to 3; the 3-row job is split over two calls.
     assert calls == [(3, 5, (32, 32)), (1, 10, (32, 32)), (1, 5, (32, 32)), (1, 5, (40, 40))]
     for (x, steps), got in zip(jobs, results):
-        want = engine.model.infer(x, steps=steps)
+        want = host.model.infer(x, steps=steps)
         assert got.steps.tolist() == [steps] * x.shape[0]
         assert got.energy.shape == (steps + 1, x.shape[0])
         for a, b in zip(got.latents, want.latents):
@@ -57,9 +57,9 @@ def test_batches_group_by_steps_and_shape_and_split_large_jobs(engine):
         torch.testing.assert_close(got.reconstruction, want.reconstruction.cpu(), atol=TOL, rtol=TOL)
 
 
-def test_a_failing_batch_fails_only_its_own_jobs(engine):
+def test_a_failing_batch_fails_only_its_own_jobs(host):
     async def run():
-        batcher = Batcher(engine._infer, max_batch_size=8, max_queue=100)
+        batcher = Batcher(host._infer, max_batch_size=8, max_queue=100)
         try:
             bad = torch.zeros((1, 1, 32, 32))  # one channel: the model refuses it
             return await asyncio.gather(batcher.submit(bad, 5), batcher.submit(rows(1), 5), return_exceptions=True)
@@ -71,9 +71,9 @@ def test_a_failing_batch_fails_only_its_own_jobs(engine):
     assert good.latents[0].shape == (1, 8, 7, 7)
 
 
-def test_a_full_queue_is_refused(engine):
+def test_a_full_queue_is_refused(host):
     async def run():
-        batcher = Batcher(engine._infer, max_batch_size=2, max_queue=4)
+        batcher = Batcher(host._infer, max_batch_size=2, max_queue=4)
         try:
             first = asyncio.ensure_future(batcher.submit(rows(2), 50))
             await asyncio.sleep(0.001)
@@ -91,38 +91,38 @@ def test_a_full_queue_is_refused(engine):
     asyncio.run(run())
 
 
-def test_only_warmed_step_counts_get_fast_programs(engine):
-    assert engine.card()["steps"]["warmed"] == [5, 100]
+def test_only_warmed_step_counts_get_fast_programs(host):
+    assert host.card()["steps"]["warmed"] == [5, 100]
 
     async def run(counts):
-        return [(await engine.infer(rows(2), steps)).backend for steps in counts]
+        return [(await host.infer(rows(2), steps)).backend for steps in counts]
 
     backends = asyncio.run(run([100, 5, 7, 8, 9, 11]))
-    assert backends[:2] == [engine.backends[100], engine.backends[5]]
+    assert backends[:2] == [host.backends[100], host.backends[5]]
     # A client's unusual step counts never prepare a program of their own: they run on the torch backend.
     assert backends[2:] == ["torch"] * 4
-    assert {key[0] for key in engine.model.engines.onnxruntime.programs} == {5, 100}
+    assert {key[0] for key in host.model.engines.onnxruntime.programs} == {5, 100}
 
 
 @pytest.mark.slow
 def test_rao_ballard_tiles_by_default():
-    engine = Engine(Settings(model="rao-ballard-1999", max_batch_size=4))
-    config = engine.config
+    host = ModelHost(Settings(model="rao-ballard-1999", max_batch_size=4))
+    config = host.config
     assert config.preprocess.size_mode == "tile"
-    options = codec.parse_options({"steps": "20"}, config, engine.settings)
+    options = codec.parse_options({"steps": "20"}, config, host.settings)
     image = (np.random.default_rng(0).random((40, 60)) * 255).astype(np.uint8)
     part = codec.Part("image", "x.png", _png(image))
-    prepared = codec.prepare(codec.plan(part, options, config, engine.settings), options, config)
+    prepared = codec.prepare(codec.plan(part, options, config, host.settings), options, config)
     assert prepared.rows.shape == (3 * 3, 1, 16, 26)  # ceil(40/16) x ceil(60/26) tiles
 
     async def run():
         try:
-            return await engine.infer(prepared.rows, options.steps)
+            return await host.infer(prepared.rows, options.steps)
         finally:
-            engine.close()
+            host.close()
 
     settled = asyncio.run(run())
-    out = codec.encode_result(prepared, settled, options, engine.ref, config)
+    out = codec.encode_result(prepared, settled, options, host.ref, config)
     assert out["tile_grid"] == {"rows": 3, "cols": 3, "tile": [16, 26], "image": [40, 60]}
     from service.client import decode_array
 
@@ -132,8 +132,8 @@ def test_rao_ballard_tiles_by_default():
     assert shown.shape == recon.shape == error.shape == (1, 40, 60)
     np.testing.assert_array_equal(shown - recon, error)
     assert out["energy"]["final"] < out["energy"]["initial"]
-    assert out["model"] == {"name": "rao-ballard-1999", "preset": "rao-ballard-1999", "sha256": engine.sha256}
-    assert pcmodel.load("rao-ballard-1999").sha256 == engine.sha256
+    assert out["model"] == {"name": "rao-ballard-1999", "preset": "rao-ballard-1999", "sha256": host.sha256}
+    assert pcmodel.load("rao-ballard-1999").sha256 == host.sha256
 
 
 def _png(array: np.ndarray) -> bytes:

@@ -48,7 +48,7 @@ def model_source(setting: str) -> str:
     return setting if setting in pcmodel.shipped_models() else Path(setting).name
 
 
-class Engine:
+class ModelHost:
     """One loaded model and its batcher. Build it once per worker process."""
 
     def __init__(self, settings: Settings) -> None:
