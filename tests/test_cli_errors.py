@@ -175,12 +175,13 @@ def invoke(command: str, argv: list[str], capsys) -> tuple[int | str | None, str
 @pytest.mark.parametrize(("command", "argv", "names"), CASES, ids=[f"{c} {' '.join(a)}" for c, a, _ in CASES])
 def test_a_wrong_invocation_is_one_line_and_exit_2(command, argv, names, paths, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)  # anything a command wrote by mistake would land here
-    threads = torch.get_num_threads()
+    threads, grad = torch.get_num_threads(), torch.is_grad_enabled()  # process-wide: entry points set them
     argv = [a.format(**paths) for a in argv]
     try:
         code, err = invoke(command, argv, capsys)
     finally:
         torch.set_num_threads(threads)
+        torch.set_grad_enabled(grad)
     assert code == 2, err
     assert "Traceback" not in err
     lines = err.strip().splitlines()

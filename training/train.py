@@ -529,44 +529,67 @@ def build_parser() -> argparse.ArgumentParser:
     source = parser.add_mutually_exclusive_group()
     source.add_argument("--preset", choices=list(pcmodel.PRESETS), help="a preset (default: conv-rgb)")
     source.add_argument(
-        "--config", type=existing_file, help="a model config as JSON, written with --print-config (default: none)"
+        "--config",
+        metavar="FILE",
+        type=existing_file,
+        help="a model config as JSON, written with --print-config (default: none)",
     )
     source.add_argument(
-        "--resume", type=existing_file, help="continue a run from its checkpoint, exactly (default: a new run)"
+        "--resume",
+        metavar="CKPT",
+        type=existing_file,
+        help="continue a run from its checkpoint, exactly (default: a new run)",
     )
     parser.add_argument(
-        "--data", type=existing_folder, help="folder of training images (default: scikit-image's bundled photos)"
+        "--data",
+        metavar="DIR",
+        type=existing_folder,
+        help="folder of training images (default: scikit-image's bundled photos)",
     )
     parser.add_argument(
-        "--held-out", type=existing_folder, help="folder of held-out images (default: scikit-learn's sample photos)"
+        "--held-out",
+        metavar="DIR",
+        type=existing_folder,
+        help="folder of held-out images (default: scikit-learn's sample photos)",
     )
     parser.add_argument(
-        "--out", type=output_folder, help="output folder (default: runs/<model name>; on --resume, the run's folder)"
+        "--out",
+        metavar="DIR",
+        type=output_folder,
+        help="output folder (default: runs/<model name>; on --resume, the run's folder)",
     )
     parser.add_argument(
-        "--updates", type=positive_int, help="learning steps in all, one per batch (default: the preset's, 3000)"
+        "--updates",
+        metavar="N",
+        type=positive_int,
+        help="learning steps in all, one per batch (default: the preset's, 3000)",
     )
     parser.add_argument(
         "--batch-size",
+        metavar="N",
         type=positive_int,
         help="inputs per learning step, over all processes (default: the preset's: 100 paper, 64 conv-rgb)",
     )
     parser.add_argument(
-        "--infer-steps", type=positive_int, help="inference steps T per batch (default: the model's steps)"
+        "--infer-steps", metavar="T", type=positive_int, help="inference steps T per batch (default: the model's steps)"
     )
     parser.add_argument(
-        "--seed", type=nonnegative_int, help="seed for the initial weights and the batches (default: 0)"
+        "--seed", metavar="S", type=nonnegative_int, help="seed for the initial weights and the batches (default: 0)"
     )
     parser.add_argument(
         "--scales",
+        metavar="LIST",
         type=_scales,
         help="also sample photos resized by these factors, e.g. 1,0.5,0.25 (default: the preset's: 1 paper, "
         "1,0.5,0.25,0.125 conv-rgb)",
     )
     parser.add_argument(
-        "--k1", type=positive_float, help="inference step size, below the stability bound (default: the config's)"
+        "--k1",
+        metavar="X",
+        type=positive_float,
+        help="inference step size, below the stability bound (default: the config's)",
     )
-    parser.add_argument("--k2", type=positive_float, help="initial learning rate (default: the config's)")
+    parser.add_argument("--k2", metavar="X", type=positive_float, help="initial learning rate (default: the config's)")
     parser.add_argument(
         "--k2-schedule",
         choices=("preset", "paper", "constant"),
@@ -577,19 +600,32 @@ def build_parser() -> argparse.ArgumentParser:
         "--set", action="append", default=[], metavar="KEY=VALUE", help="override a config value (default: none)"
     )
     parser.add_argument(
-        "--checkpoint-every", type=positive_int, help="updates between checkpoints (default: the preset's, 500)"
+        "--checkpoint-every",
+        metavar="N",
+        type=positive_int,
+        help="updates between checkpoints (default: the preset's, 500)",
     )
     parser.add_argument(
-        "--eval-every", type=positive_int, help="updates between held-out evaluations (default: the preset's, 100)"
+        "--eval-every",
+        metavar="N",
+        type=positive_int,
+        help="updates between held-out evaluations (default: the preset's, 100)",
     )
     parser.add_argument(
-        "--log-every", type=positive_int, help="updates between metrics-log lines (default: the preset's, 10)"
+        "--log-every",
+        metavar="N",
+        type=positive_int,
+        help="updates between metrics-log lines (default: the preset's, 10)",
     )
     parser.add_argument(
-        "--check-every", type=positive_int, help="updates between stability checks (default: the preset's, 50)"
+        "--check-every",
+        metavar="N",
+        type=positive_int,
+        help="updates between stability checks (default: the preset's, 50)",
     )
     parser.add_argument(
         "--threads",
+        metavar="N",
         type=positive_int,
         default=1,
         help="torch intra-op CPU threads per process (default: %(default)s, which suits a shared machine: on a "

@@ -227,7 +227,7 @@ def test_help_shows_every_default_and_one_thread(monkeypatch):
         if action.dest != "help":
             assert "default" in (action.help or ""), f"{action.option_strings}: its help names no default"
     assert "one thread" in " ".join(parser.format_help().split())
-    threads = torch.get_num_threads()
+    threads, grad = torch.get_num_threads(), torch.is_grad_enabled()
     try:
         torch.set_num_threads(2)
         assert main(["--preset", "rao-ballard-1999", "--print-config"]) == 0
@@ -236,3 +236,4 @@ def test_help_shows_every_default_and_one_thread(monkeypatch):
         assert torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(threads)
+        torch.set_grad_enabled(grad)
