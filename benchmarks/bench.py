@@ -36,6 +36,7 @@ import torch
 import torch.nn.functional as F
 
 import pcmodel
+from pcmodel.cliargs import ArgumentParser, fail, model_source, nonnegative_float, positive_int, size_error
 from pcmodel.engines import cuda_graph, ops, plans
 from pcmodel.engines import onnxruntime as ort_engine
 from pcmodel.engines.onnx_graph import build_graph
@@ -67,6 +68,26 @@ class Case:
     def label(self) -> str:
         return f"{self.model} {self.size[0]}x{self.size[1]} B={self.batch}"
 
+    @property
+    def text(self) -> str:
+        """As --case writes it."""
+        return f"{self.model}:{self.size[0]}x{self.size[1]}:{self.batch}"
+
+
+def check_cases(cases: list[Case]) -> str | None:
+    """Why a case cannot run (its model does not load, or its size does not tile the model), else None.
+
+    Loading a checkpoint takes milliseconds: every case is checked before the first is timed.
+    """
+    for case in cases:
+        try:
+            model = pcmodel.load(case.model)
+        except (OSError, ValueError) as exc:
+            return f"--case {case.text}: {exc}"
+        if problem := size_error(model.config, case.size):
+            return f"--case {case.text}: {problem}"
+    return None
+
 
 def parse_case(text: str) -> Case:
     """MODEL:HxW:B, e.g. conv-rgb:32x32:1 (MODEL: a preset name or a checkpoint path)."""
@@ -78,6 +99,10 @@ def parse_case(text: str) -> Case:
         raise argparse.ArgumentTypeError(f"case {text!r} is not MODEL:HxW:B, e.g. conv-rgb:32x32:1") from None
     if min(h, w, case.batch) < 1:
         raise argparse.ArgumentTypeError(f"case {text!r}: sizes and batch must be positive")
+    try:
+        model_source(model)
+    except argparse.ArgumentTypeError as exc:
+        raise argparse.ArgumentTypeError(f"case {text!r}: {exc}") from None
     return case
 
 
@@ -641,7 +666,7 @@ def table(report: dict[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="pc-bench", description=__doc__.split("\n\n")[0])
+    parser = ArgumentParser(prog="pc-bench", description=__doc__.split("\n\n")[0])
     parser.add_argument(
         "--case",
         dest="cases",
@@ -649,27 +674,33 @@ def main(argv: list[str] | None = None) -> int:
         action="append",
         help="MODEL:HxW:B (repeatable; default: the six cases)",
     )
-    parser.add_argument("--steps", type=int, default=100, help="inference steps T (default: %(default)s)")
+    parser.add_argument("--steps", type=positive_int, default=100, help="inference steps T (default: %(default)s)")
     parser.add_argument(
         "--backends",
         default="reference,torch,onnxruntime,cuda-graph,pcx,jax",
         help="comma-separated subset of reference,torch,onnxruntime,cuda-graph,pcx,jax (default: all)",
     )
-    parser.add_argument("--rounds", type=int, default=5, help="timing rounds per case (default: %(default)s)")
-    parser.add_argument("--min-time", type=float, default=0.2, help="seconds per timing sample (default: %(default)s)")
-    parser.add_argument("--threads", type=int, default=None, help="torch and onnxruntime threads (default: all cores)")
+    parser.add_argument("--rounds", type=positive_int, default=5, help="timing rounds per case (default: %(default)s)")
+    parser.add_argument(
+        "--min-time", type=nonnegative_float, default=0.2, help="seconds per timing sample (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--threads", type=positive_int, default=None, help="torch and onnxruntime threads (default: all cores)"
+    )
     parser.add_argument("--ideas", action="store_true", help="also time the alternatives recorded in PERFORMANCE.md")
     parser.add_argument("--profile", action="store_true", help="also profile the torch backend and onnxruntime")
-    parser.add_argument("--peak-size", type=int, default=2048, help="matmul size for the peak (default: %(default)s)")
+    parser.add_argument(
+        "--peak-size", type=positive_int, default=2048, help="matmul size for the peak (default: %(default)s)"
+    )
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="pc-bench: %(message)s")
     names = [n.strip() for n in args.backends.split(",") if n.strip()]
     unknown = set(names) - set(LETTERS)
-    if unknown:
-        parser.error(f"unknown backends {sorted(unknown)}; choose from {', '.join(LETTERS)}")
-    if args.steps < 1 or args.rounds < 1:
-        parser.error("--steps and --rounds must be >= 1")
+    if unknown or not names:
+        parser.error(f"argument --backends: unknown {sorted(unknown)}; choose from {', '.join(LETTERS)}")
+    if problem := check_cases(args.cases or [parse_case(c) for c in DEFAULT_CASES]):
+        return fail("pc-bench", problem)
     threads = args.threads or ort_engine.available_cores()
     saved = torch.get_num_threads()
     torch.set_num_threads(threads)  # onnxruntime sessions take torch's thread count

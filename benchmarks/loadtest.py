@@ -22,6 +22,7 @@ import json
 import platform
 import sys
 import time
+import urllib.parse
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -30,6 +31,7 @@ import httpx
 import numpy as np
 from PIL import Image
 
+from pcmodel.cliargs import ArgumentParser, device_name, model_source, nonnegative_int, positive_int
 from service.client import decode_array
 
 
@@ -229,17 +231,38 @@ def run(
     return report
 
 
+def _url(text: str) -> str:
+    """--url: an http(s) address with a host."""
+    parts = urllib.parse.urlsplit(text)
+    if parts.scheme not in ("http", "https") or not parts.netloc:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a URL like http://127.0.0.1:3000")
+    return text
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="pc-serve-loadtest", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--url", help="a running service (default: start pc-serve here)")
-    parser.add_argument("--server-pid", type=int, help="with --url: the server's pid, to report its memory")
-    parser.add_argument("--model", default="default", help="model for the server this starts (default: %(default)s)")
-    parser.add_argument("--device", default="auto", help="PC_DEVICE for the server this starts")
-    parser.add_argument("--clients", type=int, default=32)
-    parser.add_argument("--requests", type=int, default=2000)
-    parser.add_argument("--warmup", type=int, default=None, help="requests before the memory baseline (4 x clients)")
+    parser = ArgumentParser(prog="pc-serve-loadtest", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--url", type=_url, help="a running service, http://HOST:PORT (default: start pc-serve here)")
+    parser.add_argument(
+        "--server-pid", type=positive_int, help="with --url: the server's pid, to report its memory (default: none)"
+    )
+    parser.add_argument(
+        "--model", type=model_source, default="default", help="model for the server this starts (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--device", type=device_name, default="auto", help="PC_DEVICE for the server this starts (default: auto)"
+    )
+    parser.add_argument("--clients", type=positive_int, default=32, help="concurrent clients (default: %(default)s)")
+    parser.add_argument("--requests", type=positive_int, default=2000, help="requests in all (default: %(default)s)")
+    parser.add_argument(
+        "--warmup",
+        type=nonnegative_int,
+        default=None,
+        help="requests before the memory baseline (default: 4 x clients)",
+    )
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     args = parser.parse_args(argv)
+    if args.server_pid is not None and not args.url:
+        parser.error("argument --server-pid: only with --url (a server this command starts is measured already)")
     warmup = args.warmup if args.warmup is not None else 4 * args.clients
 
     from .launch import LocalServer, process_tree_rss

@@ -28,6 +28,14 @@ import urllib.parse
 
 import numpy as np
 
+from pcmodel.cliargs import (
+    ArgumentParser,
+    device_name,
+    fail,
+    model_source,
+    nonnegative_int,
+    positive_int,
+)
 from service.client import server_timing
 
 from .loadtest import Spec, drive, machine, percentiles_ms, photos
@@ -131,22 +139,42 @@ def measure(url: str, spec: Spec, requests: int, concurrency: list[int], model, 
     return out
 
 
+def _counts(text: str) -> list[int]:
+    """--concurrency: comma-separated client counts, each at least 1."""
+    try:
+        return [positive_int(c) for c in text.split(",")]
+    except argparse.ArgumentTypeError as exc:
+        raise argparse.ArgumentTypeError(f"{text!r}: give client counts like 1,8,32 ({exc})") from None
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="pc-serve-bench", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", default="default", help="checkpoint or name (default: %(default)s)")
-    parser.add_argument("--size", type=int, default=64, help="photo side in pixels (default: %(default)s)")
-    parser.add_argument("--steps", type=int, default=100, help="inference steps T (default: %(default)s)")
+    parser = ArgumentParser(prog="pc-serve-bench", description=__doc__.split("\n\n")[0])
+    parser.add_argument(
+        "--model", type=model_source, default="default", help="checkpoint or name (default: %(default)s)"
+    )
+    parser.add_argument("--size", type=positive_int, default=64, help="photo side in pixels (default: %(default)s)")
+    parser.add_argument("--steps", type=positive_int, default=100, help="inference steps T (default: %(default)s)")
     parser.add_argument("--size-mode", choices=("resize", "tile"), default=None, help="default: the model's")
-    parser.add_argument("--requests", type=int, default=100, help="sequential requests per round (default: 100)")
-    parser.add_argument("--concurrency", default="1,8,32", help="client counts (default: %(default)s)")
-    parser.add_argument("--rounds", type=int, default=3, help="alternating rounds (default: %(default)s)")
-    parser.add_argument("--batch-size", type=int, default=32, help="PC_MAX_BATCH_SIZE when batching is on")
-    parser.add_argument("--device", default="auto", help="PC_DEVICE for the servers and the local model")
-    parser.add_argument("--torch-threads", type=int, default=0, help="PC_TORCH_THREADS for both (0: the default)")
-    parser.add_argument("--workers", type=int, default=1, help="PC_WORKERS for both servers (default: 1)")
+    parser.add_argument(
+        "--requests", type=positive_int, default=100, help="sequential requests per round (default: %(default)s)"
+    )
+    parser.add_argument("--concurrency", type=_counts, default="1,8,32", help="client counts (default: %(default)s)")
+    parser.add_argument("--rounds", type=positive_int, default=3, help="alternating rounds (default: %(default)s)")
+    parser.add_argument(
+        "--batch-size", type=positive_int, default=32, help="PC_MAX_BATCH_SIZE when batching is on (default: 32)"
+    )
+    parser.add_argument(
+        "--device", type=device_name, default="auto", help="PC_DEVICE for the servers and the local model"
+    )
+    parser.add_argument(
+        "--torch-threads", type=nonnegative_int, default=0, help="PC_TORCH_THREADS for both (0: the default)"
+    )
+    parser.add_argument(
+        "--workers", type=positive_int, default=1, help="PC_WORKERS for both servers (default: %(default)s)"
+    )
     parser.add_argument("--json", action="store_true", help="print one JSON object with every number")
     args = parser.parse_args(argv)
-    concurrency = [int(c) for c in args.concurrency.split(",")]
+    concurrency = args.concurrency
 
     import torch
 
@@ -157,11 +185,19 @@ def main(argv: list[str] | None = None) -> int:
 
     from .launch import LocalServer
 
+    limits = Settings()
+    if args.steps > limits.max_steps:
+        return fail("pc-serve-bench", f"--steps {args.steps}: the service takes at most {limits.max_steps} steps")
+    if args.size < limits.min_side:
+        return fail("pc-serve-bench", f"--size {args.size}: the service takes images of at least {limits.min_side} px")
+    try:
+        model = pcmodel.load(args.model).to(pick_device(args.device))
+    except (OSError, ValueError) as exc:
+        return fail("pc-serve-bench", f"--model {args.model}: {exc}")
     image = photos(args.size)[0]
     spec = Spec(image, steps=args.steps, size_mode=args.size_mode)
     device = pick_device(args.device)
     torch.set_num_threads(args.torch_threads or default_threads(args.workers))  # as in the servers
-    model = pcmodel.load(args.model).to(device)
     options = codec.parse_options(spec.form(), model.config, Settings())
     planned = codec.plan(codec.Part("image", "x.png", image), options, model.config, Settings())
     rows = codec.prepare(planned, options, model.config).rows.to(device)

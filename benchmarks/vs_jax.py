@@ -17,13 +17,16 @@ set by benchmarks.jax_peer.configure_threads before jax is imported. Run one pro
 
 from __future__ import annotations
 
-import argparse
+import importlib.util
 import json
 import statistics
 import sys
 import time
 from collections.abc import Callable
 from typing import Any
+
+from benchmarks.bench import Case, check_cases, parse_case
+from pcmodel.cliargs import ArgumentParser, fail, nonnegative_float, positive_int
 
 CASES = [("conv-rgb", (32, 32), 1), ("conv-rgb", (32, 32), 32), ("rao-ballard-1999", (16, 26), 1),
          ("rao-ballard-1999", (16, 26), 32)]  # fmt: skip
@@ -89,14 +92,23 @@ def run_case(name: str, hw: tuple[int, int], batch: int, steps: int, rounds: int
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--steps", type=int, default=100)
-    parser.add_argument("--rounds", type=int, default=7)
-    parser.add_argument("--min-time", type=float, default=0.2)
-    parser.add_argument("--case", action="append", help="name:HxW:B (repeatable); default: the four cases")
+    parser = ArgumentParser(prog="python -m benchmarks.vs_jax", description=__doc__.split("\n")[0])
+    parser.add_argument("--threads", type=positive_int, default=1, help="threads for torch and XLA (default: 1)")
+    parser.add_argument("--steps", type=positive_int, default=100, help="inference steps T (default: 100)")
+    parser.add_argument("--rounds", type=positive_int, default=7, help="timing rounds (default: 7)")
+    parser.add_argument(
+        "--min-time", type=nonnegative_float, default=0.2, help="seconds per timing sample (default: 0.2)"
+    )
+    parser.add_argument(
+        "--case", type=parse_case, action="append", help="MODEL:HxW:B (repeatable); default: the four cases"
+    )
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     args = parser.parse_args(argv)
+    if importlib.util.find_spec("jax") is None:
+        return fail(parser.prog, "needs jax, which is not installed: pip install -e '.[bench]'")
+    cases = [(c.model, c.size, c.batch) for c in args.case] if args.case else CASES
+    if problem := check_cases([Case(name, hw, batch) for name, hw, batch in cases]):
+        return fail(parser.prog, problem)
 
     from benchmarks.jax_peer import configure_threads
 
@@ -104,13 +116,6 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     torch.set_num_threads(args.threads)
-    cases = CASES
-    if args.case:
-        cases = []
-        for spec in args.case:
-            name, size, batch = spec.split(":")
-            h, w = size.split("x")
-            cases.append((name, (int(h), int(w)), int(batch)))
     results = []
     for name, hw, batch in cases:
         result = run_case(name, hw, batch, args.steps, args.rounds, args.min_time)

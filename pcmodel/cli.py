@@ -1,8 +1,11 @@
-"""pc-encode: encode an image file (or a bundled photo) from the command line and write the maps."""
+"""pc-encode: encode an image file (or a bundled photo) from the command line and write the maps.
+
+Writes input.png, reconstruction.png and error.png at the image's size, montage.png (the three side by
+side, enlarged to be seen) and encoding.npz with every array; prints a JSON summary.
+"""
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from pathlib import Path
@@ -11,7 +14,13 @@ import numpy as np
 import torch
 
 import pcmodel
-from pcmodel.images import DEFAULT_MAX_PIXELS, decode, display_maps, prepare_image, sample_photo
+from pcmodel.cliargs import ArgumentParser, existing_file, fail, model_source, output_folder, positive_int
+from pcmodel.images import DEFAULT_MAX_PIXELS, decode, display_maps, montage, prepare_image, sample_photo
+
+# What pc-encode writes into --out. encoding.npz holds latent_1 .. latent_L (rows, causes, H_l, W_l), one
+# row per tile in tile mode; input, reconstruction and error (C, H, W) on the image's grid, as the PNGs
+# show them; energy (steps + 1, rows), before the first step and after each.
+OUTPUT_FILES = ("input.png", "reconstruction.png", "error.png", "montage.png", "encoding.npz")
 
 
 def encode_array(model: pcmodel.PCModel, image, steps: int | None, size_mode: str | None):
@@ -23,26 +32,44 @@ def encode_array(model: pcmodel.PCModel, image, steps: int | None, size_mode: st
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="pc-encode", description=__doc__)
-    parser.add_argument("image", nargs="?", help="image file (default: the bundled astronaut photo, 256x256)")
-    parser.add_argument("--model", default="default", help="checkpoint path or name (default: %(default)s)")
-    parser.add_argument("--steps", type=int, default=None, help="inference steps (default: the model's)")
+    parser = ArgumentParser(prog="pc-encode", description=__doc__)
+    parser.add_argument(
+        "image", nargs="?", type=existing_file, help="image file (default: the bundled astronaut photo, 256x256)"
+    )
+    parser.add_argument(
+        "--model", type=model_source, default="default", help="checkpoint path or name (default: %(default)s)"
+    )
+    parser.add_argument("--steps", type=positive_int, default=None, help="inference steps, >= 1 (default: the model's)")
     parser.add_argument("--size-mode", choices=("resize", "tile"), default=None, help="default: the model's")
-    parser.add_argument("--out", type=Path, default=Path("encoded"), help="output folder (default: %(default)s)")
+    parser.add_argument(
+        "--out", type=output_folder, default=Path("encoded"), help="output folder (default: %(default)s)"
+    )
     args = parser.parse_args(argv)
     try:
-        model = pcmodel.load(args.model)
-        image = sample_photo() if args.image is None else decode(Path(args.image).read_bytes(), DEFAULT_MAX_PIXELS)
+        image = sample_photo() if args.image is None else decode(args.image.read_bytes(), DEFAULT_MAX_PIXELS)
     except (OSError, ValueError) as exc:
-        print(f"pc-encode: {exc}", file=sys.stderr)
-        return 2
+        return fail("pc-encode", f"{args.image}: {exc}")
+    try:
+        model = pcmodel.load(args.model)
+    except (OSError, ValueError) as exc:
+        return fail("pc-encode", f"--model {args.model}: {exc}")
     result, (shown, reconstruction, error) = encode_array(model, image, args.steps, args.size_mode)
-    args.out.mkdir(parents=True, exist_ok=True)
-    for name, picture in zip(
-        ("input", "reconstruction", "error"), display_maps(shown, reconstruction, error, model.config.preprocess)
-    ):
-        picture.save(args.out / f"{name}.png")
-    np.savez(args.out / "latents.npz", **{f"level{i + 1}": r.numpy() for i, r in enumerate(result.latents)})
+    pictures = display_maps(shown, reconstruction, error, model.config.preprocess)
+    try:
+        args.out.mkdir(parents=True, exist_ok=True)
+        for name, picture in zip(("input", "reconstruction", "error"), pictures):
+            picture.save(args.out / f"{name}.png")
+        montage(pictures).save(args.out / "montage.png")
+        np.savez(
+            args.out / "encoding.npz",
+            **{f"latent_{i + 1}": r.cpu().numpy() for i, r in enumerate(result.latents)},
+            input=shown.numpy(),
+            reconstruction=reconstruction.numpy(),
+            error=error.numpy(),
+            energy=result.energy.cpu().numpy(),
+        )
+    except OSError as exc:
+        return fail("pc-encode", f"--out {args.out}: {exc}")
     relative = float(error.square().sum() / shown.square().sum().clamp_min(1e-12))
     summary = {
         "model": model.name,
@@ -53,6 +80,7 @@ def main(argv: list[str] | None = None) -> int:
         "energy_final": float(result.energy[-1].sum()),
         "relative_error": relative,
         "out": str(args.out),
+        "files": list(OUTPUT_FILES),
     }
     print(json.dumps(summary, indent=2))
     return 0

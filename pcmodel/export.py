@@ -13,7 +13,6 @@ The metadata (`model`, `sha256`, `steps`, `input_size`) says what the file compu
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import sys
@@ -28,6 +27,7 @@ import torch
 
 import pcmodel
 
+from .cliargs import ArgumentParser, fail, model_source, output_file, positive_int, size_error
 from .engines.onnx_graph import build_graph
 from .engines.plans import make_plan
 
@@ -88,24 +88,32 @@ def check_file(model: Any, path: str | Path, steps: int, hw: Sequence[int], batc
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="pc-export",
         description="Write fixed-T inference as an ONNX file (input x; outputs latent_1..L, energy, reconstruction).",
     )
-    parser.add_argument("model", help="checkpoint path or model name (default, conv-rgb, rao-ballard-1999)")
-    parser.add_argument("--steps", type=int, default=None, help="inference steps T (default: the model's)")
-    parser.add_argument("-o", "--output", type=Path, required=True, help="the .onnx file to write")
-    parser.add_argument("--size", type=int, nargs=2, metavar=("H", "W"), help="input size (default: native)")
+    parser.add_argument(
+        "model", type=model_source, help="checkpoint path or model name (default, conv-rgb, rao-ballard-1999)"
+    )
+    parser.add_argument("--steps", type=positive_int, default=None, help="inference steps T (default: the model's)")
+    parser.add_argument("-o", "--output", type=output_file, required=True, help="the .onnx file to write")
+    parser.add_argument(
+        "--size", type=positive_int, nargs=2, metavar=("H", "W"), help="input size (default: the model's native)"
+    )
     parser.add_argument("--no-check", action="store_true", help="skip the onnxruntime-vs-torch check")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     try:
         model = pcmodel.load(args.model)
-        steps = model.config.steps if args.steps is None else args.steps
-        summary = export(model, steps, args.output, args.size, check=not args.no_check)
     except (OSError, ValueError) as exc:
-        print(f"pc-export: {exc}", file=sys.stderr)
-        return 2
+        return fail("pc-export", str(exc))
+    if args.size is not None and (problem := size_error(model.config, args.size)):
+        return fail("pc-export", f"--size {args.size[0]} {args.size[1]}: {problem}")
+    steps = model.config.steps if args.steps is None else args.steps
+    try:
+        summary = export(model, steps, args.output, args.size, check=not args.no_check)
+    except OSError as exc:
+        return fail("pc-export", f"--output {args.output}: {exc}")
     print(json.dumps(summary, indent=2))
     return 0
 

@@ -476,3 +476,18 @@ def display_maps(
         to_display(reconstruction, config, scale, centred),
         to_display(error, config, scale, True),
     )
+
+
+def montage(pictures: Sequence[Image.Image], min_side: int = 256, gap: int = 4) -> Image.Image:
+    """Pictures of one size side by side, each enlarged (nearest neighbour, an integer factor) until its
+    shorter side is at least `min_side` pixels, with `gap` white pixels between them: a view at a size
+    one can read, every model pixel a sharp square."""
+    width, height = pictures[0].size
+    assert all(p.size == (width, height) for p in pictures), "montage takes pictures of one size"
+    factor = max(1, math.ceil(min_side / min(width, height)))
+    mode = "RGB" if any(p.mode != "L" for p in pictures) else "L"
+    w, h = width * factor, height * factor
+    sheet = Image.new(mode, (len(pictures) * w + (len(pictures) - 1) * gap, h), "white")
+    for i, picture in enumerate(pictures):
+        sheet.paste(picture.convert(mode).resize((w, h), Image.Resampling.NEAREST), (i * (w + gap), 0))
+    return sheet

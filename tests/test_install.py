@@ -50,7 +50,7 @@ def test_pcmodel_and_pc_encode_need_no_service_or_training_packages(tmp_path):
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip().splitlines()[-1] == "[]"
     assert {p.name for p in (tmp_path / "encoded").iterdir()} == {
-        "input.png", "reconstruction.png", "error.png", "latents.npz"
+        "input.png", "reconstruction.png", "error.png", "montage.png", "encoding.npz"
     }  # fmt: skip
 
 

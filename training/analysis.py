@@ -1,6 +1,7 @@
 """pc-analyze: does a trained model reproduce Rao & Ballard (1999)? (docs/MODEL.md section 5 D, E, F.)
 
     pc-analyze rao-ballard-1999                  # a shipped model by name, or a checkpoint path
+    pc-analyze runs/rao-ballard-1999/model.safetensors   # -> runs/rao-ballard-1999/analysis/
     pc-analyze runs/rao-ballard-1999/model.safetensors --out report/
 
 Writes report.md (with PNG figures) and report.json:
@@ -14,7 +15,6 @@ Writes report.md (with PNG figures) and report.json:
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import functools
 import json
@@ -33,6 +33,7 @@ from scipy.optimize import least_squares
 
 import pcmodel
 from pcmodel import ModelConfig, PCModel
+from pcmodel.cliargs import ArgumentParser, fail, model_source, output_folder, positive_int
 from pcmodel.images import filter_images
 
 from . import data
@@ -411,28 +412,50 @@ def markdown(report: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def default_out(checkpoint: str, name: str) -> Path:
+    """Where the report goes without --out: beside the checkpoint, so each run keeps its own.
+
+    A run's model.safetensors -> <its folder>/analysis/; another checkpoint file (a snapshot in
+    checkpoints/) -> <its folder>/analysis-<its name>/; a model's name (a shipped checkpoint inside the
+    package) -> analysis/<the model's name>/ in the current folder.
+    """
+    path = Path(checkpoint)
+    if not path.is_file():
+        return Path("analysis") / name
+    return path.parent / ("analysis" if path.name == "model.safetensors" else f"analysis-{path.stem}")
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="pc-analyze", description=__doc__.split("\n")[0])
-    parser.add_argument("checkpoint", help="checkpoint path or model name (rao-ballard-1999, conv-rgb, default)")
-    parser.add_argument("--out", type=Path, help="report folder (default: analysis/<model name>)")
-    parser.add_argument("--steps", type=int, help="inference steps for the reconstruction (default: the model's)")
+    parser = ArgumentParser(prog="pc-analyze", description=__doc__.split("\n")[0])
+    parser.add_argument(
+        "checkpoint", type=model_source, help="checkpoint path or model name (rao-ballard-1999, conv-rgb, default)"
+    )
+    parser.add_argument(
+        "--out",
+        type=output_folder,
+        help="report folder (default: beside the checkpoint: <its folder>/analysis/ for a run's model.safetensors, "
+        "<its folder>/analysis-<name>/ for another checkpoint file; analysis/<name>/ for a model name)",
+    )
+    parser.add_argument(
+        "--steps", type=positive_int, help="inference steps for the reconstruction (default: the model's)"
+    )
     parser.add_argument(
         "--end-stopping-steps",
-        type=int,
+        type=positive_int,
         help=f"inference steps for end-stopping, a steady state (default: max({END_STOPPING_STEPS}, the model's))",
     )
-    parser.add_argument("--threads", type=int, help="CPU threads for torch")
+    parser.add_argument(
+        "--threads", type=positive_int, default=1, help="torch intra-op CPU threads (default: %(default)s)"
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
+    torch.set_num_threads(args.threads)
     torch.set_grad_enabled(False)
     try:
         model = pcmodel.load(args.checkpoint)
     except (pcmodel.CheckpointError, pcmodel.UnstableStepError) as exc:
-        log.error("%s", exc)
-        return 2
-    out = args.out or Path("analysis") / model.name
+        return fail("pc-analyze", str(exc))
+    out = args.out or default_out(args.checkpoint, model.name)
     report = analyze(model, out, steps=args.steps, end_stopping_steps=args.end_stopping_steps)
     g, e = report["gabor"], report["held_out"]
     summary = {

@@ -60,15 +60,18 @@ def held_out_photos() -> list[Photo]:
     return [Photo(Path(f).name, np.asarray(img)) for f, img in zip(bunch.filenames, bunch.images)]
 
 
-def folder_photos(folder: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[list[Photo], list[str]]:
+def folder_photos(
+    folder: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS, option: str = "--data"
+) -> tuple[list[Photo], list[str]]:
     """Every PNG, JPEG, TIFF and WebP file under `folder` (recursively, in sorted order).
 
     Returns (photos, skipped): files that cannot be decoded are listed as "path: reason" and
-    skipped. Raises DataError for a missing folder or one without a single usable image.
+    skipped. Raises DataError for a missing folder or one without a single usable image; its
+    message names the command-line `option` that gave the folder.
     """
     root = Path(folder)
     if not root.is_dir():
-        raise DataError(f"--data {folder}: no such folder; give a folder of PNG, JPEG, TIFF or WebP images")
+        raise DataError(f"{option} {folder}: no such folder; give a folder of PNG, JPEG, TIFF or WebP images")
     files = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
     photos, skipped = [], []
     for path in files:
@@ -81,7 +84,7 @@ def folder_photos(folder: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> t
     if not photos:
         found = f"{len(files)} image file(s), none readable" if files else "no image files"
         raise DataError(
-            f"--data {folder}: {found}; the folder needs at least one readable {', '.join(IMAGE_SUFFIXES)} image"
+            f"{option} {folder}: {found}; the folder needs at least one readable {', '.join(IMAGE_SUFFIXES)} image"
         )
     return photos, skipped
 
@@ -93,6 +96,19 @@ def fingerprint(photos: Sequence[Photo]) -> str:
         digest.update(f"{photo.name}:{photo.pixels.shape}\n".encode())
         digest.update(np.ascontiguousarray(photo.pixels).tobytes())
     return digest.hexdigest()
+
+
+def check_sizes(photos: Sequence[Photo], config: ModelConfig, source: str, option: str) -> None:
+    """Raise DataError, naming `option` (or the default photos), unless some photo covers the model's input."""
+    height, width = config.input_shape[1:]
+    if any(p.pixels.shape[0] >= height and p.pixels.shape[1] >= width for p in photos):
+        return
+    where = f"{option} {source}" if source != "default" else f"the default photos for {option}"
+    largest = max(photos, key=lambda p: p.pixels.shape[0] * p.pixels.shape[1])
+    raise DataError(
+        f"{where}: every image is smaller than the model's input {height}x{width} (the largest, {largest.name}, "
+        f"is {largest.pixels.shape[0]}x{largest.pixels.shape[1]}); give images at least {height}x{width}"
+    )
 
 
 def prepare(photos: Sequence[Photo], config: ModelConfig, scales: Sequence[float] = (1.0,)) -> list[torch.Tensor]:

@@ -34,6 +34,17 @@ import torch.distributed as dist
 
 import pcmodel
 from pcmodel import ConfigError, ModelConfig, PCModel
+from pcmodel.cliargs import (
+    ArgumentParser,
+    device_name,
+    existing_file,
+    existing_folder,
+    fail,
+    nonnegative_int,
+    output_folder,
+    positive_float,
+    positive_int,
+)
 
 from . import data
 from .metrics import error_sums
@@ -197,17 +208,17 @@ class DataSpec:
     held_out: str  # "default" (scikit-learn's sample photos) or a folder path
 
     def load(self) -> tuple[list[data.Photo], list[data.Photo]]:
-        photos = data.default_photos() if self.source == "default" else _folder(self.source, "training")
-        held = data.held_out_photos() if self.held_out == "default" else _folder(self.held_out, "held-out")
+        photos = data.default_photos() if self.source == "default" else _folder(self.source, "--data")
+        held = data.held_out_photos() if self.held_out == "default" else _folder(self.held_out, "--held-out")
         return photos, held
 
 
-def _folder(path: str, role: str) -> list[data.Photo]:
+def _folder(path: str, option: str) -> list[data.Photo]:
     """The readable images of a folder; the unreadable ones are listed in the log and skipped."""
-    photos, skipped = data.folder_photos(path)
+    photos, skipped = data.folder_photos(path, option=option)
     for line in skipped:
-        log.warning("skipped unreadable %s image %s", role, line)
-    log.info("%s: %d image(s) from %s (%d skipped)", role, len(photos), path, len(skipped))
+        log.warning("%s: skipped unreadable image %s", option, line)
+    log.info("%s: %d image(s) from %s (%d skipped)", option, len(photos), path, len(skipped))
     return photos
 
 
@@ -500,41 +511,134 @@ def apply_settings(config: ModelConfig, settings: Sequence[str]) -> ModelConfig:
     return ModelConfig.from_dict(tree)
 
 
+def _scales(text: str) -> tuple[float, ...]:
+    try:
+        scales = tuple(float(s) for s in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: give factors like 1,0.5,0.25") from None
+    if not all(0 < s <= 1 for s in scales):
+        raise argparse.ArgumentTypeError(f"{text!r}: every factor must be in (0, 1], e.g. 1,0.5,0.25")
+    return scales
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="pc-train",
         description="Train a predictive-coding network on natural images (see docs/TRAINING.md).",
     )
     source = parser.add_mutually_exclusive_group()
-    source.add_argument("--preset", help=f"a preset: {', '.join(pcmodel.PRESETS)} (default: conv-rgb)")
-    source.add_argument("--config", type=Path, help="a model config as JSON (write one with --print-config)")
-    source.add_argument("--resume", type=Path, help="continue a run from its checkpoint, exactly")
-    parser.add_argument("--data", help="folder of training images (default: scikit-image's bundled photos)")
-    parser.add_argument("--held-out", help="folder of held-out images (default: scikit-learn's sample photos)")
-    parser.add_argument("--out", type=Path, help="output folder (default: runs/<model name>)")
-    parser.add_argument("--updates", type=int, help="learning steps in all (one per batch)")
-    parser.add_argument("--batch-size", type=int, help="inputs per learning step, over all processes")
-    parser.add_argument("--infer-steps", type=int, help="inference steps T per batch (default: the model's)")
-    parser.add_argument("--seed", type=int, help="seed for the initial weights and the batches")
-    parser.add_argument("--scales", help="also sample photos resized by these factors, e.g. 1,0.5,0.25")
-    parser.add_argument("--k1", type=float, help="inference step size (below the stability bound)")
-    parser.add_argument("--k2", type=float, help="initial learning rate")
+    source.add_argument("--preset", choices=list(pcmodel.PRESETS), help="a preset (default: conv-rgb)")
+    source.add_argument(
+        "--config",
+        metavar="FILE",
+        type=existing_file,
+        help="a model config as JSON, written with --print-config (default: none)",
+    )
+    source.add_argument(
+        "--resume",
+        metavar="CKPT",
+        type=existing_file,
+        help="continue a run from its checkpoint, exactly (default: a new run)",
+    )
+    parser.add_argument(
+        "--data",
+        metavar="DIR",
+        type=existing_folder,
+        help="folder of training images (default: scikit-image's bundled photos)",
+    )
+    parser.add_argument(
+        "--held-out",
+        metavar="DIR",
+        type=existing_folder,
+        help="folder of held-out images (default: scikit-learn's sample photos)",
+    )
+    parser.add_argument(
+        "--out",
+        metavar="DIR",
+        type=output_folder,
+        help="output folder (default: runs/<model name>; on --resume, the run's folder)",
+    )
+    parser.add_argument(
+        "--updates",
+        metavar="N",
+        type=positive_int,
+        help="learning steps in all, one per batch (default: the preset's, 3000)",
+    )
+    parser.add_argument(
+        "--batch-size",
+        metavar="N",
+        type=positive_int,
+        help="inputs per learning step, over all processes (default: the preset's: 100 paper, 64 conv-rgb)",
+    )
+    parser.add_argument(
+        "--infer-steps", metavar="T", type=positive_int, help="inference steps T per batch (default: the model's steps)"
+    )
+    parser.add_argument(
+        "--seed", metavar="S", type=nonnegative_int, help="seed for the initial weights and the batches (default: 0)"
+    )
+    parser.add_argument(
+        "--scales",
+        metavar="LIST",
+        type=_scales,
+        help="also sample photos resized by these factors, e.g. 1,0.5,0.25 (default: the preset's: 1 paper, "
+        "1,0.5,0.25,0.125 conv-rgb)",
+    )
+    parser.add_argument(
+        "--k1",
+        metavar="X",
+        type=positive_float,
+        help="inference step size, below the stability bound (default: the config's)",
+    )
+    parser.add_argument("--k2", metavar="X", type=positive_float, help="initial learning rate (default: the config's)")
     parser.add_argument(
         "--k2-schedule",
         choices=("preset", "paper", "constant"),
         default="preset",
         help="preset: the config's; paper: /1.015 every 40 inputs; constant (default: %(default)s)",
     )
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config value")
-    parser.add_argument("--checkpoint-every", type=int, help="updates between checkpoints")
-    parser.add_argument("--eval-every", type=int, help="updates between held-out evaluations")
-    parser.add_argument("--log-every", type=int, help="updates between metrics-log lines")
-    parser.add_argument("--check-every", type=int, help="updates between stability checks")
-    parser.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's choice)")
-    parser.add_argument("--device", help="cpu or cuda (default: cuda when available)")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar (log lines only)")
-    parser.add_argument("--no-figures", action="store_true", help="skip the PNG figures at the end")
-    parser.add_argument("--print-config", action="store_true", help="print the model config as JSON and exit")
+    parser.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE", help="override a config value (default: none)"
+    )
+    parser.add_argument(
+        "--checkpoint-every",
+        metavar="N",
+        type=positive_int,
+        help="updates between checkpoints (default: the preset's, 500)",
+    )
+    parser.add_argument(
+        "--eval-every",
+        metavar="N",
+        type=positive_int,
+        help="updates between held-out evaluations (default: the preset's, 100)",
+    )
+    parser.add_argument(
+        "--log-every",
+        metavar="N",
+        type=positive_int,
+        help="updates between metrics-log lines (default: the preset's, 10)",
+    )
+    parser.add_argument(
+        "--check-every",
+        metavar="N",
+        type=positive_int,
+        help="updates between stability checks (default: the preset's, 50)",
+    )
+    parser.add_argument(
+        "--threads",
+        metavar="N",
+        type=positive_int,
+        default=1,
+        help="torch intra-op CPU threads per process (default: %(default)s, which suits a shared machine: on a "
+        "loaded 2-core machine one thread ran 10x faster than torch's choice; raise it on cores of your own)",
+    )
+    parser.add_argument(
+        "--device", type=device_name, help="auto, cpu, cuda or cuda:N (default: auto, cuda when available)"
+    )
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar, log lines only (default: off)")
+    parser.add_argument("--no-figures", action="store_true", help="skip the PNG figures at the end (default: off)")
+    parser.add_argument(
+        "--print-config", action="store_true", help="print the model config as JSON and exit (default: off)"
+    )
     return parser
 
 
@@ -544,6 +648,10 @@ def _model_config(args: argparse.Namespace) -> ModelConfig:
             config = ModelConfig.from_json(args.config.read_text())
         except OSError as exc:
             raise ConfigError(f"--config {args.config}: {exc.strerror}") from None
+        except (ValueError, TypeError, KeyError) as exc:  # not JSON, or not a model config
+            raise ConfigError(
+                f"--config {args.config}: not a model config ({exc}); write one with --print-config"
+            ) from None
     else:
         config = pcmodel.get_preset(args.preset or "conv-rgb")
     learning = config.learning
@@ -568,15 +676,15 @@ def _train_config(args: argparse.Namespace, base: TrainConfig) -> TrainConfig:
     if args.check_every is not None:
         changes["check_every"] = args.check_every
     if args.scales is not None:
-        try:
-            changes["scales"] = tuple(float(s) for s in args.scales.split(","))
-        except ValueError:
-            raise ConfigError(f"--scales {args.scales!r}: give factors like 1,0.5,0.25") from None
+        changes["scales"] = args.scales
     return dataclasses.replace(base, **changes)
 
 
 def _resume(args: argparse.Namespace) -> tuple[PCModel, TrainConfig, RunState, DataSpec]:
-    model = pcmodel.load(args.resume)
+    try:
+        model = pcmodel.load(args.resume)
+    except (pcmodel.CheckpointError, pcmodel.UnstableStepError) as exc:
+        raise ConfigError(f"--resume {exc}") from None
     training = model.provenance.get("training")
     if not isinstance(training, dict) or "options" not in training:
         raise ConfigError(f"--resume {args.resume}: this checkpoint was not written by pc-train (no training state)")
@@ -587,8 +695,6 @@ def _resume(args: argparse.Namespace) -> tuple[PCModel, TrainConfig, RunState, D
     saved = TrainConfig(**{**training["options"], "scales": tuple(training["options"]["scales"])})
     for name in TrainConfig.WEIGHT_FIELDS:
         value = getattr(args, name)
-        if name == "scales" and value is not None:
-            value = tuple(float(s) for s in value.split(","))
         if value is not None and value != getattr(saved, name):
             given.append(f"--{name.replace('_', '-')}")
     if given:
@@ -607,8 +713,8 @@ def _resume(args: argparse.Namespace) -> tuple[PCModel, TrainConfig, RunState, D
     )
     saved_data = training.get("data", {})
     spec = DataSpec(
-        source=args.data or saved_data.get("source", "default"),
-        held_out=args.held_out or saved_data.get("held_out", "default"),
+        source=str(args.data) if args.data else saved_data.get("source", "default"),
+        held_out=str(args.held_out) if args.held_out else saved_data.get("held_out", "default"),
     )
     return model, options, state, spec
 
@@ -618,13 +724,20 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     progress = not args.no_progress and sys.stderr.isatty()
     _configure_logging(progress)
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
+    torch.set_num_threads(args.threads)
     torch.set_grad_enabled(False)
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    automatic = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(automatic if args.device in (None, "auto") else args.device)
     try:
         if args.resume is not None:
             model, options, state, spec = _resume(args)
+            if state.step >= options.updates:
+                print(
+                    f"pc-train: nothing to do: {args.resume} is at update {state.step} of {options.updates}; "
+                    f"give --updates N (more than {state.step}) to train on",
+                    file=sys.stderr,
+                )
+                return 0
         else:
             config = _model_config(args)
             if args.print_config:
@@ -634,8 +747,13 @@ def main(argv: list[str] | None = None) -> int:
             options = _train_config(args, base)
             model = pcmodel.create(config, seed=options.seed)
             state = RunState()
-            spec = DataSpec(source=args.data or "default", held_out=args.held_out or "default")
+            spec = DataSpec(
+                source=str(args.data) if args.data else "default",
+                held_out=str(args.held_out) if args.held_out else "default",
+            )
         photos, held_out = spec.load()
+        data.check_sizes(photos, model.config, spec.source, "--data")
+        data.check_sizes(held_out, model.config, spec.held_out, "--held-out")
         if args.resume is not None:
             saved = model.provenance["training"].get("data", {}).get("fingerprint")
             if saved is not None and saved != data.fingerprint(photos):
@@ -644,15 +762,18 @@ def main(argv: list[str] | None = None) -> int:
                     "give the same --data to continue it, or start a new run"
                 )
     except (ConfigError, data.DataError, pcmodel.CheckpointError, pcmodel.UnstableStepError) as exc:
-        log.error("%s", exc)
-        return 2
+        return fail("pc-train", str(exc))
     dist_info, device = Distributed.start(device)
     if not dist_info.is_main:
         logging.getLogger().setLevel(logging.WARNING)
     model.to(device)
     out = args.out or (_run_folder(args.resume) if args.resume is not None else Path("runs") / model.name)
     state.commands.append("pc-train " + shlex.join(argv))
-    trainer = Trainer(model, options, state, photos, held_out, spec, out, dist_info, progress)
+    try:
+        trainer = Trainer(model, options, state, photos, held_out, spec, out, dist_info, progress)
+    except (ConfigError, data.DataError) as exc:
+        dist_info.stop()
+        return fail("pc-train", str(exc))
     if dist_info.is_main:
         log.info(
             "training %s: %d updates of %d inputs, T = %d, k1 = %g, from update %d, %d process(es) -> %s",

@@ -76,10 +76,13 @@ def test_export_at_another_size_and_of_a_modules_hierarchy(tmp_path, capsys, gen
 
 
 def test_pc_export_errors_name_the_fix(tmp_path, capsys):
-    assert main(["no-such-model", "-o", str(tmp_path / "a.onnx")]) == 2
-    assert "not a model name" in capsys.readouterr().err
-    assert main(["conv-rgb", "--steps", "0", "-o", str(tmp_path / "b.onnx")]) == 2
-    assert "steps must be >= 1" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_:
+        main(["no-such-model", "-o", str(tmp_path / "a.onnx")])
+    assert exit_.value.code == 2 and "not a model name" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_:
+        main(["conv-rgb", "--steps", "0", "-o", str(tmp_path / "b.onnx")])
+    assert exit_.value.code == 2 and "--steps: must be at least 1" in capsys.readouterr().err
     assert main(["rao-ballard-1999", "--size", "16", "31", "-o", str(tmp_path / "c.onnx")]) == 2
-    assert "dense" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "--size 16 31" in err and "dense" in err
     assert not any(tmp_path.iterdir())

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -80,8 +81,8 @@ def test_end_stopping_measures_a_steady_state_by_default():
 @pytest.mark.slow
 def test_pc_analyze_writes_the_report(tmp_path, tiny_config_file, capsys):
     assert train(["--config", str(tiny_config_file), *FAST, "--out", str(tmp_path / "run")]) == 0
-    out = tmp_path / "report"
-    assert analysis.main([str(tmp_path / "run" / "model.safetensors"), "--out", str(out), "--steps", "20"]) == 0
+    out = tmp_path / "run" / "analysis"  # beside the checkpoint by default
+    assert analysis.main([str(tmp_path / "run" / "model.safetensors"), "--steps", "20"]) == 0
     summary = json.loads(capsys.readouterr().out)
     report = json.loads((out / "report.json").read_text())
     assert summary["gabor_share"] == pytest.approx(report["gabor"]["share_good"], abs=1e-3)
@@ -92,3 +93,17 @@ def test_pc_analyze_writes_the_report(tmp_path, tiny_config_file, capsys):
     for section in ("## D.", "## E.", "## F.", "gabor_fits.png", "end_stopping.png", "china.jpg"):
         assert section in text
     assert (out / "gabor_fits.png").stat().st_size < 300_000 and (out / "end_stopping.png").is_file()
+
+
+def test_the_report_goes_beside_its_checkpoint_by_default(tmp_path):
+    runs = [tmp_path / "runs" / name for name in ("a", "b")]  # two runs of one preset
+    snapshot = runs[0] / "checkpoints" / "step-0000004.safetensors"
+    snapshot.parent.mkdir(parents=True)
+    for path in (runs[0] / "model.safetensors", runs[1] / "model.safetensors", snapshot):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(b"")
+    outs = [analysis.default_out(str(run / "model.safetensors"), "tiny-paper") for run in runs]
+    assert outs == [runs[0] / "analysis", runs[1] / "analysis"]  # no shared analysis/tiny-paper folder
+    assert analysis.default_out(str(snapshot), "tiny-paper") == snapshot.parent / "analysis-step-0000004"
+    # A shipped model by name: its checkpoint is inside the package, so the report goes to analysis/<name>.
+    assert analysis.default_out("default", "conv-rgb") == Path("analysis") / "conv-rgb"

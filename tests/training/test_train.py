@@ -15,7 +15,7 @@ import pytest
 import torch
 
 import pcmodel
-from training.train import TrainConfig, apply_settings, main
+from training.train import TrainConfig, apply_settings, build_parser, main
 
 from .conftest import FAST, TINY
 
@@ -76,11 +76,12 @@ def test_resume_continues_bit_for_bit(tmp_path, tiny_config_file):
     assert len(commands) == 2 and commands[1].startswith("pc-train --resume")
 
 
-def test_resume_refuses_settings_that_would_change_the_run(tmp_path, tiny_config_file, caplog):
+def test_resume_refuses_settings_that_would_change_the_run(tmp_path, tiny_config_file, capsys):
     _, out = run(tmp_path, "a", "--config", str(tiny_config_file), *FAST, "--updates", "2")
-    with caplog.at_level(logging.ERROR):
-        assert main(["--resume", str(out / "model.safetensors"), "--batch-size", "16", "--k2", "0.5"]) == 2
-    assert "--batch-size" in caplog.text and "--k2" in caplog.text
+    capsys.readouterr()
+    assert main(["--resume", str(out / "model.safetensors"), "--batch-size", "16", "--k2", "0.5"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("pc-train: ") and "--batch-size" in err and "--k2" in err
 
 
 def test_energy_falls_while_training(tmp_path, tiny_config_file):
@@ -112,10 +113,9 @@ def test_shrinking_stability_bound_stops_before_the_model_becomes_unloadable(tmp
     assert saved.config.k1 < saved.stability_bound()
 
 
-def test_unstable_start_is_refused(tmp_path, tiny_config_file, caplog):
-    with caplog.at_level(logging.ERROR):
-        code, _ = run(tmp_path, "a", "--config", str(tiny_config_file), *FAST, "--k1", "50")
-    assert code == 2 and "Lower k1" in caplog.text
+def test_unstable_start_is_refused(tmp_path, tiny_config_file, capsys):
+    code, _ = run(tmp_path, "a", "--config", str(tiny_config_file), *FAST, "--k1", "50")
+    assert code == 2 and "Lower k1" in capsys.readouterr().err
 
 
 def test_settings_and_paper_schedule(tmp_path):
@@ -140,7 +140,7 @@ def test_train_config_validates():
         TrainConfig(scales=(2.0,))
 
 
-def test_folder_data_and_empty_folder(tmp_path, tiny_config_file, caplog):
+def test_folder_data_and_empty_folder(tmp_path, tiny_config_file, caplog, capsys):
     import numpy as np
     from PIL import Image
 
@@ -158,8 +158,9 @@ def test_folder_data_and_empty_folder(tmp_path, tiny_config_file, caplog):
     other.mkdir()
     Image.fromarray(rng.integers(0, 256, (64, 80), dtype=np.uint8)).save(other / "x.png")
     resume = ["--resume", str(out / "model.safetensors"), "--updates", "8", *FAST[4:]]
+    capsys.readouterr()
     assert main([*resume, "--data", str(other)]) == 2  # different images cannot continue the run
-    assert "differ" in caplog.text
+    assert "differ" in capsys.readouterr().err
     assert main(resume) == 0  # the saved --data is used by default
     empty = tmp_path / "empty"
     empty.mkdir()
@@ -204,3 +205,35 @@ def test_figures_are_written_next_to_the_checkpoint(tmp_path, tiny_config_file):
     for name in names:
         data = (out / "figures" / name).read_bytes()
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) < 150_000
+
+
+def test_resume_of_a_finished_run_has_nothing_to_do(tmp_path, tiny_config_file, capsys):
+    _, out = run(tmp_path, "a", "--config", str(tiny_config_file), *FAST, "--updates", "2")
+    checkpoint = out / "model.safetensors"
+    before = (checkpoint.read_bytes(), (out / "metrics.jsonl").read_text(), sorted((out / "checkpoints").iterdir()))
+    capsys.readouterr()
+    for extra in ([], ["--updates", "2"], ["--updates", "1"]):  # at or past the total: nothing to train
+        assert main(["--resume", str(checkpoint), *extra, *FAST[4:]]) == 0
+        err = capsys.readouterr().err
+        assert err.startswith("pc-train: nothing to do") and len(err.strip().splitlines()) == 1, err
+        assert "--updates" in err
+    after = (checkpoint.read_bytes(), (out / "metrics.jsonl").read_text(), sorted((out / "checkpoints").iterdir()))
+    assert after == before  # nothing rewritten
+
+
+def test_help_shows_every_default_and_one_thread(monkeypatch):
+    parser = build_parser()
+    for action in parser._actions:
+        if action.dest != "help":
+            assert "default" in (action.help or ""), f"{action.option_strings}: its help names no default"
+    assert "one thread" in " ".join(parser.format_help().split())
+    threads, grad = torch.get_num_threads(), torch.is_grad_enabled()
+    try:
+        torch.set_num_threads(2)
+        assert main(["--preset", "rao-ballard-1999", "--print-config"]) == 0
+        assert torch.get_num_threads() == 1  # one intra-op thread unless --threads says otherwise
+        assert main(["--preset", "rao-ballard-1999", "--print-config", "--threads", "2"]) == 0
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(threads)
+        torch.set_grad_enabled(grad)

@@ -1,0 +1,74 @@
+"""pc-encode: the three maps, a montage one can see, and every array in encoding.npz."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import pcmodel
+from pcmodel.cli import main
+from pcmodel.images import montage, prepare_image, sample_photo
+
+
+def test_pc_encode_writes_maps_montage_and_every_array(tmp_path, capsys):
+    out = tmp_path / "encoded"
+    assert main(["--steps", "3", "--out", str(out)]) == 0  # the bundled photo, resized to conv-rgb's 32x32
+    summary = json.loads(capsys.readouterr().out)
+    files = {"input.png", "reconstruction.png", "error.png", "montage.png", "encoding.npz"}
+    assert {p.name for p in out.iterdir()} == files and set(summary["files"]) == files
+
+    arrays = np.load(out / "encoding.npz")
+    model = pcmodel.load("default")
+    shapes = [tuple(s) for s in model.latent_shapes()]
+    assert sorted(arrays.files) == sorted(
+        ["input", "reconstruction", "error", "energy", *(f"latent_{i + 1}" for i in range(len(shapes)))]
+    )
+    for i, shape in enumerate(shapes):
+        assert arrays[f"latent_{i + 1}"].shape == (1, *shape)
+    assert arrays["input"].shape == (3, 32, 32) == arrays["reconstruction"].shape == arrays["error"].shape
+    np.testing.assert_array_equal(arrays["error"], arrays["input"] - arrays["reconstruction"])
+    assert arrays["energy"].shape == (3 + 1, 1)  # before the first step and after each
+    assert arrays["energy"][0, 0] == pytest.approx(summary["energy_initial"], rel=1e-6)
+    assert arrays["energy"][-1, 0] == pytest.approx(summary["energy_final"], rel=1e-6)
+    # The latents are the model's own on the photo as the model's config prepares it.
+    rows, shown, _ = prepare_image(sample_photo(), model.config, "resize")
+    np.testing.assert_allclose(arrays["input"], shown.numpy())
+    for i, r in enumerate(model.infer(rows, steps=3).latents):
+        np.testing.assert_allclose(arrays[f"latent_{i + 1}"], r.numpy(), rtol=1e-5, atol=1e-6)
+
+    # The montage: input | reconstruction | error, each 32 px panel enlarged 8x to 256, 4 px apart.
+    sheet = np.asarray(Image.open(out / "montage.png"))
+    assert sheet.shape == (256, 3 * 256 + 2 * 4, 3)
+    for i, name in enumerate(("input", "reconstruction", "error")):
+        panel = sheet[:, i * (256 + 4) : i * (256 + 4) + 256]
+        np.testing.assert_array_equal(panel[::8, ::8], np.asarray(Image.open(out / f"{name}.png")))
+        np.testing.assert_array_equal(panel, np.repeat(np.repeat(panel[::8, ::8], 8, axis=0), 8, axis=1))
+    assert (sheet[:, 256 : 256 + 4] == 255).all()  # the gap
+
+
+def test_pc_encode_tile_mode_on_a_file_keeps_the_image_size(tmp_path, capsys):
+    rng = np.random.default_rng(0)
+    image = tmp_path / "photo.png"
+    Image.fromarray(rng.integers(0, 256, (40, 50), dtype=np.uint8)).save(image)
+    out = tmp_path / "out"
+    assert main([str(image), "--model", "rao-ballard-1999", "--steps", "2", "--out", str(out)]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    arrays = np.load(out / "encoding.npz")
+    rows = math.ceil(40 / 16) * math.ceil(50 / 26)  # the paper's 16x26 tiles cover the photo
+    assert summary["input"] == [1, 1, 40, 50] and arrays["input"].shape == (1, 40, 50)
+    assert arrays["latent_1"].shape[0] == rows and arrays["energy"].shape == (3, rows)
+    factor = math.ceil(256 / 40)  # the short side reaches at least 256 px
+    assert Image.open(out / "montage.png").size == (3 * 50 * factor + 2 * 4, 40 * factor)
+    assert Image.open(out / "montage.png").mode == "L"
+
+
+def test_montage_scales_by_a_whole_factor():
+    panels = [Image.new("RGB", (30, 10), c) for c in ("red", "green", "blue")]
+    sheet = montage(panels, min_side=25, gap=2)
+    assert sheet.size == (3 * 90 + 2 * 2, 30)  # factor ceil(25 / 10) = 3
+    assert sheet.getpixel((0, 0)) == (255, 0, 0) and sheet.getpixel((92, 0)) == (0, 128, 0)
+    assert montage([Image.new("L", (300, 400))]).size == (300, 400)  # already large: not scaled
