@@ -99,7 +99,10 @@ def steps_rows(m, c, qinv, steps, has_cauchy, states, drives, lo, hi):  # pragma
 
 @jit
 def energy_rows(states, drives, c, weight, logs, alpha, base, has_cauchy, out, lo, hi):  # pragma: no cover
-    """out[t, b] = base[b] + sum_i weight_i s_i (s_i - z_i - c_i) [+ sum_i alpha_i logs_i], in a fixed order."""
+    """out[t, b] = base[b] + sum_i weight_i s_i (s_i - z_i - c_i) [+ sum_i alpha_i logs_i], in a fixed order.
+
+    8 partial sums (i mod 8), added in a fixed order at the end: the same operations for every image.
+    """
     n = states.shape[2]
     part = np.empty(8, dtype=states.dtype)
     for b in range(lo, hi):
@@ -115,3 +118,12 @@ def energy_rows(states, drives, c, weight, logs, alpha, base, has_cauchy, out, l
                 part[i % 8] += term
             total = ((part[0] + part[1]) + (part[2] + part[3])) + ((part[4] + part[5]) + (part[6] + part[7]))
             out[t, b] = base[b] + total
+
+
+@jit
+def gather_rows(a, source, weight, out, lo, hi):  # pragma: no cover - compiled
+    """out[b, j] = a[b, source[j]] * weight[j] for rows lo..hi-1 (a target map with one entry per column)."""
+    for b in range(lo, hi):
+        row, o = a[b], out[b]
+        for j in range(source.shape[0]):
+            o[j] = row[source[j]] * weight[j]

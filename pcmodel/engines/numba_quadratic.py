@@ -40,11 +40,11 @@ def available() -> bool:
 
 
 @functools.cache
-def _kernels() -> tuple[Any, Any, Any]:
+def _kernels() -> tuple[Any, Any, Any, Any]:
     """The compiled kernels (numba imported lazily, on first use; compiled once and cached on disk)."""
     from . import numba_kernels
 
-    return numba_kernels.matmul_rows, numba_kernels.steps_rows, numba_kernels.energy_rows
+    return numba_kernels.matmul_rows, numba_kernels.steps_rows, numba_kernels.energy_rows, numba_kernels.gather_rows
 
 
 @functools.cache
@@ -93,36 +93,35 @@ def quadratic_steps(
 
 
 def arrays(plan: QuadraticPlan) -> dict[str, np.ndarray]:
-    """The plan's tensors as numpy arrays, once per plan, with the final products joined into two maps.
+    """The plan's tensors as numpy arrays, once per plan.
 
-    `finals`: the last state s -> [every level's prediction r_l P_l (r = k s) | the reconstruction];
-    `targets`: [x | r_1 .. r_{L-1}] -> every level's target lower_l T_l. Block-diagonal: two kernel
-    calls instead of one per level and product.
+    A level's target map t_l (rows: the map below, columns: the target space) has at most one entry per
+    column for every level kind (the map itself, or its windowed patches): it is kept as a gather
+    (`target_source{i}`, `target_weight{i}`) instead of a dense matmul where it has that form.
     """
     t = {name: np.ascontiguousarray(v.detach().cpu().numpy()) for name, v in plan.tensors().items()}
-    levels = range(len(plan.shapes))
-    scale = t["scale"]
-    sizes = [math.prod(s) for s in plan.shapes]
-    offsets = np.cumsum([0, *sizes])
-    widths = [t[f"predict_map{i}"].shape[1] for i in levels]
-    columns = np.cumsum([0, *widths])
-    finals = np.zeros((offsets[-1], columns[-1] + t["reconstruct"].shape[1]), dtype=scale.dtype)
-    lowers = [t["drive"].shape[0], *sizes[:-1]]
-    rows = np.cumsum([0, *lowers])
-    targets = np.zeros((rows[-1], columns[-1]), dtype=scale.dtype)
-    for i in levels:
-        lo, hi = offsets[i], offsets[i + 1]
-        finals[lo:hi, columns[i] : columns[i + 1]] = scale[lo:hi, None] * t[f"predict_map{i}"]
+    for i in range(len(plan.shapes)):
         target = t[f"target_map{i}"]
-        if i > 0:  # the level below is r_{i} = k s: its scale folded in
-            target = scale[offsets[i - 1] : offsets[i], None] * target
-        targets[rows[i] : rows[i + 1], columns[i] : columns[i + 1]] = target
-    finals[:, columns[-1] :] = t["reconstruct"]
-    t["finals"], t["targets"], t["columns"] = finals, targets, columns
+        if (np.count_nonzero(target, axis=0) <= 1).all():
+            t[f"target_source{i}"] = np.ascontiguousarray(np.argmax(target != 0, axis=0).astype(np.int64))
+            t[f"target_weight{i}"] = np.ascontiguousarray(target.max(axis=0) + target.min(axis=0))  # the entry
     t["inputs"] = np.ascontiguousarray(
         t["drive"] if plan.start is None else np.concatenate([t["drive"], t["start"]], axis=1)
     )
+    n1 = math.prod(plan.shapes[0])
+    t["reconstruct_1"] = np.ascontiguousarray(t["reconstruct"][:n1])  # only level 1 predicts the image
+    t["scale2"] = np.square(t["scale"])
     return t
+
+
+def _target(t: dict[str, np.ndarray], i: int, lower: np.ndarray, threads: int) -> np.ndarray:
+    """lower_l t_l: a gather where the map has one entry per column, else a matmul."""
+    if f"target_source{i}" not in t:
+        return matmul(lower, t[f"target_map{i}"], threads)
+    source = t[f"target_source{i}"]
+    out = np.empty((lower.shape[0], source.shape[0]), dtype=lower.dtype)
+    _parallel(_kernels()[3], lower.shape[0], threads, np.ascontiguousarray(lower), source, t[f"target_weight{i}"], out)
+    return out
 
 
 def run(plan: QuadraticPlan, x: torch.Tensor, steps: int, threads: int, t: dict | None = None) -> EngineRun:
@@ -138,36 +137,31 @@ def run(plan: QuadraticPlan, x: torch.Tensor, steps: int, threads: int, t: dict 
     c = np.ascontiguousarray(driven[:, :n])
     s0 = None if plan.start is None else driven[:, n:]
     states, drives = quadratic_steps(t["step"], c, s0, t["qinv"], steps, threads)
-    # Energy from the (s, z) history (the program's formula), per image in a fixed order; numpy's
-    # elementwise log1p is one code path for every entry.
-    scale = t["scale"]
+    # The energy of every step from the (s, z) history (the program's formula), per image in a fixed order.
     base = matmul(np.square(xf), np.ascontiguousarray(t["omega"][:, None]), threads)[:, 0] + t["const"]
-    logs = np.log1p(np.square(states) * np.square(scale)) if plan.has_cauchy else states
+    # numpy's elementwise log1p: one code path for every entry.
+    logs = np.log1p(np.square(states) * t["scale2"]) if plan.has_cauchy else states
     energy = np.empty((steps + 1, batch), dtype=states.dtype)
     args = (states, drives, c, t["energy_weight"], logs, t["cauchy_alpha"], base, plan.has_cauchy)
     _parallel(_kernels()[2], batch, threads, *args, energy)
     last = states[steps]
-    final = matmul(last, t["finals"], threads)  # predictions | reconstruction
-    below = np.concatenate([xf, last[:, : n - math.prod(plan.shapes[-1])]], axis=1)
-    target = matmul(below, t["targets"], threads)
-    columns = t["columns"]
-    predictions, errors = [], []
-    for i, shape in enumerate(plan.target_shapes):
-        p = final[:, columns[i] : columns[i + 1]]
-        e = target[:, columns[i] : columns[i + 1]] - p
-        predictions.append(torch.from_numpy(np.ascontiguousarray(p).reshape(batch, *shape)))
-        errors.append(torch.from_numpy(e.reshape(batch, *shape)))
-    latent = last * scale
+    latent = last * t["scale"]
     sizes = [math.prod(s) for s in plan.shapes]
     flats = np.split(latent, np.cumsum(sizes)[:-1], axis=1)
+    lowers = [xf, *flats[:-1]]
+    predictions, errors = [], []
+    for i, (r, lower, shape) in enumerate(zip(flats, lowers, plan.target_shapes)):
+        p = matmul(r, t[f"predict_map{i}"], threads)
+        e = _target(t, i, lower, threads) - p
+        predictions.append(torch.from_numpy(p.reshape(batch, *shape)))
+        errors.append(torch.from_numpy(e.reshape(batch, *shape)))
+    reconstruction = matmul(last[:, : sizes[0]], t["reconstruct_1"], threads).reshape(batch, *plan.input_shape)
     return EngineRun(
         latents=[torch.from_numpy(np.ascontiguousarray(r).reshape(batch, *s)) for r, s in zip(flats, plan.shapes)],
         energy=torch.from_numpy(energy),
         predictions=predictions,
         errors=errors,
-        reconstruction=torch.from_numpy(
-            np.ascontiguousarray(final[:, columns[-1] :]).reshape(batch, *plan.input_shape)
-        ),
+        reconstruction=torch.from_numpy(reconstruction),
     )
 
 
