@@ -218,7 +218,6 @@ class PCModel:
             key = weights_key(self.weights)
             shape = tuple(x.shape[1:])
             prepared = self.engines.is_prepared(steps, shape)
-            built = self.engines.onnxruntime.built_for(steps, shape)
             quadratic = self.engines.is_quadratic(self.config, (int(x.shape[-2]), int(x.shape[-1])))
             choice = select(
                 backend,
@@ -228,7 +227,6 @@ class PCModel:
                 tol=tol,
                 prepared=prepared,
                 weights_changing=self.engines.last_key is not None and self.engines.last_key != key,
-                program_stale=built is not None and built != key,
                 quadratic=quadratic,
                 numba=quadratic and self.engines.numba_available(),
             )

@@ -150,11 +150,6 @@ class OrtBackend:
             del self.programs[next(iter(self.programs))]
         return program
 
-    def built_for(self, steps: int, shape: tuple[int, ...]) -> tuple | None:
-        """The weights key of the program for (steps, shape), or None where there is none."""
-        cached = self.programs.get((steps, shape))
-        return None if cached is None else cached[0]
-
     def prepare(self, plan: Plan, steps: int, shape: tuple[int, ...], key: tuple) -> None:
         self.program(plan, steps, shape, key)
 

@@ -32,7 +32,6 @@ def select(
     tol: float | None,
     prepared: bool,
     weights_changing: bool,
-    program_stale: bool,
     quadratic: bool = False,
     numba: bool = False,
 ) -> Choice:
@@ -40,10 +39,10 @@ def select(
 
     requested: None/"auto" or a name in BACKENDS; device: "cpu" or "cuda"; prepared: whether (steps,
     input shape) is in the model's prepared set; weights_changing: the weights differ from the previous
-    call's (learning: U changes after every batch); program_stale: the fast program for these steps and
-    shape was built for other weights; quadratic: the model's plan at this shape is quadratic; numba: numba
-    is installed. While the weights keep changing, rebuilding an onnxruntime session
-    (~0.1-0.5 s) for every call would cost more than it saves: such calls run on the torch backend, batched.
+    call's (learning: U changes after every batch); quadratic: the model's plan at this shape is quadratic;
+    numba: numba is installed. While the weights keep changing on a CPU, a fast program would be rebuilt for
+    every call (an onnxruntime session: ~0.1-0.5 s) and batches are large: such calls run on the torch
+    backend, batched (the fastest at training's batch sizes). A CUDA graph takes new weights in place.
     """
     choice = "auto" if requested is None else requested
     if choice not in ("auto", *BACKENDS):
@@ -67,9 +66,8 @@ def select(
     if choice != "auto":
         return Choice(choice, "requested")
     fast = "cuda-graph" if on_cuda else ("numba" if quadratic and numba else "onnxruntime")
+    if weights_changing and not on_cuda:
+        return Choice("torch", "the weights changed since the previous call (learning)")
     if not prepared:
-        rowwise = not on_cuda and not weights_changing
-        return Choice("torch", f"{fast}: not prepared for these steps and shape", rowwise=rowwise)
-    if fast == "onnxruntime" and weights_changing and program_stale:
-        return Choice("torch", "weights changed since the onnxruntime session was built")
+        return Choice("torch", f"{fast}: not prepared for these steps and shape", rowwise=not on_cuda)
     return Choice(fast)

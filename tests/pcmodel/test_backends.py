@@ -190,7 +190,7 @@ def test_learning_never_runs_on_stale_weights(generator):
     for _ in range(2):  # learning: U changes after every batch
         model.learn_step(x, first.latents, k2=0.2)
         during = model.infer(x)
-        assert (during.backend, during.reason) == ("torch", "weights changed since the onnxruntime session was built")
+        assert (during.backend, during.reason) == ("torch", "the weights changed since the previous call (learning)")
         assert_same_inference(during, model.infer(x, backend="loop"))
     explicit = model.infer(x, backend="onnxruntime")  # an explicit request rebuilds at once
     assert_same_inference(explicit, model.infer(x, backend="loop"))
@@ -205,7 +205,9 @@ def test_learning_never_runs_on_stale_weights(generator):
     before = rao.infer(x)
     rao.learn_step(x, before.latents, k2=0.5)
     after = rao.infer(x)
+    assert (after.backend, after.reason) == ("torch", "the weights changed since the previous call (learning)")
     assert_same_inference(after, rao.infer(x, backend="loop"))
+    assert rao.infer(x).backend == automatic(rao)  # unchanged since the previous call: the fast backend again
     assert float((after.latents[0] - before.latents[0]).abs().max()) > 1e-4
 
 
