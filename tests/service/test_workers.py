@@ -45,7 +45,7 @@ def test_diverging_inference_is_a_counted_error_on_every_worker(unstable_server,
         for response in responses:
             assert response.status_code == 500
             body = response.json()
-            assert set(body) == {"error"} and "NaN or Inf" in body["error"]
+            assert set(body) == {"error", "reason"} and body["reason"] == "not_finite" and "NaN or Inf" in body["error"]
         samples = unstable_server.metrics()
         pids = {
             dict(labels)["pid"]
