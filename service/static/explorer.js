@@ -181,7 +181,7 @@ function drawEnergy(trace) {
   plot.append(svg("title", {}, `energy from ${trace[0].toPrecision(5)} to ${trace[steps].toPrecision(5)}`));
   for (const t of niceTicks(lo, hi, 5)) {
     plot.append(svg("line", { x1: m.left, x2: width - m.right, y1: y(t), y2: y(t), class: "grid" }));
-    plot.append(svg("text", { x: m.left - 6, y: y(t) + 4, "text-anchor": "end" }, t.toPrecision(4)));
+    plot.append(svg("text", { x: m.left - 6, y: y(t) + 4, "text-anchor": "end" }, String(Number(t.toPrecision(6)))));
   }
   for (const t of niceTicks(0, steps, 6)) {
     plot.append(svg("line", { x1: x(t), x2: x(t), y1: height - m.bottom, y2: height - m.bottom + 4, class: "axis" }));
@@ -190,7 +190,8 @@ function drawEnergy(trace) {
   plot.append(svg("line", { x1: m.left, x2: width - m.right, y1: height - m.bottom, y2: height - m.bottom, class: "axis" }));
   plot.append(svg("line", { x1: m.left, x2: m.left, y1: m.top, y2: height - m.bottom, class: "axis" }));
   plot.append(svg("text", { x: (m.left + width - m.right) / 2, y: height - 6, "text-anchor": "middle" }, "inference step"));
-  plot.append(svg("text", { x: 12, y: m.top + 4, "text-anchor": "start", transform: `rotate(90 12 ${m.top + 4})` }, "energy E"));
+  const middle = (m.top + height - m.bottom) / 2;
+  plot.append(svg("text", { x: 14, y: middle, "text-anchor": "middle", transform: `rotate(-90 14 ${middle})` }, "energy E"));
   const points = trace.map((v, i) => `${x(i).toFixed(1)},${y(v).toFixed(1)}`).join(" ");
   plot.append(svg("polyline", { points, class: "trace" }));
   box.append(plot);
