@@ -227,13 +227,12 @@ PAGE_HEADERS = {
 }
 
 
-@functools.cache
-def _static_file(name: str) -> tuple[bytes, str] | None:
-    """A file shipped in service/static (read once), or None: only plain names, no folders."""
-    path = STATIC / name
-    if "/" in name or name.startswith(".") or path.suffix not in _MEDIA_TYPES or not path.is_file():
-        return None
-    return path.read_bytes(), _MEDIA_TYPES[path.suffix]
+# The files are a few kilobytes: read once, and looked up by name only (no paths from the request).
+_STATIC_FILES = {
+    path.name: (path.read_bytes(), _MEDIA_TYPES[path.suffix])
+    for path in STATIC.iterdir()
+    if path.is_file() and path.suffix in _MEDIA_TYPES
+}
 
 
 # Swagger UI (GET /docs, BentoML's copy) sets inline styles on its own elements; it runs no inline script.
@@ -244,7 +243,7 @@ DOCS_HEADERS = {
 
 
 def _page_response(name: str, headers: dict[str, str] = PAGE_HEADERS) -> Response:
-    found = _static_file(name)
+    found = _STATIC_FILES.get(name)
     if found is None:
         return JSONResponse({"error": f"there is no file {name[:100]!r} here", "reason": "not_found"}, 404)
     content, media_type = found
@@ -273,7 +272,7 @@ async def _basis(request: Request) -> Response:
     if not _hosts:
         return JSONResponse({"error": "the model is still loading", "reason": "loading"}, status_code=503)
     png = await asyncio.to_thread(_hosts[0].basis_png)
-    return Response(png, media_type="image/png", headers={"Cache-Control": "max-age=3600"})
+    return Response(png, media_type="image/png", headers={"Cache-Control": "no-cache"})
 
 
 async def _docs(request: Request) -> Response:
