@@ -65,6 +65,8 @@ function enlarge(width, height, side) {
 }
 
 function showMap(img, png) {
+  const url = `data:image/png;base64,${png}`;
+  if (img.src === url && img.complete) return Promise.resolve(); // the same map again: already shown
   return new Promise((resolve) => {
     img.onload = () => {
       img.width = img.naturalWidth * enlarge(img.naturalWidth, img.naturalHeight, MAP_SIDE);
@@ -72,7 +74,7 @@ function showMap(img, png) {
       resolve();
     };
     img.onerror = resolve;
-    img.src = `data:image/png;base64,${png}`;
+    img.src = url;
   });
 }
 

@@ -3,6 +3,8 @@
 Debian's chromium (/usr/bin/chromium, installed by .ci/run) driven by playwright; `playwright install`
 is never needed. Every request a page makes must go to the server itself. Set PC_EXPLORER_SCREENSHOT
 to a path to save the page with a photo encoded (docs/figures/explorer.png is made this way).
+wait_for_function takes functions ("() => ..."), not expressions: Playwright evaluates an expression
+with eval(), which the page's Content-Security-Policy refuses.
 """
 
 from __future__ import annotations
@@ -77,7 +79,7 @@ def test_explorer_encodes_a_photo_and_shows_api_errors(server, browser, tmp_path
     assert "default-src 'self'" in response.headers["content-security-policy"]
     assert response.headers["x-content-type-options"] == "nosniff"
     page.wait_for_selector("#card tr")  # the model card has arrived
-    page.wait_for_function("document.getElementById('basis').naturalWidth > 0")
+    page.wait_for_function("() => document.getElementById('basis').naturalWidth > 0")
 
     page.set_input_files("#image", str(photo))
     page.wait_for_selector("#results:not([hidden])", timeout=60_000)
@@ -94,6 +96,11 @@ def test_explorer_encodes_a_photo_and_shows_api_errors(server, browser, tmp_path
     assert "lower" in page.inner_text("#summary")
     if path := os.environ.get("PC_EXPLORER_SCREENSHOT"):
         page.screenshot(path=path, full_page=True)
+
+    page.fill("#steps", "20")  # again, with other options: the plot follows
+    page.click("#encode")
+    page.wait_for_function("() => document.querySelector('#energy-plot polyline').points.length === 21")
+    page.wait_for_function("() => !document.getElementById('encode').disabled")
 
     page.set_input_files("#image", str(notes))
     page.wait_for_selector("#error:not([hidden])", timeout=30_000)
