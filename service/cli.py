@@ -5,7 +5,7 @@ missing checkpoint ends here with one line on stderr and exit status 2, before a
 pc-serve then supervises the BentoML worker processes (service.supervisor): it restarts a worker that
 dies, stops with exit status 1 and the worker's one-line error when workers fail to start
 MAX_START_FAILURES times in a row, and on SIGTERM stops listening and lets the requests in flight
-finish before it exits.
+finish before it exits. Once the first worker is ready it prints one line with the URL.
 """
 
 from __future__ import annotations
@@ -76,6 +76,15 @@ def _writable(variable: str, default: Path) -> Path:
     return path
 
 
+def public_url(host: str, port: int) -> str:
+    """The URL a local browser reaches the service at (all addresses: localhost)."""
+    if host in ("0.0.0.0", "::", ""):
+        host = "localhost"
+    elif ":" in host:
+        host = f"[{host}]"
+    return f"http://{host}:{port}/"
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -105,8 +114,15 @@ def main(argv: list[str] | None = None) -> int:
     # with 2 arenas (docs/RELIABILITY.md).
     env.setdefault("MALLOC_ARENA_MAX", "2")
     root = str(Path(__file__).resolve().parent.parent)  # where `service` imports from
+
+    def announce() -> None:  # one line for whoever started pc-serve: where to point a browser
+        url = public_url(settings.host, settings.port)
+        print(f"pc-serve: ready at {url} (explorer page; API at /encode)", flush=True)
+
     try:
-        supervisor = Supervisor(SERVICE, root, settings.host, settings.port, settings.workers, env, home)
+        supervisor = Supervisor(
+            SERVICE, root, settings.host, settings.port, settings.workers, env, home, on_ready=announce
+        )
     except OSError as exc:
         print(f"pc-serve: cannot listen on {settings.host}:{settings.port}: {exc.strerror}", file=sys.stderr)
         return 2

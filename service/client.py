@@ -186,6 +186,7 @@ def _json(response: httpx.Response) -> Any:
             body = response.json()
         except ValueError:
             body = None
-        message = body["error"] if isinstance(body, dict) and "error" in body else response.text
-        raise ServiceError(response.status_code, message)
+        if isinstance(body, dict) and "error" in body:
+            raise ServiceError(response.status_code, body["error"], body.get("reason"))
+        raise ServiceError(response.status_code, response.text)
     return response.json()

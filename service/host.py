@@ -9,17 +9,19 @@ where those backends export or capture.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 import pcmodel
 
 from . import metrics
 from .batching import Batcher, Settled
-from .codec import DEFAULT_OUTPUTS, OUTPUTS, SIZE_MODES
+from .codec import DEFAULT_OUTPUTS, OUTPUTS, SIZE_MODES, png_bytes
 from .settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -66,6 +68,7 @@ class ModelHost:
         self.sha256 = self.model.sha256
         self.preset = self.config.name if self.config.name in pcmodel.PRESETS else "custom"
         self.ref = {"name": self.config.name, "preset": self.preset, "sha256": self.sha256}
+        self._basis_png: bytes | None = None
         self.backends = self._warm_up()
         self.backend = self.backends[self.config.steps]
         self.batcher = Batcher(
@@ -173,8 +176,31 @@ class ModelHost:
             "provenance": self.model.provenance,
         }
 
+    def basis_png(self) -> bytes:
+        """GET /model/basis: the level-1 receptive fields as one PNG grid (see basis_grid), made once."""
+        if self._basis_png is None:
+            self._basis_png = png_bytes(basis_grid(self.model.receptive_fields(1).to("cpu", torch.float32)))
+        return self._basis_png
+
     def close(self) -> None:
         self.batcher.close()
+
+
+def basis_grid(fields: torch.Tensor, gap: int = 1) -> np.ndarray:
+    """Fields (N, C, h, w) as one uint8 picture, (H, W) gray or (H, W, 3) RGB: each field on its own
+    symmetric scale (zero at mid-grey, its largest magnitude at black or white, as in
+    training/figures.py), in a near-square grid with `gap` white pixels between fields. At the
+    fields' own size: the page enlarges it without smoothing."""
+    n, c, h, w = fields.shape
+    peak = fields.abs().amax(dim=(1, 2, 3), keepdim=True).clamp_min(1e-12)
+    pixels = ((fields / peak + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
+    columns = math.ceil(math.sqrt(n * h / w))  # about as wide as tall
+    rows = math.ceil(n / columns)
+    sheet = np.full((rows * (h + gap) - gap, columns * (w + gap) - gap, c), 255, dtype=np.uint8)
+    for i in range(n):
+        top, left = (i // columns) * (h + gap), (i % columns) * (w + gap)
+        sheet[top : top + h, left : left + w] = pixels[i]
+    return sheet[:, :, 0] if c == 1 else sheet
 
 
 def _observe_batch(rows: int, seconds: float) -> None:

@@ -12,6 +12,9 @@ is sent; Content-Length is charged up front, a streamed body chunk by chunk. Bey
 
 A body that has not fully arrived within `body_timeout_s` (a slow or stalled client) gets 408,
 counted as reason `timeout`: the client's fault, so neither BentoML's 504 nor a server error.
+
+JsonErrors, on the whole app, gives the 404 and 405 that Starlette's router answers in plain text
+the service's JSON error body, so every error a client can get reads the same way.
 """
 
 from __future__ import annotations
@@ -107,10 +110,10 @@ class BodyGate:
             # the 503 and a closed connection.
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(_discard(receive), self.body_timeout_s)
-            await _reply(send, 503, str(exc), ((b"retry-after", b"1"),))
+            await _reply(send, 503, "over_budget", str(exc), ((b"retry-after", b"1"),))
         except NeverFits as exc:
             metrics.count_error("too_large")
-            await _reply(send, 413, str(exc))
+            await _reply(send, 413, "too_large", str(exc))
         finally:
             if held:
                 self.budget.release(held)
@@ -118,12 +121,12 @@ class BodyGate:
     async def _too_large(self, send: Send) -> None:
         metrics.count_error("too_large")
         message = f"the request body is over the limit of {self.max_bytes} bytes; send a smaller image or fewer images"
-        await _reply(send, 413, message)
+        await _reply(send, 413, "too_large", message)
 
     async def _timed_out(self, send: Send) -> None:
         metrics.count_error("timeout")
         message = f"the request body did not arrive within {self.body_timeout_s:g} s; send it faster, or a smaller one"
-        await _reply(send, 408, message)
+        await _reply(send, 408, "timeout", message)
 
 
 async def _discard(receive: Receive) -> None:
@@ -134,10 +137,56 @@ async def _discard(receive: Receive) -> None:
             return
 
 
-async def _reply(send: Send, status: int, message: str, extra: tuple[tuple[bytes, bytes], ...] = ()) -> None:
-    """A flat {"error": message} answer; the connection closes (the body may not have been read)."""
-    body = json.dumps({"error": message}).encode()
+async def _reply(
+    send: Send, status: int, reason: str, message: str, extra: tuple[tuple[bytes, bytes], ...] = ()
+) -> None:
+    """A flat {"error": message, "reason": reason} answer; the connection closes (the body may not have been read)."""
+    body = json.dumps({"error": message, "reason": reason}).encode()
     headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
     headers += [*extra, (b"connection", b"close")]
     await send({"type": "http.response.start", "status": status, "headers": headers})
     await send({"type": "http.response.body", "body": body})
+
+
+# Starlette's router answers these in plain text ("Not Found", "Method Not Allowed").
+_ROUTER_ERRORS = {
+    404: ("not_found", "there is nothing at {method} {path}; the routes are listed at GET /docs.json"),
+    405: ("method_not_allowed", "{path} does not take {method}; the routes and their methods are at GET /docs.json"),
+}
+
+
+class JsonErrors:
+    """ASGI middleware: a plain-text 404 or 405 becomes {"error": ..., "reason": "not_found" or
+    "method_not_allowed"}; JSON answers (ours, with their own message) pass unchanged."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        replacing = False
+
+        async def send_json_errors(message: Message) -> None:
+            nonlocal replacing
+            if message["type"] == "http.response.start" and message["status"] in _ROUTER_ERRORS:
+                headers = dict(message.get("headers", []))
+                replacing = not headers.get(b"content-type", b"").startswith(b"application/json")
+                if replacing:
+                    reason, template = _ROUTER_ERRORS[message["status"]]
+                    text = template.format(method=scope["method"], path=scope["path"][:200])
+                    body = json.dumps({"error": text, "reason": reason}).encode()
+                    kept = [(k, v) for k, v in message.get("headers", []) if k not in _REPLACED_HEADERS]
+                    kept += [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+                    await send({**message, "headers": kept})
+                    await send({"type": "http.response.body", "body": body})
+                    return
+            if replacing and message["type"] == "http.response.body":
+                return  # the plain-text body: already answered
+            await send(message)
+
+        await self.app(scope, receive, send_json_errors)
+
+
+_REPLACED_HEADERS = (b"content-type", b"content-length")

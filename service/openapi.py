@@ -2,8 +2,9 @@
 
 BentoML generates the spec from the API methods' signatures, but our methods read their multipart
 form themselves (see codec), and GET /model lives in a mounted ASGI app that BentoML does not
-describe. So the spec BentoML builds (health, readiness, metrics and the API routes) is taken
-whole and these parts are written over it.
+describe (nor the explorer page at /, the API browser at /docs and the basis at /model/basis). So
+the spec BentoML builds (health, readiness, metrics and the API routes) is taken whole and these
+parts are written over it.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import copy
 from typing import Any
 
 from .codec import OUTPUTS, SIZE_MODES
+from .metrics import REASONS
 from .settings import Settings
 
 ARRAY = {
@@ -76,11 +78,24 @@ RESULT = {
     },
     "required": ["model", "steps", "size_mode", "energy"],
 }
+INFO = (
+    "Rao & Ballard (1999) predictive-coding image encoder: a photo in, its latent causes, reconstruction, "
+    "error map and energy out. The explorer page at `/` shows them; the README documents every route."
+)
+ERROR_REASONS = (*REASONS, "load_failed", "not_found", "method_not_allowed")
 ERROR = {
     "type": "object",
-    "properties": {"error": {"type": "string"}},
+    "properties": {
+        "error": {"type": "string", "description": "what was wrong and what to send instead"},
+        "reason": {
+            "type": "string",
+            "enum": list(ERROR_REASONS),
+            "description": "the reason label of pc_request_errors_total; load_failed: the model failed to load "
+            "(the worker restarts), not_found and method_not_allowed: a path or method the service has not",
+        },
+    },
     "required": ["error"],
-    "description": "What was wrong and what to send instead.",
+    "description": "An error: every error of the service carries its reason (BentoML's own 429 and 504 do not).",
 }
 ITEM_ERROR = {
     "type": "object",
@@ -174,17 +189,24 @@ def _errors(codes: dict[int, str]) -> dict[str, Any]:
 
 _ENCODE_ERRORS = {
     400: "undecodable image, missing or unknown field, malformed form, image too small",
+    408: "the request body did not arrive in time",
     413: "body, pixel count, tile count or number of images over the limit",
     415: "unsupported image format, or not a multipart form",
     422: "bad steps, size_mode or outputs value",
     500: "inference produced NaN or Inf (an unstable checkpoint)",
-    503: "overloaded: the model's queue is full; retry",
+    503: "overloaded (the model's queue or a memory budget is full) or the model still loading; retry",
 }
 
 
 def complete(spec: dict[str, Any], settings: Settings) -> dict[str, Any]:
     """BentoML's spec (a dict) with our forms, responses and GET /model written in."""
     spec = copy.deepcopy(spec)
+    # BentoML's description is badges and links to other hosts, which GET /docs would fetch.
+    spec["info"] = {
+        "title": "PCEncoder",
+        "version": spec.get("info", {}).get("version", ""),
+        "description": INFO,
+    }
     schemas = spec.setdefault("components", {}).setdefault("schemas", {})
     schemas.update(
         {
@@ -225,6 +247,32 @@ def complete(spec: dict[str, Any], settings: Settings) -> dict[str, Any]:
             "operationId": "PCEncoder__docs",
             "tags": ["Infrastructure"],
             "responses": {"200": {"description": "OpenAPI 3 JSON", "content": {"application/json": {}}}},
+        }
+    }
+    for route, summary, media in (
+        ("/", "The explorer page: encode a photo and see its maps, latents and energy", "text/html"),
+        ("/docs", "This spec in Swagger UI", "text/html"),
+    ):
+        paths[route] = {
+            "get": {
+                "summary": summary,
+                "operationId": f"PCEncoder__page_{route.strip('/') or 'index'}",
+                "tags": ["Infrastructure"],
+                "responses": {"200": {"description": "an HTML page", "content": {media: {}}}},
+            }
+        }
+    paths["/model/basis"] = {
+        "get": {
+            "summary": "The level-1 receptive fields as a PNG grid, each on its own scale, zero at mid-grey",
+            "operationId": "PCEncoder__basis",
+            "tags": ["Service APIs"],
+            "responses": {
+                "200": {
+                    "description": "a PNG",
+                    "content": {"image/png": {"schema": {"type": "string", "format": "binary"}}},
+                },
+                **_errors({503: "the model is still loading"}),
+            },
         }
     }
     paths["/model"] = {

@@ -4,9 +4,10 @@ Thin transport over the model: codec in (form -> validated options -> preprocess
 host's batched `model.infer`, codec out (JSON with arrays and PNGs). Settings come from PC_*
 environment variables (service.settings); `pc-serve` sets them from its flags.
 
-Routes: POST /encode, POST /encode_batch (BentoML API methods), GET /model and GET /docs.json (a
-small mounted ASGI app: BentoML API methods are POST-only), and BentoML's /livez, /readyz and
-/metrics. The model loads on a thread (service.health), so the probes answer at once: /readyz 503
+Routes: POST /encode, POST /encode_batch (BentoML API methods); GET / (the explorer page,
+service/static), GET /docs (BentoML's API browser, without its trackers), GET /model, GET /model/basis
+and GET /docs.json (a small mounted ASGI app: BentoML API methods are POST-only); and BentoML's /livez,
+/readyz and /metrics. The model loads on a thread (service.health), so the probes answer at once: /readyz 503
 until the model is loaded, moved to its device and warmed up, then 200; /livez 200 unless the load
 failed or the batcher's task has died (then 503, so Kubernetes restarts the pod).
 """
@@ -20,6 +21,7 @@ import logging
 import os
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import TypeVar
 
 import bentoml
@@ -34,7 +36,7 @@ from .budget import Budget
 from .codec import EncodeOptions, Part
 from .health import ModelLoader, NotLoaded
 from .host import ModelHost
-from .middleware import BODY_KEY, CONTENT_TYPE_KEY, BodyGate
+from .middleware import BODY_KEY, CONTENT_TYPE_KEY, BodyGate, JsonErrors
 from .settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -162,10 +164,10 @@ def _rejection_or_raise(exc: Exception) -> codec.RequestError:
 
 
 def _error_response(ctx: bentoml.Context, exc: Exception) -> Response:
-    """A flat {"error": ...} body with the error's status, counted by reason."""
+    """A flat {"error": ..., "reason": ...} body with the error's status, counted by reason."""
     if isinstance(exc, NotLoaded):  # /livez fails too: not a request error, the pod is restarted
         ctx.response.status_code = 503
-        return JSONResponse({"error": str(exc)}, status_code=503)
+        return JSONResponse({"error": str(exc), "reason": "load_failed"}, status_code=503)
     error = _rejection_or_raise(exc)
     metrics.count_error(error.reason)
     if error.status >= 500:
@@ -173,7 +175,7 @@ def _error_response(ctx: bentoml.Context, exc: Exception) -> Response:
     if error.status == 503:
         ctx.response.headers["Retry-After"] = "1"
     ctx.response.status_code = error.status  # BentoML applies the context's status to whatever we return
-    return JSONResponse({"error": error.message}, status_code=error.status)
+    return JSONResponse({"error": error.message, "reason": error.reason}, status_code=error.status)
 
 
 _WARN_EVERY_S = 10.0
@@ -206,11 +208,71 @@ async def _json_response(payload: dict, inline: bool = False) -> Response:
 
 # ---- GET routes: a small ASGI app mounted beside the API methods ------------------------------------
 
+STATIC = Path(__file__).parent / "static"
+_MEDIA_TYPES = {
+    ".html": "text/html; charset=utf-8",
+    ".css": "text/css",
+    ".js": "text/javascript",
+    ".svg": "image/svg+xml",
+}
+# The pages load nothing from another host and run no inline script or style: everything comes from
+# this server, and images from the page's own blob: and data: URLs (the PNGs of a response).
+PAGE_HEADERS = {
+    "Content-Security-Policy": (
+        "default-src 'self'; img-src 'self' blob: data:; object-src 'none'; base-uri 'none'; "
+        "frame-ancestors 'none'; form-action 'self'"
+    ),
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "no-referrer",
+}
+
+
+# The files are a few kilobytes: read once, and looked up by name only (no paths from the request).
+_STATIC_FILES = {
+    path.name: (path.read_bytes(), _MEDIA_TYPES[path.suffix])
+    for path in STATIC.iterdir()
+    if path.is_file() and path.suffix in _MEDIA_TYPES
+}
+
+
+# Swagger UI (GET /docs, BentoML's copy) sets inline styles on its own elements; it runs no inline script.
+DOCS_HEADERS = {
+    **PAGE_HEADERS,
+    "Content-Security-Policy": PAGE_HEADERS["Content-Security-Policy"] + "; style-src 'self' 'unsafe-inline'",
+}
+
+
+def _page_response(name: str, headers: dict[str, str] = PAGE_HEADERS) -> Response:
+    found = _STATIC_FILES.get(name)
+    if found is None:
+        return JSONResponse({"error": f"there is no file {name[:100]!r} here", "reason": "not_found"}, 404)
+    content, media_type = found
+    return Response(content, media_type=media_type, headers={**headers, "Cache-Control": "no-cache"})
+
+
+async def _explorer(request: Request) -> Response:
+    return _page_response("index.html")
+
+
+async def _api_browser(request: Request) -> Response:
+    return _page_response("docs.html", DOCS_HEADERS)
+
+
+async def _static(request: Request) -> Response:
+    return _page_response(request.path_params["name"])
+
 
 async def _model_card(request: Request) -> Response:
     if not _hosts:
-        return JSONResponse({"error": "the model is still loading"}, status_code=503)
+        return JSONResponse({"error": "the model is still loading", "reason": "loading"}, status_code=503)
     return JSONResponse(_hosts[0].card())
+
+
+async def _basis(request: Request) -> Response:
+    if not _hosts:
+        return JSONResponse({"error": "the model is still loading", "reason": "loading"}, status_code=503)
+    png = await asyncio.to_thread(_hosts[0].basis_png)
+    return Response(png, media_type="image/png", headers={"Cache-Control": "no-cache"})
 
 
 async def _docs(request: Request) -> Response:
@@ -218,9 +280,19 @@ async def _docs(request: Request) -> Response:
 
 
 # Mounted at "/", it answers only its own routes (BentoML's PassiveMount passes anything else on),
-# and it is matched before BentoML's own /docs.json, which it completes.
+# and it is matched before BentoML's own / (its API browser, which loads a tag manager from another
+# host) and /docs.json, which it replaces and completes.
 PCEncoder.mount_asgi_app(
-    Starlette(routes=[Route("/model", _model_card, methods=["GET"]), Route("/docs.json", _docs, methods=["GET"])]),
+    Starlette(
+        routes=[
+            Route("/", _explorer, methods=["GET"]),
+            Route("/docs", _api_browser, methods=["GET"]),
+            Route("/static/{name}", _static, methods=["GET"]),
+            Route("/model", _model_card, methods=["GET"]),
+            Route("/model/basis", _basis, methods=["GET"]),
+            Route("/docs.json", _docs, methods=["GET"]),
+        ]
+    ),
     path="/",
     name="pc-routes",
 )
@@ -232,3 +304,4 @@ PCEncoder.add_asgi_middleware(
     budget=BODIES,
     body_timeout_s=SETTINGS.request_timeout_s * 0.9,
 )
+PCEncoder.add_asgi_middleware(JsonErrors)  # Starlette's plain-text 404 and 405 as our JSON error body

@@ -15,7 +15,8 @@ runs) under this small supervisor instead:
   removed with `multiprocess.mark_process_dead`, so /metrics stops counting its lost requests.
 - A worker reports its model load through a file in the state directory (`ready-PID`, or
   `failed-PID` holding a one-line error, see service.health). MAX_START_FAILURES failed starts in
-  a row stop pc-serve with exit status 1 and that line.
+  a row stop pc-serve with exit status 1 and that line. The first worker to report ready calls
+  `on_ready` once (pc-serve prints the URL).
 - SIGTERM or SIGINT: the supervisor closes its copies of the sockets and passes the signal on;
   each worker's server stops listening, so new connections are refused at once, and finishes the
   requests in flight before it exits.
@@ -32,6 +33,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -89,7 +91,15 @@ class Supervisor:
     """Runs `workers` BentoML worker processes for `service` on host:port until a signal stops it."""
 
     def __init__(
-        self, service: str, root: str, host: str, port: int, workers: int, env: dict[str, str], bentoml_home: Path
+        self,
+        service: str,
+        root: str,
+        host: str,
+        port: int,
+        workers: int,
+        env: dict[str, str],
+        bentoml_home: Path,
+        on_ready: Callable[[], None] | None = None,
     ) -> None:
         self.service = service
         self.root = root  # the working directory the service imports from
@@ -108,6 +118,7 @@ class Supervisor:
         self.workers = [_Worker(index=i + 1, sock=s) for i, s in enumerate(self.sockets)]
         self.failures = 0  # failed starts in a row, over all workers
         self.stopping = False
+        self.on_ready = on_ready  # called once, when the first worker reports ready
 
     def run(self) -> int:
         """Serve until SIGTERM/SIGINT (returns 0 once every worker has drained) or StartFailed."""
@@ -151,6 +162,9 @@ class Supervisor:
             if not worker.ready and (self.state_dir / f"ready-{pid}").exists():
                 worker.ready = True
                 self.failures = 0
+                if self.on_ready is not None:
+                    self.on_ready()
+                    self.on_ready = None
             if process.poll() is None and not failed.exists():
                 continue
             if process.poll() is None:  # it reported a failed start: it has nothing in flight

@@ -117,3 +117,16 @@ def test_every_package_is_installed():
     include = PYPROJECT["tool"]["bentoml"]["build"]["include"]
     for package in found - {"training", "benchmarks"}:  # the bento serves; it needs no tools
         assert f"{package.replace('.', '/')}/*.py" in include
+
+
+def test_the_service_pages_are_shipped():
+    """The explorer page's files (service/static) go into the wheel and the bento, like the weights."""
+    from fnmatch import fnmatch
+
+    static = sorted(p.relative_to(ROOT / "service").as_posix() for p in (ROOT / "service" / "static").iterdir())
+    assert {"static/index.html", "static/explorer.js", "static/explorer.css"} <= set(static)
+    package_data = PYPROJECT["tool"]["setuptools"]["package-data"]["service"]
+    include = PYPROJECT["tool"]["bentoml"]["build"]["include"]
+    for name in static:
+        assert any(fnmatch(name, pattern) for pattern in package_data), name
+        assert any(fnmatch(f"service/{name}", pattern) for pattern in include), name

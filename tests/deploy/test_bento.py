@@ -67,6 +67,9 @@ def test_bento_holds_the_sources_and_the_shipped_weights(bento):
     packed = {p.name: digest(p) for p in (built / "src" / "pcmodel" / "weights").glob("*.safetensors")}
     assert shipped and packed == shipped
     assert not (built / "src" / "tests").exists() and not (built / "src" / "deploy").exists()
+    pages = {p.name: digest(p) for p in (source / "service" / "static").iterdir()}  # the explorer page
+    packed_pages = {p.name: digest(p) for p in (built / "src" / "service" / "static").iterdir()}
+    assert "index.html" in pages and packed_pages == pages
 
 
 def test_bento_describes_the_service(bento):

@@ -11,6 +11,7 @@ import pcmodel
 from pcmodel.images import decode, display_maps, preprocess, tile
 from service.client import EncoderClient, ServiceError
 from service.host import pick_device
+from service.metrics import REASONS
 
 from .conftest import png
 
@@ -139,6 +140,9 @@ def test_openapi_describes_every_route(server):
         ("/encode", "post"),
         ("/encode_batch", "post"),
         ("/model", "get"),
+        ("/model/basis", "get"),
+        ("/", "get"),
+        ("/docs", "get"),
         ("/readyz", "get"),
         ("/livez", "get"),
         ("/metrics", "get"),
@@ -151,6 +155,8 @@ def test_openapi_describes_every_route(server):
     refs = str(spec)
     for name in ("PCEncodeResult", "PCModelCard", "PCError", "PCArray"):
         assert name in spec["components"]["schemas"] and f"#/components/schemas/{name}" in refs
+    reasons = spec["components"]["schemas"]["PCError"]["properties"]["reason"]["enum"]
+    assert set(REASONS) | {"not_found", "method_not_allowed", "load_failed"} == set(reasons)
 
 
 def test_health_probes(server):

@@ -1,4 +1,4 @@
-"""Every client mistake against the real server: the right status, a flat {"error": ...} body, the error
+"""Every client mistake against the real server: the right status, a flat {"error", "reason"} body, the error
 counter up by exactly one for the right reason, and the server still serving. Odd but valid images
 (16-bit, CMYK, palette, alpha, ...) are accepted and converted."""
 
@@ -192,7 +192,8 @@ def test_bad_input_is_a_counted_4xx(server, path, make, status, reason):
     response = server.post(path, **make())
     assert response.status_code == status, response.text
     body = response.json()
-    assert isinstance(body, dict) and set(body) == {"error"} and isinstance(body["error"], str) and body["error"]
+    assert isinstance(body, dict) and set(body) == {"error", "reason"} and isinstance(body["error"], str)
+    assert body["error"] and body["reason"] == reason
     after = server.metrics()
     for r in REASONS:
         delta = metric(after, "pc_request_errors_total", reason=r) - metric(before, "pc_request_errors_total", reason=r)
@@ -259,3 +260,32 @@ def test_the_bytes_decide_the_format(server):
     for name, content_type in [("x.jpg", "image/jpg"), ("x", "application/octet-stream"), ("x" * 300, "text/plain")]:
         response = server.post("/encode", files=image_file(GOOD, name, content_type), data={"steps": "1"})
         assert response.status_code == 200, (content_type, response.text)
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "status", "reason"),
+    [
+        ("GET", "/no/such/page", 404, "not_found"),
+        ("POST", "/nothing-here", 404, "not_found"),
+        ("GET", "/static_content/no-such-file.js", 404, "not_found"),
+        ("GET", "/encode", 405, "method_not_allowed"),
+        ("POST", "/model", 405, "method_not_allowed"),
+    ],
+)
+def test_unknown_paths_and_methods_get_the_json_error_body(server, method, path, status, reason):
+    response = server.get(path) if method == "GET" else server.post(path, content=b"x")
+    assert response.status_code == status, response.text
+    assert response.headers["content-type"].startswith("application/json")
+    body = response.json()
+    assert set(body) == {"error", "reason"} and body["reason"] == reason
+    assert path in body["error"] and "/docs.json" in body["error"]
+    assert server.get("/readyz").status_code == 200
+
+
+def test_the_client_reports_the_reason(server):
+    from service.client import EncoderClient, ServiceError
+
+    with EncoderClient(server.url) as client, pytest.raises(ServiceError) as caught:
+        client.encode(b"plain text, not an image")
+    assert caught.value.status == 400 and caught.value.reason == "bad_image"
+    assert caught.value.message == server.post("/encode", files=image_file(b"plain text, not an image")).json()["error"]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
@@ -28,7 +29,11 @@ def test_pc_serve_refuses_an_unstable_checkpoint_unless_allowed(unstable_checkpo
 @pytest.mark.slow
 def test_diverging_inference_is_a_counted_error_on_every_worker(unstable_server, astronaut):
     image = png(astronaut[:64, :64])
-    card = unstable_server.get("/model").json()
+    # /readyz answered 200 from one worker; the other may still be loading (503, reason loading) a moment longer.
+    deadline = time.monotonic() + 60
+    while (response := unstable_server.get("/model")).status_code == 503 and time.monotonic() < deadline:
+        time.sleep(0.3)
+    card = response.json()
     assert card["name"] == "diverging" and card["preset"] == "custom"
 
     def encode(_: int) -> httpx.Response:
@@ -45,7 +50,7 @@ def test_diverging_inference_is_a_counted_error_on_every_worker(unstable_server,
         for response in responses:
             assert response.status_code == 500
             body = response.json()
-            assert set(body) == {"error"} and "NaN or Inf" in body["error"]
+            assert set(body) == {"error", "reason"} and body["reason"] == "not_finite" and "NaN or Inf" in body["error"]
         samples = unstable_server.metrics()
         pids = {
             dict(labels)["pid"]

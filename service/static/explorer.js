@@ -1,0 +1,361 @@
+// The explorer page: sends a photo to POST /encode and draws what comes back.
+// Plain JavaScript, no libraries, nothing fetched but this server's own routes.
+"use strict";
+
+const OUTPUTS = "input,reconstruction,error_map,latents,trace";
+const MAP_SIDE = 256; // input, reconstruction and error are enlarged to about this many pixels
+const CAUSE_SIDE = 64; // each cause's latent map to about this many
+const SVG = "http://www.w3.org/2000/svg";
+
+const $ = (id) => document.getElementById(id);
+let file = null; // the photo chosen or dropped
+
+// ---- arrays: {"shape", "dtype": "float32", "data": base64 of little-endian bytes} ----------------
+
+function decodeArray(payload) {
+  if (payload.dtype !== "float32") throw new Error(`unexpected dtype ${payload.dtype}`);
+  const text = atob(payload.data);
+  const view = new DataView(new ArrayBuffer(text.length));
+  for (let i = 0; i < text.length; i++) view.setUint8(i, text.charCodeAt(i));
+  const values = new Float32Array(text.length / 4);
+  for (let i = 0; i < values.length; i++) values[i] = view.getFloat32(4 * i, true);
+  return { shape: payload.shape, values };
+}
+
+// One level's latents as per-cause maps over the whole image: (K, H, W), or in tile mode
+// (T, K, h, w) with tiles row-major over tile_grid's rows x cols, stitched to (K, rows*h, cols*w).
+function causeMaps(array, grid) {
+  const { shape, values } = array;
+  if (shape.length === 3) {
+    const [k, h, w] = shape;
+    return { k, h, w, at: (c, y, x) => values[(c * h + y) * w + x] };
+  }
+  const [, k, h, w] = shape;
+  const rows = grid ? grid.rows : 1;
+  const cols = grid ? grid.cols : shape[0];
+  return {
+    k,
+    h: rows * h,
+    w: cols * w,
+    at(c, y, x) {
+      const tile = Math.floor(y / h) * cols + Math.floor(x / w);
+      return values[((tile * k + c) * h + (y % h)) * w + (x % w)];
+    },
+  };
+}
+
+// ---- drawing --------------------------------------------------------------------------------------
+
+function el(tag, attrs = {}, text = "") {
+  const node = document.createElement(tag);
+  for (const [name, value] of Object.entries(attrs)) node.setAttribute(name, value);
+  if (text) node.textContent = text;
+  return node;
+}
+
+function svg(tag, attrs = {}, text = "") {
+  const node = document.createElementNS(SVG, tag);
+  for (const [name, value] of Object.entries(attrs)) node.setAttribute(name, String(value));
+  if (text) node.textContent = text;
+  return node;
+}
+
+function enlarge(width, height, side) {
+  return Math.max(1, Math.floor(side / Math.max(width, height)));
+}
+
+function showMap(img, png) {
+  const url = `data:image/png;base64,${png}`;
+  if (img.src === url && img.complete) return Promise.resolve(); // the same map again: already shown
+  return new Promise((resolve) => {
+    img.onload = () => {
+      img.width = img.naturalWidth * enlarge(img.naturalWidth, img.naturalHeight, MAP_SIDE);
+      img.classList.add("pixelated");
+      resolve();
+    };
+    img.onerror = resolve;
+    img.src = url;
+  });
+}
+
+// Signed value in [-1, 1] -> RGB: blue (negative), white (zero), red (positive).
+function diverging(t) {
+  const a = Math.min(1, Math.abs(t));
+  const [r, g, b] = t >= 0 ? [200, 53, 42] : [47, 102, 196];
+  return [255 + (r - 255) * a, 255 + (g - 255) * a, 255 + (b - 255) * a];
+}
+
+function causeCanvas(maps, c) {
+  const { h, w, at } = maps;
+  let peak = 0;
+  for (let y = 0; y < h; y++) for (let x = 0; x < w; x++) peak = Math.max(peak, Math.abs(at(c, y, x)));
+  const canvas = el("canvas", { width: w, height: h, class: "pixelated latent" });
+  const context = canvas.getContext("2d");
+  const image = context.createImageData(w, h);
+  for (let y = 0; y < h; y++) {
+    for (let x = 0; x < w; x++) {
+      const [r, g, b] = diverging(peak > 0 ? at(c, y, x) / peak : 0);
+      image.data.set([r, g, b, 255], 4 * (y * w + x));
+    }
+  }
+  context.putImageData(image, 0, 0);
+  const scale = enlarge(w, h, CAUSE_SIDE);
+  canvas.style.width = `${w * scale}px`; // CSSOM, not a style attribute: allowed by the page's CSP
+  canvas.title = `cause ${c + 1}: largest |r| = ${peak.toPrecision(3)}`;
+  return canvas;
+}
+
+// A level whose maps are single values (a dense level on one tile): one bar per cause.
+function causeBars(maps) {
+  const { k, at } = maps;
+  const values = Array.from({ length: k }, (_, c) => at(c, 0, 0));
+  const peak = Math.max(...values.map(Math.abs), 1e-12);
+  const width = Math.min(900, Math.max(240, 6 * k));
+  const height = 90;
+  const step = width / k;
+  const plot = svg("svg", { viewBox: `0 0 ${width} ${height + 16}`, width, height: height + 16, class: "bars" });
+  plot.append(svg("line", { x1: 0, x2: width, y1: height / 2, y2: height / 2, class: "axis" }));
+  values.forEach((v, c) => {
+    const size = (Math.abs(v) / peak) * (height / 2);
+    const bar = svg("rect", {
+      x: c * step + step * 0.1,
+      y: v >= 0 ? height / 2 - size : height / 2,
+      width: step * 0.8,
+      height: Math.max(size, 0.5),
+      class: v >= 0 ? "bar-positive" : "bar-negative",
+    });
+    bar.append(svg("title", {}, `cause ${c + 1}: r = ${v.toPrecision(3)}`));
+    plot.append(bar);
+  });
+  plot.append(svg("text", { x: 0, y: height + 13 }, `causes 1…${k}, largest |r| = ${peak.toPrecision(3)}`));
+  return plot;
+}
+
+function drawLatents(latents, grid) {
+  const box = $("latents");
+  box.replaceChildren();
+  latents.forEach((payload, index) => {
+    const maps = causeMaps(decodeArray(payload), grid);
+    const level = el("div", { class: "level" });
+    const title = el("h3", {}, `Level ${index + 1} `);
+    title.append(el("span", {}, `${maps.k} causes, ${maps.h} × ${maps.w} positions`));
+    level.append(title);
+    if (maps.h * maps.w === 1) {
+      level.append(causeBars(maps));
+    } else {
+      const causes = el("div", { class: "causes" });
+      for (let c = 0; c < maps.k; c++) {
+        const figure = el("figure");
+        figure.append(causeCanvas(maps, c), el("figcaption", {}, String(c + 1)));
+        causes.append(figure);
+      }
+      level.append(causes);
+    }
+    box.append(level);
+  });
+}
+
+function niceTicks(lo, hi, count) {
+  const span = hi - lo || Math.abs(hi) || 1;
+  const raw = span / count;
+  const power = 10 ** Math.floor(Math.log10(raw));
+  const step = [1, 2, 5, 10].map((m) => m * power).find((s) => s >= raw);
+  const ticks = [];
+  for (let t = Math.ceil(lo / step) * step; t <= hi + step * 1e-9; t += step) ticks.push(t);
+  return ticks;
+}
+
+function drawEnergy(trace) {
+  const box = $("energy-plot");
+  box.replaceChildren();
+  const width = 640;
+  const height = 240;
+  const m = { left: 64, right: 16, top: 12, bottom: 40 };
+  const steps = trace.length - 1;
+  let lo = Math.min(...trace);
+  let hi = Math.max(...trace);
+  if (hi === lo) [lo, hi] = [lo - 1, hi + 1];
+  const pad = (hi - lo) * 0.05;
+  [lo, hi] = [lo - pad, hi + pad];
+  const x = (i) => m.left + (i / Math.max(steps, 1)) * (width - m.left - m.right);
+  const y = (v) => m.top + ((hi - v) / (hi - lo)) * (height - m.top - m.bottom);
+  const plot = svg("svg", { viewBox: `0 0 ${width} ${height}`, width, height, role: "img", id: "energy-svg" });
+  plot.append(svg("title", {}, `energy from ${trace[0].toPrecision(5)} to ${trace[steps].toPrecision(5)}`));
+  for (const t of niceTicks(lo, hi, 5)) {
+    plot.append(svg("line", { x1: m.left, x2: width - m.right, y1: y(t), y2: y(t), class: "grid" }));
+    plot.append(svg("text", { x: m.left - 6, y: y(t) + 4, "text-anchor": "end" }, String(Number(t.toPrecision(6)))));
+  }
+  for (const t of niceTicks(0, steps, 6)) {
+    plot.append(svg("line", { x1: x(t), x2: x(t), y1: height - m.bottom, y2: height - m.bottom + 4, class: "axis" }));
+    plot.append(svg("text", { x: x(t), y: height - m.bottom + 16, "text-anchor": "middle" }, String(t)));
+  }
+  plot.append(svg("line", { x1: m.left, x2: width - m.right, y1: height - m.bottom, y2: height - m.bottom, class: "axis" }));
+  plot.append(svg("line", { x1: m.left, x2: m.left, y1: m.top, y2: height - m.bottom, class: "axis" }));
+  plot.append(svg("text", { x: (m.left + width - m.right) / 2, y: height - 6, "text-anchor": "middle" }, "inference step"));
+  const middle = (m.top + height - m.bottom) / 2;
+  plot.append(svg("text", { x: 14, y: middle, "text-anchor": "middle", transform: `rotate(-90 14 ${middle})` }, "energy E"));
+  const points = trace.map((v, i) => `${x(i).toFixed(1)},${y(v).toFixed(1)}`).join(" ");
+  plot.append(svg("polyline", { points, class: "trace" }));
+  box.append(plot);
+}
+
+function rms(payload) {
+  const { values } = decodeArray(payload);
+  let sum = 0;
+  for (const v of values) sum += v * v;
+  return Math.sqrt(sum / values.length);
+}
+
+function drawSummary(result, timing) {
+  const { energy } = result;
+  const drop = energy.initial ? (100 * (energy.initial - energy.final)) / Math.abs(energy.initial) : 0;
+  const rows = [
+    ["steps", String(result.steps)],
+    ["size mode", result.size_mode + (result.tile_grid ? `: ${result.tile_grid.rows} × ${result.tile_grid.cols} tiles` : "")],
+    ["input", result.input.array.shape.join(" × ") + " (channels × height × width)"],
+    ["energy", `${energy.initial.toPrecision(5)} → ${energy.final.toPrecision(5)} (${drop.toFixed(1)} % lower)`],
+    ["error RMS", `${rms(result.error_map.array).toPrecision(3)} (input RMS ${rms(result.input.array).toPrecision(3)})`],
+  ];
+  if (timing) rows.push(["time", timing]);
+  const list = $("summary");
+  list.replaceChildren();
+  for (const [name, value] of rows) list.append(el("dt", {}, name), el("dd", {}, value));
+}
+
+// ---- the request -----------------------------------------------------------------------------------
+
+function serverTiming(header) {
+  const parts = Object.fromEntries(
+    (header || "").split(",").map((p) => p.trim().split(";dur=")).filter((p) => p.length === 2),
+  );
+  if (!("total" in parts)) return "";
+  return `model ${Number(parts.model).toFixed(1)} ms, in the server ${Number(parts.total).toFixed(1)} ms`;
+}
+
+function showError(text) {
+  const box = $("error");
+  box.textContent = text;
+  box.hidden = false;
+}
+
+async function encode() {
+  if (!file) return;
+  $("error").hidden = true;
+  $("encode").disabled = true;
+  $("status").textContent = `Encoding ${file.name}…`;
+  const form = new FormData();
+  form.append("image", file, file.name);
+  form.append("steps", $("steps").value);
+  form.append("size_mode", $("size-mode").value);
+  form.append("outputs", OUTPUTS);
+  try {
+    const response = await fetch("/encode", { method: "POST", body: form });
+    const body = await response.json().catch(() => null);
+    if (!response.ok) {
+      $("status").textContent = "";
+      // The API's own message says what was wrong and what to send instead.
+      showError(body && body.error ? body.error : `the service answered ${response.status}`);
+      $("error").dataset.reason = (body && body.reason) || "";
+      return;
+    }
+    await Promise.all([
+      showMap($("input-map"), body.input.png),
+      showMap($("reconstruction-map"), body.reconstruction.png),
+      showMap($("error-map"), body.error_map.png),
+    ]);
+    drawSummary(body, serverTiming(response.headers.get("server-timing")));
+    drawEnergy(body.energy.trace);
+    drawLatents(body.latents, body.tile_grid);
+    $("results").hidden = false;
+    $("status").textContent = `Encoded ${file.name}.`;
+  } catch (error) {
+    $("status").textContent = "";
+    showError(`the request failed: ${error.message}`);
+  } finally {
+    $("encode").disabled = false;
+  }
+}
+
+function choose(chosen) {
+  if (!chosen) return;
+  file = chosen;
+  $("drop-text").textContent = `${file.name} (${(file.size / 1024).toFixed(1)} KiB)`;
+  $("encode").disabled = false;
+  encode();
+}
+
+// ---- the model card --------------------------------------------------------------------------------
+
+function describeLevel(level, index) {
+  const parts = [`${level.causes} causes`, level.kind];
+  if (level.kernel) parts.push(`kernel ${level.kernel.join(" × ")}`);
+  if (level.stride) parts.push(`stride ${level.stride.join(" × ")}`);
+  parts.push(`f = ${level.f}`, `${level.prior} prior`);
+  return [`level ${index + 1}`, parts.join(", ")];
+}
+
+async function loadModel() {
+  const response = await fetch("/model");
+  const card = await response.json().catch(() => null);
+  if (!response.ok || !card || card.error) {
+    $("model-line").textContent = `The model card is not available yet: ${card ? card.error : response.status}. Reload in a moment.`;
+    return;
+  }
+  $("model-line").textContent = `${card.name} (${card.preset}), sha256 ${card.sha256.slice(0, 12)}, on ${card.device} with the ${card.backend} backend`;
+  const steps = $("steps");
+  steps.value = card.steps.default;
+  steps.max = card.steps.max;
+  $("size-mode").value = card.input.size_mode.default;
+  const config = card.config;
+  const pre = config.preprocess;
+  const rows = [
+    ["name", `${card.name} (preset ${card.preset})`],
+    ["source", card.source],
+    ["native input", card.input.native_shape.join(" × ")],
+    ["preprocessing", `${pre.color}, values in [${pre.value_range.join(", ")}], filter ${pre.filter}, normalize ${pre.normalize}`],
+    ...config.levels.map(describeLevel),
+    ["inference", `step size k1 = ${config.k1}, ${card.steps.default} steps by default (at most ${card.steps.max})`],
+    ["device, backend", `${card.device}, ${card.backend}`],
+    ["sha256", card.sha256],
+  ];
+  const table = $("card");
+  table.replaceChildren();
+  for (const [name, value] of rows) {
+    const row = el("tr");
+    row.append(el("th", { scope: "row" }, name), el("td", {}, value));
+    table.append(row);
+  }
+  $("card-json").textContent = JSON.stringify(card, null, 2);
+  const basis = $("basis");
+  basis.onload = () => {
+    basis.width = basis.naturalWidth * enlarge(basis.naturalWidth, basis.naturalHeight, 240);
+    basis.classList.add("pixelated");
+  };
+  basis.src = "/model/basis";
+}
+
+// ---- wiring ----------------------------------------------------------------------------------------
+
+function main() {
+  $("image").addEventListener("change", (event) => choose(event.target.files[0]));
+  $("encode-form").addEventListener("submit", (event) => {
+    event.preventDefault();
+    encode();
+  });
+  const drop = $("drop");
+  drop.addEventListener("dragover", (event) => {
+    event.preventDefault();
+    drop.classList.add("over");
+  });
+  drop.addEventListener("dragleave", () => drop.classList.remove("over"));
+  drop.addEventListener("drop", (event) => {
+    event.preventDefault();
+    drop.classList.remove("over");
+    choose(event.dataTransfer.files[0]);
+  });
+  loadModel().catch((error) => {
+    $("model-line").textContent = `The model card could not be read: ${error.message}`;
+  });
+}
+
+main();

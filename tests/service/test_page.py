@@ -1,0 +1,155 @@
+"""The explorer page (GET /) and the API browser (GET /docs) in a real browser against a real pc-serve.
+
+Debian's chromium (/usr/bin/chromium, installed by .ci/run) driven by playwright; `playwright install`
+is never needed. Every request a page makes must go to the server itself. Set PC_EXPLORER_SCREENSHOT
+to a path to save the page with a photo encoded (docs/figures/explorer.png is made this way).
+wait_for_function takes functions ("() => ..."), not expressions: Playwright evaluates an expression
+with eval(), which the page's Content-Security-Policy refuses.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+from PIL import Image
+
+import pcmodel
+from pcmodel.images import sample_photo
+
+pytestmark = pytest.mark.slow
+
+CHROMIUM = Path("/usr/bin/chromium")
+# As root chromium needs --no-sandbox; the rest keep it from calling home (updates, sync, field trials).
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+]
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[object]:
+    if not CHROMIUM.exists():
+        pytest.skip("needs Debian's chromium at /usr/bin/chromium (apt-get install chromium; .ci/run does)")
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        yield browser
+        browser.close()
+
+
+class Watched:
+    """A page that records every request it makes and every console error (a CSP violation is one)."""
+
+    def __init__(self, browser, url: str) -> None:
+        self.page = browser.new_page(viewport={"width": 1120, "height": 900})
+        self.requests: list[str] = []
+        self.console_errors: list[str] = []
+        self.page.on("request", lambda request: self.requests.append(request.url))
+        self.page.on("console", lambda m: self.console_errors.append(m.text) if m.type == "error" else None)
+        self.page.on("pageerror", lambda exc: self.console_errors.append(str(exc)))
+        self.url = url
+
+    def elsewhere(self) -> list[str]:
+        """Requests that went anywhere but this server (data: URLs are the page's own bytes, not requests)."""
+        return [u for u in self.requests if not u.startswith(self.url + "/") and not u.startswith("data:")]
+
+
+def test_explorer_encodes_a_photo_and_shows_api_errors(server, browser, tmp_path):
+    photo = tmp_path / "photo.png"
+    Image.fromarray(sample_photo()).save(photo)
+    notes = tmp_path / "notes.txt"
+    notes.write_text("a text file, not a photo\n")
+    watched = Watched(browser, server.url)
+    page = watched.page
+
+    response = page.goto(server.url + "/")
+    assert response is not None and response.status == 200
+    assert "default-src 'self'" in response.headers["content-security-policy"]
+    assert response.headers["x-content-type-options"] == "nosniff"
+    page.wait_for_selector("#card tr")  # the model card has arrived
+    page.wait_for_function("() => document.getElementById('basis').naturalWidth > 0")
+
+    page.set_input_files("#image", str(photo))
+    page.wait_for_selector("#results:not([hidden])", timeout=60_000)
+    for map_id in ("input-map", "reconstruction-map", "error-map"):
+        size = page.eval_on_selector(f"#{map_id}", "img => [img.naturalWidth, img.width]")
+        assert size[0] == 32 and size[1] >= 256, (map_id, size)  # conv-rgb's native 32 x 32, enlarged
+    config = pcmodel.load("default").config
+    canvases = page.locator("#latents .level")
+    assert canvases.count() == len(config.levels)
+    for index, level in enumerate(config.levels):
+        assert canvases.nth(index).locator("canvas").count() == level.causes
+    points = page.get_attribute("#energy-plot polyline", "points")
+    assert points is not None and len(points.split()) == config.steps + 1  # the trace, one point per step
+    assert "lower" in page.inner_text("#summary")
+    if path := os.environ.get("PC_EXPLORER_SCREENSHOT"):
+        page.screenshot(path=path, full_page=True)
+
+    page.fill("#steps", "20")  # again, with other options: the plot follows
+    page.click("#encode")
+    page.wait_for_function("() => document.querySelector('#energy-plot polyline').points.length === 21")
+    page.wait_for_function("() => !document.getElementById('encode').disabled")
+
+    page.set_input_files("#image", str(notes))
+    page.wait_for_selector("#error:not([hidden])", timeout=30_000)
+    expected = httpx.post(server.url + "/encode", files={"image": ("notes.txt", notes.read_bytes())}, timeout=60)
+    assert expected.status_code == 400
+    assert page.inner_text("#error") == expected.json()["error"]
+    assert page.get_attribute("#error", "data-reason") == "bad_image"
+
+    assert watched.requests and not watched.elsewhere(), watched.elsewhere()
+    # The failed /encode logs "400 (Bad Request)" to the console; nothing else may (a CSP violation would).
+    assert [e for e in watched.console_errors if "400" not in e] == []
+    page.close()
+
+
+def test_api_browser_loads_nothing_from_elsewhere(server, browser):
+    watched = Watched(browser, server.url)
+    response = watched.page.goto(server.url + "/docs")
+    assert response is not None and response.status == 200
+    watched.page.wait_for_selector(".swagger-ui .opblock", timeout=30_000)  # the operations are listed
+    assert "/encode" in watched.page.inner_text(".swagger-ui")
+    assert not watched.elsewhere(), watched.elsewhere()
+    assert watched.console_errors == []
+    assert "://" not in server.get("/docs.json").text  # no badge or link the page would fetch
+    watched.page.close()
+
+
+def test_pages_and_basis_over_http(server):
+    page = server.get("/")
+    assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+    assert "script-src" not in page.headers["content-security-policy"]  # default-src 'self' covers scripts
+    assert "unsafe-inline" not in page.headers["content-security-policy"]
+    assert "<script>" not in page.text and " style=" not in page.text  # nothing inline
+    assert server.get("/static/explorer.js").headers["content-type"].startswith("text/javascript")
+    assert server.get("/static/../service.py").status_code == 404
+    basis = server.get("/model/basis")
+    assert basis.status_code == 200 and basis.headers["content-type"] == "image/png"
+    grid = np.asarray(Image.open(io.BytesIO(basis.content)))
+    fields = pcmodel.load("default").receptive_fields(1).numpy()  # (8, 3, 8, 8): 3 x 3 fields, 1-pixel gaps
+    assert fields.shape == (8, 3, 8, 8) and grid.shape == (3 * 8 + 2, 3 * 8 + 2, 3)
+    for i, field in enumerate(fields):  # each on its own scale: zero at mid-grey, its peak at 0 or 255
+        top, left = (i // 3) * 9, (i % 3) * 9
+        expected = (field / np.abs(field).max() + 1) * 127.5
+        np.testing.assert_allclose(grid[top : top + 8, left : left + 8], expected.transpose(1, 2, 0), atol=0.51)
+    assert (grid[8, :] == 255).all() and (grid[:, 8] == 255).all()  # the gaps
+
+
+def test_pc_serve_prints_where_it_is_ready(server):
+    line = f"pc-serve: ready at {server.url}/ (explorer page; API at /encode)"
+    deadline = time.monotonic() + 5  # the supervisor sees the ready report within its 0.2 s poll
+    while line not in server.log.read_text() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert server.log.read_text().count(line) == 1
