@@ -113,7 +113,8 @@ def test_rao_ballard_tiles_by_default():
     image = (np.random.default_rng(0).random((40, 60)) * 255).astype(np.uint8)
     part = codec.Part("image", "x.png", _png(image))
     prepared = codec.prepare(codec.plan(part, options, config, host.settings), options, config)
-    assert prepared.rows.shape == (3 * 3, 1, 16, 26)  # ceil(40/16) x ceil(60/26) tiles
+    # 16x26 tiles every 8x13 px from (-8, -13) until 8x13 px past the image: (1 + ceil(40/8)) x (1 + ceil(60/13))
+    assert prepared.rows.shape == (6 * 6, 1, 16, 26)
 
     async def run():
         try:
@@ -123,11 +124,18 @@ def test_rao_ballard_tiles_by_default():
 
     settled = asyncio.run(run())
     out = codec.encode_result(prepared, settled, options, host.ref, config)
-    assert out["tile_grid"] == {"rows": 3, "cols": 3, "tile": [16, 26], "image": [40, 60]}
+    assert out["tile_grid"] == {
+        "rows": 6,
+        "cols": 6,
+        "tile": [16, 26],
+        "stride": [8, 13],
+        "origin": [-8, -13],
+        "image": [40, 60],
+    }
     from service.client import decode_array
 
     # Level 1 is three windowed modules per tile, level 2 one dense module: a leading tile axis.
-    assert [a["shape"] for a in out["latents"]] == [[9, 32, 1, 3], [9, 128, 1, 1]]
+    assert [a["shape"] for a in out["latents"]] == [[36, 32, 1, 3], [36, 128, 1, 1]]
     shown, recon, error = (decode_array(out[k]["array"]) for k in ("input", "reconstruction", "error_map"))
     assert shown.shape == recon.shape == error.shape == (1, 40, 60)
     np.testing.assert_array_equal(shown - recon, error)
