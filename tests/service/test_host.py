@@ -91,6 +91,41 @@ def test_a_full_queue_is_refused(host):
     asyncio.run(run())
 
 
+def test_the_queue_counts_pixels_in_native_sizes(host):
+    async def run():
+        batcher = Batcher(host._infer, max_batch_size=2, max_queue=8, unit_pixels=32 * 32)
+        try:
+            first = asyncio.ensure_future(batcher.submit(rows(1), 50))
+            await asyncio.sleep(0.001)
+            while batcher.queued:  # until the first batch is running
+                await asyncio.sleep(0.001)
+            # A 64x64 row costs four 32x32 rows: two of them fill a queue of 8.
+            queued = [asyncio.ensure_future(batcher.submit(rows(1, 64), 50)) for _ in range(2)]
+            while batcher.queued_units < 8:
+                await asyncio.sleep(0)
+            assert batcher.queued == 2
+            with pytest.raises(Overloaded, match="8 of 8 native-size units"):
+                await batcher.submit(rows(1), 50)
+            await asyncio.gather(first, *queued)
+        finally:
+            batcher.close()
+
+    asyncio.run(run())
+
+
+def test_full_mode_and_arrays_options_are_checked(host):
+    dense = pcmodel.get_preset("rao-ballard-1999")
+    with pytest.raises(codec.RequestError, match="dense level") as refused:
+        codec.parse_options({"size_mode": "full"}, dense, host.settings)
+    assert refused.value.status == 422
+    with pytest.raises(codec.RequestError, match="arrays must be one of float32, float16, none"):
+        codec.parse_options({"arrays": "float64"}, host.config, host.settings)
+    options = codec.parse_options({"size_mode": "full", "arrays": "none"}, host.config, host.settings)
+    assert (options.size_mode, options.arrays, options.full_max_side) == ("full", "none", 256)
+    # The host prepared the native size and full mode's three buckets: the model's four shapes.
+    assert host.buckets == [(88, 88), (176, 176), (256, 256)]
+
+
 def test_only_warmed_step_counts_get_fast_programs(host):
     assert host.card()["steps"]["warmed"] == [5, 100]
 
