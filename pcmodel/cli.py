@@ -15,20 +15,36 @@ import torch
 
 import pcmodel
 from pcmodel.cliargs import ArgumentParser, existing_file, fail, model_source, output_folder, positive_int
-from pcmodel.images import DEFAULT_MAX_PIXELS, decode, display_maps, montage, prepare_image, sample_photo
+from pcmodel.images import (
+    DEFAULT_FULL_MAX_SIDE,
+    DEFAULT_MAX_PIXELS,
+    PLACEMENTS,
+    decode,
+    display_maps,
+    has_dense_level,
+    montage,
+    prepare_image,
+    sample_photo,
+)
 
 # What pc-encode writes into --out. encoding.npz holds latent_1 .. latent_L (rows, causes, H_l, W_l), one
-# row per tile in tile mode; input, reconstruction and error (C, H, W) on the image's grid, as the PNGs
-# show them; energy (steps + 1, rows), before the first step and after each.
+# row per tile in tile mode, at the padded size in full mode; level_error_1 .. level_error_L, each level's
+# prediction error e_l = r_(l-1) - prediction (level 1's is the image's) in the same layout; input,
+# reconstruction and error (C, H, W) on the image's grid, as the PNGs show them; energy (steps + 1, rows),
+# before the first step and after each; in full mode also padded = [top, bottom, left, right].
 OUTPUT_FILES = ("input.png", "reconstruction.png", "error.png", "montage.png", "encoding.npz")
 
 
-def encode_array(model: pcmodel.PCModel, image, steps: int | None, size_mode: str | None):
-    """Prepare one image as the model's config says, run inference, return (result, maps on the image grid)."""
-    rows, shown, placement = prepare_image(image, model.config, size_mode or model.config.preprocess.size_mode)
+def encode_array(
+    model: pcmodel.PCModel, image, steps: int | None, size_mode: str | None, max_side: int = DEFAULT_FULL_MAX_SIDE
+):
+    """Prepare one image as the model's config says, run inference, return (result, maps on the image grid,
+    placement)."""
+    mode = size_mode or model.config.preprocess.size_mode
+    rows, shown, placement = prepare_image(image, model.config, mode, max_side)
     result = model.infer(rows.to(model.device), steps=steps)
     reconstruction = placement.restore(result.reconstruction.cpu())[0]
-    return result, (shown, reconstruction, shown - reconstruction)
+    return result, (shown, reconstruction, shown - reconstruction), placement
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -40,7 +56,19 @@ def main(argv: list[str] | None = None) -> int:
         "--model", type=model_source, default="default", help="checkpoint path or name (default: %(default)s)"
     )
     parser.add_argument("--steps", type=positive_int, default=None, help="inference steps, >= 1 (default: the model's)")
-    parser.add_argument("--size-mode", choices=("resize", "tile"), default=None, help="default: the model's")
+    parser.add_argument(
+        "--size-mode",
+        choices=tuple(m for m in PLACEMENTS if m != "fit"),
+        default=None,
+        help="resize, tile (overlapping tiles, blended) or full (convolutional models: the whole image scaled to "
+        "at most --max-side, one inference); default: the model's",
+    )
+    parser.add_argument(
+        "--max-side",
+        type=positive_int,
+        default=DEFAULT_FULL_MAX_SIDE,
+        help="full mode: the longer side the image is scaled down to, never up (default: %(default)s)",
+    )
     parser.add_argument(
         "--out", type=output_folder, default=Path("encoded"), help="output folder (default: %(default)s)"
     )
@@ -53,7 +81,19 @@ def main(argv: list[str] | None = None) -> int:
         model = pcmodel.load(args.model)
     except (OSError, ValueError) as exc:
         return fail("pc-encode", f"--model {args.model}: {exc}")
-    result, (shown, reconstruction, error) = encode_array(model, image, args.steps, args.size_mode)
+    if args.size_mode == "full" and has_dense_level(model.config):
+        return fail(
+            "pc-encode",
+            f"--size-mode full needs a convolutional model; {model.name} has a dense level (native size only): "
+            "use --size-mode tile or resize",
+        )
+    result, (shown, reconstruction, error), placement = encode_array(
+        model, image, args.steps, args.size_mode, args.max_side
+    )
+    padded = {}
+    if placement.mode == "full" and placement.fit is not None:
+        f = placement.fit
+        padded = {"padded": np.array([f.top, f.bottom, f.left, f.right])}
     pictures = display_maps(shown, reconstruction, error, model.config.preprocess)
     try:
         args.out.mkdir(parents=True, exist_ok=True)
@@ -63,6 +103,8 @@ def main(argv: list[str] | None = None) -> int:
         np.savez(
             args.out / "encoding.npz",
             **{f"latent_{i + 1}": r.cpu().numpy() for i, r in enumerate(result.latents)},
+            **{f"level_error_{i + 1}": e.cpu().numpy() for i, e in enumerate(result.errors)},
+            **padded,
             input=shown.numpy(),
             reconstruction=reconstruction.numpy(),
             error=error.numpy(),
@@ -75,6 +117,7 @@ def main(argv: list[str] | None = None) -> int:
         "model": model.name,
         "sha256": model.sha256,
         "input": [1, *shown.shape],
+        "size_mode": placement.mode,
         "steps": int(result.steps.max()),
         "energy_initial": float(result.energy[0].sum()),
         "energy_final": float(result.energy[-1].sum()),

@@ -22,7 +22,7 @@ INITIAL_LATENTS = ("zeros", "feedforward")
 COLORS = ("gray", "rgb")
 FILTERS = ("none", "dog", "whiten")
 NORMALIZATIONS = ("none", "image_std")
-SIZE_MODES = ("resize", "tile")
+SIZE_MODES = ("resize", "tile", "full")  # full: convolutional models only (pcmodel.images)
 K2_UNITS = ("inputs", "updates")
 
 

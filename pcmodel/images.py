@@ -343,49 +343,159 @@ def fit(x: torch.Tensor, config: ModelConfig, policy: str = "pad") -> tuple[torc
 
 @dataclass(frozen=True)
 class TileGrid:
-    """Non-overlapping tiles covering an image padded (reflect) at the bottom and right."""
+    """Tiles of `tile` size every `stride` pixels covering an image; the first tile starts at -`margin`.
+
+    With stride = tile the tiles do not overlap and the margin is 0 (padding at the bottom and right
+    only). With stride < tile the image is padded (reflect) by margin = tile - stride on every side, so
+    each pixel of the image lies inside several tiles, away from the edges of at least one of them;
+    `stitch` blends the tiles' outputs with a smooth window (`tile_window`): sum(w * out) / sum(w).
+    """
 
     original: tuple[int, int]
     tile: tuple[int, int]
     rows: int
     cols: int
+    stride: tuple[int, int]
+
+    @property
+    def margin(self) -> tuple[int, int]:
+        return self.tile[0] - self.stride[0], self.tile[1] - self.stride[1]
+
+    @property
+    def padded(self) -> tuple[int, int]:
+        """(H, W) of the padded image the tiles cover exactly."""
+        return (
+            (self.rows - 1) * self.stride[0] + self.tile[0],
+            (self.cols - 1) * self.stride[1] + self.tile[1],
+        )
 
     def stitch(self, tiles: torch.Tensor) -> torch.Tensor:
-        """Tiles (rows*cols, C, th, tw), row-major -> (1, C, H, W) at the original size."""
+        """Tiles (rows*cols, C, th, tw), row-major -> (1, C, H, W) at the original size, overlaps blended."""
         n, c, th, tw = tiles.shape
         assert n == self.rows * self.cols and (th, tw) == self.tile, "tiles do not match the grid"
-        grid = tiles.reshape(self.rows, self.cols, c, th, tw).permute(2, 0, 3, 1, 4)
-        full = grid.reshape(1, c, self.rows * th, self.cols * tw)
-        return full[..., : self.original[0], : self.original[1]]
+        (mh, mw), (h, w) = self.margin, self.original
+        if (mh, mw) == (0, 0):  # no overlap: each pixel comes from one tile, exactly
+            grid = tiles.reshape(self.rows, self.cols, c, th, tw).permute(2, 0, 3, 1, 4)
+            full = grid.reshape(1, c, self.rows * th, self.cols * tw)
+            return full[..., :h, :w]
+        window = tile_window(self.tile, self.stride).to(tiles)  # (th, tw)
+        columns = (tiles * window).reshape(1, n, c * th * tw).transpose(1, 2)  # (1, C*th*tw, n)
+        kwargs = {"output_size": self.padded, "kernel_size": self.tile, "stride": self.stride}
+        total = F.fold(columns, **kwargs)  # (1, C, Hp, Wp): sum of w * out
+        weight = F.fold(window.reshape(1, th * tw, 1).expand(1, th * tw, n), **kwargs)  # (1, 1, Hp, Wp)
+        return (total / weight)[..., mh : mh + h, mw : mw + w]
 
 
-def tile(x: torch.Tensor, tile_hw: tuple[int, int]) -> tuple[torch.Tensor, TileGrid]:
-    """Cover one image x (1, C, H, W) with tiles of tile_hw; returns (rows*cols, C, th, tw) and the grid."""
+def tile_window(tile_hw: tuple[int, int], stride: tuple[int, int]) -> torch.Tensor:
+    """The blending weight of one tile (th, tw): a separable periodic Hann window where tiles overlap.
+
+    w(y) = 1/2 - 1/2 cos(2 pi y / th). At stride = th/2 the shifted windows sum to exactly 1 (a
+    partition of unity), so a pixel's output moves smoothly from one tile to the next and the tile
+    edges, where a tile sees least of its neighbourhood, weigh least. An axis without overlap gets 1.
+    """
+    axes = []
+    for n, s in zip(tile_hw, stride):
+        if s >= n:
+            axes.append(torch.ones(n, dtype=torch.float64))
+        else:
+            axes.append(0.5 - 0.5 * torch.cos(2 * math.pi * torch.arange(n, dtype=torch.float64) / n))
+    return (axes[0][:, None] * axes[1][None, :]).to(torch.float32)
+
+
+def tile_layout(height: int, width: int, tile_hw: tuple[int, int], stride: tuple[int, int]) -> tuple[int, int]:
+    """(rows, cols) of tiles with this stride that cover an image, with a margin of tile - stride on each side."""
+    counts = []
+    for n, t, s in zip((height, width), tile_hw, stride):
+        extent = n + 2 * (t - s)  # the image and its margins
+        counts.append(1 if extent <= t else math.ceil((extent - t) / s) + 1)
+    return counts[0], counts[1]
+
+
+def tile(
+    x: torch.Tensor, tile_hw: tuple[int, int], stride: tuple[int, int] | None = None
+) -> tuple[torch.Tensor, TileGrid]:
+    """Cover one image x (1, C, H, W) with tiles of tile_hw every `stride` pixels (default: no overlap).
+
+    Returns (rows*cols, C, th, tw), row-major, and the grid. Padding is reflected (replicated where the
+    image is smaller than the pad).
+    """
     if x.shape[0] != 1:
         raise ValueError(f"tile takes one image (1, C, H, W), got batch {x.shape[0]}")
+    stride = tuple(tile_hw) if stride is None else tuple(stride)
+    if not all(0 < s <= t for s, t in zip(stride, tile_hw)):
+        raise ValueError(f"a tile stride must be from 1 to the tile size {tile_hw}, got {stride}")
     h, w = x.shape[-2:]
-    th, tw = tile_hw
-    rows, cols = math.ceil(h / th), math.ceil(w / tw)
-    padded = _pad_or_crop(x, 0, rows * th - h, 0, cols * tw - w)
-    tiles = (
-        padded.reshape(x.shape[1], rows, th, cols, tw).permute(1, 3, 0, 2, 4).reshape(rows * cols, x.shape[1], th, tw)
-    )
-    return tiles, TileGrid((h, w), (th, tw), rows, cols)
+    rows, cols = tile_layout(h, w, tile_hw, stride)  # type: ignore[arg-type]
+    grid = TileGrid((h, w), tuple(tile_hw), rows, cols, stride)  # type: ignore[arg-type]
+    (mh, mw), (ph, pw) = grid.margin, grid.padded
+    padded = _pad_or_crop(x, mh, ph - h - mh, mw, pw - w - mw)  # (1, C, Hp, Wp)
+    c, (th, tw) = x.shape[1], tile_hw
+    columns = F.unfold(padded, kernel_size=tile_hw, stride=stride)  # (1, C*th*tw, rows*cols), row-major
+    tiles = columns[0].transpose(0, 1).reshape(rows * cols, c, th, tw)
+    return tiles, grid
+
+
+def tile_stride(config: ModelConfig) -> tuple[int, int]:
+    """The stride of tile mode: half the native size (each pixel in two tiles per axis, blended)."""
+    th, tw = config.input_shape[1:]
+    return max(1, th // 2), max(1, tw // 2)
 
 
 def tile_count(config: ModelConfig, height: int, width: int) -> int:
-    """Native-size tiles that cover an image of this size (what tile mode runs)."""
-    th, tw = config.input_shape[1:]
-    return math.ceil(height / th) * math.ceil(width / tw)
+    """Native-size tiles, overlapping as tile mode runs them, that cover an image of this size."""
+    rows, cols = tile_layout(height, width, config.input_shape[1:], tile_stride(config))
+    return rows * cols
+
+
+def has_dense_level(config: ModelConfig) -> bool:
+    return any(lv.kind == "dense" for lv in config.levels)
+
+
+DEFAULT_FULL_MAX_SIDE = 256
+
+
+# Three buckets: with the native size they are the four shapes a model prepares (MAX_PREPARED_SHAPES).
+FULL_BUCKETS = 3
+
+
+def full_buckets(
+    config: ModelConfig, max_side: int = DEFAULT_FULL_MAX_SIDE, count: int = FULL_BUCKETS
+) -> list[tuple[int, int]]:
+    """The padded sizes of full mode: `count` squares at k/count of max_side (k = 1..count), each rounded
+    up to a size the hierarchy tiles, smallest first (duplicates dropped).
+
+    Few sizes keep batching (requests of one size share a model call) and the fast backends' prepared
+    shapes bounded; the service warms them at start-up.
+    """
+    if has_dense_level(config):
+        raise ValueError(f"model {config.name} has a dense level, which takes its native size only: no full mode")
+    sides = [math.ceil(max_side * k / count) for k in range(1, count + 1)]
+    return sorted({fit_size(config, side, side) for side in sides})
+
+
+def full_size(height: int, width: int, max_side: int) -> tuple[int, int]:
+    """The size full mode scales an image to: the aspect ratio kept, the longer side at most max_side,
+    never enlarged."""
+    scale = min(1.0, max_side / max(height, width))
+    return max(1, round(height * scale)), max(1, round(width * scale))
+
+
+def bucket_for(height: int, width: int, buckets: Sequence[tuple[int, int]]) -> tuple[int, int]:
+    """The smallest bucket that holds (height, width); the largest bucket if none does."""
+    for bh, bw in buckets:
+        if bh >= height and bw >= width:
+            return bh, bw
+    return buckets[-1]
 
 
 @dataclass(frozen=True)
 class Placement:
     """How one preprocessed image became the model's rows, and how outputs go back onto its grid.
 
-    mode: resize (one row at the native size), tile (native-size tiles, `grid`) or fit (one row padded
-    or cropped to a size the hierarchy tiles, `fit`). `restore` maps the rows' maps (n, C, h, w) back to
-    (1, C, H, W) on the grid of the preprocessed image.
+    mode: resize (one row at the native size), tile (native-size tiles, `grid`), fit (one row padded
+    or cropped to a size the hierarchy tiles, `fit`) or full (scaled to at most max_side, then padded to
+    a bucket size, `fit`). `restore` maps the rows' maps (n, C, h, w) back to (1, C, H, W) on the grid
+    of the preprocessed image.
     """
 
     mode: str
@@ -400,34 +510,55 @@ class Placement:
         return maps
 
 
-PLACEMENTS = ("resize", "tile", "fit")
+PLACEMENTS = ("resize", "tile", "fit", "full")
 
 
 def place(x: torch.Tensor, config: ModelConfig, mode: str) -> tuple[torch.Tensor, Placement]:
     """Rows the model runs for one preprocessed image x (1, C, H, W): its tiles (tile) or x fitted (fit).
 
-    Models with a dense level take only their native size, so `fit` tiles them.
+    Tiles overlap by half (tile_stride) and are blended back. Models with a dense level take only their
+    native size, so `fit` tiles them.
     """
-    if mode == "tile" or (mode == "fit" and any(lv.kind == "dense" for lv in config.levels)):
-        rows, grid = tile(x, config.input_shape[1:])
+    if mode == "tile" or (mode == "fit" and has_dense_level(config)):
+        rows, grid = tile(x, config.input_shape[1:], tile_stride(config))
         return rows, Placement("tile", grid=grid)
     if mode == "fit":
         rows, record = fit(x, config)
         return rows, Placement("fit", fit=record)
-    raise ValueError(f"place takes mode tile or fit, got {mode!r} (resize happens before preprocessing)")
+    raise ValueError(f"place takes mode tile or fit, got {mode!r} (resize and full scale before preprocessing)")
 
 
-def prepare_image(image: ImageLike, config: ModelConfig, mode: str) -> tuple[torch.Tensor, torch.Tensor, Placement]:
+def _pad_to(x: torch.Tensor, size: tuple[int, int]) -> tuple[torch.Tensor, Fit]:
+    """Pad x (B, C, h, w) symmetrically (reflect) to `size`."""
+    h, w = x.shape[-2:]
+    dh, dw = size[0] - h, size[1] - w
+    assert dh >= 0 and dw >= 0, "a bucket holds the image"
+    record = Fit((h, w), tuple(size), dh // 2, dh - dh // 2, dw // 2, dw - dw // 2)  # type: ignore[arg-type]
+    return record.apply(x), record
+
+
+def prepare_image(
+    image: ImageLike, config: ModelConfig, mode: str, max_side: int = DEFAULT_FULL_MAX_SIDE
+) -> tuple[torch.Tensor, torch.Tensor, Placement]:
     """One image as the model takes it: (rows (n, C, h, w), the preprocessed image (C, H, W), placement).
 
-    resize: the image resized to the native size before preprocessing (n = 1); tile and fit: the whole
-    image preprocessed (filters see all of it, as in training), then `place`d.
+    resize: the image resized to the native size before preprocessing (n = 1). tile and fit: the whole
+    image preprocessed (filters see all of it, as in training), then `place`d. full (convolutional
+    models): the image scaled so that its longer side is at most `max_side` (aspect ratio kept, never
+    enlarged), preprocessed whole, then padded (reflect) to the smallest of `full_buckets` that holds it:
+    one row, cropped back by `placement.fit.undo`.
     """
     if mode not in PLACEMENTS:
         raise ValueError(f"unknown size mode {mode!r}; choose one of: {', '.join(PLACEMENTS)}")
     if mode == "resize":
         x = preprocess([image], config, size=config.input_shape[1:])
         return x, x[0], Placement("resize")
+    if mode == "full":
+        buckets = full_buckets(config, max_side)  # raises for a model with a dense level
+        array = to_uint8(image, config.preprocess.color)
+        x = preprocess([array], config, size=full_size(*array.shape[:2], max_side))
+        rows, record = _pad_to(x, bucket_for(*x.shape[-2:], buckets))
+        return rows, x[0], Placement("full", fit=record)
     x = preprocess([image], config)
     rows, placement = place(x, config, mode)
     return rows, x[0], placement

@@ -12,7 +12,9 @@ of one input shape and one step count. A single task on the event loop takes the
 `max_batch_size` rows (a large job is split across batches), then runs `model.infer` on a
 dedicated thread. While the model runs, new requests queue, so the next batch is as large as the
 load: one client pays no waiting, many clients get large batches. No request is cancelled by a
-deadline; only a full queue (`max_queue` rows) is refused, with 503.
+deadline; only a full queue is refused, with 503. The queue counts pixels, in units of the model's
+native input size (`unit_pixels`): a row of a 256x256 full-mode image weighs 64 rows of 32x32, what it
+costs the model. `max_queue` is in those units.
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ class Settled:
     """The part of an InferenceResult the service returns, on the CPU; rows follow the job's rows."""
 
     latents: list[torch.Tensor]  # level 1 first, each (n, causes, H_l, W_l)
+    errors: list[torch.Tensor]  # level 1 first: level l-1 minus level l's prediction (InferenceResult.errors)
     reconstruction: torch.Tensor  # (n, C, H, W)
     energy: torch.Tensor  # (steps + 1, n)
     steps: torch.Tensor  # (n,)
@@ -57,6 +60,7 @@ class _Job:
     next_row: int = 0  # rows before this one have been handed to a batch
     parts: dict[int, Settled] = field(default_factory=dict)  # first row -> result of that chunk
     done_rows: int = 0
+    weight: int = 1  # queue units per row: ceil(pixels of a row / the native size's pixels)
 
     @property
     def key(self) -> tuple[int, tuple[int, ...]]:
@@ -79,6 +83,7 @@ class Batcher:
         max_batch_size: int,
         max_queue: int,
         wait_s: float = 0.0,
+        unit_pixels: int | None = None,
         on_batch: Callable[[int, float], None] | None = None,
         thread_init: Callable[[], None] | None = None,
     ) -> None:
@@ -86,8 +91,10 @@ class Batcher:
         self.max_batch_size = max_batch_size
         self.max_queue = max_queue
         self.wait_s = wait_s
+        self.unit_pixels = unit_pixels  # pixels of one queue unit (the native size); None: every row weighs 1
         self._on_batch = on_batch  # (rows, seconds) after each model call, for metrics
         self._queue: collections.deque[_Job] = collections.deque()
+        self._queued = 0  # queue units waiting (rows weighted by their pixels)
         self._queued_rows = 0
         self._wakeup: asyncio.Event | None = None
         self._task: asyncio.Task[None] | None = None
@@ -95,16 +102,24 @@ class Batcher:
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pc-infer", initializer=thread_init)
 
     async def submit(self, x: torch.Tensor, steps: int) -> Settled:
-        """Queue the rows of x (n, C, H, W) for `steps` inference steps; returns their results."""
+        """Queue the rows of x (n, C, H, W) for `steps` inference steps; returns their results.
+
+        The job weighs rows x ceil(H W / unit_pixels) queue units, at most max_queue (so one image
+        larger than the whole queue still runs, alone).
+        """
+        weight = 1 if self.unit_pixels is None else -(-x.shape[-2] * x.shape[-1] // self.unit_pixels)
+        cost = min(x.shape[0] * weight, self.max_queue)
         if x.shape[0] > self.max_queue:  # never admissible: the codec refuses such images first (413)
             raise ValueError(f"{x.shape[0]} rows can never fit a queue of {self.max_queue}")
-        if self._queued_rows + x.shape[0] > self.max_queue:
+        if self._queued + cost > self.max_queue:
             raise Overloaded(
-                f"the model's queue is full ({self._queued_rows} images or tiles waiting); retry in a moment"
+                f"the model's queue is full ({self._queued_rows} images or tiles waiting, {self._queued} of "
+                f"{self.max_queue} native-size units); retry in a moment"
             )
         self._ensure_running()
-        job = _Job(x=x, steps=steps, future=asyncio.get_running_loop().create_future())
+        job = _Job(x=x, steps=steps, future=asyncio.get_running_loop().create_future(), weight=weight)
         self._queue.append(job)
+        self._queued += cost
         self._queued_rows += job.rows
         assert self._wakeup is not None
         self._wakeup.set()
@@ -114,6 +129,11 @@ class Batcher:
     def queued(self) -> int:
         """Rows waiting for the model (not counting the batch that is running)."""
         return self._queued_rows
+
+    @property
+    def queued_units(self) -> int:
+        """Queue units waiting: rows weighted by their pixels (what max_queue limits)."""
+        return self._queued
 
     @property
     def alive(self) -> bool:
@@ -148,6 +168,7 @@ class Batcher:
             if end == job.rows:
                 self._queue.remove(job)
         self._queued_rows -= sum(end - start for _, start, end in chunks)
+        self._queued = max(0, self._queued - sum((end - start) * job.weight for job, start, end in chunks))
         return key[0], chunks
 
     async def _run(self) -> None:
@@ -167,6 +188,7 @@ class Batcher:
                         job.future.set_exception(exc)
                 self._queue.clear()
                 self._queued_rows = 0
+                self._queued = 0
 
     async def _run_batch(self) -> None:
         steps, chunks = self._gather()
@@ -204,6 +226,7 @@ class Batcher:
 def _rows(result: Settled, a: int, b: int, seconds: float) -> Settled:
     return Settled(
         latents=[r[a:b] for r in result.latents],
+        errors=[e[a:b] for e in result.errors],
         reconstruction=result.reconstruction[a:b],
         energy=result.energy[:, a:b],
         steps=result.steps[a:b],
@@ -217,6 +240,7 @@ def _join(parts: list[Settled]) -> Settled:
         return parts[0]
     return Settled(
         latents=[torch.cat(level) for level in zip(*(p.latents for p in parts))],
+        errors=[torch.cat(level) for level in zip(*(p.errors for p in parts))],
         reconstruction=torch.cat([p.reconstruction for p in parts]),
         energy=torch.cat([p.energy for p in parts], dim=1),
         steps=torch.cat([p.steps for p in parts]),

@@ -36,7 +36,8 @@ class ServiceError(Exception):
 
 @dataclass
 class Encoding:
-    """One encoded image. Arrays are float32 numpy arrays; `images` holds the PNGs as PIL images."""
+    """One encoded image. Arrays are float32 numpy arrays (float16 on the wire is widened, exactly); `images`
+    holds the PNGs as PIL images. Under arrays="none" the maps are in `images` only."""
 
     model: dict[str, str]
     steps: int
@@ -45,21 +46,24 @@ class Encoding:
     energy_final: float
     energy_trace: np.ndarray | None = None  # (steps + 1,) when outputs include trace
     latents: list[np.ndarray] = field(default_factory=list)  # level 1 first
+    level_errors: list[np.ndarray] = field(default_factory=list)  # level 1 first, when outputs include level_errors
     input: np.ndarray | None = None  # (C, H, W) as the model saw it
     reconstruction: np.ndarray | None = None
     error_map: np.ndarray | None = None  # = input - reconstruction
     images: dict[str, Image.Image] = field(default_factory=dict)  # input, reconstruction, error_map
     tile_grid: dict[str, Any] | None = None
+    padded: list[int] | None = None  # full mode: [top, bottom, left, right] around the scaled image
     timing: dict[str, float] = field(default_factory=dict)  # /encode's Server-Timing: queue, model, total (ms)
     raw: dict[str, Any] = field(default_factory=dict, repr=False)  # the JSON as received
 
 
 def decode_array(payload: dict[str, Any]) -> np.ndarray:
-    """{"shape", "dtype": "float32", "data": base64 little-endian} -> numpy array."""
-    if payload.get("dtype") != "float32":
+    """{"shape", "dtype": "float32" or "float16", "data": base64 little-endian} -> float32 numpy array."""
+    wire = {"float32": "<f4", "float16": "<f2"}.get(payload.get("dtype"))  # type: ignore[arg-type]
+    if wire is None:
         raise ValueError(f"unexpected dtype {payload.get('dtype')!r}")
     data = base64.b64decode(payload["data"])
-    return np.frombuffer(data, dtype="<f4").reshape(payload["shape"]).astype(np.float32)
+    return np.frombuffer(data, dtype=wire).reshape(payload["shape"]).astype(np.float32)
 
 
 def decode_png(text: str) -> Image.Image:
@@ -79,12 +83,15 @@ def parse_encoding(data: dict[str, Any]) -> Encoding:
         energy_final=energy["final"],
         energy_trace=np.asarray(energy["trace"]) if "trace" in energy else None,
         latents=[decode_array(a) for a in data.get("latents", [])],
+        level_errors=[decode_array(a) for a in data.get("level_errors", [])],
         tile_grid=data.get("tile_grid"),
+        padded=data.get("padded"),
         raw=data,
     )
     for name in ("input", "reconstruction", "error_map"):
         if name in data:
-            setattr(result, name, decode_array(data[name]["array"]))
+            if "array" in data[name]:
+                setattr(result, name, decode_array(data[name]["array"]))
             result.images[name] = decode_png(data[name]["png"])
     return result
 
@@ -134,10 +141,14 @@ class EncoderClient:
         steps: int | None = None,
         size_mode: str | None = None,
         outputs: Sequence[str] | None = None,
+        arrays: str | None = None,
     ) -> Encoding:
-        """Encode one image (a path, bytes, a PIL image or a uint8 array). Raises ServiceError on 4xx/5xx."""
+        """Encode one image (a path, bytes, a PIL image or a uint8 array). Raises ServiceError on 4xx/5xx.
+
+        size_mode: resize, tile or full; outputs: a subset of latents, reconstruction, error_map, input, trace,
+        level_errors; arrays: float32, float16 or none (the service's defaults where None)."""
         response = self._http.post(
-            "/encode", files={"image": _file(image, "image.png")}, data=_options(steps, size_mode, outputs)
+            "/encode", files={"image": _file(image, "image.png")}, data=_options(steps, size_mode, outputs, arrays)
         )
         result = parse_encoding(_json(response))
         result.timing = server_timing(response.headers.get("server-timing", ""))
@@ -149,10 +160,11 @@ class EncoderClient:
         steps: int | None = None,
         size_mode: str | None = None,
         outputs: Sequence[str] | None = None,
+        arrays: str | None = None,
     ) -> list[Encoding | ServiceError]:
         """Encode several images in one request; a refused image comes back as its ServiceError."""
         files = [("images", _file(image, f"image{i}.png")) for i, image in enumerate(images)]
-        response = self._http.post("/encode_batch", files=files, data=_options(steps, size_mode, outputs))
+        response = self._http.post("/encode_batch", files=files, data=_options(steps, size_mode, outputs, arrays))
         return [
             ServiceError(item["status"], item["error"], item.get("reason")) if "error" in item else parse_encoding(item)
             for item in _json(response)["results"]
@@ -169,7 +181,9 @@ class EncoderClient:
             return False
 
 
-def _options(steps: int | None, size_mode: str | None, outputs: Sequence[str] | None) -> dict[str, str]:
+def _options(
+    steps: int | None, size_mode: str | None, outputs: Sequence[str] | None, arrays: str | None
+) -> dict[str, str]:
     data = {}
     if steps is not None:
         data["steps"] = str(steps)
@@ -177,6 +191,8 @@ def _options(steps: int | None, size_mode: str | None, outputs: Sequence[str] | 
         data["size_mode"] = size_mode
     if outputs is not None:
         data["outputs"] = ",".join(outputs)
+    if arrays is not None:
+        data["arrays"] = arrays
     return data
 
 

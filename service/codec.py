@@ -5,10 +5,11 @@ given in place of a file, answers 500 for non-UTF-8 text fields or odd file name
 list-shaped error bodies. Every client mistake becomes a RequestError: an HTTP status, a reason
 (one of service.metrics.REASONS) and a message that says what to send instead.
 
-Arrays in responses are {"shape": [...], "dtype": "float32", "data": base64 of the little-endian
-bytes}. `input` is the image as the model saw it after its preprocessing (resized or padded into
-tiles, scaled to the config's value range, filtered), so input - reconstruction = error_map exactly
-in float32.
+Arrays in responses are {"shape": [...], "dtype": "float32" or "float16", "data": base64 of the
+little-endian bytes}. `arrays` chooses them: float32 (the default), float16 (half the bytes) or none
+(maps as PNGs only; latents and level errors, which have no PNG, as float16). `input` is the image as
+the model saw it after its preprocessing (resized, scaled in full mode, scaled to the config's value
+range, filtered), so input - reconstruction = error_map exactly in float32.
 """
 
 from __future__ import annotations
@@ -27,11 +28,14 @@ from python_multipart.multipart import MultipartParser, parse_options_header
 
 from pcmodel import ModelConfig
 from pcmodel.images import (
+    Fit,
     ImageError,
     TileGrid,
     decoded_bytes,
     display_scale,
     draft_for,
+    full_size,
+    has_dense_level,
     load_uint8,
     open_image,
     prepare_image,
@@ -43,10 +47,11 @@ from .batching import Overloaded, Settled
 from .budget import NeverFits, OverBudget
 from .settings import Settings
 
-SIZE_MODES = ("resize", "tile")
-OUTPUTS = ("latents", "reconstruction", "error_map", "input", "trace")
+SIZE_MODES = ("resize", "tile", "full")
+OUTPUTS = ("latents", "reconstruction", "error_map", "input", "trace", "level_errors")
 DEFAULT_OUTPUTS = ("latents", "reconstruction", "error_map", "input")
-OPTION_FIELDS = ("steps", "size_mode", "outputs")
+ARRAYS = ("float32", "float16", "none")
+OPTION_FIELDS = ("steps", "size_mode", "outputs", "arrays")
 IMAGE_STATUS = {"bad_image": 400, "too_small": 400, "too_large": 413, "unsupported_format": 415}
 
 
@@ -170,6 +175,8 @@ class EncodeOptions:
     steps: int
     size_mode: str
     outputs: tuple[str, ...]
+    arrays: str = "float32"  # float32 | float16 | none: the dtype of the maps' arrays (none: PNGs only)
+    full_max_side: int = 256  # full mode: the longer side an image is scaled down to (PC_FULL_MAX_SIDE)
 
 
 def read_request(
@@ -213,7 +220,8 @@ def _text(part: Part) -> str:
 
 
 def parse_options(values: dict[str, str], config: ModelConfig, settings: Settings) -> EncodeOptions:
-    """steps (1..max_steps), size_mode (resize|tile) and outputs (a comma-separated subset) from text."""
+    """steps (1..max_steps), size_mode (resize|tile|full), outputs (a comma-separated subset) and arrays
+    (float32|float16|none) from text."""
     steps = config.steps
     if "steps" in values:
         text = values["steps"]
@@ -227,6 +235,17 @@ def parse_options(values: dict[str, str], config: ModelConfig, settings: Setting
         raise RequestError(
             422, "bad_parameter", f"size_mode must be one of {', '.join(SIZE_MODES)}, got {size_mode[:40]!r}"
         )
+    if size_mode == "full" and has_dense_level(config):
+        raise RequestError(
+            422,
+            "bad_parameter",
+            f"size_mode=full needs a convolutional model; {config.name} has a dense level, which takes only its "
+            f"native size {config.input_shape[1]}x{config.input_shape[2]}: use size_mode=tile or resize",
+        )
+    if size_mode == "full" and settings.full_max_side == 0:
+        raise RequestError(
+            422, "bad_parameter", "size_mode=full is turned off on this server (PC_FULL_MAX_SIDE=0): use tile or resize"
+        )
     outputs = DEFAULT_OUTPUTS
     if "outputs" in values:
         names = tuple(dict.fromkeys(n.strip() for n in values["outputs"].split(",")))
@@ -238,7 +257,12 @@ def parse_options(values: dict[str, str], config: ModelConfig, settings: Setting
                 f"outputs must be a comma-separated subset of {','.join(OUTPUTS)}, got {values['outputs'][:80]!r}",
             )
         outputs = names
-    return EncodeOptions(steps=steps, size_mode=size_mode, outputs=outputs)
+    arrays = values.get("arrays", "float32")
+    if arrays not in ARRAYS:
+        raise RequestError(422, "bad_parameter", f"arrays must be one of {', '.join(ARRAYS)}, got {arrays[:40]!r}")
+    return EncodeOptions(
+        steps=steps, size_mode=size_mode, outputs=outputs, arrays=arrays, full_max_side=settings.full_max_side
+    )
 
 
 # ---- the model's input ---------------------------------------------------------------------------
@@ -248,9 +272,10 @@ def parse_options(values: dict[str, str], config: ModelConfig, settings: Setting
 class Prepared:
     """One image as the model takes it: rows for the batcher, and what `input` shows."""
 
-    rows: torch.Tensor  # (n, C, h, w): the image at the native size (n = 1), or its tiles
+    rows: torch.Tensor  # (n, C, h, w): the image at the native size (n = 1), its tiles, or padded (full)
     shown: torch.Tensor  # (C, H, W): the preprocessed image (the stitched tiles' area in tile mode)
     grid: TileGrid | None  # tile mode only
+    fit: Fit | None = None  # full mode only: the padding to the bucket size
 
 
 _URL_PREFIXES = (b"http://", b"https://", b"ftp://", b"file://", b"data:", b"s3://", b"gs://")
@@ -299,7 +324,9 @@ def plan(part: Part, options: EncodeOptions, config: ModelConfig, settings: Sett
                 f"in tile mode this {width}x{height} image needs {tiles} tiles of {native[0]}x{native[1]}, over "
                 f"the limit of {limit}; send a smaller image or use size_mode=resize",
             )
-    draft_for(image, config.preprocess.color, config.input_shape[1:] if options.size_mode == "resize" else None)
+    # Resize and full mode scale the image down first: a JPEG may decode at a reduced size.
+    scaled = {"resize": config.input_shape[1:], "full": full_size(height, width, options.full_max_side)}
+    draft_for(image, config.preprocess.color, scaled.get(options.size_mode))
     raw = decoded_bytes(image)
     if raw > settings.max_image_bytes:
         raise RequestError(
@@ -310,23 +337,27 @@ def plan(part: Part, options: EncodeOptions, config: ModelConfig, settings: Sett
         )
     width, height = image.size  # after a JPEG's draft
     # The decoded pixels plus one 8-bit copy (palette and 1-bit images expand to RGB(A) to be reduced).
-    # Resize mode converts to the model's channels after reducing; tile mode converts the whole image
-    # and holds it as float32 with the filter's temporaries (about six copies) over the model's channels.
+    # Resize and full mode convert to the model's channels after reducing and scale before filtering; tile
+    # mode converts the whole image and holds it as float32 with the filter's temporaries (about six
+    # copies) over the model's channels.
     per_pixel = 4 if image.mode in ("P", "PA", "1") else len(image.getbands())
-    if options.size_mode != "resize":
+    if options.size_mode == "tile":
         per_pixel = max(per_pixel, channels) + 6 * 4 * channels
     return Planned(image=image, cost=raw + width * height * per_pixel)
 
 
 def prepare(planned: Planned, options: EncodeOptions, config: ModelConfig) -> Prepared:
     """Decode a planned image and preprocess it exactly as training does (pcmodel.images)."""
-    native = config.input_shape[1:] if options.size_mode == "resize" else None
+    width, height = planned.image.size
+    scaled = {"resize": config.input_shape[1:], "full": full_size(height, width, options.full_max_side)}
     try:
-        pixels = load_uint8(planned.image, config.preprocess.color, native)
+        pixels = load_uint8(planned.image, config.preprocess.color, scaled.get(options.size_mode))
     finally:
         planned.image.close()  # frees the decoded pixels now, not when the last reference goes
-    rows, shown, placement = prepare_image(pixels, config, options.size_mode)
-    return Prepared(rows=rows, shown=shown, grid=placement.grid)
+    if options.size_mode == "full":  # the size from the original image: a JPEG's draft must not change it
+        pixels = np.asarray(Image.fromarray(pixels).resize(scaled["full"][::-1], Image.Resampling.BICUBIC))
+    rows, shown, placement = prepare_image(pixels, config, options.size_mode, options.full_max_side)
+    return Prepared(rows=rows, shown=shown, grid=placement.grid, fit=placement.fit)
 
 
 # ---- the response --------------------------------------------------------------------------------
@@ -342,10 +373,10 @@ def check_finite(settled: Settled) -> None:
         )
 
 
-def array_payload(t: torch.Tensor) -> dict:
-    """{"shape", "dtype": "float32", "data": base64 of the little-endian float32 bytes}."""
-    a = np.ascontiguousarray(t.detach().to("cpu", torch.float32).numpy(), dtype="<f4")
-    return {"shape": list(a.shape), "dtype": "float32", "data": base64.b64encode(a.tobytes()).decode("ascii")}
+def array_payload(t: torch.Tensor, dtype: str = "float32") -> dict:
+    """{"shape", "dtype": float32 or float16, "data": base64 of the little-endian bytes in C order}."""
+    a = np.ascontiguousarray(t.detach().to("cpu", torch.float32).numpy(), dtype="<f4" if dtype == "float32" else "<f2")
+    return {"shape": list(a.shape), "dtype": dtype, "data": base64.b64encode(a.tobytes()).decode("ascii")}
 
 
 def png_bytes(pixels: np.ndarray) -> bytes:
@@ -391,20 +422,34 @@ def encode_result(
     }
     if "trace" in options.outputs:
         out["energy"]["trace"] = energy.tolist()
-    grid = prepared.grid
+    grid, fit = prepared.grid, prepared.fit
+    # Latents and level errors have no PNG: `arrays=none` still sends them, as float16.
+    per_row = "float32" if options.arrays == "float32" else "float16"
     if "latents" in options.outputs:
-        out["latents"] = [array_payload(r if grid is not None else r[0]) for r in settled.latents]
+        out["latents"] = [array_payload(r if grid is not None else r[0], per_row) for r in settled.latents]
+    if "level_errors" in options.outputs:
+        out["level_errors"] = [array_payload(e if grid is not None else e[0], per_row) for e in settled.errors]
     if grid is not None:
         out["tile_grid"] = {
             "rows": grid.rows,
             "cols": grid.cols,
             "tile": list(grid.tile),
+            "stride": list(grid.stride),
+            "origin": [-grid.margin[0], -grid.margin[1]],
             "image": list(grid.original),
         }
+    if fit is not None:
+        out["padded"] = [fit.top, fit.bottom, fit.left, fit.right]
+        out["model_input"] = list(fit.fitted)
     maps = [m for m in ("input", "reconstruction", "error_map") if m in options.outputs]
     if maps:
         shown = prepared.shown.to("cpu", torch.float32)
-        reconstruction = grid.stitch(settled.reconstruction)[0] if grid is not None else settled.reconstruction[0]
+        if grid is not None:
+            reconstruction = grid.stitch(settled.reconstruction)[0]
+        elif fit is not None:
+            reconstruction = fit.undo(settled.reconstruction)[0]
+        else:
+            reconstruction = settled.reconstruction[0]
         error = shown - reconstruction  # (C, H, W): exactly input - reconstruction in float32
         pre = config.preprocess
         scale = display_scale(shown, pre)
@@ -413,5 +458,7 @@ def encode_result(
         for name in maps:
             t = tensors[name]
             picture = to_display(t, pre, scale, centred=centred or name == "error_map")
-            out[name] = {"png": png_payload(picture), "array": array_payload(t)}
+            out[name] = {"png": png_payload(picture)}
+            if options.arrays != "none":
+                out[name]["array"] = array_payload(t, options.arrays)
     return out

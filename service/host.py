@@ -3,7 +3,8 @@
 Inference only ever goes through `model.infer(x, steps=...)` with one step count per call and x on
 the model's device, so whatever backend pcmodel picks (torch, onnxruntime, CUDA graphs) serves the
 requests; the warm-up calls it at the default steps and at each PC_WARMUP_STEPS count, which is
-where those backends export or capture.
+where those backends export or capture, at the native size and (convolutional models) at full mode's
+bucket sizes.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import threading
 import time
 from pathlib import Path
 
@@ -18,10 +20,12 @@ import numpy as np
 import torch
 
 import pcmodel
+from pcmodel.engines.state import MAX_PREPARED_SHAPES
+from pcmodel.images import FULL_BUCKETS, full_buckets, has_dense_level, tile_stride
 
 from . import metrics
 from .batching import Batcher, Settled
-from .codec import DEFAULT_OUTPUTS, OUTPUTS, SIZE_MODES, png_bytes
+from .codec import ARRAYS, DEFAULT_OUTPUTS, OUTPUTS, SIZE_MODES, png_bytes
 from .settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -69,6 +73,12 @@ class ModelHost:
         self.preset = self.config.name if self.config.name in pcmodel.PRESETS else "custom"
         self.ref = {"name": self.config.name, "preset": self.preset, "sha256": self.sha256}
         self._basis_png: bytes | None = None
+        # Full mode's padded sizes: with the native size, the shapes the fast backends prepare.
+        assert FULL_BUCKETS + 1 <= MAX_PREPARED_SHAPES
+        full = settings.full_max_side > 0 and not has_dense_level(self.config)
+        self.buckets = full_buckets(self.config, settings.full_max_side) if full else []
+        self.size_modes = [m for m in SIZE_MODES if m != "full" or full]
+        self.full_bound: float | None = None  # the stability bound at the largest bucket, once checked
         self.backends = self._warm_up()
         self.backend = self.backends[self.config.steps]
         self.batcher = Batcher(
@@ -76,6 +86,7 @@ class ModelHost:
             max_batch_size=settings.max_batch_size,
             max_queue=settings.max_queue,
             wait_s=settings.batch_wait_ms / 1000,
+            unit_pixels=self.config.input_shape[1] * self.config.input_shape[2],
             on_batch=_observe_batch,
             # The model runs on the batcher's own thread: give it the device's CUDA context up front.
             thread_init=(lambda: torch.cuda.set_device(self.device)) if self.device.type == "cuda" else None,
@@ -96,6 +107,33 @@ class ModelHost:
             self.backend,
             time.perf_counter() - started,
         )
+        if self.buckets:
+            # Seconds of float64 work at 256x256 (docs/PERFORMANCE.md): checked beside the service, not before it.
+            threading.Thread(target=self._check_full_stability, name="pc-stability", daemon=True).start()
+
+    def _check_full_stability(self) -> None:
+        """Warn when k1 is at or above the stability bound at full mode's largest bucket.
+
+        The checkpoint's own check is at the native size; a convolutional model's bound falls a little
+        with the input size (more positions couple), so a k1 close to it may diverge on large images.
+        """
+        shape = self.buckets[-1]
+        try:
+            bound = self.model.stability_bound(shape, method="lanczos")
+        except Exception:  # a check, not a service: log it and go on
+            logger.exception("the stability check at %dx%d failed", *shape)
+            return
+        self.full_bound = bound
+        if self.config.k1 >= bound:
+            logger.warning(
+                "k1 = %g is at or above the stability bound %.4g at full mode's largest size %dx%d: full-mode "
+                "requests may diverge (500 not_finite); lower PC_FULL_MAX_SIDE or serve a smaller k1",
+                self.config.k1,
+                bound,
+                *shape,
+            )
+        else:
+            logger.info("stability bound at %dx%d: %.4g (k1 = %g)", *shape, bound, self.config.k1)
 
     def _warm_up(self) -> dict[int, str]:
         """Run every warmed step count at every batch-size bucket; returns the backend each count ran on.
@@ -105,8 +143,8 @@ class ModelHost:
         asking for an unusual step count never triggers an export or a capture mid-service.
         """
         warmed = sorted({self.config.steps, *self.settings.warmup_steps})
-        self.model.prepare(steps=warmed)
         c, h, w = self.config.input_shape
+        self.model.prepare(steps=warmed, shapes=[(h, w), *[b for b in self.buckets if b != (h, w)]])
         sizes = sorted({min(2**k, self.settings.max_batch_size) for k in range(11)})  # 1, 2, 4, ... max
         generator = torch.Generator().manual_seed(0)
         lo, hi = self.config.preprocess.value_range
@@ -123,6 +161,8 @@ class ModelHost:
                     self.settings.allow_unstable,
                 )
             backends[steps] = result.backend
+            for bh, bw in self.buckets:  # one image per bucket: full-mode rows are large, batches small
+                self.model.infer(x[:1, :, :1, :1].expand(1, c, bh, bw).contiguous(), steps=steps)
         return backends
 
     def _infer(self, x: torch.Tensor, steps: int) -> Settled:
@@ -130,6 +170,7 @@ class ModelHost:
         result = self.model.infer(x, steps=steps)
         return Settled(
             latents=[r.to("cpu") for r in result.latents],
+            errors=[e.to("cpu") for e in result.errors],
             reconstruction=result.reconstruction.to("cpu"),
             energy=result.energy.to("cpu"),
             steps=result.steps.to("cpu"),
@@ -154,13 +195,21 @@ class ModelHost:
             "steps": {"default": self.config.steps, "max": s.max_steps, "warmed": sorted(self.backends)},
             "input": {
                 "native_shape": list(self.config.input_shape),
-                "size_mode": {"default": self.config.preprocess.size_mode, "choices": list(SIZE_MODES)},
+                "size_mode": {"default": self.config.preprocess.size_mode, "choices": self.size_modes},
                 "definition": (
-                    "input is the image as the model saw it after preprocessing (resized to the native size, or "
-                    "covered with native-size tiles and stitched back), so input - reconstruction = error_map"
+                    "input is the image as the model saw it after preprocessing (resized to the native size, "
+                    "covered with overlapping native-size tiles blended back, or scaled to at most full.max_side), "
+                    "so input - reconstruction = error_map"
                 ),
+                "tile_stride": list(tile_stride(self.config)),
+                "full": {
+                    "max_side": s.full_max_side if self.buckets else 0,
+                    "buckets": [list(b) for b in self.buckets],
+                    "stability_bound": self.full_bound,
+                },
             },
             "outputs": {"default": list(DEFAULT_OUTPUTS), "choices": list(OUTPUTS)},
+            "arrays": {"default": "float32", "choices": list(ARRAYS)},
             "limits": {
                 "max_body_bytes": s.max_body_bytes,
                 "max_pixels": s.max_pixels,

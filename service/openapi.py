@@ -12,25 +12,25 @@ from __future__ import annotations
 import copy
 from typing import Any
 
-from .codec import OUTPUTS, SIZE_MODES
+from .codec import ARRAYS, OUTPUTS, SIZE_MODES
 from .metrics import REASONS
 from .settings import Settings
 
 ARRAY = {
     "type": "object",
-    "description": "A float32 array: base64 of its little-endian bytes in C order, with its shape.",
+    "description": "A float32 or float16 array: base64 of its little-endian bytes in C order, with its shape.",
     "properties": {
         "shape": {"type": "array", "items": {"type": "integer"}},
-        "dtype": {"type": "string", "enum": ["float32"]},
+        "dtype": {"type": "string", "enum": ["float32", "float16"]},
         "data": {"type": "string", "format": "byte"},
     },
     "required": ["shape", "dtype", "data"],
 }
 MAP = {
     "type": "object",
-    "description": "A (C, H, W) map: a PNG for display and the exact float32 array.",
+    "description": "A (C, H, W) map: a PNG for display and its array (float32 or float16; none under arrays=none).",
     "properties": {"png": {"type": "string", "format": "byte"}, "array": {"$ref": "#/components/schemas/PCArray"}},
-    "required": ["png", "array"],
+    "required": ["png"],
 }
 MODEL_REF = {
     "type": "object",
@@ -59,18 +59,49 @@ RESULT = {
         },
         "latents": {
             "type": "array",
-            "description": "r per level, level 1 first: (causes, H_l, W_l); in tile mode with a leading tile axis",
+            "description": (
+                "r per level, level 1 first: (causes, H_l, W_l); in tile mode with a leading tile axis; in full "
+                "mode at the padded size `model_input`. float32, or float16 under arrays=float16 or none"
+            ),
+            "items": {"$ref": "#/components/schemas/PCArray"},
+        },
+        "level_errors": {
+            "type": "array",
+            "description": (
+                "outputs=level_errors: e_l = r_(l-1) - level l's prediction per level, level 1 first (level 1's "
+                "is the image's), as the energy sums them: convolutional levels (C_(l-1), H, W), module levels "
+                "one patch per module; laid out as latents (tile axis, padded size). dtype as latents"
+            ),
             "items": {"$ref": "#/components/schemas/PCArray"},
         },
         "tile_grid": {
             "type": "object",
-            "description": "tile mode only: tiles are row-major, `image` is (H, W) of the original",
+            "description": (
+                "tile mode only: native-size tiles every `stride` pixels, row-major, the first at `origin` "
+                "(negative: the image is padded by reflection); overlapping outputs are blended with a Hann "
+                "window; `image` is (H, W) of the original. The energy is the sum over all tiles, each once"
+            ),
             "properties": {
                 "rows": {"type": "integer"},
                 "cols": {"type": "integer"},
                 "tile": {"type": "array", "items": {"type": "integer"}},
+                "stride": {"type": "array", "items": {"type": "integer"}},
+                "origin": {"type": "array", "items": {"type": "integer"}},
                 "image": {"type": "array", "items": {"type": "integer"}},
             },
+        },
+        "padded": {
+            "type": "array",
+            "items": {"type": "integer"},
+            "description": (
+                "full mode only: [top, bottom, left, right] pixels of reflection added around the scaled image "
+                "to reach `model_input`; the maps are cropped back, latents and level errors are not"
+            ),
+        },
+        "model_input": {
+            "type": "array",
+            "items": {"type": "integer"},
+            "description": "full mode only: (H, W) the model ran at, one of the server's bucket sizes",
         },
         "input": {"$ref": "#/components/schemas/PCMap"},
         "reconstruction": {"$ref": "#/components/schemas/PCMap"},
@@ -163,7 +194,19 @@ def _form(settings: Settings, image_field: str, many: bool) -> dict[str, Any]:
                         "size_mode": {
                             "type": "string",
                             "enum": list(SIZE_MODES),
-                            "description": "resize to the native size, or tile (default: the model's)",
+                            "description": (
+                                "resize to the native size; tile (overlapping native-size tiles, blended); or "
+                                "full (convolutional models: scaled to at most PC_FULL_MAX_SIDE on the longer "
+                                "side, one inference on the whole image). Default: the model's"
+                            ),
+                        },
+                        "arrays": {
+                            "type": "string",
+                            "enum": list(ARRAYS),
+                            "description": (
+                                "dtype of the maps' arrays: float32 (default), float16, or none (PNGs only; "
+                                "latents and level errors then float16)"
+                            ),
                         },
                         "outputs": {
                             "type": "string",
@@ -192,7 +235,7 @@ _ENCODE_ERRORS = {
     408: "the request body did not arrive in time",
     413: "body, pixel count, tile count or number of images over the limit",
     415: "unsupported image format, or not a multipart form",
-    422: "bad steps, size_mode or outputs value",
+    422: "bad steps, size_mode, outputs or arrays value; size_mode=full for a model with a dense level",
     500: "inference produced NaN or Inf (an unstable checkpoint)",
     503: "overloaded (the model's queue or a memory budget is full) or the model still loading; retry",
 }

@@ -43,11 +43,16 @@ class Settings:
     max_decoding_bytes: int = 0  # images being decoded and preprocessed at once (their estimated peak bytes)
     budget_wait_ms: float = 1000.0  # how long a request waits for room in a budget before it gets 503
     min_side: int = 8  # smaller images get 400: there is nothing to encode in a 1x1 image
-    max_tiles: int = 1024  # tile mode: native-size tiles one image may need (cost grows with area)
+    # tile mode: native-size tiles one image may need, counting the overlapping tiles (about 4x the
+    # non-overlapping count: tiles overlap by half); cost grows with area
+    max_tiles: int = 4096
+    # full mode: the longer side an image is scaled down to (never up); the padded sizes (buckets) derive
+    # from it and are warmed at start-up. 0 turns full mode off.
+    full_max_side: int = 256
     max_batch_images: int = 32  # images in one /encode_batch request
     max_batch_size: int = 32  # images (or tiles) per model call; 1 turns batching off
     batch_wait_ms: float = 0.0  # extra wait for a batch to fill; 0 = run as soon as the model is free
-    max_queue: int = 8192  # images (or tiles) waiting for the model; more gets 503 (overload)
+    max_queue: int = 8192  # native-size images (or tiles) worth of pixels waiting for the model; more gets 503
     request_timeout_s: float = 60.0  # BentoML's traffic.timeout: a request still running gets 504
     max_concurrency: int = 0  # requests in flight per service before 429; 0 = no limit
 
@@ -62,6 +67,8 @@ class Settings:
             raise SettingsError("PC_TORCH_THREADS, PC_MAX_CONCURRENCY and PC_BATCH_WAIT_MS must be >= 0")
         if min(self.max_image_bytes, self.max_inflight_bytes + 1, self.max_decoding_bytes + 1) < 1:
             raise SettingsError("PC_MAX_IMAGE_BYTES must be >= 1; PC_MAX_INFLIGHT_BYTES, PC_MAX_DECODING_BYTES >= 0")
+        if self.full_max_side < 0:
+            raise SettingsError(f"PC_FULL_MAX_SIDE must be >= 0 (0 turns full mode off), got {self.full_max_side}")
         if self.budget_wait_ms < 0:
             raise SettingsError(f"PC_BUDGET_WAIT_MS must be >= 0, got {self.budget_wait_ms}")
         if not self.request_timeout_s > 0:

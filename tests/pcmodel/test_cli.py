@@ -24,9 +24,8 @@ def test_pc_encode_writes_maps_montage_and_every_array(tmp_path, capsys):
     arrays = np.load(out / "encoding.npz")
     model = pcmodel.load("default")
     shapes = [tuple(s) for s in model.latent_shapes()]
-    assert sorted(arrays.files) == sorted(
-        ["input", "reconstruction", "error", "energy", *(f"latent_{i + 1}" for i in range(len(shapes)))]
-    )
+    levels = [f"{kind}_{i + 1}" for kind in ("latent", "level_error") for i in range(len(shapes))]
+    assert sorted(arrays.files) == sorted(["input", "reconstruction", "error", "energy", *levels])
     for i, shape in enumerate(shapes):
         assert arrays[f"latent_{i + 1}"].shape == (1, *shape)
     assert arrays["input"].shape == (3, 32, 32) == arrays["reconstruction"].shape == arrays["error"].shape
@@ -37,8 +36,14 @@ def test_pc_encode_writes_maps_montage_and_every_array(tmp_path, capsys):
     # The latents are the model's own on the photo as the model's config prepares it.
     rows, shown, _ = prepare_image(sample_photo(), model.config, "resize")
     np.testing.assert_allclose(arrays["input"], shown.numpy())
-    for i, r in enumerate(model.infer(rows, steps=3).latents):
+    local = model.infer(rows, steps=3)
+    for i, r in enumerate(local.latents):
         np.testing.assert_allclose(arrays[f"latent_{i + 1}"], r.numpy(), rtol=1e-5, atol=1e-6)
+    # Level errors: level 1's is the image's (x minus the reconstruction, on the image grid at the native
+    # size), and every level's is the model's own result.errors.
+    np.testing.assert_allclose(arrays["level_error_1"][0], arrays["error"], atol=1e-5)
+    for i, e in enumerate(local.errors):
+        np.testing.assert_allclose(arrays[f"level_error_{i + 1}"], e.numpy(), rtol=1e-5, atol=1e-5)
 
     # The montage: input | reconstruction | error, each 32 px panel enlarged 8x to 256, 4 px apart.
     sheet = np.asarray(Image.open(out / "montage.png"))
@@ -58,7 +63,9 @@ def test_pc_encode_tile_mode_on_a_file_keeps_the_image_size(tmp_path, capsys):
     assert main([str(image), "--model", "rao-ballard-1999", "--steps", "2", "--out", str(out)]) == 0
     summary = json.loads(capsys.readouterr().out)
     arrays = np.load(out / "encoding.npz")
-    rows = math.ceil(40 / 16) * math.ceil(50 / 26)  # the paper's 16x26 tiles cover the photo
+    # The paper's 16x26 tiles every 8x13 px, the first at (-8, -13), until they reach 8x13 px past the photo:
+    # per axis 1 + ceil((side + 2 margin - tile) / stride).
+    rows = (1 + math.ceil(40 / 8)) * (1 + math.ceil(50 / 13))
     assert summary["input"] == [1, 1, 40, 50] and arrays["input"].shape == (1, 40, 50)
     assert arrays["latent_1"].shape[0] == rows and arrays["energy"].shape == (3, rows)
     factor = math.ceil(256 / 40)  # the short side reaches at least 256 px
@@ -72,3 +79,26 @@ def test_montage_scales_by_a_whole_factor():
     assert sheet.size == (3 * 90 + 2 * 2, 30)  # factor ceil(25 / 10) = 3
     assert sheet.getpixel((0, 0)) == (255, 0, 0) and sheet.getpixel((92, 0)) == (0, 128, 0)
     assert montage([Image.new("L", (300, 400))]).size == (300, 400)  # already large: not scaled
+
+
+def test_pc_encode_full_mode_keeps_the_aspect_ratio(tmp_path, capsys):
+    image = tmp_path / "photo.png"
+    Image.fromarray(sample_photo()).resize((120, 90)).save(image)  # 4:3, under the max side: not enlarged
+    out = tmp_path / "out"
+    assert main([str(image), "--size-mode", "full", "--steps", "2", "--out", str(out)]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    arrays = np.load(out / "encoding.npz")
+    assert summary["size_mode"] == "full" and arrays["input"].shape == (3, 90, 120) == arrays["reconstruction"].shape
+    # conv-rgb tiles 16 + 8n; the buckets for 256 are 88, 176, 256: 90x120 pads to 176x176.
+    top, bottom, left, right = arrays["padded"].tolist()
+    assert (top + 90 + bottom, left + 120 + right) == (176, 176) and abs(top - bottom) <= 1
+    assert arrays["latent_1"].shape == (1, 8, (176 - 8) // 4 + 1, (176 - 8) // 4 + 1)
+    assert arrays["level_error_1"].shape == (1, 3, 176, 176)
+    # The error map is the level-1 error cropped back to the image.
+    cropped = arrays["level_error_1"][0, :, top : top + 90, left : left + 120]
+    np.testing.assert_allclose(cropped, arrays["error"], atol=1e-5)
+
+
+def test_pc_encode_full_mode_refuses_a_dense_model(tmp_path, capsys):
+    assert main(["--model", "rao-ballard-1999", "--size-mode", "full", "--out", str(tmp_path / "out")]) == 2
+    assert "dense level" in capsys.readouterr().err

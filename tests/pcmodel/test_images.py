@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import math
 
 import numpy as np
 import pytest
@@ -11,7 +12,21 @@ from PIL import Image
 
 import pcmodel
 from pcmodel import ImageError
-from pcmodel.images import decode, filter_images, fit, fit_size, preprocess, tile, to_uint8
+from pcmodel.images import (
+    decode,
+    filter_images,
+    fit,
+    fit_size,
+    full_buckets,
+    prepare_image,
+    preprocess,
+    sample_photo,
+    tile,
+    tile_count,
+    tile_stride,
+    tile_window,
+    to_uint8,
+)
 
 
 def encode(image: Image.Image, fmt: str, **kwargs) -> bytes:
@@ -151,3 +166,67 @@ def test_tile_and_stitch_round_trip():
     small = torch.rand((1, 3, 5, 7))
     tiles, grid = tile(small, (32, 32))
     assert tiles.shape == (1, 3, 32, 32) and grid.stitch(tiles).equal(small)
+
+
+def test_overlapping_tiles_blend_back_to_the_image():
+    x = torch.rand((1, 3, 70, 95))
+    tiles, grid = tile(x, (32, 32), (16, 16))
+    # Tiles every 16 px from -16 until they pass 16 px beyond the image: 1 + ceil(side / 16) per axis.
+    assert (grid.rows, grid.cols) == (1 + math.ceil(70 / 16), 1 + math.ceil(95 / 16)) == (6, 7)
+    assert tiles.shape == (42, 3, 32, 32) and grid.margin == (16, 16)
+    assert tiles[grid.cols + 1].equal(x[0, :, 0:32, 0:32])  # the second tile of the second row starts at (0, 0)
+    torch.testing.assert_close(grid.stitch(tiles), x, atol=1e-6, rtol=0)  # a weighted mean of equal values
+    assert tile_count(pcmodel.get_preset("conv-rgb"), 70, 95) == 42
+
+
+def test_the_tile_window_is_a_partition_of_unity_at_half_overlap():
+    w = tile_window((16, 26), (8, 13)).double()
+    assert w.shape == (16, 26) and w.min() >= 0
+    summed = w[:8] + w[8:]  # rows y and y + 8 overlap
+    summed = summed[:, :13] + summed[:, 13:]
+    torch.testing.assert_close(summed, torch.ones_like(summed), atol=1e-6, rtol=0)
+    assert tile_window((32, 32), (32, 32)).eq(1).all()  # no overlap: every pixel from its one tile
+
+
+def test_full_mode_scales_keeps_the_aspect_ratio_and_pads_to_a_bucket():
+    config = pcmodel.get_preset("conv-rgb")  # valid sizes 16 + 8n
+    assert full_buckets(config, 256) == [(88, 88), (176, 176), (256, 256)]  # ceil(256 k / 3), padded up
+    photo = np.asarray(Image.fromarray(sample_photo()).resize((640, 480)))
+    rows, shown, placement = prepare_image(photo, config, "full", max_side=256)
+    assert shown.shape == (3, 192, 256) and rows.shape == (1, 3, 256, 256)  # 4:3, the longer side 256
+    f = placement.fit
+    assert placement.mode == "full" and (f.top, f.bottom, f.left, f.right) == (32, 32, 0, 0)
+    assert f.undo(rows)[0].equal(shown)
+    assert rows[0, :, 31].equal(shown[:, 1])  # reflected: row -1 is row 1
+    small = np.asarray(Image.fromarray(sample_photo()).resize((50, 40)))
+    rows, shown, _ = prepare_image(small, config, "full", max_side=256)
+    assert shown.shape == (3, 40, 50) and rows.shape == (1, 3, 88, 88)  # never enlarged
+    with pytest.raises(ValueError, match="dense level"):
+        prepare_image(small, pcmodel.get_preset("rao-ballard-1999"), "full")
+
+
+def seam_ratio(model: pcmodel.PCModel, photo: np.ndarray, stride: tuple[int, int]) -> float:
+    """Mean |error| within 2 px of the lines of the non-overlapping native-size tile grid, over the mean elsewhere."""
+    x = preprocess([photo], model.config)
+    th, tw = model.config.input_shape[1:]
+    tiles, grid = tile(x, (th, tw), stride)
+    error = (x - grid.stitch(model.infer(tiles).reconstruction))[0].abs().mean(0)  # (H, W)
+    h, w = error.shape
+
+    def near_lines(n: int, t: int) -> torch.Tensor:  # pixels t*k - 2 .. t*k + 1 for the inner lines 0 < t*k < n
+        lines = torch.arange(t, n, t)
+        near = torch.zeros(n, dtype=torch.bool)
+        for offset in (-2, -1, 0, 1):
+            near[(lines + offset).clamp(0, n - 1)] = True
+        return near
+
+    seams = near_lines(h, th)[:, None] | near_lines(w, tw)[None, :]
+    return float(error[seams].mean() / error[~seams].mean())
+
+
+def test_overlapping_tiles_leave_no_seams_on_a_photo():
+    model = pcmodel.load("conv-rgb")
+    photo = np.asarray(Image.fromarray(sample_photo()).resize((192, 160)))
+    # Measured on the 256x256 photo (docs/PERFORMANCE.md): 1.62 without overlap, 1.01 with it.
+    assert seam_ratio(model, photo, (32, 32)) > 1.3
+    assert seam_ratio(model, photo, tile_stride(model.config)) <= 1.2

@@ -8,7 +8,7 @@ import torch
 from PIL import Image
 
 import pcmodel
-from pcmodel.images import decode, display_maps, preprocess, tile
+from pcmodel.images import decode, display_maps, prepare_image, preprocess, tile
 from service.client import EncoderClient, ServiceError
 from service.host import pick_device
 from service.metrics import REASONS
@@ -75,9 +75,17 @@ def test_steps_are_honoured(client, astronaut64, steps):
 def test_tile_mode_covers_the_whole_image(client, china_jpeg):
     result = client.encode(china_jpeg, size_mode="tile", steps=30)
     assert result.size_mode == "tile"
-    # 96x64 (w x h) in 32x32 tiles: 2 rows, 3 columns, row-major.
-    assert result.tile_grid == {"rows": 2, "cols": 3, "tile": [32, 32], "image": [64, 96]}
-    assert [r.shape for r in result.latents] == [(6, 8, 7, 7), (6, 10, 3, 3)]
+    # 96x64 (w x h) in 32x32 tiles every 16 px from (-16, -16) until 16 px past the image: per axis
+    # 1 + side / 16 tiles, row-major.
+    assert result.tile_grid == {
+        "rows": 5,
+        "cols": 7,
+        "tile": [32, 32],
+        "stride": [16, 16],
+        "origin": [-16, -16],
+        "image": [64, 96],
+    }
+    assert [r.shape for r in result.latents] == [(35, 8, 7, 7), (35, 10, 3, 3)]
     for name in ("input", "reconstruction", "error_map"):
         assert getattr(result, name).shape == (3, 64, 96)
         assert result.images[name].size == (96, 64)
@@ -87,7 +95,7 @@ def test_tile_mode_covers_the_whole_image(client, china_jpeg):
     model = pcmodel.load("default")
     x = preprocess([decode(china_jpeg)], model.config)
     np.testing.assert_array_equal(result.input, x[0].numpy())
-    tiles, grid = tile(x, (32, 32))
+    tiles, grid = tile(x, (32, 32), (16, 16))
     local = model.infer(tiles, steps=30)
     np.testing.assert_allclose(result.latents[0], local.latents[0].numpy(), atol=TOL)
     np.testing.assert_allclose(result.reconstruction, grid.stitch(local.reconstruction)[0].numpy(), atol=TOL)
@@ -128,7 +136,9 @@ def test_model_card(server, client):
     assert card["device"] == str(pick_device("auto")) and card["backend"]  # cuda where there is a GPU
     default = model.config.steps
     assert card["steps"] == {"default": default, "max": 1000, "warmed": sorted({20, default})}
-    assert card["input"]["size_mode"] == {"default": "resize", "choices": ["resize", "tile"]}
+    assert card["input"]["size_mode"] == {"default": "resize", "choices": ["resize", "tile", "full"]}
+    assert card["input"]["full"]["buckets"] == [[88, 88], [176, 176], [256, 256]]  # PC_FULL_MAX_SIDE 256
+    assert card["arrays"] == {"default": "float32", "choices": ["float32", "float16", "none"]}
     assert pcmodel.ModelConfig.from_dict(card["config"]) == model.config
     assert isinstance(card["provenance"], dict)
 
@@ -150,7 +160,9 @@ def test_openapi_describes_every_route(server):
         assert method in paths.get(route, {}), f"{method.upper()} {route} missing from /docs.json"
     form = paths["/encode"]["post"]["requestBody"]["content"]["multipart/form-data"]["schema"]
     assert form["required"] == ["image"] and form["properties"]["image"]["format"] == "binary"
-    assert form["properties"]["size_mode"]["enum"] == ["resize", "tile"]
+    assert form["properties"]["size_mode"]["enum"] == ["resize", "tile", "full"]
+    assert form["properties"]["arrays"]["enum"] == ["float32", "float16", "none"]
+    assert "level_errors" in form["properties"]["outputs"]["description"]
     assert {"400", "413", "415", "422"} <= set(paths["/encode"]["post"]["responses"])
     refs = str(spec)
     for name in ("PCEncodeResult", "PCModelCard", "PCError", "PCArray"):
@@ -162,3 +174,53 @@ def test_openapi_describes_every_route(server):
 def test_health_probes(server):
     assert server.get("/livez").status_code == 200
     assert server.get("/readyz").status_code == 200
+
+
+def test_arrays_none_makes_a_large_tiled_photo_compact(server, astronaut):
+    photo = png(Image.fromarray(astronaut).resize((1024, 768), Image.Resampling.BICUBIC))
+    sizes = {}
+    for arrays in ("float32", "none"):
+        data = {"size_mode": "tile", "steps": "1", "arrays": arrays}
+        response = server.post("/encode", files={"image": ("photo.png", photo, "image/png")}, data=data)
+        assert response.status_code == 200, response.text
+        sizes[arrays] = len(response.content)
+        body = response.json()
+        assert ("array" in body["reconstruction"]) == (arrays == "float32") and "png" in body["reconstruction"]
+        assert body["latents"][0]["dtype"] == ("float32" if arrays == "float32" else "float16")
+    assert sizes["none"] <= 0.3 * sizes["float32"], sizes
+
+
+def test_float16_arrays_round_the_float32_ones(client, astronaut64):
+    full = client.encode(astronaut64, steps=5, outputs=["latents", "reconstruction"])
+    half = client.encode(astronaut64, steps=5, outputs=["latents", "reconstruction"], arrays="float16")
+    assert half.raw["reconstruction"]["array"]["dtype"] == "float16" and half.reconstruction.dtype == np.float32
+    np.testing.assert_array_equal(half.reconstruction, full.reconstruction.astype(np.float16).astype(np.float32))
+    np.testing.assert_array_equal(half.latents[1], full.latents[1].astype(np.float16).astype(np.float32))
+    none = client.encode(astronaut64, steps=5, outputs=["reconstruction"], arrays="none")
+    assert none.reconstruction is None and none.images["reconstruction"].size == (32, 32)
+
+
+def test_level_errors_are_the_models(client, astronaut64):
+    result = client.encode(astronaut64, steps=10, outputs=["level_errors", "error_map"])
+    model = pcmodel.load("default")
+    local = model.infer(preprocess([decode(astronaut64)], model.config, size=(32, 32)), steps=10)
+    assert [e.shape for e in result.level_errors] == [(3, 32, 32), (8, 7, 7)]  # e_1 on the image, e_2 on r_1
+    for got, want in zip(result.level_errors, local.errors):
+        np.testing.assert_allclose(got, want[0].numpy(), atol=TOL)
+    np.testing.assert_allclose(result.level_errors[0], result.error_map, atol=TOL)  # level 1's is the image's
+
+
+def test_full_mode_returns_the_whole_photo_at_its_aspect_ratio(client, astronaut):
+    photo = png(Image.fromarray(astronaut).resize((640, 480), Image.Resampling.BICUBIC))
+    result = client.encode(photo, size_mode="full", steps=20)
+    # The longer side scaled to PC_FULL_MAX_SIDE (256): 256x192, padded to the 256x256 bucket.
+    assert result.size_mode == "full" and result.reconstruction.shape == (3, 192, 256)
+    assert result.images["reconstruction"].size == (256, 192)
+    assert result.padded == [32, 32, 0, 0] and result.raw["model_input"] == [256, 256]
+    assert [r.shape for r in result.latents] == [(8, 63, 63), (10, 31, 31)]  # at the padded size
+    np.testing.assert_array_equal(result.input - result.reconstruction, result.error_map)
+    model = pcmodel.load("default")
+    rows, shown, placement = prepare_image(decode(photo), model.config, "full")
+    np.testing.assert_allclose(result.input, shown.numpy(), atol=1e-6)
+    local = model.infer(rows, steps=20)
+    np.testing.assert_allclose(result.reconstruction, placement.restore(local.reconstruction)[0].numpy(), atol=TOL)

@@ -91,6 +91,41 @@ def test_a_full_queue_is_refused(host):
     asyncio.run(run())
 
 
+def test_the_queue_counts_pixels_in_native_sizes(host):
+    async def run():
+        batcher = Batcher(host._infer, max_batch_size=2, max_queue=8, unit_pixels=32 * 32)
+        try:
+            first = asyncio.ensure_future(batcher.submit(rows(1), 50))
+            await asyncio.sleep(0.001)
+            while batcher.queued:  # until the first batch is running
+                await asyncio.sleep(0.001)
+            # A 64x64 row costs four 32x32 rows: two of them fill a queue of 8.
+            queued = [asyncio.ensure_future(batcher.submit(rows(1, 64), 50)) for _ in range(2)]
+            while batcher.queued_units < 8:
+                await asyncio.sleep(0)
+            assert batcher.queued == 2
+            with pytest.raises(Overloaded, match="8 of 8 native-size units"):
+                await batcher.submit(rows(1), 50)
+            await asyncio.gather(first, *queued)
+        finally:
+            batcher.close()
+
+    asyncio.run(run())
+
+
+def test_full_mode_and_arrays_options_are_checked(host):
+    dense = pcmodel.get_preset("rao-ballard-1999")
+    with pytest.raises(codec.RequestError, match="dense level") as refused:
+        codec.parse_options({"size_mode": "full"}, dense, host.settings)
+    assert refused.value.status == 422
+    with pytest.raises(codec.RequestError, match="arrays must be one of float32, float16, none"):
+        codec.parse_options({"arrays": "float64"}, host.config, host.settings)
+    options = codec.parse_options({"size_mode": "full", "arrays": "none"}, host.config, host.settings)
+    assert (options.size_mode, options.arrays, options.full_max_side) == ("full", "none", 256)
+    # The host prepared the native size and full mode's three buckets: the model's four shapes.
+    assert host.buckets == [(88, 88), (176, 176), (256, 256)]
+
+
 def test_only_warmed_step_counts_get_fast_programs(host):
     assert host.card()["steps"]["warmed"] == [5, 100]
 
@@ -113,7 +148,8 @@ def test_rao_ballard_tiles_by_default():
     image = (np.random.default_rng(0).random((40, 60)) * 255).astype(np.uint8)
     part = codec.Part("image", "x.png", _png(image))
     prepared = codec.prepare(codec.plan(part, options, config, host.settings), options, config)
-    assert prepared.rows.shape == (3 * 3, 1, 16, 26)  # ceil(40/16) x ceil(60/26) tiles
+    # 16x26 tiles every 8x13 px from (-8, -13) until 8x13 px past the image: (1 + ceil(40/8)) x (1 + ceil(60/13))
+    assert prepared.rows.shape == (6 * 6, 1, 16, 26)
 
     async def run():
         try:
@@ -123,11 +159,18 @@ def test_rao_ballard_tiles_by_default():
 
     settled = asyncio.run(run())
     out = codec.encode_result(prepared, settled, options, host.ref, config)
-    assert out["tile_grid"] == {"rows": 3, "cols": 3, "tile": [16, 26], "image": [40, 60]}
+    assert out["tile_grid"] == {
+        "rows": 6,
+        "cols": 6,
+        "tile": [16, 26],
+        "stride": [8, 13],
+        "origin": [-8, -13],
+        "image": [40, 60],
+    }
     from service.client import decode_array
 
     # Level 1 is three windowed modules per tile, level 2 one dense module: a leading tile axis.
-    assert [a["shape"] for a in out["latents"]] == [[9, 32, 1, 3], [9, 128, 1, 1]]
+    assert [a["shape"] for a in out["latents"]] == [[36, 32, 1, 3], [36, 128, 1, 1]]
     shown, recon, error = (decode_array(out[k]["array"]) for k in ("input", "reconstruction", "error_map"))
     assert shown.shape == recon.shape == error.shape == (1, 40, 60)
     np.testing.assert_array_equal(shown - recon, error)

@@ -159,13 +159,14 @@ def test_large_bodies_in_flight_are_bounded(tight):
 
 
 def test_a_tile_request_the_queue_can_never_hold_gets_413_at_once(tight, astronaut):
-    big = png(Image.fromarray(astronaut))  # 512 x 512: 256 tiles of 32 x 32, PC_MAX_QUEUE is 64
+    # 512 x 512: (1 + 512/16)^2 = 1089 overlapping tiles of 32 x 32, PC_MAX_QUEUE is 64
+    big = png(Image.fromarray(astronaut))
     started = time.monotonic()
     response = tight.post("/encode", files={"image": ("a.png", big)}, data={"size_mode": "tile", "steps": "5"})
     assert response.status_code == 413, response.text
-    assert "256 tiles" in response.json()["error"] and "limit of 64" in response.json()["error"]
+    assert "1089 tiles" in response.json()["error"] and "limit of 64" in response.json()["error"]
     assert time.monotonic() - started < 10
-    fits = png(Image.fromarray(astronaut).resize((256, 256)))  # 64 tiles: exactly the queue
+    fits = png(Image.fromarray(astronaut).resize((112, 112)))  # (1 + 112/16)^2 = 64 tiles: exactly the queue
     response = tight.post("/encode", files={"image": ("a.png", fits)}, data={"size_mode": "tile", "steps": "5"})
     assert response.status_code == 200, response.text
 

@@ -18,7 +18,9 @@ def test_service_example_runs(server, tmp_path, monkeypatch, capsys):
     out = capsys.readouterr().out.splitlines()
     assert out[0] == "50 True"
     assert out[1] == "[(8, 7, 7), (10, 3, 3)]"
-    assert out[2] == "{'rows': 4, 'cols': 4, 'tile': [32, 32], 'image': [100, 100]} (16, 8, 7, 7)"
-    assert out[3] == "['Encoding', 'ServiceError']"
-    assert out[4]  # the backend's name
+    grid = "{'rows': 8, 'cols': 8, 'tile': [32, 32], 'stride': [16, 16], 'origin': [-16, -16], 'image': [100, 100]}"
+    assert out[2] == grid + " (64, 8, 7, 7)"
+    assert out[3] == "(200, 256) [0, 0, 28, 28] None"
+    assert out[4] == "['Encoding', 'ServiceError']"
+    assert out[5]  # the backend's name
     assert (tmp_path / "reconstruction.png").is_file()
