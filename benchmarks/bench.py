@@ -3,7 +3,9 @@
 Cases (a) the notebook-style reference (benchmarks.reference: eager PyTorch, autograd of the energy at
 every step), (b) the torch backend, (c) onnxruntime, (d) CUDA graphs (when CUDA is available: float32,
 TF32 and bf16 operands, and the eager torch backend on the GPU for comparison) and (e) pcx, the same
-network written in pcx's idioms (when the optional `pcx` extra is importable). For each it prints the
+network written in pcx's idioms (when the optional `pcx` extra is importable), (f) an independent
+jax.jit of the network (benchmarks.jax_peer) and (g) the numba backend (quadratic plans, where the
+`fast` extra is installed). For each it prints the
 largest latent difference from (a), ms per batch, images/s, the speed-up over (a), the model's FLOPs per
 step (docs/MODEL.md section 6), the achieved GFLOP/s and its share of this machine's matmul peak (measured
 first, in the same run), and the one-off costs (graph build, session, capture, compile) apart. Where
@@ -37,7 +39,7 @@ import torch.nn.functional as F
 
 import pcmodel
 from pcmodel.cliargs import ArgumentParser, fail, model_source, nonnegative_float, positive_int, size_error
-from pcmodel.engines import cuda_graph, ops, plans
+from pcmodel.engines import cuda_graph, numba_quadratic, ops, plans
 from pcmodel.engines import onnxruntime as ort_engine
 from pcmodel.engines.onnx_graph import build_graph
 
@@ -53,7 +55,7 @@ DEFAULT_CASES = (
     "rao-ballard-1999:16x26:1",
     "rao-ballard-1999:16x26:32",
 )
-LETTERS = {"reference": "a", "torch": "b", "onnxruntime": "c", "cuda-graph": "d", "pcx": "e", "jax": "f"}
+LETTERS = {"reference": "a", "torch": "b", "onnxruntime": "c", "cuda-graph": "d", "pcx": "e", "jax": "f", "numba": "g"}
 
 
 @dataclass(frozen=True)
@@ -236,6 +238,12 @@ def runners(model: pcmodel.PCModel, x: torch.Tensor, steps: int, names: list[str
             runner = _pcx_runner(model, x, steps)
             if runner is not None:
                 out.append(runner)
+        elif name == "numba":
+            if plans.plan_kind(model.config, x.shape[-2:]) != "quadratic" or not numba_quadratic.available():
+                log.info("numba: not a quadratic plan here, or numba not installed (the fast extra); skipped")
+                continue
+            model.infer(x, steps=steps, backend="numba")  # compiles (or loads the cached kernels)
+            out.append(Runner(name, lambda: model.infer(x, steps=steps, backend="numba").latents, {}))
         elif name == "jax":
             runner = _jax_runner(model, x, steps)
             if runner is not None:
@@ -677,8 +685,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=positive_int, default=100, help="inference steps T (default: %(default)s)")
     parser.add_argument(
         "--backends",
-        default="reference,torch,onnxruntime,cuda-graph,pcx,jax",
-        help="comma-separated subset of reference,torch,onnxruntime,cuda-graph,pcx,jax (default: all)",
+        default="reference,torch,onnxruntime,numba,cuda-graph,pcx,jax",
+        help="comma-separated subset of reference,torch,onnxruntime,numba,cuda-graph,pcx,jax (default: all)",
     )
     parser.add_argument("--rounds", type=positive_int, default=5, help="timing rounds per case (default: %(default)s)")
     parser.add_argument(
