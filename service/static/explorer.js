@@ -2,7 +2,7 @@
 // Plain JavaScript, no libraries, nothing fetched but this server's own routes.
 "use strict";
 
-const OUTPUTS = "input,reconstruction,error_map,latents,trace";
+const OUTPUTS = "input,reconstruction,error_map,latents,level_errors,trace";
 const MAP_SIDE = 256; // input, reconstruction and error are enlarged to about this many pixels
 const CAUSE_SIDE = 64; // each cause's latent map to about this many
 const SVG = "http://www.w3.org/2000/svg";
@@ -131,28 +131,48 @@ function causeBars(maps) {
   return plot;
 }
 
+// Level l's prediction error e_l = r_(l-1) - prediction, shown like the latents: one map per channel of
+// the map below (level 1: the image's colour channels). Module levels' errors are patches: (M, C, kh,
+// kw) shown side by side; in tile mode those have one axis more and are not drawn.
+function drawLevelErrors(errors, grid) {
+  const box = $("level-errors");
+  box.replaceChildren();
+  (errors || []).forEach((payload, index) => {
+    const array = decodeArray(payload);
+    if (array.shape.length > 4) return;
+    const below = index === 0 ? "the image" : `level ${index}'s causes`;
+    drawMaps(box, causeMaps(array, grid), `Level ${index + 1} `, `error of its prediction of ${below}`, "channel");
+  });
+}
+
 function drawLatents(latents, grid) {
   const box = $("latents");
   box.replaceChildren();
   latents.forEach((payload, index) => {
     const maps = causeMaps(decodeArray(payload), grid);
-    const level = el("div", { class: "level" });
-    const title = el("h3", {}, `Level ${index + 1} `);
-    title.append(el("span", {}, `${maps.k} causes, ${maps.h} × ${maps.w} positions`));
-    level.append(title);
-    if (maps.h * maps.w === 1) {
-      level.append(causeBars(maps));
-    } else {
-      const causes = el("div", { class: "causes" });
-      for (let c = 0; c < maps.k; c++) {
-        const figure = el("figure");
-        figure.append(causeCanvas(maps, c), el("figcaption", {}, String(c + 1)));
-        causes.append(figure);
-      }
-      level.append(causes);
-    }
-    box.append(level);
+    drawMaps(box, maps, `Level ${index + 1} `, `${maps.k} causes, ${maps.h} × ${maps.w} positions`, "cause");
   });
+}
+
+function drawMaps(box, maps, heading, detail, unit) {
+  const level = el("div", { class: "level" });
+  const title = el("h3", {}, heading);
+  title.append(el("span", {}, detail));
+  level.append(title);
+  if (maps.h * maps.w === 1) {
+    level.append(causeBars(maps));
+  } else {
+    const causes = el("div", { class: "causes" });
+    for (let c = 0; c < maps.k; c++) {
+      const figure = el("figure");
+      const canvas = causeCanvas(maps, c);
+      canvas.title = canvas.title.replace("cause", unit);
+      figure.append(canvas, el("figcaption", {}, String(c + 1)));
+      causes.append(figure);
+    }
+    level.append(causes);
+  }
+  box.append(level);
 }
 
 function niceTicks(lo, hi, count) {
@@ -266,6 +286,7 @@ async function encode() {
     drawSummary(body, serverTiming(response.headers.get("server-timing")));
     drawEnergy(body.energy.trace);
     drawLatents(body.latents, body.tile_grid);
+    drawLevelErrors(body.level_errors, body.tile_grid);
     $("results").hidden = false;
     $("status").textContent = `Encoded ${file.name}.`;
   } catch (error) {

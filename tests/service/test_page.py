@@ -91,6 +91,11 @@ def test_explorer_encodes_a_photo_and_shows_api_errors(server, browser, tmp_path
     assert canvases.count() == len(config.levels)
     for index, level in enumerate(config.levels):
         assert canvases.nth(index).locator("canvas").count() == level.causes
+    errors = page.locator("#level-errors .level")  # each level's prediction error, per channel of the map below
+    assert errors.count() == len(config.levels)
+    channels = [config.input_shape[0], *(level.causes for level in config.levels[:-1])]
+    for index, count in enumerate(channels):
+        assert errors.nth(index).locator("canvas").count() == count
     points = page.get_attribute("#energy-plot polyline", "points")
     assert points is not None and len(points.split()) == config.steps + 1  # the trace, one point per step
     assert "lower" in page.inner_text("#summary")
