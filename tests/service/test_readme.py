@@ -24,3 +24,36 @@ def test_service_example_runs(server, tmp_path, monkeypatch, capsys):
     assert out[4] == "['Encoding', 'ServiceError']"
     assert out[5]  # the backend's name
     assert (tmp_path / "reconstruction.png").is_file()
+
+
+def _prefix(text: str) -> str:
+    return text.split("...")[0]
+
+
+def test_example_response_is_what_the_shipped_model_gives(server):
+    """The README's example response: the bundled photo through the shipped default model, as served."""
+    import json
+    from importlib import resources
+
+    import httpx
+
+    match = re.search(r"<!-- example-response.*?-->\s*```json\n(.*?)```", README.read_text(), re.S)
+    assert match, "README has no json block after <!-- example-response -->"
+    shown = json.loads(match.group(1))
+    photo = (resources.files("pcmodel") / "data" / "astronaut.jpg").read_bytes()
+    response = httpx.post(server.url + "/encode", files={"image": ("astronaut.jpg", photo)}, timeout=60)
+    assert response.status_code == 200, response.text
+    real = response.json()
+    assert set(shown) == set(real)
+    assert {k: v for k, v in shown["model"].items() if k != "sha256"} == {
+        k: v for k, v in real["model"].items() if k != "sha256"
+    }
+    assert real["model"]["sha256"].startswith(_prefix(shown["model"]["sha256"])), real["model"]["sha256"][:8]
+    assert (shown["steps"], shown["size_mode"]) == (real["steps"], real["size_mode"])
+    energy = {k: round(v, 2) for k, v in real["energy"].items()}
+    assert shown["energy"] == energy, energy
+    for a, b in zip(shown["latents"], real["latents"], strict=True):
+        assert (a["shape"], a["dtype"]) == (b["shape"], b["dtype"])
+    assert real["latents"][0]["data"].startswith(_prefix(shown["latents"][0]["data"])), real["latents"][0]["data"][:8]
+    assert shown["input"]["array"]["shape"] == real["input"]["array"]["shape"]
+    assert real["input"]["png"].startswith(_prefix(shown["input"]["png"]))
