@@ -23,22 +23,38 @@ function decodeArray(payload) {
 }
 
 // One level's latents as per-cause maps over the whole image: (K, H, W), or in tile mode
-// (T, K, h, w) with tiles row-major over tile_grid's rows x cols, stitched to (K, rows*h, cols*w).
+// (T, K, h, w) with tiles row-major over tile_grid's rows x cols. Tiles overlap (every `stride` pixels,
+// the first at `origin`, outside the image): the ones that start on the image's own grid of tile-sized
+// steps (0, tile, 2 tile, ...) do not overlap each other and cover the image, so those are stitched side
+// by side into (K, rows' * h, cols' * w); the others repeat what those show, shifted by half a tile.
 function causeMaps(array, grid) {
   const { shape, values } = array;
   if (shape.length === 3) {
     const [k, h, w] = shape;
     return { k, h, w, at: (c, y, x) => values[(c * h + y) * w + x] };
   }
-  const [, k, h, w] = shape;
-  const rows = grid ? grid.rows : 1;
-  const cols = grid ? grid.cols : shape[0];
+  const [count, k, h, w] = shape;
+  const pick = (axis) => {
+    if (!grid) return { first: 0, every: 1, n: axis === 0 ? 1 : count };
+    const total = axis === 0 ? grid.rows : grid.cols;
+    const stride = grid.stride ? grid.stride[axis] : grid.tile[axis];
+    const origin = grid.origin ? grid.origin[axis] : 0;
+    const every = Math.max(1, Math.round(grid.tile[axis] / stride));
+    let first = 0;
+    while (first < total && origin + first * stride < 0) first += 1; // the first tile starting in the image
+    return { first, every, n: Math.max(1, Math.floor((total - 1 - first) / every) + 1) };
+  };
+  const rows = pick(0);
+  const cols = pick(1);
+  const gridCols = grid ? grid.cols : count;
   return {
     k,
-    h: rows * h,
-    w: cols * w,
+    h: rows.n * h,
+    w: cols.n * w,
     at(c, y, x) {
-      const tile = Math.floor(y / h) * cols + Math.floor(x / w);
+      const row = rows.first + Math.floor(y / h) * rows.every;
+      const col = cols.first + Math.floor(x / w) * cols.every;
+      const tile = row * gridCols + col;
       return values[((tile * k + c) * h + (y % h)) * w + (x % w)];
     },
   };

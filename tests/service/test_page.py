@@ -68,7 +68,10 @@ class Watched:
 
 def test_explorer_encodes_a_photo_and_shows_api_errors(server, browser, tmp_path):
     photo = tmp_path / "photo.png"
-    Image.fromarray(sample_photo()).save(photo)
+    pixels = sample_photo()
+    photo_side = pixels.shape[0]
+    assert pixels.shape[:2] == (photo_side, photo_side) and photo_side % 32 == 0
+    Image.fromarray(pixels).save(photo)
     notes = tmp_path / "notes.txt"
     notes.write_text("a text file, not a photo\n")
     watched = Watched(browser, server.url)
@@ -106,6 +109,15 @@ def test_explorer_encodes_a_photo_and_shows_api_errors(server, browser, tmp_path
     page.click("#encode")
     page.wait_for_function("() => document.querySelector('#energy-plot polyline').points.length === 21")
     page.wait_for_function("() => !document.getElementById('encode').disabled")
+
+    # Tile mode: tiles overlap by half; the latent maps show the tiles on the image's own tile-sized grid.
+    page.select_option("#size-mode", "tile")
+    page.click("#encode")
+    page.wait_for_function("() => document.getElementById('summary').innerText.includes('tiles')")
+    page.wait_for_function("() => !document.getElementById('encode').disabled")
+    side = photo_side // 32  # the photo is photo_side x photo_side, conv-rgb's tiles 32 x 32
+    width = page.eval_on_selector("#latents .level canvas", "c => c.width")
+    assert width == side * 7, width  # level 1: 7 positions per tile, side tiles across, none repeated
 
     page.set_input_files("#image", str(notes))
     page.wait_for_selector("#error:not([hidden])", timeout=30_000)
