@@ -348,7 +348,7 @@ def op_timings(model: pcmodel.PCModel, x: torch.Tensor, min_time: float) -> dict
     r = torch.randn((x.shape[0], *level.geometry.latent))
     predict, adjoint, taps = plans.phase_kernels(U, stride)
     pad = tuple(s * (n + m - 1) - h for s, n, m, h in zip(stride, level.geometry.latent[1:], taps, x.shape[-2:]))
-    phases = ops.phase_split(x, stride, pad).contiguous()
+    phases = plans.phase_split(x, stride, pad).contiguous()
     calls = {
         "conv_transpose2d": lambda: F.conv_transpose2d(r, U, stride=stride),
         "conv2d (stride)": lambda: F.conv2d(x, U, stride=stride),

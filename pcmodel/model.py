@@ -17,9 +17,19 @@ import numpy as np
 import torch
 from PIL import Image
 
-from . import checkpoint, energy
+from .checkpoint import content_hash
+from .checkpoint import save as save_checkpoint
 from .config import ConfigError, ModelConfig, level_shapes, weight_shapes
-from .energy import InferenceResult, make_result
+from .energy import (
+    InferenceResult,
+    infer_loop,
+    initial_latents,
+    latent_gradients,
+    level_errors,
+    make_result,
+    weight_gradients,
+)
+from .energy import energy as energy_of
 from .engines import EngineState, select, weights_key
 from .images import preprocess as preprocess_images
 from .levels import Level
@@ -108,12 +118,12 @@ class PCModel:
     @property
     def sha256(self) -> str:
         """Content hash over the config and the weights: identifies the model (not the provenance)."""
-        return checkpoint.content_hash(self.config, self.weights)
+        return content_hash(self.config, self.weights)
 
     def save(self, path: str | Path, provenance: dict[str, Any] | None = None) -> str:
         """Write a .safetensors checkpoint (weights, config, provenance); returns the content hash."""
         info = {**self.provenance, **(provenance or {})}
-        return checkpoint.save(path, self.config, self.weights, info)
+        return save_checkpoint(path, self.config, self.weights, info)
 
     def preprocess(
         self, images: Image.Image | np.ndarray | Sequence[Image.Image | np.ndarray], size: tuple[int, int] | None = None
@@ -134,21 +144,21 @@ class PCModel:
         x, own, levels = self._inputs(x)
         weights = own if weights is None else list(weights)
         latents = [r.to(x.dtype) for r in latents]
-        return energy.energy(self.config, weights, latents, energy.level_errors(levels, weights, x, latents))
+        return energy_of(self.config, weights, latents, level_errors(levels, weights, x, latents))
 
     def gradients(self, x: torch.Tensor, latents: Sequence[torch.Tensor]) -> list[torch.Tensor]:
         """dE/dr_l per level (hand-derived), shaped like the latents."""
         x, weights, levels = self._inputs(x)
         latents = [r.to(x.dtype) for r in latents]
-        errors = energy.level_errors(levels, weights, x, latents)
-        return energy.latent_gradients(levels, weights, latents, errors)
+        errors = level_errors(levels, weights, x, latents)
+        return latent_gradients(levels, weights, latents, errors)
 
     def weight_gradients(self, x: torch.Tensor, latents: Sequence[torch.Tensor]) -> list[torch.Tensor]:
         """dE/dU_l as a batch mean (hand-derived), shaped like the weights (docs/MODEL.md section 3)."""
         x, weights, levels = self._inputs(x)
         latents = [r.to(x.dtype) for r in latents]
-        errors = energy.level_errors(levels, weights, x, latents)
-        return energy.weight_gradients(levels, weights, latents, errors)
+        errors = level_errors(levels, weights, x, latents)
+        return weight_gradients(levels, weights, latents, errors)
 
     def apply_weight_gradients(self, grads: Sequence[torch.Tensor], k2: float) -> None:
         """U_l <- U_l - (k2/2) grad_l, in place (grads may be averaged across processes first)."""
@@ -165,7 +175,7 @@ class PCModel:
     def initial_latents(self, x: torch.Tensor) -> list[torch.Tensor]:
         """The deterministic start: zeros, or feed-forward r_l = U_l^T t_l(r_{l-1}) bottom up."""
         x, weights, levels = self._inputs(x)
-        return energy.initial_latents(self.config, levels, weights, x)
+        return initial_latents(self.config, levels, weights, x)
 
     # ---- inference -------------------------------------------------------------------------
 
@@ -232,7 +242,7 @@ class PCModel:
             )
             self.engines.last_key = key
             if choice.backend == "loop":
-                result = energy.infer_loop(self.config, levels, weights, x, steps, tol)
+                result = infer_loop(self.config, levels, weights, x, steps, tol)
                 result.reason = choice.reason
                 if tol is not None and backend in (None, "auto"):
                     self._fixed_where_unstopped(result, x, steps)
@@ -301,8 +311,8 @@ class PCModel:
         def hessian_times(v: torch.Tensor) -> torch.Tensor:  # (N, n) -> (N, n), rows are vectors
             parts = [p.reshape(v.shape[0], *s) for p, s in zip(torch.split(v, sizes, dim=1), shapes)]
             zero = v.new_zeros((v.shape[0], self.config.input_shape[0], *hw))
-            errors = energy.level_errors(levels, weights, zero, parts, linear=True)
-            grads = energy.latent_gradients(levels, weights, parts, errors, gaussian_prior=True)
+            errors = level_errors(levels, weights, zero, parts, linear=True)
+            grads = latent_gradients(levels, weights, parts, errors, gaussian_prior=True)
             return torch.cat([g.flatten(1) for g in grads], dim=1)
 
         n = sum(sizes)

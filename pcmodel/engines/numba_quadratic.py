@@ -42,9 +42,9 @@ def available() -> bool:
 @functools.cache
 def _kernels() -> tuple[Any, Any, Any, Any]:
     """The compiled kernels (numba imported lazily, on first use; compiled once and cached on disk)."""
-    from . import numba_kernels
+    from .numba_kernels import energy_rows, gather_rows, matmul_rows, steps_rows
 
-    return numba_kernels.matmul_rows, numba_kernels.steps_rows, numba_kernels.energy_rows, numba_kernels.gather_rows
+    return matmul_rows, steps_rows, energy_rows, gather_rows
 
 
 @functools.cache

@@ -16,7 +16,7 @@ from typing import Any, Protocol
 import torch
 import torch.nn.functional as F
 
-from .plans import PlanLevel
+from .plans import PlanLevel, phase_merge, phase_split
 
 
 class Ops(Protocol):
@@ -55,24 +55,6 @@ class Ops(Protocol):
     def phase_split(self, x: torch.Tensor, lv: PlanLevel) -> Any: ...
     def phase_merge(self, phases: Any, lv: PlanLevel) -> Any: ...
     def patches_to_map(self, lv: PlanLevel, patches: Any) -> Any: ...
-
-
-def phase_split(x: torch.Tensor, stride: tuple[int, int], pad: tuple[int, int]) -> torch.Tensor:
-    """(B, C, H, W) -> (B, C sh sw, (H + pad_h) / sh, (W + pad_w) / sw): the sub-pixel phases as channels."""
-    if pad != (0, 0):
-        x = F.pad(x, (0, pad[1], 0, pad[0]))
-    b, c, h, w = x.shape
-    sh, sw = stride
-    x = x.reshape(b, c, h // sh, sh, w // sw, sw).permute(0, 1, 3, 5, 2, 4)
-    return x.reshape(b, c * sh * sw, h // sh, w // sw)
-
-
-def phase_merge(p: torch.Tensor, channels: int, stride: tuple[int, int], hw: Sequence[int]) -> torch.Tensor:
-    """Inverse of `phase_split`, cropped to hw."""
-    b, _, ph, pw = p.shape
-    sh, sw = stride
-    x = p.reshape(b, channels, sh, sw, ph, pw).permute(0, 1, 4, 2, 5, 3).reshape(b, channels, ph * sh, pw * sw)
-    return x[:, :, : hw[0], : hw[1]]
 
 
 class TorchOps:

@@ -11,10 +11,10 @@ from collections.abc import Sequence
 import torch
 
 from ..config import ModelConfig
-from . import numba_quadratic
 from .base import EngineRun
 from .cuda_graph import CudaGraphBackend
 from .numba_quadratic import NumbaBackend
+from .numba_quadratic import available as numba_available
 from .onnxruntime import OrtBackend
 from .plans import Plan, make_plan, plan_kind
 from .select import Choice
@@ -71,7 +71,7 @@ class EngineState:
 
     @staticmethod
     def numba_available() -> bool:
-        return numba_quadratic.available()
+        return numba_available()
 
     def fast_backend(self, config: ModelConfig, hw: tuple[int, int], device: torch.device) -> str:
         """The backend the automatic rule prefers for prepared calls at this size on this device."""

@@ -14,14 +14,14 @@ import pytest
 PACKAGE = Path(__file__).resolve().parents[2] / "pcmodel"
 
 
-def module_name(path: Path) -> str:
-    parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
+def module_name(path: Path, root: Path = PACKAGE.parent) -> str:
+    parts = path.relative_to(root).with_suffix("").parts
     return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
 
 
-def imports(path: Path, modules: set[str]) -> set[str]:
+def imports(path: Path, modules: set[str], root: Path = PACKAGE.parent) -> set[str]:
     """The pcmodel modules this file imports (a `from X import name` of a submodule counts as that submodule)."""
-    name = module_name(path)
+    name = module_name(path, root)
     package = name if path.name == "__init__.py" else name.rpartition(".")[0]
     found = set()
     for node in ast.walk(ast.parse(path.read_text())):
@@ -33,6 +33,8 @@ def imports(path: Path, modules: set[str]) -> set[str]:
                 anchor = package.split(".")
                 anchor = anchor[: len(anchor) - node.level + 1]
                 base = ".".join([*anchor, base] if base else anchor)
+            if node.module is None:  # `from . import x` runs the package's __init__ too: an edge to it
+                found.add(base)
             for alias in node.names:  # a submodule by name, else a name defined in `base`
                 found.add(f"{base}.{alias.name}" if f"{base}.{alias.name}" in modules else base)
     return {m for m in found if m in modules and m != name}
@@ -64,6 +66,17 @@ def find_cycle(edges: dict[str, set[str]]) -> list[str] | None:
         if node not in state and (cycle := visit(node)):
             return cycle
     return None
+
+
+def test_from_dot_import_counts_the_package(tmp_path):
+    """`from . import x` inside package p imports p first: p -> p.x -> p is a cycle when p imports p.x."""
+    package = tmp_path / "p"
+    package.mkdir()
+    (package / "__init__.py").write_text("from .x import f\n")
+    (package / "x.py").write_text("def f():\n    from . import y\n")
+    (package / "y.py").write_text("")
+    modules = {"p", "p.x", "p.y"}
+    assert imports(package / "x.py", modules, root=tmp_path) == {"p", "p.y"}
 
 
 def test_the_detector_finds_a_cycle():
