@@ -44,6 +44,7 @@ from pcmodel.engines import onnxruntime as ort_engine
 from pcmodel.engines.onnx_graph import build_graph
 
 from .reference import reference_infer
+from .timing import time_call
 
 log = logging.getLogger(__name__)
 
@@ -184,17 +185,6 @@ def flops_per_step(model: pcmodel.PCModel, size: tuple[int, int], batch: int) ->
 
 
 # ---- timing --------------------------------------------------------------------------------------------
-
-
-def time_call(fn: Callable[[], Any], min_time: float) -> float:
-    """Mean seconds per call over calls filling at least `min_time` (at least one call)."""
-    calls, start = 0, time.perf_counter()
-    while True:
-        fn()
-        calls += 1
-        elapsed = time.perf_counter() - start
-        if elapsed >= min_time:
-            return elapsed / calls
 
 
 @dataclass

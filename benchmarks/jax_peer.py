@@ -32,6 +32,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from benchmarks.timing import time_call
 from pcmodel.config import ModelConfig, level_shapes
 
 FORMULATIONS = ("batched", "vmap")
@@ -193,17 +194,6 @@ def jax_infer(
     return [_to_torch(r) for r in latents], _to_torch(trace)
 
 
-def _time(call: Callable[[], Any], min_time: float = 0.1) -> float:
-    """Seconds per call: the mean over calls lasting at least min_time."""
-    count, start = 0, time.perf_counter()
-    while True:
-        call()
-        count += 1
-        elapsed = time.perf_counter() - start
-        if elapsed >= min_time:
-            return elapsed / count
-
-
 def jax_runner(
     model: Any, x: torch.Tensor, steps: int, formulation: str | None = None, rounds: int = 3
 ) -> tuple[Callable[[], list[torch.Tensor]], dict[str, Any]]:
@@ -232,7 +222,7 @@ def jax_runner(
     if len(names) > 1:
         for _ in range(rounds):
             for name in names:
-                samples[name].append(_time(compiled[name]))
+                samples[name].append(time_call(compiled[name], 0.1))
     best = min(names, key=lambda n: min(samples[n]) if samples[n] else 0.0)
     info["formulation"] = best
     info["prepare_ms"] = {n: 1e3 * min(s) for n, s in samples.items() if s}

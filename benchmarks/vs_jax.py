@@ -21,26 +21,15 @@ import importlib.util
 import json
 import statistics
 import sys
-import time
 from collections.abc import Callable
 from typing import Any
 
 from benchmarks.bench import Case, check_cases, parse_case
+from benchmarks.timing import time_call
 from pcmodel.cliargs import ArgumentParser, fail, nonnegative_float, positive_int
 
 CASES = [("conv-rgb", (32, 32), 1), ("conv-rgb", (32, 32), 32), ("rao-ballard-1999", (16, 26), 1),
          ("rao-ballard-1999", (16, 26), 32)]  # fmt: skip
-
-
-def time_call(call: Callable[[], Any], min_time: float) -> float:
-    """Milliseconds per call: the mean over calls lasting at least min_time seconds."""
-    count, start = 0, time.perf_counter()
-    while True:
-        call()
-        count += 1
-        elapsed = time.perf_counter() - start
-        if elapsed >= min_time:
-            return 1e3 * elapsed / count
 
 
 def run_case(name: str, hw: tuple[int, int], batch: int, steps: int, rounds: int, min_time: float) -> dict[str, Any]:
@@ -76,7 +65,7 @@ def run_case(name: str, hw: tuple[int, int], batch: int, steps: int, rounds: int
     samples: dict[str, list[float]] = {key: [] for key in runners}
     for _ in range(rounds):
         for key, runner in runners.items():
-            samples[key].append(time_call(runner, min_time))
+            samples[key].append(1e3 * time_call(runner, min_time))  # ms
     ratios = {
         key: [j / o for j, o in zip(samples["jax"], samples[key])] for key in runners if key != "jax"
     }  # > 1: faster than JAX

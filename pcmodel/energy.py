@@ -36,6 +36,11 @@ class LevelErrors:
     error: torch.Tensor  # t_l(r_{l-1}) - prediction
     slope: torch.Tensor | None  # f'(U_l r_l); None where f is the identity
 
+    @property
+    def driven(self) -> torch.Tensor:
+        """f' * e: the error as it drives both gradients (U^T of it for r, its outer product with r for U)."""
+        return self.error if self.slope is None else self.slope * self.error
+
 
 @dataclass
 class InferenceResult:
@@ -158,8 +163,7 @@ def latent_gradients(
     grads = []
     for i, (level, U, r, le) in enumerate(zip(levels, weights, latents, errors)):
         lc = level.config
-        bottom_up = le.error if le.slope is None else le.slope * le.error
-        grad = level.adjoint(bottom_up, U) * (-2 / lc.sigma2)
+        grad = level.adjoint(le.driven, U) * (-2 / lc.sigma2)
         prior = prior_gradient(r, "gaussian" if gaussian_prior else lc.prior, lc.alpha)
         if prior is not None:
             grad = grad + prior
@@ -184,8 +188,7 @@ def weight_gradients(
     batch = latents[0].shape[0]
     for level, U, r, le in zip(levels, weights, latents, errors):
         lc = level.config
-        bottom_up = le.error if le.slope is None else le.slope * le.error
-        data = level.weight_gradient(bottom_up, r) * (-2 / (lc.sigma2 * batch))
+        data = level.weight_gradient(le.driven, r) * (-2 / (lc.sigma2 * batch))
         grads.append(data + (2 * lc.lam) * U)
     return grads
 

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 import pcmodel
-from pcmodel.engines.state import MAX_PREPARED_SHAPES
+from pcmodel.engines import MAX_PREPARED_SHAPES
 from pcmodel.images import FULL_BUCKETS, full_buckets, has_dense_level, tile_stride
 
 from . import metrics

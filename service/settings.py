@@ -14,7 +14,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from pcmodel.engines.state import MAX_PREPARED_STEPS
+from pcmodel.engines import MAX_PREPARED_STEPS
 
 
 class SettingsError(ValueError):

@@ -14,6 +14,16 @@ from __future__ import annotations
 
 from .base import Backend, EngineRun
 from .select import BACKENDS, Choice, select
-from .state import EngineState, weights_key
+from .state import MAX_PREPARED_SHAPES, MAX_PREPARED_STEPS, EngineState, weights_key
 
-__all__ = ["BACKENDS", "Backend", "Choice", "EngineRun", "EngineState", "select", "weights_key"]
+__all__ = [
+    "BACKENDS",
+    "MAX_PREPARED_SHAPES",
+    "MAX_PREPARED_STEPS",
+    "Backend",
+    "Choice",
+    "EngineRun",
+    "EngineState",
+    "select",
+    "weights_key",
+]
