@@ -27,7 +27,8 @@ from safetensors.torch import save as save_safetensors
 from .config import ConfigError, ModelConfig, weight_shapes
 
 FORMAT = "pcmodel-checkpoint"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: per-level k1_scale / k2_scale in the config (absent = 1: format 1 reads as before)
+READABLE_VERSIONS = ("1", "2")
 MAX_CHECKPOINT_BYTES = 256 * 1024 * 1024  # our models are kilobytes; refuse to read anything absurd
 MAX_HEADER_BYTES = 1024 * 1024
 _DTYPES = {"F32": torch.float32}
@@ -123,9 +124,10 @@ def load(path: str | os.PathLike[str], max_bytes: int = MAX_CHECKPOINT_BYTES) ->
     if not isinstance(metadata, dict) or metadata.get("format") != FORMAT:
         raise CheckpointError(f"{name} is a safetensors file but not a pcmodel checkpoint (no pcmodel metadata)")
     version = metadata.get("format_version")
-    if version != str(FORMAT_VERSION):
+    if version not in READABLE_VERSIONS:
         raise CheckpointError(
-            f"{name} has checkpoint format version {version!r}; this pcmodel reads version {FORMAT_VERSION} "
+            f"{name} has checkpoint format version {version!r}; this pcmodel reads versions "
+            f"{' and '.join(READABLE_VERSIONS)} "
             f"(upgrade pcmodel or re-save the model)"
         )
     try:

@@ -24,6 +24,7 @@ FILTERS = ("none", "dog", "whiten")
 NORMALIZATIONS = ("none", "image_std")
 SIZE_MODES = ("resize", "tile", "full")  # full: convolutional models only (pcmodel.images)
 K2_UNITS = ("inputs", "updates")
+NEUTRAL_SINCE_FORMAT_2 = {"k1_scale": 1.0, "k2_scale": 1.0}  # level fields a format-1 checkpoint lacks
 
 
 class ConfigError(ValueError):
@@ -74,6 +75,10 @@ class LevelConfig:
     lam: float = 0.0  # weight decay lambda*||U_l||^2
     window_sigma: float | None = None  # modules only: Gaussian window (px) on each lower patch
     init_std: float | None = None  # U ~ N(0, init_std^2); None -> 1/sqrt(lower patch size)
+    # Per-level rates (checkpoint format 2): this level's inference step is k1 * k1_scale (a diagonal
+    # preconditioner: docs/MODEL.md section 2) and its learning rate k2 * k2_scale (section 3).
+    k1_scale: float = 1.0
+    k2_scale: float = 1.0
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "kernel", _pair(self.kernel, "kernel"))
@@ -99,6 +104,8 @@ class LevelConfig:
             _positive(self.window_sigma, "window_sigma")
         if self.init_std is not None:
             _positive(self.init_std, "init_std")
+        _positive(self.k1_scale, "k1_scale")
+        _positive(self.k2_scale, "k2_scale")
 
 
 @dataclass(frozen=True)
@@ -173,7 +180,7 @@ class ModelConfig:
     name: str
     input_shape: tuple[int, int, int]  # native (C, H, W); convolutional levels accept other tilings
     levels: tuple[LevelConfig, ...]
-    k1: float  # inference step: r <- r - (k1/2) dE/dr, below the stability bound
+    k1: float  # inference step: r_l <- r_l - (k1 k1_scale_l / 2) dE/dr_l, below the stability bound
     steps: int = 100  # default number of inference steps T
     initial_latents: str = "zeros"  # zeros | feedforward (r_l = U_l^T r_{l-1}, bottom up)
     preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
@@ -208,7 +215,14 @@ class ModelConfig:
         return dataclasses.asdict(self)
 
     def to_json(self) -> str:
-        return json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
+        """Canonical JSON (stored in checkpoints and hashed into their identity). Fields added after
+        format 1 are left out while they hold their neutral value, so a format-1 model keeps its hash."""
+        data = self.to_dict()
+        for level in data["levels"]:
+            for key, neutral in NEUTRAL_SINCE_FORMAT_2.items():
+                if level[key] == neutral:
+                    del level[key]
+        return json.dumps(data, sort_keys=True, separators=(",", ":"))
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ModelConfig:

@@ -9,9 +9,9 @@ g is alpha*sum r^2 (Gaussian) or alpha*sum log(1 + r^2) (Cauchy). Sums everywher
 so an image's result does not depend on its batch or on the map size.
 
 Inference (fast timescale), all levels from the same state:   r_l <- r_l - eta_l dE/dr_l
-Learning (slow timescale), batch mean:                        U_l <- U_l - (k2/2) dE/dU_l
+Learning (slow timescale), batch mean:                        U_l <- U_l - (k2 k2_scale_l / 2) dE/dU_l
 
-with eta_l = k1/2 (`step_rates`: the one place the step size per level is decided; every backend takes
+with eta_l = k1 k1_scale_l / 2 (`step_rates`: the one place the step size per level is decided; every backend takes
 its coefficients from there). Both gradients are derived by hand and checked against autograd in the
 tests. Everything here is a function of (config, levels, weights, state): no model object, no caches.
 The engines in pcmodel.engines rearrange `infer_loop`'s arithmetic; `infer_loop` is their definition.
@@ -77,7 +77,7 @@ def step_rates(config: ModelConfig) -> list[LevelRates]:
     out = []
     levels = config.levels
     for i, lc in enumerate(levels):
-        eta = config.k1 / 2
+        eta = config.k1 * lc.k1_scale / 2  # k1_scale: the diagonal preconditioner (MODEL.md section 2)
         above = 2 * eta / levels[i + 1].sigma2 if i + 1 < len(levels) else 0.0
         gaussian = lc.prior == "gaussian" and lc.alpha > 0
         cauchy = lc.prior == "cauchy" and lc.alpha > 0

@@ -161,10 +161,10 @@ class PCModel:
         return weight_gradients(levels, weights, latents, errors)
 
     def apply_weight_gradients(self, grads: Sequence[torch.Tensor], k2: float) -> None:
-        """U_l <- U_l - (k2/2) grad_l, in place (grads may be averaged across processes first)."""
+        """U_l <- U_l - (k2 k2_scale_l / 2) grad_l, in place (grads may be averaged across processes first)."""
         with torch.inference_mode():
-            for U, g in zip(self.weights, grads):
-                U.sub_(g.to(U.dtype), alpha=k2 / 2)
+            for U, g, lc in zip(self.weights, grads, self.config.levels):
+                U.sub_(g.to(U.dtype), alpha=k2 * lc.k2_scale / 2)
 
     def learn_step(self, x: torch.Tensor, latents: Sequence[torch.Tensor], k2: float | None = None) -> None:
         """One learning step U <- U - (k2/2) dE/dU (batch mean) at settled latents."""
@@ -290,7 +290,7 @@ class PCModel:
         """Largest stable k1 (docs/MODEL.md section 2), from the top eigenvalue of the Hessian in float64.
 
         For linear f and a Gaussian prior E is quadratic in r with Hessian H = 2A, and the step
-        r <- r - (k1/2) H r is stable iff k1 < 4 / lambda_max(H). For tanh (f' <= 1) and the
+        r <- r - (k1/2) S H r, S the per-level k1_scale, is stable iff k1 < 4 / lambda_max(S^1/2 H S^1/2). For tanh (f' <= 1) and the
         Cauchy prior (curvature <= 2 alpha) this linear Gaussian network with the same U, sigma^2
         and alpha is the first-order worst case, so its bound is used. At the input of zeros the
         hand-derived gradient of that quadratic energy at r = v is exactly H v.
@@ -308,12 +308,19 @@ class PCModel:
         if method not in ("auto", "exact", "power", "lanczos"):
             raise ValueError(f"unknown method {method!r}; choose auto, exact, power or lanczos")
 
+        # The preconditioned step r <- r - (k1/2) S H r (S = diag(k1_scale_l)) is stable iff
+        # k1 < 4 / lambda_max(S^1/2 H S^1/2): the symmetric form has the same spectrum as S H.
+        roots = [math.sqrt(lc.k1_scale) for lc in self.config.levels]
+
         def hessian_times(v: torch.Tensor) -> torch.Tensor:  # (N, n) -> (N, n), rows are vectors
-            parts = [p.reshape(v.shape[0], *s) for p, s in zip(torch.split(v, sizes, dim=1), shapes)]
+            parts = [
+                (p * root).reshape(v.shape[0], *s)
+                for p, s, root in zip(torch.split(v, sizes, dim=1), shapes, roots)
+            ]
             zero = v.new_zeros((v.shape[0], self.config.input_shape[0], *hw))
             errors = level_errors(levels, weights, zero, parts, linear=True)
             grads = latent_gradients(levels, weights, parts, errors, gaussian_prior=True)
-            return torch.cat([g.flatten(1) for g in grads], dim=1)
+            return torch.cat([g.flatten(1) * root for g, root in zip(grads, roots)], dim=1)
 
         n = sum(sizes)
         with torch.inference_mode():
