@@ -41,7 +41,8 @@ from .metrics import error_sums
 
 log = logging.getLogger(__name__)
 
-GOOD_FIT = 0.7  # R^2 at or above which a field counts as Gabor-like (docs/MODEL.md section 5 D)
+GOOD_FIT = 0.7  # R^2 at or above which a fit is good (docs/MODEL.md section 5 D)
+MIN_STRIPES = 0.1  # n_x = f sigma_x at or above which a good fit has stripes inside its envelope (blobs: ~0.02)
 ORIENTATION_BINS = 8
 END_STOPPING_STEPS = 1000  # steady state for 5 F: level 2 (sigma2 = 10) relaxes with a time constant of ~130 steps
 
@@ -67,6 +68,16 @@ class GaborFit:
     frequency: float  # cycles per pixel
     phase: float
     offset: float
+
+    @property
+    def n_x(self) -> float:
+        """Stripes inside the envelope: carrier frequency (cycles/px) x envelope width across the stripes (px)."""
+        return self.frequency * self.sigma_u
+
+    @property
+    def oriented(self) -> bool:
+        """Gabor-like: a good fit (R^2 >= 0.7) AND stripes (n_x >= 0.1); a good fit without stripes is a blob."""
+        return self.r2 >= GOOD_FIT and self.n_x >= MIN_STRIPES
 
     @property
     def orientation(self) -> float:
@@ -131,14 +142,18 @@ def level1_fields(model: PCModel) -> np.ndarray:
 
 
 def gabor_summary(fits: list[GaborFit]) -> dict[str, Any]:
+    """Gabor-like share (R^2 >= 0.7 and n_x >= 0.1), the blobs (good fits without stripes) and the bins covered."""
     r2 = np.array([f.r2 for f in fits])
-    good = [f for f in fits if f.r2 >= GOOD_FIT]
+    good = [f for f in fits if f.oriented]
+    blobs = [f for f in fits if f.r2 >= GOOD_FIT and not f.oriented]
     bins = sorted({f.orientation_bin for f in good})
     return {
         "fields": len(fits),
         "good_fits": len(good),
         "share_good": len(good) / max(len(fits), 1),
+        "blobs": len(blobs),
         "median_r2": float(np.median(r2)) if len(r2) else 0.0,
+        "median_n_x": float(np.median([f.n_x for f in good])) if good else 0.0,
         "orientation_bins": len(bins),
         "bins": bins,
     }

@@ -486,7 +486,7 @@ def _jsonable(value: Any) -> Any:
 
 def apply_settings(config: ModelConfig, settings: Sequence[str]) -> ModelConfig:
     """Apply `--set key.path=value` overrides (e.g. levels.0.alpha=0.5, learning.k2=0.01) to a config."""
-    tree = json.loads(config.to_json())  # plain lists and dicts
+    tree = json.loads(json.dumps(config.to_dict()))  # plain lists and dicts, every field present
     for setting in settings:
         key, sep, text = setting.partition("=")
         if not sep:
@@ -498,7 +498,12 @@ def apply_settings(config: ModelConfig, settings: Sequence[str]) -> ModelConfig:
         node: Any = tree
         parts = key.split(".")
         for part in parts[:-1]:
-            node = node[int(part)] if isinstance(node, list) and part.isdigit() else node.get(part)
+            if isinstance(node, list):
+                if not (part.isdigit() and int(part) < len(node)):
+                    raise ConfigError(f"--set {key}: {part!r} is not an index 0..{len(node) - 1} (levels count from 0)")
+                node = node[int(part)]
+            else:
+                node = node.get(part) if isinstance(node, dict) else None
             if node is None:
                 raise ConfigError(f"--set {key}: no such setting; see --print-config for the names")
         last = parts[-1]
