@@ -49,6 +49,9 @@ def export(
         "sha256": model.sha256,
         "steps": str(steps),
         "input_size": "x".join(str(v) for v in (model.config.input_shape[0], *hw)),
+        # The per-level rates baked into the graph (docs/MODEL.md sections 2-3): k1 * k1_scale per level.
+        "k1_per_level": ",".join(f"{model.config.k1 * lc.k1_scale:g}" for lc in model.config.levels),
+        "k2_scale_per_level": ",".join(f"{lc.k2_scale:g}" for lc in model.config.levels),
         "outputs": "latent_1..latent_L (batch, causes, H_l, W_l); energy (steps+1, batch); reconstruction",
     }.items():
         graph.metadata_props.append(onnx.StringStringEntryProto(key=key, value=value))
@@ -60,6 +63,7 @@ def export(
         "model": model.name,
         "sha256": model.sha256,
         "steps": steps,
+        "k1_per_level": [model.config.k1 * lc.k1_scale for lc in model.config.levels],
         "plan": plan.kind,
         "input": ["batch", model.config.input_shape[0], *hw],
         "nodes": len(graph.graph.node),

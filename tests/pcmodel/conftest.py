@@ -11,10 +11,14 @@ from pcmodel import LevelConfig, ModelConfig, PreprocessConfig
 def tiny_config(kind: str, f: str = "identity", prior: str = "gaussian", **overrides) -> ModelConfig:
     """A two-level network of the given kind with every parameter away from its trivial value."""
     common = dict(f=f, prior=prior)
+    # Level 2 steps and learns at its own rate, so every test of the mathematics covers per-level rates.
+    rates = dict(k1_scale=2.5, k2_scale=3.0)
     if kind == "convolutional":
         levels = (
             LevelConfig(causes=3, kind="convolutional", kernel=4, stride=2, sigma2=0.7, alpha=0.3, lam=0.05, **common),
-            LevelConfig(causes=4, kind="convolutional", kernel=3, stride=2, sigma2=2.5, alpha=0.2, lam=0.03, **common),
+            LevelConfig(
+                causes=4, kind="convolutional", kernel=3, stride=2, sigma2=2.5, alpha=0.2, lam=0.03, **common, **rates
+            ),
         )
         shape, color = (3, 12, 12), "rgb"
     elif kind == "modules":
@@ -31,7 +35,9 @@ def tiny_config(kind: str, f: str = "identity", prior: str = "gaussian", **overr
                 lam=0.02,
                 **common,
             ),
-            LevelConfig(causes=5, kind="modules", kernel=2, stride=1, sigma2=3.0, alpha=0.1, lam=0.04, **common),
+            LevelConfig(
+                causes=5, kind="modules", kernel=2, stride=1, sigma2=3.0, alpha=0.1, lam=0.04, **common, **rates
+            ),
         )
         shape, color = (1, 10, 10), "gray"
     elif kind == "dense":
@@ -48,7 +54,7 @@ def tiny_config(kind: str, f: str = "identity", prior: str = "gaussian", **overr
                 lam=0.02,
                 **common,
             ),
-            LevelConfig(causes=6, kind="dense", sigma2=10.0, alpha=0.05, lam=0.02, **common),
+            LevelConfig(causes=6, kind="dense", sigma2=10.0, alpha=0.05, lam=0.02, **common, **rates),
         )
         shape, color = (1, 8, 12), "gray"
     else:

@@ -199,3 +199,29 @@ def test_low_level_loader_returns_config_and_provenance(tmp_path):
     model, path = good_file(tmp_path)
     ckpt = load_checkpoint(path)
     assert ckpt.config == model.config and ckpt.sha256 == model.sha256
+
+
+def test_format_1_files_keep_loading_with_the_same_identity(tmp_path):
+    """A format-1 file (no per-level rates in its config) loads as k1_scale = k2_scale = 1, same hash."""
+    model = pcmodel.create("conv-rgb", seed=3)
+    assert all(lc.k1_scale == lc.k2_scale == 1.0 for lc in model.config.levels)
+    old_json = json.dumps(json.loads(model.config.to_json()), sort_keys=True, separators=(",", ":"))
+    assert "k1_scale" not in old_json  # neutral rates are left out of the canonical JSON
+    path = write_checkpoint(tmp_path / "v1.safetensors", model, config=old_json, format_version="1")
+    loaded = pcmodel.load(path)
+    assert loaded.sha256 == model.sha256 and loaded.config == model.config
+
+
+def test_per_level_rates_are_saved_and_change_the_identity(tmp_path):
+    model = pcmodel.create("rao-ballard-1999", seed=3)
+    levels = list(model.config.levels)
+    levels[1] = dataclasses.replace(levels[1], k1_scale=4.0, k2_scale=20.0)
+    ranked = pcmodel.PCModel(model.config.replace(levels=tuple(levels)), model.weights)
+    assert ranked.sha256 != model.sha256
+    path = tmp_path / "rates.safetensors"
+    ranked.save(path)
+    loaded = pcmodel.load(path)
+    assert (loaded.config.levels[1].k1_scale, loaded.config.levels[1].k2_scale) == (4.0, 20.0)
+    assert loaded.sha256 == ranked.sha256
+    with pytest.raises(pcmodel.ConfigError, match="k1_scale must be a positive"):
+        dataclasses.replace(levels[1], k1_scale=0.0)

@@ -42,6 +42,9 @@ def test_pc_export_writes_the_documented_graph_and_matches_torch(preset, tmp_pat
     meta = {p.key: p.value for p in model.metadata_props}
     torch_model = pcmodel.load(preset)
     assert meta["model"] == preset and meta["steps"] == "100" and meta["sha256"] == torch_model.sha256
+    config = torch_model.config
+    assert meta["k1_per_level"] == ",".join(f"{config.k1 * lc.k1_scale:g}" for lc in config.levels)
+    assert summary["k1_per_level"] == pytest.approx([config.k1 * lc.k1_scale for lc in config.levels])
     for batch in (1, 3):  # the batch axis is dynamic
         x = torch.rand((batch, *torch_model.config.input_shape), generator=generator) * 2 - 1
         values = run_file(path, x)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -38,7 +40,10 @@ def test_bound_matches_the_closed_form_hessian(kind, generator):
         return model.energy(x, parts).sum()
 
     hessian = torch.autograd.functional.hessian(energy, torch.zeros(sum(sizes), dtype=torch.float64))
-    expected = 4 / float(torch.linalg.eigvalsh(hessian)[-1])
+    # The step is r <- r - (k1/2) S H r with S = diag(k1_scale per latent): stable iff k1 < 4 / lambda_max(S H).
+    scale = torch.cat([torch.full((n,), lc.k1_scale, dtype=torch.float64) for n, lc in zip(sizes, model.config.levels)])
+    assert len(set(scale.tolist())) > 1  # the tiny configs give level 2 its own step
+    expected = 4 / float(torch.linalg.eigvals(scale[:, None] * hessian).real.max())
     assert model.stability_bound(method="exact") == pytest.approx(expected, rel=1e-9)
     assert model.stability_bound(method="power") == pytest.approx(expected, rel=1e-3)
 
@@ -205,3 +210,40 @@ def test_learn_step_lowers_the_energy_at_fixed_latents(generator):
     before = model.energy(x, latents).mean()
     model.learn_step(x, latents, k2=0.01)
     assert model.energy(x, latents).mean() < before
+
+
+def test_learning_rate_scales_per_level(generator):
+    """U_l moves by (k2 k2_scale_l / 2) dE/dU_l: level 2's step is k2_scale times its unscaled one."""
+    model = model_at(tiny_config("dense"), generator, std=0.3, k1_factor=0.5)
+    x = torch.randn((4, *model.config.input_shape), generator=generator)
+    latents = model.infer(x, steps=20).latents
+    grads = model.weight_gradients(x, latents)
+    before = [w.clone() for w in model.weights]
+    model.apply_weight_gradients(grads, k2=0.01)
+    for lc, g, old, new in zip(model.config.levels, grads, before, model.weights):
+        torch.testing.assert_close(old - new, g * (0.01 * lc.k2_scale / 2))
+    assert model.config.levels[1].k2_scale != 1.0
+
+
+@pytest.mark.parametrize(("kind", "prior"), [("dense", "cauchy"), ("convolutional", "gaussian"), ("modules", "cauchy")])
+def test_the_per_level_step_keeps_the_fixed_points(kind, prior, generator):
+    """docs/MODEL.md section 2: preconditioning changes the path, not the fixed point. 300 steps with a
+    per-level step (level 2 at 8x) reach where 5,000 plain steps (every level at the same k1) end."""
+    config = tiny_config(kind, prior=prior)
+    plain_levels = tuple(dataclasses.replace(lv, k1_scale=1.0) for lv in config.levels)
+    weights = [torch.randn(s, generator=generator, dtype=torch.float64) * 0.4 for s in PCModel.weight_shapes(config)]
+    plain = PCModel(config.replace(levels=plain_levels), weights, allow_unstable=True)
+    plain = PCModel(plain.config.replace(k1=0.5 * plain.stability_bound()), weights, allow_unstable=True)
+    fast_levels = (plain_levels[0], dataclasses.replace(plain_levels[1], k1_scale=8.0))
+    fast = PCModel(plain.config.replace(levels=fast_levels), weights, allow_unstable=True)
+    fast = PCModel(fast.config.replace(k1=0.5 * fast.stability_bound()), weights, allow_unstable=True)
+    x = torch.randn((3, *config.input_shape), generator=generator, dtype=torch.float64)
+    reference = plain.infer(x, steps=5000, backend="loop")
+    quick = fast.infer(x, steps=300, backend="loop")
+    slow = plain.infer(x, steps=300, backend="loop")
+    for level, (a, b, c) in enumerate(zip(quick.latents, reference.latents, slow.latents)):
+        gap = float((a - b).norm() / b.norm())
+        assert gap < 1e-3, (level, gap)
+    top_slow = float((slow.latents[1] - reference.latents[1]).norm() / reference.latents[1].norm())
+    top_quick = float((quick.latents[1] - reference.latents[1]).norm() / reference.latents[1].norm())
+    assert top_quick < 0.1 * top_slow  # the same 300 steps without the per-level step are much further away
