@@ -168,6 +168,7 @@ def level2_report(model: PCModel, draws: int = RANDOM_DRAWS, seed: int = 0) -> d
             "random_std": float(r.std()),
             "p": (1 + int((r >= value).sum())) / (1 + draws),
             "p_below": (1 + int((r <= value).sum())) / (1 + draws),
+            "random_medians": [float(v) for v in r],
         }
     return {"fields": int(parts.shape[0]), "modules": int(parts.shape[1]), "draws": draws, "measures": measures}
 
@@ -301,16 +302,15 @@ def pca_control(config: ModelConfig, seed: int = 0) -> dict[str, Any]:
 
 
 def report_sections(model: PCModel, out: Path, seed: int = 0, draws: int = RANDOM_DRAWS) -> dict[str, Any]:
-    """report["level2_fields"], ["autocorrelation"], ["pca_control"]; writes out/autocorrelation.png."""
+    """report["level2_fields"], ["autocorrelation"], ["pca_control"]; writes their figures into out."""
     from . import figures
 
     acf = autocorrelation(training_images(model.config), seed=seed)
     figures.save(figures.autocorrelation_figure(acf, model.name), out / "autocorrelation.png")
-    return {
-        "level2_fields": level2_report(model, draws=draws, seed=seed),
-        "autocorrelation": acf,
-        "pca_control": pca_control(model.config, seed=seed),
-    }
+    level2 = level2_report(model, draws=draws, seed=seed)
+    if level2 is not None:
+        figures.save(figures.level2_measures_figure(level2, model.name), out / "level2_measures.png")
+    return {"level2_fields": level2, "autocorrelation": acf, "pca_control": pca_control(model.config, seed=seed)}
 
 
 MEASURE_NAMES = {
@@ -340,6 +340,8 @@ def markdown(report: dict[str, Any]) -> list[str]:
                 f"| {v['p']:.3f} | {v['p_below']:.3f} |"
                 for k, v in l2["measures"].items()
             ),
+            "",
+            "![level-2 measures](level2_measures.png)",
         ]
     a = report["autocorrelation"]
 
