@@ -18,7 +18,7 @@ from PIL import Image
 from benchmarks import bench, loadtest, serve_bench, vs_jax
 from pcmodel import cli as encode
 from pcmodel import export
-from training import analysis, train
+from training import analysis, study, train
 
 from .training.conftest import TINY
 
@@ -27,6 +27,7 @@ COMMANDS = {
     "pc-export": export.main,
     "pc-train": train.main,
     "pc-analyze": analysis.main,
+    "pc-study": study.main,
     "pc-bench": bench.main,
     "pc-serve-bench": serve_bench.main,
     "pc-serve-loadtest": loadtest.main,
@@ -92,6 +93,16 @@ CASES = [
     ("pc-analyze", ["no-such-model"], "checkpoint"),
     ("pc-analyze", ["{corrupt}"], "{corrupt}"),
     ("pc-analyze", ["rao-ballard-1999", "--out", "{text}"], "--out"),
+    ("pc-analyze", ["rao-ballard-1999", "--random-draws", "0"], "--random-draws"),
+    ("pc-study", ["--seeds", "0"], "--out"),
+    ("pc-study", ["--out", "{text}"], "--out"),
+    ("pc-study", ["--out", "{folder}", "--seeds", "a"], "--seeds"),
+    ("pc-study", ["--out", "{folder}", "--updates", "0"], "--updates"),
+    ("pc-study", ["--out", "{folder}", "--config", "{missing}"], "--config"),
+    ("pc-study", ["--out", "{folder}", "--config", "{text}"], "--config"),
+    ("pc-study", ["--out", "{folder}", "--set", "levels.0.no_such=1"], "--set"),
+    ("pc-study", ["--out", "{folder}", "--grid", "levels.0.no_such=1,2"], "--grid"),
+    ("pc-study", ["--out", "{folder}", "--grid", "k1"], "--grid"),
     ("pc-bench", ["--steps", "0"], "--steps"),
     ("pc-bench", ["--rounds", "0"], "--rounds"),
     ("pc-bench", ["--threads", "0"], "--threads"),

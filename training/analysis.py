@@ -11,6 +11,8 @@ Writes report.md (with PNG figures) and report.json:
   against the zero code (1.0).
 - F: end-stopping: the centre module's level-1 error response to short and long bars, with the
   level-2 feedback and without it (the same U_1 with level 2 removed).
+- Level-2 fields against random U_2, the photos' autocorrelation (the paper's Fig. 4) and the PCA
+  control for D (training/fields.py).
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ from pcmodel.cliargs import ArgumentParser, fail, model_source, output_folder, p
 from pcmodel.images import filter_images
 
 from . import data
+from . import fields as field_measures
 from .metrics import error_sums
 
 log = logging.getLogger(__name__)
@@ -322,7 +325,12 @@ def end_stopping(
 
 
 def analyze(
-    model: PCModel, out: Path, steps: int | None = None, seed: int = 0, end_stopping_steps: int | None = None
+    model: PCModel,
+    out: Path,
+    steps: int | None = None,
+    seed: int = 0,
+    end_stopping_steps: int | None = None,
+    random_draws: int = field_measures.RANDOM_DRAWS,
 ) -> dict[str, Any]:
     """Run every check, write out/report.md, out/report.json and the figures; returns the numbers."""
     from . import figures
@@ -349,6 +357,7 @@ def analyze(
             model, end_stopping_steps, candidates=[i for i, f in enumerate(fits) if _horizontal(f)]
         ),
     }
+    report.update(field_measures.report_sections(model, out, seed=seed, draws=random_draws))
     figures.save(figures.gabor_figure(fields, fits, model.name), out / "gabor_fits.png")
     if report["end_stopping"] is not None:
         figures.save(figures.end_stopping_figure(report["end_stopping"], model.name), out / "end_stopping.png")
@@ -424,6 +433,7 @@ def markdown(report: dict[str, Any]) -> str:
             "",
             "![End-stopping](end_stopping.png)",
         ]
+    lines += ["", *field_measures.markdown(report)]
     return "\n".join(lines) + "\n"
 
 
@@ -460,6 +470,12 @@ def main(argv: list[str] | None = None) -> int:
         help=f"inference steps for end-stopping, a steady state (default: max({END_STOPPING_STEPS}, the model's))",
     )
     parser.add_argument(
+        "--random-draws",
+        type=positive_int,
+        default=field_measures.RANDOM_DRAWS,
+        help="random U2 the level-2 measures are compared with (default: %(default)s)",
+    )
+    parser.add_argument(
         "--threads", type=positive_int, default=1, help="torch intra-op CPU threads (default: %(default)s)"
     )
     args = parser.parse_args(argv)
@@ -471,7 +487,9 @@ def main(argv: list[str] | None = None) -> int:
     except (pcmodel.CheckpointError, pcmodel.UnstableStepError) as exc:
         return fail("pc-analyze", str(exc))
     out = args.out or default_out(args.checkpoint, model.name)
-    report = analyze(model, out, steps=args.steps, end_stopping_steps=args.end_stopping_steps)
+    report = analyze(
+        model, out, steps=args.steps, end_stopping_steps=args.end_stopping_steps, random_draws=args.random_draws
+    )
     g, e = report["gabor"], report["held_out"]
     summary = {
         "gabor_share": round(g["share_good"], 3),

@@ -195,3 +195,33 @@ def end_stopping_figure(result: dict, name: str) -> plt.Figure:
     fig.suptitle(f"{name}: end-stopping", fontsize=9)
     fig.tight_layout(pad=0.4)
     return fig
+
+
+def autocorrelation_figure(result: dict, name: str) -> plt.Figure:
+    """The paper's Fig. 4: autocorrelation of the filtered photos along and across the local orientation."""
+    fig, ax = plt.subplots(figsize=(4.2, 2.8))
+    ax.plot(result["lags"], result["along"], "o-", ms=3, label="along the dominant orientation")
+    ax.plot(result["lags"], result["across"], "s--", ms=3, label="across it")
+    ax.axhline(0.5, color="0.7", lw=0.8)
+    ax.axhline(0.0, color="0.85", lw=0.8)
+    ax.set_xlabel("lag (px)")
+    ax.set_ylabel("autocorrelation (/ lag 0)")
+    ax.set_title(f"{name}: filtered training photos, {result['used']} windows", fontsize=8)
+    ax.legend(fontsize=7)
+    fig.tight_layout(pad=0.4)
+    return fig
+
+
+def level2_measures_figure(result: dict, name: str) -> plt.Figure:
+    """Each level-2 measure: the random U2's medians (histogram) and the model's (a line)."""
+    measures = result["measures"]
+    fig, axes = plt.subplots(1, len(measures), figsize=(2.1 * len(measures), 2.2), squeeze=False)
+    for ax, (key, m) in zip(axes[0], measures.items()):
+        ax.hist(m["random_medians"], bins=15, color="0.7")
+        ax.axvline(m["value"], color="C3", lw=1.5)
+        ax.set_title(f"{key.replace('_', ' ')}, p = {m['p']:.2f}", fontsize=7)
+        ax.tick_params(labelsize=6)
+        ax.set_yticks([])
+    fig.suptitle(f"{name}: level-2 fields (red) against {result['draws']} random U2 (grey)", fontsize=8)
+    fig.tight_layout(pad=0.3)
+    return fig

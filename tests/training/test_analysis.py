@@ -93,6 +93,10 @@ def test_pc_analyze_writes_the_report(tmp_path, tiny_config_file, capsys):
     for section in ("## D.", "## E.", "## F.", "gabor_fits.png", "end_stopping.png", "china.jpg"):
         assert section in text
     assert (out / "gabor_fits.png").stat().st_size < 300_000 and (out / "end_stopping.png").is_file()
+    # training/fields.py's sections: the miniature has the paper's geometry (8 level-2 causes, 6 level-1)
+    assert report["level2_fields"]["fields"] == 8 and report["pca_control"]["components"] == 6
+    assert report["autocorrelation"]["used"] > 0 and (out / "autocorrelation.png").is_file()
+    assert (out / "level2_measures.png").is_file() and "## Level-2 fields against random U2" in text
 
 
 def test_the_report_goes_beside_its_checkpoint_by_default(tmp_path):
