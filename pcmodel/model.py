@@ -290,9 +290,9 @@ class PCModel:
         """Largest stable k1 (docs/MODEL.md section 2), from the top eigenvalue of the Hessian in float64.
 
         For linear f and a Gaussian prior E is quadratic in r with Hessian H = 2A, and the step
-        r <- r - (k1/2) S H r, S the per-level k1_scale, is stable iff k1 < 4 / lambda_max(S^1/2 H S^1/2). For tanh (f' <= 1) and the
-        Cauchy prior (curvature <= 2 alpha) this linear Gaussian network with the same U, sigma^2
-        and alpha is the first-order worst case, so its bound is used. At the input of zeros the
+        r <- r - (k1/2) S H r (S: the per-level k1_scale) is stable iff k1 < 4 / lambda_max(S^1/2 H S^1/2).
+        For tanh (f' <= 1) and the Cauchy prior (curvature <= 2 alpha) this linear Gaussian network with
+        the same U, sigma^2 and alpha is the first-order worst case, so its bound is used. At the input of zeros the
         hand-derived gradient of that quadratic energy at r = v is exactly H v.
 
         method: "power" (power iteration on H v), "exact" (H built column by column, eigvalsh),
@@ -314,8 +314,7 @@ class PCModel:
 
         def hessian_times(v: torch.Tensor) -> torch.Tensor:  # (N, n) -> (N, n), rows are vectors
             parts = [
-                (p * root).reshape(v.shape[0], *s)
-                for p, s, root in zip(torch.split(v, sizes, dim=1), shapes, roots)
+                (p * root).reshape(v.shape[0], *s) for p, s, root in zip(torch.split(v, sizes, dim=1), shapes, roots)
             ]
             zero = v.new_zeros((v.shape[0], self.config.input_shape[0], *hw))
             errors = level_errors(levels, weights, zero, parts, linear=True)

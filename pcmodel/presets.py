@@ -74,6 +74,8 @@ CONV_RGB = ModelConfig(
             prior="gaussian",
             alpha=0.001,
             lam=1.0,
+            init_std=0.072,  # 1/sqrt(3*8*8): unit-variance predictions from unit-variance causes
+            k1_scale=2.0,  # 0.08: about 0.7 of the bound (docs/TRAINING.md, conv-rgb: per-level steps)
         ),
         # lam = 0.1 here: at 1.0 level 2 decays to nothing (its input r_1 is small).
         LevelConfig(
@@ -86,13 +88,17 @@ CONV_RGB = ModelConfig(
             prior="gaussian",
             alpha=0.001,
             lam=0.1,
+            init_std=0.118,  # 1/sqrt(8*3*3)
+            # Level 2 (sigma2 = 10, alpha = 0.001) has ~10x less curvature than level 1: at one k1 its
+            # latents were 86% from their fixed point after 100 steps, at 20x k1 45%.
+            k1_scale=20.0,
         ),
     ),
     k1=0.04,  # about 40% of the trained model's stability bound
     steps=100,
     initial_latents="zeros",
     preprocess=PreprocessConfig(
-        color="rgb", value_range=(-1.0, 1.0), filter="none", normalize="none", size_mode="resize"
+        color="rgb", value_range=(-1.0, 1.0), filter="none", normalize="none", size_mode="full"
     ),
     # The same schedule as the paper preset: x 1/1.015 every 40 updates.
     learning=LearningConfig(k2=0.003, k2_decay=1.015, k2_decay_every=40, k2_decay_unit="updates"),
