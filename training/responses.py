@@ -228,7 +228,8 @@ def end_stopping(
     drive_map = run(1.0, selection_steps).r_plain.abs()  # (rows, lengths, causes)
     drive = drive_map.amax(dim=(0, 1))
     strongest = max((float(drive[c]) for c in candidates), default=0.0)
-    driven = sorted((c for c in candidates if float(drive[c]) >= DRIVEN * strongest > 0), key=lambda c: -float(drive[c]))
+    driven = [c for c in candidates if float(drive[c]) >= DRIVEN * strongest > 0]
+    driven.sort(key=lambda c: -float(drive[c]))
     best_row = {c: int(drive_map[:, inside, c].amax(dim=1).argmax()) for c in driven}
     cells = [{"cause": c, "drive": float(drive[c]), "bar_row": rows[best_row[c]]} for c in driven]
 
@@ -300,17 +301,24 @@ def summarise(table: Sequence[dict], steps: int, contrasts: Sequence[float] = CO
 
 
 def _step_grid(last: int, points: int = 40) -> list[int]:
-    return sorted({0, *(int(round(v)) for v in np.geomspace(1, last, points))})
+    return sorted({0, *(round(float(v)) for v in np.geomspace(1, last, points))})
+
+
+def short_bar(model: PCModel) -> int:
+    """Half a module's width, rounded up to an even length: 8 px in the paper."""
+    half = model.config.levels[0].kernel[1] // 2
+    return half + half % 2
 
 
 def time_course(
-    model: PCModel, cause: int, row: float, last: int, lengths: Sequence[int] = (8, 26)
+    model: PCModel, cause: int, row: float, last: int, lengths: Sequence[int] | None = None
 ) -> dict[str, Any]:
-    """The cell's |r - r_td| (with feedback) to a short and a long bar after t steps, t in 0..`last`.
+    """The cell's |r - r_td| (with feedback) to a short and a long bar (default: 8 and 26 px) after t steps.
 
     Under the served per-level steps and under the paper's single k1 (every k1_scale 1); time is
     k1 x steps for both, so the curves share an axis.
     """
+    lengths = [short_bar(model), model.config.input_shape[2]] if lengths is None else list(lengths)
     x = bar_stimuli(model, lengths, [row])
     steps = _step_grid(last)
     out: dict[str, Any] = {"k1": model.config.k1, "steps": steps, "model_steps": model.config.steps,
@@ -326,13 +334,16 @@ def time_course(
     return out
 
 
-def surround(model: PCModel, cause: int, row: float, steps: Sequence[int], centre_px: int = 8) -> dict[str, Any]:
+def surround(
+    model: PCModel, cause: int, row: float, steps: Sequence[int], centre_px: int | None = None
+) -> dict[str, Any]:
     """The cell's response to a centre bar alone, with iso- and with ortho-oriented flanks (the paper's Fig. 6).
 
-    The centre bar (horizontal: the cell's preferred orientation, `centre_px` long) sits on the centre
+    The centre bar (horizontal: the cell's preferred orientation; `centre_px` long, default 8 px) sits on the centre
     module at the cell's bar row; the flanks (`flank_bars`) lie in the neighbour modules' fields.
     Response: |r - r_td| with feedback, |r| without; ratios are to the centre bar alone.
     """
+    centre_px = short_bar(model) if centre_px is None else centre_px
     x0 = module_centres(model)[CENTRE]
     kinds = ("none", "iso", "ortho")
     scenes = [[Bar(x0, row, centre_px), *flank_bars(model, row, kind)] for kind in kinds]
