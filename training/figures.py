@@ -243,7 +243,8 @@ def time_course_figure(tc: dict, name: str) -> plt.Figure:
         for n, colour in zip(tc["lengths"], ("C0", "C3")):
             ax.plot(time, tc[key][str(n)], style, color=colour, lw=1.2, label=f"{n} px bar, {label}")
     ax.axvline(tc["k1"] * tc["model_steps"], color="0.7", lw=0.8)
-    ax.set_xscale("symlog", linthresh=max(tc["k1"], 1e-6))
+    ax.set_xscale("symlog", linthresh=max(tc["k1"], 1e-6))  # linear up to one step, then logarithmic
+    ax.set_xlim(0, time[-1])
     ax.set_xlabel("time: k1 × steps (grey line: the model's steps)")
     ax.set_ylabel("|r − r_td|")
     ax.set_ylim(bottom=0)

@@ -34,6 +34,7 @@ CENTRE = 1  # the centre module: offsets 0, 5, 10
 CONTRASTS = (0.5, 1.0, 2.0)  # bar contrast relative to the natural one (`stimuli`)
 STEADY_STEPS = 1000  # level 2 (sigma2 = 10) at the paper's single k1 relaxes with a time constant of ~130 steps
 REFERENCE_STEPS = 5000  # r(infinity) for `settling`
+STATES_PER_CALL = 250_000  # images x steps per inference call in `settling` (the backends keep every step's state)
 DRIVEN = 0.25  # a cell is driven if a bar gives it >= this share of the most driven candidate's response
 END_STOPPED = 0.7  # index below which a cell is end-stopped with feedback ...
 NOT_END_STOPPED = 0.9  # ... while without feedback its index stays at or above this
@@ -225,7 +226,11 @@ def end_stopping(
         shape = (len(rows), len(lengths), -1)  # (rows, lengths, causes)
         return CentreResponses(res.r.reshape(shape), res.r_td.reshape(shape), res.r_plain.reshape(shape))
 
-    drive_map = run(1.0, selection_steps).r_plain.abs()  # (rows, lengths, causes)
+    if not candidates:  # nothing to select or measure
+        causes = model.config.levels[0].causes
+        drive_map = torch.zeros((len(rows), len(lengths), causes), dtype=torch.float64)
+    else:
+        drive_map = run(1.0, selection_steps).r_plain.abs()  # (rows, lengths, causes)
     drive = drive_map.amax(dim=(0, 1))
     strongest = max((float(drive[c]) for c in candidates), default=0.0)
     driven = [c for c in candidates if float(drive[c]) >= DRIVEN * strongest > 0]
@@ -235,7 +240,7 @@ def end_stopping(
 
     measured = []
     for t in steps:
-        by_contrast = {contrast_key(k): run(k, t) for k in contrasts}
+        by_contrast = {contrast_key(k): run(k, t) for k in contrasts} if driven else {}
         table = []
         for c in driven:
             row = best_row[c]
@@ -385,6 +390,18 @@ def _energy_gap(energy: torch.Tensor, reference: torch.Tensor) -> float:
     return float(((energy.double() - reference.double()) / reference.double().abs().clamp_min(1e-30)).median())
 
 
+def _settle(net: PCModel, windows: torch.Tensor, steps: int) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """Latents per level and final energy (B,) after `steps`, inferred in chunks.
+
+    Chunks, because the fast backends keep every step's state for the energy trace: memory grows
+    with steps x batch (1,000 windows x 5,000 steps of the paper's network: ~17 GB in one call).
+    """
+    chunk = max(1, STATES_PER_CALL // max(steps, 1))
+    parts = [net.infer(windows[i : i + chunk], steps=steps) for i in range(0, windows.shape[0], chunk)]
+    latents = [torch.cat([p.latents[level] for p in parts]) for level in range(len(parts[0].latents))]
+    return latents, torch.cat([p.energy[-1] for p in parts])
+
+
 def settling(
     model: PCModel, windows: torch.Tensor, steps: int | None = None, reference_steps: int = REFERENCE_STEPS
 ) -> dict[str, Any]:
@@ -398,29 +415,29 @@ def settling(
     half = max(reference_steps // 2, 1)
     net = _fast(served(model), [steps, half, reference_steps])
     windows = windows.to(model.device)
-    reference = net.infer(windows, steps=reference_steps)
-    at_t = net.infer(windows, steps=steps)
-    at_half = net.infer(windows, steps=half)
+    reference = _settle(net, windows, reference_steps)
+    at_t = _settle(net, windows, steps)
+    at_half = _settle(net, windows, half)
     report: dict[str, Any] = {
         "steps": steps,
         "reference_steps": reference_steps,
         "windows": int(windows.shape[0]),
-        "median_relative_distance": _relative_distances(at_t.latents, reference.latents),
-        "energy_relative_gap": _energy_gap(at_t.energy[-1], reference.energy[-1]),
+        "median_relative_distance": _relative_distances(at_t[0], reference[0]),
+        "energy_relative_gap": _energy_gap(at_t[1], reference[1]),
         "reference_check": {
             "steps": half,
-            "median_relative_distance": _relative_distances(at_half.latents, reference.latents),
+            "median_relative_distance": _relative_distances(at_half[0], reference[0]),
         },
         "k1_scale": [lv.k1_scale for lv in model.config.levels],
     }
     if all(lv.k1_scale == 1.0 for lv in model.config.levels):
         single = at_t  # the served model already takes the paper's single k1
     else:
-        single = _fast(single_k1(model), [steps]).infer(windows, steps=steps)
+        single = _settle(_fast(single_k1(model), [steps]), windows, steps)
     report["single_k1"] = {
         "same_as_served": single is at_t,
-        "median_relative_distance": _relative_distances(single.latents, reference.latents),
-        "energy_relative_gap": _energy_gap(single.energy[-1], reference.energy[-1]),
+        "median_relative_distance": _relative_distances(single[0], reference[0]),
+        "energy_relative_gap": _energy_gap(single[1], reference[1]),
     }
     finite = all(math.isfinite(v) for v in report["single_k1"]["median_relative_distance"])
     report["single_k1"]["finite"] = finite  # the single k1 may exceed the stability bound of a retrained model
