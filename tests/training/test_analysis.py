@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 import pcmodel
 from training import analysis
@@ -48,6 +49,15 @@ def test_summary_counts_good_fits_and_their_bins():
     assert summary["good_fits"] == 2 and summary["orientation_bins"] == 2 and summary["bins"] == [0, 2]
 
 
+@pytest.fixture
+def one_thread():
+    """One torch thread (the machine's cores are shared), restored afterwards."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def test_end_stopping_cells_are_oriented_and_horizontal():
     def fit(r2, orientation, n_x):
         return GaborFit(r2, 1, 0, 0, np.radians(orientation - 90), 2.0, 1, n_x / 2.0, 0, 0)
@@ -63,7 +73,7 @@ def _synthetic_fits(horizontal):
     ]
 
 
-def test_end_stopping_report_keys_on_the_papers_geometry():
+def test_end_stopping_report_keys_on_the_papers_geometry(one_thread):
     model = pcmodel.load("rao-ballard-1999")
     fits = _synthetic_fits({6, 17, 29})
     result = analysis.end_stopping(model, fits, steps=10, steady_steps=30)
@@ -87,10 +97,12 @@ def test_end_stopping_report_keys_on_the_papers_geometry():
     assert set(result["surround"]["by_steps"][0]["feedback_ratio"]) == {"none", "iso", "ortho"}
     text = "\n".join(analysis.end_stopping_markdown(result))
     assert "end_stopping_mechanism.png" in text and "surround.png" in text
-    assert analysis.end_stopping(pcmodel.create("conv-rgb"), _synthetic_fits(set())) is None
+    conv = pcmodel.create("conv-rgb")
+    assert analysis.end_stopping(conv, _synthetic_fits(set())) is None and analysis.steady_state(conv) is None
+    assert "paper's network only" in "\n".join(analysis.steady_state_markdown(None))
 
 
-def test_end_stopping_measures_a_steady_state_by_default():
+def test_end_stopping_measures_a_steady_state_by_default(one_thread):
     assert analysis.END_STOPPING_STEPS >= 1000  # level 2 relaxes with a time constant of ~130 steps
     model = pcmodel.load("rao-ballard-1999")
     result = analysis.end_stopping(model, _synthetic_fits(set()))  # no candidates: nothing to run for long

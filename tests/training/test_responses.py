@@ -14,9 +14,17 @@ from pcmodel import PCModel
 from training import responses
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """One torch thread (the machine's cores are shared), restored afterwards."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def paper():
-    torch.set_num_threads(1)
     return pcmodel.load("rao-ballard-1999")
 
 
