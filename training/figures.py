@@ -275,8 +275,10 @@ def surround_figure(sur: dict, name: str) -> plt.Figure:
             bar += 1
     ax.set_xticks(range(len(kinds)), ["centre alone", "iso flanks", "ortho flanks"], fontsize=7)
     ax.axhline(1, color="0.6", lw=0.8)
+    top = max(b[key][k] for b in sur["by_steps"] for key in ("feedback_ratio", "without_ratio") for k in kinds)
+    ax.set_ylim(0, 1.35 * max(top, 1.0))  # room for the legend above the bars
     ax.set_ylabel("response / centre alone", fontsize=7)
-    ax.legend(fontsize=6, loc="lower left")
+    ax.legend(fontsize=6, loc="upper center", ncol=2)
     ax.set_title(f"{name}: surround, cell {sur['cause']}", fontsize=8)
     return fig
 
