@@ -9,16 +9,17 @@ Writes report.md (with PNG figures) and report.json:
   share with R^2 >= 0.7 and the orientation bins they cover; the same for random weights (control).
 - E: relative reconstruction error on held-out photos (scikit-learn's china.jpg and flower.jpg)
   against the zero code (1.0).
-- F: end-stopping: the centre module's level-1 error response to short and long bars, with the
-  level-2 feedback and without it (the same U_1 with level 2 removed).
+- F: end-stopping: every oriented horizontal cell of the centre module that bars drive, its level-1
+  error response to bars of every length with the level-2 feedback and without it (the same U_1 with
+  level 2 removed), at three contrasts, at the model's steps and at steady state; the headline cell's
+  mechanism, time course and surround responses (training.responses).
+- Steady state: how far each level is, after the model's steps, from its state after many more.
 - Level-2 fields against random U_2, the photos' autocorrelation (the paper's Fig. 4) and the PCA
   control for D (training/fields.py).
 """
 
 from __future__ import annotations
 
-import dataclasses
-import functools
 import json
 import logging
 import math
@@ -34,11 +35,10 @@ from scipy.ndimage import gaussian_filter
 from scipy.optimize import least_squares
 
 import pcmodel
-from pcmodel import ModelConfig, PCModel
+from pcmodel import PCModel
 from pcmodel.cliargs import ArgumentParser, fail, model_source, output_folder, positive_int
-from pcmodel.images import filter_images
 
-from . import data
+from . import data, responses
 from . import fields as field_measures
 from .metrics import error_sums
 
@@ -47,7 +47,7 @@ log = logging.getLogger(__name__)
 GOOD_FIT = 0.7  # R^2 at or above which a fit is good (docs/MODEL.md section 5 D)
 MIN_STRIPES = 0.1  # n_x = f sigma_x at or above which a good fit has stripes inside its envelope (blobs: ~0.02)
 ORIENTATION_BINS = 8
-END_STOPPING_STEPS = 1000  # steady state for 5 F: level 2 (sigma2 = 10) relaxes with a time constant of ~130 steps
+END_STOPPING_STEPS = responses.STEADY_STEPS  # steady state for 5 F
 
 
 # ---- D: Gabor fits ----------------------------------------------------------------------------
@@ -193,132 +193,60 @@ def held_out_reconstruction(model: PCModel, count: int = 1000, steps: int | None
     }
 
 
-# ---- F: end-stopping --------------------------------------------------------------------------
+# ---- F: end-stopping (the measurements: training.responses) ---------------------------------
 
 
-def _without_feedback(model: PCModel) -> PCModel:
-    """The same level 1 with every level above removed (sigma_td^2 -> infinity: no top-down prediction)."""
-    config = model.config.replace(levels=model.config.levels[:1])
-    return PCModel(config, model.weights[:1], allow_unstable=True)
-
-
-@functools.lru_cache(maxsize=8)
-def _reference_scale(config: ModelConfig) -> float:
-    """Mean std of the training photos after the filter, before normalisation: gives bars a natural contrast."""
-    pre = dataclasses.replace(config.preprocess, normalize="none", gain=1.0)
-    images = data.prepare(data.default_photos(), config.replace(preprocess=pre))
-    return float(np.mean([float(image.std()) for image in images]))
-
-
-def bar_stimuli(model: PCModel, lengths: list[int], rows: list[float], width: float = 2.0) -> torch.Tensor:
-    """Horizontal bright bars centred on the patch, as the model sees them: (len(rows)*len(lengths), 1, H, W).
-
-    Each bar is drawn on a mid-grey canvas larger than the patch, passed through the model's own
-    filter without per-image normalisation (which would change the contrast with the bar's
-    length), scaled like a training photo, and cut to the native patch.
-    """
-    _, h, w = model.config.input_shape
-    margin = 16
-    lo, hi = model.config.preprocess.value_range
-    yy, xx = np.mgrid[0 : h + 2 * margin, 0 : w + 2 * margin].astype(np.float64)
-    centre_x = margin + (w - 1) / 2
-    canvases = []
-    for row in rows:
-        for length in lengths:
-            inside_x = np.clip(length / 2 + 0.5 - np.abs(xx - centre_x), 0, 1)  # antialiased ends
-            inside_y = np.clip(width / 2 + 0.5 - np.abs(yy - (margin + row)), 0, 1)
-            canvases.append(lo + (hi - lo) * (0.5 + 0.5 * inside_x * inside_y))
-    raw = torch.tensor(np.stack(canvases), dtype=torch.float32).unsqueeze(1)
-    pre = dataclasses.replace(model.config.preprocess, normalize="none")
-    filtered = filter_images(raw, pre) / _reference_scale(model.config)
-    return filtered[:, :, margin : margin + h, margin : margin + w]
-
-
-def _horizontal(fit: GaborFit) -> bool:
-    """A Gabor-like field whose preferred bar is horizontal (orientation bin 0): a cell for 5 F."""
-    return fit.r2 >= GOOD_FIT and fit.orientation_bin == 0
+def horizontal_cells(fits: Sequence[GaborFit]) -> list[int]:
+    """The level-1 causes that can be end-stopping cells: oriented (Gabor-like) with horizontal stripes (bin 0)."""
+    return [i for i, f in enumerate(fits) if f.oriented and f.orientation_bin == 0]
 
 
 def end_stopping(
-    model: PCModel, steps: int | None = None, candidates: Sequence[int] | None = None
+    model: PCModel, fits: Sequence[GaborFit], steps: int | None = None, steady_steps: int | None = None
 ) -> dict[str, Any] | None:
-    """docs/MODEL.md 5 F on the paper's geometry: three modules in a row, a level above them.
+    """docs/MODEL.md 5 F: every driven oriented horizontal cell of the centre module, at three contrasts.
 
-    The chosen cell is the centre module's level-1 cause, among `candidates` (the horizontal Gabor-like
-    fields, so the bar is at the cell's preferred orientation; None: every cause), that responds most to
-    a short horizontal bar (half a module: 8 px in the paper) without feedback, at the bar row that
-    drives it most. Its error response is |r - r_td| with feedback and |r| without (r_td = 0). The
-    population response is the norm over the centre module's 32 error units. Ratio = response to the
-    long bar (26 px: all three modules) / short bar, and / the peak over bars no longer than a module.
-    Responses are steady-state ones: by default max(END_STOPPING_STEPS, the model's steps) steps, since
-    level 2 (sigma2 = 10) settles far more slowly than level 1 and is not settled at the model's T.
+    Measured at `steps` (default: the model's, what the service returns; the headline `summary`) and at
+    `steady_steps` (default: max(END_STOPPING_STEPS, the model's): `steady`), plus the headline cell's
+    mechanism (r, r_td, r - r_td against bar length), its time course and the surround experiment.
+    None without the paper's geometry.
     """
-    config = model.config
-    if model.num_levels < 2 or config.levels[0].kind != "modules" or model.latent_shapes()[0][1:] != (1, 3):
+    if not responses.applies(model):
         return None
-    steps = max(END_STOPPING_STEPS, config.steps) if steps is None else steps
-    _, h, w = config.input_shape
-    module = config.levels[0].kernel[1]  # a module's width: 16 px in the paper
-    lengths = list(range(2, w + 1, 2))
-    short = module // 2 if (module // 2) % 2 == 0 else module // 2 + 1
-    rows = [h / 2 - 0.5 + d for d in (-2.0, -1.5, -1.0, -0.5, 0.0, 0.5, 1.0, 1.5, 2.0)]
-    stimuli = bar_stimuli(model, lengths, rows).to(model.device)
-    centre = 1  # module index: offsets 0, 5, 10
-
-    plain = _without_feedback(model).infer(stimuli, steps=steps)
-    r_plain = plain.latents[0][:, :, 0, centre].reshape(len(rows), len(lengths), -1)  # (rows, lengths, causes)
-    full = model.infer(stimuli, steps=steps)
-    r_full = full.latents[0][:, :, 0, centre].reshape(len(rows), len(lengths), -1)
-    e_full = full.errors[1][:, 0, :, 0, centre].reshape(len(rows), len(lengths), -1)  # r1 - r_td, centre module
-
-    s = lengths.index(short)
-    drive = r_plain[:, s, :].abs()  # (rows, causes)
-    if candidates:  # only cells whose preferred orientation is the bar's
-        allowed = torch.zeros(drive.shape[1], dtype=torch.bool, device=drive.device)
-        allowed[list(candidates)] = True
-        drive = drive.masked_fill(~allowed, -1.0)
-    row, cell = (int(v) for v in np.unravel_index(int(drive.argmax()), tuple(drive.shape)))
-
-    def curve(t: torch.Tensor) -> list[float]:
-        return [float(v) for v in t]
-
-    cell_with = e_full[row, :, cell].abs()
-    cell_without = r_plain[row, :, cell].abs()
-    pop_with = e_full[row].norm(dim=-1)
-    pop_without = r_plain[row].norm(dim=-1)
-    long_index = len(lengths) - 1
-
-    def ratios(values: torch.Tensor) -> dict[str, float]:
-        inside = values[: sum(1 for n in lengths if n <= module)]
-        return {
-            "long_over_short": float(values[long_index] / values[s].clamp_min(1e-12)),
-            "long_over_peak": float(values[long_index] / inside.max().clamp_min(1e-12)),
-        }
-
-    return {
-        "short_px": short,
-        "long_px": w,
-        "module_px": module,
-        "steps": steps,
-        "bar_row": rows[row],
-        "cell": cell,
-        "cell_is_horizontal_gabor": bool(candidates),
-        "lengths": lengths,
-        "cell_error_with_feedback": curve(cell_with),
-        "cell_error_without_feedback": curve(cell_without),
-        "cell_response_with_feedback": curve(r_full[row, :, cell].abs()),
-        "population_error_with_feedback": curve(pop_with),
-        "population_error_without_feedback": curve(pop_without),
-        "ratios": {
-            "cell_with_feedback": ratios(cell_with),
-            "cell_without_feedback": ratios(cell_without),
-            "population_with_feedback": ratios(pop_with),
-            "population_without_feedback": ratios(pop_without),
-        },
-        "reproduced": bool(
-            ratios(cell_with)["long_over_short"] < 0.8 and ratios(cell_without)["long_over_short"] >= 0.8
-        ),
+    steps = model.config.steps if steps is None else steps
+    steady_steps = max(END_STOPPING_STEPS, model.config.steps) if steady_steps is None else steady_steps
+    measured = responses.end_stopping(model, horizontal_cells(fits), [steps, steady_steps], steady_steps)
+    default, steady = measured.pop("measured")
+    for cell, at_t, at_steady in zip(measured["cells"], default["cells"], steady["cells"]):
+        fit = fits[cell["cause"]]
+        cell.update(r2=fit.r2, n_x=fit.n_x, orientation_deg=fit.orientation)
+        cell.update(default={k: at_t[k] for k in ("index_feedback", "index_without")})
+        cell.update(steady={k: at_steady[k] for k in ("index_feedback", "index_without")})
+    result = {
+        **measured,
+        "summary": default["summary"],
+        "steady": steady["summary"],
+        "mechanism": {"default": default["mechanism"], "steady": steady["mechanism"]},
+        "time_course": None,
+        "surround": None,
     }
+    if measured["cells"]:
+        head = measured["cells"][0]
+        result["time_course"] = responses.time_course(model, head["cause"], head["bar_row"], steady_steps)
+        result["surround"] = responses.surround(model, head["cause"], head["bar_row"], [steps, steady_steps])
+    return result
+
+
+def steady_state(model: PCModel, seed: int = 0, reference_steps: int = responses.REFERENCE_STEPS) -> dict | None:
+    """Per-level distance from steady state at the model's steps, on 1,000 held-out windows (the paper's network).
+
+    Other models: None (conv-rgb's 1,000 windows x 7,500 steps on the torch backend: ~0.3 ms per window
+    and step, about 40 min on 2 CPU cores).
+    """
+    if not responses.applies(model):
+        return None
+    windows = data.held_out_windows(model.config, 1000, seed=seed)
+    return responses.settling(model, windows, reference_steps=reference_steps)
 
 
 # ---- the report -------------------------------------------------------------------------------
@@ -331,6 +259,7 @@ def analyze(
     seed: int = 0,
     end_stopping_steps: int | None = None,
     random_draws: int = field_measures.RANDOM_DRAWS,
+    reference_steps: int = responses.REFERENCE_STEPS,
 ) -> dict[str, Any]:
     """Run every check, write out/report.md, out/report.json and the figures; returns the numbers."""
     from . import figures
@@ -348,19 +277,25 @@ def analyze(
             **gabor_summary(fits),
             "random_weights": gabor_summary(random_fits),
             "fits": [
-                {"r2": f.r2, "orientation_deg": f.orientation, "frequency": f.frequency, "bin": f.orientation_bin}
+                {
+                    "r2": f.r2,
+                    "n_x": f.n_x,
+                    "oriented": f.oriented,
+                    "orientation_deg": f.orientation,
+                    "frequency": f.frequency,
+                    "bin": f.orientation_bin,
+                }
                 for f in fits
             ],
         },
         "held_out": held_out_reconstruction(model, steps=steps),
-        "end_stopping": end_stopping(
-            model, end_stopping_steps, candidates=[i for i, f in enumerate(fits) if _horizontal(f)]
-        ),
+        "end_stopping": end_stopping(model, fits, steady_steps=end_stopping_steps),
+        "steady_state": steady_state(model, seed=seed, reference_steps=reference_steps),
     }
     report.update(field_measures.report_sections(model, out, seed=seed, draws=random_draws))
     figures.save(figures.gabor_figure(fields, fits, model.name), out / "gabor_fits.png")
     if report["end_stopping"] is not None:
-        figures.save(figures.end_stopping_figure(report["end_stopping"], model.name), out / "end_stopping.png")
+        figures.save_end_stopping(report["end_stopping"], model.name, out)
     (out / "report.json").write_text(json.dumps(report, indent=2))
     (out / "report.md").write_text(markdown(report))
     return report
@@ -377,19 +312,21 @@ def markdown(report: dict[str, Any]) -> str:
         "",
         "| | trained | random weights |",
         "|---|---|---|",
-        f"| fields with R² ≥ {GOOD_FIT} | {g['good_fits']}/{g['fields']} ({g['share_good']:.0%}) | "
-        f"{g['random_weights']['good_fits']}/{g['random_weights']['fields']} "
+        f"| Gabor-like fields (R² ≥ {GOOD_FIT} and n_x ≥ {MIN_STRIPES}) | {g['good_fits']}/{g['fields']} "
+        f"({g['share_good']:.0%}) | {g['random_weights']['good_fits']}/{g['random_weights']['fields']} "
         f"({g['random_weights']['share_good']:.0%}) |",
+        f"| blobs (R² ≥ {GOOD_FIT}, n_x < {MIN_STRIPES}) | {g['blobs']} | {g['random_weights']['blobs']} |",
         f"| median R² | {g['median_r2']:.3f} | {g['random_weights']['median_r2']:.3f} |",
         f"| orientation bins covered (of {ORIENTATION_BINS}) | {g['orientation_bins']} | "
         f"{g['random_weights']['orientation_bins']} |",
         "",
         "![Gabor fits](gabor_fits.png)",
         "",
-        "| field | R² | orientation (°) | frequency (cycles/px) |",
-        "|---|---|---|---|",
+        "| field | R² | n_x | Gabor-like | orientation (°) | frequency (cycles/px) |",
+        "|---|---|---|---|---|---|",
         *(
-            f"| {i} | {f['r2']:.3f} | {f['orientation_deg']:.0f} | {f['frequency']:.3f} |"
+            f"| {i} | {f['r2']:.3f} | {f['n_x']:.2f} | {'yes' if f['oriented'] else 'no'} | "
+            f"{f['orientation_deg']:.0f} | {f['frequency']:.3f} |"
             for i, f in enumerate(g["fits"])
         ),
         "",
@@ -409,32 +346,127 @@ def markdown(report: dict[str, Any]) -> str:
         "## F. End-stopping",
         "",
     ]
-    if es is None:
-        lines.append(
-            "Not applicable: the experiment needs the paper's geometry (three modules in a row and a level above)."
-        )
-    else:
-        r = es["ratios"]
-        lines += [
-            f"Horizontal bars centred on the centre module, row {es['bar_row']:.1f}; cell {es['cell']} "
-            f"(the centre module's {'horizontal Gabor-like ' if es['cell_is_horizontal_gabor'] else ''}cause most "
-            f"driven by the {es['short_px']} px bar without feedback), steady state after {es['steps']} steps. "
-            f"Ratio = error response to the {es['long_px']} px bar / to the {es['short_px']} px bar "
-            f"(and / the peak over lengths up to a module's {es['module_px']} px).",
-            "",
-            "| response | long/short | long/peak |",
-            "|---|---|---|",
-            *(
-                f"| {name.replace('_', ' ')} | {v['long_over_short']:.3f} | {v['long_over_peak']:.3f} |"
-                for name, v in r.items()
-            ),
-            "",
-            f"Reproduced (cell ratio < 0.8 with feedback, ≥ 0.8 without): **{'yes' if es['reproduced'] else 'no'}**.",
-            "",
-            "![End-stopping](end_stopping.png)",
-        ]
+    lines += end_stopping_markdown(es) + steady_state_markdown(report["steady_state"])
     lines += ["", *field_measures.markdown(report)]
     return "\n".join(lines) + "\n"
+
+
+def _fmt(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.3f}"
+
+
+def end_stopping_markdown(es: dict[str, Any] | None) -> list[str]:
+    """Section F of report.md."""
+    if es is None:
+        return ["Not applicable: the experiment needs the paper's geometry (three modules in a row and a level above)."]
+    keys = es["contrasts"]
+    lines = [
+        f"Horizontal bars 2 px wide, {es['lengths'][0]} to {es['long_px']} px long, centred on the centre module. "
+        f"Index = response to the {es['long_px']} px bar / peak response over bars up to {es['module_px']} px; "
+        "response = the error unit |r − r_td| with feedback, |r| with level 2 removed. Cells: the centre module's "
+        f"oriented horizontal causes ({', '.join(map(str, es['candidates'])) or 'none'}) that a bar without "
+        f"feedback drives to at least {responses.DRIVEN:g} of the most driven one's response "
+        f"(at {es['selection_steps']} steps), each at its own best bar row. End-stopped: index < "
+        f"{responses.END_STOPPED:g} with feedback and ≥ {responses.NOT_END_STOPPED:g} without; the model passes "
+        f"if at least {responses.PASS_SHARE:.0%} of the cells are end-stopped at contrast x1.",
+        "",
+        "| steps | cells | end-stopped share (x" + " / x".join(keys) + ") | median index with feedback | "
+        "median without | headline cell | passes |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for label, summary in (("model's T", es["summary"]), ("steady", es["steady"])):
+        lines.append(
+            f"| {summary['steps']} ({label}) | {summary['cells']} | "
+            + " / ".join(f"{summary['share_end_stopped'][k]:.2f}" for k in keys)
+            + " | "
+            + " / ".join(_fmt(summary["median_feedback"][k]) for k in keys)
+            + " | "
+            + " / ".join(_fmt(summary["median_without"][k]) for k in keys)
+            + f" | {summary['headline_cell']} | **{'yes' if summary['passes'] else 'no'}** |"
+        )
+    lines += [
+        "",
+        "Every cell, index with feedback / without, at contrasts x" + ", x".join(keys) + ":",
+        "",
+        "| cause | R² | n_x | orientation (°) | bar row | at the model's T | steady |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for cell in es["cells"]:
+        cols = [
+            ", ".join(f"{m['index_feedback'][k]:.2f} / {m['index_without'][k]:.2f}" for k in keys)
+            for m in (cell["default"], cell["steady"])
+        ]
+        lines.append(
+            f"| {cell['cause']} | {cell['r2']:.2f} | {cell['n_x']:.2f} | {cell['orientation_deg']:.0f} | "
+            f"{cell['bar_row']:.1f} | {cols[0]} | {cols[1]} |"
+        )
+    if not es["cells"]:
+        return lines
+    lines += [
+        "",
+        "![End-stopping](end_stopping.png)",
+        "",
+        "The headline cell's r, its top-down prediction r_td and the error r − r_td against bar length "
+        "(signed so that its preferred response is positive), and |r| without feedback:",
+        "",
+        "![Mechanism](end_stopping_mechanism.png)",
+        "",
+        f"Its error response to a short and a long bar against time k1 × steps, with the served per-level steps "
+        f"(k1_scale {es['time_course']['k1_scale']}) and with the paper's single k1 (every k1_scale 1):",
+        "",
+        "![Time course](end_stopping_time.png)",
+        "",
+    ]
+    sur = es["surround"]
+    lines += [
+        f"Surround (the paper's Fig. 6): a {sur['centre_px']} px horizontal bar on the centre module at the "
+        f"headline cell's row, alone or with two {sur['flank_px']:g} px flanks {sur['flank_offset_px']:g} px to "
+        "either side (in the neighbour modules' fields), iso-oriented (horizontal) or ortho-oriented "
+        "(vertical). The paper reports that with feedback an iso-oriented surround suppresses the response "
+        "more than an ortho-oriented one. Measured, response / centre alone:",
+        "",
+        "| steps | with feedback: iso | ortho | without feedback: iso | ortho |",
+        "|---|---|---|---|---|",
+        *(
+            f"| {b['steps']} | {b['feedback_ratio']['iso']:.3f} | {b['feedback_ratio']['ortho']:.3f} | "
+            f"{b['without_ratio']['iso']:.3f} | {b['without_ratio']['ortho']:.3f} |"
+            for b in sur["by_steps"]
+        ),
+        "",
+        "![Surround](surround.png)",
+    ]
+    return lines
+
+
+def steady_state_markdown(ss: dict[str, Any] | None) -> list[str]:
+    """How settled inference is at the model's T (report.json: steady_state)."""
+    if ss is None:
+        return ["", "## Steady state of inference", "", "Measured for the paper's network only."]
+    levels = len(ss["median_relative_distance"])
+    single = ss["single_k1"]
+
+    def row(name: str, values: Sequence[float], gap: float | str) -> str:
+        gap_text = gap if isinstance(gap, str) else f"{gap:.2e}"
+        return f"| {name} | " + " | ".join(f"{v:.3g}" for v in values) + f" | {gap_text} |"
+
+    return [
+        "",
+        "## Steady state of inference",
+        "",
+        f"{ss['windows']} held-out windows: per level, the median over windows of ‖r_l(T) − r_l(∞)‖ / ‖r_l(∞)‖ "
+        f"at T = {ss['steps']}, r(∞) = the served model after {ss['reference_steps']} steps; energy gap = "
+        "median (E(T) − E(∞)) / |E(∞)|.",
+        "",
+        "| | " + " | ".join(f"level {i + 1}" for i in range(levels)) + " | energy gap |",
+        "|---|" + "---|" * (levels + 1),
+        row(f"served steps (k1_scale {ss['k1_scale']})", ss["median_relative_distance"], ss["energy_relative_gap"]),
+        row(
+            "the paper's single k1" + (" (the same model)" if single["same_as_served"] else ""),
+            single["median_relative_distance"],
+            single["energy_relative_gap"],
+        ),
+        row(f"check: {ss['reference_check']['steps']} steps", ss["reference_check"]["median_relative_distance"], ""),
+    ]
 
 
 def default_out(checkpoint: str, name: str) -> Path:
@@ -467,7 +499,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--end-stopping-steps",
         type=positive_int,
-        help=f"inference steps for end-stopping, a steady state (default: max({END_STOPPING_STEPS}, the model's))",
+        help="inference steps for end-stopping's steady state; it is also measured at the model's steps "
+        f"(default: max({END_STOPPING_STEPS}, the model's))",
+    )
+    parser.add_argument(
+        "--reference-steps",
+        type=positive_int,
+        default=responses.REFERENCE_STEPS,
+        help="inference steps taken as the steady state r(infinity) of every level (default: %(default)s)",
     )
     parser.add_argument(
         "--random-draws",
@@ -488,7 +527,12 @@ def main(argv: list[str] | None = None) -> int:
         return fail("pc-analyze", str(exc))
     out = args.out or default_out(args.checkpoint, model.name)
     report = analyze(
-        model, out, steps=args.steps, end_stopping_steps=args.end_stopping_steps, random_draws=args.random_draws
+        model,
+        out,
+        steps=args.steps,
+        end_stopping_steps=args.end_stopping_steps,
+        reference_steps=args.reference_steps,
+        random_draws=args.random_draws,
     )
     g, e = report["gabor"], report["held_out"]
     summary = {
@@ -498,12 +542,11 @@ def main(argv: list[str] | None = None) -> int:
         "report": str(out / "report.md"),
     }
     if report["end_stopping"] is not None:
-        summary["end_stopping_cell_ratio_with_feedback"] = round(
-            report["end_stopping"]["ratios"]["cell_with_feedback"]["long_over_short"], 3
-        )
-        summary["end_stopping_cell_ratio_without_feedback"] = round(
-            report["end_stopping"]["ratios"]["cell_without_feedback"]["long_over_short"], 3
-        )
+        summary["end_stopping"] = report["end_stopping"]["summary"]
+        summary["end_stopping_steady"] = report["end_stopping"]["steady"]
+    if report["steady_state"] is not None:
+        distances = report["steady_state"]["median_relative_distance"]
+        summary["steady_state_median_relative_distance"] = [round(v, 4) for v in distances]
     print(json.dumps(summary, indent=2))
     return 0
 

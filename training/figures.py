@@ -174,25 +174,39 @@ def gabor_figure(fields: np.ndarray, fits: Sequence, name: str) -> plt.Figure:
     return fig
 
 
-def end_stopping_figure(result: dict, name: str) -> plt.Figure:
-    """Error response of the centre module against bar length, with and without feedback."""
-    lengths = result["lengths"]
-    fig, (left, right) = plt.subplots(1, 2, figsize=(8, 2.8))
-    for ax, key, title in (
-        (left, "cell", f"cell {result['cell']} of the centre module"),
-        (right, "population", "all 32 error units of the centre module"),
-    ):
-        with_fb = np.array(result[f"{key}_error_with_feedback"])
-        without = np.array(result[f"{key}_error_without_feedback"])
-        ax.plot(lengths, with_fb / max(with_fb.max(), 1e-12), "o-", ms=3, label="with feedback: |r - r_td|")
-        ax.plot(lengths, without / max(without.max(), 1e-12), "s--", ms=3, label="without feedback: |r|")
-        ax.axvline(result["module_px"], color="0.7", lw=0.8)
-        ax.set_xlabel("bar length (px)")
-        ax.set_ylabel("error response (/ its maximum)")
-        ax.set_ylim(bottom=0)
-        ax.set_title(title, fontsize=8)
-        ax.legend(fontsize=7)
-    fig.suptitle(f"{name}: end-stopping", fontsize=9)
+def end_stopping_figure(es: dict, name: str) -> plt.Figure:
+    """Left: the headline cell's error response against bar length; right: every cell's index, with vs without."""
+    lengths = es["lengths"]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(8, 3.0))
+    for key, style in (("default", "-"), ("steady", "--")):
+        m = es["mechanism"][key]
+        steps = es["summary" if key == "default" else "steady"]["steps"]
+        error, without = np.abs(m["error"]), np.array(m["without"])
+        left.plot(lengths, error, "o" + style, ms=3, color="C0", label=f"with feedback |r − r_td|, {steps} steps")
+        left.plot(lengths, without, "s" + style, ms=3, color="C1", label=f"without feedback |r|, {steps} steps")
+    left.axvline(es["module_px"], color="0.7", lw=0.8)
+    left.set_xlabel("bar length (px)")
+    left.set_ylabel("response")
+    left.set_ylim(bottom=0)
+    left.set_title(f"headline cell {es['summary']['headline_cell']} (contrast x1)", fontsize=8)
+    left.legend(fontsize=6)
+    for key, marker in (("default", "o"), ("steady", "s")):
+        for k, colour in zip(es["contrasts"], ("C2", "C0", "C3")):
+            x = [c[key]["index_without"][k] for c in es["cells"]]
+            y = [c[key]["index_feedback"][k] for c in es["cells"]]
+            label = f"x{k}, " + ("model's steps" if key == "default" else "steady")
+            right.scatter(x, y, marker=marker, s=14, color=colour, alpha=0.8, label=label)
+    high = max([1.2] + [v for c in es["cells"] for m in ("default", "steady") for v in c[m]["index_feedback"].values()])
+    right.axhspan(0, 0.7, xmin=0, xmax=1, color="0.92", zorder=0)
+    right.axvline(0.9, color="0.6", lw=0.8)
+    right.plot([0, high], [0, high], color="0.8", lw=0.8)
+    right.set_xlim(0, high)
+    right.set_ylim(0, high)
+    right.set_xlabel("index without feedback")
+    right.set_ylabel("index with feedback")
+    right.set_title("every cell (end-stopped: shaded, right of the line)", fontsize=8)
+    right.legend(fontsize=6)
+    fig.suptitle(f"{name}: end-stopping, {es['long_px']} px bar / peak up to {es['module_px']} px", fontsize=9)
     fig.tight_layout(pad=0.4)
     return fig
 
@@ -212,6 +226,28 @@ def autocorrelation_figure(result: dict, name: str) -> plt.Figure:
     return fig
 
 
+def mechanism_figure(es: dict, name: str) -> plt.Figure:
+    """The paper's mechanism: r, the top-down prediction r_td and r - r_td against bar length; |r| without feedback."""
+    lengths = es["lengths"]
+    fig, axes = plt.subplots(1, 2, figsize=(8, 2.8), sharey=True)
+    for ax, key in zip(axes, ("default", "steady")):
+        m = es["mechanism"][key]
+        ax.plot(lengths, m["r"], "o-", ms=3, label="r (with feedback)")
+        ax.plot(lengths, m["r_td"], "^-", ms=3, label="r_td (level 2's prediction)")
+        ax.plot(lengths, m["error"], "s-", ms=3, label="r − r_td (error unit)")
+        ax.plot(lengths, m["without"], "x--", ms=4, color="0.4", label="|r| without feedback")
+        ax.axhline(0, color="0.8", lw=0.8)
+        ax.axvline(es["module_px"], color="0.7", lw=0.8)
+        ax.set_xlabel("bar length (px)")
+        steps = es["summary" if key == "default" else "steady"]["steps"]
+        ax.set_title(f"{steps} steps", fontsize=8)
+    axes[0].set_ylabel(f"cell {es['mechanism']['default']['cause']} (preferred sign +)")
+    axes[0].legend(fontsize=6)
+    fig.suptitle(f"{name}: how feedback makes the error end-stopped (contrast x1)", fontsize=9)
+    fig.tight_layout(pad=0.4)
+    return fig
+
+
 def level2_measures_figure(result: dict, name: str) -> plt.Figure:
     """Each level-2 measure: the random U2's medians (histogram) and the model's (a line)."""
     measures = result["measures"]
@@ -225,3 +261,65 @@ def level2_measures_figure(result: dict, name: str) -> plt.Figure:
     fig.suptitle(f"{name}: level-2 fields (red) against {result['draws']} random U2 (grey)", fontsize=8)
     fig.tight_layout(pad=0.3)
     return fig
+
+
+def time_course_figure(tc: dict, name: str) -> plt.Figure:
+    """The headline cell's error response against time k1 x steps, served per-level steps vs the single k1."""
+    fig, ax = plt.subplots(figsize=(5, 2.8))
+    time = tc["k1"] * np.array(tc["steps"])
+    for (key, label), style in zip(
+        (("served", f"served (k1_scale {tc['k1_scale']})"), ("single_k1", "paper's single k1")), ("-", "--")
+    ):
+        for n, colour in zip(tc["lengths"], ("C0", "C3")):
+            ax.plot(time, tc[key][str(n)], style, color=colour, lw=1.2, label=f"{n} px bar, {label}")
+    ax.axvline(tc["k1"] * tc["model_steps"], color="0.7", lw=0.8)
+    ax.set_xscale("symlog", linthresh=max(tc["k1"], 1e-6))  # linear up to one step, then logarithmic
+    ax.set_xlim(0, time[-1])
+    ax.set_xlabel("time: k1 × steps (grey line: the model's steps)")
+    ax.set_ylabel("|r − r_td|")
+    ax.set_ylim(bottom=0)
+    ax.legend(fontsize=6)
+    ax.set_title(f"{name}: cell's error response over inference", fontsize=8)
+    fig.tight_layout(pad=0.4)
+    return fig
+
+
+def surround_figure(sur: dict, name: str) -> plt.Figure:
+    """The three stimuli, and the cell's response to each relative to the centre bar alone."""
+    fig = plt.figure(figsize=(7, 2.6))
+    kinds = ("none", "iso", "ortho")
+    stimuli = np.array(sur["stimuli"])
+    scale = max(float(np.abs(stimuli).max()), 1e-12)
+    for i, kind in enumerate(kinds):
+        ax = fig.add_axes((0.02, 0.68 - i * 0.31, 0.28, 0.27))
+        ax.imshow(stimuli[i] / scale, cmap="gray", vmin=-1, vmax=1, interpolation="nearest")
+        ax.set_title("centre alone" if kind == "none" else f"{kind}-oriented flanks", fontsize=6, pad=1)
+        ax.axis("off")
+    ax = fig.add_axes((0.42, 0.18, 0.55, 0.7))
+    width = 0.8 / (2 * len(sur["by_steps"]))
+    bar = 0
+    for b in sur["by_steps"]:
+        for key, label in (("feedback_ratio", "with feedback"), ("without_ratio", "without")):
+            positions = np.arange(len(kinds)) + (bar - (2 * len(sur["by_steps"]) - 1) / 2) * width
+            ax.bar(positions, [b[key][k] for k in kinds], width, label=f"{label}, {b['steps']} steps")
+            bar += 1
+    ax.set_xticks(range(len(kinds)), ["centre alone", "iso flanks", "ortho flanks"], fontsize=7)
+    ax.axhline(1, color="0.6", lw=0.8)
+    top = max(b[key][k] for b in sur["by_steps"] for key in ("feedback_ratio", "without_ratio") for k in kinds)
+    ax.set_ylim(0, 1.35 * max(top, 1.0))  # room for the legend above the bars
+    ax.set_ylabel("response / centre alone", fontsize=7)
+    ax.legend(fontsize=6, loc="upper center", ncol=2)
+    ax.set_title(f"{name}: surround, cell {sur['cause']}", fontsize=8)
+    return fig
+
+
+def save_end_stopping(es: dict, name: str, folder: Path) -> list[Path]:
+    """Write the end-stopping figures (section F) that `es` has data for; returns the paths."""
+    if not es["cells"]:
+        return []
+    return [
+        save(end_stopping_figure(es, name), folder / "end_stopping.png"),
+        save(mechanism_figure(es, name), folder / "end_stopping_mechanism.png"),
+        save(time_course_figure(es["time_course"], name), folder / "end_stopping_time.png"),
+        save(surround_figure(es["surround"], name), folder / "surround.png"),
+    ]

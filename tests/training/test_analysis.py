@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 import pcmodel
 from training import analysis
@@ -48,51 +49,88 @@ def test_summary_counts_good_fits_and_their_bins():
     assert summary["good_fits"] == 2 and summary["orientation_bins"] == 2 and summary["bins"] == [0, 2]
 
 
-def test_bars_grow_with_length_and_keep_their_contrast():
-    model = pcmodel.create("rao-ballard-1999")
-    bars = analysis.bar_stimuli(model, [4, 20, 26], [7.5])
-    assert bars.shape == (3, 1, 16, 26)
-    tiny, short, long = bars[0, 0], bars[1, 0], bars[2, 0]
-    assert long.abs().sum() > short.abs().sum() > 2 * tiny.abs().sum()
-    # the middle of both bars, farther than the filter's reach from the ends, sees the same stimulus:
-    # the same filtered value (no per-image normalisation that would change with the length)
-    assert float(long[7:9, 12:14].abs().max()) == pytest.approx(float(short[7:9, 12:14].abs().max()), rel=1e-3)
+@pytest.fixture
+def one_thread():
+    """One torch thread (the machine's cores are shared), restored afterwards."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
-def test_end_stopping_on_the_papers_geometry_only():
-    model = pcmodel.create("rao-ballard-1999")
-    result = analysis.end_stopping(model, steps=20)
-    assert result is not None and result["lengths"][-1] == 26 and result["short_px"] == 8
-    for name in ("cell_with_feedback", "cell_without_feedback", "population_with_feedback"):
-        assert np.isfinite(result["ratios"][name]["long_over_short"])
-    assert analysis.end_stopping(pcmodel.create("conv-rgb"), steps=5) is None
-    # The cell comes from the candidates (the horizontal Gabor-like fields) when there are any.
-    others = [c for c in range(32) if c != result["cell"]]
-    assert analysis.end_stopping(model, steps=20, candidates=others[:3])["cell"] in others[:3]
-    assert not result["cell_is_horizontal_gabor"]
+def test_end_stopping_cells_are_oriented_and_horizontal():
+    def fit(r2, orientation, n_x):
+        return GaborFit(r2, 1, 0, 0, np.radians(orientation - 90), 2.0, 1, n_x / 2.0, 0, 0)
+
+    fits = [fit(0.9, 5, 0.3), fit(0.6, 0, 0.3), fit(0.9, 0, 0.05), fit(0.9, 45, 0.3), fit(0.8, 175, 0.2)]
+    # 1: poor fit, 2: a blob (no stripes), 3: oblique
+    assert analysis.horizontal_cells(fits) == [0, 4]
 
 
-def test_end_stopping_measures_a_steady_state_by_default():
-    model = pcmodel.create("rao-ballard-1999")
-    assert analysis.end_stopping(model)["steps"] == max(analysis.END_STOPPING_STEPS, model.config.steps)
+def _synthetic_fits(horizontal):
+    return [
+        GaborFit(0.9, 1, 0, 0, np.radians((0 if i in horizontal else 90) - 90), 2.0, 1, 0.1, 0, 0) for i in range(32)
+    ]
+
+
+def test_end_stopping_report_keys_on_the_papers_geometry(one_thread):
+    model = pcmodel.load("rao-ballard-1999")
+    fits = _synthetic_fits({6, 17, 29})
+    result = analysis.end_stopping(model, fits, steps=10, steady_steps=30)
+    for key in ("summary", "steady"):
+        assert set(result[key]) == {
+            "cells", "share_end_stopped", "median_feedback", "median_without", "headline_cell", "passes", "steps"
+        }  # fmt: skip
+        assert set(result[key]["share_end_stopped"]) == {"0.5", "1", "2"}
+    assert result["summary"]["steps"] == 10 and result["steady"]["steps"] == 30
+    assert result["lengths"][-1] == 26 and result["long_px"] == 26 and result["module_px"] == 16
+    cells = result["cells"]
+    assert cells and {c["cause"] for c in cells} <= {6, 17, 29}
+    for cell in cells:
+        assert cell["r2"] == 0.9 and cell["n_x"] == pytest.approx(0.2) and cell["orientation_deg"] == pytest.approx(0)
+        for at in ("default", "steady"):
+            assert all(np.isfinite(v) for v in cell[at]["index_feedback"].values())
+    head = result["summary"]["headline_cell"]
+    assert result["mechanism"]["default"]["cause"] == head == result["surround"]["cause"]
+    assert len(result["mechanism"]["steady"]["r_td"]) == len(result["lengths"])
+    assert result["time_course"]["steps"][-1] == 30 and set(result["time_course"]["served"]) == {"8", "26"}
+    assert set(result["surround"]["by_steps"][0]["feedback_ratio"]) == {"none", "iso", "ortho"}
+    text = "\n".join(analysis.end_stopping_markdown(result))
+    assert "end_stopping_mechanism.png" in text and "surround.png" in text
+    conv = pcmodel.create("conv-rgb")
+    assert analysis.end_stopping(conv, _synthetic_fits(set())) is None and analysis.steady_state(conv) is None
+    assert "paper's network only" in "\n".join(analysis.steady_state_markdown(None))
+
+
+def test_end_stopping_measures_a_steady_state_by_default(one_thread):
     assert analysis.END_STOPPING_STEPS >= 1000  # level 2 relaxes with a time constant of ~130 steps
+    model = pcmodel.load("rao-ballard-1999")
+    result = analysis.end_stopping(model, _synthetic_fits(set()))  # no candidates: nothing to run for long
+    assert result["summary"]["steps"] == model.config.steps
+    assert result["steady"]["steps"] == max(analysis.END_STOPPING_STEPS, model.config.steps)
+    assert result["summary"]["cells"] == 0 and result["time_course"] is None
 
 
 @pytest.mark.slow
 def test_pc_analyze_writes_the_report(tmp_path, tiny_config_file, capsys):
     assert train(["--config", str(tiny_config_file), *FAST, "--out", str(tmp_path / "run")]) == 0
     out = tmp_path / "run" / "analysis"  # beside the checkpoint by default
-    assert analysis.main([str(tmp_path / "run" / "model.safetensors"), "--steps", "20"]) == 0
+    model = str(tmp_path / "run" / "model.safetensors")
+    assert analysis.main([model, "--steps", "20", "--end-stopping-steps", "50", "--reference-steps", "100"]) == 0
     summary = json.loads(capsys.readouterr().out)
     report = json.loads((out / "report.json").read_text())
     assert summary["gabor_share"] == pytest.approx(report["gabor"]["share_good"], abs=1e-3)
     assert len(report["gabor"]["fits"]) == 6
     assert 0 < report["held_out"]["relative_error"] < 1.5
     assert report["end_stopping"] is not None  # the miniature has the paper's geometry
+    assert report["end_stopping"]["steady"]["steps"] == 50 and report["steady_state"]["reference_steps"] == 100
+    assert summary["end_stopping"] == report["end_stopping"]["summary"]
     text = (out / "report.md").read_text()
-    for section in ("## D.", "## E.", "## F.", "gabor_fits.png", "end_stopping.png", "china.jpg"):
+    for section in ("## D.", "## E.", "## F.", "gabor_fits.png", "china.jpg", "## Steady state of inference"):
         assert section in text
-    assert (out / "gabor_fits.png").stat().st_size < 300_000 and (out / "end_stopping.png").is_file()
+    assert (out / "gabor_fits.png").stat().st_size < 300_000
+    figures = ("end_stopping.png", "end_stopping_mechanism.png", "end_stopping_time.png", "surround.png")
+    assert all((out / name).is_file() == bool(report["end_stopping"]["cells"]) for name in figures)
     # training/fields.py's sections: the miniature has the paper's geometry (8 level-2 causes, 6 level-1)
     assert report["level2_fields"]["fields"] == 8 and report["pca_control"]["components"] == 6
     assert report["autocorrelation"]["used"] > 0 and (out / "autocorrelation.png").is_file()

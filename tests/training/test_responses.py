@@ -1,0 +1,132 @@
+"""training.responses: stimuli, the end-stopping index and cell selection, flanks, settling."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import numpy as np
+import pytest
+import torch
+
+import pcmodel
+from pcmodel import PCModel
+from training import responses
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """One torch thread (the machine's cores are shared), restored afterwards."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def paper():
+    return pcmodel.load("rao-ballard-1999")
+
+
+def test_bars_grow_with_length_and_keep_their_contrast(paper):
+    bars = responses.bar_stimuli(paper, [4, 20, 26], [7.5])
+    assert bars.shape == (3, 1, 16, 26)
+    tiny, short, long = bars[0, 0], bars[1, 0], bars[2, 0]
+    assert long.abs().sum() > short.abs().sum() > 2 * tiny.abs().sum()
+    # the middle of both bars, farther than the filter's reach from the ends, sees the same stimulus:
+    # the same filtered value (no per-image normalisation that would change with the length)
+    assert float(long[7:9, 12:14].abs().max()) == pytest.approx(float(short[7:9, 12:14].abs().max()), rel=1e-3)
+
+
+@pytest.mark.parametrize("contrast", [0.5, 2.0])
+def test_contrast_scales_the_stimulus(paper, contrast):
+    one = responses.bar_stimuli(paper, [8, 26], [7.5])
+    scaled = responses.bar_stimuli(paper, [8, 26], [7.5], contrast=contrast)
+    assert float((scaled - contrast * one).abs().max()) < 1e-5 * float(one.abs().max())
+    assert float(one.abs().max()) > 0.1
+
+
+def _window(paper: PCModel, x0: float) -> np.ndarray:
+    """A module's Gaussian window over the patch, written out from the config (docs/MODEL.md section 4)."""
+    lc = paper.config.levels[0]
+    yy, xx = np.mgrid[0:16, 0:26].astype(float)
+    return np.exp(-((xx - x0) ** 2 + (yy - 7.5) ** 2) / (2 * lc.window_sigma**2))
+
+
+@pytest.mark.parametrize("kind", ["iso", "ortho"])
+def test_flanks_land_in_the_neighbour_modules_not_the_centre(paper, kind):
+    assert responses.module_centres(paper) == [7.5, 12.5, 17.5]  # 16x16 modules at x offsets 0, 5, 10
+    bars = responses.flank_bars(paper, 7.5, kind)
+    assert len(bars) == 2 and all(b.vertical == (kind == "ortho") for b in bars)
+    flanks = responses.stimuli(paper, [bars])[0, 0].numpy().astype(float) ** 2
+    left, centre, right = (float((flanks * _window(paper, x0)).sum()) for x0 in (7.5, 12.5, 17.5))
+    assert left > 4 * centre and right > 4 * centre
+    # at the centre module's window centre (+-2 px) the flanks leave almost nothing
+    assert float(flanks[6:10, 11:15].max()) < 0.05 * float(flanks.max())
+    assert responses.flank_bars(paper, 7.5, "none") == []
+    with pytest.raises(ValueError, match="iso, ortho or none"):
+        responses.flank_bars(paper, 7.5, "diagonal")
+
+
+def test_end_stopping_index_is_the_long_bar_over_the_peak_up_to_a_module():
+    lengths = list(range(2, 27, 2))
+    curve = [1.0, 2.0, 4.0, 3.0, 3.0, 3.0, 3.0, 3.0, 9.0, 9.0, 9.0, 9.0, 2.0]  # 18-24 px are beyond the module
+    assert responses.end_stopping_index(curve, lengths, module_px=16) == pytest.approx(2.0 / 4.0)
+    assert responses.end_stopping_index([1.0] * 13, lengths, module_px=16) == pytest.approx(1.0)
+
+
+def test_summary_shares_medians_and_the_pass():
+    def cell(cause, feedback, without):
+        return {"cause": cause, "index_feedback": {"1": feedback}, "index_without": {"1": without}}
+
+    # end-stopped: < 0.7 with feedback AND >= 0.9 without
+    table = [cell(4, 0.5, 1.0), cell(2, 0.6, 0.85), cell(9, 0.8, 1.0)]
+    summary = responses.summarise(table, steps=100, contrasts=[1.0])
+    assert summary["share_end_stopped"] == {"1": pytest.approx(1 / 3)} and not summary["passes"]
+    assert summary["median_feedback"]["1"] == pytest.approx(0.6) and summary["median_without"]["1"] == 1.0
+    assert summary["headline_cell"] == 4 and summary["cells"] == 3 and summary["steps"] == 100
+    assert responses.summarise([*table, cell(1, 0.3, 0.95)], steps=100, contrasts=[1.0])["passes"]  # 2 of 4
+    empty = responses.summarise([], steps=100, contrasts=[1.0])
+    assert empty["cells"] == 0 and not empty["passes"] and empty["headline_cell"] is None
+
+
+def test_cells_are_the_driven_candidates_most_driven_first(paper):
+    candidates = [6, 17, 29, 0, 1, 2, 3]
+    result = responses.end_stopping(paper, candidates, steps=[20], selection_steps=20, contrasts=[1.0])
+    # Independently: the level-1-only network on the definition's loop, every length and row
+    plain = PCModel(paper.config.replace(levels=paper.config.levels[:1]), paper.weights[:1], allow_unstable=True)
+    x = responses.bar_stimuli(paper, result["lengths"], result["rows"])
+    r = plain.infer(x, steps=20, backend="loop").latents[0][:, :, 0, 1].abs()  # (rows * lengths, causes)
+    drive = r.amax(dim=0)
+    strongest = max(float(drive[c]) for c in candidates)
+    expected = sorted((c for c in candidates if drive[c] >= 0.25 * strongest), key=lambda c: -float(drive[c]))
+    assert [c["cause"] for c in result["cells"]] == expected
+    assert [c["cause"] for c in result["measured"][0]["cells"]] == expected
+    assert result["measured"][0]["summary"]["headline_cell"] == expected[0]
+    for c in result["cells"]:
+        assert c["drive"] == pytest.approx(float(drive[c["cause"]]), rel=1e-4)
+    assert responses.end_stopping(paper, [], steps=[20], selection_steps=20)["cells"] == []
+
+
+def test_settling_is_zero_at_the_reference_and_positive_early(paper):
+    from training import data
+
+    windows = data.held_out_windows(paper.config, 16)
+    settled = responses.settling(paper, windows, steps=300, reference_steps=300)
+    assert max(settled["median_relative_distance"]) < 1e-6 and abs(settled["energy_relative_gap"]) < 1e-6
+    early = responses.settling(paper, windows, steps=5, reference_steps=300)
+    assert all(d > 0.01 for d in early["median_relative_distance"]) and early["energy_relative_gap"] > 0
+    assert early["reference_check"]["steps"] == 150
+    assert early["single_k1"]["same_as_served"]  # the shipped model takes the paper's single k1
+
+
+def test_single_k1_resets_every_levels_step(paper):
+    levels = tuple(dataclasses.replace(lv, k1_scale=0.5) for lv in paper.config.levels)
+    scaled = PCModel(paper.config.replace(levels=levels), paper.weights, allow_unstable=True)
+    assert [lv.k1_scale for lv in responses.single_k1(scaled).config.levels] == [1.0, 1.0]
+    windows = torch.randn(4, 1, 16, 26) * 0.3
+    report = responses.settling(scaled, windows, steps=5, reference_steps=200)
+    assert not report["single_k1"]["same_as_served"]
+    # a larger step gets closer to the steady state in 5 steps
+    assert report["single_k1"]["median_relative_distance"][0] < report["median_relative_distance"][0]
+    assert all(math.isfinite(v) for v in report["single_k1"]["median_relative_distance"])
