@@ -16,7 +16,8 @@ from pcmodel.images import montage, prepare_image, sample_photo
 
 def test_pc_encode_writes_maps_montage_and_every_array(tmp_path, capsys):
     out = tmp_path / "encoded"
-    assert main(["--steps", "3", "--out", str(out)]) == 0  # the bundled photo, resized to conv-rgb's 32x32
+    # The bundled photo, resized to conv-rgb's 32x32 (its default size mode, full, has its own test).
+    assert main(["--steps", "3", "--size-mode", "resize", "--out", str(out)]) == 0
     summary = json.loads(capsys.readouterr().out)
     files = {"input.png", "reconstruction.png", "error.png", "montage.png", "encoding.npz"}
     assert {p.name for p in out.iterdir()} == files and set(summary["files"]) == files

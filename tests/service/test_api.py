@@ -28,11 +28,11 @@ def client(server):
 
 
 def test_encode_resize_returns_consistent_arrays(client, astronaut64):
-    result = client.encode(astronaut64)
+    result = client.encode(astronaut64, size_mode="resize")
     model = pcmodel.load("default")
     assert result.model == {"name": "conv-rgb", "preset": "conv-rgb", "sha256": model.sha256}
     assert result.steps == model.config.steps
-    assert result.size_mode == "resize"  # conv-rgb's default
+    assert result.size_mode == "resize"
     assert [r.shape for r in result.latents] == [(8, 7, 7), (10, 3, 3)]
     for name in ("input", "reconstruction", "error_map"):
         assert getattr(result, name).shape == (3, 32, 32) and getattr(result, name).dtype == np.float32
@@ -136,7 +136,7 @@ def test_model_card(server, client):
     assert card["device"] == str(pick_device("auto")) and card["backend"]  # cuda where there is a GPU
     default = model.config.steps
     assert card["steps"] == {"default": default, "max": 1000, "warmed": sorted({20, default})}
-    assert card["input"]["size_mode"] == {"default": "resize", "choices": ["resize", "tile", "full"]}
+    assert card["input"]["size_mode"] == {"default": "full", "choices": ["resize", "tile", "full"]}
     assert card["input"]["full"]["buckets"] == [[88, 88], [176, 176], [256, 256]]  # PC_FULL_MAX_SIDE 256
     assert card["arrays"] == {"default": "float32", "choices": ["float32", "float16", "none"]}
     assert pcmodel.ModelConfig.from_dict(card["config"]) == model.config
@@ -212,7 +212,7 @@ def test_level_errors_are_the_models(client, astronaut64):
 
 def test_full_mode_returns_the_whole_photo_at_its_aspect_ratio(client, astronaut):
     photo = png(Image.fromarray(astronaut).resize((640, 480), Image.Resampling.BICUBIC))
-    result = client.encode(photo, size_mode="full", steps=20)
+    result = client.encode(photo, steps=20)  # full is conv-rgb's default size mode
     # The longer side scaled to PC_FULL_MAX_SIDE (256): 256x192, padded to the 256x256 bucket.
     assert result.size_mode == "full" and result.reconstruction.shape == (3, 192, 256)
     assert result.images["reconstruction"].size == (256, 192)
