@@ -117,7 +117,7 @@ def test_accepts_many_formats_and_modes(client, astronaut):
     small = Image.fromarray(astronaut).resize((48, 40))
     for fmt in ("PNG", "JPEG", "WEBP", "TIFF", "BMP", "GIF"):
         result = client.encode(png(small, fmt), steps=2, outputs=["input"])
-        assert result.input.shape == (3, 32, 32), fmt
+        assert result.input.shape == (3, 40, 48), fmt  # full mode: the whole image, never enlarged
 
 
 def test_exif_orientation_is_applied(client, astronaut):
@@ -191,17 +191,19 @@ def test_arrays_none_makes_a_large_tiled_photo_compact(server, astronaut):
 
 
 def test_float16_arrays_round_the_float32_ones(client, astronaut64):
-    full = client.encode(astronaut64, steps=5, outputs=["latents", "reconstruction"])
-    half = client.encode(astronaut64, steps=5, outputs=["latents", "reconstruction"], arrays="float16")
+    full = client.encode(astronaut64, steps=5, outputs=["latents", "reconstruction"], size_mode="resize")
+    half = client.encode(
+        astronaut64, steps=5, outputs=["latents", "reconstruction"], arrays="float16", size_mode="resize"
+    )
     assert half.raw["reconstruction"]["array"]["dtype"] == "float16" and half.reconstruction.dtype == np.float32
     np.testing.assert_array_equal(half.reconstruction, full.reconstruction.astype(np.float16).astype(np.float32))
     np.testing.assert_array_equal(half.latents[1], full.latents[1].astype(np.float16).astype(np.float32))
-    none = client.encode(astronaut64, steps=5, outputs=["reconstruction"], arrays="none")
+    none = client.encode(astronaut64, steps=5, outputs=["reconstruction"], arrays="none", size_mode="resize")
     assert none.reconstruction is None and none.images["reconstruction"].size == (32, 32)
 
 
 def test_level_errors_are_the_models(client, astronaut64):
-    result = client.encode(astronaut64, steps=10, outputs=["level_errors", "error_map"])
+    result = client.encode(astronaut64, steps=10, outputs=["level_errors", "error_map"], size_mode="resize")
     model = pcmodel.load("default")
     local = model.infer(preprocess([decode(astronaut64)], model.config, size=(32, 32)), steps=10)
     assert [e.shape for e in result.level_errors] == [(3, 32, 32), (8, 7, 7)]  # e_1 on the image, e_2 on r_1

@@ -17,7 +17,7 @@ def test_service_example_runs(server, tmp_path, monkeypatch, capsys):
     exec(compile(code.replace("http://localhost:3000", server.url), "README.md", "exec"), {})
     out = capsys.readouterr().out.splitlines()
     assert out[0] == "50 True"
-    assert out[1] == "[(8, 7, 7), (10, 3, 3)]"
+    assert out[1] == "[(8, 63, 63), (10, 31, 31)]"
     grid = "{'rows': 8, 'cols': 8, 'tile': [32, 32], 'stride': [16, 16], 'origin': [-16, -16], 'image': [100, 100]}"
     assert out[2] == grid + " (64, 8, 7, 7)"
     assert out[3] == "(200, 256) [0, 0, 28, 28] None"
