@@ -342,7 +342,10 @@ async function loadModel() {
   const steps = $("steps");
   steps.value = card.steps.default;
   steps.max = card.steps.max;
-  $("size-mode").value = card.input.size_mode.default;
+  // Offer only the modes this model takes (a model with a dense level has no full mode).
+  const modes = card.input.size_mode;
+  for (const option of [...$("size-mode").options]) option.hidden = !modes.choices.includes(option.value);
+  $("size-mode").value = modes.default;
   const config = card.config;
   const pre = config.preprocess;
   const rows = [

@@ -203,8 +203,9 @@ def test_low_level_loader_returns_config_and_provenance(tmp_path):
 
 def test_format_1_files_keep_loading_with_the_same_identity(tmp_path):
     """A format-1 file (no per-level rates in its config) loads as k1_scale = k2_scale = 1, same hash."""
-    model = pcmodel.create("conv-rgb", seed=3)
-    assert all(lc.k1_scale == lc.k2_scale == 1.0 for lc in model.config.levels)
+    preset = pcmodel.get_preset("conv-rgb")
+    unit = tuple(dataclasses.replace(lc, k1_scale=1.0, k2_scale=1.0) for lc in preset.levels)
+    model = pcmodel.create(preset.replace(levels=unit), seed=3)
     old_json = json.dumps(json.loads(model.config.to_json()), sort_keys=True, separators=(",", ":"))
     assert "k1_scale" not in old_json  # neutral rates are left out of the canonical JSON
     path = write_checkpoint(tmp_path / "v1.safetensors", model, config=old_json, format_version="1")

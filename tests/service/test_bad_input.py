@@ -237,7 +237,8 @@ ACCEPTED = [
 
 @pytest.mark.parametrize("make", [a[1] for a in ACCEPTED], ids=[a[0] for a in ACCEPTED])
 def test_odd_images_are_converted(server, make):
-    response = server.post("/encode", files=image_file(make()), data={"steps": "2", "outputs": "input"})
+    data = {"steps": "2", "outputs": "input", "size_mode": "resize"}
+    response = server.post("/encode", files=image_file(make()), data=data)
     assert response.status_code == 200, response.text
     assert response.json()["input"]["array"]["shape"] == [3, 32, 32]
 

@@ -195,7 +195,7 @@ def test_sigterm_drains_and_refuses_new_connections_at_once(hardened, astronaut)
             httpx.post(
                 hardened.url + "/encode_batch",
                 files=[("images", (f"{i}.png", image)) for i in range(8)],
-                data={"steps": "1000"},
+                data={"steps": "1000", "size_mode": "resize"},  # 8 native-size images, 1000 steps each
                 timeout=60,
             ).status_code
         )

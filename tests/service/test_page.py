@@ -88,7 +88,7 @@ def test_explorer_encodes_a_photo_and_shows_api_errors(server, browser, tmp_path
     page.wait_for_selector("#results:not([hidden])", timeout=60_000)
     for map_id in ("input-map", "reconstruction-map", "error-map"):
         size = page.eval_on_selector(f"#{map_id}", "img => [img.naturalWidth, img.width]")
-        assert size[0] == 32 and size[1] >= 256, (map_id, size)  # conv-rgb's native 32 x 32, enlarged
+        assert size[0] == photo_side and size[1] >= 256, (map_id, size)  # full mode, conv-rgb's default: whole
     config = pcmodel.load("default").config
     canvases = page.locator("#latents .level")
     assert canvases.count() == len(config.levels)
