@@ -354,7 +354,12 @@ async function loadModel() {
     ["native input", card.input.native_shape.join(" × ")],
     ["preprocessing", `${pre.color}, values in [${pre.value_range.join(", ")}], filter ${pre.filter}, normalize ${pre.normalize}`],
     ...config.levels.map(describeLevel),
-    ["inference", `step size k1 = ${config.k1}, ${card.steps.default} steps by default (at most ${card.steps.max})`],
+    ["inference", `step size k1 = ${config.k1}` +
+      // Per-level steps (k1 x k1_scale): shown where a level has its own.
+      (config.levels.some((l) => (l.k1_scale ?? 1) !== 1)
+        ? ` (per level: ${config.levels.map((l) => +(config.k1 * (l.k1_scale ?? 1)).toPrecision(3)).join(", ")})`
+        : "") +
+      `, ${card.steps.default} steps by default (at most ${card.steps.max})`],
     ["device, backend", `${card.device}, ${card.backend}`],
     ["sha256", card.sha256],
   ];

@@ -83,6 +83,9 @@ def test_explorer_encodes_a_photo_and_shows_api_errors(server, browser, tmp_path
     assert response.headers["x-content-type-options"] == "nosniff"
     page.wait_for_selector("#card tr")  # the model card has arrived
     page.wait_for_function("() => document.getElementById('basis').naturalWidth > 0")
+    levels = pcmodel.load("default").config
+    per_level = ", ".join(f"{levels.k1 * lv.k1_scale:.3g}" for lv in levels.levels)
+    assert f"(per level: {per_level})" in page.inner_text("#card")  # conv-rgb steps each level at its own rate
 
     page.set_input_files("#image", str(photo))
     page.wait_for_selector("#results:not([hidden])", timeout=60_000)
