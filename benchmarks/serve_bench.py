@@ -154,7 +154,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--size", type=positive_int, default=64, help="photo side in pixels (default: %(default)s)")
     parser.add_argument("--steps", type=positive_int, default=100, help="inference steps T (default: %(default)s)")
-    parser.add_argument("--size-mode", choices=("resize", "tile"), default=None, help="default: the model's")
+    parser.add_argument("--size-mode", choices=("resize", "tile", "full"), default=None, help="default: the model's")
     parser.add_argument(
         "--requests", type=positive_int, default=100, help="sequential requests per round (default: %(default)s)"
     )
