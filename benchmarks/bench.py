@@ -397,6 +397,12 @@ def _pcx_runner(model: pcmodel.PCModel, x: torch.Tensor, steps: int) -> Runner |
     config = model.config
     levels = model.levels(x.shape[-2:])
     kinds = [lc.kind for lc in config.levels]
+    if any(lc.k1_scale != 1 for lc in config.levels):
+        # pcx's idiom is one optax optimiser over every Vode: one step size for all levels.
+        log.info(
+            "pcx: the model steps each level at its own rate (k1_scale), which pcx's one optimiser cannot; skipped"
+        )
+        return None
     if len(kinds) != 2 or kinds not in (["convolutional", "convolutional"], ["modules", "dense"]):
         log.info("pcx: case (e) is written for the two presets' shapes, not %s", kinds)
         return None

@@ -4,7 +4,7 @@ Nothing here comes from pcmodel's hand-derived updates or plans: the energy is b
 the way pcmodel/reference.py builds it in torch (convolutional levels through a transposed
 convolution, module and dense levels through patches with the optional Gaussian window, tanh or
 identity f, Gaussian or Cauchy priors, lam weight decay), and inference is `lax.fori_loop` over
-r <- r - (k1/2) jax.grad(E)(r) from the config's initial latents, all inside one `jax.jit`.
+r_l <- r_l - (k1 k1_scale_l / 2) jax.grad(E)(r)_l from the config's initial latents, all inside one `jax.jit`.
 
 Two formulations of the same mathematics:
 
@@ -78,7 +78,7 @@ def build_inference(
         for lc, g in zip(config.levels, geoms)
     ]
     decay = sum(lc.lam * float((w.double() ** 2).sum()) for lc, w in zip(config.levels, weights))
-    rate = config.k1 / 2
+    rates = [config.k1 * lc.k1_scale / 2 for lc in config.levels]  # each level's own step
     dims = ("NCHW", "OIHW", "NCHW")
 
     def patches(i: int, lower: Any) -> Any:
@@ -173,7 +173,7 @@ def build_inference(
         def body(t: Any, carry: tuple[list[Any], Any]) -> tuple[list[Any], Any]:
             rs, tr = carry
             e, grads = value_grad(first_target, rs)
-            return [r - rate * g for r, g in zip(rs, grads)], tr.at[t].set(e)
+            return [r - rate * g for r, g, rate in zip(rs, grads, rates)], tr.at[t].set(e)
 
         latents, trace = lax.fori_loop(0, steps, body, (latents, trace))
         return latents, trace.at[steps].set(energies(first_target, latents))

@@ -6,7 +6,7 @@ ordinary layers, call backward, step r against the gradient, repeat. It is kept 
 and is NEVER optimised: its job is to be obviously the mathematics of docs/MODEL.md section 1,
 
     E = sum_l (1/sigma_l^2) ||t_l(r_{l-1}) - f(U_l r_l)||^2 + sum_l g_l(r_l) + sum_l lam_l ||U_l||^2,
-    r_l <- r_l - (k1/2) dE/dr_l   (all levels from the same state),
+    r_l <- r_l - (k1 k1_scale_l / 2) dE/dr_l   (all levels from the same state),
 
 independently of pcmodel's hand-derived updates (it imports nothing from pcmodel.levels or model).
 """
@@ -75,7 +75,7 @@ def reference_infer(
             r = (U.reshape(U.shape[0], -1) @ patches).reshape(x.shape[0], *geometry.latent)
         latents.append(r)
         lower = r
-    rate = config.k1 / 2
+    rates = [config.k1 * lc.k1_scale / 2 for lc in config.levels]  # each level's own step (MODEL.md section 2)
     trace = []
     for step in range(steps + 1):
         latents = [r.detach().requires_grad_(True) for r in latents]
@@ -87,5 +87,5 @@ def reference_infer(
         if step == steps:
             break
         with torch.no_grad():
-            latents = [r - rate * r.grad for r in latents]
+            latents = [r - rate * r.grad for r, rate in zip(latents, rates)]
     return [r.detach() for r in latents], torch.stack(trace)
