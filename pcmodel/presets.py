@@ -89,7 +89,7 @@ CONV_RGB = ModelConfig(
             alpha=0.001,
             lam=1.0,
             init_std=0.072,  # 1/sqrt(3*8*8): unit-variance predictions from unit-variance causes
-            k1_scale=2.0,  # 0.08: about 0.7 of the bound (docs/TRAINING.md, conv-rgb: per-level steps)
+            k1_scale=2.0,  # 0.08 (docs/TRAINING.md, conv-rgb: per-level steps)
         ),
         # lam = 0.1 here: at 1.0 level 2 decays to nothing (its input r_1 is small).
         LevelConfig(
@@ -104,11 +104,12 @@ CONV_RGB = ModelConfig(
             lam=0.1,
             init_std=0.118,  # 1/sqrt(8*3*3)
             # Level 2 (sigma2 = 10, alpha = 0.001) has ~10x less curvature than level 1: at one k1 its
-            # latents were 86% from their fixed point after 100 steps, at 20x k1 45%.
+            # latents were 87% from their fixed point after 100 steps, at 20x k1 about half (51%);
+            # 50x and more break the stability bound.
             k1_scale=20.0,
         ),
     ),
-    k1=0.04,  # about 40% of the trained model's stability bound
+    k1=0.04,  # with the per-level scales, 57% of the trained model's stability bound (0.0706)
     steps=100,
     initial_latents="zeros",
     preprocess=PreprocessConfig(

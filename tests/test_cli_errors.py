@@ -77,6 +77,8 @@ CASES = [
     ("pc-train", ["--resume", "{missing}"], "--resume"),
     ("pc-train", ["--resume", "{corrupt}"], "--resume"),
     ("pc-train", ["--set", "levels.0.no_such=1"], "--set"),
+    ("pc-train", ["--set", "levels.2.k2_scale=50"], "--set"),  # levels count from 0: was an IndexError
+    ("pc-train", ["--set", "levels.1.k1_scale=0"], "k1_scale"),
     ("pc-train", ["--data", "{missing}"], "--data"),
     ("pc-train", ["--data", "{text}"], "--data"),
     ("pc-train", ["--config", "{config}", "--data", "{empty}"], "--data"),
