@@ -1,9 +1,10 @@
 """Receptive-field measures and their controls, for the paper's geometry (docs/TRAINING.md, Analysis).
 
-- Level-2 fields: each level-2 cause projected to image space (U_1 U_2 over the 16x26 patch), scored
-  for how far it spreads over the three modules, how elongated its energy is, how oriented its
-  spectrum is and how well neighbouring modules' parts agree where they overlap; each against 100
-  random U_2 of the same shape and Frobenius norm (`level2_report`).
+- Level-2 fields: each level-2 cause the code uses (`used_causes`: the columns holding 90% of U_2's
+  squared norm; the rest are decayed) projected to image space (U_1 U_2 over
+  the 16x26 patch), scored for how far it spreads over the three modules, how elongated its energy is,
+  how oriented its spectrum is and how well neighbouring modules' parts agree where they overlap; each
+  against 100 random U_2 whose every column keeps the model's norm (`level2_report`).
 - Fig. 4 of the paper: the autocorrelation of the filtered training photos along and across the
   dominant local orientation (`autocorrelation`).
 - The PCA control for the level-1 Gabor share: the top principal components of the windowed
@@ -26,6 +27,7 @@ from pcmodel.levels import gaussian_window
 from . import data
 
 RANDOM_DRAWS = 100  # random U_2 per comparison: p-values down to 1/101
+USED_SHARE = 0.9  # the level-2 causes holding this share of U_2's squared norm are the "used" ones
 MAX_LAG = 12  # px, the autocorrelation curves (the paper's Fig. 4 spans about a module)
 MIN_COHERENCE = 0.3  # structure-tensor coherence a patch needs to have a dominant orientation
 
@@ -138,13 +140,29 @@ def level2_measures(parts: np.ndarray) -> dict[str, np.ndarray]:
 
 
 def random_like(u2: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """Gaussian entries of U_2's shape, rescaled to U_2's Frobenius norm."""
+    """Gaussian entries of U_2's shape, each cause's column rescaled to its norm in U_2 (so the Frobenius
+    norm and the weight each cause carries are U_2's: only the directions are random)."""
     r = torch.randn(u2.shape, generator=generator, dtype=torch.float64)
-    return r * (u2.detach().cpu().double().norm() / r.norm())
+    norms = u2.detach().cpu().double().flatten(1).norm(dim=1)
+    return r * (norms / r.flatten(1).norm(dim=1)).reshape(-1, *[1] * (r.dim() - 1))
+
+
+def used_causes(u2: torch.Tensor, share: float = USED_SHARE) -> np.ndarray:
+    """The level-2 causes whose columns hold `share` of U_2's squared norm, largest first.
+
+    Weight decay leaves most of the 128 columns near zero: causes the code does not use, whose fields are
+    leftovers of the random start. The measures are taken over the rest. Chosen by norm alone, not by
+    the columns' directions, so a random U_2 with the same column norms selects the same causes and the
+    comparison stays unbiased.
+    """
+    energy = u2.detach().cpu().double().flatten(1).square().sum(dim=1).numpy()
+    order = np.argsort(-energy, kind="stable")
+    cumulative = np.cumsum(energy[order]) / max(float(energy.sum()), 1e-300)
+    return order[: int(np.searchsorted(cumulative, share)) + 1]
 
 
 def level2_report(model: PCModel, draws: int = RANDOM_DRAWS, seed: int = 0) -> dict[str, Any] | None:
-    """Each measure's median over the level-2 fields, against `draws` random U_2 of the same norm.
+    """Each measure's median over the used level-2 fields, against `draws` random U_2 (same column norms).
 
     p = (1 + #random medians >= the model's) / (1 + draws): small when the model's fields score higher
     than chance; p_below the same for lower. None off the paper's geometry.
@@ -152,11 +170,12 @@ def level2_report(model: PCModel, draws: int = RANDOM_DRAWS, seed: int = 0) -> d
     parts = module_parts(model)
     if parts is None:
         return None
-    model_values = {k: float(np.median(v)) for k, v in level2_measures(parts).items()}
+    used = used_causes(model.weights[1])
+    model_values = {k: float(np.median(v[used])) for k, v in level2_measures(parts).items()}
     generator = torch.Generator().manual_seed(seed)
     random_values: dict[str, list[float]] = {k: [] for k in model_values}
     for _ in range(draws):
-        rand = level2_measures(module_parts(model, random_like(model.weights[1], generator)))
+        rand = level2_measures(module_parts(model, random_like(model.weights[1], generator))[used])
         for k, v in rand.items():
             random_values[k].append(float(np.median(v)))
     measures = {}
@@ -170,7 +189,14 @@ def level2_report(model: PCModel, draws: int = RANDOM_DRAWS, seed: int = 0) -> d
             "p_below": (1 + int((r <= value).sum())) / (1 + draws),
             "random_medians": [float(v) for v in r],
         }
-    return {"fields": int(parts.shape[0]), "modules": int(parts.shape[1]), "draws": draws, "measures": measures}
+    return {
+        "fields": int(parts.shape[0]),
+        "used": int(used.size),
+        "used_share": USED_SHARE,
+        "modules": int(parts.shape[1]),
+        "draws": draws,
+        "measures": measures,
+    }
 
 
 # ---- Fig. 4: autocorrelation along and across the local orientation ----------------------------------
@@ -330,8 +356,11 @@ def markdown(report: dict[str, Any]) -> list[str]:
         lines.append("Not applicable: the measures need the paper's geometry (modules in a row, a dense level above).")
     else:
         lines += [
-            f"Median over the {l2['fields']} fields (U1 U2 over the patch), against {l2['draws']} random U2 of the "
-            "same shape and Frobenius norm; p = (1 + #random ≥ model) / (1 + draws), p_below the same for ≤.",
+            f"Median over the {l2['used']} of {l2['fields']} fields (U1 U2 over the patch) whose columns hold "
+            f"{l2['used_share']:.0%} of U2's squared norm (the other columns have decayed), "
+            f"against {l2['draws']} random U2 whose columns keep the model's norms; p = (1 + #random ≥ model) / "
+            "(1 + draws), p_below the same for ≤. Random fields spread evenly over the modules (noise sets the "
+            "maximum spread); learned fields that span modules do so coherently (agreement).",
             "",
             "| measure | model | random mean ± std | p | p_below |",
             "|---|---:|---:|---:|---:|",

@@ -136,10 +136,11 @@ def write_figures(
         save(basis_grid(model.receptive_fields(1).cpu(), f"{name}: level-1 basis (rows of U1)"), folder / "level1.png")
     ]
     if model.num_levels > 1:
-        fields = model.receptive_fields(2).cpu()
-        written.append(
-            save(basis_grid(fields, f"{name}: level-2 fields in image space (U1 U2)"), folder / "level2.png")
-        )
+        # Largest columns of U2 first: weight decay leaves many near zero, and the used ones lead the grid.
+        order = model.weights[1].detach().cpu().flatten(1).norm(dim=1).argsort(descending=True, stable=True)
+        fields = model.receptive_fields(2).cpu()[order]
+        title = f"{name}: level-2 fields in image space (U1 U2), largest columns of U2 first"
+        written.append(save(basis_grid(fields, title), folder / "level2.png"))
     written.append(save(reconstructions(model, held_out, steps), folder / "reconstructions.png"))
     metrics = read_metrics(metrics_path) if metrics_path is not None else []
     if metrics:
@@ -258,7 +259,10 @@ def level2_measures_figure(result: dict, name: str) -> plt.Figure:
         ax.set_title(f"{key.replace('_', ' ')}, p = {m['p']:.2f}", fontsize=7)
         ax.tick_params(labelsize=6)
         ax.set_yticks([])
-    fig.suptitle(f"{name}: level-2 fields (red) against {result['draws']} random U2 (grey)", fontsize=8)
+    fig.suptitle(
+        f"{name}: the {result['used']} used level-2 fields (red) against {result['draws']} random U2 (grey)",
+        fontsize=8,
+    )
     fig.tight_layout(pad=0.3)
     return fig
 

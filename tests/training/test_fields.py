@@ -73,7 +73,8 @@ def test_random_u2_keeps_the_norm_and_random_u2_are_not_significant():
     model = pcmodel.create(TINY, seed=0)
     generator = torch.Generator().manual_seed(1)
     u2 = model.weights[1]
-    assert float(fields.random_like(u2, generator).norm()) == pytest.approx(float(u2.double().norm()), rel=1e-12)
+    random = fields.random_like(u2, generator)
+    assert torch.allclose(random.flatten(1).norm(dim=1), u2.double().flatten(1).norm(dim=1), rtol=1e-12)
     # Freshly initialised U2 are Gaussian themselves, so under the null hypothesis each p is uniform:
     # over 20 models, p < 0.05 should come about once per measure (5 or more: probability 0.3%), and
     # the median p sits near 0.5.
@@ -86,6 +87,15 @@ def test_random_u2_keeps_the_norm_and_random_u2_are_not_significant():
     for name, values in ps.items():
         assert sum(p < 0.05 for p in values) <= 4, name
         assert 0.2 < float(np.median(values)) < 0.8, name
+
+
+def test_used_causes_are_the_columns_holding_most_of_u2s_norm():
+    u2 = torch.zeros(6, 4, 1, 3, dtype=torch.float64)
+    u2[4, 0, 0, 0], u2[1, 1, 0, 1], u2[3, 2, 0, 2] = 3.0, 2.0, 0.5  # squared norms 9, 4, 0.25 of 13.25
+    u2 += 1e-4  # decayed columns: tiny, not zero
+    assert fields.used_causes(u2, share=0.9).tolist() == [4, 1]  # 9 + 4 >= 90% of the total
+    assert fields.used_causes(u2, share=0.5).tolist() == [4]
+    assert fields.used_causes(u2, share=0.99).tolist() == [4, 1, 3]
 
 
 def test_the_comparison_detects_fields_that_continue_across_modules():
