@@ -2,9 +2,13 @@
 
 For the quadratic plan a step is s <- s M_s + c_s - s / (qinv + s^2) (pcmodel.engines.program): one
 small matrix-vector product and a few elementwise operations, so as separate kernels (onnxruntime:
-~6 per step) the per-kernel overhead dominates. Here every step of every image runs in one
-numba-compiled function with M (n x n, ~200 KB) in cache. It is the same recurrence as the program,
+~6 per step) the per-kernel overhead dominates. Here the steps of every image run in one
+numba-compiled call per chunk of steps, with M (n x n, ~200 KB) in cache. It is the same recurrence as the program,
 held to the plain loop by the tests; the plan it reads is derived from the definition as for the others.
+
+The energy of every step needs each step's state and drive; they are kept for one chunk of steps at a
+time (`settle`: ~256 KB per buffer, in cache), so memory does not grow with T (the full history of
+1,000 images x 5,000 steps was ~18 GB) and a chunk's log1p and energy run while it is in cache.
 
 Bit-for-bit batch invariance: each output element is summed over i in order, four i per pass,
 (((o + v0 m0) + v1 m1) + v2 m2) + v3 m3, vectorised over j, with no reassociation (LLVM may only
