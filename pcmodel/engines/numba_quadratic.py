@@ -3,8 +3,9 @@
 For the quadratic plan a step is s <- s M_s + c_s - s / (qinv + s^2) (pcmodel.engines.program): one
 small matrix-vector product and a few elementwise operations, so as separate kernels (onnxruntime:
 ~6 per step) the per-kernel overhead dominates. Here the steps of every image run in one
-numba-compiled call per chunk of steps, with M (n x n, ~200 KB) in cache. It is the same recurrence as the program,
-held to the plain loop by the tests; the plan it reads is derived from the definition as for the others.
+numba-compiled call per chunk of steps, with M (n x n, ~200 KB) in cache. It is the same recurrence
+as the program, held to the plain loop by the tests; the plan it reads is derived from the definition
+as for the others.
 
 The energy of every step needs each step's state and drive; they are kept for one chunk of steps at a
 time (`settle`: ~256 KB per buffer, in cache), so memory does not grow with T (the full history of

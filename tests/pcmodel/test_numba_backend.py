@@ -93,6 +93,21 @@ def test_the_automatic_rule_takes_it_for_quadratic_plans_only(generator) -> None
         conv.infer(torch.rand((1, *conv.config.input_shape), generator=generator), backend="numba")
 
 
+@pytest.mark.parametrize("threads", [1, 2])
+def test_chunks_of_steps_give_the_same_bits(threads: int, monkeypatch) -> None:
+    """31 steps in chunks of 8 (the last one short) equal them in one chunk, bit for bit."""
+    model = pcmodel.load("rao-ballard-1999")
+    x = torch.rand((5, *model.config.input_shape), generator=torch.Generator().manual_seed(1)) * 2 - 1
+    plan = plans.make_plan(model.config, model.weights, x.shape[-2:], torch.float32, torch.device("cpu"))
+    whole = fused.run(plan, x, 30, threads=threads)
+    monkeypatch.setattr(fused, "CHUNK_ENTRIES", 1)  # the smallest chunk, 8 steps
+    chunked = fused.run(plan, x, 30, threads=threads)
+    for field in ("latents", "predictions", "errors"):
+        assert all(torch.equal(a, b) for a, b in zip(getattr(whole, field), getattr(chunked, field)))
+    assert torch.equal(whole.energy, chunked.energy)
+    assert torch.equal(whole.reconstruction, chunked.reconstruction)
+
+
 def _peak_traced_bytes(plan: plans.QuadraticPlan, x: torch.Tensor, steps: int, t: dict) -> int:
     """Peak bytes allocated (numpy's allocations are traced) during one run of `steps` steps."""
     tracemalloc.start()
