@@ -76,16 +76,17 @@ def matmul_rows(a, m, out, lo, hi):  # pragma: no cover - compiled
 
 
 @jit
-def steps_rows(m, c, qinv, steps, has_cauchy, states, drives, lo, hi):  # pragma: no cover - compiled
-    """The recurrence for rows lo..hi-1 through all steps; states[0] holds s_0."""
+def steps_rows(m, c, qinv, has_cauchy, count, last, states, drives, lo, hi):  # pragma: no cover - compiled
+    """`count` steps of the recurrence for rows lo..hi-1 from states[0]: drives[t] = c + states[t] M, then
+    states[t + 1] from both; with `last` the final drive is step T's and no state follows it."""
     n = m.shape[0]
-    for t in range(steps + 1):
+    for t in range(count):
         matmul_rows(states[t], m, drives[t], lo, hi)
         for b in range(lo, hi):
             z, cb = drives[t, b], c[b]
             for j in range(n):
                 z[j] = cb[j] + z[j]
-        if t == steps:
+        if last and t == count - 1:
             break
         for b in range(lo, hi):
             s, z, nxt = states[t, b], drives[t, b], states[t + 1, b]

@@ -2,9 +2,14 @@
 
 For the quadratic plan a step is s <- s M_s + c_s - s / (qinv + s^2) (pcmodel.engines.program): one
 small matrix-vector product and a few elementwise operations, so as separate kernels (onnxruntime:
-~6 per step) the per-kernel overhead dominates. Here every step of every image runs in one
-numba-compiled function with M (n x n, ~200 KB) in cache. It is the same recurrence as the program,
-held to the plain loop by the tests; the plan it reads is derived from the definition as for the others.
+~6 per step) the per-kernel overhead dominates. Here the steps of every image run in one
+numba-compiled call per chunk of steps, with M (n x n, ~200 KB) in cache. It is the same recurrence
+as the program, held to the plain loop by the tests; the plan it reads is derived from the definition
+as for the others.
+
+The energy of every step needs each step's state and drive; they are kept for one chunk of steps at a
+time (`settle`: ~256 KB per buffer, in cache), so memory does not grow with T (the full history of
+1,000 images x 5,000 steps was ~18 GB) and a chunk's log1p and energy run while it is in cache.
 
 Bit-for-bit batch invariance: each output element is summed over i in order, four i per pass,
 (((o + v0 m0) + v1 m1) + v2 m2) + v3 m3, vectorised over j, with no reassociation (LLVM may only
@@ -77,19 +82,76 @@ def matmul(a: np.ndarray, m: np.ndarray, threads: int = 1) -> np.ndarray:
     return out
 
 
+CHUNK_ENTRIES = 1 << 16  # steps x images x latents kept at a time (256 KB per float32 buffer, in cache)
+
+
+def chunk_steps(batch: int, n: int) -> int:
+    """Steps per chunk: memory bounded whatever T, and few enough chunks that their calls cost nothing."""
+    return max(8, CHUNK_ENTRIES // max(batch * n, 1))
+
+
 def quadratic_steps(
     step: np.ndarray, c: np.ndarray, s0: np.ndarray | None, qinv: np.ndarray, steps: int, threads: int = 1
 ) -> tuple[np.ndarray, np.ndarray]:
-    """`steps` steps of the recurrence: (states (T+1, B, n), drives (T+1, B, n)); s0 None starts at zeros."""
+    """`steps` steps of the recurrence: (states (T+1, B, n), drives (T+1, B, n)); s0 None starts at zeros.
+
+    The whole history, for the tests; `settle` (what `run` uses) keeps one chunk of steps at a time.
+    """
     dtype = step.dtype
     batch, n = c.shape
     states = np.empty((steps + 1, batch, n), dtype=dtype)
     drives = np.empty((steps + 1, batch, n), dtype=dtype)
     states[0] = 0 if s0 is None else s0
-    has_cauchy = bool(np.isfinite(qinv).any())
-    args = (np.ascontiguousarray(step), np.ascontiguousarray(c, dtype=dtype), np.ascontiguousarray(qinv, dtype=dtype))
-    _parallel(_kernels()[1], batch, threads, *args, int(steps), has_cauchy, states, drives)
+    args = _step_args(step, c, qinv)
+    _parallel(_kernels()[1], batch, threads, *args, steps + 1, True, states, drives)
     return states, drives
+
+
+def _step_args(step: np.ndarray, c: np.ndarray, qinv: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, bool]:
+    """The step kernel's leading arguments (M, c, qinv, whether any entry is Cauchy), contiguous."""
+    arrays = (np.ascontiguousarray(a, dtype=step.dtype) for a in (step, c, qinv))
+    return (*arrays, bool(np.isfinite(qinv).any()))
+
+
+def settle(
+    t: dict[str, np.ndarray],
+    c: np.ndarray,
+    s0: np.ndarray | None,
+    base: np.ndarray,
+    steps: int,
+    threads: int,
+    has_cauchy: bool,
+) -> tuple[np.ndarray, np.ndarray]:
+    """The recurrence's T steps and the energy of each: (s_T (B, n), energy (T+1, B)).
+
+    Runs in chunks of steps, keeping only a chunk's states, drives and logs (memory does not grow with T):
+    per chunk the compiled steps, numpy's vectorised log1p, then the energy kernel; the last state
+    carries over. Each step's arithmetic is the same whatever the chunking, so the result is too.
+    """
+    batch, n = c.shape
+    dtype = t["step"].dtype
+    chunk = min(steps + 1, chunk_steps(batch, n))
+    states = np.empty((chunk + 1, batch, n), dtype=dtype)  # s_t0 .. s_t0+chunk
+    drives = np.empty((chunk, batch, n), dtype=dtype)
+    logs = np.empty((chunk, batch, n), dtype=dtype) if has_cauchy else states
+    energy = np.empty((steps + 1, batch), dtype=dtype)
+    states[0] = 0 if s0 is None else s0
+    step_args = _step_args(t["step"], c, t["qinv"])
+    kernels = _kernels()
+    for t0 in range(0, steps + 1, chunk):
+        count = min(chunk, steps + 1 - t0)
+        last = t0 + count == steps + 1
+        _parallel(kernels[1], batch, threads, *step_args, count, last, states, drives)
+        if has_cauchy:  # log(1 + (s scale)^2), numpy's elementwise log1p (one code path for every entry)
+            part = logs[:count]
+            np.multiply(np.square(states[:count], out=part), t["scale2"], out=part)
+            np.log1p(part, out=part)
+        history = (states[:count], drives[:count], c, t["energy_weight"], logs[:count], t["cauchy_alpha"])
+        _parallel(kernels[2], batch, threads, *history, base, has_cauchy, energy[t0 : t0 + count])
+        if last:
+            return states[count - 1].copy(), energy
+        states[0] = states[count]
+    raise AssertionError("unreachable: the last chunk returns")
 
 
 def arrays(plan: QuadraticPlan) -> dict[str, np.ndarray]:
@@ -136,15 +198,9 @@ def run(plan: QuadraticPlan, x: torch.Tensor, steps: int, threads: int, t: dict 
     driven = matmul(xf, t["inputs"], threads)  # c (and s_0 for feed-forward starts)
     c = np.ascontiguousarray(driven[:, :n])
     s0 = None if plan.start is None else driven[:, n:]
-    states, drives = quadratic_steps(t["step"], c, s0, t["qinv"], steps, threads)
-    # The energy of every step from the (s, z) history (the program's formula), per image in a fixed order.
+    # The energy of every step (the program's formula), per image in a fixed order.
     base = matmul(np.square(xf), np.ascontiguousarray(t["omega"][:, None]), threads)[:, 0] + t["const"]
-    # numpy's elementwise log1p: one code path for every entry.
-    logs = np.log1p(np.square(states) * t["scale2"]) if plan.has_cauchy else states
-    energy = np.empty((steps + 1, batch), dtype=states.dtype)
-    args = (states, drives, c, t["energy_weight"], logs, t["cauchy_alpha"], base, plan.has_cauchy)
-    _parallel(_kernels()[2], batch, threads, *args, energy)
-    last = states[steps]
+    last, energy = settle(t, c, s0, base, steps, threads, plan.has_cauchy)
     latent = last * t["scale"]
     sizes = [math.prod(s) for s in plan.shapes]
     flats = np.split(latent, np.cumsum(sizes)[:-1], axis=1)

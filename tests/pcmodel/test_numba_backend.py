@@ -3,6 +3,8 @@ loop, equal to the torch backend's recurrence and to the plain loop, and batch-i
 
 from __future__ import annotations
 
+import tracemalloc
+
 import numpy as np
 import pytest
 import torch
@@ -89,3 +91,39 @@ def test_the_automatic_rule_takes_it_for_quadratic_plans_only(generator) -> None
     assert conv.infer(torch.rand((1, *conv.config.input_shape), generator=generator)).backend == "onnxruntime"
     with pytest.raises(ValueError, match="backend 'numba' runs the quadratic plan"):
         conv.infer(torch.rand((1, *conv.config.input_shape), generator=generator), backend="numba")
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_chunks_of_steps_give_the_same_bits(threads: int, monkeypatch) -> None:
+    """31 steps in chunks of 8 (the last one short) equal them in one chunk, bit for bit."""
+    model = pcmodel.load("rao-ballard-1999")
+    x = torch.rand((5, *model.config.input_shape), generator=torch.Generator().manual_seed(1)) * 2 - 1
+    plan = plans.make_plan(model.config, model.weights, x.shape[-2:], torch.float32, torch.device("cpu"))
+    whole = fused.run(plan, x, 30, threads=threads)
+    monkeypatch.setattr(fused, "CHUNK_ENTRIES", 1)  # the smallest chunk, 8 steps
+    chunked = fused.run(plan, x, 30, threads=threads)
+    for field in ("latents", "predictions", "errors"):
+        assert all(torch.equal(a, b) for a, b in zip(getattr(whole, field), getattr(chunked, field)))
+    assert torch.equal(whole.energy, chunked.energy)
+    assert torch.equal(whole.reconstruction, chunked.reconstruction)
+
+
+def _peak_traced_bytes(plan: plans.QuadraticPlan, x: torch.Tensor, steps: int, t: dict) -> int:
+    """Peak bytes allocated (numpy's allocations are traced) during one run of `steps` steps."""
+    tracemalloc.start()
+    try:
+        fused.run(plan, x, steps, threads=1, t=t)
+        return tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+
+
+def test_memory_does_not_grow_with_the_steps() -> None:
+    """Only a chunk of steps is kept: 40x the steps costs less than 2x the memory (the energy trace aside)."""
+    model = pcmodel.load("rao-ballard-1999")
+    x = torch.rand((8, *model.config.input_shape), generator=torch.Generator().manual_seed(0)) * 2 - 1
+    plan = plans.make_plan(model.config, model.weights, x.shape[-2:], torch.float32, torch.device("cpu"))
+    t = fused.arrays(plan)
+    fused.run(plan, x, 2, threads=1, t=t)  # compiled before measuring
+    short, long = (_peak_traced_bytes(plan, x, steps, t) for steps in (50, 2000))
+    assert long < 2 * short, (short, long)
