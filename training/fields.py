@@ -1,10 +1,10 @@
 """Receptive-field measures and their controls, for the paper's geometry (docs/TRAINING.md, Analysis).
 
 - Level-2 fields: each level-2 cause the code uses (`used_causes`: the columns holding 90% of U_2's
-  squared norm; the rest are decayed) projected to image space (U_1 U_2 over
-  the 16x26 patch), scored for how far it spreads over the three modules, how elongated its energy is,
-  how oriented its spectrum is and how well neighbouring modules' parts agree where they overlap; each
-  against 100 random U_2 whose every column keeps the model's norm (`level2_report`).
+  squared norm; the rest are decayed) projected to image space (U_1 U_2 over the 16x26 patch), scored
+  for how far it spreads over the three modules, how elongated its energy is, how oriented its
+  spectrum is and how well neighbouring modules' parts agree where they overlap; each against 100
+  random U_2 whose every column keeps the model's norm (`level2_report`).
 - Fig. 4 of the paper: the autocorrelation of the filtered training photos along and across the
   dominant local orientation (`autocorrelation`).
 - The PCA control for the level-1 Gabor share: the top principal components of the windowed

@@ -3,8 +3,10 @@
 Targets (issues 3 and 13, docs/MODEL.md section 5, docs/TRAINING.md): rao-ballard-1999's level-1 fields
 are Gabor-like (R^2 >= 0.7 and n_x >= 0.1) covering >= 6 of 8 orientation bins, its held-out relative
 error <= 0.2, every level within 5% of its fixed point at the default steps, feedback makes its
-headline cell end-stopped, and its used level-2 fields span modules coherently and are oriented; conv-rgb has a held-out relative error <= 0.1 on 32x32 crops of photos it
-never saw, and its per-level steps bring its energy near steady state, all with the default steps.
+headline cell and half its driven horizontal cells end-stopped, and its used level-2 fields span
+modules coherently and are oriented; conv-rgb has a held-out relative error <= 0.1 on 32x32 crops of
+photos it never saw, and its per-level steps bring its energy near steady state, all with the default
+steps.
 """
 
 from __future__ import annotations
