@@ -95,7 +95,8 @@ def quadratic_steps(
 ) -> tuple[np.ndarray, np.ndarray]:
     """`steps` steps of the recurrence: (states (T+1, B, n), drives (T+1, B, n)); s0 None starts at zeros.
 
-    The whole history, for the tests; `settle` (what `run` uses) keeps one chunk of steps at a time.
+    The whole history, for the tests and the compile in `prepare`; `settle` (what `run` uses) keeps one
+    chunk of steps at a time.
     """
     dtype = step.dtype
     batch, n = c.shape
@@ -120,7 +121,6 @@ def settle(
     base: np.ndarray,
     steps: int,
     threads: int,
-    has_cauchy: bool,
 ) -> tuple[np.ndarray, np.ndarray]:
     """The recurrence's T steps and the energy of each: (s_T (B, n), energy (T+1, B)).
 
@@ -130,13 +130,14 @@ def settle(
     """
     batch, n = c.shape
     dtype = t["step"].dtype
+    step_args = _step_args(t["step"], c, t["qinv"])
+    has_cauchy = step_args[-1]
     chunk = min(steps + 1, chunk_steps(batch, n))
     states = np.empty((chunk + 1, batch, n), dtype=dtype)  # s_t0 .. s_t0+chunk
     drives = np.empty((chunk, batch, n), dtype=dtype)
     logs = np.empty((chunk, batch, n), dtype=dtype) if has_cauchy else states
     energy = np.empty((steps + 1, batch), dtype=dtype)
     states[0] = 0 if s0 is None else s0
-    step_args = _step_args(t["step"], c, t["qinv"])
     kernels = _kernels()
     for t0 in range(0, steps + 1, chunk):
         count = min(chunk, steps + 1 - t0)
@@ -200,7 +201,7 @@ def run(plan: QuadraticPlan, x: torch.Tensor, steps: int, threads: int, t: dict 
     s0 = None if plan.start is None else driven[:, n:]
     # The energy of every step (the program's formula), per image in a fixed order.
     base = matmul(np.square(xf), np.ascontiguousarray(t["omega"][:, None]), threads)[:, 0] + t["const"]
-    last, energy = settle(t, c, s0, base, steps, threads, plan.has_cauchy)
+    last, energy = settle(t, c, s0, base, steps, threads)
     latent = last * t["scale"]
     sizes = [math.prod(s) for s in plan.shapes]
     flats = np.split(latent, np.cumsum(sizes)[:-1], axis=1)
