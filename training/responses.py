@@ -32,9 +32,9 @@ from . import data
 
 CENTRE = 1  # the centre module: offsets 0, 5, 10
 CONTRASTS = (0.5, 1.0, 2.0)  # bar contrast relative to the natural one (`stimuli`)
-STEADY_STEPS = 1000  # level 2 (sigma2 = 10) at the paper's single k1 relaxes with a time constant of ~130 steps
+STEADY_STEPS = 1000  # level 2 (sigma2 = 5-10) at the paper's single k1 relaxes with a time constant of ~130 steps
 REFERENCE_STEPS = 5000  # r(infinity) for `settling`
-STATES_PER_CALL = 250_000  # images x steps per inference call in `settling` (the backends keep every step's state)
+STATES_PER_CALL = 250_000  # images x steps per call in `settling` (onnxruntime and torch keep every step's state)
 DRIVEN = 0.25  # a cell is driven if a bar gives it >= this share of the most driven candidate's response
 END_STOPPED = 0.7  # index below which a cell is end-stopped with feedback ...
 NOT_END_STOPPED = 0.9  # ... while without feedback its index stays at or above this
@@ -393,8 +393,8 @@ def _energy_gap(energy: torch.Tensor, reference: torch.Tensor) -> float:
 def _settle(net: PCModel, windows: torch.Tensor, steps: int) -> tuple[list[torch.Tensor], torch.Tensor]:
     """Latents per level and final energy (B,) after `steps`, inferred in chunks.
 
-    Chunks, because the fast backends keep every step's state for the energy trace: memory grows
-    with steps x batch (1,000 windows x 5,000 steps of the paper's network: ~17 GB in one call).
+    Chunks, because the onnxruntime and torch backends keep every step's state for the energy trace:
+    memory grows with steps x batch there (the numba backend keeps one chunk of steps at a time).
     """
     chunk = max(1, STATES_PER_CALL // max(steps, 1))
     parts = [net.infer(windows[i : i + chunk], steps=steps) for i in range(0, windows.shape[0], chunk)]
