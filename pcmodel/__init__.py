@@ -18,7 +18,7 @@ import torch
 from .checkpoint import CheckpointError, not_a_file
 from .checkpoint import load as _load_checkpoint
 from .config import ConfigError, LearningConfig, LevelConfig, ModelConfig, PreprocessConfig
-from .energy import InferenceResult
+from .energy import InferenceResult, constrain_weights
 from .images import ImageError
 from .model import PCModel, UnstableStepError
 from .presets import PRESETS, get_preset
@@ -60,7 +60,8 @@ def shipped_models() -> dict[str, str]:
 
 
 def create(preset_or_config: str | ModelConfig, seed: int = 0, *, allow_unstable: bool = False) -> PCModel:
-    """A fresh model with U_l ~ N(0, init_std^2) drawn from `seed` (deterministic on CPU)."""
+    """A fresh model with U_l ~ N(0, init_std^2) drawn from `seed` (deterministic on CPU); on levels
+    with a column_norm each column is then rescaled to it, so learning starts on its constraint."""
     config = get_preset(preset_or_config) if isinstance(preset_or_config, str) else preset_or_config
     if not isinstance(config, ModelConfig):
         raise TypeError(f"create takes a preset name or a ModelConfig, got {type(config).__name__}")
@@ -70,6 +71,7 @@ def create(preset_or_config: str | ModelConfig, seed: int = 0, *, allow_unstable
         fan = shape[1] * shape[2] * shape[3]
         std = level.init_std if level.init_std is not None else fan**-0.5
         weights.append(torch.randn(shape, generator=generator) * std)
+    constrain_weights(config, weights)
     return PCModel(config, weights, allow_unstable=allow_unstable, provenance={"source": "create", "seed": seed})
 
 

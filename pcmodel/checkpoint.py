@@ -27,8 +27,10 @@ from safetensors.torch import save as save_safetensors
 from .config import ConfigError, ModelConfig, weight_shapes
 
 FORMAT = "pcmodel-checkpoint"
-FORMAT_VERSION = 2  # 2: per-level k1_scale / k2_scale in the config (absent = 1: format 1 reads as before)
-READABLE_VERSIONS = ("1", "2")
+# 2: per-level k1_scale / k2_scale in the config; 3: per-level column_norm. Fields a file lacks read as
+# their neutral values (config.NEUTRAL_LEVEL_FIELDS), so older files load as before.
+FORMAT_VERSION = 3
+READABLE_VERSIONS = ("1", "2", "3")
 MAX_CHECKPOINT_BYTES = 256 * 1024 * 1024  # our models are kilobytes; refuse to read anything absurd
 MAX_HEADER_BYTES = 1024 * 1024
 _DTYPES = {"F32": torch.float32}
@@ -127,7 +129,7 @@ def load(path: str | os.PathLike[str], max_bytes: int = MAX_CHECKPOINT_BYTES) ->
     if version not in READABLE_VERSIONS:
         raise CheckpointError(
             f"{name} has checkpoint format version {version!r}; this pcmodel reads versions "
-            f"{' and '.join(READABLE_VERSIONS)} "
+            f"{', '.join(READABLE_VERSIONS)} "
             f"(upgrade pcmodel or re-save the model)"
         )
     try:

@@ -24,7 +24,9 @@ FILTERS = ("none", "dog", "whiten")
 NORMALIZATIONS = ("none", "image_std")
 SIZE_MODES = ("resize", "tile", "full")  # full: convolutional models only (pcmodel.images)
 K2_UNITS = ("inputs", "updates")
-NEUTRAL_SINCE_FORMAT_2 = {"k1_scale": 1.0, "k2_scale": 1.0}  # level fields a format-1 checkpoint lacks
+# Level fields added after format 1, with the value that leaves a model as it was: a checkpoint that
+# lacks one reads as this value, and the canonical JSON leaves it out while it holds it (same hash).
+NEUTRAL_LEVEL_FIELDS = {"k1_scale": 1.0, "k2_scale": 1.0, "column_norm": None}
 
 
 class ConfigError(ValueError):
@@ -79,6 +81,9 @@ class LevelConfig:
     # preconditioner: docs/MODEL.md section 2) and its learning rate k2 * k2_scale (section 3).
     k1_scale: float = 1.0
     k2_scale: float = 1.0
+    # Format 3: learning keeps each cause's field (one column of U_l) at this Euclidean norm, the
+    # constraint of Olshausen & Field's sparse coding (docs/MODEL.md section 3); None: weight decay alone.
+    column_norm: float | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "kernel", _pair(self.kernel, "kernel"))
@@ -106,6 +111,8 @@ class LevelConfig:
             _positive(self.init_std, "init_std")
         _positive(self.k1_scale, "k1_scale")
         _positive(self.k2_scale, "k2_scale")
+        if self.column_norm is not None:
+            _positive(self.column_norm, "column_norm")
 
 
 @dataclass(frozen=True)
@@ -216,10 +223,10 @@ class ModelConfig:
 
     def to_json(self) -> str:
         """Canonical JSON (stored in checkpoints and hashed into their identity). Fields added after
-        format 1 are left out while they hold their neutral value, so a format-1 model keeps its hash."""
+        format 1 are left out while they hold their neutral value, so an older model keeps its hash."""
         data = self.to_dict()
         for level in data["levels"]:
-            for key, neutral in NEUTRAL_SINCE_FORMAT_2.items():
+            for key, neutral in NEUTRAL_LEVEL_FIELDS.items():
                 if level[key] == neutral:
                     del level[key]
         return json.dumps(data, sort_keys=True, separators=(",", ":"))

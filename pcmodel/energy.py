@@ -10,6 +10,7 @@ so an image's result does not depend on its batch or on the map size.
 
 Inference (fast timescale), all levels from the same state:   r_l <- r_l - eta_l dE/dr_l
 Learning (slow timescale), batch mean:                        U_l <- U_l - (k2 k2_scale_l / 2) dE/dU_l
+  then, on levels with a column_norm, each column of U_l rescaled to that norm (`constrain_weights`)
 
 with eta_l = k1 k1_scale_l / 2 (`step_rates`: the one place the step size per level is decided; every backend takes
 its coefficients from there). Both gradients are derived by hand and checked against autograd in the
@@ -191,6 +192,15 @@ def weight_gradients(
         data = level.weight_gradient(le.driven, r) * (-2 / (lc.sigma2 * batch))
         grads.append(data + (2 * lc.lam) * U)
     return grads
+
+
+def constrain_weights(config: ModelConfig, weights: Sequence[torch.Tensor]) -> None:
+    """In place, after every learning step: each cause's field (column i of U_l, stored as U_l[i])
+    rescaled to the level's column_norm, where it has one (Olshausen & Field's constraint)."""
+    for U, lc in zip(weights, config.levels):
+        if lc.column_norm is not None:
+            norms = U.flatten(1).norm(dim=1).clamp_min(torch.finfo(U.dtype).tiny)
+            U.mul_((lc.column_norm / norms).reshape(-1, *[1] * (U.dim() - 1)))
 
 
 def initial_latents(

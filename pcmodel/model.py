@@ -22,6 +22,7 @@ from .checkpoint import save as save_checkpoint
 from .config import ConfigError, ModelConfig, level_shapes, weight_shapes
 from .energy import (
     InferenceResult,
+    constrain_weights,
     infer_loop,
     initial_latents,
     latent_gradients,
@@ -161,10 +162,12 @@ class PCModel:
         return weight_gradients(levels, weights, latents, errors)
 
     def apply_weight_gradients(self, grads: Sequence[torch.Tensor], k2: float) -> None:
-        """U_l <- U_l - (k2 k2_scale_l / 2) grad_l, in place (grads may be averaged across processes first)."""
+        """U_l <- U_l - (k2 k2_scale_l / 2) grad_l, in place (grads may be averaged across processes first),
+        then each column back to the level's column_norm where it has one."""
         with torch.inference_mode():
             for U, g, lc in zip(self.weights, grads, self.config.levels):
                 U.sub_(g.to(U.dtype), alpha=k2 * lc.k2_scale / 2)
+            constrain_weights(self.config, self.weights)
 
     def learn_step(self, x: torch.Tensor, latents: Sequence[torch.Tensor], k2: float | None = None) -> None:
         """One learning step U <- U - (k2/2) dE/dU (batch mean) at settled latents."""

@@ -276,6 +276,7 @@ def analyze(
         "gabor": {
             **gabor_summary(fits),
             "random_weights": gabor_summary(random_fits),
+            "span_control": field_measures.span_control(np.stack(fields), seed=seed),
             "fits": [
                 {
                     "r2": f.r2,
@@ -301,6 +302,19 @@ def analyze(
     return report
 
 
+def _span_lines(span: dict[str, Any] | None) -> list[str]:
+    if span is None:
+        return []
+    return [
+        f"Span control: the fields use {span['effective_dimension']:.1f} directions (effective dimension of "
+        f"their span); random rotations of them (the same span, {span['draws']} draws) are "
+        f"{span['rotated_share_median']:.0%} Gabor-like (median). A share well above the rotations' is the "
+        "basis's own, learned; one the rotations keep comes with the span (the window, or a code collapsed "
+        "onto a few smooth directions).",
+        "",
+    ]
+
+
 def markdown(report: dict[str, Any]) -> str:
     g, e, es = report["gabor"], report["held_out"], report["end_stopping"]
     lines = [
@@ -320,6 +334,7 @@ def markdown(report: dict[str, Any]) -> str:
         f"| orientation bins covered (of {ORIENTATION_BINS}) | {g['orientation_bins']} | "
         f"{g['random_weights']['orientation_bins']} |",
         "",
+        *_span_lines(g.get("span_control")),
         "![Gabor fits](gabor_fits.png)",
         "",
         "| field | R² | n_x | Gabor-like | orientation (°) | frequency (cycles/px) |",
@@ -412,7 +427,9 @@ def end_stopping_markdown(es: dict[str, Any] | None) -> list[str]:
         "![Mechanism](end_stopping_mechanism.png)",
         "",
         f"Its error response to a short and a long bar against time k1 × steps, with the served per-level steps "
-        f"(k1_scale {es['time_course']['k1_scale']}) and with the paper's single k1 (every k1_scale 1):",
+        f"(k1_scale {es['time_course']['k1_scale']}) and with the paper's single k1 "
+        f"({es['time_course']['single_k1_value']:g} for every level, the largest one step the served steps "
+        "show to be stable):",
         "",
         "![Time course](end_stopping_time.png)",
         "",
@@ -461,7 +478,7 @@ def steady_state_markdown(ss: dict[str, Any] | None) -> list[str]:
         "|---|" + "---|" * (levels + 1),
         row(f"served steps (k1_scale {ss['k1_scale']})", ss["median_relative_distance"], ss["energy_relative_gap"]),
         row(
-            "the paper's single k1" + (" (the same model)" if single["same_as_served"] else ""),
+            f"the paper's single k1 = {single['k1']:g}" + (" (the same model)" if single["same_as_served"] else ""),
             single["median_relative_distance"],
             single["energy_relative_gap"],
         ),

@@ -297,6 +297,9 @@ def training_images(config: ModelConfig, photos: Sequence[data.Photo] | None = N
 # ---- the PCA control for level 1 -----------------------------------------------------------------
 
 
+SPAN_DRAWS = 5  # random rotations of the level-1 fields fitted for the span control
+
+
 def pca_fields(config: ModelConfig, count: int | None = None, patches: int = 10000, seed: int = 0) -> np.ndarray:
     """The top `count` (default: level 1's causes) principal components of windowed training patches.
 
@@ -321,7 +324,38 @@ def pca_control(config: ModelConfig, seed: int = 0) -> dict[str, Any]:
     from .analysis import fit_gabor, gabor_summary
 
     pcs = pca_fields(config, seed=seed)
-    return {"components": len(pcs), **gabor_summary([fit_gabor(f) for f in pcs])}
+    return {
+        "components": len(pcs),
+        **gabor_summary([fit_gabor(f) for f in pcs]),
+        "span_control": span_control(pcs, seed=seed),
+    }
+
+
+def span_control(fields: np.ndarray, draws: int = SPAN_DRAWS, seed: int = 0) -> dict[str, Any]:
+    """Is the Gabor share a property of the basis or only of the space it spans?
+
+    Random orthogonal rotations of the fields (the same span, the same total energy) are fitted like the
+    fields. A code whose share comes from the window, or from collapsing onto a few smooth directions,
+    keeps it under rotation; a learned basis does not. Also the span's effective dimension,
+    (sum s^2)^2 / sum s^4 over the fields' singular values: the number of directions the fields use.
+    """
+    from .analysis import fit_gabor, gabor_summary
+
+    flat = np.asarray(fields, dtype=np.float64).reshape(len(fields), -1)
+    s = np.linalg.svd(flat, compute_uv=False)
+    rng = np.random.default_rng(seed)
+    shares = []
+    for _ in range(draws):
+        q, r = np.linalg.qr(rng.standard_normal((len(flat), len(flat))))
+        q = q * np.sign(np.diag(r))  # Haar-distributed
+        rotated = (q @ flat).reshape(np.shape(fields))
+        shares.append(gabor_summary([fit_gabor(f) for f in rotated])["share_good"])
+    return {
+        "draws": draws,
+        "rotated_share_median": float(np.median(shares)),
+        "rotated_shares": shares,
+        "effective_dimension": float((s**2).sum() ** 2 / max((s**4).sum(), 1e-300)),
+    }
 
 
 # ---- the report's sections -----------------------------------------------------------------------
@@ -401,4 +435,10 @@ def markdown(report: dict[str, Any]) -> list[str]:
         f"{p['good_fits']}/{p['fields']} Gabor-like ({p['share_good']:.0%}), {p['blobs']} blobs, median R² "
         f"{p['median_r2']:.3f}, {p['orientation_bins']} orientation bins."
     )
+    span = p.get("span_control")
+    if span is not None:
+        lines.append(
+            f"Random rotations of them (a full-rank code of the same patches that no prior picks a basis for, "
+            f"{span['effective_dimension']:.1f} directions) are {span['rotated_share_median']:.0%} Gabor-like."
+        )
     return lines

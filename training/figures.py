@@ -271,9 +271,11 @@ def time_course_figure(tc: dict, name: str) -> plt.Figure:
     """The headline cell's error response against time k1 x steps, served per-level steps vs the single k1."""
     fig, ax = plt.subplots(figsize=(5, 2.8))
     time = tc["k1"] * np.array(tc["steps"])
-    for (key, label), style in zip(
-        (("served", f"served (k1_scale {tc['k1_scale']})"), ("single_k1", "paper's single k1")), ("-", "--")
-    ):
+    curves = (
+        ("served", f"served (k1_scale {tc['k1_scale']})"),
+        ("single_k1", f"paper's single k1 = {tc['single_k1_value']:g}"),
+    )
+    for (key, label), style in zip(curves, ("-", "--")):
         for n, colour in zip(tc["lengths"], ("C0", "C3")):
             ax.plot(time, tc[key][str(n)], style, color=colour, lw=1.2, label=f"{n} px bar, {label}")
     ax.axvline(tc["k1"] * tc["model_steps"], color="0.7", lw=0.8)

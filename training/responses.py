@@ -67,10 +67,17 @@ def without_feedback(model: PCModel) -> PCModel:
     return _variant(model, model.config.replace(levels=model.config.levels[:1]), model.weights[:1])
 
 
+def single_k1_value(config: ModelConfig) -> float:
+    """The paper's single inference step for this model: one k1 for every level, the served k1 times the
+    smallest k1_scale below 1. Shrinking any level's step keeps the served (stable) step stable, so this is
+    the largest single step the served model shows to be safe; with every k1_scale >= 1 it is k1 itself."""
+    return config.k1 * min(1.0, *(lv.k1_scale for lv in config.levels))
+
+
 def single_k1(model: PCModel) -> PCModel:
-    """The same model with the paper's single inference step: every level's k1_scale set to 1."""
+    """The same model with the paper's single inference step (`single_k1_value`, every k1_scale 1)."""
     levels = tuple(dataclasses.replace(lv, k1_scale=1.0) for lv in model.config.levels)
-    return _variant(model, model.config.replace(levels=levels))
+    return _variant(model, model.config.replace(levels=levels, k1=single_k1_value(model.config)))
 
 
 def served(model: PCModel) -> PCModel:
@@ -320,18 +327,20 @@ def time_course(
 ) -> dict[str, Any]:
     """The cell's |r - r_td| (with feedback) to a short and a long bar (default: 8 and 26 px) after t steps.
 
-    Under the served per-level steps and under the paper's single k1 (every k1_scale 1); time is
-    k1 x steps for both, so the curves share an axis.
+    Under the served per-level steps and under the paper's single k1 (`single_k1_value`); time is
+    k1 x steps for both (the single k1 takes k1 / single k1 times the steps), so the curves share an axis.
     """
     lengths = [short_bar(model), model.config.input_shape[2]] if lengths is None else list(lengths)
     x = bar_stimuli(model, lengths, [row])
     steps = _step_grid(last)
-    out: dict[str, Any] = {"k1": model.config.k1, "steps": steps, "model_steps": model.config.steps,
-                           "lengths": list(lengths)}  # fmt: skip
-    for name, net in (("served", served(model)), ("single_k1", single_k1(model))):
+    single = single_k1_value(model.config)
+    out: dict[str, Any] = {"k1": model.config.k1, "single_k1_value": single, "steps": steps,
+                           "model_steps": model.config.steps, "lengths": list(lengths)}  # fmt: skip
+    runs = (("served", served(model), 1.0), ("single_k1", single_k1(model), model.config.k1 / single))
+    for name, net, stretch in runs:
         curves = np.zeros((len(lengths), len(steps)))
         for j, t in enumerate(steps):
-            full = net.infer(x, steps=t)
+            full = net.infer(x, steps=round(t * stretch))
             error = full.latents[0][:, cause, 0, CENTRE] - full.predictions[1][:, 0, cause, 0, CENTRE]
             curves[:, j] = error.abs().double().cpu().numpy()
         out[name] = {str(n): curves[i].tolist() for i, n in enumerate(lengths)}
@@ -435,6 +444,7 @@ def settling(
     else:
         single = _settle(_fast(single_k1(model), [steps]), windows, steps)
     report["single_k1"] = {
+        "k1": single_k1_value(model.config),
         "same_as_served": single is at_t,
         "median_relative_distance": _relative_distances(single[0], reference[0]),
         "energy_relative_gap": _energy_gap(single[1], reference[1]),

@@ -38,7 +38,16 @@ from .train import apply_settings
 log = logging.getLogger(__name__)
 
 GAUSSIAN_PRIOR = "levels.0.prior=gaussian"  # the control: the same network without the sparse prior
-AVERAGED = ("gabor_share", "median_n_x", "orientation_bins", "blobs", "held_out_error")  # mean and spread over seeds
+# mean and spread over seeds
+AVERAGED = (
+    "gabor_share",
+    "rotated_share",
+    "effective_dimension",
+    "orientation_bins",
+    "blobs",
+    "held_out_error",
+    "end_stopped_share",
+)
 
 
 @dataclass(frozen=True)
@@ -198,7 +207,10 @@ def row(run: Run, report: dict[str, Any]) -> dict[str, Any]:
         "median_n_x": g.get("median_n_x"),
         "orientation_bins": g.get("orientation_bins"),
         "blobs": g.get("blobs"),
+        "rotated_share": (g.get("span_control") or {}).get("rotated_share_median"),
+        "effective_dimension": (g.get("span_control") or {}).get("effective_dimension"),
         "held_out_error": report.get("held_out", {}).get("relative_error"),
+        "end_stopped_share": ((es.get("summary") or {}).get("share_end_stopped") or {}).get("1"),
         "end_stopping": es.get("summary")
         or {k: v["long_over_short"] for k, v in es.get("ratios", {}).items() if k.startswith("cell")},
         "level2": {k: {"value": v["value"], "p": v["p"]} for k, v in l2.items()},
@@ -253,24 +265,27 @@ def markdown(study: dict[str, Any]) -> str:
         "",
         f"`{study['command']}`",
         "",
-        "Gabor share: level-1 fields with R² ≥ 0.7 and n_x ≥ 0.1. Level 2: p of each measure against random U2 "
+        "Gabor share: level-1 fields with R² ≥ 0.7 and n_x ≥ 0.1; rotated: the share of random rotations of the "
+        "fields (the same span), and the span's effective dimension. End-stopped: the share of driven "
+        "horizontal cells end-stopped at contrast x1. Level 2: p of each measure against random U2 "
         "(spread = energy outside the strongest module, orient = power-spectrum orientation index, agree = "
         "agreement of neighbouring modules' parts).",
         "",
-        "| run | Gabor share | median n_x | bins | blobs | held-out error | end-stopping | level-2 p (spread, "
-        "orient, agree) | steady state |",
-        "|---|---:|---:|---:|---:|---:|---|---|---|",
+        "| run | Gabor share | rotated | eff. dim. | median n_x | bins | blobs | held-out error | end-stopping | "
+        "level-2 p (spread, orient, agree) | steady state |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---|---|---|",
     ]
     for r in study["rows"]:
         if "error" in r:
-            lines.append(f"| {r['run']} | {r['error']} | | | | | | | |")
+            lines.append(f"| {r['run']} | {r['error']} | | | | | | | | | |")
             continue
         l2 = r["level2"]
         ps = "/".join(
             _fmt(l2[k]["p"], 2) if k in l2 else "–" for k in ("outside_share", "orientation", "overlap_agreement")
         )
         lines.append(
-            f"| {r['run']} | {_fmt(r['gabor_share'], 2)} | {_fmt(r['median_n_x'], 2)} | {_fmt(r['orientation_bins'])} "
+            f"| {r['run']} | {_fmt(r['gabor_share'], 2)} | {_fmt(r.get('rotated_share'), 2)} "
+            f"| {_fmt(r.get('effective_dimension'), 1)} | {_fmt(r['median_n_x'], 2)} | {_fmt(r['orientation_bins'])} "
             f"| {_fmt(r['blobs'])} | {_fmt(r['held_out_error'])} | {_end_stopping(r['end_stopping'])} | {ps} "
             f"| {_fmt(r['steady_state'])} |"
         )
@@ -282,21 +297,29 @@ def markdown(study: dict[str, Any]) -> str:
         lines.append(f"| {name} | {s['seeds']} | " + " | ".join(cells) + " |")
     if study.get("controls"):
         c = study["controls"]
-        lines += ["", "## Controls for the level-1 Gabor share", "", "| fields | Gabor share | blobs | bins |"]
-        lines.append("|---|---:|---:|---:|")
+        lines += ["", "## Controls for the level-1 Gabor share", ""]
+        lines += ["| fields | Gabor share | rotated | eff. dim. | blobs | bins |", "|---|---:|---:|---:|---:|---:|"]
         for name, g in c.items():
-            lines.append(f"| {name} | {g['share_good']:.2f} | {g['blobs']} | {g['orientation_bins']} |")
+            lines.append(
+                f"| {name} | {g['share_good']:.2f} | {_fmt(g.get('rotated_share'), 2)} | "
+                f"{_fmt(g.get('effective_dimension'), 1)} | {g['blobs']} | {g['orientation_bins']} |"
+            )
     return "\n".join(lines) + "\n"
 
 
 def controls(rows: list[dict[str, Any]], reports: dict[Run, dict[str, Any]], base: ModelConfig) -> dict[str, Any]:
     """Level-1 Gabor summaries side by side: each run, the PCA fields of the base config, random weights."""
+    keys = ("rotated_share", "effective_dimension", "blobs", "orientation_bins")
     table = {
-        r["run"]: {"share_good": r["gabor_share"], "blobs": r["blobs"], "orientation_bins": r["orientation_bins"]}
-        for r in rows
-        if "error" not in r
+        r["run"]: {"share_good": r["gabor_share"], **{k: r.get(k) for k in keys}} for r in rows if "error" not in r
     }
-    table[f"PCA (top {base.levels[0].causes} components)"] = fields.pca_control(base)
+    pca = fields.pca_control(base)
+    span = pca["span_control"]
+    table[f"PCA (top {base.levels[0].causes} components)"] = {
+        **pca,
+        "rotated_share": span["rotated_share_median"],
+        "effective_dimension": span["effective_dimension"],
+    }
     first = next((r for r in reports.values() if "gabor" in r), None)
     if first is not None:
         table["random weights"] = first["gabor"]["random_weights"]

@@ -54,7 +54,7 @@ def test_file_is_plain_safetensors_with_our_metadata(model, tmp_path):
     (n,) = struct.unpack("<Q", data[:8])
     header = json.loads(data[8 : 8 + n])
     meta = header["__metadata__"]
-    assert meta["format"] == "pcmodel-checkpoint" and meta["format_version"] == "2"
+    assert meta["format"] == "pcmodel-checkpoint" and meta["format_version"] == "3"
     assert pcmodel.ModelConfig.from_json(meta["config"]) == model.config
     assert sorted(k for k in header if k != "__metadata__") == [f"level{i + 1}.U" for i in range(model.num_levels)]
 
@@ -216,13 +216,38 @@ def test_format_1_files_keep_loading_with_the_same_identity(tmp_path):
 def test_per_level_rates_are_saved_and_change_the_identity(tmp_path):
     model = pcmodel.create("rao-ballard-1999", seed=3)
     levels = list(model.config.levels)
-    levels[1] = dataclasses.replace(levels[1], k1_scale=4.0, k2_scale=20.0)
+    levels[1] = dataclasses.replace(levels[1], k1_scale=0.05, k2_scale=20.0)
     ranked = pcmodel.PCModel(model.config.replace(levels=tuple(levels)), model.weights)
     assert ranked.sha256 != model.sha256
     path = tmp_path / "rates.safetensors"
     ranked.save(path)
     loaded = pcmodel.load(path)
-    assert (loaded.config.levels[1].k1_scale, loaded.config.levels[1].k2_scale) == (4.0, 20.0)
+    assert (loaded.config.levels[1].k1_scale, loaded.config.levels[1].k2_scale) == (0.05, 20.0)
     assert loaded.sha256 == ranked.sha256
     with pytest.raises(pcmodel.ConfigError, match="k1_scale must be a positive"):
         dataclasses.replace(levels[1], k1_scale=0.0)
+
+
+def test_column_norm_is_saved_and_changes_the_identity(tmp_path):
+    """Format 3: a level's column_norm is in the config and the hash; without one the JSON is as before."""
+    model = pcmodel.create("conv-rgb", seed=3)
+    assert "column_norm" not in model.config.to_json()
+    levels = list(model.config.levels)
+    levels[0] = dataclasses.replace(levels[0], column_norm=0.5)
+    normed = pcmodel.PCModel(model.config.replace(levels=tuple(levels)), model.weights)
+    assert normed.sha256 != model.sha256
+    normed.save(tmp_path / "n.safetensors")
+    loaded = pcmodel.load(tmp_path / "n.safetensors")
+    assert loaded.config.levels[0].column_norm == 0.5 and loaded.sha256 == normed.sha256
+    for bad in (0.0, -1.0, float("nan")):
+        with pytest.raises(pcmodel.ConfigError, match="column_norm must be a positive"):
+            dataclasses.replace(levels[0], column_norm=bad)
+
+
+def test_format_2_files_keep_loading_with_the_same_identity(tmp_path):
+    """A format-2 file (no column_norm in its config) loads as column_norm = None, same hash."""
+    model = pcmodel.create("conv-rgb", seed=3)
+    assert "column_norm" not in model.config.to_json()
+    path = write_checkpoint(tmp_path / "v2.safetensors", model, format_version="2")
+    loaded = pcmodel.load(path)
+    assert loaded.sha256 == model.sha256 and all(lc.column_norm is None for lc in loaded.config.levels)

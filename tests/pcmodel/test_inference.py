@@ -225,6 +225,31 @@ def test_learning_rate_scales_per_level(generator):
     assert model.config.levels[1].k2_scale != 1.0
 
 
+@pytest.mark.parametrize("kind", ["dense", "convolutional", "modules"])
+def test_column_norm_holds_every_field_at_its_norm(kind, generator):
+    """docs/MODEL.md section 3: on a level with column_norm, every cause's field has that norm from the
+    start (create) and after each learning step, which is the plain step followed by the rescaling."""
+    config = tiny_config(kind, prior="cauchy")
+    levels = (dataclasses.replace(config.levels[0], column_norm=0.3, lam=0.0), config.levels[1])
+    config = config.replace(levels=levels)
+    model = pcmodel.create(config, seed=1, allow_unstable=True)
+    model = PCModel(config.replace(k1=0.5 * model.stability_bound()), model.weights)
+
+    def norms(U):
+        return U.flatten(1).norm(dim=1)
+
+    torch.testing.assert_close(norms(model.weights[0]), torch.full((config.levels[0].causes,), 0.3))
+    x = torch.randn((4, *config.input_shape), generator=generator)
+    latents = model.infer(x, steps=20).latents
+    grads = model.weight_gradients(x, latents)
+    before = [w.clone() for w in model.weights]
+    model.apply_weight_gradients(grads, k2=0.5)
+    stepped = before[0] - grads[0] * (0.5 * config.levels[0].k2_scale / 2)
+    assert not torch.allclose(norms(stepped), norms(model.weights[0]))  # the step alone leaves the norm
+    torch.testing.assert_close(model.weights[0], stepped * (0.3 / norms(stepped)).reshape(-1, 1, 1, 1))
+    torch.testing.assert_close(model.weights[1], before[1] - grads[1] * (0.5 * config.levels[1].k2_scale / 2))
+
+
 @pytest.mark.parametrize(("kind", "prior"), [("dense", "cauchy"), ("convolutional", "gaussian"), ("modules", "cauchy")])
 def test_the_per_level_step_keeps_the_fixed_points(kind, prior, generator):
     """docs/MODEL.md section 2: preconditioning changes the path, not the fixed point. 300 steps with a

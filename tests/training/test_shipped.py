@@ -15,6 +15,7 @@ import json
 import shlex
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 import pcmodel
@@ -22,12 +23,12 @@ from training import analysis, data, fields, responses
 from training.train import main as train
 
 WEIGHTS = Path(pcmodel.__file__).parent / "weights"
-GABOR_SHARE = 0.5  # the shipped model's measured share, with a margin; the issue's target (0.7) is not met
+GABOR_SHARE = 0.7  # issue 13's target (the shipped model measures 0.78)
 
 # A shortened re-run of each shipped model's own command (its first updates, same seed and data),
 # and the bound its last logged energy per input must fall below: measured, plus a margin (TRAINING.md).
 SHORT_RUNS = {
-    "rao-ballard-1999": (["--updates", "40", "--eval-every", "40"], 4.7),  # measured 6.84 -> 4.27
+    "rao-ballard-1999": (["--updates", "40", "--eval-every", "40"], 2.0),  # measured 8.14 -> 1.74
     "conv-rgb": (["--updates", "40", "--eval-every", "40"], 74.0),  # measured 565.9 -> 66.6
 }
 
@@ -58,6 +59,17 @@ def test_rao_ballard_reproduces_the_papers_fields_and_reconstructs():
 
 
 @pytest.mark.slow
+def test_rao_ballard_gabor_share_is_its_basis_not_its_span():
+    """The share is learned: random rotations of the same fields (the same span, what the window and a
+    code without a preferred basis give) are far less Gabor-like, and the fields use many directions."""
+    model = pcmodel.load("rao-ballard-1999")
+    share = analysis.gabor_summary([analysis.fit_gabor(f) for f in analysis.level1_fields(model)])["share_good"]
+    span = fields.span_control(np.stack(analysis.level1_fields(model)))
+    assert span["rotated_share_median"] <= share - 0.3, span  # measured 0.78 against 0.25
+    assert span["effective_dimension"] >= 10, span  # measured 12.7 of 32
+
+
+@pytest.mark.slow
 def test_rao_ballard_level2_fields_span_modules_coherently_and_are_oriented():
     """Issue 13: the used level-2 fields spread over more than one module (a level-1 field covers one),
     their neighbouring parts agree, and they are oriented, beyond 100 random U2 (p < 0.01)."""
@@ -72,12 +84,14 @@ def test_rao_ballard_level2_fields_span_modules_coherently_and_are_oriented():
 def test_rao_ballard_settles_every_level_at_its_default_steps():
     """Issue 13: each level within 5% of its fixed point after the default T (median over held-out windows)."""
     model = pcmodel.load("rao-ballard-1999")
-    assert model.config.steps == 100 and model.config.levels[1].k1_scale > 1
+    assert model.config.steps == 100 and model.config.levels[1].k1_scale != 1
     windows = data.held_out_windows(model.config, 200, seed=3)
     settled = responses.settling(model, windows, reference_steps=2000)
     assert max(settled["median_relative_distance"]) <= 0.05, settled
-    # ...which the paper's single k1 does not do: level 2 is far from its fixed point at T = 100.
-    assert settled["single_k1"]["median_relative_distance"][1] > 0.2, settled
+    # ...which the paper's single k1 (the largest one stable for both levels) does not do: at T = 100 a
+    # level is still several % from its fixed point (measured 4.3% / 5.7%, served 0.001% / 0.05%).
+    single, served = settled["single_k1"]["median_relative_distance"], settled["median_relative_distance"]
+    assert max(single) > max(0.02, 10 * max(served)), settled
 
 
 @pytest.mark.slow
@@ -97,6 +111,14 @@ def test_rao_ballard_feedback_makes_its_headline_cell_and_half_the_driven_cells_
     assert summary["passes"] and summary["share_end_stopped"]["1"] >= 0.5, summary  # half the driven cells
     for cell in cells:  # feedback shortens every driven cell's preferred bar
         assert cell["index_feedback"]["1"] < cell["index_without"]["1"], cell
+    # The paper's Fig. 6: with feedback, iso-oriented flanks suppress the headline cell more than
+    # ortho-oriented ones (measured 0.22 against 0.60 of the centre bar alone); without, neither does.
+    chosen = es["cells"][0]  # the headline cell, with its best bar row
+    assert chosen["cause"] == headline["cause"]
+    sur = responses.surround(model, chosen["cause"], chosen["bar_row"], steps=[model.config.steps])
+    ratios = sur["by_steps"][0]
+    assert ratios["feedback_ratio"]["iso"] < ratios["feedback_ratio"]["ortho"] - 0.2, ratios
+    assert all(0.9 <= ratios["without_ratio"][k] <= 1.1 for k in ("iso", "ortho")), ratios
 
 
 @pytest.mark.slow
