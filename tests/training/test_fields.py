@@ -133,3 +133,33 @@ def test_pca_control_gives_one_field_per_level1_cause():
     assert pcs.shape == (32, 16, 16)
     flat = pcs.reshape(32, -1)
     assert np.allclose(flat @ flat.T, np.eye(32), atol=1e-8)  # orthonormal components
+
+
+def _gabors(count: int) -> np.ndarray:
+    """Localised Gabors of several orientations at scattered centres (a basis no rotation keeps)."""
+    from training.analysis import gabor
+
+    rng = np.random.default_rng(0)
+    yy, xx = np.mgrid[0:16, 0:16].astype(np.float64)
+    out = []
+    for i in range(count):
+        y0, x0 = rng.uniform(5, 11, size=2)
+        params = [1.0, y0, x0, np.pi * i / count, 1.8, 2.4, 0.18, rng.uniform(0, np.pi), 0.0]
+        out.append(gabor(np.array(params), yy, xx))
+    return np.stack(out)
+
+
+def test_span_control_tells_a_learned_basis_from_its_span():
+    """Rotations of distinct localised Gabors are mixtures, not Gabors (the share is the basis's); copies
+    of one Gabor span one direction, so every rotation is that Gabor again (the share is the span's)."""
+    from training.analysis import fit_gabor, gabor_summary
+
+    basis = _gabors(8)
+    assert gabor_summary([fit_gabor(f) for f in basis])["share_good"] == 1.0
+    distinct = fields.span_control(basis, draws=2)
+    assert distinct["rotated_share_median"] <= 0.5, distinct  # measured 0.31
+    assert distinct["effective_dimension"] > 5, distinct
+    copies = np.repeat(_gabors(1), 8, axis=0) * np.linspace(0.5, 1.5, 8)[:, None, None]
+    collapsed = fields.span_control(copies, draws=2)
+    assert collapsed["rotated_share_median"] == 1.0, collapsed
+    assert collapsed["effective_dimension"] == pytest.approx(1.0), collapsed
