@@ -29,7 +29,7 @@ GABOR_SHARE = 0.7  # issue 13's target (the shipped model measures 0.78)
 # and the bound its last logged energy per input must fall below: measured, plus a margin (TRAINING.md).
 SHORT_RUNS = {
     "rao-ballard-1999": (["--updates", "40", "--eval-every", "40"], 2.0),  # measured 8.14 -> 1.74
-    "conv-rgb": (["--updates", "40", "--eval-every", "40"], 74.0),  # measured 565.9 -> 66.6
+    "conv-rgb": (["--updates", "40", "--eval-every", "40"], 120.0),  # measured 651.9 -> 104.6
 }
 
 
@@ -133,15 +133,16 @@ def test_conv_rgb_reconstructs_held_out_crops():
 
 @pytest.mark.slow
 def test_conv_rgb_per_level_steps_bring_the_energy_near_its_steady_state():
-    """With its per-level steps conv-rgb's energy at T = 100 is within 10% of where 2,000 steps end
-    (measured 4.5% against 5,000 steps); with the single k1 it was 35% above."""
+    """Issue 13: with its per-level steps conv-rgb's latents at T = 100 are near their fixed points
+    (measured 2.2% / 4.5% per level against 5,000 steps, energy 0.04% above; held here to 6%, as 32
+    windows against 2,000 steps are a smaller sample); with the single k1 they were 9% / 50%."""
     model = pcmodel.load("conv-rgb")
     windows = data.held_out_windows(model.config, 32, seed=3)
-    served = model.infer(windows, steps=2000, backend="torch").energy
-    gap = float(((served[100] - served[-1]) / served[-1]).median())
-    assert 0 <= gap <= 0.1, gap
-    plain = responses.single_k1(model).infer(windows, steps=100, backend="torch").energy[-1]
-    assert float(((plain - served[-1]) / served[-1]).median()) > 2 * gap
+    settled = responses.settling(model, windows, steps=100, reference_steps=2000)
+    assert max(settled["median_relative_distance"]) <= 0.06, settled
+    assert 0 <= settled["energy_relative_gap"] <= 0.01, settled
+    single = settled["single_k1"]["median_relative_distance"]
+    assert max(single) > 4 * max(settled["median_relative_distance"]), settled
 
 
 @pytest.mark.slow
