@@ -41,6 +41,7 @@ GAUSSIAN_PRIOR = "levels.0.prior=gaussian"  # the control: the same network with
 # mean and spread over seeds
 AVERAGED = (
     "gabor_share",
+    "median_n_x",
     "rotated_share",
     "effective_dimension",
     "orientation_bins",
