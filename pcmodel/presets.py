@@ -14,7 +14,7 @@ RAO_BALLARD_1999 = ModelConfig(
     levels=(
         # Level 1: three modules sharing one U (one basis to show, as in the paper's Fig. 2b), each
         # predicting its own windowed 16x16 patch. The sparse (Cauchy) prior gives localised,
-        # oriented fields; a Gaussian one collapses onto a few directions (docs/TRAINING.md, "Controls").
+        # oriented fields; a Gaussian one collapses onto a few directions (docs/TRAINING.md, "Seeds and controls").
         LevelConfig(
             causes=32,
             kind="modules",
