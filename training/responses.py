@@ -32,7 +32,7 @@ from . import data
 
 CENTRE = 1  # the centre module: offsets 0, 5, 10
 CONTRASTS = (0.5, 1.0, 2.0)  # bar contrast relative to the natural one (`stimuli`)
-STEADY_STEPS = 1000  # level 2 (sigma2 = 5-10) at the paper's single k1 relaxes with a time constant of ~130 steps
+STEADY_STEPS = 1000  # "steady state" for end-stopping: the 2,500-step check finds both levels settled by then
 REFERENCE_STEPS = 5000  # r(infinity) for `settling`
 STATES_PER_CALL = 250_000  # images x steps per call in `settling` (onnxruntime and torch keep every step's state)
 DRIVEN = 0.25  # a cell is driven if a bar gives it >= this share of the most driven candidate's response
