@@ -18,13 +18,17 @@ import torch
 from .checkpoint import CheckpointError, not_a_file
 from .checkpoint import load as _load_checkpoint
 from .config import ConfigError, LearningConfig, LevelConfig, ModelConfig, PreprocessConfig
-from .energy import InferenceResult, constrain_weights
+from .energy import constrain_weights
 from .images import ImageError
 from .model import PCModel, UnstableStepError
+from .parameters import level_weights, parameter_specs
 from .presets import PRESETS, get_preset
+from .priors import PRIORS
+from .results import InferenceResult
 
 __all__ = [
     "PRESETS",
+    "PRIORS",
     "CheckpointError",
     "ConfigError",
     "ImageError",
@@ -60,19 +64,18 @@ def shipped_models() -> dict[str, str]:
 
 
 def create(preset_or_config: str | ModelConfig, seed: int = 0, *, allow_unstable: bool = False) -> PCModel:
-    """A fresh model with U_l ~ N(0, init_std^2) drawn from `seed` (deterministic on CPU); on levels
+    """A fresh model, each parameter drawn from N(0, init_std^2) in declared order (pcmodel.parameters) from
+    `seed` (deterministic on CPU: U_l ~ N(0, init_std_l^2), level 1 first, as always); on levels
     with a column_norm each column is then rescaled to it, so learning starts on its constraint."""
     config = get_preset(preset_or_config) if isinstance(preset_or_config, str) else preset_or_config
     if not isinstance(config, ModelConfig):
         raise TypeError(f"create takes a preset name or a ModelConfig, got {type(config).__name__}")
     generator = torch.Generator().manual_seed(seed)
-    weights = []
-    for level, shape in zip(config.levels, PCModel.weight_shapes(config)):
-        fan = shape[1] * shape[2] * shape[3]
-        std = level.init_std if level.init_std is not None else fan**-0.5
-        weights.append(torch.randn(shape, generator=generator) * std)
-    constrain_weights(config, weights)
-    return PCModel(config, weights, allow_unstable=allow_unstable, provenance={"source": "create", "seed": seed})
+    params = {
+        spec.name: torch.randn(spec.shape, generator=generator) * spec.init_std for spec in parameter_specs(config)
+    }
+    constrain_weights(config, level_weights(config, params))
+    return PCModel(config, params, allow_unstable=allow_unstable, provenance={"source": "create", "seed": seed})
 
 
 def load(
@@ -103,4 +106,4 @@ def load(
                 reason += f", and not a model name ({', '.join(names)})"
             raise CheckpointError(f"{text}: {reason}")
     ckpt = _load_checkpoint(path)
-    return PCModel(ckpt.config, ckpt.weights, allow_unstable=allow_unstable, device=device, provenance=ckpt.provenance)
+    return PCModel(ckpt.config, ckpt.params, allow_unstable=allow_unstable, device=device, provenance=ckpt.provenance)

@@ -1,6 +1,6 @@
 """Checkpoints: one .safetensors file holding the weights, the full config and provenance. Never pickle.
 
-Layout: tensors `level1.U`, `level2.U`, ... (float32, shaped (causes, C_below, kh, kw)); string
+Layout: one tensor per named parameter (pcmodel.parameters: `level1.U`, `level2.U`, ..., float32); string
 metadata `format` = "pcmodel-checkpoint", `format_version`, `config` (JSON), `provenance` (JSON)
 and `sha256`, the content hash over the config and the tensors (not the provenance), which
 identifies the model. Files are untrusted: the header is parsed and checked by hand before any
@@ -15,7 +15,6 @@ import importlib.metadata
 import json
 import os
 import struct
-from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,7 +23,8 @@ import torch
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
-from .config import ConfigError, ModelConfig, weight_shapes
+from .config import ConfigError, ModelConfig
+from .parameters import Params, as_params, parameter_specs
 
 FORMAT = "pcmodel-checkpoint"
 # 2: per-level k1_scale / k2_scale in the config; 3: per-level column_norm. Fields a file lacks read as
@@ -43,23 +43,20 @@ class CheckpointError(ValueError):
 @dataclass(frozen=True)
 class Checkpoint:
     config: ModelConfig
-    weights: list[torch.Tensor]
+    params: dict[str, torch.Tensor]  # by name, in pcmodel.parameters' order
     provenance: dict[str, Any]
     sha256: str
 
 
-def tensor_name(index: int) -> str:
-    return f"level{index + 1}.U"
-
-
-def content_hash(config: ModelConfig, weights: Sequence[torch.Tensor]) -> str:
-    """sha256 over the canonical config JSON and every tensor's name, dtype, shape and bytes."""
+def content_hash(config: ModelConfig, params: Params) -> str:
+    """sha256 over the canonical config JSON and every parameter's name, dtype, shape and bytes, in the
+    declared order (one U per level gives the same bytes as before parameters had names: same hashes)."""
     digest = hashlib.sha256()
     digest.update(config.to_json().encode())
-    for i, w in enumerate(weights):
-        w = w.detach().to("cpu", torch.float32).contiguous()
-        digest.update(f"\n{tensor_name(i)}:F32:{list(w.shape)}\n".encode())
-        digest.update(w.numpy().tobytes())
+    for name, t in as_params(config, params).items():
+        t = t.detach().to("cpu", torch.float32).contiguous()
+        digest.update(f"\n{name}:F32:{list(t.shape)}\n".encode())
+        digest.update(t.numpy().tobytes())
     return digest.hexdigest()
 
 
@@ -73,14 +70,15 @@ def code_version() -> str:
 def save(
     path: str | os.PathLike[str],
     config: ModelConfig,
-    weights: Sequence[torch.Tensor],
+    params: Params,
     provenance: dict[str, Any] | None = None,
 ) -> str:
     """Write a checkpoint atomically and return its content hash."""
     info = {"date": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"), "code_version": code_version()}
     info.update(provenance or {})
-    tensors = {tensor_name(i): w.detach().to("cpu", torch.float32).contiguous() for i, w in enumerate(weights)}
-    sha = content_hash(config, weights)
+    named = as_params(config, params)
+    tensors = {name: t.detach().to("cpu", torch.float32).contiguous() for name, t in named.items()}
+    sha = content_hash(config, named)
     metadata = {
         "format": FORMAT,
         "format_version": str(FORMAT_VERSION),
@@ -141,15 +139,15 @@ def load(path: str | os.PathLike[str], max_bytes: int = MAX_CHECKPOINT_BYTES) ->
         tensors = load_safetensors(data)
     except Exception as exc:  # the header passed our checks, so this is deep corruption
         raise CheckpointError(f"{name} is corrupt: {exc}") from None
-    weights = [tensors[tensor_name(i)] for i in range(len(config.levels))]
-    sha = content_hash(config, weights)
+    params = {spec.name: tensors[spec.name] for spec in parameter_specs(config)}
+    sha = content_hash(config, params)
     if metadata.get("sha256") != sha:
         raise CheckpointError(f"{name} fails its content hash: the weights or config were modified or corrupted")
     try:
         provenance = json.loads(metadata.get("provenance", "{}"))
     except json.JSONDecodeError:
         raise CheckpointError(f"{name} has unreadable provenance metadata (not JSON)") from None
-    return Checkpoint(config=config, weights=weights, provenance=provenance, sha256=sha)
+    return Checkpoint(config=config, params=params, provenance=provenance, sha256=sha)
 
 
 def _parse_header(data: bytes, name: str) -> tuple[dict[str, Any], int]:
@@ -177,7 +175,7 @@ def _parse_header(data: bytes, name: str) -> tuple[dict[str, Any], int]:
 
 
 def _check_tensors(header: dict[str, Any], config: ModelConfig, data_bytes: int, name: str) -> None:
-    expected = {tensor_name(i): shape for i, shape in enumerate(weight_shapes(config))}
+    expected = {spec.name: spec.shape for spec in parameter_specs(config)}
     missing = sorted(set(expected) - set(header))
     extra = sorted(set(header) - set(expected))
     if missing or extra:

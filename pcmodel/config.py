@@ -15,9 +15,10 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-LEVEL_KINDS = ("modules", "convolutional", "dense")
+from .priors import PRIORS as PRIOR_OBJECTS
+
 NONLINEARITIES = ("identity", "tanh")
-PRIORS = ("gaussian", "cauchy")
+PRIORS = tuple(PRIOR_OBJECTS)  # pcmodel.priors: each prior's energy, gradient and step written once
 INITIAL_LATENTS = ("zeros", "feedforward")
 COLORS = ("gray", "rgb")
 FILTERS = ("none", "dog", "whiten")
@@ -31,6 +32,26 @@ NEUTRAL_LEVEL_FIELDS = {"k1_scale": 1.0, "k2_scale": 1.0, "column_norm": None}
 
 class ConfigError(ValueError):
     """A configuration that cannot describe a working network; the message names the fix."""
+
+
+@dataclass(frozen=True)
+class LevelKind:
+    """What a level kind is, for everything that must not test kind names: its geometry's rules."""
+
+    name: str
+    patchwise: bool  # predicts (windowed) patches of the map below, one module each, rather than the summed map
+    whole_map: bool  # its one kernel is the whole map below (no kernel or stride in the config)
+    window: bool  # accepts a Gaussian window on its patches
+
+
+LEVEL_KINDS: dict[str, LevelKind] = {
+    k.name: k
+    for k in (
+        LevelKind("modules", patchwise=True, whole_map=False, window=True),
+        LevelKind("convolutional", patchwise=False, whole_map=False, window=False),
+        LevelKind("dense", patchwise=True, whole_map=True, window=False),
+    )
+}
 
 
 def _pair(value: Any, name: str) -> tuple[int, int] | None:
@@ -90,21 +111,21 @@ class LevelConfig:
         object.__setattr__(self, "stride", _pair(self.stride, "stride"))
         if not isinstance(self.causes, int) or isinstance(self.causes, bool) or self.causes < 1:
             raise ConfigError(f"causes must be a positive int, got {self.causes!r}")
-        _choice(self.kind, LEVEL_KINDS, "level kind")
+        _choice(self.kind, tuple(LEVEL_KINDS), "level kind")
         _choice(self.f, NONLINEARITIES, "nonlinearity f")
         _choice(self.prior, PRIORS, "prior")
         _positive(self.sigma2, "sigma2")
         _non_negative(self.alpha, "alpha")
         _non_negative(self.lam, "lam")
-        if self.kind == "dense":
+        if self.kind_info.whole_map:
             if self.kernel is not None or self.stride is not None:
-                raise ConfigError("a dense level covers the whole lower map: leave kernel and stride unset")
+                raise ConfigError(f"a {self.kind} level covers the whole lower map: leave kernel and stride unset")
         elif self.kernel is None:
             raise ConfigError(f"a {self.kind} level needs a kernel, e.g. kernel=(8, 8)")
         if self.stride is None and self.kernel is not None:
             object.__setattr__(self, "stride", self.kernel)
         if self.window_sigma is not None:
-            if self.kind != "modules":
+            if not self.kind_info.window:
                 raise ConfigError("window_sigma applies to modules levels only; remove it or use kind='modules'")
             _positive(self.window_sigma, "window_sigma")
         if self.init_std is not None:
@@ -113,6 +134,10 @@ class LevelConfig:
         _positive(self.k2_scale, "k2_scale")
         if self.column_norm is not None:
             _positive(self.column_norm, "column_norm")
+
+    @property
+    def kind_info(self) -> LevelKind:
+        return LEVEL_KINDS[self.kind]
 
 
 @dataclass(frozen=True)
@@ -300,7 +325,7 @@ def level_shapes(config: ModelConfig, input_hw: tuple[int, int] | None = None) -
     native = _native_lower_shapes(config) if input_hw is not None else None
     out = []
     for i, lv in enumerate(config.levels):
-        if lv.kind == "dense":
+        if lv.kind_info.whole_map:
             if native is not None and lower != native[i]:
                 raise ConfigError(
                     f"level {i + 1} is dense over a {native[i][1]}x{native[i][2]} map, so the input must be "
@@ -342,7 +367,7 @@ def valid_sizes(config: ModelConfig) -> tuple[tuple[int, int], tuple[int, int]]:
 
     A model with a dense level accepts its native size only (period 0).
     """
-    if any(lv.kind == "dense" for lv in config.levels):
+    if has_whole_map_level(config):
         h, w = config.input_shape[1:]
         return (h, 0), (w, 0)
     out = []
@@ -353,3 +378,8 @@ def valid_sizes(config: ModelConfig) -> tuple[tuple[int, int], tuple[int, int]]:
             first, period = (first - 1) * s + k, period * s
         out.append((first, period))
     return out[0], out[1]
+
+
+def has_whole_map_level(config: ModelConfig) -> bool:
+    """Whether a level covers its whole lower map (dense): the model then takes its native size only."""
+    return any(lv.kind_info.whole_map for lv in config.levels)

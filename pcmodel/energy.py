@@ -5,7 +5,7 @@ Energy of ONE image (docs/MODEL.md section 1), level 0 being the input x:
     E = sum_l (1/sigma_l^2) ||t_l(r_{l-1}) - f(U_l r_l)||^2  +  sum_l g_l(r_l)  +  sum_l lam_l ||U_l||^2
 
 where t_l is the identity for convolutional levels and the (windowed) patches for module levels,
-g is alpha*sum r^2 (Gaussian) or alpha*sum log(1 + r^2) (Cauchy). Sums everywhere, never means,
+g_l is the level's prior (pcmodel.priors: alpha*sum r^2, alpha*sum log(1 + r^2), ...). Sums everywhere, never means,
 so an image's result does not depend on its batch or on the map size.
 
 Inference (fast timescale), all levels from the same state:   r_l <- r_l - eta_l dE/dr_l
@@ -27,6 +27,8 @@ import torch
 
 from .config import ModelConfig
 from .levels import Level
+from .priors import PRIORS
+from .results import InferenceResult
 
 
 @dataclass
@@ -43,34 +45,18 @@ class LevelErrors:
         return self.error if self.slope is None else self.slope * self.error
 
 
-@dataclass
-class InferenceResult:
-    """What inference returns. Maps are (B, C, H, W); `energy` is (steps + 1, B)."""
-
-    latents: list[torch.Tensor]  # r_l, level 1 first: (B, causes, H_l, W_l); modules: the module grid
-    predictions: list[torch.Tensor]  # level l's prediction of level l-1, level 1 first
-    errors: list[torch.Tensor]  # level l-1 minus that prediction (what the energy sums), same layout
-    reconstruction: torch.Tensor  # f(U_1 r_1) on the input grid (module levels: overlaps averaged)
-    error: torch.Tensor  # x - reconstruction
-    energy: torch.Tensor  # energy per image before the first step and after each step
-    steps: torch.Tensor  # (B,) int64: steps each image used (< the budget where it stopped early)
-    backend: str = "loop"  # the backend that ran: loop | torch | onnxruntime | cuda-graph
-    reason: str = ""  # why that backend, where the automatic rule fell back or was overridden
-
-
 @dataclass(frozen=True)
 class LevelRates:
     """The coefficients of one level's inference step r <- r - eta dE/dr, expanded once.
 
-    r' = r + adjoint * U^T(f' e_below) - prior_term(r) - above * t_above^T(e_above), where
-    prior_term is (1 - decay) r (Gaussian) or cauchy * r / (1 + r^2) (Cauchy).
+    r' = r + adjoint * U^T(f' e_below) - kappa phi(r) - above * t_above^T(e_above), where g'(r) =
+    2 alpha phi(r) is the level's prior (pcmodel.priors; a Gaussian prior makes the middle term a decay).
     """
 
     eta: float  # the step size on this level's latents
     adjoint: float  # eta * 2 / sigma_l^2
     above: float  # eta * 2 / sigma_{l+1}^2 (0 at the top)
-    decay: float  # 1 - 2 eta alpha for a Gaussian prior, else 1
-    cauchy: float  # 2 eta alpha for a Cauchy prior, else 0
+    kappa: float  # 2 eta alpha: the prior's coefficient in the step
 
 
 def step_rates(config: ModelConfig) -> list[LevelRates]:
@@ -80,35 +66,18 @@ def step_rates(config: ModelConfig) -> list[LevelRates]:
     for i, lc in enumerate(levels):
         eta = config.k1 * lc.k1_scale / 2  # k1_scale: the diagonal preconditioner (MODEL.md section 2)
         above = 2 * eta / levels[i + 1].sigma2 if i + 1 < len(levels) else 0.0
-        gaussian = lc.prior == "gaussian" and lc.alpha > 0
-        cauchy = lc.prior == "cauchy" and lc.alpha > 0
-        out.append(
-            LevelRates(
-                eta=eta,
-                adjoint=2 * eta / lc.sigma2,
-                above=above,
-                decay=1 - 2 * eta * lc.alpha if gaussian else 1.0,
-                cauchy=2 * eta * lc.alpha if cauchy else 0.0,
-            )
-        )
+        out.append(LevelRates(eta=eta, adjoint=2 * eta / lc.sigma2, above=above, kappa=2 * eta * lc.alpha))
     return out
 
 
 def prior_energy(r: torch.Tensor, prior: str, alpha: float) -> torch.Tensor:
-    """g(r) summed per image: alpha*sum r^2 or alpha*sum log(1 + r^2)."""
-    if alpha == 0:
-        return r.new_zeros(r.shape[0])
-    terms = r.square() if prior == "gaussian" else torch.log1p(r.square())
-    return alpha * terms.flatten(1).sum(1)
+    """g(r) summed per image (pcmodel.priors: alpha*sum r^2, alpha*sum log(1 + r^2), ...)."""
+    return PRIORS[prior].energy(r, alpha)
 
 
 def prior_gradient(r: torch.Tensor, prior: str, alpha: float) -> torch.Tensor | None:
-    """g'(r): 2*alpha*r or 2*alpha*r / (1 + r^2); None when alpha = 0."""
-    if alpha == 0:
-        return None
-    if prior == "gaussian":
-        return (2 * alpha) * r
-    return (2 * alpha) * r / (1 + r.square())
+    """g'(r) (2*alpha*r, 2*alpha*r / (1 + r^2), ...); None when alpha = 0."""
+    return PRIORS[prior].gradient(r, alpha)
 
 
 def level_errors(
@@ -226,13 +195,15 @@ def infer_loop(
     x: torch.Tensor,
     steps: int,
     tol: float | None = None,
+    init: Sequence[torch.Tensor] | None = None,
 ) -> InferenceResult:
     """The plain loop: the mathematical definition every backend is checked against.
 
-    With `tol`, an image stops once the norm of its gradient (all levels) falls below tol and keeps
-    its latents; `steps` in the result counts the steps each image took.
+    Starts from `init` (r0 per level, shaped like the latents) or, when None, the config's start
+    (`initial_latents`). With `tol`, an image stops once the norm of its gradient (all levels) falls
+    below tol and keeps its latents; `steps` in the result counts the steps each image took.
     """
-    latents = initial_latents(config, levels, weights, x)
+    latents = initial_latents(config, levels, weights, x) if init is None else list(init)
     rates = [lr.eta for lr in step_rates(config)]
     batch = x.shape[0]
     used = torch.zeros(batch, dtype=torch.int64, device=x.device)

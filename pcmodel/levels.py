@@ -41,7 +41,7 @@ class Level:
     @property
     def patchwise(self) -> bool:
         """True for modules and dense levels: per-patch prediction rather than a summed map."""
-        return self.config.kind != "convolutional"
+        return self.config.kind_info.patchwise
 
     def _unfold(self, lower: torch.Tensor) -> torch.Tensor:
         return F.unfold(lower, self.geometry.kernel, stride=self.geometry.stride)  # (B, D, M)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -19,9 +19,8 @@ from PIL import Image
 
 from .checkpoint import content_hash
 from .checkpoint import save as save_checkpoint
-from .config import ConfigError, ModelConfig, level_shapes, weight_shapes
+from .config import ConfigError, ModelConfig, has_whole_map_level, level_shapes, weight_shapes
 from .energy import (
-    InferenceResult,
     constrain_weights,
     infer_loop,
     initial_latents,
@@ -31,9 +30,11 @@ from .energy import (
     weight_gradients,
 )
 from .energy import energy as energy_of
-from .engines import EngineState, select, weights_key
+from .engines import EngineState
 from .images import preprocess as preprocess_images
 from .levels import Level
+from .parameters import as_params, level_weights, params_key
+from .results import InferenceResult
 
 
 @functools.lru_cache(maxsize=64)
@@ -52,7 +53,7 @@ class PCModel:
     def __init__(
         self,
         config: ModelConfig,
-        weights: Sequence[torch.Tensor],
+        params: Mapping[str, torch.Tensor] | Sequence[torch.Tensor],
         *,
         allow_unstable: bool = False,
         device: torch.device | str | None = None,
@@ -60,14 +61,12 @@ class PCModel:
     ) -> None:
         self.config = config
         self.provenance = dict(provenance or {})
-        expected = weight_shapes(config)
-        shapes = [tuple(w.shape) for w in weights]
-        if shapes != expected:
-            raise ConfigError(f"weights have shapes {shapes}; this config needs {expected}")
-        device = torch.device(device) if device is not None else weights[0].device
-        self.weights = [w.detach().to(device=device, dtype=torch.float32).clone() for w in weights]
-        if not all(torch.isfinite(w).all() for w in self.weights):
-            raise ConfigError("weights contain NaN or Inf")
+        named = as_params(config, params)
+        device = torch.device(device) if device is not None else next(iter(named.values())).device
+        # The parameters by name (pcmodel.parameters); `weights` is the per-level U view of them.
+        self.params = {k: t.detach().to(device=device, dtype=torch.float32).clone() for k, t in named.items()}
+        if not all(torch.isfinite(t).all() for t in self.params.values()):
+            raise ConfigError("parameters contain NaN or Inf")
         self.engines = EngineState(config)
         self.check_stability(allow_unstable=allow_unstable)
 
@@ -75,7 +74,16 @@ class PCModel:
 
     @property
     def device(self) -> torch.device:
-        return self.weights[0].device
+        return next(iter(self.params.values())).device
+
+    @property
+    def weights(self) -> list[torch.Tensor]:
+        """Each level's U (causes, C_below, kh, kw), level 1 first: the same tensors as in `params`."""
+        return level_weights(self.config, self.params)
+
+    @weights.setter
+    def weights(self, values: Sequence[torch.Tensor]) -> None:
+        self.params = {**self.params, **as_params(self.config, values)}
 
     @property
     def num_levels(self) -> int:
@@ -97,7 +105,7 @@ class PCModel:
 
     def to(self, device: torch.device | str) -> PCModel:
         """Move the weights to a device (in place) and return the model."""
-        self.weights = [w.to(device) for w in self.weights]
+        self.params = {k: t.to(device) for k, t in self.params.items()}
         return self
 
     def _inputs(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor], list[Level]]:
@@ -119,12 +127,12 @@ class PCModel:
     @property
     def sha256(self) -> str:
         """Content hash over the config and the weights: identifies the model (not the provenance)."""
-        return content_hash(self.config, self.weights)
+        return content_hash(self.config, self.params)
 
     def save(self, path: str | Path, provenance: dict[str, Any] | None = None) -> str:
         """Write a .safetensors checkpoint (weights, config, provenance); returns the content hash."""
         info = {**self.provenance, **(provenance or {})}
-        return save_checkpoint(path, self.config, self.weights, info)
+        return save_checkpoint(path, self.config, self.params, info)
 
     def preprocess(
         self, images: Image.Image | np.ndarray | Sequence[Image.Image | np.ndarray], size: tuple[int, int] | None = None
@@ -198,7 +206,7 @@ class PCModel:
             level_shapes(self.config, shape[1:])  # raises ConfigError for a size the hierarchy does not tile
         self.engines.set_prepared(steps, full)
         if build and self.device.type == "cpu":
-            self.engines.build(self.config, self.weights, self.device)
+            self.engines.build(self.params, params_key(self.params), self.device)
 
     def _full_shape(self, shape: Sequence[int]) -> tuple[int, int, int]:
         dims = tuple(int(v) for v in shape)
@@ -209,16 +217,25 @@ class PCModel:
         return dims  # type: ignore[return-value]
 
     def infer(
-        self, x: torch.Tensor, steps: int | None = None, tol: float | None = None, backend: str | None = None
+        self,
+        x: torch.Tensor,
+        steps: int | None = None,
+        tol: float | None = None,
+        backend: str | None = None,
+        init: str | Sequence[torch.Tensor] | None = None,
     ) -> InferenceResult:
         """Settle the latents for x (B, C, H, W), already preprocessed: `steps` fixed gradient steps.
+
+        `init`: where the latents start. None: the config's start (`initial_latents`: zeros or
+        feed-forward); "zero": zeros; or a list of tensors shaped like `result.latents` (one per level,
+        level 1 first, batch first: e.g. a previous result's latents, a warm start).
 
         With `tol`, an image stops as soon as the norm of its gradient dE/dr (all levels) falls
         below tol; it keeps its latents and `result.steps` reports the steps it used. Images that
         never stop get exactly the fixed-step result. Deterministic, no autograd.
 
         `backend`: None or "auto" picks by the fixed rule of pcmodel.engines.select; "loop" runs the
-        definition (pcmodel.energy.infer_loop); "torch", "onnxruntime", "cuda-graph" ask for one.
+        definition (pcmodel.energy.infer_loop); "torch", "onnxruntime", "numba", "cuda-graph" ask for one.
         `result.backend` names the backend that ran, `result.reason` why, where it is not the rule's first pick.
         """
         steps = self.config.steps if steps is None else int(steps)
@@ -228,29 +245,25 @@ class PCModel:
             raise ValueError(f"tol must be a finite number >= 0, got {tol}")
         with torch.inference_mode():
             x, weights, levels = self._inputs(x)
-            key = weights_key(self.weights)
-            shape = tuple(x.shape[1:])
-            prepared = self.engines.is_prepared(steps, shape)
-            quadratic = self.engines.is_quadratic(self.config, (int(x.shape[-2]), int(x.shape[-1])))
-            choice = select(
+            r0 = self._start(init, x, levels)
+            key = params_key(self.params)
+            choice = self.engines.choose(
                 backend,
-                device=self.device.type,
+                device=self.device,
                 float64=x.dtype == torch.float64,
                 steps=steps,
                 tol=tol,
-                prepared=prepared,
-                weights_changing=self.engines.last_key is not None and self.engines.last_key != key,
-                quadratic=quadratic,
-                numba=quadratic and self.engines.numba_available(),
+                shape=tuple(x.shape[1:]),
+                key=key,
             )
-            self.engines.last_key = key
             if choice.backend == "loop":
-                result = infer_loop(self.config, levels, weights, x, steps, tol)
+                result = infer_loop(self.config, levels, weights, x, steps, tol, init=r0)
                 result.reason = choice.reason
                 if tol is not None and backend in (None, "auto"):
-                    self._fixed_where_unstopped(result, x, steps)
+                    self._fixed_where_unstopped(result, x, steps, init)
                 return result
-            run = self.engines.run(choice, self.config, weights, key, x, steps)
+            params = {k: t.to(x.dtype) for k, t in self.params.items()}
+            run = self.engines.run(choice, params, key, x, steps, r0)
             used = torch.full((x.shape[0],), steps, dtype=torch.int64, device=x.device)
             return make_result(
                 levels,
@@ -265,7 +278,29 @@ class PCModel:
                 reason=choice.reason,
             )
 
-    def _fixed_where_unstopped(self, result: InferenceResult, x: torch.Tensor, steps: int) -> None:
+    def _start(
+        self, init: str | Sequence[torch.Tensor] | None, x: torch.Tensor, levels: Sequence[Level]
+    ) -> list[torch.Tensor] | None:
+        """The starting latents a call gives (None: the config's own start), checked and in x's dtype."""
+        if init is None:
+            return None
+        shapes = [(x.shape[0], *lv.geometry.latent) for lv in levels]
+        if isinstance(init, str):
+            if init not in ("zero", "zeros"):
+                raise ValueError(f"init must be 'zero', a list of latents or None, got {init!r}")
+            return [x.new_zeros(s) for s in shapes]
+        starts = list(init)
+        got = [tuple(r.shape) if isinstance(r, torch.Tensor) else type(r).__name__ for r in starts]
+        if got != shapes:
+            raise ValueError(f"init must be one tensor per level shaped {shapes} (like result.latents), got {got}")
+        starts = [r.to(device=x.device, dtype=x.dtype) for r in starts]
+        if not all(bool(torch.isfinite(r).all()) for r in starts):
+            raise ValueError("init contains NaN or Inf")
+        return starts
+
+    def _fixed_where_unstopped(
+        self, result: InferenceResult, x: torch.Tensor, steps: int, init: str | Sequence[torch.Tensor] | None
+    ) -> None:
         """Early stop: images that never stopped take the fixed-step result.
 
         `infer` promises that such images get exactly what the call without `tol` returns; that call runs
@@ -275,7 +310,7 @@ class PCModel:
         never = result.steps == steps
         if not bool(never.any()) or result.energy.shape[0] != steps + 1:
             return
-        fixed = self.infer(x, steps=steps)
+        fixed = self.infer(x, steps=steps, init=init)
         keep = never.view(-1, 1, 1, 1)
         result.latents = [torch.where(keep, f, r) for f, r in zip(fixed.latents, result.latents)]
         result.energy = torch.where(never[None, :], fixed.energy, result.energy)
@@ -376,7 +411,7 @@ class PCModel:
 
     def _minimal_input(self, level: int) -> tuple[int, int]:
         """The smallest input the hierarchy tiles on which `level` has a single position (native if dense)."""
-        if any(lc.kind == "dense" for lc in self.config.levels):
+        if has_whole_map_level(self.config):
             return tuple(self.config.input_shape[1:])  # type: ignore[return-value]
         size = [1, 1]
         for lc in reversed(self.config.levels[:level]):

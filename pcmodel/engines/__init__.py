@@ -6,24 +6,26 @@ size; a *program* is what a backend built for (plan, steps); "engines" names thi
 
 - plans.py: the definition's step rearranged per input size (quadratic or levelwise);
 - program.py: the step written once against ops.py (TorchOps) or onnx_graph.py (OnnxOps);
-- torch_engine.py, onnxruntime.py, cuda_graph.py: the backends (base.py: what a backend is);
+- base.py: what a backend is and declares (BackendSpec); registry.py: the registered backends;
+- torch_engine.py, onnxruntime.py, numba_quadratic.py, cuda_graph.py: the backends;
 - select.py: the pure rule that picks one; state.py: what a model has prepared and built.
 """
 
 from __future__ import annotations
 
-from .base import Backend, EngineRun
-from .select import BACKENDS, Choice, select
-from .state import MAX_PREPARED_SHAPES, MAX_PREPARED_STEPS, EngineState, weights_key
+from .base import Backend, BackendSpec
+from .registry import BACKENDS, SPECS
+from .select import Choice, select
+from .state import MAX_PREPARED_SHAPES, MAX_PREPARED_STEPS, EngineState
 
 __all__ = [
     "BACKENDS",
     "MAX_PREPARED_SHAPES",
     "MAX_PREPARED_STEPS",
+    "SPECS",
     "Backend",
+    "BackendSpec",
     "Choice",
-    "EngineRun",
     "EngineState",
     "select",
-    "weights_key",
 ]

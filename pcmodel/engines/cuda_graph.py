@@ -12,7 +12,8 @@ from collections.abc import Sequence
 
 import torch
 
-from .base import EngineRun
+from ..results import EngineRun, join, rows
+from .base import BackendSpec
 from .plans import Plan
 from .torch_engine import TorchBackend
 
@@ -28,23 +29,27 @@ class CudaGraphProgram:
     (TF32 off), tf32 (TF32 matmuls and convolutions), bf16 (bf16 operands, r and sums in float32).
     """
 
-    def __init__(self, plan: Plan, steps: int, bucket: int, input_shape: Sequence[int], precision: str) -> None:
+    def __init__(
+        self, plan: Plan, steps: int, bucket: int, input_shape: Sequence[int], precision: str, init: bool = False
+    ) -> None:
         if precision not in CUDA_PRECISIONS:
             raise ValueError(f"unknown CUDA precision {precision!r}; choose one of {', '.join(CUDA_PRECISIONS)}")
         self.plan, self.steps, self.bucket, self.precision = plan, steps, bucket, precision
         device = next(iter(plan.tensors().values())).device
         self.static_x = torch.zeros((bucket, *input_shape), device=device)
+        # With `init`, the starting latents are static inputs too (copied in before each replay).
+        self.static_r0 = [torch.zeros((bucket, *s), device=device) for s in plan.shapes] if init else None
         operand = torch.bfloat16 if precision == "bf16" else None
         with _tf32(precision == "tf32"):
             side = torch.cuda.Stream(device)
             side.wait_stream(torch.cuda.current_stream(device))
             with torch.cuda.stream(side):  # warm-up: library handles and autotuning happen outside the capture
                 for _ in range(2):
-                    TorchBackend().run(plan, self.static_x, steps, operand=operand)
+                    TorchBackend().run(plan, self.static_x, steps, r0=self.static_r0, operand=operand)
             torch.cuda.current_stream(device).wait_stream(side)
             self.graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(self.graph):
-                self.out = TorchBackend().run(plan, self.static_x, steps, operand=operand)
+                self.out = TorchBackend().run(plan, self.static_x, steps, r0=self.static_r0, operand=operand)
         torch.cuda.synchronize(device)
 
     def refresh(self, plan: Plan) -> None:
@@ -53,19 +58,20 @@ class CudaGraphProgram:
         for name, tensor in plan.tensors().items():
             mine[name].copy_(tensor)
 
-    def run(self, x: torch.Tensor) -> EngineRun:
+    def run(self, x: torch.Tensor, r0: Sequence[torch.Tensor] | None = None) -> EngineRun:
         batch = x.shape[0]
-        self.static_x[:batch].copy_(x)
-        if batch < self.bucket:
-            self.static_x[batch:].zero_()
+        for static, value in zip([self.static_x, *(self.static_r0 or ())], [x, *(r0 or ())]):
+            static[:batch].copy_(value)
+            if batch < self.bucket:
+                static[batch:].zero_()
         self.graph.replay()
-        out = self.out
+        out = rows(self.out, 0, batch)
         return EngineRun(
-            latents=[r[:batch].clone() for r in out.latents],
-            energy=out.energy[:, :batch].clone(),
-            predictions=[p[:batch].clone() for p in out.predictions],
-            errors=[e[:batch].clone() for e in out.errors],
-            reconstruction=out.reconstruction[:batch].clone(),
+            latents=[r.clone() for r in out.latents],
+            energy=out.energy.clone(),
+            predictions=[p.clone() for p in out.predictions],
+            errors=[e.clone() for e in out.errors],
+            reconstruction=out.reconstruction.clone(),
         )
 
 
@@ -103,17 +109,26 @@ class CudaGraphBackend:
     def prepare(self, plan: Plan, steps: int, shape: tuple[int, ...], key: tuple) -> None:
         """Capture lazily, per batch bucket, on first use (a capture needs the batch size)."""
 
-    def run(self, plan: Plan, x: torch.Tensor, steps: int, key: tuple) -> EngineRun:
+    def run(
+        self, plan: Plan, x: torch.Tensor, steps: int, key: tuple, r0: Sequence[torch.Tensor] | None = None
+    ) -> EngineRun:
         largest = CUDA_BUCKETS[-1]
         if x.shape[0] > largest:  # split into the largest bucket; images are independent
-            return EngineRun.cat([self.run(plan, chunk, steps, key) for chunk in torch.split(x, largest)])
+            return join(
+                [
+                    self.run(
+                        plan, x[a : a + largest], steps, key, None if r0 is None else [r[a : a + largest] for r in r0]
+                    )
+                    for a in range(0, x.shape[0], largest)
+                ]
+            )
         bucket = cuda_bucket(x.shape[0])
         shape = tuple(x.shape[1:])
-        index = (steps, shape, bucket, self.precision)
+        index = (steps, shape, bucket, self.precision, r0 is not None)
         cached = self.programs.get(index)
         if cached is None:
             start = time.perf_counter()
-            program = CudaGraphProgram(plan, steps, bucket, shape, self.precision)
+            program = CudaGraphProgram(plan, steps, bucket, shape, self.precision, init=r0 is not None)
             self.prepare_seconds[f"cuda-graph T={steps} B={bucket} {'x'.join(map(str, shape))}"] = (
                 time.perf_counter() - start
             )
@@ -123,4 +138,20 @@ class CudaGraphBackend:
             if seen != key:  # learning changed U: new weights into the captured buffers, no new capture
                 program.refresh(plan)
                 self.programs[index] = (key, program)
-        return program.run(x)
+        return program.run(x, r0)
+
+
+def available() -> bool:
+    return torch.cuda.is_available()
+
+
+SPEC = BackendSpec(
+    name="cuda-graph",
+    factory=CudaGraphBackend,
+    devices=("cuda",),
+    plans=("quadratic", "levelwise"),
+    builds=True,
+    available=available,
+    takes_new_weights=True,  # new weights are copied into the captured buffers (`refresh`)
+    install="a CUDA device and a CUDA build of torch",
+)

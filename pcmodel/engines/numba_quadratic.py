@@ -1,6 +1,7 @@
 """The numba backend: the quadratic program's T steps for each image in one compiled loop (CPU, optional).
 
-For the quadratic plan a step is s <- s M_s + c_s - s / (qinv + s^2) (pcmodel.engines.program): one
+For the quadratic plan with the Cauchy prior (or none), a step is s <- s M_s + c_s - s / (qinv + s^2)
+(pcmodel.priors.Cauchy.quadratic_step, run by pcmodel.engines.program), written again in the kernel: one
 small matrix-vector product and a few elementwise operations, so as separate kernels (onnxruntime:
 ~6 per step) the per-kernel overhead dominates. Here the steps of every image run in one
 numba-compiled call per chunk of steps, with M (n x n, ~200 KB) in cache. It is the same recurrence
@@ -28,13 +29,15 @@ import importlib.util
 import itertools
 import math
 import time
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
 import torch
 
-from .base import EngineRun
+from ..results import EngineRun
+from .base import BackendSpec
 from .plans import Plan, QuadraticPlan
 
 
@@ -147,7 +150,7 @@ def settle(
             part = logs[:count]
             np.multiply(np.square(states[:count], out=part), t["scale2"], out=part)
             np.log1p(part, out=part)
-        history = (states[:count], drives[:count], c, t["energy_weight"], logs[:count], t["cauchy_alpha"])
+        history = (states[:count], drives[:count], c, t["energy_weight"], logs[:count], t["prior_alpha"])
         _parallel(kernels[2], batch, threads, *history, base, has_cauchy, energy[t0 : t0 + count])
         if last:
             return states[count - 1].copy(), energy
@@ -163,6 +166,8 @@ def arrays(plan: QuadraticPlan) -> dict[str, np.ndarray]:
     (`target_source{i}`, `target_weight{i}`) instead of a dense matmul where it has that form.
     """
     t = {name: np.ascontiguousarray(v.detach().cpu().numpy()) for name, v in plan.tensors().items()}
+    # The kernel's step is the Cauchy prior's (module docstring); with no prior, 1/kappa = inf: s / q = 0.
+    t["qinv"] = t.get("prior_qinv", np.full(plan.size, np.inf, dtype=t["step"].dtype))
     for i in range(len(plan.shapes)):
         target = t[f"target_map{i}"]
         if (np.count_nonzero(target, axis=0) <= 1).all():
@@ -187,10 +192,16 @@ def _target(t: dict[str, np.ndarray], i: int, lower: np.ndarray, threads: int) -
     return out
 
 
-def run(plan: QuadraticPlan, x: torch.Tensor, steps: int, threads: int, t: dict | None = None) -> EngineRun:
-    """The quadratic program (latents, energy, final predictions and errors) on the compiled kernels.
-
-    `t`: the plan's `arrays` where the caller keeps them (made here otherwise).
+def run(
+    plan: QuadraticPlan,
+    x: torch.Tensor,
+    steps: int,
+    threads: int,
+    t: dict | None = None,
+    r0: Sequence[torch.Tensor] | None = None,
+) -> EngineRun:
+    """The quadratic program (latents, energy, final predictions and errors) on the compiled kernels,
+    from r0 (or the config's start). `t`: the plan's `arrays` where the caller keeps them (made here otherwise).
     """
     batch = x.shape[0]
     xf = x.detach().reshape(batch, -1).contiguous().numpy()
@@ -199,6 +210,9 @@ def run(plan: QuadraticPlan, x: torch.Tensor, steps: int, threads: int, t: dict 
     driven = matmul(xf, t["inputs"], threads)  # c (and s_0 for feed-forward starts)
     c = np.ascontiguousarray(driven[:, :n])
     s0 = None if plan.start is None else driven[:, n:]
+    if r0 is not None:  # s_0 = r_0 / k, as the program computes it
+        flat = np.concatenate([r.detach().to(torch.float32).reshape(batch, -1).numpy() for r in r0], axis=1)
+        s0 = np.ascontiguousarray(flat * t["unscale"])
     # The energy of every step (the program's formula), per image in a fixed order.
     base = matmul(np.square(xf), np.ascontiguousarray(t["omega"][:, None]), threads)[:, 0] + t["const"]
     last, energy = settle(t, c, s0, base, steps, threads)
@@ -237,8 +251,23 @@ class NumbaBackend:
         quadratic_steps(m, np.ones((5, 5), np.float32), None, np.full(5, 4.0, np.float32), 1)
         self.prepare_seconds.setdefault("numba compile", time.perf_counter() - start)
 
-    def run(self, plan: Plan, x: torch.Tensor, steps: int, key: tuple) -> EngineRun:
+    def run(
+        self, plan: Plan, x: torch.Tensor, steps: int, key: tuple, r0: Sequence[torch.Tensor] | None = None
+    ) -> EngineRun:
         assert isinstance(plan, QuadraticPlan), "the numba backend runs quadratic plans only"
         if self.arrays is None or self.arrays[0] is not plan:
             self.arrays = (plan, arrays(plan))  # a new plan: new weights or another input size
-        return run(plan, x, steps, torch.get_num_threads(), self.arrays[1])
+        return run(plan, x, steps, torch.get_num_threads(), self.arrays[1], r0)
+
+
+SPEC = BackendSpec(
+    name="numba",
+    factory=NumbaBackend,
+    devices=("cpu",),
+    plans=("quadratic",),
+    builds=True,
+    available=available,
+    priors=("cauchy",),  # the kernel writes the Cauchy prior's step (module docstring)
+    install="numba installed (pip install 'predictive-coding[fast]')",
+    plan_note="linear f, few latents",
+)

@@ -5,7 +5,8 @@ with its T steps unrolled (PyTorch's exporter unrolls Python loops anyway and ca
 loop; building nodes directly takes milliseconds, not seconds). The onnxruntime backend runs it, and
 pc-export (pcmodel.export) writes it.
 
-Inputs and outputs (batch axis dynamic, float32): input `x` (batch, C, H, W), preprocessed; outputs
+Inputs and outputs (batch axis dynamic, float32): input `x` (batch, C, H, W), preprocessed, and, in a
+graph built with `init`, the starting latents `r0_1` ... `r0_L` (batch, causes_l, H_l, W_l); outputs
 `latent_1` ... `latent_L` (batch, causes_l, H_l, W_l), `energy` (T + 1, batch), `reconstruction`
 (batch, C, H, W) and, when asked for, `prediction_l` and `error_l` at the final state (target layout).
 """
@@ -29,10 +30,60 @@ EXTRA_OUTPUTS = ("predictions", "errors")  # the backend also takes each level's
 FULL_OUTPUTS = OUTPUTS + EXTRA_OUTPUTS
 
 
+class OnnxExpr:
+    """A graph value that takes +, -, *, / with other values and numbers (pcmodel.priors' formulas)."""
+
+    def __init__(self, ops: OnnxOps, name: str) -> None:
+        self.ops, self.name = ops, name
+
+    def _other(self, other: OnnxExpr | float) -> str:
+        return other.name if isinstance(other, OnnxExpr) else self.ops.const(float(other))
+
+    def _op(self, op_type: str, a: str, b: str) -> OnnxExpr:
+        return OnnxExpr(self.ops, self.ops.op(op_type, a, b))
+
+    def __add__(self, other: OnnxExpr | float) -> OnnxExpr:
+        return self._op("Add", self.name, self._other(other))
+
+    def __radd__(self, other: float) -> OnnxExpr:
+        return self._op("Add", self._other(other), self.name)
+
+    def __sub__(self, other: OnnxExpr | float) -> OnnxExpr:
+        return self._op("Sub", self.name, self._other(other))
+
+    def __rsub__(self, other: float) -> OnnxExpr:
+        return self._op("Sub", self._other(other), self.name)
+
+    def __mul__(self, other: OnnxExpr | float) -> OnnxExpr:
+        return self._op("Mul", self.name, self._other(other))
+
+    def __rmul__(self, other: float) -> OnnxExpr:
+        return self._op("Mul", self._other(other), self.name)
+
+    def __truediv__(self, other: OnnxExpr | float) -> OnnxExpr:
+        return self._op("Div", self.name, self._other(other))
+
+    def __rtruediv__(self, other: float) -> OnnxExpr:
+        return self._op("Div", self._other(other), self.name)
+
+
+class OnnxMath:
+    """The functions pcmodel.priors' formulas call, on OnnxExpr values."""
+
+    @staticmethod
+    def log1p(a: OnnxExpr) -> OnnxExpr:
+        return OnnxExpr(a.ops, a.ops.op("Log", a.ops.op("Add", a.name, a.ops.one())))
+
+    @staticmethod
+    def sqrt(a: OnnxExpr) -> OnnxExpr:
+        return OnnxExpr(a.ops, a.ops.op("Sqrt", a.name))
+
+
 class OnnxOps:
     """Ops that append ONNX nodes; weight tensors become initializers. Values are node output names."""
 
     exact = True
+    math = OnnxMath
 
     def __init__(self) -> None:
         self.nodes: list[onnx.NodeProto] = []
@@ -83,6 +134,18 @@ class OnnxOps:
 
     def one(self) -> str:
         return self.const(1.0)
+
+    def expr(self, value: str) -> OnnxExpr:
+        return OnnxExpr(self, value)
+
+    def value(self, expr: OnnxExpr) -> str:
+        return expr.name
+
+    def sum_rows(self, a: str) -> str:
+        return self._rank_sum("ReduceSum", a)
+
+    def concat_rows(self, values: Sequence[str]) -> str:
+        return self.op("Concat", *values, axis=1)
 
     def flatten(self, x: str) -> str:
         return self.op("Flatten", x, axis=1)
@@ -181,7 +244,7 @@ class OnnxOps:
         if lv.phase:
             mh, mw = lv.taps
             return self.op("Conv", r, weight, pads=[mh - 1, mw - 1, mh - 1, mw - 1])
-        if lv.kind == "convolutional":
+        if not lv.patchwise:
             return self.op("ConvTranspose", r, weight, strides=list(lv.stride))
         causes = lv.level.geometry.latent[0]
         return self.op("MatMul", weight, self.op("Reshape", r, self.shape(0, causes, -1)))  # (D, C) @ (B, C, M)
@@ -193,7 +256,7 @@ class OnnxOps:
             # 2 x 2 taps) faster than its Conv (measured in docs/PERFORMANCE.md). Folded once as a constant.
             mh, mw = lv.taps
             return self.op("ConvTranspose", g, self._swap_and_reverse(weight), pads=[mh - 1, mw - 1, mh - 1, mw - 1])
-        if lv.kind == "convolutional":
+        if not lv.patchwise:
             return self.op("Conv", g, weight, strides=list(lv.stride))
         return self.op("Reshape", self.op("MatMul", weight, g), self.shape(0, *lv.level.geometry.latent))
 
@@ -249,15 +312,20 @@ class OnnxOps:
         return self.op("Div", self.target_adjoint(lv, patches), self.const(weight))
 
 
-def build_graph(plan: Plan, steps: int, *, outputs: Sequence[str] = OUTPUTS) -> onnx.ModelProto:
-    """The fixed-`steps` inference program of a plan as one ONNX model (outputs: the module docstring)."""
+def build_graph(plan: Plan, steps: int, *, outputs: Sequence[str] = OUTPUTS, init: bool = False) -> onnx.ModelProto:
+    """The fixed-`steps` inference program of a plan as one ONNX model (inputs, outputs: the module docstring).
+
+    `init`: the graph takes the starting latents as inputs `r0_1`..`r0_L`; without, it starts where the
+    config says (zeros or feed-forward) and its only input is `x`.
+    """
     if steps < 1:
         raise ValueError(f"steps must be >= 1 to build a graph, got {steps}")
     unknown = set(outputs) - set(FULL_OUTPUTS)
     if unknown:
         raise ValueError(f"unknown outputs {sorted(unknown)}; choose from {', '.join(FULL_OUTPUTS)}")
     ops = OnnxOps()
-    out = run_program(ops, plan, "x", steps)
+    starts = [f"r0_{i}" for i in range(1, len(plan.shapes) + 1)] if init else None
+    out = run_program(ops, plan, "x", steps, starts)
     named: list[tuple[str, str, list | None]] = []
     if "latents" in outputs:
         named += [(r, f"latent_{i}", ["batch", *s]) for i, (r, s) in enumerate(zip(out.latents, plan.shapes), 1)]
@@ -274,6 +342,8 @@ def build_graph(plan: Plan, steps: int, *, outputs: Sequence[str] = OUTPUTS) -> 
         ops.nodes.append(helper.make_node("Identity", [value], [name]))
         graph_outputs.append(helper.make_tensor_value_info(name, TensorProto.FLOAT, dims))
     inputs = [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", *plan.input_shape])]
+    for name, shape in zip(starts or (), plan.shapes):
+        inputs.append(helper.make_tensor_value_info(name, TensorProto.FLOAT, ["batch", *shape]))
     graph = helper.make_graph(ops.nodes, f"pcmodel-{plan.kind}-T{steps}", inputs, graph_outputs, ops.initializers)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], producer_name="pcmodel")
     model.ir_version = 8  # readable by onnxruntime releases from 1.14 on

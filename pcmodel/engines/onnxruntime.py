@@ -11,15 +11,17 @@ waits at a barrier after every small kernel.
 from __future__ import annotations
 
 import functools
+import importlib.util
 import os
 import time
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import torch
 
-from .base import EngineRun
-from .onnx_graph import FULL_OUTPUTS, build_graph
+from ..results import EngineRun, join
+from .base import BackendSpec
 from .plans import Plan
 
 MAX_PROGRAMS = 16  # programs kept; the prepared ones plus explicitly requested others, oldest out first
@@ -44,11 +46,14 @@ class OrtProgram:
     on first use: at most two (all threads, one thread) per program.
     """
 
-    def __init__(self, plan: Plan, steps: int, threads: int | None = None) -> None:
+    def __init__(self, plan: Plan, steps: int, threads: int | None = None, init: bool = False) -> None:
+        from .onnx_graph import FULL_OUTPUTS, build_graph  # onnx is imported when a graph is first built
+
         self.steps = steps
         self.threads = threads or torch.get_num_threads()
         self.optimization = ort_optimization(plan.kind)
-        graph = build_graph(plan, steps, outputs=FULL_OUTPUTS)
+        self.init = init  # the graph takes r0_1..r0_L
+        graph = build_graph(plan, steps, outputs=FULL_OUTPUTS, init=init)
         self.graph = graph.SerializeToString()
         self.outputs = [o.name for o in graph.graph.output]
         self.sessions: dict[int, Any] = {}  # intra-op threads -> InferenceSession
@@ -69,15 +74,24 @@ class OrtProgram:
             self.sessions[threads] = found
         return found
 
-    def run(self, x: torch.Tensor, shard: bool = True) -> EngineRun:
-        """Run the T steps on x (B, C, H, W), sharded by `ort_shards` unless `shard` is False."""
-        x = x.detach().contiguous()
+    def run(self, x: torch.Tensor, r0: Sequence[torch.Tensor] | None = None, shard: bool = True) -> EngineRun:
+        """Run the T steps on x (B, C, H, W) from r0, sharded by `ort_shards` unless `shard` is False."""
+        assert (r0 is not None) == self.init, "a program takes r0 exactly when it was built for it"
+        feed = {"x": x.detach().contiguous().numpy()}
+        for i, r in enumerate(r0 or (), 1):
+            feed[f"r0_{i}"] = r.detach().to(torch.float32).contiguous().numpy()
         shards = ort_shards(x.shape[0], self.threads) if shard else 1
         if shards == 1:
-            values = self.session(self.threads).run(self.outputs, {"x": x.numpy()})
-            named = {k: torch.from_numpy(v) for k, v in zip(self.outputs, values)}
-        else:
-            named = self._run_shards(x, shards)
+            return self._result(self.session(self.threads).run(self.outputs, feed))
+        edges = [round(i * x.shape[0] / shards) for i in range(shards + 1)]
+        parts = [{k: v[a:b] for k, v in feed.items()} for a, b in zip(edges, edges[1:])]
+        session = self.session(1)
+        pending = [_shard_pool(shards - 1).submit(session.run, self.outputs, p) for p in parts[1:]]
+        done = [session.run(self.outputs, parts[0]), *(f.result() for f in pending)]  # first shard here
+        return join([self._result(d) for d in done])
+
+    def _result(self, values: list[Any]) -> EngineRun:
+        named = {k: torch.from_numpy(v) for k, v in zip(self.outputs, values)}
         count = sum(name.startswith("latent_") for name in named)
         return EngineRun(
             latents=[named[f"latent_{i + 1}"] for i in range(count)],
@@ -86,16 +100,6 @@ class OrtProgram:
             errors=[named[f"error_{i + 1}"] for i in range(count)],
             reconstruction=named["reconstruction"],
         )
-
-    def _run_shards(self, x: torch.Tensor, shards: int) -> dict[str, torch.Tensor]:
-        session = self.session(1)
-        parts = [p.numpy() for p in torch.tensor_split(x, shards)]
-        pending = [_shard_pool(shards - 1).submit(session.run, self.outputs, {"x": p}) for p in parts[1:]]
-        done = [session.run(self.outputs, {"x": parts[0]}), *(f.result() for f in pending)]  # first shard here
-        return {
-            name: torch.cat([torch.from_numpy(d[i]) for d in done], dim=1 if name == "energy" else 0)  # energy (T+1, B)
-            for i, name in enumerate(self.outputs)
-        }
 
 
 def ort_shards(batch: int, threads: int) -> int:
@@ -136,16 +140,17 @@ class OrtBackend:
         self.sharding = True  # False: every batch on one session with all threads (pc-bench's "unsharded")
         self.prepare_seconds: dict[str, float] = {}  # one-off costs, for pc-bench
 
-    def program(self, plan: Plan, steps: int, shape: tuple[int, ...], key: tuple) -> OrtProgram:
-        """The program for these weights (built, or rebuilt after the weights changed)."""
-        cached = self.programs.get((steps, shape))
+    def program(self, plan: Plan, steps: int, shape: tuple[int, ...], key: tuple, init: bool = False) -> OrtProgram:
+        """The program for these weights (built, or rebuilt after the weights changed); `init`: it takes r0."""
+        index = (steps, shape, init)
+        cached = self.programs.get(index)
         if cached is not None and cached[0] == key and cached[1].threads == torch.get_num_threads():
             return cached[1]
         start = time.perf_counter()
-        program = OrtProgram(plan, steps)
+        program = OrtProgram(plan, steps, init=init)
         self.prepare_seconds[f"onnxruntime T={steps} {'x'.join(map(str, shape))}"] = time.perf_counter() - start
-        self.programs.pop((steps, shape), None)
-        self.programs[(steps, shape)] = (key, program)
+        self.programs.pop(index, None)
+        self.programs[index] = (key, program)
         while len(self.programs) > MAX_PROGRAMS:
             del self.programs[next(iter(self.programs))]
         return program
@@ -153,5 +158,25 @@ class OrtBackend:
     def prepare(self, plan: Plan, steps: int, shape: tuple[int, ...], key: tuple) -> None:
         self.program(plan, steps, shape, key)
 
-    def run(self, plan: Plan, x: torch.Tensor, steps: int, key: tuple) -> EngineRun:
-        return self.program(plan, steps, tuple(x.shape[1:]), key).run(x, shard=self.sharding)
+    def run(
+        self, plan: Plan, x: torch.Tensor, steps: int, key: tuple, r0: Sequence[torch.Tensor] | None = None
+    ) -> EngineRun:
+        program = self.program(plan, steps, tuple(x.shape[1:]), key, init=r0 is not None)
+        return program.run(x, r0, shard=self.sharding)
+
+
+@functools.cache
+def available() -> bool:
+    """Whether onnx and onnxruntime are installed (found without importing them: that costs ~0.7 s)."""
+    return all(importlib.util.find_spec(name) is not None for name in ("onnx", "onnxruntime"))
+
+
+SPEC = BackendSpec(
+    name="onnxruntime",
+    factory=OrtBackend,
+    devices=("cpu",),
+    plans=("quadratic", "levelwise"),
+    builds=True,
+    available=available,
+    install="onnx and onnxruntime (pip install predictive-coding)",
+)

@@ -21,6 +21,12 @@ from .plans import PlanLevel, phase_merge, phase_split
 
 class Ops(Protocol):
     exact: bool  # False where matmuls run in reduced precision (CUDA TF32 / bf16 operands)
+    math: Any  # log1p and sqrt on `expr` values (pcmodel.priors writes psi and phi with them)
+
+    def expr(self, value: Any) -> Any: ...  # a value that takes +, -, *, / (pcmodel.priors)
+    def value(self, expr: Any) -> Any: ...  # back from `expr`
+    def sum_rows(self, a: Any) -> Any: ...
+    def concat_rows(self, values: Sequence[Any]) -> Any: ...
 
     def weight(self, name: str, tensor: torch.Tensor) -> Any: ...
     def one(self) -> Any: ...
@@ -60,6 +66,8 @@ class Ops(Protocol):
 class TorchOps:
     """Eager torch. `operand` (CUDA only): the dtype of matmul and convolution operands (bf16)."""
 
+    math = torch
+
     def __init__(self, x: torch.Tensor, operand: torch.dtype | None = None) -> None:
         self.operand = operand
         self.exact = operand is None and not (x.is_cuda and bool(torch.backends.cuda.matmul.allow_tf32))
@@ -73,6 +81,18 @@ class TorchOps:
 
     def weight(self, name: str, tensor: torch.Tensor) -> torch.Tensor:
         return tensor
+
+    def expr(self, value: torch.Tensor) -> torch.Tensor:
+        return value
+
+    def value(self, expr: torch.Tensor) -> torch.Tensor:
+        return expr
+
+    def sum_rows(self, a: torch.Tensor) -> torch.Tensor:
+        return a.reshape(a.shape[0], -1).sum(1)
+
+    def concat_rows(self, values: Sequence[torch.Tensor]) -> torch.Tensor:
+        return torch.cat(list(values), dim=1)
 
     def one(self) -> torch.Tensor:
         return self._one
@@ -162,7 +182,7 @@ class TorchOps:
     def predict(self, lv: PlanLevel, r: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         if lv.phase:
             a = F.conv2d(self._op(r), self._op(weight), padding=(lv.taps[0] - 1, lv.taps[1] - 1))
-        elif lv.kind == "convolutional":
+        elif not lv.patchwise:
             a = F.conv_transpose2d(self._op(r), self._op(weight), stride=lv.stride)
         else:
             a = self._op(weight) @ self._op(r).flatten(2)  # (D, C) @ (B, C, M)
@@ -171,7 +191,7 @@ class TorchOps:
     def adjoint(self, lv: PlanLevel, g: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         if lv.phase:
             u = F.conv2d(self._op(g), self._op(weight))
-        elif lv.kind == "convolutional":
+        elif not lv.patchwise:
             u = F.conv2d(self._op(g), self._op(weight), stride=lv.stride)
         else:
             u = (self._op(weight) @ self._op(g)).reshape(g.shape[0], *lv.level.geometry.latent)

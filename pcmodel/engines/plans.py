@@ -6,12 +6,12 @@ and every backend runs that program (eagerly, captured in a CUDA graph, or as an
 - `QuadraticPlan`, for networks whose f is the identity at every level and whose latents are few (the
   paper's rao-ballard-1999): the data terms are quadratic in r = (r_1, ..., r_L) stacked, so
   dE/dr = H r - b(x) + g'(r) with a fixed symmetric H (Gaussian priors folded in) and b linear in x.
-  One step is r <- r M + c - kappa r / (1 + r^2) with M = I - H diag(eta), c = eta b(x) and kappa =
-  2 eta alpha on Cauchy entries (eta: each latent's step size, pcmodel.energy.step_rates). Scaling each
-  Cauchy entry by k = sqrt(kappa) (r = k s) turns that into three fused operations per step:
-  q = 1/kappa + s^2; z = c_s + s M_s; s <- z - s / q. The energy of every step comes afterwards from
-  the kept (s, z) history without another matmul:
-  E = E(0) + sum_i k_i^2 s_i (s_i - z_i - c_i) / (2 eta_i) + sum_Cauchy alpha log(1 + r^2).
+  One step is r <- r M + c - kappa phi(r) with M = I - H diag(eta), c = eta b(x) and kappa = 2 eta alpha
+  on the entries of the one non-quadratic prior the plan allows (pcmodel.priors; eta: each latent's step
+  size, pcmodel.energy.step_rates). The prior may rescale its entries (r = k s): the Cauchy prior's
+  k = sqrt(kappa) turns its step into three fused operations, q = 1/kappa + s^2; z = c_s + s M_s;
+  s <- z - s / q. The energy of every step comes afterwards from the kept (s, z) history without
+  another matmul: E = E(0) + sum_i k_i^2 s_i (s_i - z_i - c_i) / (2 eta_i) + sum alpha psi(r).
   H and b are built by applying the definition's level maps (pcmodel.levels) to unit vectors.
 - `LevelwisePlan`, for everything else (tanh, large maps): level by level as in the definition, with
   the step size and 2/sigma^2 folded into the adjoint weights, and a convolutional first level in
@@ -35,6 +35,8 @@ import torch.nn.functional as F
 from ..config import ModelConfig, level_shapes
 from ..energy import LevelRates, step_rates
 from ..levels import Level
+from ..parameters import Params, level_weights
+from ..priors import PRIORS, Prior
 
 QUADRATIC_MAX_LATENTS = 2048  # H is n x n: beyond this the levelwise plan is cheaper
 QUADRATIC_MAX_ENTRIES = 1 << 23  # cap on inputs x latents for the dense map b(x) (32 MiB in float32)
@@ -58,14 +60,15 @@ class QuadraticPlan:
     step: torch.Tensor  # M_s (n, n): s <- s M_s + c_s - s / q
     drive: torch.Tensor  # B_s (n_x, n): c_s = x_flat B_s
     start: torch.Tensor | None  # (n_x, n): s_0 = x_flat start (feed-forward initial latents), None for zeros
-    qinv: torch.Tensor  # (n,) 1/kappa on Cauchy entries, +inf elsewhere (then s / q = 0)
+    prior: Prior | None  # the one non-quadratic prior (alpha > 0), or None: the energy is quadratic
+    coefficients: dict[str, torch.Tensor]  # (n,) each: what prior.quadratic_step reads (0-effect elsewhere)
     scale: torch.Tensor  # k (n,): r = k s
-    cauchy_alpha: torch.Tensor  # (n,) alpha on Cauchy entries, 0 elsewhere (energy)
-    energy_weight: torch.Tensor  # (n,) k^2 / (2 eta): E = E(0) + sum energy_weight s (s - z - c) + Cauchy terms
+    unscale: torch.Tensor  # 1 / k (n,): s_0 = r_0 / k for a given start
+    prior_alpha: torch.Tensor  # (n,) alpha on the prior's entries, 0 elsewhere (energy)
+    energy_weight: torch.Tensor  # (n,) k^2 / (2 eta): E = E(0) + sum energy_weight s (s - z - c) + prior terms
     omega: torch.Tensor  # (n_x,) E(r = 0) = sum omega x^2 + const
     const: torch.Tensor  # () sum_l lam_l ||U_l||^2 (a tensor: a captured CUDA graph reads it in place)
     reconstruct: torch.Tensor  # (n, n_x): reconstruction = s reconstruct (f linear: the level-1 map)
-    has_cauchy: bool
     predict_maps: list[torch.Tensor] = field(default_factory=list)  # P_l (n_l, n_t): prediction = r_l P_l
     target_maps: list[torch.Tensor] = field(default_factory=list)  # T_l (n_{l-1} or n_x, n_t): target = lower T_l
     target_shapes: list[tuple[int, ...]] = field(default_factory=list)  # target space per level, without batch
@@ -77,9 +80,10 @@ class QuadraticPlan:
 
     def tensors(self) -> dict[str, torch.Tensor]:
         """The weight-derived tensors by name (a CUDA graph reads them in place; ONNX graphs embed them)."""
-        out = {"step": self.step, "drive": self.drive, "qinv": self.qinv, "scale": self.scale, "const": self.const}
-        out.update({"cauchy_alpha": self.cauchy_alpha, "omega": self.omega, "reconstruct": self.reconstruct})
-        out["energy_weight"] = self.energy_weight
+        out = {"step": self.step, "drive": self.drive, "scale": self.scale, "unscale": self.unscale}
+        out.update({"prior_alpha": self.prior_alpha, "omega": self.omega, "reconstruct": self.reconstruct})
+        out.update({"energy_weight": self.energy_weight, "const": self.const})
+        out.update({f"prior_{k}": v for k, v in self.coefficients.items()})
         if self.start is not None:
             out["start"] = self.start
         for i, (P, T) in enumerate(zip(self.predict_maps, self.target_maps)):
@@ -91,7 +95,7 @@ class QuadraticPlan:
 class PlanLevel:
     """One level of a levelwise plan: its linear maps with the step size folded in, and its scalars."""
 
-    kind: str  # the config's level kind: modules | convolutional | dense
+    patchwise: bool  # modules and dense levels predict windowed patches (B, D, M) rather than a map
     phase: bool  # a convolutional level 1 in phase layout (its target is x split into sub-pixel phases)
     level: Level  # the definition's geometry (targets and adjoints of module levels)
     predict: torch.Tensor  # phase: W (C0 s^2, C, mh, mw); convolutional: U; modules, dense: U^T (D, C)
@@ -100,21 +104,13 @@ class PlanLevel:
     unfold: torch.Tensor | None  # module levels: one-hot x window kernel (D, C_low, kh, kw) for ONNX
     tanh: bool
     sigma2: float
+    prior: Prior
     alpha: float
     rates: LevelRates  # the step's coefficients (pcmodel.energy.step_rates)
     lam_energy: float  # lam ||U||^2
     stride: tuple[int, int] = (1, 1)  # (sh, sw): the level's stride, also the phase split's
     taps: tuple[int, int] = (1, 1)  # (mh, mw) = ceil(k / s) (phase layout)
     pad: tuple[int, int] = (0, 0)  # zeros added below / right of x before the phase split
-
-    @property
-    def patchwise(self) -> bool:
-        """Modules and dense levels predict windowed patches (B, D, M) rather than a map."""
-        return self.kind != "convolutional"
-
-    @property
-    def cauchy(self) -> bool:
-        return self.rates.cauchy > 0
 
 
 @dataclass
@@ -142,10 +138,15 @@ class LevelwisePlan:
 Plan = QuadraticPlan | LevelwisePlan
 
 
+def nonquadratic_priors(config: ModelConfig) -> set[str]:
+    """The priors (with alpha > 0) that make the energy non-quadratic in r."""
+    return {lc.prior for lc in config.levels if lc.alpha > 0 and not PRIORS[lc.prior].quadratic}
+
+
 def plan_kind(config: ModelConfig, input_hw: Sequence[int] | None = None) -> str:
     """Which plan a model gets at this input size: "quadratic" or "levelwise"."""
     hw = tuple(config.input_shape[1:] if input_hw is None else input_hw)
-    if any(lc.f != "identity" for lc in config.levels):
+    if any(lc.f != "identity" for lc in config.levels) or len(nonquadratic_priors(config)) > 1:
         return "levelwise"
     n = sum(_prod(lv.geometry.latent) for lv in geometry(config, hw))
     n_x = config.input_shape[0] * _prod(hw)
@@ -156,13 +157,15 @@ def plan_kind(config: ModelConfig, input_hw: Sequence[int] | None = None) -> str
 
 def make_plan(
     config: ModelConfig,
-    weights: Sequence[torch.Tensor],
+    params: Params,
     input_hw: Sequence[int],
     dtype: torch.dtype,
     device: torch.device,
 ) -> Plan:
-    """Derive the plan for these weights at one input size, in float64, then cast."""
+    """Derive the plan for these parameters (by name, or the per-level U list) at one input size, in
+    float64, then cast."""
     hw = (int(input_hw[0]), int(input_hw[1]))
+    weights = level_weights(config, params)
     with torch.inference_mode():
         if plan_kind(config, hw) == "quadratic":
             return _quadratic_plan(config, weights, hw, dtype, device)
@@ -207,19 +210,18 @@ def _quadratic_plan(
             hessian[lo:hi, a:b] -= w * T @ P.T
     drive = torch.zeros((n_x, n), dtype=torch.float64)
     drive[:, : sizes[0]] = (2 / config.levels[0].sigma2) * targets[0] @ predicts[0].T
-    gaussian = torch.cat(
-        [torch.full((s,), 2 * lc.alpha if lc.prior == "gaussian" else 0.0, dtype=torch.float64)
-         for s, lc in zip(sizes, config.levels)]
-    )  # fmt: skip
-    alpha = torch.cat(
-        [torch.full((s,), lc.alpha if lc.prior == "cauchy" else 0.0, dtype=torch.float64)
-         for s, lc in zip(sizes, config.levels)]
-    )  # fmt: skip
-    hessian = hessian + torch.diag(gaussian)
-    eta = torch.cat([torch.full((s,), lr.eta, dtype=torch.float64) for s, lr in zip(sizes, step_rates(config))])
-    kappa = 2 * eta * alpha
-    scale = torch.where(kappa > 0, kappa.sqrt(), torch.ones_like(kappa))
-    qinv = torch.where(kappa > 0, 1 / kappa.clamp_min(1e-300), torch.full_like(kappa, math.inf))
+
+    def per_entry(values: Sequence[float]) -> torch.Tensor:
+        return torch.cat([torch.full((s,), v, dtype=torch.float64) for s, v in zip(sizes, values)])
+
+    quadratic = [PRIORS[lc.prior].quadratic for lc in config.levels]
+    hessian = hessian + torch.diag(per_entry([2 * lc.alpha if q else 0.0 for lc, q in zip(config.levels, quadratic)]))
+    alpha = per_entry([0.0 if q else lc.alpha for lc, q in zip(config.levels, quadratic)])
+    eta = per_entry([lr.eta for lr in step_rates(config)])
+    names = nonquadratic_priors(config)
+    prior = PRIORS[names.pop()] if names else None
+    coefficients = prior.quadratic_coefficients(2 * eta * alpha) if prior is not None else {}
+    scale = coefficients.pop("scale", torch.ones_like(eta))
     step = torch.eye(n, dtype=torch.float64) - hessian * eta[None, :]  # r <- r M (+ c): r - (r H) diag(eta)
     step = scale[:, None] * step / scale[None, :]
     start = None
@@ -245,14 +247,15 @@ def _quadratic_plan(
         step=cast(step),
         drive=cast(drive * (eta / scale)[None, :]),
         start=None if start is None else cast(start),
-        qinv=cast(qinv),
+        prior=prior,
+        coefficients={k: cast(v) for k, v in coefficients.items()},
         scale=cast(scale),
-        cauchy_alpha=cast(alpha),
+        unscale=cast(1 / scale),
+        prior_alpha=cast(alpha),
         energy_weight=cast(scale.square() / (2 * eta)),
         omega=cast(omega),
         const=cast(torch.tensor(const)),
         reconstruct=cast(scale[:, None] * recon),
-        has_cauchy=bool((kappa > 0).any()),
         predict_maps=[cast(P) for P in predicts],
         target_maps=[cast(T) for T in targets],
         target_shapes=target_shapes,
@@ -326,13 +329,14 @@ def _levelwise_plan(
         stride = level.geometry.stride
         extra: dict = {}
         unfold = None
-        if lc.kind == "convolutional" and i == 0:
+        phase = not lc.kind_info.patchwise and i == 0
+        if phase:
             predict, adjoint, taps = phase_kernels(U, stride)
             lower = level.geometry.lower
             latent = level.geometry.latent[1:]
             pad = tuple(s * (n + m - 1) - size for s, n, m, size in zip(stride, latent, taps, lower[1:]))
             extra = dict(taps=taps, pad=pad)
-        elif lc.kind == "convolutional":
+        elif not lc.kind_info.patchwise:
             predict, adjoint = U, U
         else:
             matrix = U.reshape(U.shape[0], -1)  # (C, D)
@@ -340,8 +344,8 @@ def _levelwise_plan(
             unfold = _unfold_kernel(level)
         out.append(
             PlanLevel(
-                kind=lc.kind,
-                phase=lc.kind == "convolutional" and i == 0,
+                patchwise=lc.kind_info.patchwise,
+                phase=phase,
                 level=level,
                 predict=cast(predict),
                 adjoint=cast(adjoint * rates.adjoint),
@@ -349,6 +353,7 @@ def _levelwise_plan(
                 unfold=None if unfold is None else cast(unfold),
                 tanh=lc.f == "tanh",
                 sigma2=lc.sigma2,
+                prior=PRIORS[lc.prior],
                 alpha=lc.alpha,
                 rates=rates,
                 lam_energy=lc.lam * float(U.square().sum()),

@@ -1,9 +1,10 @@
 """The inference step of each plan, written once against a tiny ops layer (pcmodel.engines.ops).
 
-`run_program(ops, plan, x, steps)` is what every backend runs: the torch backend calls it with eager
+`run_program(ops, plan, x, steps, r0)` is what every backend runs: the torch backend calls it with eager
 torch ops, the CUDA-graph backend captures that call, and the onnxruntime backend (and pc-export) call
-it with ops that append ONNX nodes, so the graph *is* this code unrolled. A new prior, level kind or
-step rule is one change here (with its coefficients from pcmodel.energy.step_rates), and the tests
+it with ops that append ONNX nodes, so the graph *is* this code unrolled. A prior's part of the step is
+its own (pcmodel.priors); a new step rule is one change here (with its coefficients from
+pcmodel.energy.step_rates). The starting state r0 is an input: given, or the config's start. The tests
 hold every backend against the plain loop (pcmodel.energy.infer_loop).
 
 Ops methods ending in `_` may reuse their first argument's storage: the program only passes values
@@ -12,53 +13,42 @@ that are dead afterwards.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Sequence
 from typing import Any
 
+from ..results import EngineRun
 from .ops import Ops
 from .plans import LevelwisePlan, Plan, PlanLevel, QuadraticPlan
 
 
-@dataclass
-class ProgramOutput:
-    """Final latents, the energy (steps + 1, B), and each level's final prediction and error.
-
-    Predictions and errors are in the definition's target layout (module levels: (B, D, M) patches),
-    level 1 on the input grid; `reconstruction` is f(U_1 r_1) on the input grid.
-    """
-
-    latents: list[Any]
-    energy: Any
-    predictions: list[Any]
-    errors: list[Any]
-    reconstruction: Any
-
-
-def run_program(ops: Ops, plan: Plan, x: Any, steps: int) -> ProgramOutput:
-    """T fixed steps of the plan from the config's initial latents."""
+def run_program(ops: Ops, plan: Plan, x: Any, steps: int, r0: Sequence[Any] | None = None) -> EngineRun:
+    """T fixed steps of the plan from r0 (one value per level, shaped like the latents) or, when None,
+    the config's initial latents."""
     if isinstance(plan, QuadraticPlan):
-        return quadratic_program(ops, plan, x, steps)
-    return levelwise_program(ops, plan, x, steps)
+        return quadratic_program(ops, plan, x, steps, r0)
+    return levelwise_program(ops, plan, x, steps, r0)
 
 
-def quadratic_program(ops: Ops, plan: QuadraticPlan, x: Any, steps: int) -> ProgramOutput:
-    """s <- s M_s + c_s - s / (1/kappa + s^2) for T steps, then the energy of every step from the history."""
+def quadratic_program(ops: Ops, plan: QuadraticPlan, x: Any, steps: int, r0: Sequence[Any] | None = None) -> EngineRun:
+    """s <- s M_s + c_s - (the prior's step) for T steps, then the energy of every step from the history."""
     flat = ops.flatten(x)  # (B, n_x)
     step = ops.weight("step", plan.step)
     c = ops.matmul(flat, ops.weight("drive", plan.drive))  # (B, n)
-    s = ops.zeros_like_rows(c) if plan.start is None else ops.matmul(flat, ops.weight("start", plan.start))
-    qinv = ops.weight("qinv", plan.qinv) if plan.has_cauchy else None
+    if r0 is not None:
+        s = ops.mul(ops.concat_rows([ops.flatten(r) for r in r0]), ops.weight("unscale", plan.unscale))
+    elif plan.start is None:
+        s = ops.zeros_like_rows(c)
+    else:
+        s = ops.matmul(flat, ops.weight("start", plan.start))
+    prior = plan.prior
+    coefficients = {k: ops.weight(f"prior_{k}", v) for k, v in plan.coefficients.items()}
     states, drives = [s], []
     for t in range(steps + 1):
         z = ops.affine(s, step, c)  # s M_s + c_s
         drives.append(z)
         if t == steps:
             break
-        if qinv is not None:
-            q = ops.addcmul(qinv, s, s)  # 1/kappa + s^2
-            s = ops.addcdiv(z, s, q, value=-1.0)
-        else:
-            s = z
+        s = z if prior is None else prior.quadratic_step(ops, z, s, coefficients)
         states.append(s)
     history = ops.stack(states)  # (T+1, B, n)
     zs = ops.exact_affine(history, step, c) if not ops.exact else ops.stack(drives)
@@ -67,9 +57,9 @@ def quadratic_program(ops: Ops, plan: QuadraticPlan, x: Any, steps: int) -> Prog
     energy = ops.matvec(ops.mul(history, gap), ops.weight("energy_weight", plan.energy_weight))  # (T+1, B)
     base = ops.matvec(ops.mul(flat, flat), ops.weight("omega", plan.omega))  # (B,)
     energy = ops.add(ops.add(energy, base), ops.weight("const", plan.const))
-    if plan.has_cauchy:
-        r2 = ops.mul(ops.mul(history, history), ops.mul(scale, scale))
-        energy = ops.add(energy, ops.matvec(ops.log1p(r2), ops.weight("cauchy_alpha", plan.cauchy_alpha)))
+    if prior is not None:
+        terms = ops.value(prior.psi(ops.expr(ops.mul(history, scale)), ops.math))  # psi(r), (T+1, B, n)
+        energy = ops.add(energy, ops.matvec(terms, ops.weight("prior_alpha", plan.prior_alpha)))
     final = ops.mul(s, scale)
     latents = ops.split_latents(final, plan.shapes)
     lowers = [flat, *(ops.flatten(r) for r in latents[:-1])]
@@ -80,10 +70,10 @@ def quadratic_program(ops: Ops, plan: QuadraticPlan, x: Any, steps: int) -> Prog
         predictions.append(ops.reshape_rows(p, plan.target_shapes[i]))
         errors.append(ops.reshape_rows(ops.sub(target, p), plan.target_shapes[i]))
     reconstruction = ops.reshape_rows(ops.matmul(s, ops.weight("reconstruct", plan.reconstruct)), plan.input_shape)
-    return ProgramOutput(latents, energy, predictions, errors, reconstruction)
+    return EngineRun(latents, energy, predictions, errors, reconstruction)
 
 
-def levelwise_program(ops: Ops, plan: LevelwisePlan, x: Any, steps: int) -> ProgramOutput:
+def levelwise_program(ops: Ops, plan: LevelwisePlan, x: Any, steps: int, r0: Sequence[Any] | None = None) -> EngineRun:
     """The definition's level loop: per level and step a = U r, p = f(a), e = t - p, then every level's
     r <- r + (eta 2/sigma^2) U^T(f' e) - eta g'(r) - (eta 2/sigma_above^2) t_above^T(e_above) from the same state.
     """
@@ -97,8 +87,8 @@ def levelwise_program(ops: Ops, plan: LevelwisePlan, x: Any, steps: int) -> Prog
     def target(i: int, lower: Any) -> Any:
         return first_target if i == 0 else ops.target(levels[i], lower)
 
-    latents: list[Any] = []
-    for i, lv in enumerate(levels):
+    latents: list[Any] = [] if r0 is None else list(r0)
+    for i, lv in enumerate(levels if r0 is None else ()):
         if lv.feedforward is None:
             r = ops.zeros_latents(x, lv.level.geometry.latent)
         else:
@@ -106,24 +96,22 @@ def levelwise_program(ops: Ops, plan: LevelwisePlan, x: Any, steps: int) -> Prog
         latents.append(r)
 
     squared: list[list[Any]] = [[] for _ in levels]  # |e_l|^2 per image, per step
-    priors: list[list[Any]] = [[] for _ in levels]  # sum log(1 + r^2) or |r|^2 per image, per step
+    priors: list[list[Any]] = [[] for _ in levels]  # sum psi(r) per image, per step (pcmodel.priors)
     for t in range(steps + 1):
-        predictions, errors, squares = [], [], []
+        predictions, errors, reused = [], [], []
         for i, lv in enumerate(levels):
             p = ops.predict(lv, latents[i], predict[i])
             if lv.tanh:
                 p = ops.tanh_(p)
             e = ops.sub(target(i, latents[i - 1] if i else None), p)
             squared[i].append(ops.sum_squares(e))
-            q = None
-            if lv.cauchy:
-                q = ops.addcmul(ops.one(), latents[i], latents[i])  # 1 + r^2: the prior and its gradient
-                priors[i].append(ops.sum_log(q))
-            elif lv.alpha > 0:
-                priors[i].append(ops.sum_squares(latents[i]))
+            aux = None
+            if lv.alpha > 0:
+                term, aux = lv.prior.energy_terms(ops, latents[i])
+                priors[i].append(term)
             predictions.append(p)
             errors.append(e)
-            squares.append(q)
+            reused.append(aux)
         if t == steps:
             break
         updated = []
@@ -131,10 +119,7 @@ def levelwise_program(ops: Ops, plan: LevelwisePlan, x: Any, steps: int) -> Prog
             e, r = errors[i], latents[i]
             d = ops.slope_error_(predictions[i], e) if lv.tanh else e  # e (1 - p^2); p is dead after
             u = ops.adjoint(lv, d, adjoint[i])  # (eta 2/sigma^2) U^T d
-            if lv.cauchy:
-                u = ops.addcdiv_(ops.add_(u, r), r, squares[i], value=-lv.rates.cauchy)
-            else:
-                u = ops.add_scaled_(u, r, lv.rates.decay)
+            u = lv.prior.step(ops, u, r, lv.rates.kappa, reused[i]) if lv.alpha > 0 else ops.add_(u, r)
             if i + 1 < count:
                 u = ops.add_scaled_(u, ops.target_adjoint(levels[i + 1], errors[i + 1]), -lv.rates.above)
             updated.append(u)
@@ -149,7 +134,7 @@ def levelwise_program(ops: Ops, plan: LevelwisePlan, x: Any, steps: int) -> Prog
         predictions[0] = ops.phase_merge(predictions[0], first)
         errors[0] = ops.phase_merge(errors[0], first)
     reconstruction = _reconstruction(ops, first, predictions[0])
-    return ProgramOutput(latents, energy, predictions, errors, reconstruction)
+    return EngineRun(latents, energy, predictions, errors, reconstruction)
 
 
 def _reconstruction(ops: Ops, first: PlanLevel, prediction: Any) -> Any:

@@ -1,48 +1,36 @@
-"""A model's engine state: what it is prepared for, its plans and its backends' programs.
+"""A model's engine state: what it is prepared for, its plans, and the backends it has used.
 
-Owned by one PCModel (`model.engines`); nothing is kept at module level. Plans and programs are keyed
-on the weights they were made from (`weights_key`), so learning never runs on stale weights.
+Owned by one PCModel (`model.engines`); nothing is kept at module level. A backend is made (and its
+libraries imported) the first time a call or `prepare` uses it. Plans and programs are keyed on the
+parameters they were made from (`pcmodel.parameters.params_key`), so learning never runs on stale weights.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import torch
 
 from ..config import ModelConfig
-from .base import EngineRun
-from .cuda_graph import CudaGraphBackend
-from .numba_quadratic import NumbaBackend
-from .numba_quadratic import available as numba_available
-from .onnxruntime import OrtBackend
-from .plans import Plan, make_plan, plan_kind
-from .select import Choice
-from .torch_engine import TorchBackend
+from ..results import EngineRun
+from .base import Backend
+from .plans import Plan, make_plan, nonquadratic_priors, plan_kind
+from .registry import SPECS, installed
+from .select import Choice, select
 
 MAX_PREPARED_STEPS = 8  # step counts with fast programs: memory stays bounded
 MAX_PREPARED_SHAPES = 4  # input shapes per step count
 
 
-def weights_key(weights: Sequence[torch.Tensor]) -> tuple:
-    """Identifies the weights' current values: tensor identity, storage and in-place version counter.
-
-    learn_step changes the weights in place (the version counter moves); assigning new tensors changes
-    their identity. Either makes every derived plan and program stale.
-    """
-    return tuple((id(w), w.data_ptr(), w._version, str(w.device)) for w in weights)
-
-
 class EngineState:
     def __init__(self, config: ModelConfig) -> None:
+        self.config = config
         self.prepared: dict[int, list[tuple[int, ...]]] = {config.steps: [tuple(config.input_shape)]}
         self.plans: dict[tuple, tuple[tuple, Plan, list[torch.Tensor]]] = {}
-        self.torch = TorchBackend()
-        self.onnxruntime = OrtBackend()
-        self.cuda_graph = CudaGraphBackend()
-        self.numba = NumbaBackend()
-        self.quadratic: dict[tuple[int, int], bool] = {}  # plan kind by input size
-        self.last_key: tuple | None = None  # the weights key of the previous call
+        self.backends: dict[str, Backend] = {}  # made on first use
+        self.plan_kinds: dict[tuple[int, int], str] = {}  # by input size
+        self.priors = frozenset(nonquadratic_priors(config))
+        self.last_key: tuple | None = None  # the parameters key of the previous call
 
     def set_prepared(self, steps: Sequence[int], shapes: Sequence[tuple[int, ...]]) -> None:
         steps, shapes = sorted(set(steps)), list(dict.fromkeys(shapes))
@@ -60,61 +48,99 @@ class EngineState:
     def is_prepared(self, steps: int, shape: tuple[int, ...]) -> bool:
         return shape in self.prepared.get(steps, [])
 
-    def backend(self, name: str) -> TorchBackend | OrtBackend | NumbaBackend | CudaGraphBackend:
-        named = {"torch": self.torch, "onnxruntime": self.onnxruntime, "numba": self.numba}
-        return self.cuda_graph if name == "cuda-graph" else named[name]
+    def backend(self, name: str) -> Backend:
+        """The backend called `name` (registry), made on first use."""
+        if name not in self.backends:
+            self.backends[name] = SPECS[name].factory()
+        return self.backends[name]
 
-    def is_quadratic(self, config: ModelConfig, hw: tuple[int, int]) -> bool:
-        if hw not in self.quadratic:
-            self.quadratic[hw] = plan_kind(config, hw) == "quadratic"
-        return self.quadratic[hw]
+    def plan_kind(self, hw: tuple[int, int]) -> str:
+        if hw not in self.plan_kinds:
+            self.plan_kinds[hw] = plan_kind(self.config, hw)
+        return self.plan_kinds[hw]
 
-    @staticmethod
-    def numba_available() -> bool:
-        return numba_available()
+    def choose(
+        self,
+        requested: str | None,
+        *,
+        device: torch.device,
+        float64: bool,
+        steps: int,
+        tol: float | None,
+        shape: tuple[int, ...],
+        key: tuple,
+    ) -> Choice:
+        """The automatic rule (pcmodel.engines.select) for one call, with what this state knows."""
+        choice = select(
+            requested,
+            device=device.type,
+            float64=float64,
+            steps=steps,
+            tol=tol,
+            prepared=self.is_prepared(steps, shape),
+            weights_changing=self.last_key is not None and self.last_key != key,
+            plan=self.plan_kind((int(shape[-2]), int(shape[-1]))),
+            priors=self.priors,
+            installed=installed(),
+        )
+        self.last_key = key
+        return choice
 
-    def fast_backend(self, config: ModelConfig, hw: tuple[int, int], device: torch.device) -> str:
-        """The backend the automatic rule prefers for prepared calls at this size on this device."""
-        if device.type == "cuda":
-            return "cuda-graph"
-        return "numba" if self.is_quadratic(config, hw) and self.numba_available() else "onnxruntime"
+    def fast_backend(self, hw: tuple[int, int], device: torch.device) -> str | None:
+        """The backend the automatic rule picks for prepared calls at this size on this device."""
+        choice = select(
+            None,
+            device=device.type,
+            float64=False,
+            steps=1,
+            tol=None,
+            prepared=True,
+            weights_changing=False,
+            plan=self.plan_kind(hw),
+            priors=self.priors,
+            installed=installed(),
+        )
+        return choice.backend if SPECS.get(choice.backend) and SPECS[choice.backend].builds else None
 
     def plan(
         self,
-        config: ModelConfig,
-        weights: list[torch.Tensor],
+        params: Mapping[str, torch.Tensor],
         key: tuple,
         hw: tuple[int, int],
         dtype: torch.dtype,
         device: torch.device,
     ) -> Plan:
-        """The plan for the weights whose `weights_key` is `key` (rebuilt when they changed)."""
+        """The plan for the parameters whose key is `key` (rebuilt when they changed)."""
         index = (hw, dtype, str(device))
         cached = self.plans.get(index)
         if cached is not None and cached[0] == key:
             return cached[1]
-        plan = make_plan(config, weights, hw, dtype, device)
-        # Holding the weight tensors keeps their ids and storages from being reused while the key lives.
-        self.plans[index] = (key, plan, list(weights))
+        plan = make_plan(self.config, params, hw, dtype, device)
+        # Holding the tensors keeps their ids and storages from being reused while the key lives.
+        self.plans[index] = (key, plan, list(params.values()))
         return plan
 
     def run(
-        self, choice: Choice, config: ModelConfig, weights: list[torch.Tensor], key: tuple, x: torch.Tensor, steps: int
+        self,
+        choice: Choice,
+        params: Mapping[str, torch.Tensor],
+        key: tuple,
+        x: torch.Tensor,
+        steps: int,
+        r0: Sequence[torch.Tensor] | None = None,
     ) -> EngineRun:
-        """Run a chosen backend (not the loop) on x with weights (in x's dtype) whose key is `key`."""
-        plan = self.plan(config, weights, key, (int(x.shape[-2]), int(x.shape[-1])), x.dtype, x.device)
+        """Run a chosen backend (not the loop) on x with parameters (in x's dtype) whose key is `key`."""
+        plan = self.plan(params, key, (int(x.shape[-2]), int(x.shape[-1])), x.dtype, x.device)
         if choice.backend == "torch":
-            return self.torch.run(plan, x, steps, key, rowwise=choice.rowwise)
-        return self.backend(choice.backend).run(plan, x, steps, key)
+            return self.backend("torch").run(plan, x, steps, key, r0=r0, rowwise=choice.rowwise)  # type: ignore[call-arg]
+        return self.backend(choice.backend).run(plan, x, steps, key, r0)
 
-    def build(self, config: ModelConfig, weights: list[torch.Tensor], device: torch.device) -> None:
+    def build(self, params: Mapping[str, torch.Tensor], key: tuple, device: torch.device) -> None:
         """Build the fast programs of the prepared set now (sessions; CUDA graphs capture on first use)."""
-        key = weights_key(weights)
         for steps, shapes in self.prepared.items():
             for shape in shapes:
                 hw = (shape[1], shape[2])
-                plan = self.plan(config, weights, key, hw, torch.float32, device)
-                self.backend(self.fast_backend(config, hw, device)).prepare(plan, steps, shape, key)
-
-
-__all__ = ["EngineRun", "EngineState", "weights_key"]
+                name = self.fast_backend(hw, device)
+                if name is not None:
+                    plan = self.plan(params, key, hw, torch.float32, device)
+                    self.backend(name).prepare(plan, steps, shape, key)

@@ -7,9 +7,12 @@ independent of its batch, bit for bit.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 
-from .base import EngineRun
+from ..results import EngineRun, join
+from .base import BackendSpec
 from .ops import TorchOps
 from .plans import Plan
 from .program import run_program
@@ -22,8 +25,25 @@ class TorchBackend:
         """Nothing to build: the plan is the program's only input."""
 
     def run(
-        self, plan: Plan, x: torch.Tensor, steps: int, key: tuple = (), rowwise: bool = False, operand=None
+        self,
+        plan: Plan,
+        x: torch.Tensor,
+        steps: int,
+        key: tuple = (),
+        r0: Sequence[torch.Tensor] | None = None,
+        rowwise: bool = False,
+        operand: torch.dtype | None = None,
     ) -> EngineRun:
         if rowwise and x.shape[0] > 1:
-            return EngineRun.cat([self.run(plan, row, steps) for row in torch.split(x, 1)])
-        return EngineRun.of(run_program(TorchOps(x, operand), plan, x, steps))
+            return join(
+                [
+                    self.run(plan, x[i : i + 1], steps, r0=None if r0 is None else [r[i : i + 1] for r in r0])
+                    for i in range(x.shape[0])
+                ]
+            )
+        return run_program(TorchOps(x, operand), plan, x, steps, r0)
+
+
+SPEC = BackendSpec(
+    name="torch", factory=TorchBackend, devices=("cpu", "cuda"), plans=("quadratic", "levelwise"), builds=False
+)

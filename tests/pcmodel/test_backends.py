@@ -146,12 +146,12 @@ def test_step_counts_and_sizes_beyond_the_prepared_set_run_on_the_torch_engine(g
     x = torch.randn((2, *model.config.input_shape), generator=generator)
     warm = [model.config.steps, 3, 4, 5]
     model.prepare(steps=warm)
-    assert {key[0] for key in model.engines.onnxruntime.programs} == set(warm)  # built by prepare
+    assert {key[0] for key in model.engines.backend("onnxruntime").programs} == set(warm)  # built by prepare
     assert [model.infer(x, steps=t).backend for t in warm] == ["onnxruntime"] * 4
     late = model.infer(x, steps=6)
     assert (late.backend, late.reason) == ("torch", "onnxruntime: not prepared for these steps and shape")
     assert model.infer(x, steps=3).backend == "onnxruntime"  # prepared counts stay fast
-    assert {key[0] for key in model.engines.onnxruntime.programs} == set(warm)  # nothing built on demand
+    assert {key[0] for key in model.engines.backend("onnxruntime").programs} == set(warm)  # nothing built on demand
     assert_same_inference(late, model.infer(x, steps=6, backend="loop"))
     conv = pcmodel.create(tiny_config("convolutional", "tanh"))
     sizes = [(12, 12), (16, 16), (20, 20), (24, 24), (28, 28)]
@@ -280,10 +280,10 @@ def test_automatic_rule_shards_large_batches_and_reports_onnxruntime(generator):
     finally:
         torch.set_num_threads(threads)
     assert result.backend == "onnxruntime"
-    program = model.engines.onnxruntime.programs[(model.config.steps, tuple(x.shape[1:]))][1]
+    program = model.engines.backend("onnxruntime").programs[(model.config.steps, tuple(x.shape[1:]), False)][1]
     assert program.threads == 2 and set(program.sessions) == {1}
     assert_same_inference(result, model.infer(x, backend="loop"))
-    model.engines.onnxruntime.sharding = False  # pc-bench's "onnxruntime-unsharded"
+    model.engines.backend("onnxruntime").sharding = False  # pc-bench's "onnxruntime-unsharded"
     whole = model.infer(x)
     assert whole.backend == "onnxruntime" and set(program.sessions) == {1, 2}
     assert_same_inference(whole, result, atol=1e-5, energy_rtol=1e-5)
@@ -304,7 +304,7 @@ def test_cuda_graph_equals_the_loop(preset, generator):
         result = model.infer(x)
         assert result.backend == "cuda-graph"
         assert_same_inference(result, model.infer(x, backend="loop"))
-    assert {key[2] for key in model.engines.cuda_graph.programs} == {1, 4, 8}
+    assert {key[2] for key in model.engines.backend("cuda-graph").programs} == {1, 4, 8}
 
 
 @pytest.mark.gpu
@@ -313,11 +313,13 @@ def test_cuda_graph_follows_learning_without_a_new_capture(generator):
     model = pcmodel.load("conv-rgb", device="cuda")
     x = (torch.rand((4, *model.config.input_shape), generator=generator) * 2 - 1).cuda()
     first = model.infer(x)
-    captured = dict(model.engines.cuda_graph.programs)
+    captured = dict(model.engines.backend("cuda-graph").programs)
     model.learn_step(x, first.latents, k2=0.5)
     after = model.infer(x)
     assert_same_inference(after, model.infer(x, backend="loop"))
-    assert {k: v[1] for k, v in model.engines.cuda_graph.programs.items()} == {k: v[1] for k, v in captured.items()}
+    assert {k: v[1] for k, v in model.engines.backend("cuda-graph").programs.items()} == {
+        k: v[1] for k, v in captured.items()
+    }
 
 
 @pytest.mark.gpu
@@ -326,7 +328,7 @@ def test_cuda_graph_follows_learning_without_a_new_capture(generator):
 def test_cuda_reduced_precision_runs_and_stays_close(precision, generator):
     """TF32 / bf16 operands with r in float32: finite and near the float32 result (the cost pc-bench reports)."""
     model = pcmodel.load("conv-rgb", device="cuda")
-    model.engines.cuda_graph.precision = precision
+    model.engines.backend("cuda-graph").precision = precision
     x = (torch.rand((8, *model.config.input_shape), generator=generator) * 2 - 1).cuda()
     result = model.infer(x)
     expected = model.infer(x, backend="loop")

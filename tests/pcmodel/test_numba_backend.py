@@ -46,8 +46,9 @@ def test_matches_the_torch_recurrence(n: int, cauchy: bool) -> None:
     step, c, s0, qinv = _random_plan(n, seed=n, cauchy=cauchy)
     states, drives = fused.quadratic_steps(step, c, s0, qinv, 30)
     want_states, want_drives = _torch_reference(step, c, s0, qinv, 30)
-    np.testing.assert_allclose(states, want_states, rtol=0, atol=1e-5)
-    np.testing.assert_allclose(drives, want_drives, rtol=0, atol=1e-5)
+    # torch's float32 addmm sums in another order on some CPUs (2.5e-5 apart after 30 steps at n = 224).
+    np.testing.assert_allclose(states, want_states, rtol=0, atol=1e-4)
+    np.testing.assert_allclose(drives, want_drives, rtol=0, atol=1e-4)
 
 
 @pytest.mark.parametrize("threads", [1, 2])

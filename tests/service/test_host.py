@@ -136,7 +136,7 @@ def test_only_warmed_step_counts_get_fast_programs(host):
     assert backends[:2] == [host.backends[100], host.backends[5]]
     # A client's unusual step counts never prepare a program of their own: they run on the torch backend.
     assert backends[2:] == ["torch"] * 4
-    assert {key[0] for key in host.model.engines.onnxruntime.programs} == {5, 100}
+    assert {key[0] for key in host.model.engines.backend("onnxruntime").programs} == {5, 100}
 
 
 @pytest.mark.slow
