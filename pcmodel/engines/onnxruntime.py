@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import functools
 import importlib.util
+import itertools
 import os
 import time
 from collections.abc import Sequence
@@ -84,7 +85,7 @@ class OrtProgram:
         if shards == 1:
             return self._result(self.session(self.threads).run(self.outputs, feed))
         edges = [round(i * x.shape[0] / shards) for i in range(shards + 1)]
-        parts = [{k: v[a:b] for k, v in feed.items()} for a, b in zip(edges, edges[1:])]
+        parts = [{k: v[a:b] for k, v in feed.items()} for a, b in itertools.pairwise(edges)]
         session = self.session(1)
         pending = [_shard_pool(shards - 1).submit(session.run, self.outputs, p) for p in parts[1:]]
         done = [session.run(self.outputs, parts[0]), *(f.result() for f in pending)]  # first shard here
