@@ -31,12 +31,9 @@ from pcmodel.images import (
     Fit,
     ImageError,
     TileGrid,
-    decoded_bytes,
     display_scale,
-    draft_for,
     full_size,
     has_dense_level,
-    load_uint8,
     open_image,
     prepare_image,
     tile_count,
@@ -45,6 +42,7 @@ from pcmodel.images import (
 
 from .batching import Overloaded, Settled
 from .budget import NeverFits, OverBudget
+from .decoding import decoded_bytes, draft_for, load_uint8
 from .settings import Settings
 
 SIZE_MODES = ("resize", "tile", "full")
