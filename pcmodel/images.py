@@ -86,59 +86,16 @@ def decode(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS, min_side: int = 1)
     return load(open_image(data, max_pixels, min_side))
 
 
-# Bytes per pixel of PIL's modes as decoders produce them ("1" and "P" are stored a byte per pixel).
-_MODE_BYTES = {"I;16": 2, "I;16B": 2, "I;16L": 2, "I;16N": 2, "I": 4, "F": 4, "LA": 2, "La": 2, "PA": 2}
-_MODE_BYTES.update({"RGB": 3, "YCbCr": 3, "LAB": 3, "HSV": 3, "RGBA": 4, "RGBa": 4, "RGBX": 4, "CMYK": 4})
-# Resize mode reduces (box-averages) a large image by an integer factor while it stays at least this
-# many times the model's native size on its short side; the antialiased bicubic resize does the rest.
-# Pillow's `reducing_gap` documents 3 as indistinguishable from resizing the whole image.
-REDUCE_MARGIN = 4
-
-
-def decoded_bytes(image: Image.Image) -> int:
-    """Bytes the decoder allocates for an opened image's pixels: pixels x bands x bytes per sample."""
-    width, height = image.size
-    return width * height * _MODE_BYTES.get(image.mode, 1)
-
-
-def draft_for(image: Image.Image, color: str, size: tuple[int, int] | None) -> None:
-    """Let a JPEG decode small and in the model's colours: DCT scaling (1/2 .. 1/8) down to
-    REDUCE_MARGIN x `size` (H, W) on the short side, and gray decoded as gray. A no-op for other formats."""
-    if image.format != "JPEG":
-        return
-    width, height = image.size
-    mode = "L" if color == "gray" else "RGB"
-    if size is None:
-        image.draft(mode, (width, height))
-        return
-    ratio = min(1.0, REDUCE_MARGIN * max(size) / min(width, height))
-    image.draft(mode, (max(1, math.ceil(width * ratio)), max(1, math.ceil(height * ratio))))
-
-
-def load_uint8(image: Image.Image, color: str, size: tuple[int, int] | None = None) -> np.ndarray:
-    """An opened image decoded for a model: (H, W) gray or (H, W, 3) RGB uint8, the same as
-    `to_uint8(load(image), color)`, but never holding a float copy of a large image, and (given the
-    native `size` (H, W) that resize mode will resize to) reduced first when it is far larger.
-
-    Peak memory: the decoded pixels (`decoded_bytes`, less after `draft_for`) plus one 8-bit copy.
-    """
-    image = load(image)
-    if image.mode in _INT_MODES or image.mode == "F":
-        image = _to_8bit(image)  # (H, W) "L", in bands of rows
-    if size is not None:
-        factor = min(image.size) // (REDUCE_MARGIN * max(size))
-        if factor >= 2:
-            if image.mode in ("P", "PA", "1"):
-                image = image.convert("RGBA" if "A" in image.mode or "transparency" in image.info else "RGB")
-            image = image.reduce(factor)
-    return to_uint8(image, color)
-
-
 _INT_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")
 
 
-def _to_8bit(image: Image.Image) -> Image.Image:
-    """A 16/32-bit integer or float gray image as 8-bit "L", scaled as `to_uint8` does, a band of rows at a time."""
+def to_8bit(image: Image.Image) -> Image.Image:
+    """A 16/32-bit integer or float gray image as 8-bit "L", scaled as `to_uint8` does, a band of rows at a time.
+
+    Images in other modes come back as they are.
+    """
+    if image.mode not in _INT_MODES and image.mode != "F":
+        return image
     width, height = image.size
     top = None
     if image.mode != "F":
@@ -173,8 +130,7 @@ def to_uint8(image: ImageLike, color: str) -> np.ndarray:
     if isinstance(image, np.ndarray):
         array = _array_to_uint8(image)
         image = Image.fromarray(array)
-    if image.mode in _INT_MODES or image.mode == "F":
-        image = _to_8bit(image)
+    image = to_8bit(image)
     if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
         rgba = image.convert("RGBA")
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))

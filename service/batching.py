@@ -109,7 +109,7 @@ class Batcher:
         """
         weight = 1 if self.unit_pixels is None else -(-x.shape[-2] * x.shape[-1] // self.unit_pixels)
         cost = min(x.shape[0] * weight, self.max_queue)
-        if x.shape[0] > self.max_queue:  # never admissible: the codec refuses such images first (413)
+        if x.shape[0] > self.max_queue:  # never admissible: inputs.plan refuses such images first (413)
             raise ValueError(f"{x.shape[0]} rows can never fit a queue of {self.max_queue}")
         if self._queued + cost > self.max_queue:
             raise Overloaded(

@@ -2,7 +2,7 @@
 
 Two budgets per worker: request bodies in flight (BodyGate charges each body twice, the bytes and
 their parsed form, from arrival to response) and images being decoded (PCEncoder charges an image's
-decoding cost, `codec.Planned.cost`, while it decodes and preprocesses). A request that fits waits
+decoding cost, `inputs.Planned.cost`, while it decodes and preprocesses). A request that fits waits
 up to `wait_s` for room, then gets OverBudget (503 with Retry-After: it would succeed later); one
 that is larger than the whole budget gets NeverFits (413: it never would).
 

@@ -25,7 +25,8 @@ from pcmodel.images import FULL_BUCKETS, full_buckets, has_dense_level, tile_str
 
 from . import metrics
 from .batching import Batcher, Settled
-from .codec import ARRAYS, DEFAULT_OUTPUTS, OUTPUTS, SIZE_MODES, png_bytes
+from .options import ARRAYS, DEFAULT_OUTPUTS, OUTPUTS, SIZE_MODES
+from .png import png_bytes
 from .settings import Settings
 
 logger = logging.getLogger(__name__)

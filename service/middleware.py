@@ -3,7 +3,7 @@
 BentoML 1.4 has no request-size limit, so a client could make a worker buffer any amount. For the
 API routes this middleware answers 413 when Content-Length is over the limit (before reading any
 of the body), or as soon as a streamed body passes it. Otherwise it reads the body once, keeps it
-in the ASGI scope for the API method (codec.parse_form parses it), and gives BentoML an empty JSON
+in the ASGI scope for the API method (forms.parse_form parses it), and gives BentoML an empty JSON
 object to parse instead, so BentoML's form handling never sees untrusted bytes.
 
 The bodies held at once are bounded too (service.budget, PC_MAX_INFLIGHT_BYTES): each is charged

@@ -1,7 +1,7 @@
 """GET /docs.json: BentoML's OpenAPI spec, completed with our request forms, responses and GET routes.
 
 BentoML generates the spec from the API methods' signatures, but our methods read their multipart
-form themselves (see codec), and GET /model lives in a mounted ASGI app that BentoML does not
+form themselves (see service.forms), and GET /model lives in a mounted ASGI app that BentoML does not
 describe (nor the explorer page at /, the API browser at /docs and the basis at /model/basis). So
 the spec BentoML builds (health, readiness, metrics and the API routes) is taken whole and these
 parts are written over it.
@@ -12,8 +12,8 @@ from __future__ import annotations
 import copy
 from typing import Any
 
-from .codec import ARRAYS, OUTPUTS, SIZE_MODES
 from .metrics import REASONS
+from .options import ARRAYS, OUTPUTS, SIZE_MODES
 from .settings import Settings
 
 ARRAY = {

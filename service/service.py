@@ -1,8 +1,8 @@
 """PCEncoder: the image-encoding service (BentoML 1.4). `bentoml serve service.service:PCEncoder`.
 
-Thin transport over the model: codec in (form -> validated options -> preprocessed rows), the
-host's batched `model.infer`, codec out (JSON with arrays and PNGs). Settings come from PC_*
-environment variables (service.settings); `pc-serve` sets them from its flags.
+Thin transport over the model: in, the form (forms) -> validated options (options) -> preprocessed
+rows (inputs); the host's batched `model.infer`; out, JSON with arrays and PNGs (responses). Settings
+come from PC_* environment variables (service.settings); `pc-serve` sets them from its flags.
 
 Routes: POST /encode, POST /encode_batch (BentoML API methods); GET / (the explorer page,
 service/static), GET /docs (BentoML's API browser, without its trackers), GET /model, GET /model/basis
@@ -30,13 +30,17 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from . import codec, metrics, openapi
+from . import metrics, openapi
 from .batching import Settled
 from .budget import Budget
-from .codec import EncodeOptions, Part
+from .errors import RequestError, rejection
+from .forms import Part
 from .health import ModelLoader, NotLoaded
 from .host import ModelHost
+from .inputs import is_small, plan, prepare
 from .middleware import BODY_KEY, CONTENT_TYPE_KEY, BodyGate, JsonErrors
+from .options import EncodeOptions, read_request
+from .responses import encode_result
 from .settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -89,7 +93,7 @@ class PCEncoder:
         if self.loader.error is not None:
             raise NotLoaded(f"the model failed to load: {self.loader.error}")
         if not self.loader.loaded:
-            raise codec.RequestError(503, "loading", "the model is still loading; retry in a few seconds")
+            raise RequestError(503, "loading", "the model is still loading; retry in a few seconds")
 
     @bentoml.on_shutdown
     def close(self) -> None:
@@ -102,7 +106,7 @@ class PCEncoder:
         started = time.perf_counter()
         try:
             self._require_model()
-            images, options = codec.read_request(*_body(ctx), "image", 1, self.host.config, self.settings)
+            images, options = read_request(*_body(ctx), "image", 1, self.host.config, self.settings)
             result, settled, small = await self._encode(images[0], options)
         except Exception as exc:
             return _error_response(ctx, exc)
@@ -119,7 +123,7 @@ class PCEncoder:
         """Encode several images (`images`, repeated) with shared options; a bad image is an entry, not a failure."""
         try:
             self._require_model()
-            images, options = codec.read_request(
+            images, options = read_request(
                 *_body(ctx), "images", self.settings.max_batch_images, self.host.config, self.settings
             )
         except Exception as exc:
@@ -131,12 +135,12 @@ class PCEncoder:
         config = self.host.config
         # A small image is decoded and encoded right here (well under a millisecond each); a large one
         # on a thread, so that it never stalls the other requests on the event loop.
-        small = codec.is_small(part)
-        planned = await _call(small, codec.plan, part, options, config, self.settings)
+        small = is_small(part)
+        planned = await _call(small, plan, part, options, config, self.settings)
         async with DECODING.hold(planned.cost, "decoding this image"):  # bounds decode memory across requests
-            prepared = await _call(small, codec.prepare, planned, options, config)
+            prepared = await _call(small, prepare, planned, options, config)
         settled = await self.host.infer(prepared.rows, options.steps)
-        result = await _call(small, codec.encode_result, prepared, settled, options, self.host.ref, config)
+        result = await _call(small, encode_result, prepared, settled, options, self.host.ref, config)
         metrics.IMAGES.inc()
         metrics.INFERENCE_ITERATIONS.observe(result["steps"])
         metrics.FINAL_ENERGY.observe(result["energy"]["final"])
@@ -156,8 +160,8 @@ def _body(ctx: bentoml.Context) -> tuple[bytes, str]:
     return scope.get(BODY_KEY, b""), scope.get(CONTENT_TYPE_KEY, "")
 
 
-def _rejection_or_raise(exc: Exception) -> codec.RequestError:
-    error = codec.rejection(exc)
+def _rejection_or_raise(exc: Exception) -> RequestError:
+    error = rejection(exc)
     if error is None:
         raise exc  # a bug, not the client's mistake: BentoML logs it and answers 500
     return error

@@ -9,9 +9,13 @@ import pytest
 import torch
 
 import pcmodel
-from service import codec
 from service.batching import Batcher, Overloaded
+from service.errors import RequestError
+from service.forms import Part
 from service.host import ModelHost
+from service.inputs import plan, prepare
+from service.options import parse_options
+from service.responses import encode_result
 from service.settings import Settings
 
 # The service may run another backend or batch size than the local reference: pcmodel promises
@@ -115,12 +119,12 @@ def test_the_queue_counts_pixels_in_native_sizes(host):
 
 def test_full_mode_and_arrays_options_are_checked(host):
     dense = pcmodel.get_preset("rao-ballard-1999")
-    with pytest.raises(codec.RequestError, match="dense level") as refused:
-        codec.parse_options({"size_mode": "full"}, dense, host.settings)
+    with pytest.raises(RequestError, match="dense level") as refused:
+        parse_options({"size_mode": "full"}, dense, host.settings)
     assert refused.value.status == 422
-    with pytest.raises(codec.RequestError, match="arrays must be one of float32, float16, none"):
-        codec.parse_options({"arrays": "float64"}, host.config, host.settings)
-    options = codec.parse_options({"size_mode": "full", "arrays": "none"}, host.config, host.settings)
+    with pytest.raises(RequestError, match="arrays must be one of float32, float16, none"):
+        parse_options({"arrays": "float64"}, host.config, host.settings)
+    options = parse_options({"size_mode": "full", "arrays": "none"}, host.config, host.settings)
     assert (options.size_mode, options.arrays, options.full_max_side) == ("full", "none", 256)
     # The host prepared the native size and full mode's three buckets: the model's four shapes.
     assert host.buckets == [(88, 88), (176, 176), (256, 256)]
@@ -144,10 +148,10 @@ def test_rao_ballard_tiles_by_default():
     host = ModelHost(Settings(model="rao-ballard-1999", max_batch_size=4))
     config = host.config
     assert config.preprocess.size_mode == "tile"
-    options = codec.parse_options({"steps": "20"}, config, host.settings)
+    options = parse_options({"steps": "20"}, config, host.settings)
     image = (np.random.default_rng(0).random((40, 60)) * 255).astype(np.uint8)
-    part = codec.Part("image", "x.png", _png(image))
-    prepared = codec.prepare(codec.plan(part, options, config, host.settings), options, config)
+    part = Part("image", "x.png", _png(image))
+    prepared = prepare(plan(part, options, config, host.settings), options, config)
     # 16x26 tiles every 8x13 px from (-8, -13) until 8x13 px past the image: (1 + ceil(40/8)) x (1 + ceil(60/13))
     assert prepared.rows.shape == (6 * 6, 1, 16, 26)
 
@@ -158,7 +162,7 @@ def test_rao_ballard_tiles_by_default():
             host.close()
 
     settled = asyncio.run(run())
-    out = codec.encode_result(prepared, settled, options, host.ref, config)
+    out = encode_result(prepared, settled, options, host.ref, config)
     assert out["tile_grid"] == {
         "rows": 6,
         "cols": 6,

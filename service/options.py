@@ -1,0 +1,115 @@
+"""What an encode request asks for: its form's fields checked, its image parts, and its options parsed from text."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from pcmodel import ModelConfig
+from pcmodel.images import has_dense_level
+
+from .errors import RequestError
+from .forms import Part, parse_form
+from .settings import Settings
+
+SIZE_MODES = ("resize", "tile", "full")
+OUTPUTS = ("latents", "reconstruction", "error_map", "input", "trace", "level_errors")
+DEFAULT_OUTPUTS = ("latents", "reconstruction", "error_map", "input")
+ARRAYS = ("float32", "float16", "none")
+OPTION_FIELDS = ("steps", "size_mode", "outputs", "arrays")
+
+
+@dataclass(frozen=True)
+class EncodeOptions:
+    """What a request asks for; the defaults come from the model and the settings."""
+
+    steps: int
+    size_mode: str
+    outputs: tuple[str, ...]
+    arrays: str = "float32"  # float32 | float16 | none: the dtype of the maps' arrays (none: PNGs only)
+    full_max_side: int = 256  # full mode: the longer side an image is scaled down to (PC_FULL_MAX_SIDE)
+
+
+def read_request(
+    body: bytes, content_type: str, image_field: str, max_images: int, config: ModelConfig, settings: Settings
+) -> tuple[list[Part], EncodeOptions]:
+    """The image parts and the options of an /encode (image_field="image", max_images=1) or
+    /encode_batch (image_field="images") form."""
+    form = parse_form(body, content_type, max_parts=max_images + len(OPTION_FIELDS) + 1)
+    known = (image_field, *OPTION_FIELDS)
+    unknown = sorted(set(form) - set(known))
+    if unknown:
+        raise RequestError(
+            400, "bad_request", f"unknown form field(s) {', '.join(unknown)}; the fields are: {', '.join(known)}"
+        )
+    images = form.get(image_field, [])
+    if not images:
+        raise RequestError(400, "missing_field", f"the form has no `{image_field}` field: attach the image file")
+    if len(images) > max_images:
+        what = "one `image`" if max_images == 1 else f"at most {max_images} `{image_field}` files"
+        raise RequestError(
+            413 if max_images > 1 else 400,
+            "too_large" if max_images > 1 else "bad_request",
+            f"the form has {len(images)} `{image_field}` parts; send {what}"
+            + (" (use /encode_batch for several)" if max_images == 1 else ""),
+        )
+    values: dict[str, str] = {}
+    for name in OPTION_FIELDS:
+        given = form.get(name, [])
+        if len(given) > 1:
+            raise RequestError(400, "bad_request", f"the form field `{name}` is given {len(given)} times; send it once")
+        if given:
+            values[name] = _text(given[0])
+    return images, parse_options(values, config, settings)
+
+
+def _text(part: Part) -> str:
+    try:
+        return part.data.decode("utf-8").strip()
+    except UnicodeDecodeError:
+        raise RequestError(422, "bad_parameter", f"the form field `{part.name}` is not UTF-8 text") from None
+
+
+def parse_options(values: dict[str, str], config: ModelConfig, settings: Settings) -> EncodeOptions:
+    """steps (1..max_steps), size_mode (resize|tile|full), outputs (a comma-separated subset) and arrays
+    (float32|float16|none) from text."""
+    steps = config.steps
+    if "steps" in values:
+        text = values["steps"]
+        if not (text.isascii() and text.isdigit()) or not 1 <= int(text) <= settings.max_steps:
+            raise RequestError(
+                422, "bad_parameter", f"steps must be an integer from 1 to {settings.max_steps}, got {text[:40]!r}"
+            )
+        steps = int(text)
+    size_mode = values.get("size_mode", config.preprocess.size_mode)
+    if size_mode not in SIZE_MODES:
+        raise RequestError(
+            422, "bad_parameter", f"size_mode must be one of {', '.join(SIZE_MODES)}, got {size_mode[:40]!r}"
+        )
+    if size_mode == "full" and has_dense_level(config):
+        raise RequestError(
+            422,
+            "bad_parameter",
+            f"size_mode=full needs a convolutional model; {config.name} has a dense level, which takes only its "
+            f"native size {config.input_shape[1]}x{config.input_shape[2]}: use size_mode=tile or resize",
+        )
+    if size_mode == "full" and settings.full_max_side == 0:
+        raise RequestError(
+            422, "bad_parameter", "size_mode=full is turned off on this server (PC_FULL_MAX_SIDE=0): use tile or resize"
+        )
+    outputs = DEFAULT_OUTPUTS
+    if "outputs" in values:
+        names = tuple(dict.fromkeys(n.strip() for n in values["outputs"].split(",")))
+        bad = [n for n in names if n not in OUTPUTS]
+        if bad or not names:
+            raise RequestError(
+                422,
+                "bad_parameter",
+                f"outputs must be a comma-separated subset of {','.join(OUTPUTS)}, got {values['outputs'][:80]!r}",
+            )
+        outputs = names
+    arrays = values.get("arrays", "float32")
+    if arrays not in ARRAYS:
+        raise RequestError(422, "bad_parameter", f"arrays must be one of {', '.join(ARRAYS)}, got {arrays[:40]!r}")
+    return EncodeOptions(
+        steps=steps, size_mode=size_mode, outputs=outputs, arrays=arrays, full_max_side=settings.full_max_side
+    )

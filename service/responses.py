@@ -1,0 +1,102 @@
+"""The JSON response for one encoded image: energies, latents, maps as base64 arrays and PNGs.
+
+Arrays in responses are {"shape": [...], "dtype": "float32" or "float16", "data": base64 of the
+little-endian bytes}. `arrays` chooses them: float32 (the default), float16 (half the bytes) or none
+(maps as PNGs only; latents and level errors, which have no PNG, as float16). `input` is the image as
+the model saw it after its preprocessing (resized, scaled in full mode, scaled to the config's value
+range, filtered), so input - reconstruction = error_map exactly in float32. Nothing that is not finite
+goes out: `check_finite` raises NotFinite (500 not_finite) instead.
+"""
+
+from __future__ import annotations
+
+import base64
+
+import numpy as np
+import torch
+from PIL import Image
+
+from pcmodel import ModelConfig
+from pcmodel.images import display_scale, to_display
+
+from .batching import Settled
+from .errors import NotFinite
+from .inputs import Prepared
+from .options import EncodeOptions
+from .png import png_bytes
+
+
+def check_finite(settled: Settled) -> None:
+    """Raise NotFinite unless every number a response would carry is finite."""
+    tensors = [*settled.latents, settled.reconstruction, settled.energy]
+    if not all(bool(torch.isfinite(t).all()) for t in tensors):
+        raise NotFinite(
+            "inference diverged (NaN or Inf) for this image: the model's step size k1 is unstable. The operator "
+            "serves it with PC_ALLOW_UNSTABLE; serve a stable checkpoint instead"
+        )
+
+
+def array_payload(t: torch.Tensor, dtype: str = "float32") -> dict:
+    """{"shape", "dtype": float32 or float16, "data": base64 of the little-endian bytes in C order}."""
+    a = np.ascontiguousarray(t.detach().to("cpu", torch.float32).numpy(), dtype="<f4" if dtype == "float32" else "<f2")
+    return {"shape": list(a.shape), "dtype": dtype, "data": base64.b64encode(a.tobytes()).decode("ascii")}
+
+
+def png_payload(image: Image.Image) -> str:
+    return base64.b64encode(png_bytes(np.asarray(image))).decode("ascii")
+
+
+def encode_result(
+    prepared: Prepared, settled: Settled, options: EncodeOptions, model_ref: dict, config: ModelConfig
+) -> dict:
+    """The JSON object for one encoded image (see the module docstring and README)."""
+    check_finite(settled)
+    energy = settled.energy.sum(dim=1, dtype=torch.float64)  # (steps + 1,): the sum over tiles
+    out: dict = {
+        "model": model_ref,
+        "steps": int(settled.steps.max()),
+        "size_mode": options.size_mode,
+        "energy": {"initial": float(energy[0]), "final": float(energy[-1])},
+    }
+    if "trace" in options.outputs:
+        out["energy"]["trace"] = energy.tolist()
+    grid, fit = prepared.grid, prepared.fit
+    # Latents and level errors have no PNG: `arrays=none` still sends them, as float16.
+    per_row = "float32" if options.arrays == "float32" else "float16"
+    if "latents" in options.outputs:
+        out["latents"] = [array_payload(r if grid is not None else r[0], per_row) for r in settled.latents]
+    if "level_errors" in options.outputs:
+        out["level_errors"] = [array_payload(e if grid is not None else e[0], per_row) for e in settled.errors]
+    if grid is not None:
+        out["tile_grid"] = {
+            "rows": grid.rows,
+            "cols": grid.cols,
+            "tile": list(grid.tile),
+            "stride": list(grid.stride),
+            "origin": [-grid.margin[0], -grid.margin[1]],
+            "image": list(grid.original),
+        }
+    if fit is not None:
+        out["padded"] = [fit.top, fit.bottom, fit.left, fit.right]
+        out["model_input"] = list(fit.fitted)
+    maps = [m for m in ("input", "reconstruction", "error_map") if m in options.outputs]
+    if maps:
+        shown = prepared.shown.to("cpu", torch.float32)
+        if grid is not None:
+            reconstruction = grid.stitch(settled.reconstruction)[0]
+        elif fit is not None:
+            reconstruction = fit.undo(settled.reconstruction)[0]
+        else:
+            reconstruction = settled.reconstruction[0]
+        error = shown - reconstruction  # (C, H, W): exactly input - reconstruction in float32
+        pre = config.preprocess
+        scale = display_scale(shown, pre)
+        centred = not (pre.filter == "none" and pre.normalize == "none")
+        tensors = {"input": shown, "reconstruction": reconstruction, "error_map": error}
+        for name in maps:
+            t = tensors[name]
+            picture = to_display(t, pre, scale, centred=centred or name == "error_map")
+            out[name] = {"png": png_payload(picture)}
+            if options.arrays != "none":
+                out[name]["array"] = array_payload(t, options.arrays)
+    return out
