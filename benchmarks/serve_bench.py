@@ -179,8 +179,10 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     import pcmodel
-    from service import codec
+    from service.forms import Part
     from service.host import default_threads, pick_device
+    from service.inputs import plan, prepare
+    from service.options import parse_options
     from service.settings import Settings
 
     from .launch import LocalServer
@@ -198,9 +200,9 @@ def main(argv: list[str] | None = None) -> int:
     spec = Spec(image, steps=args.steps, size_mode=args.size_mode)
     device = pick_device(args.device)
     torch.set_num_threads(args.torch_threads or default_threads(args.workers))  # as in the servers
-    options = codec.parse_options(spec.form(), model.config, Settings())
-    planned = codec.plan(codec.Part("image", "x.png", image), options, model.config, Settings())
-    rows = codec.prepare(planned, options, model.config).rows.to(device)
+    options = parse_options(spec.form(), model.config, Settings())
+    planned = plan(Part("image", "x.png", image), options, model.config, Settings())
+    rows = prepare(planned, options, model.config).rows.to(device)
     model.infer(rows, steps=args.steps)  # warm-up (and the fast backends' export)
 
     rounds = []
