@@ -4,11 +4,13 @@ The graph is pcmodel.engines.program unrolled (pcmodel.engines.onnx_graph). Inpu
 exported file (batch axis dynamic, everything float32):
 
 - input  `x`: (batch, C, H, W), preprocessed as `model.preprocess` does (the size the file was made for);
+- inputs `r0_1` ... `r0_L` (only with `--init-inputs`): (batch, causes_l, H_l, W_l), the starting latents
+  (a file made without them starts where the model's config says, zeros or feed-forward);
 - output `latent_1` ... `latent_L`: (batch, causes_l, H_l, W_l), the settled latents r_l;
 - output `energy`: (T + 1, batch), the energy of each image before the first step and after each step;
 - output `reconstruction`: (batch, C, H, W), f(U_1 r_1) on the input grid (module levels: overlaps averaged).
 
-The metadata (`model`, `sha256`, `steps`, `input_size`) says what the file computes.
+The metadata (`model`, `sha256`, `steps`, `input_size`, `parameters`) says what the file computes.
 """
 
 from __future__ import annotations
@@ -33,17 +35,23 @@ from .engines.plans import make_plan
 
 
 def export(
-    model: Any, steps: int, path: str | Path, input_hw: Sequence[int] | None = None, check: bool = True
+    model: Any,
+    steps: int,
+    path: str | Path,
+    input_hw: Sequence[int] | None = None,
+    check: bool = True,
+    init: bool = False,
 ) -> dict[str, Any]:
     """Write the fixed-`steps` inference of `model` at one input size to an ONNX file; returns a summary.
 
-    With `check`, onnxruntime runs the file on a random batch and its latents must match the torch
-    backend's within 1e-4 (raises ValueError otherwise).
+    `init`: the file takes the starting latents as inputs `r0_1`..`r0_L`. With `check`, onnxruntime runs
+    the file on a random batch and its latents must match the torch backend's within 1e-4 (raises
+    ValueError otherwise).
     """
     hw = tuple(model.config.input_shape[1:] if input_hw is None else input_hw)
     start = time.perf_counter()
-    plan = make_plan(model.config, model.weights, hw, torch.float32, torch.device("cpu"))
-    graph = build_graph(plan, steps)
+    plan = make_plan(model.config, model.params, hw, torch.float32, torch.device("cpu"))
+    graph = build_graph(plan, steps, init=init)
     for key, value in {
         "model": model.name,
         "sha256": model.sha256,
@@ -52,6 +60,7 @@ def export(
         # The per-level rates baked into the graph (docs/MODEL.md sections 2-3): k1 * k1_scale per level.
         "k1_per_level": ",".join(f"{model.config.k1 * lc.k1_scale:g}" for lc in model.config.levels),
         "k2_scale_per_level": ",".join(f"{lc.k2_scale:g}" for lc in model.config.levels),
+        "parameters": ",".join(model.params),  # the named parameters baked into the graph (pcmodel.parameters)
         "outputs": "latent_1..latent_L (batch, causes, H_l, W_l); energy (steps+1, batch); reconstruction",
     }.items():
         graph.metadata_props.append(onnx.StringStringEntryProto(key=key, value=value))
@@ -66,25 +75,34 @@ def export(
         "k1_per_level": [model.config.k1 * lc.k1_scale for lc in model.config.levels],
         "plan": plan.kind,
         "input": ["batch", model.config.input_shape[0], *hw],
+        "inputs": [i.name for i in graph.graph.input],
         "nodes": len(graph.graph.node),
         "bytes": Path(path).stat().st_size,
         "export_seconds": round(seconds, 3),
         "outputs": [o.name for o in graph.graph.output],
     }
     if check:
-        summary["max_abs_difference"] = check_file(model, path, steps, hw)
+        summary["max_abs_difference"] = check_file(model, path, steps, hw, init=init)
     return summary
 
 
-def check_file(model: Any, path: str | Path, steps: int, hw: Sequence[int], batch: int = 3, seed: int = 0) -> float:
-    """Largest |latent difference| between the ONNX file (onnxruntime) and the torch backend on random input."""
+def check_file(
+    model: Any, path: str | Path, steps: int, hw: Sequence[int], batch: int = 3, seed: int = 0, init: bool = False
+) -> float:
+    """Largest |latent difference| between the ONNX file (onnxruntime) and the torch backend on random input
+    (and, for a file with `r0_*` inputs, random starting latents)."""
     import onnxruntime as ort
 
     generator = torch.Generator().manual_seed(seed)
     x = torch.randn((batch, model.config.input_shape[0], *hw), generator=generator)
+    feed = {"x": x.numpy()}
+    r0 = None
+    if init:
+        r0 = [torch.randn((batch, *shape), generator=generator) * 0.1 for shape in model.latent_shapes(hw)]
+        feed.update({f"r0_{i}": r.numpy() for i, r in enumerate(r0, 1)})
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    values = dict(zip([o.name for o in session.get_outputs()], session.run(None, {"x": x.numpy()})))
-    expected = model.infer(x, steps=steps, backend="torch")
+    values = dict(zip([o.name for o in session.get_outputs()], session.run(None, feed)))
+    expected = model.infer(x, steps=steps, backend="torch", init=r0)
     worst = max(float(np.abs(values[f"latent_{i + 1}"] - r.numpy()).max()) for i, r in enumerate(expected.latents))
     if not worst <= 1e-4:
         raise ValueError(f"{path}: onnxruntime's latents differ from the torch backend's by {worst:.3g} (> 1e-4)")
@@ -104,6 +122,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--size", type=positive_int, nargs=2, metavar=("H", "W"), help="input size (default: the model's native)"
     )
+    parser.add_argument(
+        "--init-inputs",
+        action="store_true",
+        help="the file takes the starting latents as inputs r0_1..r0_L (default: it starts where the model says)",
+    )
     parser.add_argument("--no-check", action="store_true", help="skip the onnxruntime-vs-torch check")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
@@ -115,7 +138,7 @@ def main(argv: list[str] | None = None) -> int:
         return fail("pc-export", f"--size {args.size[0]} {args.size[1]}: {problem}")
     steps = model.config.steps if args.steps is None else args.steps
     try:
-        summary = export(model, steps, args.output, args.size, check=not args.no_check)
+        summary = export(model, steps, args.output, args.size, check=not args.no_check, init=args.init_inputs)
     except OSError as exc:
         return fail("pc-export", f"--output {args.output}: {exc}")
     print(json.dumps(summary, indent=2))

@@ -14,19 +14,21 @@ import torch.nn.functional as F
 
 import pcmodel
 from pcmodel import PCModel
-from pcmodel.engines import numba_quadratic, plans
+from pcmodel.engines import SPECS, plans
 from pcmodel.engines import onnxruntime as ort_engine
 
 from .conftest import KINDS, tiny_config
 
-CASES = list(itertools.product(KINDS, ("identity", "tanh"), ("gaussian", "cauchy")))
+CASES = list(itertools.product(KINDS, ("identity", "tanh"), tuple(pcmodel.PRIORS)))  # every registered prior
 FAST = ("torch", "onnxruntime")
 
 
 def fast_backends(model: PCModel, hw=None) -> tuple[str, ...]:
-    """The named backends that apply on a CPU: the numba one for quadratic plans where numba is installed."""
-    quadratic = plans.plan_kind(model.config, hw) == "quadratic"
-    return FAST + (("numba",) if quadratic and numba_quadratic.available() else ())
+    """The named backends that apply on a CPU: the numba one for quadratic plans with the Cauchy prior (or
+    none) where numba is installed."""
+    kind, priors = plans.plan_kind(model.config, hw), frozenset(plans.nonquadratic_priors(model.config))
+    numba = SPECS["numba"].unfit("cpu", kind, priors) is None
+    return FAST + (("numba",) if numba else ())
 
 
 def automatic(model: PCModel, hw=None) -> str:

@@ -64,10 +64,11 @@ def test_energy_never_rises_below_the_bound_and_diverges_above(kind, generator):
 
 
 @pytest.mark.parametrize(
-    ("kind", "f", "prior"), [(k, "tanh", "cauchy") for k in KINDS] + [("modules", "identity", "cauchy")]
+    ("kind", "f", "prior"),
+    [(k, "tanh", "cauchy") for k in KINDS] + [("modules", "identity", "cauchy"), ("dense", "tanh", "smooth-laplace")],
 )
 def test_nonlinear_worst_case_bound_keeps_energy_monotone(kind, f, prior, generator):
-    """tanh and the Cauchy prior: the linearised bound is a worst case, so 0.9 x it is monotone too."""
+    """tanh and the non-Gaussian priors: the linearised bound is a worst case, so 0.9 x it is monotone too."""
     config = tiny_config(kind, f, prior)
     model = model_at(config, generator, k1_factor=0.9)
     x = torch.randn((3, *config.input_shape), generator=generator, dtype=torch.float64)

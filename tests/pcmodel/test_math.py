@@ -7,12 +7,12 @@ import itertools
 import pytest
 import torch
 
-from pcmodel import PCModel
+from pcmodel import PRIORS, PCModel
 from pcmodel.levels import Level
 
 from .conftest import KINDS, tiny_config
 
-CASES = list(itertools.product(KINDS, ("identity", "tanh"), ("gaussian", "cauchy")))
+CASES = list(itertools.product(KINDS, ("identity", "tanh"), tuple(PRIORS)))  # every registered prior
 
 
 def random_model(config, generator, std=0.4) -> PCModel:
