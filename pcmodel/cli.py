@@ -15,13 +15,13 @@ import torch
 
 import pcmodel
 from pcmodel.cliargs import ArgumentParser, existing_file, fail, model_source, output_folder, positive_int
+from pcmodel.config import has_whole_map_level
 from pcmodel.images import (
     DEFAULT_FULL_MAX_SIDE,
     DEFAULT_MAX_PIXELS,
     PLACEMENTS,
     decode,
     display_maps,
-    has_dense_level,
     montage,
     prepare_image,
     sample_photo,
@@ -81,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
         model = pcmodel.load(args.model)
     except (OSError, ValueError) as exc:
         return fail("pc-encode", f"--model {args.model}: {exc}")
-    if args.size_mode == "full" and has_dense_level(model.config):
+    if args.size_mode == "full" and has_whole_map_level(model.config):
         return fail(
             "pc-encode",
             f"--size-mode full needs a convolutional model; {model.name} has a dense level (native size only): "

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from .config import ModelConfig, PreprocessConfig, valid_sizes
+from .config import ModelConfig, PreprocessConfig, has_whole_map_level, valid_sizes
 
 ACCEPTED_FORMATS = ("PNG", "JPEG", "WEBP", "TIFF", "BMP", "GIF")
 DEFAULT_MAX_PIXELS = 25_000_000
@@ -403,10 +403,6 @@ def tile_count(config: ModelConfig, height: int, width: int) -> int:
     return rows * cols
 
 
-def has_dense_level(config: ModelConfig) -> bool:
-    return any(lv.kind == "dense" for lv in config.levels)
-
-
 DEFAULT_FULL_MAX_SIDE = 256
 
 
@@ -423,7 +419,7 @@ def full_buckets(
     Few sizes keep batching (requests of one size share a model call) and the fast backends' prepared
     shapes bounded; the service warms them at start-up.
     """
-    if has_dense_level(config):
+    if has_whole_map_level(config):
         raise ValueError(f"model {config.name} has a dense level, which takes its native size only: no full mode")
     sides = [math.ceil(max_side * k / count) for k in range(1, count + 1)]
     return sorted({fit_size(config, side, side) for side in sides})
@@ -475,7 +471,7 @@ def place(x: torch.Tensor, config: ModelConfig, mode: str) -> tuple[torch.Tensor
     Tiles overlap by half (tile_stride) and are blended back. Models with a dense level take only their
     native size, so `fit` tiles them.
     """
-    if mode == "tile" or (mode == "fit" and has_dense_level(config)):
+    if mode == "tile" or (mode == "fit" and has_whole_map_level(config)):
         rows, grid = tile(x, config.input_shape[1:], tile_stride(config))
         return rows, Placement("tile", grid=grid)
     if mode == "fit":

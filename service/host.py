@@ -20,8 +20,9 @@ import numpy as np
 import torch
 
 import pcmodel
+from pcmodel.config import has_whole_map_level
 from pcmodel.engines import MAX_PREPARED_SHAPES
-from pcmodel.images import FULL_BUCKETS, full_buckets, has_dense_level, tile_stride
+from pcmodel.images import FULL_BUCKETS, full_buckets, tile_stride
 
 from . import metrics
 from .batching import Batcher, Settled
@@ -76,7 +77,7 @@ class ModelHost:
         self._basis_png: bytes | None = None
         # Full mode's padded sizes: with the native size, the shapes the fast backends prepare.
         assert FULL_BUCKETS + 1 <= MAX_PREPARED_SHAPES
-        full = settings.full_max_side > 0 and not has_dense_level(self.config)
+        full = settings.full_max_side > 0 and not has_whole_map_level(self.config)
         self.buckets = full_buckets(self.config, settings.full_max_side) if full else []
         self.size_modes = [m for m in SIZE_MODES if m != "full" or full]
         self.full_bound: float | None = None  # the stability bound at the largest bucket, once checked

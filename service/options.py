@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from pcmodel import ModelConfig
-from pcmodel.images import has_dense_level
+from pcmodel.config import has_whole_map_level
 
 from .errors import RequestError
 from .forms import Part, parse_form
@@ -85,7 +85,7 @@ def parse_options(values: dict[str, str], config: ModelConfig, settings: Setting
         raise RequestError(
             422, "bad_parameter", f"size_mode must be one of {', '.join(SIZE_MODES)}, got {size_mode[:40]!r}"
         )
-    if size_mode == "full" and has_dense_level(config):
+    if size_mode == "full" and has_whole_map_level(config):
         raise RequestError(
             422,
             "bad_parameter",

@@ -92,7 +92,7 @@ def _fast(model: PCModel, steps: Sequence[int]) -> PCModel:
     thousands of unrolled steps cost more to build than to run on the torch backend.
     """
     hw = tuple(model.config.input_shape[1:])
-    if model.engines.fast_backend(model.config, hw, model.device) != "onnxruntime":  # type: ignore[arg-type]
+    if model.engines.fast_backend(hw, model.device) != "onnxruntime":  # type: ignore[arg-type]
         model.prepare(steps=sorted(set(steps))[-8:], build=False)
     return model
 
