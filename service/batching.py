@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import dataclasses
 import logging
 import time
 from collections.abc import Callable
@@ -28,6 +29,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import torch
+
+from pcmodel.results import join, rows
 
 logger = logging.getLogger(__name__)
 
@@ -38,7 +41,8 @@ class Overloaded(RuntimeError):
 
 @dataclass
 class Settled:
-    """The part of an InferenceResult the service returns, on the CPU; rows follow the job's rows."""
+    """The part of an InferenceResult the service returns, on the CPU; rows follow the job's rows (split and
+    joined by pcmodel.results.rows / join, as the engines' results are)."""
 
     latents: list[torch.Tensor]  # level 1 first, each (n, causes, H_l, W_l)
     errors: list[torch.Tensor]  # level 1 first: level l-1 minus level l's prediction (InferenceResult.errors)
@@ -213,37 +217,12 @@ class Batcher:
         offset = 0
         for job, a, b in live:
             n = b - a
-            job.parts[a] = _rows(result, offset, offset + n, seconds)
+            job.parts[a] = dataclasses.replace(rows(result, offset, offset + n), model_seconds=seconds)
             job.done_rows += n
             offset += n
             if job.done_rows == job.rows and not job.future.done():
-                settled = _join([job.parts[k] for k in sorted(job.parts)])
+                parts = [job.parts[k] for k in sorted(job.parts)]
+                settled = dataclasses.replace(join(parts), model_seconds=sum(p.model_seconds for p in parts))
                 assert job.started is not None
                 settled.wait_seconds = job.started - job.submitted
                 job.future.set_result(settled)
-
-
-def _rows(result: Settled, a: int, b: int, seconds: float) -> Settled:
-    return Settled(
-        latents=[r[a:b] for r in result.latents],
-        errors=[e[a:b] for e in result.errors],
-        reconstruction=result.reconstruction[a:b],
-        energy=result.energy[:, a:b],
-        steps=result.steps[a:b],
-        backend=result.backend,
-        model_seconds=seconds,
-    )
-
-
-def _join(parts: list[Settled]) -> Settled:
-    if len(parts) == 1:
-        return parts[0]
-    return Settled(
-        latents=[torch.cat(level) for level in zip(*(p.latents for p in parts))],
-        errors=[torch.cat(level) for level in zip(*(p.errors for p in parts))],
-        reconstruction=torch.cat([p.reconstruction for p in parts]),
-        energy=torch.cat([p.energy for p in parts], dim=1),
-        steps=torch.cat([p.steps for p in parts]),
-        backend=parts[0].backend,
-        model_seconds=sum(p.model_seconds for p in parts),
-    )
