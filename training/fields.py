@@ -25,6 +25,7 @@ from pcmodel import ModelConfig, PCModel
 from pcmodel.levels import gaussian_window
 
 from . import data
+from .gabor import fit_gabor, gabor_summary
 
 RANDOM_DRAWS = 100  # random U_2 per comparison: p-values down to 1/101
 USED_SHARE = 0.9  # the level-2 causes holding this share of U_2's squared norm are the "used" ones
@@ -321,8 +322,6 @@ def pca_fields(config: ModelConfig, count: int | None = None, patches: int = 100
 
 def pca_control(config: ModelConfig, seed: int = 0) -> dict[str, Any]:
     """The Gabor summary of the PCA fields: what a linear, non-sparse code of the same patches gives."""
-    from .analysis import fit_gabor, gabor_summary
-
     pcs = pca_fields(config, seed=seed)
     return {
         "components": len(pcs),
@@ -339,8 +338,6 @@ def span_control(fields: np.ndarray, draws: int = SPAN_DRAWS, seed: int = 0) -> 
     keeps it under rotation; a learned basis does not. Also the span's effective dimension,
     (sum s^2)^2 / sum s^4 over the fields' singular values: the number of directions the fields use.
     """
-    from .analysis import fit_gabor, gabor_summary
-
     flat = np.asarray(fields, dtype=np.float64).reshape(len(fields), -1)
     s = np.linalg.svd(flat, compute_uv=False)
     rng = np.random.default_rng(seed)
