@@ -34,10 +34,11 @@ import pcmodel
 from pcmodel import PCModel
 from pcmodel.cliargs import ArgumentParser, fail, model_source, output_folder, positive_int
 
-from . import data, responses
+from . import data, figures, responses
 from . import fields as field_measures
-from .gabor import GOOD_FIT, MIN_STRIPES, ORIENTATION_BINS, GaborFit, fit_gabor, gabor_summary, level1_fields
+from .gabor import GaborFit, fit_gabor, gabor_summary, level1_fields
 from .metrics import error_sums
+from .report import markdown
 
 log = logging.getLogger(__name__)
 
@@ -144,8 +145,6 @@ def analyze(
     reference_steps: int = responses.REFERENCE_STEPS,
 ) -> dict[str, Any]:
     """Run every check, write out/report.md, out/report.json and the figures; returns the numbers."""
-    from . import figures
-
     out.mkdir(parents=True, exist_ok=True)
     fields = level1_fields(model)
     fits = [fit_gabor(f) for f in fields]
@@ -175,7 +174,7 @@ def analyze(
         "end_stopping": end_stopping(model, fits, steady_steps=end_stopping_steps),
         "steady_state": steady_state(model, seed=seed, reference_steps=reference_steps),
     }
-    report.update(field_measures.report_sections(model, out, seed=seed, draws=random_draws))
+    report.update(field_sections(model, out, seed=seed, draws=random_draws))
     figures.save(figures.gabor_figure(fields, fits, model.name), out / "gabor_fits.png")
     if report["end_stopping"] is not None:
         figures.save_end_stopping(report["end_stopping"], model.name, out)
@@ -184,188 +183,20 @@ def analyze(
     return report
 
 
-def _span_lines(span: dict[str, Any] | None) -> list[str]:
-    if span is None:
-        return []
-    return [
-        f"Span control: the fields use {span['effective_dimension']:.1f} directions (effective dimension of "
-        f"their span); random rotations of them (the same span, {span['draws']} draws) are "
-        f"{span['rotated_share_median']:.0%} Gabor-like (median). A share well above the rotations' is the "
-        "basis's own, learned; one the rotations keep comes with the span (the window, or a code collapsed "
-        "onto a few smooth directions).",
-        "",
-    ]
-
-
-def markdown(report: dict[str, Any]) -> str:
-    g, e, es = report["gabor"], report["held_out"], report["end_stopping"]
-    lines = [
-        f"# Analysis of {report['model']}",
-        "",
-        f"Model sha256 `{report['sha256'][:16]}`; made by `{report['provenance_command'] or 'unknown'}`.",
-        "",
-        "## D. Level-1 basis functions: 2-D Gabor fits",
-        "",
-        "| | trained | random weights |",
-        "|---|---|---|",
-        f"| Gabor-like fields (R² ≥ {GOOD_FIT} and n_x ≥ {MIN_STRIPES}) | {g['good_fits']}/{g['fields']} "
-        f"({g['share_good']:.0%}) | {g['random_weights']['good_fits']}/{g['random_weights']['fields']} "
-        f"({g['random_weights']['share_good']:.0%}) |",
-        f"| blobs (R² ≥ {GOOD_FIT}, n_x < {MIN_STRIPES}) | {g['blobs']} | {g['random_weights']['blobs']} |",
-        f"| median R² | {g['median_r2']:.3f} | {g['random_weights']['median_r2']:.3f} |",
-        f"| orientation bins covered (of {ORIENTATION_BINS}) | {g['orientation_bins']} | "
-        f"{g['random_weights']['orientation_bins']} |",
-        "",
-        *_span_lines(g.get("span_control")),
-        "![Gabor fits](gabor_fits.png)",
-        "",
-        "| field | R² | n_x | Gabor-like | orientation (°) | frequency (cycles/px) |",
-        "|---|---|---|---|---|---|",
-        *(
-            f"| {i} | {f['r2']:.3f} | {f['n_x']:.2f} | {'yes' if f['oriented'] else 'no'} | "
-            f"{f['orientation_deg']:.0f} | {f['frequency']:.3f} |"
-            for i, f in enumerate(g["fits"])
-        ),
-        "",
-        "## E. Reconstruction of held-out photos",
-        "",
-        f"{e['windows']} windows of {'x'.join(map(str, e['size']))} from {', '.join(e['photos'])} "
-        "(scikit-learn's sample photos, CC BY 2.0, never trained on), prepared by the model's own "
-        f"preprocessing, {e['steps']} inference steps.",
-        "",
-        "| measure | value |",
-        "|---|---|",
-        f"| relative error at level 1 (what the model minimises) | {e['relative_error']:.4f} |",
-        f"| relative error on the image grid, ‖x − reconstruction‖²/‖x‖² | {e['image_relative_error']:.4f} |",
-        f"| mean absolute error per value | {e['mean_absolute_error']:.4f} |",
-        "| zero code | 1.0 |",
-        "",
-        "## F. End-stopping",
-        "",
-    ]
-    lines += end_stopping_markdown(es) + steady_state_markdown(report["steady_state"])
-    lines += ["", *field_measures.markdown(report)]
-    return "\n".join(lines) + "\n"
-
-
-def _fmt(value: float | None) -> str:
-    return "n/a" if value is None else f"{value:.3f}"
-
-
-def end_stopping_markdown(es: dict[str, Any] | None) -> list[str]:
-    """Section F of report.md."""
-    if es is None:
-        return ["Not applicable: the experiment needs the paper's geometry (three modules in a row and a level above)."]
-    keys = es["contrasts"]
-    lines = [
-        f"Horizontal bars 2 px wide, {es['lengths'][0]} to {es['long_px']} px long, centred on the centre module. "
-        f"Index = response to the {es['long_px']} px bar / peak response over bars up to {es['module_px']} px; "
-        "response = the error unit |r − r_td| with feedback, |r| with level 2 removed. Cells: the centre module's "
-        f"oriented horizontal causes ({', '.join(map(str, es['candidates'])) or 'none'}) that a bar without "
-        f"feedback drives to at least {responses.DRIVEN:g} of the most driven one's response "
-        f"(at {es['selection_steps']} steps), each at its own best bar row. End-stopped: index < "
-        f"{responses.END_STOPPED:g} with feedback and ≥ {responses.NOT_END_STOPPED:g} without; the model passes "
-        f"if at least {responses.PASS_SHARE:.0%} of the cells are end-stopped at contrast x1.",
-        "",
-        "| steps | cells | end-stopped share (x" + " / x".join(keys) + ") | median index with feedback | "
-        "median without | headline cell | passes |",
-        "|---|---|---|---|---|---|---|",
-    ]
-    for label, summary in (("model's T", es["summary"]), ("steady", es["steady"])):
-        lines.append(
-            f"| {summary['steps']} ({label}) | {summary['cells']} | "
-            + " / ".join(f"{summary['share_end_stopped'][k]:.2f}" for k in keys)
-            + " | "
-            + " / ".join(_fmt(summary["median_feedback"][k]) for k in keys)
-            + " | "
-            + " / ".join(_fmt(summary["median_without"][k]) for k in keys)
-            + f" | {summary['headline_cell']} | **{'yes' if summary['passes'] else 'no'}** |"
-        )
-    lines += [
-        "",
-        "Every cell, index with feedback / without, at contrasts x" + ", x".join(keys) + ":",
-        "",
-        "| cause | R² | n_x | orientation (°) | bar row | at the model's T | steady |",
-        "|---|---|---|---|---|---|---|",
-    ]
-    for cell in es["cells"]:
-        cols = [
-            ", ".join(f"{m['index_feedback'][k]:.2f} / {m['index_without'][k]:.2f}" for k in keys)
-            for m in (cell["default"], cell["steady"])
-        ]
-        lines.append(
-            f"| {cell['cause']} | {cell['r2']:.2f} | {cell['n_x']:.2f} | {cell['orientation_deg']:.0f} | "
-            f"{cell['bar_row']:.1f} | {cols[0]} | {cols[1]} |"
-        )
-    if not es["cells"]:
-        return lines
-    lines += [
-        "",
-        "![End-stopping](end_stopping.png)",
-        "",
-        "The headline cell's r, its top-down prediction r_td and the error r − r_td against bar length "
-        "(signed so that its preferred response is positive), and |r| without feedback:",
-        "",
-        "![Mechanism](end_stopping_mechanism.png)",
-        "",
-        f"Its error response to a short and a long bar against time k1 × steps, with the served per-level steps "
-        f"(k1_scale {es['time_course']['k1_scale']}) and with the paper's single k1 "
-        f"({es['time_course']['single_k1_value']:g} for every level, the largest one step the served steps "
-        "show to be stable):",
-        "",
-        "![Time course](end_stopping_time.png)",
-        "",
-    ]
-    sur = es["surround"]
-    lines += [
-        f"Surround (the paper's Fig. 6): a {sur['centre_px']} px horizontal bar on the centre module at the "
-        f"headline cell's row, alone or with two {sur['flank_px']:g} px flanks {sur['flank_offset_px']:g} px to "
-        "either side (in the neighbour modules' fields), iso-oriented (horizontal) or ortho-oriented "
-        "(vertical). The paper reports that with feedback an iso-oriented surround suppresses the response "
-        "more than an ortho-oriented one. Measured, response / centre alone:",
-        "",
-        "| steps | with feedback: iso | ortho | without feedback: iso | ortho |",
-        "|---|---|---|---|---|",
-        *(
-            f"| {b['steps']} | {b['feedback_ratio']['iso']:.3f} | {b['feedback_ratio']['ortho']:.3f} | "
-            f"{b['without_ratio']['iso']:.3f} | {b['without_ratio']['ortho']:.3f} |"
-            for b in sur["by_steps"]
-        ),
-        "",
-        "![Surround](surround.png)",
-    ]
-    return lines
-
-
-def steady_state_markdown(ss: dict[str, Any] | None) -> list[str]:
-    """How settled inference is at the model's T (report.json: steady_state)."""
-    if ss is None:
-        return ["", "## Steady state of inference", "", "Measured for the paper's network only."]
-    levels = len(ss["median_relative_distance"])
-    single = ss["single_k1"]
-
-    def row(name: str, values: Sequence[float], gap: float | str) -> str:
-        gap_text = gap if isinstance(gap, str) else f"{gap:.2e}"
-        return f"| {name} | " + " | ".join(f"{v:.3g}" for v in values) + f" | {gap_text} |"
-
-    return [
-        "",
-        "## Steady state of inference",
-        "",
-        f"{ss['windows']} held-out windows: per level, the median over windows of ‖r_l(T) − r_l(∞)‖ / ‖r_l(∞)‖ "
-        f"at T = {ss['steps']}, r(∞) = the served model after {ss['reference_steps']} steps; energy gap = "
-        "median (E(T) − E(∞)) / |E(∞)|.",
-        "",
-        "| | " + " | ".join(f"level {i + 1}" for i in range(levels)) + " | energy gap |",
-        "|---|" + "---|" * (levels + 1),
-        row(f"served steps (k1_scale {ss['k1_scale']})", ss["median_relative_distance"], ss["energy_relative_gap"]),
-        row(
-            f"the paper's single k1 = {single['k1']:g}" + (" (the same model)" if single["same_as_served"] else ""),
-            single["median_relative_distance"],
-            single["energy_relative_gap"],
-        ),
-        row(f"check: {ss['reference_check']['steps']} steps", ss["reference_check"]["median_relative_distance"], ""),
-    ]
+def field_sections(
+    model: PCModel, out: Path, seed: int = 0, draws: int = field_measures.RANDOM_DRAWS
+) -> dict[str, Any]:
+    """report["level2_fields"], ["autocorrelation"], ["pca_control"]; writes their figures into out."""
+    acf = field_measures.autocorrelation(field_measures.training_images(model.config), seed=seed)
+    figures.save(figures.autocorrelation_figure(acf, model.name), out / "autocorrelation.png")
+    level2 = field_measures.level2_report(model, draws=draws, seed=seed)
+    if level2 is not None:
+        figures.save(figures.level2_measures_figure(level2, model.name), out / "level2_measures.png")
+    return {
+        "level2_fields": level2,
+        "autocorrelation": acf,
+        "pca_control": field_measures.pca_control(model.config, seed=seed),
+    }
 
 
 def default_out(checkpoint: str, name: str) -> Path:

@@ -12,6 +12,7 @@ import torch
 import pcmodel
 from training import analysis
 from training.gabor import GaborFit
+from training.report import end_stopping_markdown, steady_state_markdown
 from training.train import main as train
 
 from .conftest import FAST
@@ -63,11 +64,11 @@ def test_end_stopping_report_keys_on_the_papers_geometry(one_thread):
     assert len(result["mechanism"]["steady"]["r_td"]) == len(result["lengths"])
     assert result["time_course"]["steps"][-1] == 30 and set(result["time_course"]["served"]) == {"8", "26"}
     assert set(result["surround"]["by_steps"][0]["feedback_ratio"]) == {"none", "iso", "ortho"}
-    text = "\n".join(analysis.end_stopping_markdown(result))
+    text = "\n".join(end_stopping_markdown(result))
     assert "end_stopping_mechanism.png" in text and "surround.png" in text
     conv = pcmodel.create("conv-rgb")
     assert analysis.end_stopping(conv, _synthetic_fits(set())) is None and analysis.steady_state(conv) is None
-    assert "paper's network only" in "\n".join(analysis.steady_state_markdown(None))
+    assert "paper's network only" in "\n".join(steady_state_markdown(None))
 
 
 def test_end_stopping_measures_a_steady_state_by_default(one_thread):
