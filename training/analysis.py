@@ -6,9 +6,10 @@
 
 Writes report.md (with PNG figures) and report.json:
 - D: a 2-D Gabor fitted to every level-1 basis function, with R^2, orientation and frequency; the
-  share with R^2 >= 0.7 and the orientation bins they cover; the same for random weights (control).
+  share with R^2 >= 0.7 and the orientation bins they cover; the same for random weights (control)
+  (training/gabor.py).
 - E: relative reconstruction error on held-out photos (scikit-learn's china.jpg and flower.jpg)
-  against the zero code (1.0).
+  against the zero code (1.0) (training/measurements.py, like F and the steady state).
 - F: end-stopping: every oriented horizontal cell of the centre module that bars drive, its level-1
   error response to bars of every length with the level-2 feedback and without it (the same U_1 with
   level 2 removed), at three contrasts, at the model's steps and at steady state; the headline cell's
@@ -16,6 +17,9 @@ Writes report.md (with PNG figures) and report.json:
 - Steady state: how far each level is, after the model's steps, from its state after many more.
 - Level-2 fields against random U_2, the photos' autocorrelation (the paper's Fig. 4) and the PCA
   control for D (training/fields.py).
+
+This module runs them and writes the files (the text: training/report.py; the figures:
+training/figures.py); `main` is the command.
 """
 
 from __future__ import annotations
@@ -23,7 +27,6 @@ from __future__ import annotations
 import json
 import logging
 import sys
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -34,103 +37,11 @@ import pcmodel
 from pcmodel import PCModel
 from pcmodel.cliargs import ArgumentParser, fail, model_source, output_folder, positive_int
 
-from . import data, figures, responses
 from . import fields as field_measures
-from .gabor import GaborFit, fit_gabor, gabor_summary, level1_fields
-from .metrics import error_sums
+from . import figures, responses
+from .gabor import fit_gabor, gabor_summary, level1_fields
+from .measurements import END_STOPPING_STEPS, end_stopping, held_out_reconstruction, steady_state
 from .report import markdown
-
-log = logging.getLogger(__name__)
-
-END_STOPPING_STEPS = responses.STEADY_STEPS  # steady state for 5 F
-
-
-# ---- E: held-out reconstruction ---------------------------------------------------------------
-
-
-def held_out_reconstruction(model: PCModel, count: int = 1000, steps: int | None = None, seed: int = 0) -> dict:
-    """Relative error of `count` held-out windows of the model's native size after `steps` inference steps.
-
-    `relative_error` is the quantity level 1 minimises (module models: per module, in windowed patch
-    space); `image_relative_error` uses the reconstruction on the image grid; the zero code scores 1.0.
-    """
-    windows = data.held_out_windows(model.config, count, seed=seed).to(model.device)
-    err = norm = image_err = image_norm = abs_err = 0.0
-    for start in range(0, count, 250):
-        x = windows[start : start + 250]
-        result = model.infer(x, steps=steps)
-        e, n = error_sums(result)
-        err, norm = err + e, norm + n
-        image_err += float((x - result.reconstruction).double().square().sum())
-        image_norm += float(x.double().square().sum())
-        abs_err += float((x - result.reconstruction).double().abs().sum())
-    return {
-        "windows": count,
-        "size": list(model.config.input_shape),
-        "steps": steps or model.config.steps,
-        "photos": list(data.HELD_OUT_PHOTOS),
-        "relative_error": err / norm,
-        "image_relative_error": image_err / image_norm,
-        "mean_absolute_error": abs_err / windows.numel(),
-        "zero_code_relative_error": 1.0,
-    }
-
-
-# ---- F: end-stopping (the measurements: training.responses) ---------------------------------
-
-
-def horizontal_cells(fits: Sequence[GaborFit]) -> list[int]:
-    """The level-1 causes that can be end-stopping cells: oriented (Gabor-like) with horizontal stripes (bin 0)."""
-    return [i for i, f in enumerate(fits) if f.oriented and f.orientation_bin == 0]
-
-
-def end_stopping(
-    model: PCModel, fits: Sequence[GaborFit], steps: int | None = None, steady_steps: int | None = None
-) -> dict[str, Any] | None:
-    """docs/MODEL.md 5 F: every driven oriented horizontal cell of the centre module, at three contrasts.
-
-    Measured at `steps` (default: the model's, what the service returns; the headline `summary`) and at
-    `steady_steps` (default: max(END_STOPPING_STEPS, the model's): `steady`), plus the headline cell's
-    mechanism (r, r_td, r - r_td against bar length), its time course and the surround experiment.
-    None without the paper's geometry.
-    """
-    if not responses.applies(model):
-        return None
-    steps = model.config.steps if steps is None else steps
-    steady_steps = max(END_STOPPING_STEPS, model.config.steps) if steady_steps is None else steady_steps
-    measured = responses.end_stopping(model, horizontal_cells(fits), [steps, steady_steps], steady_steps)
-    default, steady = measured.pop("measured")
-    for cell, at_t, at_steady in zip(measured["cells"], default["cells"], steady["cells"]):
-        fit = fits[cell["cause"]]
-        cell.update(r2=fit.r2, n_x=fit.n_x, orientation_deg=fit.orientation)
-        cell.update(default={k: at_t[k] for k in ("index_feedback", "index_without")})
-        cell.update(steady={k: at_steady[k] for k in ("index_feedback", "index_without")})
-    result = {
-        **measured,
-        "summary": default["summary"],
-        "steady": steady["summary"],
-        "mechanism": {"default": default["mechanism"], "steady": steady["mechanism"]},
-        "time_course": None,
-        "surround": None,
-    }
-    if measured["cells"]:
-        head = measured["cells"][0]
-        result["time_course"] = responses.time_course(model, head["cause"], head["bar_row"], steady_steps)
-        result["surround"] = responses.surround(model, head["cause"], head["bar_row"], [steps, steady_steps])
-    return result
-
-
-def steady_state(model: PCModel, seed: int = 0, reference_steps: int = responses.REFERENCE_STEPS) -> dict | None:
-    """Per-level distance from steady state at the model's steps, on 1,000 held-out windows (the paper's network).
-
-    Other models: None (conv-rgb's 1,000 windows x 7,500 steps on the torch backend: ~0.3 ms per window
-    and step, about 40 min on 2 CPU cores).
-    """
-    if not responses.applies(model):
-        return None
-    windows = data.held_out_windows(model.config, 1000, seed=seed)
-    return responses.settling(model, windows, reference_steps=reference_steps)
-
 
 # ---- the report -------------------------------------------------------------------------------
 
@@ -197,6 +108,9 @@ def field_sections(
         "autocorrelation": acf,
         "pca_control": field_measures.pca_control(model.config, seed=seed),
     }
+
+
+# ---- the command -------------------------------------------------------------------------------
 
 
 def default_out(checkpoint: str, name: str) -> Path:

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import pcmodel
-from training import analysis
+from training import analysis, measurements
 from training.gabor import GaborFit
 from training.report import end_stopping_markdown, steady_state_markdown
 from training.train import main as train
@@ -33,7 +33,7 @@ def test_end_stopping_cells_are_oriented_and_horizontal():
 
     fits = [fit(0.9, 5, 0.3), fit(0.6, 0, 0.3), fit(0.9, 0, 0.05), fit(0.9, 45, 0.3), fit(0.8, 175, 0.2)]
     # 1: poor fit, 2: a blob (no stripes), 3: oblique
-    assert analysis.horizontal_cells(fits) == [0, 4]
+    assert measurements.horizontal_cells(fits) == [0, 4]
 
 
 def _synthetic_fits(horizontal):
@@ -45,7 +45,7 @@ def _synthetic_fits(horizontal):
 def test_end_stopping_report_keys_on_the_papers_geometry(one_thread):
     model = pcmodel.load("rao-ballard-1999")
     fits = _synthetic_fits({6, 17, 29})
-    result = analysis.end_stopping(model, fits, steps=10, steady_steps=30)
+    result = measurements.end_stopping(model, fits, steps=10, steady_steps=30)
     for key in ("summary", "steady"):
         assert set(result[key]) == {
             "cells", "share_end_stopped", "median_feedback", "median_without", "headline_cell", "passes", "steps"
@@ -67,16 +67,16 @@ def test_end_stopping_report_keys_on_the_papers_geometry(one_thread):
     text = "\n".join(end_stopping_markdown(result))
     assert "end_stopping_mechanism.png" in text and "surround.png" in text
     conv = pcmodel.create("conv-rgb")
-    assert analysis.end_stopping(conv, _synthetic_fits(set())) is None and analysis.steady_state(conv) is None
+    assert measurements.end_stopping(conv, _synthetic_fits(set())) is None and measurements.steady_state(conv) is None
     assert "paper's network only" in "\n".join(steady_state_markdown(None))
 
 
 def test_end_stopping_measures_a_steady_state_by_default(one_thread):
-    assert analysis.END_STOPPING_STEPS >= 1000  # level 2 relaxes with a time constant of ~130 steps
+    assert measurements.END_STOPPING_STEPS >= 1000  # level 2 relaxes with a time constant of ~130 steps
     model = pcmodel.load("rao-ballard-1999")
-    result = analysis.end_stopping(model, _synthetic_fits(set()))  # no candidates: nothing to run for long
+    result = measurements.end_stopping(model, _synthetic_fits(set()))  # no candidates: nothing to run for long
     assert result["summary"]["steps"] == model.config.steps
-    assert result["steady"]["steps"] == max(analysis.END_STOPPING_STEPS, model.config.steps)
+    assert result["steady"]["steps"] == max(measurements.END_STOPPING_STEPS, model.config.steps)
     assert result["summary"]["cells"] == 0 and result["time_course"] is None
 
 

@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 
 import pcmodel
-from training import analysis, data, fields, responses
+from training import data, fields, measurements, responses
 from training.gabor import fit_gabor, gabor_summary, level1_fields
 from training.train import main as train
 
@@ -55,7 +55,7 @@ def test_rao_ballard_reproduces_the_papers_fields_and_reconstructs():
     assert summary["fields"] == 32
     assert summary["share_good"] >= GABOR_SHARE, summary  # R^2 >= 0.7 and n_x >= 0.1 (blobs excluded)
     assert summary["orientation_bins"] >= 6, summary
-    held = analysis.held_out_reconstruction(model, count=500)
+    held = measurements.held_out_reconstruction(model, count=500)
     assert held["relative_error"] <= 0.2, held
 
 
@@ -101,7 +101,7 @@ def test_rao_ballard_feedback_makes_its_headline_cell_and_half_the_driven_cells_
     model = pcmodel.load("rao-ballard-1999")
     fits = [fit_gabor(f) for f in level1_fields(model)]
     es = responses.end_stopping(
-        model, analysis.horizontal_cells(fits), steps=[model.config.steps], selection_steps=1000, contrasts=(1.0,)
+        model, measurements.horizontal_cells(fits), steps=[model.config.steps], selection_steps=1000, contrasts=(1.0,)
     )
     cells = es["measured"][0]["cells"]
     assert len(cells) >= 2
@@ -126,7 +126,7 @@ def test_rao_ballard_feedback_makes_its_headline_cell_and_half_the_driven_cells_
 def test_conv_rgb_reconstructs_held_out_crops():
     model = pcmodel.load("conv-rgb")
     assert model.config.preprocess.size_mode == "full"
-    held = analysis.held_out_reconstruction(model, count=500)
+    held = measurements.held_out_reconstruction(model, count=500)
     assert held["size"] == [3, 32, 32] and held["steps"] == 100
     assert held["relative_error"] <= 0.1, held
     assert held["image_relative_error"] == pytest.approx(held["relative_error"], rel=1e-6)  # conv: one and the same
