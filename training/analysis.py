@@ -127,6 +127,7 @@ def default_out(checkpoint: str, name: str) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """pc-analyze; returns the exit status (2: a mistake in the command, one line on stderr)."""
     parser = ArgumentParser(prog="pc-analyze", description=__doc__.split("\n")[0])
     parser.add_argument(
         "checkpoint", type=model_source, help="checkpoint path or model name (rao-ballard-1999, conv-rgb, default)"

@@ -1,4 +1,4 @@
-"""The text of pc-analyze's report.md, from the numbers of report.json (training/analysis.py measures them).
+"""The text of pc-analyze's report.md, from the numbers of report.json (training/analysis.py gathers them).
 
 One function per section: `markdown` puts them together; the figures they link are training/figures.py's.
 """

@@ -391,6 +391,7 @@ def _jsonable(value: Any) -> Any:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """pc-train; returns the exit status (2: a mistake in the command, one line on stderr)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
     progress = not args.no_progress and sys.stderr.isatty()
