@@ -128,6 +128,16 @@ def overlap_agreement(parts: np.ndarray) -> np.ndarray:
     return np.mean(cosines, axis=0)
 
 
+# Every measure level2_measures returns, with its name in the report.
+MEASURE_NAMES = {
+    "outside_share": "energy outside the strongest module",
+    "participation": "participation ratio over modules",
+    "elongation": "elongation (energy second moments)",
+    "orientation": "orientation (power-spectrum second moments)",
+    "overlap_agreement": "agreement of neighbouring modules' parts",
+}
+
+
 def level2_measures(parts: np.ndarray) -> dict[str, np.ndarray]:
     """Every level-2 measure per field, from the module parts (N, M, H, W)."""
     fields = parts.sum(axis=1)

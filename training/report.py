@@ -9,16 +9,8 @@ from collections.abc import Sequence
 from typing import Any
 
 from . import responses
+from .fields import MEASURE_NAMES
 from .gabor import GOOD_FIT, MIN_STRIPES, ORIENTATION_BINS
-
-# The level-2 measures' names in the report's table (training/fields.py, level2_measures).
-MEASURE_NAMES = {
-    "outside_share": "energy outside the strongest module",
-    "participation": "participation ratio over modules",
-    "elongation": "elongation (energy second moments)",
-    "orientation": "orientation (power-spectrum second moments)",
-    "overlap_agreement": "agreement of neighbouring modules' parts",
-}
 
 
 def _span_lines(span: dict[str, Any] | None) -> list[str]:
