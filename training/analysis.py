@@ -6,9 +6,10 @@
 
 Writes report.md (with PNG figures) and report.json:
 - D: a 2-D Gabor fitted to every level-1 basis function, with R^2, orientation and frequency; the
-  share with R^2 >= 0.7 and the orientation bins they cover; the same for random weights (control).
+  share with R^2 >= 0.7 and the orientation bins they cover; the same for random weights (control)
+  (training/gabor.py).
 - E: relative reconstruction error on held-out photos (scikit-learn's china.jpg and flower.jpg)
-  against the zero code (1.0).
+  against the zero code (1.0) (training/measurements.py, like F and the steady state).
 - F: end-stopping: every oriented horizontal cell of the centre module that bars drive, its level-1
   error response to bars of every length with the level-2 feedback and without it (the same U_1 with
   level 2 removed), at three contrasts, at the model's steps and at steady state; the headline cell's
@@ -16,238 +17,31 @@ Writes report.md (with PNG figures) and report.json:
 - Steady state: how far each level is, after the model's steps, from its state after many more.
 - Level-2 fields against random U_2, the photos' autocorrelation (the paper's Fig. 4) and the PCA
   control for D (training/fields.py).
+
+This module runs them and writes the files (the text: training/report.py; the figures:
+training/figures.py); `main` is the command.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import math
 import sys
-from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from scipy.ndimage import gaussian_filter
-from scipy.optimize import least_squares
 
 import pcmodel
 from pcmodel import PCModel
 from pcmodel.cliargs import ArgumentParser, fail, model_source, output_folder, positive_int
 
-from . import data, responses
 from . import fields as field_measures
-from .metrics import error_sums
-
-log = logging.getLogger(__name__)
-
-GOOD_FIT = 0.7  # R^2 at or above which a fit is good (docs/MODEL.md section 5 D)
-MIN_STRIPES = 0.1  # n_x = f sigma_x at or above which a good fit has stripes inside its envelope (blobs: ~0.02)
-ORIENTATION_BINS = 8
-END_STOPPING_STEPS = responses.STEADY_STEPS  # steady state for 5 F
-
-
-# ---- D: Gabor fits ----------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class GaborFit:
-    """A 2-D Gabor fitted to one field by least squares (pixel units, origin at the top-left pixel).
-
-    g(x, y) = amplitude * exp(-(u^2 / 2 sigma_u^2 + v^2 / 2 sigma_v^2)) * cos(2 pi frequency u + phase) + offset,
-    u along the carrier (the direction `carrier` from the x axis), v across it.
-    """
-
-    r2: float
-    amplitude: float
-    x0: float
-    y0: float
-    carrier: float  # radians, direction of the wave vector
-    sigma_u: float
-    sigma_v: float
-    frequency: float  # cycles per pixel
-    phase: float
-    offset: float
-
-    @property
-    def n_x(self) -> float:
-        """Stripes inside the envelope: carrier frequency (cycles/px) x envelope width across the stripes (px)."""
-        return self.frequency * self.sigma_u
-
-    @property
-    def oriented(self) -> bool:
-        """Gabor-like: a good fit (R^2 >= 0.7) AND stripes (n_x >= 0.1); a good fit without stripes is a blob."""
-        return self.r2 >= GOOD_FIT and self.n_x >= MIN_STRIPES
-
-    @property
-    def orientation(self) -> float:
-        """Orientation of the stripes (the preferred bar) in degrees in [0, 180), 0 = horizontal."""
-        return float(np.degrees(self.carrier + np.pi / 2) % 180.0)
-
-    @property
-    def orientation_bin(self) -> int:
-        """Bin of width 180/8 degrees, centred on 0, 22.5, 45, ... degrees."""
-        width = 180.0 / ORIENTATION_BINS
-        return int(((self.orientation + width / 2) % 180.0) // width)
-
-
-def gabor(params: np.ndarray, yy: np.ndarray, xx: np.ndarray) -> np.ndarray:
-    amplitude, x0, y0, carrier, sigma_u, sigma_v, frequency, phase, offset = params
-    dx, dy = xx - x0, yy - y0
-    u = dx * math.cos(carrier) + dy * math.sin(carrier)
-    v = -dx * math.sin(carrier) + dy * math.cos(carrier)
-    envelope = np.exp(-(u**2 / (2 * sigma_u**2) + v**2 / (2 * sigma_v**2)))
-    return amplitude * envelope * np.cos(2 * np.pi * frequency * u + phase) + offset
-
-
-def fit_gabor(field: np.ndarray) -> GaborFit:
-    """Best of several least-squares fits, started at the field's energy peak and spectral peak."""
-    field = np.asarray(field, dtype=np.float64)
-    h, w = field.shape
-    yy, xx = np.mgrid[0:h, 0:w].astype(np.float64)
-    total = float(((field - field.mean()) ** 2).sum())
-    if total <= 0:
-        return GaborFit(0.0, 0.0, w / 2, h / 2, 0.0, 1.0, 1.0, 0.0, 0.0, float(field.mean()))
-    energy = gaussian_filter(field**2, 1.5)
-    y0, x0 = (float(v) for v in np.unravel_index(np.argmax(energy), energy.shape))
-    pad = 64
-    spectrum = np.abs(np.fft.fft2(field - field.mean(), s=(pad, pad)))
-    spectrum[0, 0] = 0
-    ky, kx = np.unravel_index(np.argmax(spectrum), spectrum.shape)
-    fy, fx = np.fft.fftfreq(pad)[ky], np.fft.fftfreq(pad)[kx]
-    frequency = min(max(math.hypot(fx, fy), 0.02), 0.49)
-    carrier = math.atan2(fy, fx)
-    amplitude = float(np.abs(field).max())
-    side = float(max(h, w))
-    lower = [-np.inf, -2.0, -2.0, -np.inf, 0.5, 0.5, 0.0, -np.inf, -np.inf]
-    upper = [np.inf, w + 1.0, h + 1.0, np.inf, side, side, 0.5, np.inf, np.inf]
-    best_r2, best = -np.inf, None
-    for phase in (0.0, np.pi / 2, np.pi, -np.pi / 2):
-        for sigma in (2.0, 4.0):
-            start = [amplitude, x0, y0, carrier, sigma, sigma, frequency, phase, 0.0]
-            result = least_squares(
-                lambda p: (gabor(p, yy, xx) - field).ravel(), start, bounds=(lower, upper), max_nfev=400
-            )
-            r2 = 1.0 - float((result.fun**2).sum()) / total
-            if r2 > best_r2:
-                best_r2, best = r2, result.x
-    assert best is not None
-    a, x0, y0, carrier, su, sv, f, phase, offset = (float(v) for v in best)
-    return GaborFit(best_r2, a, x0, y0, carrier, su, sv, f, phase, offset)
-
-
-def level1_fields(model: PCModel) -> np.ndarray:
-    """Level-1 basis functions as 2-D images (N, h, w); colour fields are averaged over channels."""
-    return model.receptive_fields(1).detach().cpu().double().mean(dim=1).numpy()
-
-
-def gabor_summary(fits: list[GaborFit]) -> dict[str, Any]:
-    """Gabor-like share (R^2 >= 0.7 and n_x >= 0.1), the blobs (good fits without stripes) and the bins covered."""
-    r2 = np.array([f.r2 for f in fits])
-    good = [f for f in fits if f.oriented]
-    blobs = [f for f in fits if f.r2 >= GOOD_FIT and not f.oriented]
-    bins = sorted({f.orientation_bin for f in good})
-    return {
-        "fields": len(fits),
-        "good_fits": len(good),
-        "share_good": len(good) / max(len(fits), 1),
-        "blobs": len(blobs),
-        "median_r2": float(np.median(r2)) if len(r2) else 0.0,
-        "median_n_x": float(np.median([f.n_x for f in good])) if good else 0.0,
-        "orientation_bins": len(bins),
-        "bins": bins,
-    }
-
-
-# ---- E: held-out reconstruction ---------------------------------------------------------------
-
-
-def held_out_reconstruction(model: PCModel, count: int = 1000, steps: int | None = None, seed: int = 0) -> dict:
-    """Relative error of `count` held-out windows of the model's native size after `steps` inference steps.
-
-    `relative_error` is the quantity level 1 minimises (module models: per module, in windowed patch
-    space); `image_relative_error` uses the reconstruction on the image grid; the zero code scores 1.0.
-    """
-    windows = data.held_out_windows(model.config, count, seed=seed).to(model.device)
-    err = norm = image_err = image_norm = abs_err = 0.0
-    for start in range(0, count, 250):
-        x = windows[start : start + 250]
-        result = model.infer(x, steps=steps)
-        e, n = error_sums(result)
-        err, norm = err + e, norm + n
-        image_err += float((x - result.reconstruction).double().square().sum())
-        image_norm += float(x.double().square().sum())
-        abs_err += float((x - result.reconstruction).double().abs().sum())
-    return {
-        "windows": count,
-        "size": list(model.config.input_shape),
-        "steps": steps or model.config.steps,
-        "photos": list(data.HELD_OUT_PHOTOS),
-        "relative_error": err / norm,
-        "image_relative_error": image_err / image_norm,
-        "mean_absolute_error": abs_err / windows.numel(),
-        "zero_code_relative_error": 1.0,
-    }
-
-
-# ---- F: end-stopping (the measurements: training.responses) ---------------------------------
-
-
-def horizontal_cells(fits: Sequence[GaborFit]) -> list[int]:
-    """The level-1 causes that can be end-stopping cells: oriented (Gabor-like) with horizontal stripes (bin 0)."""
-    return [i for i, f in enumerate(fits) if f.oriented and f.orientation_bin == 0]
-
-
-def end_stopping(
-    model: PCModel, fits: Sequence[GaborFit], steps: int | None = None, steady_steps: int | None = None
-) -> dict[str, Any] | None:
-    """docs/MODEL.md 5 F: every driven oriented horizontal cell of the centre module, at three contrasts.
-
-    Measured at `steps` (default: the model's, what the service returns; the headline `summary`) and at
-    `steady_steps` (default: max(END_STOPPING_STEPS, the model's): `steady`), plus the headline cell's
-    mechanism (r, r_td, r - r_td against bar length), its time course and the surround experiment.
-    None without the paper's geometry.
-    """
-    if not responses.applies(model):
-        return None
-    steps = model.config.steps if steps is None else steps
-    steady_steps = max(END_STOPPING_STEPS, model.config.steps) if steady_steps is None else steady_steps
-    measured = responses.end_stopping(model, horizontal_cells(fits), [steps, steady_steps], steady_steps)
-    default, steady = measured.pop("measured")
-    for cell, at_t, at_steady in zip(measured["cells"], default["cells"], steady["cells"]):
-        fit = fits[cell["cause"]]
-        cell.update(r2=fit.r2, n_x=fit.n_x, orientation_deg=fit.orientation)
-        cell.update(default={k: at_t[k] for k in ("index_feedback", "index_without")})
-        cell.update(steady={k: at_steady[k] for k in ("index_feedback", "index_without")})
-    result = {
-        **measured,
-        "summary": default["summary"],
-        "steady": steady["summary"],
-        "mechanism": {"default": default["mechanism"], "steady": steady["mechanism"]},
-        "time_course": None,
-        "surround": None,
-    }
-    if measured["cells"]:
-        head = measured["cells"][0]
-        result["time_course"] = responses.time_course(model, head["cause"], head["bar_row"], steady_steps)
-        result["surround"] = responses.surround(model, head["cause"], head["bar_row"], [steps, steady_steps])
-    return result
-
-
-def steady_state(model: PCModel, seed: int = 0, reference_steps: int = responses.REFERENCE_STEPS) -> dict | None:
-    """Per-level distance from steady state at the model's steps, on 1,000 held-out windows (the paper's network).
-
-    Other models: None (conv-rgb's 1,000 windows x 7,500 steps on the torch backend: ~0.3 ms per window
-    and step, about 40 min on 2 CPU cores).
-    """
-    if not responses.applies(model):
-        return None
-    windows = data.held_out_windows(model.config, 1000, seed=seed)
-    return responses.settling(model, windows, reference_steps=reference_steps)
-
+from . import figures, responses
+from .gabor import fit_gabor, gabor_summary, level1_fields
+from .measurements import END_STOPPING_STEPS, end_stopping, held_out_reconstruction, steady_state
+from .report import markdown
 
 # ---- the report -------------------------------------------------------------------------------
 
@@ -262,8 +56,6 @@ def analyze(
     reference_steps: int = responses.REFERENCE_STEPS,
 ) -> dict[str, Any]:
     """Run every check, write out/report.md, out/report.json and the figures; returns the numbers."""
-    from . import figures
-
     out.mkdir(parents=True, exist_ok=True)
     fields = level1_fields(model)
     fits = [fit_gabor(f) for f in fields]
@@ -293,7 +85,7 @@ def analyze(
         "end_stopping": end_stopping(model, fits, steady_steps=end_stopping_steps),
         "steady_state": steady_state(model, seed=seed, reference_steps=reference_steps),
     }
-    report.update(field_measures.report_sections(model, out, seed=seed, draws=random_draws))
+    report.update(field_sections(model, out, seed=seed, draws=random_draws))
     figures.save(figures.gabor_figure(fields, fits, model.name), out / "gabor_fits.png")
     if report["end_stopping"] is not None:
         figures.save_end_stopping(report["end_stopping"], model.name, out)
@@ -302,188 +94,23 @@ def analyze(
     return report
 
 
-def _span_lines(span: dict[str, Any] | None) -> list[str]:
-    if span is None:
-        return []
-    return [
-        f"Span control: the fields use {span['effective_dimension']:.1f} directions (effective dimension of "
-        f"their span); random rotations of them (the same span, {span['draws']} draws) are "
-        f"{span['rotated_share_median']:.0%} Gabor-like (median). A share well above the rotations' is the "
-        "basis's own, learned; one the rotations keep comes with the span (the window, or a code collapsed "
-        "onto a few smooth directions).",
-        "",
-    ]
+def field_sections(
+    model: PCModel, out: Path, seed: int = 0, draws: int = field_measures.RANDOM_DRAWS
+) -> dict[str, Any]:
+    """report["level2_fields"], ["autocorrelation"], ["pca_control"]; writes their figures into out."""
+    acf = field_measures.autocorrelation(field_measures.training_images(model.config), seed=seed)
+    figures.save(figures.autocorrelation_figure(acf, model.name), out / "autocorrelation.png")
+    level2 = field_measures.level2_report(model, draws=draws, seed=seed)
+    if level2 is not None:
+        figures.save(figures.level2_measures_figure(level2, model.name), out / "level2_measures.png")
+    return {
+        "level2_fields": level2,
+        "autocorrelation": acf,
+        "pca_control": field_measures.pca_control(model.config, seed=seed),
+    }
 
 
-def markdown(report: dict[str, Any]) -> str:
-    g, e, es = report["gabor"], report["held_out"], report["end_stopping"]
-    lines = [
-        f"# Analysis of {report['model']}",
-        "",
-        f"Model sha256 `{report['sha256'][:16]}`; made by `{report['provenance_command'] or 'unknown'}`.",
-        "",
-        "## D. Level-1 basis functions: 2-D Gabor fits",
-        "",
-        "| | trained | random weights |",
-        "|---|---|---|",
-        f"| Gabor-like fields (R² ≥ {GOOD_FIT} and n_x ≥ {MIN_STRIPES}) | {g['good_fits']}/{g['fields']} "
-        f"({g['share_good']:.0%}) | {g['random_weights']['good_fits']}/{g['random_weights']['fields']} "
-        f"({g['random_weights']['share_good']:.0%}) |",
-        f"| blobs (R² ≥ {GOOD_FIT}, n_x < {MIN_STRIPES}) | {g['blobs']} | {g['random_weights']['blobs']} |",
-        f"| median R² | {g['median_r2']:.3f} | {g['random_weights']['median_r2']:.3f} |",
-        f"| orientation bins covered (of {ORIENTATION_BINS}) | {g['orientation_bins']} | "
-        f"{g['random_weights']['orientation_bins']} |",
-        "",
-        *_span_lines(g.get("span_control")),
-        "![Gabor fits](gabor_fits.png)",
-        "",
-        "| field | R² | n_x | Gabor-like | orientation (°) | frequency (cycles/px) |",
-        "|---|---|---|---|---|---|",
-        *(
-            f"| {i} | {f['r2']:.3f} | {f['n_x']:.2f} | {'yes' if f['oriented'] else 'no'} | "
-            f"{f['orientation_deg']:.0f} | {f['frequency']:.3f} |"
-            for i, f in enumerate(g["fits"])
-        ),
-        "",
-        "## E. Reconstruction of held-out photos",
-        "",
-        f"{e['windows']} windows of {'x'.join(map(str, e['size']))} from {', '.join(e['photos'])} "
-        "(scikit-learn's sample photos, CC BY 2.0, never trained on), prepared by the model's own "
-        f"preprocessing, {e['steps']} inference steps.",
-        "",
-        "| measure | value |",
-        "|---|---|",
-        f"| relative error at level 1 (what the model minimises) | {e['relative_error']:.4f} |",
-        f"| relative error on the image grid, ‖x − reconstruction‖²/‖x‖² | {e['image_relative_error']:.4f} |",
-        f"| mean absolute error per value | {e['mean_absolute_error']:.4f} |",
-        "| zero code | 1.0 |",
-        "",
-        "## F. End-stopping",
-        "",
-    ]
-    lines += end_stopping_markdown(es) + steady_state_markdown(report["steady_state"])
-    lines += ["", *field_measures.markdown(report)]
-    return "\n".join(lines) + "\n"
-
-
-def _fmt(value: float | None) -> str:
-    return "n/a" if value is None else f"{value:.3f}"
-
-
-def end_stopping_markdown(es: dict[str, Any] | None) -> list[str]:
-    """Section F of report.md."""
-    if es is None:
-        return ["Not applicable: the experiment needs the paper's geometry (three modules in a row and a level above)."]
-    keys = es["contrasts"]
-    lines = [
-        f"Horizontal bars 2 px wide, {es['lengths'][0]} to {es['long_px']} px long, centred on the centre module. "
-        f"Index = response to the {es['long_px']} px bar / peak response over bars up to {es['module_px']} px; "
-        "response = the error unit |r − r_td| with feedback, |r| with level 2 removed. Cells: the centre module's "
-        f"oriented horizontal causes ({', '.join(map(str, es['candidates'])) or 'none'}) that a bar without "
-        f"feedback drives to at least {responses.DRIVEN:g} of the most driven one's response "
-        f"(at {es['selection_steps']} steps), each at its own best bar row. End-stopped: index < "
-        f"{responses.END_STOPPED:g} with feedback and ≥ {responses.NOT_END_STOPPED:g} without; the model passes "
-        f"if at least {responses.PASS_SHARE:.0%} of the cells are end-stopped at contrast x1.",
-        "",
-        "| steps | cells | end-stopped share (x" + " / x".join(keys) + ") | median index with feedback | "
-        "median without | headline cell | passes |",
-        "|---|---|---|---|---|---|---|",
-    ]
-    for label, summary in (("model's T", es["summary"]), ("steady", es["steady"])):
-        lines.append(
-            f"| {summary['steps']} ({label}) | {summary['cells']} | "
-            + " / ".join(f"{summary['share_end_stopped'][k]:.2f}" for k in keys)
-            + " | "
-            + " / ".join(_fmt(summary["median_feedback"][k]) for k in keys)
-            + " | "
-            + " / ".join(_fmt(summary["median_without"][k]) for k in keys)
-            + f" | {summary['headline_cell']} | **{'yes' if summary['passes'] else 'no'}** |"
-        )
-    lines += [
-        "",
-        "Every cell, index with feedback / without, at contrasts x" + ", x".join(keys) + ":",
-        "",
-        "| cause | R² | n_x | orientation (°) | bar row | at the model's T | steady |",
-        "|---|---|---|---|---|---|---|",
-    ]
-    for cell in es["cells"]:
-        cols = [
-            ", ".join(f"{m['index_feedback'][k]:.2f} / {m['index_without'][k]:.2f}" for k in keys)
-            for m in (cell["default"], cell["steady"])
-        ]
-        lines.append(
-            f"| {cell['cause']} | {cell['r2']:.2f} | {cell['n_x']:.2f} | {cell['orientation_deg']:.0f} | "
-            f"{cell['bar_row']:.1f} | {cols[0]} | {cols[1]} |"
-        )
-    if not es["cells"]:
-        return lines
-    lines += [
-        "",
-        "![End-stopping](end_stopping.png)",
-        "",
-        "The headline cell's r, its top-down prediction r_td and the error r − r_td against bar length "
-        "(signed so that its preferred response is positive), and |r| without feedback:",
-        "",
-        "![Mechanism](end_stopping_mechanism.png)",
-        "",
-        f"Its error response to a short and a long bar against time k1 × steps, with the served per-level steps "
-        f"(k1_scale {es['time_course']['k1_scale']}) and with the paper's single k1 "
-        f"({es['time_course']['single_k1_value']:g} for every level, the largest one step the served steps "
-        "show to be stable):",
-        "",
-        "![Time course](end_stopping_time.png)",
-        "",
-    ]
-    sur = es["surround"]
-    lines += [
-        f"Surround (the paper's Fig. 6): a {sur['centre_px']} px horizontal bar on the centre module at the "
-        f"headline cell's row, alone or with two {sur['flank_px']:g} px flanks {sur['flank_offset_px']:g} px to "
-        "either side (in the neighbour modules' fields), iso-oriented (horizontal) or ortho-oriented "
-        "(vertical). The paper reports that with feedback an iso-oriented surround suppresses the response "
-        "more than an ortho-oriented one. Measured, response / centre alone:",
-        "",
-        "| steps | with feedback: iso | ortho | without feedback: iso | ortho |",
-        "|---|---|---|---|---|",
-        *(
-            f"| {b['steps']} | {b['feedback_ratio']['iso']:.3f} | {b['feedback_ratio']['ortho']:.3f} | "
-            f"{b['without_ratio']['iso']:.3f} | {b['without_ratio']['ortho']:.3f} |"
-            for b in sur["by_steps"]
-        ),
-        "",
-        "![Surround](surround.png)",
-    ]
-    return lines
-
-
-def steady_state_markdown(ss: dict[str, Any] | None) -> list[str]:
-    """How settled inference is at the model's T (report.json: steady_state)."""
-    if ss is None:
-        return ["", "## Steady state of inference", "", "Measured for the paper's network only."]
-    levels = len(ss["median_relative_distance"])
-    single = ss["single_k1"]
-
-    def row(name: str, values: Sequence[float], gap: float | str) -> str:
-        gap_text = gap if isinstance(gap, str) else f"{gap:.2e}"
-        return f"| {name} | " + " | ".join(f"{v:.3g}" for v in values) + f" | {gap_text} |"
-
-    return [
-        "",
-        "## Steady state of inference",
-        "",
-        f"{ss['windows']} held-out windows: per level, the median over windows of ‖r_l(T) − r_l(∞)‖ / ‖r_l(∞)‖ "
-        f"at T = {ss['steps']}, r(∞) = the served model after {ss['reference_steps']} steps; energy gap = "
-        "median (E(T) − E(∞)) / |E(∞)|.",
-        "",
-        "| | " + " | ".join(f"level {i + 1}" for i in range(levels)) + " | energy gap |",
-        "|---|" + "---|" * (levels + 1),
-        row(f"served steps (k1_scale {ss['k1_scale']})", ss["median_relative_distance"], ss["energy_relative_gap"]),
-        row(
-            f"the paper's single k1 = {single['k1']:g}" + (" (the same model)" if single["same_as_served"] else ""),
-            single["median_relative_distance"],
-            single["energy_relative_gap"],
-        ),
-        row(f"check: {ss['reference_check']['steps']} steps", ss["reference_check"]["median_relative_distance"], ""),
-    ]
+# ---- the command -------------------------------------------------------------------------------
 
 
 def default_out(checkpoint: str, name: str) -> Path:
@@ -500,6 +127,7 @@ def default_out(checkpoint: str, name: str) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """pc-analyze; returns the exit status (2: a mistake in the command, one line on stderr)."""
     parser = ArgumentParser(prog="pc-analyze", description=__doc__.split("\n")[0])
     parser.add_argument(
         "checkpoint", type=model_source, help="checkpoint path or model name (rao-ballard-1999, conv-rgb, default)"

@@ -14,7 +14,6 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -25,6 +24,7 @@ from pcmodel import ModelConfig, PCModel
 from pcmodel.levels import gaussian_window
 
 from . import data
+from .gabor import fit_gabor, gabor_summary
 
 RANDOM_DRAWS = 100  # random U_2 per comparison: p-values down to 1/101
 USED_SHARE = 0.9  # the level-2 causes holding this share of U_2's squared norm are the "used" ones
@@ -126,6 +126,16 @@ def overlap_agreement(parts: np.ndarray) -> np.ndarray:
         a, b = parts[:, m, both], parts[:, m + 1, both]  # (N, overlap pixels)
         cosines.append((a * b).sum(-1) / (np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1)).clip(1e-300))
     return np.mean(cosines, axis=0)
+
+
+# Every measure level2_measures returns, with its name in the report.
+MEASURE_NAMES = {
+    "outside_share": "energy outside the strongest module",
+    "participation": "participation ratio over modules",
+    "elongation": "elongation (energy second moments)",
+    "orientation": "orientation (power-spectrum second moments)",
+    "overlap_agreement": "agreement of neighbouring modules' parts",
+}
 
 
 def level2_measures(parts: np.ndarray) -> dict[str, np.ndarray]:
@@ -321,8 +331,6 @@ def pca_fields(config: ModelConfig, count: int | None = None, patches: int = 100
 
 def pca_control(config: ModelConfig, seed: int = 0) -> dict[str, Any]:
     """The Gabor summary of the PCA fields: what a linear, non-sparse code of the same patches gives."""
-    from .analysis import fit_gabor, gabor_summary
-
     pcs = pca_fields(config, seed=seed)
     return {
         "components": len(pcs),
@@ -339,8 +347,6 @@ def span_control(fields: np.ndarray, draws: int = SPAN_DRAWS, seed: int = 0) -> 
     keeps it under rotation; a learned basis does not. Also the span's effective dimension,
     (sum s^2)^2 / sum s^4 over the fields' singular values: the number of directions the fields use.
     """
-    from .analysis import fit_gabor, gabor_summary
-
     flat = np.asarray(fields, dtype=np.float64).reshape(len(fields), -1)
     s = np.linalg.svd(flat, compute_uv=False)
     rng = np.random.default_rng(seed)
@@ -356,89 +362,3 @@ def span_control(fields: np.ndarray, draws: int = SPAN_DRAWS, seed: int = 0) -> 
         "rotated_shares": shares,
         "effective_dimension": float((s**2).sum() ** 2 / max((s**4).sum(), 1e-300)),
     }
-
-
-# ---- the report's sections -----------------------------------------------------------------------
-
-
-def report_sections(model: PCModel, out: Path, seed: int = 0, draws: int = RANDOM_DRAWS) -> dict[str, Any]:
-    """report["level2_fields"], ["autocorrelation"], ["pca_control"]; writes their figures into out."""
-    from . import figures
-
-    acf = autocorrelation(training_images(model.config), seed=seed)
-    figures.save(figures.autocorrelation_figure(acf, model.name), out / "autocorrelation.png")
-    level2 = level2_report(model, draws=draws, seed=seed)
-    if level2 is not None:
-        figures.save(figures.level2_measures_figure(level2, model.name), out / "level2_measures.png")
-    return {"level2_fields": level2, "autocorrelation": acf, "pca_control": pca_control(model.config, seed=seed)}
-
-
-MEASURE_NAMES = {
-    "outside_share": "energy outside the strongest module",
-    "participation": "participation ratio over modules",
-    "elongation": "elongation (energy second moments)",
-    "orientation": "orientation (power-spectrum second moments)",
-    "overlap_agreement": "agreement of neighbouring modules' parts",
-}
-
-
-def markdown(report: dict[str, Any]) -> list[str]:
-    """The report's lines for the level-2 fields, the autocorrelation and the PCA control."""
-    lines = ["## Level-2 fields against random U2", ""]
-    l2 = report.get("level2_fields")
-    if l2 is None:
-        lines.append("Not applicable: the measures need the paper's geometry (modules in a row, a dense level above).")
-    else:
-        lines += [
-            f"Median over the {l2['used']} of {l2['fields']} fields (U1 U2 over the patch) whose columns hold "
-            f"{l2['used_share']:.0%} of U2's squared norm (the other columns have decayed), "
-            f"against {l2['draws']} random U2 whose columns keep the model's norms; p = (1 + #random ≥ model) / "
-            "(1 + draws), p_below the same for ≤. Random fields spread evenly over the modules (noise sets the "
-            "maximum spread); learned fields that span modules do so coherently (agreement).",
-            "",
-            "| measure | model | random mean ± std | p | p_below |",
-            "|---|---:|---:|---:|---:|",
-            *(
-                f"| {MEASURE_NAMES.get(k, k)} | {v['value']:.3f} | {v['random_mean']:.3f} ± {v['random_std']:.3f} "
-                f"| {v['p']:.3f} | {v['p_below']:.3f} |"
-                for k, v in l2["measures"].items()
-            ),
-            "",
-            "![level-2 measures](level2_measures.png)",
-        ]
-    a = report["autocorrelation"]
-
-    def width(v: float | None) -> str:
-        return "> lag 12" if v is None else f"{v:.2f} px"
-
-    lines += [
-        "",
-        "## Autocorrelation of the filtered training photos (the paper's Fig. 4)",
-        "",
-        f"{a['used']} of {a['patches']} random {a['patch_px']}x{a['patch_px']} windows with a dominant orientation "
-        f"(structure-tensor coherence ≥ {a['min_coherence']}); half-width (where the curve falls to 0.5): "
-        f"along the orientation {width(a['half_width_along'])}, across {width(a['half_width_across'])}.",
-        "",
-        "| lag (px) | " + " | ".join(str(v) for v in a["lags"]) + " |",
-        "|---|" + "---:|" * len(a["lags"]),
-        "| along | " + " | ".join(f"{v:.2f}" for v in a["along"]) + " |",
-        "| across | " + " | ".join(f"{v:.2f}" for v in a["across"]) + " |",
-        "",
-        "![autocorrelation](autocorrelation.png)",
-        "",
-        "## PCA control for the level-1 Gabor share",
-        "",
-    ]
-    p = report["pca_control"]
-    lines.append(
-        f"The top {p['components']} principal components of windowed training patches, fitted the same way: "
-        f"{p['good_fits']}/{p['fields']} Gabor-like ({p['share_good']:.0%}), {p['blobs']} blobs, median R² "
-        f"{p['median_r2']:.3f}, {p['orientation_bins']} orientation bins."
-    )
-    span = p.get("span_control")
-    if span is not None:
-        lines.append(
-            f"Random rotations of them (a full-rank code of the same patches that no prior picks a basis for, "
-            f"{span['effective_dimension']:.1f} directions) are {span['rotated_share_median']:.0%} Gabor-like."
-        )
-    return lines

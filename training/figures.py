@@ -19,6 +19,7 @@ from pcmodel import PCModel
 from pcmodel.images import display_maps, place
 
 from . import data
+from .gabor import GaborFit, gabor
 
 DPI = 80  # small committed PNGs
 
@@ -148,10 +149,8 @@ def write_figures(
     return written
 
 
-def gabor_figure(fields: np.ndarray, fits: Sequence, name: str) -> plt.Figure:
+def gabor_figure(fields: np.ndarray, fits: Sequence[GaborFit], name: str) -> plt.Figure:
     """Each level-1 field above its fitted Gabor, labelled with R^2 and the stripe orientation."""
-    from .analysis import gabor
-
     n = len(fields)
     columns = min(n, 8)
     rows = math.ceil(n / columns)

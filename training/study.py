@@ -33,7 +33,7 @@ from pcmodel import ConfigError, ModelConfig
 from pcmodel.cliargs import ArgumentParser, existing_file, fail, output_folder, positive_int
 
 from . import analysis, fields
-from .train import apply_settings
+from .train_args import apply_settings
 
 log = logging.getLogger(__name__)
 

@@ -4,7 +4,8 @@ For each batch: T inference steps on the latents with U fixed (`model.infer`), t
 step U <- U - (k2/2) dE/dU at the settled latents (`model.weight_gradients`, averaged across
 processes under torchrun, then `model.apply_weight_gradients`). All the mathematics lives in
 pcmodel; this module samples data, schedules k2, watches for divergence and writes checkpoints,
-the metrics log and figures.
+the metrics log and figures. The flags and what they give: training/train_args.py; --resume:
+training/resume.py; the run's options and state: training/run_config.py.
 
     pc-train --preset rao-ballard-1999          # the paper, on scikit-image's bundled photos
     pc-train --preset conv-rgb --data photos/   # your own images
@@ -14,7 +15,6 @@ the metrics log and figures.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import logging
@@ -24,8 +24,7 @@ import shlex
 import signal
 import sys
 import time
-from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -33,72 +32,15 @@ import torch
 import torch.distributed as dist
 
 import pcmodel
-from pcmodel import ConfigError, ModelConfig, PCModel
-from pcmodel.cliargs import (
-    ArgumentParser,
-    device_name,
-    existing_file,
-    existing_folder,
-    fail,
-    nonnegative_int,
-    output_folder,
-    positive_float,
-    positive_int,
-)
+from pcmodel import ConfigError, PCModel
+from pcmodel.cliargs import fail
 
-from . import data
+from . import data, resume
 from .metrics import error_sums
+from .run_config import DataSpec, RunState, TrainConfig
+from .train_args import build_parser, model_config, new_run
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class TrainConfig:
-    """Everything besides the model's config that decides a run. Saved in every checkpoint's provenance.
-
-    The fields above the line decide the weights; those below only what is watched and written.
-    """
-
-    updates: int = 3000  # learning steps, one per global batch
-    batch_size: int = 100  # global batch (split evenly across torchrun processes)
-    infer_steps: int | None = None  # T inference steps per batch; None: the model's own (config.steps)
-    seed: int = 0  # initial U and every batch
-    scales: tuple[float, ...] = (1.0,)  # photos are also sampled resized by these factors
-    # ---
-    checkpoint_every: int = 500  # updates between checkpoints (and one at the end)
-    eval_every: int = 100  # updates between held-out evaluations
-    log_every: int = 10  # updates between lines of the metrics log
-    check_every: int = 50  # updates between stability-bound checks (and at each checkpoint)
-    held_out_count: int = 256  # held-out windows evaluated at each eval
-    stability_margin: float = 0.9  # stop when k1 >= margin x the stability bound
-    blowup_factor: float = 10.0  # stop when the energy's moving average exceeds this x its lowest
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "scales", tuple(float(s) for s in self.scales))
-        for name in ("updates", "batch_size", "checkpoint_every", "eval_every", "log_every", "check_every"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or value < 1:
-                raise ConfigError(f"{name} must be a positive int, got {value!r}")
-        if self.infer_steps is not None and self.infer_steps < 1:
-            raise ConfigError(f"infer_steps must be a positive int, got {self.infer_steps!r}")
-        if not self.scales or not all(0 < s <= 1 for s in self.scales):
-            raise ConfigError(f"scales must be factors in (0, 1], got {self.scales}")
-        if not 0 < self.stability_margin <= 1:
-            raise ConfigError(f"stability_margin must be in (0, 1], got {self.stability_margin}")
-
-    WEIGHT_FIELDS = ("batch_size", "infer_steps", "seed", "scales")  # may not change on --resume
-
-
-# Per-preset training defaults, chosen and measured as docs/TRAINING.md records.
-PRESET_TRAINING: dict[str, TrainConfig] = {
-    "rao-ballard-1999": TrainConfig(updates=3000, batch_size=100),
-    # Crops of the photos at full size and resized by 1/2, 1/4 and 1/8, so the model also knows the
-    # coarser structure of a whole photo resized to 32x32 (the service's default for this preset).
-    "conv-rgb": TrainConfig(updates=3000, batch_size=64, scales=(1.0, 0.5, 0.25, 0.125)),
-}
-
-# The paper's schedule: k2 divided by 1.015 every 40 single inputs.
-PAPER_SCHEDULE = {"k2_decay": 1.015, "k2_decay_every": 40, "k2_decay_unit": "inputs"}
 
 
 class Interrupted(Exception):
@@ -111,17 +53,6 @@ class TrainingStopped(RuntimeError):
     def __init__(self, message: str, save: bool) -> None:
         super().__init__(message)
         self.save = save  # whether the current weights are still a loadable model
-
-
-@dataclass
-class RunState:
-    """What a checkpoint must carry, besides the weights, for --resume to continue exactly."""
-
-    step: int = 0  # updates done
-    energy_average: float | None = None  # moving average of the batch energy (blow-up watch)
-    energy_lowest: float | None = None  # its lowest value so far
-    commands: list[str] = field(default_factory=list)  # every command that contributed, in order
-    seconds: float = 0.0  # training time so far, over all commands
 
 
 @dataclass
@@ -198,28 +129,6 @@ class StopRequest:
     @property
     def requested(self) -> bool:
         return self.requested_at is not None
-
-
-@dataclass(frozen=True)
-class DataSpec:
-    """Where the photos come from, as provenance records it."""
-
-    source: str  # "default" (scikit-image's photos) or a folder path
-    held_out: str  # "default" (scikit-learn's sample photos) or a folder path
-
-    def load(self) -> tuple[list[data.Photo], list[data.Photo]]:
-        photos = data.default_photos() if self.source == "default" else _folder(self.source, "--data")
-        held = data.held_out_photos() if self.held_out == "default" else _folder(self.held_out, "--held-out")
-        return photos, held
-
-
-def _folder(path: str, option: str) -> list[data.Photo]:
-    """The readable images of a folder; the unreadable ones are listed in the log and skipped."""
-    photos, skipped = data.folder_photos(path, option=option)
-    for line in skipped:
-        log.warning("%s: skipped unreadable image %s", option, line)
-    log.info("%s: %d image(s) from %s (%d skipped)", option, len(photos), path, len(skipped))
-    return photos
 
 
 class Trainer:
@@ -481,250 +390,8 @@ def _jsonable(value: Any) -> Any:
     return value
 
 
-# ---- configuration from the command line ------------------------------------------------------
-
-
-def apply_settings(config: ModelConfig, settings: Sequence[str]) -> ModelConfig:
-    """Apply `--set key.path=value` overrides (e.g. levels.0.alpha=0.5, learning.k2=0.01) to a config."""
-    tree = json.loads(json.dumps(config.to_dict()))  # plain lists and dicts, every field present
-    for setting in settings:
-        key, sep, text = setting.partition("=")
-        if not sep:
-            raise ConfigError(f"--set {setting!r}: write key=value, e.g. --set levels.0.alpha=0.5")
-        try:
-            value = json.loads(text)
-        except json.JSONDecodeError:
-            value = text
-        node: Any = tree
-        parts = key.split(".")
-        for part in parts[:-1]:
-            if isinstance(node, list):
-                if not (part.isdigit() and int(part) < len(node)):
-                    raise ConfigError(f"--set {key}: {part!r} is not an index 0..{len(node) - 1} (levels count from 0)")
-                node = node[int(part)]
-            else:
-                node = node.get(part) if isinstance(node, dict) else None
-            if node is None:
-                raise ConfigError(f"--set {key}: no such setting; see --print-config for the names")
-        last = parts[-1]
-        if isinstance(node, list) and last.isdigit():
-            node[int(last)] = value
-        elif isinstance(node, dict) and last in node:
-            node[last] = value
-        else:
-            raise ConfigError(f"--set {key}: no such setting; see --print-config for the names")
-    return ModelConfig.from_dict(tree)
-
-
-def _scales(text: str) -> tuple[float, ...]:
-    try:
-        scales = tuple(float(s) for s in text.split(","))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r}: give factors like 1,0.5,0.25") from None
-    if not all(0 < s <= 1 for s in scales):
-        raise argparse.ArgumentTypeError(f"{text!r}: every factor must be in (0, 1], e.g. 1,0.5,0.25")
-    return scales
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = ArgumentParser(
-        prog="pc-train",
-        description="Train a predictive-coding network on natural images (see docs/TRAINING.md).",
-    )
-    source = parser.add_mutually_exclusive_group()
-    source.add_argument("--preset", choices=list(pcmodel.PRESETS), help="a preset (default: conv-rgb)")
-    source.add_argument(
-        "--config",
-        metavar="FILE",
-        type=existing_file,
-        help="a model config as JSON, written with --print-config (default: none)",
-    )
-    source.add_argument(
-        "--resume",
-        metavar="CKPT",
-        type=existing_file,
-        help="continue a run from its checkpoint, exactly (default: a new run)",
-    )
-    parser.add_argument(
-        "--data",
-        metavar="DIR",
-        type=existing_folder,
-        help="folder of training images (default: scikit-image's bundled photos)",
-    )
-    parser.add_argument(
-        "--held-out",
-        metavar="DIR",
-        type=existing_folder,
-        help="folder of held-out images (default: scikit-learn's sample photos)",
-    )
-    parser.add_argument(
-        "--out",
-        metavar="DIR",
-        type=output_folder,
-        help="output folder (default: runs/<model name>; on --resume, the run's folder)",
-    )
-    parser.add_argument(
-        "--updates",
-        metavar="N",
-        type=positive_int,
-        help="learning steps in all, one per batch (default: the preset's, 3000)",
-    )
-    parser.add_argument(
-        "--batch-size",
-        metavar="N",
-        type=positive_int,
-        help="inputs per learning step, over all processes (default: the preset's: 100 paper, 64 conv-rgb)",
-    )
-    parser.add_argument(
-        "--infer-steps", metavar="T", type=positive_int, help="inference steps T per batch (default: the model's steps)"
-    )
-    parser.add_argument(
-        "--seed", metavar="S", type=nonnegative_int, help="seed for the initial weights and the batches (default: 0)"
-    )
-    parser.add_argument(
-        "--scales",
-        metavar="LIST",
-        type=_scales,
-        help="also sample photos resized by these factors, e.g. 1,0.5,0.25 (default: the preset's: 1 paper, "
-        "1,0.5,0.25,0.125 conv-rgb)",
-    )
-    parser.add_argument(
-        "--k1",
-        metavar="X",
-        type=positive_float,
-        help="inference step size, below the stability bound (default: the config's)",
-    )
-    parser.add_argument("--k2", metavar="X", type=positive_float, help="initial learning rate (default: the config's)")
-    parser.add_argument(
-        "--k2-schedule",
-        choices=("preset", "paper", "constant"),
-        default="preset",
-        help="preset: the config's; paper: /1.015 every 40 inputs; constant (default: %(default)s)",
-    )
-    parser.add_argument(
-        "--set", action="append", default=[], metavar="KEY=VALUE", help="override a config value (default: none)"
-    )
-    parser.add_argument(
-        "--checkpoint-every",
-        metavar="N",
-        type=positive_int,
-        help="updates between checkpoints (default: the preset's, 500)",
-    )
-    parser.add_argument(
-        "--eval-every",
-        metavar="N",
-        type=positive_int,
-        help="updates between held-out evaluations (default: the preset's, 100)",
-    )
-    parser.add_argument(
-        "--log-every",
-        metavar="N",
-        type=positive_int,
-        help="updates between metrics-log lines (default: the preset's, 10)",
-    )
-    parser.add_argument(
-        "--check-every",
-        metavar="N",
-        type=positive_int,
-        help="updates between stability checks (default: the preset's, 50)",
-    )
-    parser.add_argument(
-        "--threads",
-        metavar="N",
-        type=positive_int,
-        default=1,
-        help="torch intra-op CPU threads per process (default: %(default)s, which suits a shared machine: on a "
-        "loaded 2-core machine one thread ran 10x faster than torch's choice; raise it on cores of your own)",
-    )
-    parser.add_argument(
-        "--device", type=device_name, help="auto, cpu, cuda or cuda:N (default: auto, cuda when available)"
-    )
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar, log lines only (default: off)")
-    parser.add_argument("--no-figures", action="store_true", help="skip the PNG figures at the end (default: off)")
-    parser.add_argument(
-        "--print-config", action="store_true", help="print the model config as JSON and exit (default: off)"
-    )
-    return parser
-
-
-def _model_config(args: argparse.Namespace) -> ModelConfig:
-    if args.config is not None:
-        try:
-            config = ModelConfig.from_json(args.config.read_text())
-        except OSError as exc:
-            raise ConfigError(f"--config {args.config}: {exc.strerror}") from None
-        except (ValueError, TypeError, KeyError) as exc:  # not JSON, or not a model config
-            raise ConfigError(
-                f"--config {args.config}: not a model config ({exc}); write one with --print-config"
-            ) from None
-    else:
-        config = pcmodel.get_preset(args.preset or "conv-rgb")
-    learning = config.learning
-    if args.k2_schedule == "paper":
-        learning = dataclasses.replace(learning, **PAPER_SCHEDULE)
-    elif args.k2_schedule == "constant":
-        learning = dataclasses.replace(learning, k2_decay=1.0)
-    if args.k2 is not None:
-        learning = dataclasses.replace(learning, k2=args.k2)
-    config = config.replace(learning=learning)
-    if args.k1 is not None:
-        config = config.replace(k1=args.k1)
-    return apply_settings(config, args.set)
-
-
-def _train_config(args: argparse.Namespace, base: TrainConfig) -> TrainConfig:
-    changes = {
-        name: getattr(args, name)
-        for name in ("updates", "batch_size", "infer_steps", "seed", "checkpoint_every", "eval_every", "log_every")
-        if getattr(args, name) is not None
-    }
-    if args.check_every is not None:
-        changes["check_every"] = args.check_every
-    if args.scales is not None:
-        changes["scales"] = args.scales
-    return dataclasses.replace(base, **changes)
-
-
-def _resume(args: argparse.Namespace) -> tuple[PCModel, TrainConfig, RunState, DataSpec]:
-    try:
-        model = pcmodel.load(args.resume)
-    except (pcmodel.CheckpointError, pcmodel.UnstableStepError) as exc:
-        raise ConfigError(f"--resume {exc}") from None
-    training = model.provenance.get("training")
-    if not isinstance(training, dict) or "options" not in training:
-        raise ConfigError(f"--resume {args.resume}: this checkpoint was not written by pc-train (no training state)")
-    fixed = ("preset", "config", "k1", "k2", "set")
-    given = [f"--{n.replace('_', '-')}" for n in fixed if getattr(args, n, None) not in (None, [], False)]
-    if args.k2_schedule != "preset":
-        given.append("--k2-schedule")
-    saved = TrainConfig(**{**training["options"], "scales": tuple(training["options"]["scales"])})
-    for name in TrainConfig.WEIGHT_FIELDS:
-        value = getattr(args, name)
-        if value is not None and value != getattr(saved, name):
-            given.append(f"--{name.replace('_', '-')}")
-    if given:
-        raise ConfigError(
-            f"--resume continues the saved run exactly, so {', '.join(given)} cannot change; "
-            f"start a new run (--preset or --config) to train with other settings"
-        )
-    options = _train_config(args, saved)
-    saved_state = training.get("state", {})
-    state = RunState(
-        step=int(training["step"]),
-        energy_average=saved_state.get("energy_average"),
-        energy_lowest=saved_state.get("energy_lowest"),
-        commands=list(saved_state.get("commands", [])),
-        seconds=float(saved_state.get("seconds", 0.0)),
-    )
-    saved_data = training.get("data", {})
-    spec = DataSpec(
-        source=str(args.data) if args.data else saved_data.get("source", "default"),
-        held_out=str(args.held_out) if args.held_out else saved_data.get("held_out", "default"),
-    )
-    return model, options, state, spec
-
-
 def main(argv: list[str] | None = None) -> int:
+    """pc-train; returns the exit status (2: a mistake in the command, one line on stderr)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
     progress = not args.no_progress and sys.stderr.isatty()
@@ -735,7 +402,7 @@ def main(argv: list[str] | None = None) -> int:
     device = torch.device(automatic if args.device in (None, "auto") else args.device)
     try:
         if args.resume is not None:
-            model, options, state, spec = _resume(args)
+            model, options, state, spec = resume.load_run(args)
             if state.step >= options.updates:
                 print(
                     f"pc-train: nothing to do: {args.resume} is at update {state.step} of {options.updates}; "
@@ -744,35 +411,23 @@ def main(argv: list[str] | None = None) -> int:
                 )
                 return 0
         else:
-            config = _model_config(args)
+            config = model_config(args)
             if args.print_config:
                 print(json.dumps(config.to_dict(), indent=2))
                 return 0
-            base = PRESET_TRAINING.get(config.name, TrainConfig()) if args.config is None else TrainConfig()
-            options = _train_config(args, base)
-            model = pcmodel.create(config, seed=options.seed)
-            state = RunState()
-            spec = DataSpec(
-                source=str(args.data) if args.data else "default",
-                held_out=str(args.held_out) if args.held_out else "default",
-            )
+            model, options, state, spec = new_run(args, config)
         photos, held_out = spec.load()
         data.check_sizes(photos, model.config, spec.source, "--data")
         data.check_sizes(held_out, model.config, spec.held_out, "--held-out")
         if args.resume is not None:
-            saved = model.provenance["training"].get("data", {}).get("fingerprint")
-            if saved is not None and saved != data.fingerprint(photos):
-                raise data.DataError(
-                    f"--resume: the training images differ from the run's (source {spec.source}); "
-                    "give the same --data to continue it, or start a new run"
-                )
+            resume.check_same_photos(model, spec, photos)
     except (ConfigError, data.DataError, pcmodel.CheckpointError, pcmodel.UnstableStepError) as exc:
         return fail("pc-train", str(exc))
     dist_info, device = Distributed.start(device)
     if not dist_info.is_main:
         logging.getLogger().setLevel(logging.WARNING)
     model.to(device)
-    out = args.out or (_run_folder(args.resume) if args.resume is not None else Path("runs") / model.name)
+    out = args.out or (resume.run_folder(args.resume) if args.resume is not None else Path("runs") / model.name)
     state.commands.append("pc-train " + shlex.join(argv))
     try:
         trainer = Trainer(model, options, state, photos, held_out, spec, out, dist_info, progress)
@@ -811,12 +466,6 @@ def main(argv: list[str] | None = None) -> int:
         write_figures(trainer.model, out / "figures", out / "metrics.jsonl", held_out, steps=trainer.steps)
         log.info("figures in %s", out / "figures")
     return code
-
-
-def _run_folder(checkpoint: Path) -> Path:
-    """The run folder a checkpoint belongs to: its folder, or the one above checkpoints/."""
-    folder = checkpoint.parent
-    return folder.parent if folder.name == "checkpoints" else folder
 
 
 def _configure_logging(progress: bool) -> None:

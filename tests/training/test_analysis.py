@@ -1,4 +1,4 @@
-"""pc-analyze: the Gabor fit against known Gabors and noise, the end-stopping experiment, the report."""
+"""pc-analyze: the end-stopping experiment, the report, the command."""
 
 from __future__ import annotations
 
@@ -10,43 +10,12 @@ import pytest
 import torch
 
 import pcmodel
-from training import analysis
-from training.analysis import GaborFit, fit_gabor, gabor
+from training import analysis, measurements
+from training.gabor import GaborFit
+from training.report import end_stopping_markdown, steady_state_markdown
 from training.train import main as train
 
 from .conftest import FAST
-
-
-@pytest.mark.parametrize("carrier_deg", [0, 30, 75, 120])
-def test_gabor_fit_recovers_a_known_gabor(carrier_deg):
-    rng = np.random.default_rng(carrier_deg)
-    yy, xx = np.mgrid[0:16, 0:16].astype(float)
-    carrier = np.radians(carrier_deg)
-    field = gabor(np.array([1.0, 7.0, 8.5, carrier, 2.5, 3.5, 0.15, 0.4, 0.0]), yy, xx)
-    fit = fit_gabor(field + 0.03 * rng.standard_normal(field.shape))
-    assert fit.r2 > 0.95
-    assert fit.frequency == pytest.approx(0.15, rel=0.05)
-    difference = (fit.orientation - (carrier_deg + 90)) % 180
-    assert min(difference, 180 - difference) < 3
-
-
-def test_noise_is_not_gabor_like():
-    rng = np.random.default_rng(0)
-    r2 = [fit_gabor(rng.standard_normal((16, 16))).r2 for _ in range(4)]
-    assert max(r2) < 0.2
-
-
-def test_orientation_bins_are_centred_on_multiples_of_22_5_degrees():
-    def bin_of(orientation):
-        return GaborFit(1, 1, 0, 0, np.radians(orientation - 90), 1, 1, 0.1, 0, 0).orientation_bin
-
-    assert [bin_of(o) for o in (0, 10, 12, 22.5, 90, 170, 179)] == [0, 0, 1, 1, 4, 0, 0]
-
-
-def test_summary_counts_good_fits_and_their_bins():
-    fits = [GaborFit(r2, 1, 0, 0, np.radians(o - 90), 1, 1, 0.1, 0, 0) for r2, o in ((0.9, 0), (0.8, 45), (0.5, 90))]
-    summary = analysis.gabor_summary(fits)
-    assert summary["good_fits"] == 2 and summary["orientation_bins"] == 2 and summary["bins"] == [0, 2]
 
 
 @pytest.fixture
@@ -64,7 +33,7 @@ def test_end_stopping_cells_are_oriented_and_horizontal():
 
     fits = [fit(0.9, 5, 0.3), fit(0.6, 0, 0.3), fit(0.9, 0, 0.05), fit(0.9, 45, 0.3), fit(0.8, 175, 0.2)]
     # 1: poor fit, 2: a blob (no stripes), 3: oblique
-    assert analysis.horizontal_cells(fits) == [0, 4]
+    assert measurements.horizontal_cells(fits) == [0, 4]
 
 
 def _synthetic_fits(horizontal):
@@ -76,7 +45,7 @@ def _synthetic_fits(horizontal):
 def test_end_stopping_report_keys_on_the_papers_geometry(one_thread):
     model = pcmodel.load("rao-ballard-1999")
     fits = _synthetic_fits({6, 17, 29})
-    result = analysis.end_stopping(model, fits, steps=10, steady_steps=30)
+    result = measurements.end_stopping(model, fits, steps=10, steady_steps=30)
     for key in ("summary", "steady"):
         assert set(result[key]) == {
             "cells", "share_end_stopped", "median_feedback", "median_without", "headline_cell", "passes", "steps"
@@ -95,19 +64,19 @@ def test_end_stopping_report_keys_on_the_papers_geometry(one_thread):
     assert len(result["mechanism"]["steady"]["r_td"]) == len(result["lengths"])
     assert result["time_course"]["steps"][-1] == 30 and set(result["time_course"]["served"]) == {"8", "26"}
     assert set(result["surround"]["by_steps"][0]["feedback_ratio"]) == {"none", "iso", "ortho"}
-    text = "\n".join(analysis.end_stopping_markdown(result))
+    text = "\n".join(end_stopping_markdown(result))
     assert "end_stopping_mechanism.png" in text and "surround.png" in text
     conv = pcmodel.create("conv-rgb")
-    assert analysis.end_stopping(conv, _synthetic_fits(set())) is None and analysis.steady_state(conv) is None
-    assert "paper's network only" in "\n".join(analysis.steady_state_markdown(None))
+    assert measurements.end_stopping(conv, _synthetic_fits(set())) is None and measurements.steady_state(conv) is None
+    assert "paper's network only" in "\n".join(steady_state_markdown(None))
 
 
 def test_end_stopping_measures_a_steady_state_by_default(one_thread):
-    assert analysis.END_STOPPING_STEPS >= 1000  # level 2 relaxes with a time constant of ~130 steps
+    assert measurements.END_STOPPING_STEPS >= 1000  # level 2 relaxes with a time constant of ~130 steps
     model = pcmodel.load("rao-ballard-1999")
-    result = analysis.end_stopping(model, _synthetic_fits(set()))  # no candidates: nothing to run for long
+    result = measurements.end_stopping(model, _synthetic_fits(set()))  # no candidates: nothing to run for long
     assert result["summary"]["steps"] == model.config.steps
-    assert result["steady"]["steps"] == max(analysis.END_STOPPING_STEPS, model.config.steps)
+    assert result["steady"]["steps"] == max(measurements.END_STOPPING_STEPS, model.config.steps)
     assert result["summary"]["cells"] == 0 and result["time_course"] is None
 
 

@@ -9,6 +9,7 @@ import torch
 
 import pcmodel
 from training import fields
+from training.gabor import fit_gabor, gabor, gabor_summary
 
 from .conftest import TINY
 
@@ -137,8 +138,6 @@ def test_pca_control_gives_one_field_per_level1_cause():
 
 def _gabors(count: int) -> np.ndarray:
     """Localised Gabors of several orientations at scattered centres (a basis no rotation keeps)."""
-    from training.analysis import gabor
-
     rng = np.random.default_rng(0)
     yy, xx = np.mgrid[0:16, 0:16].astype(np.float64)
     out = []
@@ -152,8 +151,6 @@ def _gabors(count: int) -> np.ndarray:
 def test_span_control_tells_a_learned_basis_from_its_span():
     """Rotations of distinct localised Gabors are mixtures, not Gabors (the share is the basis's); copies
     of one Gabor span one direction, so every rotation is that Gabor again (the share is the span's)."""
-    from training.analysis import fit_gabor, gabor_summary
-
     basis = _gabors(8)
     assert gabor_summary([fit_gabor(f) for f in basis])["share_good"] == 1.0
     distinct = fields.span_control(basis, draws=2)

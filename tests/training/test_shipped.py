@@ -19,7 +19,8 @@ import numpy as np
 import pytest
 
 import pcmodel
-from training import analysis, data, fields, responses
+from training import data, fields, measurements, responses
+from training.gabor import fit_gabor, gabor_summary, level1_fields
 from training.train import main as train
 
 WEIGHTS = Path(pcmodel.__file__).parent / "weights"
@@ -49,12 +50,12 @@ def test_shipped_file_loads_by_name_and_is_stable(name):
 @pytest.mark.slow
 def test_rao_ballard_reproduces_the_papers_fields_and_reconstructs():
     model = pcmodel.load("rao-ballard-1999")
-    fits = [analysis.fit_gabor(f) for f in analysis.level1_fields(model)]
-    summary = analysis.gabor_summary(fits)
+    fits = [fit_gabor(f) for f in level1_fields(model)]
+    summary = gabor_summary(fits)
     assert summary["fields"] == 32
     assert summary["share_good"] >= GABOR_SHARE, summary  # R^2 >= 0.7 and n_x >= 0.1 (blobs excluded)
     assert summary["orientation_bins"] >= 6, summary
-    held = analysis.held_out_reconstruction(model, count=500)
+    held = measurements.held_out_reconstruction(model, count=500)
     assert held["relative_error"] <= 0.2, held
 
 
@@ -63,8 +64,8 @@ def test_rao_ballard_gabor_share_is_its_basis_not_its_span():
     """The share is learned: random rotations of the same fields (the same span, what the window and a
     code without a preferred basis give) are far less Gabor-like, and the fields use many directions."""
     model = pcmodel.load("rao-ballard-1999")
-    share = analysis.gabor_summary([analysis.fit_gabor(f) for f in analysis.level1_fields(model)])["share_good"]
-    span = fields.span_control(np.stack(analysis.level1_fields(model)))
+    share = gabor_summary([fit_gabor(f) for f in level1_fields(model)])["share_good"]
+    span = fields.span_control(np.stack(level1_fields(model)))
     assert span["rotated_share_median"] <= share - 0.3, span  # measured 0.78 against 0.25
     assert span["effective_dimension"] >= 10, span  # measured 12.7 of 32
 
@@ -98,9 +99,9 @@ def test_rao_ballard_settles_every_level_at_its_default_steps():
 def test_rao_ballard_feedback_makes_its_headline_cell_and_half_the_driven_cells_end_stopped():
     """The paper's central effect in the served model (default steps, contrast x1, docs/TRAINING.md)."""
     model = pcmodel.load("rao-ballard-1999")
-    fits = [analysis.fit_gabor(f) for f in analysis.level1_fields(model)]
+    fits = [fit_gabor(f) for f in level1_fields(model)]
     es = responses.end_stopping(
-        model, analysis.horizontal_cells(fits), steps=[model.config.steps], selection_steps=1000, contrasts=(1.0,)
+        model, measurements.horizontal_cells(fits), steps=[model.config.steps], selection_steps=1000, contrasts=(1.0,)
     )
     cells = es["measured"][0]["cells"]
     assert len(cells) >= 2
@@ -125,7 +126,7 @@ def test_rao_ballard_feedback_makes_its_headline_cell_and_half_the_driven_cells_
 def test_conv_rgb_reconstructs_held_out_crops():
     model = pcmodel.load("conv-rgb")
     assert model.config.preprocess.size_mode == "full"
-    held = analysis.held_out_reconstruction(model, count=500)
+    held = measurements.held_out_reconstruction(model, count=500)
     assert held["size"] == [3, 32, 32] and held["steps"] == 100
     assert held["relative_error"] <= 0.1, held
     assert held["image_relative_error"] == pytest.approx(held["relative_error"], rel=1e-6)  # conv: one and the same

@@ -15,7 +15,9 @@ import pytest
 import torch
 
 import pcmodel
-from training.train import TrainConfig, apply_settings, build_parser, main
+from training.run_config import TrainConfig
+from training.train import main
+from training.train_args import apply_settings, build_parser
 
 from .conftest import FAST, TINY
 
