@@ -24,7 +24,7 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
-from benchmarks.bench import Case, check_cases, parse_case
+from benchmarks.cases import Case, check_cases, parse_case
 from benchmarks.timing import time_call
 from pcmodel.cliargs import ArgumentParser, fail, nonnegative_float, positive_int
 
