@@ -186,7 +186,7 @@ def _idea_runners(model: pcmodel.PCModel, x: torch.Tensor, steps: int) -> list[R
 
 
 def _jax_runner(model: pcmodel.PCModel, x: torch.Tensor, steps: int) -> Runner | None:
-    """Case (f): an independent jax.jit of the same network (benchmarks/jax_peer.py), the faster formulation."""
+    """Case (f): the strongest JAX peer (benchmarks/jax_peer.py): the fastest of its variants on this case."""
     try:
         from .jax_peer import jax_runner
     except ImportError as exc:  # pragma: no cover - jax is in the bench extra
@@ -195,7 +195,8 @@ def _jax_runner(model: pcmodel.PCModel, x: torch.Tensor, steps: int) -> Runner |
     start = time.perf_counter()
     call, info = jax_runner(model, x, steps)
     seconds = time.perf_counter() - start
-    note = f"jax {info['jax']}, {info['formulation']}"
+    ms = ", ".join(f"{name} {v:.3g}" for name, v in info["prepare_ms"].items())
+    note = f"jax {info['jax']}, {info['variant']} (variants, ms: {ms})"
     return Runner("jax", call, {"jit compile and choice": seconds}, note)
 
 
