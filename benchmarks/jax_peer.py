@@ -1,18 +1,29 @@
-"""The JAX-jit peer: the same network, weights and energy written independently in jax.numpy.
+"""The JAX peer to beat: the same network, weights and energy written independently in JAX, four ways.
 
 Nothing here comes from pcmodel's hand-derived updates or plans: the energy is built from the config
-the way pcmodel/reference.py builds it in torch (convolutional levels through a transposed
+the way benchmarks/reference.py builds it in torch (convolutional levels through a transposed
 convolution, module and dense levels through patches with the optional Gaussian window, tanh or
-identity f, Gaussian or Cauchy priors, lam weight decay), and inference is `lax.fori_loop` over
-r_l <- r_l - (k1 k1_scale_l / 2) jax.grad(E)(r)_l from the config's initial latents, all inside one `jax.jit`.
+identity f, Gaussian or Cauchy priors, lam weight decay). Every variant runs the T steps
+r_l <- r_l - eta_l dE/dr_l, eta_l = k1 k1_scale_l / 2 (MODEL.md section 2), from the config's initial
+latents, as `lax.fori_loop` inside one `jax.jit`, in float32, and returns the latents and the energy
+trace (T + 1, B), which is what `model.infer` returns too.
 
-Two formulations of the same mathematics:
+The variants (`VARIANTS`), each a formulation a JAX user could reasonably write:
 
-- "batched": E summed over the batch, differentiated once (jax.value_and_grad of the sum);
-- "vmap": the energy of ONE image (no batch axis: module levels are U^T r matrix products), its
-  gradient `jax.vmap`'d over the batch, the way equinox / pcx code is written.
+- "grad": the energy summed over the batch (batched einsums over the modules) and differentiated by
+  `jax.grad`, the autodiff way;
+- "hand": the hand-derived gradient of docs/MODEL.md section 2 (pcmodel.energy.latent_gradients'
+  formula) in einsum / convolution form; the energy comes from the errors the gradient needs anyway;
+- "vmap": the energy of ONE image (no batch axis), its `jax.grad` vmapped over the batch, the way
+  equinox / pcx code is written;
+- "quadratic": for networks whose every f is the identity, E is quadratic in r apart from the Cauchy
+  priors, so dE/dr = H r - b(x) + g'(r) with the Hessian H precomputed (float64, then float32): one
+  (B, n) x (n, n) product per step. A peer that knows the network is linear may do this; pcmodel does
+  (pcmodel/engines/plans.py, QuadraticPlan). H and b's map come from the torch reference energy by
+  autograd in float64, not from pcmodel's plans.
 
-`jax_runner` compiles both, times them and keeps the faster one (`info["formulation"]`).
+`jax_runner` compiles the applicable variants, times them interleaved and keeps the fastest
+(`info["variant"]`): "the strongest JAX" of a cell is the fastest variant at that batch and thread count.
 
 Threads: XLA sizes its CPU thread pools when jax is imported, so the thread count is a property of
 the process. `configure_threads(n)` must run before the first `import jax`; it sets
@@ -23,6 +34,7 @@ intra_op_parallelism_threads=n" otherwise. To compare thread counts, run separat
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import sys
 import time
@@ -32,10 +44,14 @@ from typing import Any
 import numpy as np
 import torch
 
+from benchmarks.reference import reference_energy
 from benchmarks.timing import time_call
 from pcmodel.config import ModelConfig, level_shapes
 
-FORMULATIONS = ("batched", "vmap")
+VARIANTS = ("grad", "hand", "vmap", "quadratic")
+QUADRATIC_MAX_SIZE = 4096  # latents + inputs: above this the dense Hessian (and its float64 build) costs too much
+
+JaxFn = Callable[[Any], tuple[list[Any], Any]]
 
 
 def configure_threads(threads: int) -> str:
@@ -51,6 +67,20 @@ def configure_threads(threads: int) -> str:
     return flags
 
 
+def quadratic_applies(config: ModelConfig, input_hw: Sequence[int]) -> bool:
+    """Whether the "quadratic" variant can run: every f the identity and a Hessian small enough to hold."""
+    if any(lc.f != "identity" for lc in config.levels):
+        return False
+    geoms = level_shapes(config, (int(input_hw[0]), int(input_hw[1])))
+    inputs = config.input_shape[0] * int(input_hw[0]) * int(input_hw[1])
+    return inputs + sum(int(np.prod(g.latent)) for g in geoms) <= QUADRATIC_MAX_SIZE
+
+
+def variants_for(config: ModelConfig, input_hw: Sequence[int]) -> tuple[str, ...]:
+    """The variants that apply to this network at this size."""
+    return tuple(v for v in VARIANTS if v != "quadratic" or quadratic_applies(config, input_hw))
+
+
 def _window(kernel: Sequence[int], sigma: float, channels: int) -> np.ndarray:
     """The Gaussian window per patch entry, channel-major like F.unfold: (D,)."""
     ys = np.arange(kernel[0], dtype=np.float64) - (kernel[0] - 1) / 2
@@ -60,17 +90,28 @@ def _window(kernel: Sequence[int], sigma: float, channels: int) -> np.ndarray:
 
 
 def build_inference(
-    config: ModelConfig, weights: Sequence[torch.Tensor], input_hw: Sequence[int], steps: int, formulation: str
-) -> Callable[[Any], tuple[list[Any], Any]]:
-    """A jitted function x (B, C, H, W) -> (latents [(B, causes, H_l, W_l)], energy (steps + 1, B))."""
+    config: ModelConfig,
+    weights: Sequence[torch.Tensor],
+    input_hw: Sequence[int],
+    steps: int,
+    variant: str,
+    unroll: int = 1,
+) -> JaxFn:
+    """A jitted function x (B, C, H, W) -> (latents [(B, causes, H_l, W_l)], energy (steps + 1, B)).
+
+    `unroll`: lax.fori_loop's unroll factor (several steps per loop iteration in the compiled code).
+    """
     import jax
     import jax.numpy as jnp
     from jax import lax
 
-    if formulation not in FORMULATIONS:
-        raise ValueError(f"unknown formulation {formulation!r}; choose one of {FORMULATIONS}")
-    batched = formulation == "batched"
-    geoms = level_shapes(config, (int(input_hw[0]), int(input_hw[1])))
+    if variant not in VARIANTS:
+        raise ValueError(f"unknown variant {variant!r}; choose one of {VARIANTS}")
+    hw = (int(input_hw[0]), int(input_hw[1]))
+    if variant == "quadratic" and not quadratic_applies(config, hw):
+        raise ValueError("the quadratic variant needs every f the identity and a small network")
+    batched = variant != "vmap"  # every function below takes a batch axis except in the vmap variant
+    geoms = level_shapes(config, hw)
     Us = [jnp.asarray(w.detach().cpu().numpy().astype(np.float32)) for w in weights]
     mats = [U.reshape(U.shape[0], -1) for U in Us]  # (C, D): module / dense levels
     windows = [
@@ -97,6 +138,14 @@ def build_inference(
     def target(i: int, lower: Any) -> Any:
         return lower if config.levels[i].kind == "convolutional" else patches(i, lower)
 
+    def target_adjoint(i: int, error: Any, lower_shape: tuple[int, ...]) -> Any:
+        """t_l^T: level l's target-space error back onto the map below (window, then fold the patches)."""
+        if config.levels[i].kind == "convolutional":
+            return error
+        # t_l is linear: its exact transpose (summing overlapping patches), not a derivative of the energy.
+        (folded,) = jax.linear_transpose(lambda m: target(i, m), jnp.zeros(lower_shape, jnp.float32))(error)
+        return folded
+
     def predict(i: int, r: Any) -> Any:
         """U_l r_l before f, in the level's target space."""
         g = geoms[i]
@@ -105,8 +154,18 @@ def build_inference(
             a = lax.conv_transpose(lhs, Us[i], tuple(g.stride), "VALID", dimension_numbers=dims, transpose_kernel=True)
             return a if batched else a[0]
         if batched:
-            return jnp.matmul(mats[i].T, r.reshape(r.shape[0], r.shape[1], -1))  # (D, C) @ (B, C, M)
+            return jnp.einsum("cd,bcm->bdm", mats[i], r.reshape(r.shape[0], r.shape[1], -1))
         return mats[i].T @ r.reshape(r.shape[0], -1)  # (D, C) @ (C, M)
+
+    def adjoint(i: int, driven: Any) -> Any:
+        """U_l^T: the adjoint of `predict` (batched), onto r_l's shape."""
+        g = geoms[i]
+        if config.levels[i].kind == "convolutional":
+            return lax.conv_general_dilated(driven, Us[i], tuple(g.stride), "VALID", dimension_numbers=dims)
+        return jnp.einsum("cd,bdm->bcm", mats[i], driven).reshape(driven.shape[0], *g.latent)
+
+    def prior_energy(lc: Any, r: Any, axes: Any) -> Any:
+        return lc.alpha * jnp.sum(r * r if lc.prior == "gaussian" else jnp.log1p(r * r), axis=axes)
 
     def energy(first_target: Any, latents: Sequence[Any]) -> Any:
         """E per image: (B,) batched, () for one image."""
@@ -119,11 +178,33 @@ def build_inference(
             p = jnp.tanh(a) if lc.f == "tanh" else a
             e = t - p
             data_axes = tuple(range(1, e.ndim)) if batched else None
-            total = total + jnp.sum(e * e, axis=data_axes) / lc.sigma2
-            prior = r * r if lc.prior == "gaussian" else jnp.log1p(r * r)
-            total = total + lc.alpha * jnp.sum(prior, axis=axes)
+            total = total + jnp.sum(e * e, axis=data_axes) / lc.sigma2 + prior_energy(lc, r, axes)
             lower = r
         return total + decay
+
+    def hand_gradient(first_target: Any, latents: Sequence[Any]) -> tuple[Any, list[Any]]:
+        """(E per image, dE/dr_l) by MODEL.md section 2's formula:
+        dE/dr_l = -(2/sigma_l^2) U_l^T (f' * e_{l-1}) + g_l'(r_l) + (2/sigma_{l+1}^2) t_{l+1}^T(e_l)."""
+        axes = tuple(range(1, latents[0].ndim))
+        errors, total, lower = [], 0.0, None
+        for i, (lc, r) in enumerate(zip(config.levels, latents)):
+            t = first_target if i == 0 else target(i, lower)
+            a = predict(i, r)
+            p = jnp.tanh(a) if lc.f == "tanh" else a
+            e = t - p
+            errors.append((e, e * (1 - p * p) if lc.f == "tanh" else e))  # (error, f' * error)
+            total = total + jnp.sum(e * e, axis=tuple(range(1, e.ndim))) / lc.sigma2 + prior_energy(lc, r, axes)
+            lower = r
+        grads = []
+        for i, (lc, r) in enumerate(zip(config.levels, latents)):
+            grad = adjoint(i, errors[i][1]) * (-2 / lc.sigma2)
+            if lc.alpha:
+                grad = grad + (2 * lc.alpha) * (r if lc.prior == "gaussian" else r / (1 + r * r))
+            if i + 1 < len(config.levels):
+                above = 2 / config.levels[i + 1].sigma2
+                grad = grad + above * target_adjoint(i + 1, errors[i + 1][0], r.shape)
+            grads.append(grad)
+        return total + decay, grads
 
     def initial(x: Any, first_target: Any) -> list[Any]:
         """The config's start: zeros, or feed-forward r_l = U_l^T t_l(r_{l-1}) bottom up (same layout as x)."""
@@ -144,7 +225,10 @@ def build_inference(
             lower = r
         return out
 
-    if batched:
+    if variant == "quadratic":
+        return _quadratic_inference(config, weights, hw, steps, unroll, initial, target, decay, rates)
+
+    if variant == "grad":
 
         def value_grad(first_target: Any, latents: list[Any]) -> tuple[Any, list[Any]]:
             def summed(rs: list[Any]) -> tuple[Any, Any]:
@@ -154,8 +238,10 @@ def build_inference(
             (_, per_image), grads = jax.value_and_grad(summed, has_aux=True)(latents)
             return per_image, grads
 
-        def energies(first_target: Any, latents: list[Any]) -> Any:
-            return energy(first_target, latents)
+        energies = energy
+    elif variant == "hand":
+        value_grad = hand_gradient
+        energies = energy
     else:
         value_grad = jax.vmap(jax.value_and_grad(energy, argnums=1))
         energies = jax.vmap(energy)
@@ -175,8 +261,100 @@ def build_inference(
             e, grads = value_grad(first_target, rs)
             return [r - rate * g for r, g, rate in zip(rs, grads, rates)], tr.at[t].set(e)
 
-        latents, trace = lax.fori_loop(0, steps, body, (latents, trace))
+        latents, trace = lax.fori_loop(0, steps, body, (latents, trace), unroll=unroll)
         return latents, trace.at[steps].set(energies(first_target, latents))
+
+    return run
+
+
+def quadratic_forms(
+    config: ModelConfig, weights: Sequence[torch.Tensor], input_hw: tuple[int, int]
+) -> tuple[np.ndarray, np.ndarray]:
+    """(H, Hzz): the Hessian of E's quadratic part, float64, from the torch reference energy by autograd.
+
+    With every f the identity and the Cauchy priors left out, E - decay is a quadratic form in
+    z = (r flattened level by level, x flattened): E = 1/2 z^T Hzz z. H = Hzz's latent block (Gaussian
+    priors included); dE/dr = H r + Hzx x + g_cauchy'(r), i.e. b(x) = -Hzx x.
+    """
+    quadratic = dataclasses.replace(
+        config,
+        levels=tuple(
+            dataclasses.replace(lc, alpha=0.0, lam=0.0) if lc.prior == "cauchy" else dataclasses.replace(lc, lam=0.0)
+            for lc in config.levels
+        ),
+    )
+    geoms = level_shapes(config, input_hw)
+    sizes = [int(np.prod(g.latent)) for g in geoms]
+    n = sum(sizes)
+    w64 = [w.detach().cpu().double() for w in weights]
+    x_shape = (1, config.input_shape[0], *input_hw)
+
+    def e_of(z: torch.Tensor) -> torch.Tensor:
+        parts = torch.split(z[:n], sizes)
+        latents = [p.reshape(1, *g.latent) for p, g in zip(parts, geoms)]
+        return reference_energy(quadratic, w64, z[n:].reshape(x_shape), latents)[0]
+
+    z0 = torch.zeros(n + int(np.prod(x_shape)), dtype=torch.float64)
+    hzz = torch.autograd.functional.hessian(e_of, z0, vectorize=True).numpy()  # one vmapped pass, not n
+    return hzz[:n, :n], hzz
+
+
+def _quadratic_inference(
+    config: ModelConfig,
+    weights: Sequence[torch.Tensor],
+    hw: tuple[int, int],
+    steps: int,
+    unroll: int,
+    initial: Callable[[Any, Any], list[Any]],
+    target: Callable[[int, Any], Any],
+    decay: float,
+    rates: Sequence[float],
+) -> JaxFn:
+    """The "quadratic" variant: r <- r - eta (r H - b(x) + g_cauchy'(r)), E = 1/2 z^T Hzz z + priors + decay."""
+    import jax
+    import jax.numpy as jnp
+    from jax import lax
+
+    H64, hzz = quadratic_forms(config, weights, hw)
+    geoms = level_shapes(config, hw)
+    sizes = [int(np.prod(g.latent)) for g in geoms]
+    n = sum(sizes)
+    eta = np.concatenate([np.full(s, rate) for s, rate in zip(sizes, rates)])
+    cauchy = np.concatenate(
+        [np.full(s, lc.alpha if lc.prior == "cauchy" else 0.0) for s, lc in zip(sizes, config.levels)]
+    )
+    H = jnp.asarray(H64.astype(np.float32))  # symmetric: r H is (H r^T)^T
+    to_b = jnp.asarray((-hzz[n:, :n]).astype(np.float32))  # (n_x, n): b = x_flat @ to_b
+    half_xx = jnp.asarray((0.5 * hzz[n:, n:]).astype(np.float32))  # E(0, x) = x^T half_xx x
+    eta_j, alpha_j = jnp.asarray(eta.astype(np.float32)), jnp.asarray(cauchy.astype(np.float32))
+    has_cauchy = bool(cauchy.any())
+
+    def prior(r: Any) -> Any:
+        return jnp.sum(alpha_j * jnp.log1p(r * r), axis=1) if has_cauchy else 0.0
+
+    @jax.jit
+    def run(x: Any) -> tuple[list[Any], Any]:
+        batch = x.shape[0]
+        xf = x.reshape(batch, -1)
+        b = xf @ to_b
+        base = jnp.sum((xf @ half_xx) * xf, axis=1) + decay  # E at r = 0
+        start = initial(x, target(0, x))
+        r = jnp.concatenate([s.reshape(batch, -1) for s in start], axis=1)
+        trace = jnp.zeros((steps + 1, batch), dtype=jnp.float32)
+
+        def body(t: Any, carry: tuple[Any, Any]) -> tuple[Any, Any]:
+            r, tr = carry
+            h = r @ H
+            e = base + jnp.sum(r * (0.5 * h - b), axis=1) + prior(r)
+            grad = h - b
+            if has_cauchy:
+                grad = grad + 2 * alpha_j * r / (1 + r * r)
+            return r - eta_j * grad, tr.at[t].set(e)
+
+        r, trace = lax.fori_loop(0, steps, body, (r, trace), unroll=unroll)
+        last = base + jnp.sum(r * (0.5 * (r @ H) - b), axis=1) + prior(r)
+        parts = jnp.split(r, np.cumsum(sizes)[:-1].tolist(), axis=1)
+        return [p.reshape(batch, *g.latent) for p, g in zip(parts, geoms)], trace.at[steps].set(last)
 
     return run
 
@@ -186,50 +364,70 @@ def _to_torch(values: Any) -> torch.Tensor:
 
 
 def jax_infer(
-    model: Any, x: torch.Tensor, steps: int, formulation: str = "batched"
+    model: Any, x: torch.Tensor, steps: int, variant: str = "grad"
 ) -> tuple[list[torch.Tensor], torch.Tensor]:
-    """One inference with the JAX peer: (latents as torch tensors, energy (steps + 1, B))."""
-    fn = build_inference(model.config, model.weights, x.shape[-2:], steps, formulation)
+    """One inference with one JAX variant: (latents as torch tensors, energy (steps + 1, B))."""
+    fn = build_inference(model.config, model.weights, x.shape[-2:], steps, variant)
     latents, trace = fn(x.detach().cpu().numpy().astype(np.float32))
     return [_to_torch(r) for r in latents], _to_torch(trace)
 
 
-def jax_runner(
-    model: Any, x: torch.Tensor, steps: int, formulation: str | None = None, rounds: int = 3
-) -> tuple[Callable[[], list[torch.Tensor]], dict[str, Any]]:
-    """The peer as a timed case: (call() -> latents as torch tensors, info).
-
-    With formulation None both are compiled and timed (best of `rounds` interleaved samples) and the
-    faster one is kept; info has the choice, both timings, the compile times and XLA_FLAGS.
-    """
+def compile_variants(
+    model: Any, x: torch.Tensor, steps: int, variants: Sequence[str] | None = None
+) -> tuple[dict[str, Callable[[], Any]], dict[str, float]]:
+    """Every applicable variant jitted and run once on x: ({variant: call() -> (latents, trace)}, compile s)."""
     import jax
 
     xj = jax.device_put(np.ascontiguousarray(x.detach().cpu().numpy().astype(np.float32)))
-    names = FORMULATIONS if formulation is None else (formulation,)
-    compiled: dict[str, Callable[[], Any]] = {}
-    info: dict[str, Any] = {"jax": jax.__version__, "xla_flags": os.environ.get("XLA_FLAGS", ""), "compile_s": {}}
+    names = variants_for(model.config, x.shape[-2:]) if variants is None else tuple(variants)
+    calls: dict[str, Callable[[], Any]] = {}
+    compile_s: dict[str, float] = {}
     for name in names:
-        fn = build_inference(model.config, model.weights, x.shape[-2:], steps, name)
         start = time.perf_counter()
+        fn = build_inference(model.config, model.weights, x.shape[-2:], steps, name)
         jax.block_until_ready(fn(xj))
-        info["compile_s"][name] = time.perf_counter() - start
+        compile_s[name] = time.perf_counter() - start
 
-        def call(fn: Callable[[Any], Any] = fn) -> Any:
+        def call(fn: JaxFn = fn) -> Any:
             return jax.block_until_ready(fn(xj))
 
-        compiled[name] = call
-    samples: dict[str, list[float]] = {name: [] for name in names}
-    if len(names) > 1:
-        for _ in range(rounds):
-            for name in names:
-                samples[name].append(time_call(compiled[name], 0.1))
-    best = min(names, key=lambda n: min(samples[n]) if samples[n] else 0.0)
-    info["formulation"] = best
-    info["prepare_ms"] = {n: 1e3 * min(s) for n, s in samples.items() if s}
-    chosen = compiled[best]
+        calls[name] = call
+    return calls, compile_s
+
+
+def latents_of(call: Callable[[], Any]) -> Callable[[], list[torch.Tensor]]:
+    """A variant's call returning only its latents, as torch tensors (what the benchmarks compare)."""
 
     def latents() -> list[torch.Tensor]:
-        rs, _ = chosen()
+        rs, _ = call()
         return [_to_torch(r) for r in rs]
 
-    return latents, info
+    return latents
+
+
+def jax_runner(
+    model: Any, x: torch.Tensor, steps: int, variant: str | None = None, rounds: int = 3, min_time: float = 0.1
+) -> tuple[Callable[[], list[torch.Tensor]], dict[str, Any]]:
+    """The strongest JAX as a timed case: (call() -> latents as torch tensors, info).
+
+    With variant None every applicable variant is compiled and timed (median of `rounds` interleaved
+    samples) and the fastest is kept; info has the winner, every variant's ms, the compile times and XLA_FLAGS.
+    """
+    import jax
+
+    calls, compile_s = compile_variants(model, x, steps, None if variant is None else [variant])
+    info: dict[str, Any] = {
+        "jax": jax.__version__,
+        "xla_flags": os.environ.get("XLA_FLAGS", ""),
+        "compile_s": compile_s,
+    }
+    samples: dict[str, list[float]] = {name: [] for name in calls}
+    if len(calls) > 1:
+        for _ in range(rounds):
+            for name, call in calls.items():
+                samples[name].append(time_call(call, min_time))
+    ms = {n: 1e3 * float(np.median(s)) for n, s in samples.items() if s}
+    best = min(calls, key=lambda n: ms.get(n, 0.0))
+    info["variant"] = best
+    info["prepare_ms"] = ms
+    return latents_of(calls[best]), info

@@ -11,6 +11,7 @@ import torch
 import pcmodel
 from benchmarks.bench import DEFAULT_CASES, flops_per_step, main, parse_case
 from benchmarks.reference import reference_energy, reference_infer
+from benchmarks.runners import configure_engine
 from pcmodel import PCModel
 
 from .conftest import KINDS, tiny_config
@@ -90,3 +91,20 @@ def test_pc_bench_has_the_jax_peer_case(capsys):
     assert main([*argv, "--peak-size", "64", "--backends", "reference,onnxruntime,jax", "--json"]) == 0
     results = json.loads(capsys.readouterr().out)["cases"][0]["results"]
     assert results["jax"]["letter"] == "f" and results["jax"]["max_abs_diff"] <= 1e-4
+
+
+def test_pc_bench_profile_reports_ops_and_nodes(capsys):
+    """--profile once failed on a name clash (the engines' `ops` module for the profiler's events)."""
+    argv = ["--case", "rao-ballard-1999:16x26:1", "--steps", "2", "--rounds", "1", "--min-time", "0"]
+    assert main([*argv, "--peak-size", "64", "--backends", "reference", "--profile", "--json"]) == 0
+    (profile,) = json.loads(capsys.readouterr().out)["profiles"]
+    assert profile["torch_ops_per_step"] > 0 and profile["onnxruntime_kernels_per_step"] > 0
+    assert profile["torch"] and profile["onnxruntime"]
+
+
+def test_configure_engine_sets_known_settings_only():
+    model = pcmodel.load("rao-ballard-1999")
+    configure_engine(model, "onnxruntime", sharding=False)
+    assert model.engines.onnxruntime.sharding is False
+    with pytest.raises(AttributeError, match="no setting"):
+        configure_engine(model, "onnxruntime", shardnig=False)
