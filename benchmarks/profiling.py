@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 import pcmodel
+from pcmodel import kinds
 from pcmodel.engines import onnxruntime as ort_engine
 from pcmodel.engines import plans
 from pcmodel.engines.onnx_graph import build_graph
@@ -83,9 +84,9 @@ def op_timings(model: pcmodel.PCModel, x: torch.Tensor, min_time: float) -> dict
         return {}
     U, stride = model.weights[0], level.geometry.stride
     r = torch.randn((x.shape[0], *level.geometry.latent))
-    predict, adjoint, taps = plans.phase_kernels(U, stride)
+    predict, adjoint, taps = kinds.phase_kernels(U, stride)
     pad = tuple(s * (n + m - 1) - h for s, n, m, h in zip(stride, level.geometry.latent[1:], taps, x.shape[-2:]))
-    phases = plans.phase_split(x, stride, pad).contiguous()
+    phases = kinds.phase_split(x, stride, pad).contiguous()
     calls = {
         "conv_transpose2d": lambda: F.conv_transpose2d(r, U, stride=stride),
         "conv2d (stride)": lambda: F.conv2d(x, U, stride=stride),

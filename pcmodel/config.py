@@ -15,6 +15,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
+from .kinds import LEVEL_KINDS, LevelKind
 from .priors import PRIORS as PRIOR_OBJECTS
 
 NONLINEARITIES = ("identity", "tanh")
@@ -32,26 +33,6 @@ NEUTRAL_LEVEL_FIELDS = {"k1_scale": 1.0, "k2_scale": 1.0, "column_norm": None}
 
 class ConfigError(ValueError):
     """A configuration that cannot describe a working network; the message names the fix."""
-
-
-@dataclass(frozen=True)
-class LevelKind:
-    """What a level kind is, for everything that must not test kind names: its geometry's rules."""
-
-    name: str
-    patchwise: bool  # predicts (windowed) patches of the map below, one module each, rather than the summed map
-    whole_map: bool  # its one kernel is the whole map below (no kernel or stride in the config)
-    window: bool  # accepts a Gaussian window on its patches
-
-
-LEVEL_KINDS: dict[str, LevelKind] = {
-    k.name: k
-    for k in (
-        LevelKind("modules", patchwise=True, whole_map=False, window=True),
-        LevelKind("convolutional", patchwise=False, whole_map=False, window=False),
-        LevelKind("dense", patchwise=True, whole_map=True, window=False),
-    )
-}
 
 
 def _pair(value: Any, name: str) -> tuple[int, int] | None:

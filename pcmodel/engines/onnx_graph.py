@@ -240,25 +240,29 @@ class OnnxOps:
     def sum_log(self, a: str) -> str:
         return self._rank_sum("ReduceSum", self.op("Log", a))
 
-    def predict(self, lv: PlanLevel, r: str, weight: str) -> str:
-        if lv.phase:
-            mh, mw = lv.taps
-            return self.op("Conv", r, weight, pads=[mh - 1, mw - 1, mh - 1, mw - 1])
-        if not lv.patchwise:
-            return self.op("ConvTranspose", r, weight, strides=list(lv.stride))
-        causes = lv.level.geometry.latent[0]
-        return self.op("MatMul", weight, self.op("Reshape", r, self.shape(0, causes, -1)))  # (D, C) @ (B, C, M)
-
-    def adjoint(self, lv: PlanLevel, g: str, weight: str) -> str:
-        if lv.phase:
+    def conv(
+        self,
+        x: str,
+        weight: str,
+        stride: tuple[int, int] = (1, 1),
+        pads: tuple[int, int] = (0, 0),
+        taps: tuple[int, int] | None = None,
+    ) -> str:
+        if taps is not None and stride == (1, 1) and pads == (0, 0):
             # conv2d(g, A) as a ConvTranspose of g with A's channel axes swapped and its taps reversed, padded
             # by taps - 1: the same sums, and onnxruntime's ConvTranspose runs these shapes (48 -> 8 channels,
             # 2 x 2 taps) faster than its Conv (measured in docs/PERFORMANCE.md). Folded once as a constant.
-            mh, mw = lv.taps
-            return self.op("ConvTranspose", g, self._swap_and_reverse(weight), pads=[mh - 1, mw - 1, mh - 1, mw - 1])
-        if not lv.patchwise:
-            return self.op("Conv", g, weight, strides=list(lv.stride))
-        return self.op("Reshape", self.op("MatMul", weight, g), self.shape(0, *lv.level.geometry.latent))
+            mh, mw = taps
+            return self.op("ConvTranspose", x, self._swap_and_reverse(weight), pads=[mh - 1, mw - 1, mh - 1, mw - 1])
+        attrs: dict[str, Any] = {}
+        if stride != (1, 1):
+            attrs["strides"] = list(stride)
+        if pads != (0, 0):
+            attrs["pads"] = [pads[0], pads[1], pads[0], pads[1]]
+        return self.op("Conv", x, weight, **attrs)
+
+    def conv_transpose(self, x: str, weight: str, stride: tuple[int, int]) -> str:
+        return self.op("ConvTranspose", x, weight, strides=list(stride))
 
     def _swap_and_reverse(self, weight: str) -> str:  # (C, C0 s^2, mh, mw) -> (C0 s^2, C, mh, mw), taps reversed
         if weight not in self.swapped:
@@ -274,15 +278,11 @@ class OnnxOps:
         geometry = (*lv.level.geometry.lower, *lv.level.geometry.kernel, *lv.stride)
         return self.weight("unfold_" + "x".join(map(str, geometry)), lv.unfold)
 
-    def target(self, lv: PlanLevel, lower: str) -> str:
-        if not lv.patchwise:
-            return lower
+    def patches(self, lower: str, lv: PlanLevel) -> str:
         patches = self.op("Conv", lower, self._unfold(lv), strides=list(lv.stride))  # windowed patches
         return self.op("Reshape", patches, self.shape(0, lv.level.geometry.patch_size, -1))  # (B, D, M)
 
-    def target_adjoint(self, lv: PlanLevel, e: str) -> str:
-        if not lv.patchwise:
-            return e
+    def fold_patches(self, e: str, lv: PlanLevel) -> str:
         grid = lv.level.geometry.latent[1:]
         e4 = self.op("Reshape", e, self.shape(0, lv.level.geometry.patch_size, *grid))
         return self.op("ConvTranspose", e4, self._unfold(lv), strides=list(lv.stride))
@@ -305,11 +305,11 @@ class OnnxOps:
         merged = self.op("Reshape", merged, self.shape(0, c0, ph * sh, pw * sw))
         return self.op("Slice", merged, self.shape(0, 0), self.shape(h, w), self.shape(2, 3))
 
-    def patches_to_map(self, lv: PlanLevel, patches: str) -> str:
+    def patches_to_map(self, patches: str, lv: PlanLevel) -> str:
         # The least-squares average of the overlapping (windowed) module predictions: t^T(p) / t^T(t(1)).
         ones = torch.ones((1, *lv.level.geometry.lower), dtype=torch.float64)
         weight = lv.level.target_adjoint(lv.level.target(ones)).to(torch.float32).numpy()
-        return self.op("Div", self.target_adjoint(lv, patches), self.const(weight))
+        return self.op("Div", self.fold_patches(patches, lv), self.const(weight))
 
 
 def build_graph(plan: Plan, steps: int, *, outputs: Sequence[str] = OUTPUTS, init: bool = False) -> onnx.ModelProto:

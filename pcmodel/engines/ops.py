@@ -2,9 +2,9 @@
 
 Two implementations: `TorchOps` computes eagerly (the torch backend, and what a CUDA graph captures);
 `pcmodel.engines.onnx_graph.OnnxOps` appends ONNX nodes. Besides elementwise algebra and per-image
-reductions, the layer knows each plan level's linear maps: its prediction U r, the adjoint U^T g, its
-target t(lower) and the target's adjoint, and the phase split of a convolutional level 1.
-Methods ending in `_` may overwrite their first argument.
+reductions, the layer has the primitives the level kinds write their maps with (pcmodel.kinds):
+matmul, convolutions, a level's windowed patches and their fold, the phase split of a convolutional
+level 1. Methods ending in `_` may overwrite their first argument.
 """
 
 from __future__ import annotations
@@ -16,7 +16,8 @@ from typing import Any, Protocol
 import torch
 import torch.nn.functional as F
 
-from .plans import PlanLevel, phase_merge, phase_split
+from ..kinds import phase_merge, phase_split
+from .plans import PlanLevel
 
 
 class Ops(Protocol):
@@ -54,13 +55,16 @@ class Ops(Protocol):
     def slope_error_(self, p: Any, e: Any) -> Any: ...
     def sum_squares(self, a: Any) -> Any: ...
     def sum_log(self, a: Any) -> Any: ...
-    def predict(self, lv: PlanLevel, r: Any, weight: Any) -> Any: ...
-    def adjoint(self, lv: PlanLevel, g: Any, weight: Any) -> Any: ...
-    def target(self, lv: PlanLevel, lower: Any) -> Any: ...
-    def target_adjoint(self, lv: PlanLevel, e: Any) -> Any: ...
-    def phase_split(self, x: torch.Tensor, lv: PlanLevel) -> Any: ...
+    # The primitives the level kinds' maps are written with (pcmodel.kinds: run_predict, ...).
+    def conv(
+        self, x: Any, weight: Any, stride: tuple[int, int] = ..., pads: tuple[int, int] = ..., taps: Any = ...
+    ) -> Any: ...
+    def conv_transpose(self, x: Any, weight: Any, stride: tuple[int, int]) -> Any: ...
+    def patches(self, lower: Any, lv: PlanLevel) -> Any: ...
+    def fold_patches(self, e: Any, lv: PlanLevel) -> Any: ...
+    def phase_split(self, x: Any, lv: PlanLevel) -> Any: ...
     def phase_merge(self, phases: Any, lv: PlanLevel) -> Any: ...
-    def patches_to_map(self, lv: PlanLevel, patches: Any) -> Any: ...
+    def patches_to_map(self, patches: Any, lv: PlanLevel) -> Any: ...
 
 
 class TorchOps:
@@ -179,29 +183,24 @@ class TorchOps:
     def sum_log(self, a: torch.Tensor) -> torch.Tensor:
         return torch.log(a).reshape(a.shape[0], -1).sum(1)
 
-    def predict(self, lv: PlanLevel, r: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        if lv.phase:
-            a = F.conv2d(self._op(r), self._op(weight), padding=(lv.taps[0] - 1, lv.taps[1] - 1))
-        elif not lv.patchwise:
-            a = F.conv_transpose2d(self._op(r), self._op(weight), stride=lv.stride)
-        else:
-            a = self._op(weight) @ self._op(r).flatten(2)  # (D, C) @ (B, C, M)
-        return self._back(a, r)
+    def conv(
+        self,
+        x: torch.Tensor,
+        weight: torch.Tensor,
+        stride: tuple[int, int] = (1, 1),
+        pads: tuple[int, int] = (0, 0),
+        taps: tuple[int, int] | None = None,
+    ) -> torch.Tensor:
+        return self._back(F.conv2d(self._op(x), self._op(weight), stride=stride, padding=pads), x)
 
-    def adjoint(self, lv: PlanLevel, g: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        if lv.phase:
-            u = F.conv2d(self._op(g), self._op(weight))
-        elif not lv.patchwise:
-            u = F.conv2d(self._op(g), self._op(weight), stride=lv.stride)
-        else:
-            u = (self._op(weight) @ self._op(g)).reshape(g.shape[0], *lv.level.geometry.latent)
-        return self._back(u, g)
+    def conv_transpose(self, x: torch.Tensor, weight: torch.Tensor, stride: tuple[int, int]) -> torch.Tensor:
+        return self._back(F.conv_transpose2d(self._op(x), self._op(weight), stride=stride), x)
 
-    def target(self, lv: PlanLevel, lower: torch.Tensor) -> torch.Tensor:
-        return lv.level.target(lower).contiguous() if lv.patchwise else lower
+    def patches(self, lower: torch.Tensor, lv: PlanLevel) -> torch.Tensor:
+        return lv.level.target(lower).contiguous()
 
-    def target_adjoint(self, lv: PlanLevel, e: torch.Tensor) -> torch.Tensor:
-        return lv.level.target_adjoint(e) if lv.patchwise else e
+    def fold_patches(self, e: torch.Tensor, lv: PlanLevel) -> torch.Tensor:
+        return lv.level.target_adjoint(e)
 
     def phase_split(self, x: torch.Tensor, lv: PlanLevel) -> torch.Tensor:
         return phase_split(x, lv.stride, lv.pad).contiguous()
@@ -209,5 +208,5 @@ class TorchOps:
     def phase_merge(self, phases: torch.Tensor, lv: PlanLevel) -> torch.Tensor:
         return phase_merge(phases, lv.level.geometry.lower[0], lv.stride, lv.level.geometry.lower[1:])
 
-    def patches_to_map(self, lv: PlanLevel, patches: torch.Tensor) -> torch.Tensor:
+    def patches_to_map(self, patches: torch.Tensor, lv: PlanLevel) -> torch.Tensor:
         return lv.level.to_lower_map(patches)

@@ -19,7 +19,8 @@ and every backend runs that program (eagerly, captured in a CUDA graph, or as an
   convolution U r becomes an ordinary small convolution (kernel ceil(k/stride)) and U^T e another one,
   both stride 1, with no ConvTranspose and no shuffling inside the loop.
 
-Level kinds keep the config's names (modules, convolutional, dense); `phase` marks the layout.
+What a level of a levelwise plan holds comes from its kind (pcmodel.kinds: `plan_maps`); `phase` marks
+a convolutional level 1 in phase layout.
 """
 
 from __future__ import annotations
@@ -30,10 +31,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 
 from ..config import ModelConfig, level_shapes
 from ..energy import LevelRates, step_rates
+from ..kinds import LevelKind
 from ..levels import Level
 from ..parameters import Params, level_weights
 from ..priors import PRIORS, Prior
@@ -95,13 +96,13 @@ class QuadraticPlan:
 class PlanLevel:
     """One level of a levelwise plan: its linear maps with the step size folded in, and its scalars."""
 
-    patchwise: bool  # modules and dense levels predict windowed patches (B, D, M) rather than a map
+    kind: LevelKind  # its maps in the program (pcmodel.kinds)
     phase: bool  # a convolutional level 1 in phase layout (its target is x split into sub-pixel phases)
     level: Level  # the definition's geometry (targets and adjoints of module levels)
     predict: torch.Tensor  # phase: W (C0 s^2, C, mh, mw); convolutional: U; modules, dense: U^T (D, C)
     adjoint: torch.Tensor  # U^T scaled by rates.adjoint (= eta 2/sigma^2): conv kernels or (C, D)
     feedforward: torch.Tensor | None  # unscaled adjoint for feed-forward initial latents, else None
-    unfold: torch.Tensor | None  # module levels: one-hot x window kernel (D, C_low, kh, kw) for ONNX
+    unfold: torch.Tensor | None  # patch kinds: one-hot x window kernel (D, C_low, kh, kw) for ONNX
     tanh: bool
     sigma2: float
     prior: Prior
@@ -111,6 +112,10 @@ class PlanLevel:
     stride: tuple[int, int] = (1, 1)  # (sh, sw): the level's stride, also the phase split's
     taps: tuple[int, int] = (1, 1)  # (mh, mw) = ceil(k / s) (phase layout)
     pad: tuple[int, int] = (0, 0)  # zeros added below / right of x before the phase split
+
+    @property
+    def patchwise(self) -> bool:
+        return self.kind.patchwise
 
 
 @dataclass
@@ -269,50 +274,6 @@ def _target_matrix(level: Level, lower: tuple[int, ...]) -> torch.Tensor:
     return level.target(torch.eye(size, dtype=torch.float64).reshape(size, *lower)).flatten(1)
 
 
-def phase_split(x: torch.Tensor, stride: tuple[int, int], pad: tuple[int, int]) -> torch.Tensor:
-    """(B, C, H, W) -> (B, C sh sw, (H + pad_h) / sh, (W + pad_w) / sw): the sub-pixel phases as channels."""
-    if pad != (0, 0):
-        x = F.pad(x, (0, pad[1], 0, pad[0]))
-    b, c, h, w = x.shape
-    sh, sw = stride
-    x = x.reshape(b, c, h // sh, sh, w // sw, sw).permute(0, 1, 3, 5, 2, 4)
-    return x.reshape(b, c * sh * sw, h // sh, w // sw)
-
-
-def phase_merge(p: torch.Tensor, channels: int, stride: tuple[int, int], hw: Sequence[int]) -> torch.Tensor:
-    """Inverse of `phase_split`, cropped to hw."""
-    b, _, ph, pw = p.shape
-    sh, sw = stride
-    x = p.reshape(b, channels, sh, sw, ph, pw).permute(0, 1, 4, 2, 5, 3).reshape(b, channels, ph * sh, pw * sw)
-    return x[:, :, : hw[0], : hw[1]]
-
-
-def phase_kernels(U: torch.Tensor, stride: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor, tuple[int, int]]:
-    """Kernels of conv_transpose2d(r, U, stride) and conv2d(e, U, stride) in phase layout.
-
-    Output pixel (s i + a) receives r[i - p] U[s p + a] for p < m = ceil(k / s): a stride-1 convolution
-    of r (padded by m - 1) with the flipped taps gives every phase a as its own channel; the adjoint is
-    the unflipped stride-1 convolution of the phases. U is zero-padded to s m taps.
-    """
-    c, c0, kh, kw = U.shape
-    sh, sw = stride
-    mh, mw = -(-kh // sh), -(-kw // sw)
-    padded = F.pad(U, (0, sw * mw - kw, 0, sh * mh - kh)).reshape(c, c0, mh, sh, mw, sw)
-    predict = padded.permute(1, 3, 5, 0, 2, 4).flip(-1, -2).reshape(c0 * sh * sw, c, mh, mw)
-    adjoint = padded.permute(0, 1, 3, 5, 2, 4).reshape(c, c0 * sh * sw, mh, mw)
-    return predict.contiguous(), adjoint.contiguous(), (mh, mw)
-
-
-def _unfold_kernel(level: Level) -> torch.Tensor:
-    """F.unfold (times the window) as a convolution kernel (D, C_low, kh, kw): what ONNX can run."""
-    c0 = level.geometry.lower[0]
-    kh, kw = level.geometry.kernel
-    d = c0 * kh * kw
-    kernel = torch.eye(d, dtype=torch.float64).reshape(d, c0, kh, kw)
-    window = level.window(torch.float64, torch.device("cpu"))
-    return kernel if window is None else kernel * window.reshape(d, 1, 1, 1)
-
-
 def _levelwise_plan(
     config: ModelConfig, weights: Sequence[torch.Tensor], hw: tuple[int, int], dtype: torch.dtype, device: torch.device
 ) -> LevelwisePlan:
@@ -326,39 +287,24 @@ def _levelwise_plan(
     for i, (level, U, rates) in enumerate(zip(levels, weights, step_rates(config))):
         lc = level.config
         U = U.detach().to(device="cpu", dtype=torch.float64)
-        stride = level.geometry.stride
-        extra: dict = {}
-        unfold = None
-        phase = not lc.kind_info.patchwise and i == 0
-        if phase:
-            predict, adjoint, taps = phase_kernels(U, stride)
-            lower = level.geometry.lower
-            latent = level.geometry.latent[1:]
-            pad = tuple(s * (n + m - 1) - size for s, n, m, size in zip(stride, latent, taps, lower[1:]))
-            extra = dict(taps=taps, pad=pad)
-        elif not lc.kind_info.patchwise:
-            predict, adjoint = U, U
-        else:
-            matrix = U.reshape(U.shape[0], -1)  # (C, D)
-            predict, adjoint = matrix.T, matrix
-            unfold = _unfold_kernel(level)
+        maps = level.kind.plan_maps(level, U, first=i == 0)
         out.append(
             PlanLevel(
-                patchwise=lc.kind_info.patchwise,
-                phase=phase,
+                kind=level.kind,
+                phase=maps.phase,
                 level=level,
-                predict=cast(predict),
-                adjoint=cast(adjoint * rates.adjoint),
-                feedforward=cast(adjoint) if feedforward else None,
-                unfold=None if unfold is None else cast(unfold),
+                predict=cast(maps.predict),
+                adjoint=cast(maps.adjoint * rates.adjoint),
+                feedforward=cast(maps.adjoint) if feedforward else None,
+                unfold=None if maps.unfold is None else cast(maps.unfold),
                 tanh=lc.f == "tanh",
                 sigma2=lc.sigma2,
                 prior=PRIORS[lc.prior],
                 alpha=lc.alpha,
                 rates=rates,
                 lam_energy=lc.lam * float(U.square().sum()),
-                stride=stride,
-                **extra,
+                stride=level.geometry.stride,
+                **maps.extra,
             )
         )
     return LevelwisePlan(

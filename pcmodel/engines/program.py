@@ -18,7 +18,7 @@ from typing import Any
 
 from ..results import EngineRun
 from .ops import Ops
-from .plans import LevelwisePlan, Plan, PlanLevel, QuadraticPlan
+from .plans import LevelwisePlan, Plan, QuadraticPlan
 
 
 def run_program(ops: Ops, plan: Plan, x: Any, steps: int, r0: Sequence[Any] | None = None) -> EngineRun:
@@ -82,17 +82,18 @@ def levelwise_program(ops: Ops, plan: LevelwisePlan, x: Any, steps: int, r0: Seq
     first = levels[0]
     predict = [ops.weight(f"predict{i}", lv.predict) for i, lv in enumerate(levels)]
     adjoint = [ops.weight(f"adjoint{i}", lv.adjoint) for i, lv in enumerate(levels)]
-    first_target = ops.phase_split(x, first) if first.phase else ops.target(first, x)
+    first_target = first.kind.run_target(ops, first, x)  # the level kinds' maps: pcmodel.kinds
 
     def target(i: int, lower: Any) -> Any:
-        return first_target if i == 0 else ops.target(levels[i], lower)
+        return first_target if i == 0 else levels[i].kind.run_target(ops, levels[i], lower)
 
     latents: list[Any] = [] if r0 is None else list(r0)
     for i, lv in enumerate(levels if r0 is None else ()):
         if lv.feedforward is None:
             r = ops.zeros_latents(x, lv.level.geometry.latent)
         else:
-            r = ops.adjoint(lv, target(i, latents[-1] if latents else x), ops.weight(f"feedforward{i}", lv.feedforward))
+            lower = target(i, latents[-1] if latents else x)
+            r = lv.kind.run_adjoint(ops, lv, lower, ops.weight(f"feedforward{i}", lv.feedforward))
         latents.append(r)
 
     squared: list[list[Any]] = [[] for _ in levels]  # |e_l|^2 per image, per step
@@ -100,7 +101,7 @@ def levelwise_program(ops: Ops, plan: LevelwisePlan, x: Any, steps: int, r0: Seq
     for t in range(steps + 1):
         predictions, errors, reused = [], [], []
         for i, lv in enumerate(levels):
-            p = ops.predict(lv, latents[i], predict[i])
+            p = lv.kind.run_predict(ops, lv, latents[i], predict[i])
             if lv.tanh:
                 p = ops.tanh_(p)
             e = ops.sub(target(i, latents[i - 1] if i else None), p)
@@ -118,10 +119,11 @@ def levelwise_program(ops: Ops, plan: LevelwisePlan, x: Any, steps: int, r0: Seq
         for i, lv in enumerate(levels):
             e, r = errors[i], latents[i]
             d = ops.slope_error_(predictions[i], e) if lv.tanh else e  # e (1 - p^2); p is dead after
-            u = ops.adjoint(lv, d, adjoint[i])  # (eta 2/sigma^2) U^T d
+            u = lv.kind.run_adjoint(ops, lv, d, adjoint[i])  # (eta 2/sigma^2) U^T d
             u = lv.prior.step(ops, u, r, lv.rates.kappa, reused[i]) if lv.alpha > 0 else ops.add_(u, r)
             if i + 1 < count:
-                u = ops.add_scaled_(u, ops.target_adjoint(levels[i + 1], errors[i + 1]), -lv.rates.above)
+                above = levels[i + 1]
+                u = ops.add_scaled_(u, above.kind.run_target_adjoint(ops, above, errors[i + 1]), -lv.rates.above)
             updated.append(u)
         latents = updated
 
@@ -130,15 +132,7 @@ def levelwise_program(ops: Ops, plan: LevelwisePlan, x: Any, steps: int, r0: Seq
         energy = ops.add(energy, ops.scale(ops.stack(squared[i]), 1 / lv.sigma2))  # (T+1, B)
         if priors[i]:
             energy = ops.add(energy, ops.scale(ops.stack(priors[i]), lv.alpha))
-    if first.phase:
-        predictions[0] = ops.phase_merge(predictions[0], first)
-        errors[0] = ops.phase_merge(errors[0], first)
-    reconstruction = _reconstruction(ops, first, predictions[0])
+    predictions[0] = first.kind.run_layout(ops, first, predictions[0])
+    errors[0] = first.kind.run_layout(ops, first, errors[0])
+    reconstruction = first.kind.run_reconstruction(ops, first, predictions[0])
     return EngineRun(latents, energy, predictions, errors, reconstruction)
-
-
-def _reconstruction(ops: Ops, first: PlanLevel, prediction: Any) -> Any:
-    """f(U_1 r_1) on the input grid; module levels: the least-squares average of overlapping predictions."""
-    if not first.patchwise:
-        return prediction
-    return ops.patches_to_map(first, prediction)

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 import pcmodel
-from pcmodel import PCModel
+from pcmodel import PCModel, kinds
 from pcmodel.engines import SPECS, plans
 from pcmodel.engines import onnxruntime as ort_engine
 
@@ -110,14 +110,14 @@ def test_phase_layout_equals_the_strided_convolutions(kernel, stride, size, gene
     latent = [(n - k) // s + 1 for n, k, s in zip(size, kernel, stride)]
     r = torch.randn((2, 4, *latent), generator=generator, dtype=torch.float64)
     e = torch.randn((2, 3, *size), generator=generator, dtype=torch.float64)
-    predict, adjoint, taps = plans.phase_kernels(U, stride)
+    predict, adjoint, taps = kinds.phase_kernels(U, stride)
     pad = tuple(s * (n + m - 1) - h for s, n, m, h in zip(stride, latent, taps, size))
     phases = F.conv2d(r, predict, padding=(taps[0] - 1, taps[1] - 1))
-    merged = plans.phase_merge(phases, 3, stride, size)
+    merged = kinds.phase_merge(phases, 3, stride, size)
     torch.testing.assert_close(merged, F.conv_transpose2d(r, U, stride=stride), rtol=1e-12, atol=1e-12)
-    split = plans.phase_split(e, stride, pad)
+    split = kinds.phase_split(e, stride, pad)
     torch.testing.assert_close(F.conv2d(split, adjoint), F.conv2d(e, U, stride=stride), rtol=1e-12, atol=1e-12)
-    torch.testing.assert_close(plans.phase_merge(split, 3, stride, size), e, rtol=0, atol=0)
+    torch.testing.assert_close(kinds.phase_merge(split, 3, stride, size), e, rtol=0, atol=0)
 
 
 def test_automatic_rule_and_its_fallbacks(generator):
