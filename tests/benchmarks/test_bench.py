@@ -105,6 +105,6 @@ def test_pc_bench_profile_reports_ops_and_nodes(capsys):
 def test_configure_engine_sets_known_settings_only():
     model = pcmodel.load("rao-ballard-1999")
     configure_engine(model, "onnxruntime", sharding=False)
-    assert model.engines.onnxruntime.sharding is False
+    assert model.engines.backend("onnxruntime").sharding is False
     with pytest.raises(AttributeError, match="no setting"):
         configure_engine(model, "onnxruntime", shardnig=False)
