@@ -60,13 +60,15 @@ def _pool(workers: int) -> ThreadPoolExecutor:
     return ThreadPoolExecutor(workers, thread_name_prefix="pcmodel-numba")
 
 
-def _parallel(fn: Any, batch: int, threads: int, *args: Any) -> None:
-    """fn(*args, lo, hi) over contiguous row ranges, one per thread (the kernels release the GIL)."""
+def _parallel(fn: Any, batch: int, threads: int, *args: Any, align: int = 1) -> None:
+    """fn(*args, lo, hi) over contiguous row ranges, one per thread (the kernels release the GIL); the
+    ranges start at multiples of `align` where the batch has that many rows per thread."""
     if threads <= 1 or batch <= 1:
         fn(*args, 0, batch)
         return
     parts = min(threads, batch)
-    edges = [round(i * batch / parts) for i in range(parts + 1)]
+    align = align if batch >= align * parts else 1
+    edges = [min(batch, align * round(i * batch / parts / align)) for i in range(parts + 1)]
     ranges = [(lo, hi) for lo, hi in itertools.pairwise(edges) if hi > lo]
     if len(ranges) == 1:
         fn(*args, 0, batch)
@@ -101,20 +103,33 @@ def quadratic_steps(
     The whole history, for the tests and the compile in `prepare`; `settle` (what `run` uses) keeps one
     chunk of steps at a time.
     """
-    dtype = step.dtype
+    m, cp, qp = _step_args(step, c, qinv)
     batch, n = c.shape
-    states = np.empty((steps + 1, batch, n), dtype=dtype)
-    drives = np.empty((steps + 1, batch, n), dtype=dtype)
-    states[0] = 0 if s0 is None else s0
-    args = _step_args(step, c, qinv)
-    _parallel(_kernels()[1], batch, threads, *args, steps + 1, True, states, drives)
-    return states, drives
+    states = np.zeros((steps + 1, batch, m.shape[1]), dtype=m.dtype)
+    drives = np.empty((steps + 1, batch, m.shape[1]), dtype=m.dtype)
+    if s0 is not None:
+        states[0, :, :n] = s0
+    _parallel(_kernels()[1], batch, threads, m, cp, qp, steps + 1, True, states, drives, align=8)
+    return states[..., :n], drives[..., :n]
 
 
-def _step_args(step: np.ndarray, c: np.ndarray, qinv: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, bool]:
-    """The step kernel's leading arguments (M, c, qinv, whether any entry is Cauchy), contiguous."""
-    arrays = (np.ascontiguousarray(a, dtype=step.dtype) for a in (step, c, qinv))
-    return (*arrays, bool(np.isfinite(qinv).any()))
+def padded(n: int) -> int:
+    """n rounded up to the step kernel's block of columns (32)."""
+    return -(-n // 32) * 32
+
+
+def _step_args(step: np.ndarray, c: np.ndarray, qinv: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The step kernel's leading arguments (M, c, qinv), contiguous, their columns padded to `padded(n)`
+    (M's and c's with zeros, qinv's with inf: the padding's states and drives stay 0)."""
+    n = step.shape[1]
+    width = padded(n)
+    m = np.zeros((n, width), dtype=step.dtype)
+    m[:, :n] = step
+    cp = np.zeros((c.shape[0], width), dtype=step.dtype)
+    cp[:, :n] = c
+    qp = np.full(width, np.inf, dtype=step.dtype)
+    qp[:n] = qinv
+    return m, cp, qp
 
 
 def settle(
@@ -132,28 +147,32 @@ def settle(
     carries over. Each step's arithmetic is the same whatever the chunking, so the result is too.
     """
     batch, n = c.shape
-    dtype = t["step"].dtype
     step_args = _step_args(t["step"], c, t["qinv"])
-    has_cauchy = step_args[-1]
-    chunk = min(steps + 1, chunk_steps(batch, n))
-    states = np.empty((chunk + 1, batch, n), dtype=dtype)  # s_t0 .. s_t0+chunk
-    drives = np.empty((chunk, batch, n), dtype=dtype)
-    logs = np.empty((chunk, batch, n), dtype=dtype) if has_cauchy else states
+    width = step_args[0].shape[1]
+    has_cauchy = bool(np.isfinite(t["qinv"]).any())
+    chunk = min(steps + 1, chunk_steps(batch, width))
+    dtype = t["step"].dtype
+    states = np.zeros((chunk + 1, batch, width), dtype=dtype)  # s_t0 .. s_t0+chunk
+    drives = np.empty((chunk, batch, width), dtype=dtype)
+    logs = np.empty((chunk, batch, width), dtype=dtype) if has_cauchy else states
     energy = np.empty((steps + 1, batch), dtype=dtype)
-    states[0] = 0 if s0 is None else s0
+    if s0 is not None:
+        states[0, :, :n] = s0
+    scale2 = np.zeros(width, dtype=dtype)
+    scale2[:n] = t["scale2"]
     kernels = _kernels()
     for t0 in range(0, steps + 1, chunk):
         count = min(chunk, steps + 1 - t0)
         last = t0 + count == steps + 1
-        _parallel(kernels[1], batch, threads, *step_args, count, last, states, drives)
+        _parallel(kernels[1], batch, threads, *step_args, count, last, states, drives, align=8)
         if has_cauchy:  # log(1 + (s scale)^2), numpy's elementwise log1p (one code path for every entry)
             part = logs[:count]
-            np.multiply(np.square(states[:count], out=part), t["scale2"], out=part)
+            np.multiply(np.square(states[:count], out=part), scale2, out=part)
             np.log1p(part, out=part)
         history = (states[:count], drives[:count], c, t["energy_weight"], logs[:count], t["prior_alpha"])
         _parallel(kernels[2], batch, threads, *history, base, has_cauchy, energy[t0 : t0 + count])
         if last:
-            return states[count - 1].copy(), energy
+            return states[count - 1, :, :n].copy(), energy
         states[0] = states[count]
     raise AssertionError("unreachable: the last chunk returns")
 
@@ -248,7 +267,8 @@ class NumbaBackend:
         start = time.perf_counter()
         _kernels()
         m = np.eye(5, dtype=np.float32)
-        quadratic_steps(m, np.ones((5, 5), np.float32), None, np.full(5, 4.0, np.float32), 1)
+        for rows in (1, 8):  # both kernels
+            quadratic_steps(m, np.ones((rows, 5), np.float32), None, np.full(5, 4.0, np.float32), 1)
         self.prepare_seconds.setdefault("numba compile", time.perf_counter() - start)
 
     def run(
