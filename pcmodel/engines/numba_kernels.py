@@ -164,6 +164,49 @@ def matmul_rows(a, m, out, lo, hi):  # pragma: no cover - compiled
         b += 1
 
 
+def _binary(op):  # type: ignore[no-untyped-def]
+    """An intrinsic for one elementwise LLVM instruction on two blocks."""
+
+    @intrinsic
+    def vop(typingctx, a, b):  # type: ignore[no-untyped-def]
+        def codegen(context, builder, sig, args):  # type: ignore[no-untyped-def]
+            return getattr(builder, op)(*args)
+
+        return f32x16(a, b), codegen
+
+    return vop
+
+
+vadd, vsub, vmul = _binary("fadd"), _binary("fsub"), _binary("fmul")
+
+
+@intrinsic
+def vfmav(typingctx, a, b, c):  # type: ignore[no-untyped-def]
+    """a b + c, one rounding per element."""
+
+    def codegen(context, builder, sig, args):  # type: ignore[no-untyped-def]
+        return _fma(builder, *args)
+
+    return f32x16(a, b, c), codegen
+
+
+@intrinsic
+def vsum(typingctx, v):  # type: ignore[no-untyped-def]
+    """The 16 lanes summed in one fixed order: halves added lane by lane, four times."""
+
+    def codegen(context, builder, sig, args):  # type: ignore[no-untyped-def]
+        v, width = args[0], W
+        while width > 1:
+            width //= 2
+            mask = ir.VectorType(ir.IntType(32), width)
+            low = builder.shuffle_vector(v, v, ir.Constant(mask, list(range(width))))
+            high = builder.shuffle_vector(v, v, ir.Constant(mask, list(range(width, 2 * width))))
+            v = builder.fadd(low, high)
+        return builder.extract_element(v, ir.Constant(ir.IntType(32), 0))
+
+    return types.float32(v), codegen
+
+
 @jit
 def _finish(s, c, q, z, following, b, j, n, acc, step):  # pragma: no cover - compiled
     """Row b, columns j..j+15 of a step from its product acc: z = c + acc, and with `step` the next state."""
@@ -279,23 +322,23 @@ def steps_rows(m, c, qinv, count, last, states, drives, lo, hi):  # pragma: no c
 def energy_rows(states, drives, c, weight, logs, alpha, base, has_cauchy, out, lo, hi):  # pragma: no cover
     """out[t, b] = base[b] + sum_i weight_i s_i (s_i - z_i - c_i) [+ sum_i alpha_i logs_i], in a fixed order.
 
-    8 partial sums (i mod 8), added in a fixed order at the end: the same operations for every image.
+    Lane i mod 16 of a block sums its terms over i in order, then `vsum` adds the 16 lanes in a fixed
+    order: the same operations for every image. The latents are padded to a multiple of 16 (`steps_rows`);
+    weight and alpha are padded with zeros (c is not: it has the latents only, read up to n).
     """
-    n = weight.shape[0]  # the latents (states may be padded beyond them)
-    part = np.empty(8, dtype=states.dtype)
+    n = states.shape[2]
     for b in range(lo, hi):
-        cb = c[b]
         for t in range(states.shape[0]):
-            s = states[t, b]
-            z = drives[t, b]
-            part[:] = 0.0
-            for i in range(n):
-                term = weight[i] * (s[i] * (s[i] - z[i] - cb[i]))
+            st, zt, lt = states[t], drives[t], logs[t]
+            acc = vzero()
+            for i in range(0, n, W):
+                o = b * n + i
+                sv = vload(st, o)
+                term = vmul(vload(weight, i), vmul(sv, vsub(vsub(sv, vload(zt, o)), vload(c, o))))
                 if has_cauchy:
-                    term = term + alpha[i] * logs[t, b, i]
-                part[i % 8] += term
-            total = ((part[0] + part[1]) + (part[2] + part[3])) + ((part[4] + part[5]) + (part[6] + part[7]))
-            out[t, b] = base[b] + total
+                    term = vfmav(vload(alpha, i), vload(lt, o), term)
+                acc = vadd(acc, term)
+            out[t, b] = base[b] + vsum(acc)
 
 
 @jit

@@ -147,34 +147,65 @@ def settle(
     carries over. Each step's arithmetic is the same whatever the chunking, so the result is too.
     """
     batch, n = c.shape
-    step_args = _step_args(t["step"], c, t["qinv"])
-    width = step_args[0].shape[1]
-    has_cauchy = bool(np.isfinite(t["qinv"]).any())
+    p = _padded_arrays(t)
+    width = p["step"].shape[1]
+    dtype = p["step"].dtype
+    cp = np.zeros((batch, width), dtype=dtype)
+    cp[:, :n] = c
     chunk = min(steps + 1, chunk_steps(batch, width))
-    dtype = t["step"].dtype
     states = np.zeros((chunk + 1, batch, width), dtype=dtype)  # s_t0 .. s_t0+chunk
     drives = np.empty((chunk, batch, width), dtype=dtype)
-    logs = np.empty((chunk, batch, width), dtype=dtype) if has_cauchy else states
+    logs = np.empty((chunk, batch, width), dtype=dtype) if p["has_cauchy"] else states
     energy = np.empty((steps + 1, batch), dtype=dtype)
     if s0 is not None:
         states[0, :, :n] = s0
-    scale2 = np.zeros(width, dtype=dtype)
-    scale2[:n] = t["scale2"]
-    kernels = _kernels()
+    buffers = (cp, base, states, drives, logs, energy, steps, chunk)
+    _parallel(_settle_rows, batch, threads, p, *buffers, align=8)
+    return states[(steps + 1 - 1) % chunk, :, :n].copy(), energy
+
+
+def _settle_rows(
+    p: dict[str, Any],
+    c: np.ndarray,
+    base: np.ndarray,
+    states: np.ndarray,
+    drives: np.ndarray,
+    logs: np.ndarray,
+    energy: np.ndarray,
+    steps: int,
+    chunk: int,
+    lo: int,
+    hi: int,
+) -> None:
+    """`settle` for rows lo..hi-1 (one thread's rows; rows do not depend on each other, so the threads
+    never wait for each other): per chunk the compiled steps, numpy's log1p, the energy kernel."""
+    step_kernel, energy_kernel = _kernels()[1:3]
+    rows = slice(lo, hi)
     for t0 in range(0, steps + 1, chunk):
         count = min(chunk, steps + 1 - t0)
         last = t0 + count == steps + 1
-        _parallel(kernels[1], batch, threads, *step_args, count, last, states, drives, align=8)
-        if has_cauchy:  # log(1 + (s scale)^2), numpy's elementwise log1p (one code path for every entry)
-            part = logs[:count]
-            np.multiply(np.square(states[:count], out=part), scale2, out=part)
+        step_kernel(p["step"], c, p["qinv"], count, last, states, drives, lo, hi)
+        if p["has_cauchy"]:  # log(1 + (s scale)^2), numpy's elementwise log1p (one code path for every entry)
+            part = logs[:count, rows]
+            np.multiply(np.square(states[:count, rows], out=part), p["scale2"], out=part)
             np.log1p(part, out=part)
-        history = (states[:count], drives[:count], c, t["energy_weight"], logs[:count], t["prior_alpha"])
-        _parallel(kernels[2], batch, threads, *history, base, has_cauchy, energy[t0 : t0 + count])
-        if last:
-            return states[count - 1, :, :n].copy(), energy
-        states[0] = states[count]
-    raise AssertionError("unreachable: the last chunk returns")
+        history = (states[:count], drives[:count], c, p["energy_weight"], logs[:count], p["prior_alpha"])
+        energy_kernel(*history, base, p["has_cauchy"], energy[t0 : t0 + count], lo, hi)
+        if not last:
+            states[0, rows] = states[count, rows]
+
+
+def _padded_arrays(t: dict[str, Any]) -> dict[str, Any]:
+    """The step and energy kernels' arrays, their latents padded to `padded(n)` (made once per plan's arrays:
+    M's columns and the weights with zeros, qinv with inf, as in `_step_args`)."""
+    if "padded" not in t:
+        m, _, qinv = _step_args(t["step"], t["step"][:0], t["qinv"])
+        p: dict[str, Any] = {"step": m, "qinv": qinv, "has_cauchy": bool(np.isfinite(t["qinv"]).any())}
+        for name in ("scale2", "energy_weight", "prior_alpha"):
+            p[name] = np.zeros(m.shape[1], dtype=m.dtype)
+            p[name][: m.shape[0]] = t[name]
+        t["padded"] = p
+    return t["padded"]
 
 
 def arrays(plan: QuadraticPlan) -> dict[str, np.ndarray]:
