@@ -12,11 +12,15 @@ The energy of every step needs each step's state and drive; they are kept for on
 time (`settle`: ~256 KB per buffer, in cache), so memory does not grow with T (the full history of
 1,000 images x 5,000 steps was ~18 GB) and a chunk's log1p and energy run while it is in cache.
 
-Bit-for-bit batch invariance: each output element is summed over i in order, four i per pass,
-(((o + v0 m0) + v1 m1) + v2 m2) + v3 m3, vectorised over j, with no reassociation (LLVM may only
-contract a*b + c into one FMA). Four images are processed together to reuse each loaded row of M, each
-with exactly the expression it gets alone, so an image's result never depends on its neighbours, the
-batch size or the thread that runs it. With several threads the batch is split into row ranges.
+Bit-for-bit batch invariance: each element of a step's product is fma(s_k, M_kj, acc) for k = 0, 1, ...
+in order from acc = 0 (explicit FMAs, numba_kernels), then z = c + acc and the next state from z. Eight
+images are computed together (`_rows8`: an 8 x 32 block of the product held in registers over all k,
+each row of M loaded once for the eight), the rest one at a time (`_row64`, `_row32`), every element
+with exactly the operations it gets alone, so an image's result never depends on its neighbours, the
+batch size or the thread that runs it. The energy sums its terms in 16 lanes and the lanes in a fixed
+order, the same for every image. The latents are padded to a multiple of 32 (zero columns of M; for
+n = 224 none). With several threads the batch is split into row ranges (multiples of 8 where the batch
+allows), each thread running its rows through every chunk of steps on its own.
 
 numba is optional (the `fast` extra): nothing needs a compiler at build or install time (numba ships
 LLVM in its llvmlite wheel). The kernels compile on first use (~4 s; cached on disk afterwards).
