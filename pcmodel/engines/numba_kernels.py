@@ -4,9 +4,98 @@ Imported only where numba is installed and the backend runs (importing numba tak
 """
 
 import numpy as np
-from numba import njit
+from llvmlite import ir
+from numba import njit, types
+from numba.core import cgutils
+from numba.core.extending import intrinsic, models, register_model
+from numba.np.arrayobj import make_array
 
 jit = njit(cache=True, fastmath={"contract"}, nogil=True, boundscheck=False)  # contract: a*b + c may be one FMA
+
+# The step kernel's blocks of 16 float32 (one 512-bit register; LLVM splits it in two 256-bit halves where
+# the CPU has no AVX-512): numba has no vector type, so one is declared here with the few operations the
+# kernel needs, each one LLVM instruction. The products are explicit FMAs (llvm.fma: one rounding), so an
+# element's arithmetic is what the IR says, whatever LLVM's contraction and whichever kernel computes it.
+W = 16  # floats per block
+BLOCK = 2 * W  # the step kernel's columns per block; n is padded to a multiple of it
+
+
+class F32x16Type(types.Type):
+    def __init__(self) -> None:
+        super().__init__(name="F32x16")
+
+
+f32x16 = F32x16Type()
+_VEC = ir.VectorType(ir.FloatType(), W)
+
+
+@register_model(F32x16Type)
+class _F32x16Model(models.PrimitiveModel):
+    def __init__(self, dmm, fe_type) -> None:  # type: ignore[no-untyped-def]
+        super().__init__(dmm, fe_type, _VEC)
+
+
+def _pointer(context, builder, arrty, arr, offset):  # type: ignore[no-untyped-def]
+    """A <16 x float>* to the array's element `offset` (flat, C order)."""
+    data = make_array(arrty)(context, builder, arr).data
+    return builder.bitcast(builder.gep(data, [offset]), _VEC.as_pointer())
+
+
+def _fma(builder, a, b, c):  # type: ignore[no-untyped-def]
+    fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(_VEC, [_VEC] * 3), "llvm.fma.v16f32")
+    return builder.call(fn, [a, b, c])
+
+
+@intrinsic
+def vzero(typingctx):  # type: ignore[no-untyped-def]
+    def codegen(context, builder, sig, args):  # type: ignore[no-untyped-def]
+        return ir.Constant(_VEC, None)
+
+    return f32x16(), codegen
+
+
+@intrinsic
+def vload(typingctx, arr, offset):  # type: ignore[no-untyped-def]
+    """arr's 16 elements from the flat index `offset`."""
+
+    def codegen(context, builder, sig, args):  # type: ignore[no-untyped-def]
+        return builder.load(_pointer(context, builder, sig.args[0], args[0], args[1]), align=4)
+
+    return f32x16(arr, offset), codegen
+
+
+@intrinsic
+def vstore(typingctx, arr, offset, v):  # type: ignore[no-untyped-def]
+    def codegen(context, builder, sig, args):  # type: ignore[no-untyped-def]
+        builder.store(args[2], _pointer(context, builder, sig.args[0], args[0], args[1]), align=4)
+        return context.get_dummy_value()
+
+    return types.none(arr, offset, v), codegen
+
+
+@intrinsic
+def vfma(typingctx, x, v, acc):  # type: ignore[no-untyped-def]
+    """acc + x v, one rounding per element (x a float32, broadcast)."""
+
+    def codegen(context, builder, sig, args):  # type: ignore[no-untyped-def]
+        one = builder.insert_element(ir.Constant(_VEC, ir.Undefined), args[0], ir.Constant(ir.IntType(32), 0))
+        zeros = ir.Constant(ir.VectorType(ir.IntType(32), W), None)
+        return _fma(builder, builder.shuffle_vector(one, ir.Constant(_VEC, ir.Undefined), zeros), args[1], args[2])
+
+    return f32x16(types.float32, v, acc), codegen
+
+
+@intrinsic
+def vstep(typingctx, c, acc, s, q):  # type: ignore[no-untyped-def]
+    """(z, z - s / fma(s, s, q)) with z = c + acc: the step's elementwise part, each operation rounded once."""
+
+    def codegen(context, builder, sig, args):  # type: ignore[no-untyped-def]
+        c, acc, s, q = args
+        z = builder.fadd(c, acc)
+        following = builder.fsub(z, builder.fdiv(s, _fma(builder, s, s, q)))
+        return context.make_tuple(builder, sig.return_type, [z, following])
+
+    return types.UniTuple(f32x16, 2)(c, acc, s, q), codegen
 
 
 @jit
@@ -75,50 +164,181 @@ def matmul_rows(a, m, out, lo, hi):  # pragma: no cover - compiled
         b += 1
 
 
+def _binary(op):  # type: ignore[no-untyped-def]
+    """An intrinsic for one elementwise LLVM instruction on two blocks."""
+
+    @intrinsic
+    def vop(typingctx, a, b):  # type: ignore[no-untyped-def]
+        def codegen(context, builder, sig, args):  # type: ignore[no-untyped-def]
+            return getattr(builder, op)(*args)
+
+        return f32x16(a, b), codegen
+
+    return vop
+
+
+vadd, vsub, vmul = _binary("fadd"), _binary("fsub"), _binary("fmul")
+
+
+@intrinsic
+def vfmav(typingctx, a, b, c):  # type: ignore[no-untyped-def]
+    """a b + c, one rounding per element."""
+
+    def codegen(context, builder, sig, args):  # type: ignore[no-untyped-def]
+        return _fma(builder, *args)
+
+    return f32x16(a, b, c), codegen
+
+
+@intrinsic
+def vsum(typingctx, v):  # type: ignore[no-untyped-def]
+    """The 16 lanes summed in one fixed order: halves added lane by lane, four times."""
+
+    def codegen(context, builder, sig, args):  # type: ignore[no-untyped-def]
+        v, width = args[0], W
+        while width > 1:
+            width //= 2
+            mask = ir.VectorType(ir.IntType(32), width)
+            low = builder.shuffle_vector(v, v, ir.Constant(mask, list(range(width))))
+            high = builder.shuffle_vector(v, v, ir.Constant(mask, list(range(width, 2 * width))))
+            v = builder.fadd(low, high)
+        return builder.extract_element(v, ir.Constant(ir.IntType(32), 0))
+
+    return types.float32(v), codegen
+
+
 @jit
-def steps_rows(m, c, qinv, has_cauchy, count, last, states, drives, lo, hi):  # pragma: no cover - compiled
+def _finish(s, c, q, z, following, b, j, n, acc, step):  # pragma: no cover - compiled
+    """Row b, columns j..j+15 of a step from its product acc: z = c + acc, and with `step` the next state."""
+    o = b * n + j
+    drive, nxt = vstep(vload(c, o), acc, vload(s, o), vload(q, j))
+    vstore(z, o, drive)
+    if step:
+        vstore(following, o, nxt)
+
+
+@jit
+def _rows8(s, m, c, q, z, following, b, j, step):  # pragma: no cover - compiled
+    """Rows b..b+7, columns j..j+31 of one step, the 16 blocks of the product held in registers over all k.
+
+    Each element is fma(s[r, k], m[k, j'], acc) for k = 0, 1, ... from acc = 0, exactly as in `_row64` and
+    `_row32`: the same bits whichever kernel (and so whatever batch) computes a row.
+    """
+    n = m.shape[1]
+    a00 = vzero(); a01 = vzero(); a10 = vzero(); a11 = vzero(); a20 = vzero(); a21 = vzero()  # noqa: E702
+    a30 = vzero(); a31 = vzero(); a40 = vzero(); a41 = vzero(); a50 = vzero(); a51 = vzero()  # noqa: E702
+    a60 = vzero(); a61 = vzero(); a70 = vzero(); a71 = vzero()  # noqa: E702
+    for k in range(m.shape[0]):
+        m0 = vload(m, k * n + j)
+        m1 = vload(m, k * n + j + W)
+        x = s[b, k]; a00 = vfma(x, m0, a00); a01 = vfma(x, m1, a01)  # noqa: E702
+        x = s[b + 1, k]; a10 = vfma(x, m0, a10); a11 = vfma(x, m1, a11)  # noqa: E702
+        x = s[b + 2, k]; a20 = vfma(x, m0, a20); a21 = vfma(x, m1, a21)  # noqa: E702
+        x = s[b + 3, k]; a30 = vfma(x, m0, a30); a31 = vfma(x, m1, a31)  # noqa: E702
+        x = s[b + 4, k]; a40 = vfma(x, m0, a40); a41 = vfma(x, m1, a41)  # noqa: E702
+        x = s[b + 5, k]; a50 = vfma(x, m0, a50); a51 = vfma(x, m1, a51)  # noqa: E702
+        x = s[b + 6, k]; a60 = vfma(x, m0, a60); a61 = vfma(x, m1, a61)  # noqa: E702
+        x = s[b + 7, k]; a70 = vfma(x, m0, a70); a71 = vfma(x, m1, a71)  # noqa: E702
+    _finish(s, c, q, z, following, b, j, n, a00, step)
+    _finish(s, c, q, z, following, b, j + W, n, a01, step)
+    _finish(s, c, q, z, following, b + 1, j, n, a10, step)
+    _finish(s, c, q, z, following, b + 1, j + W, n, a11, step)
+    _finish(s, c, q, z, following, b + 2, j, n, a20, step)
+    _finish(s, c, q, z, following, b + 2, j + W, n, a21, step)
+    _finish(s, c, q, z, following, b + 3, j, n, a30, step)
+    _finish(s, c, q, z, following, b + 3, j + W, n, a31, step)
+    _finish(s, c, q, z, following, b + 4, j, n, a40, step)
+    _finish(s, c, q, z, following, b + 4, j + W, n, a41, step)
+    _finish(s, c, q, z, following, b + 5, j, n, a50, step)
+    _finish(s, c, q, z, following, b + 5, j + W, n, a51, step)
+    _finish(s, c, q, z, following, b + 6, j, n, a60, step)
+    _finish(s, c, q, z, following, b + 6, j + W, n, a61, step)
+    _finish(s, c, q, z, following, b + 7, j, n, a70, step)
+    _finish(s, c, q, z, following, b + 7, j + W, n, a71, step)
+
+
+@jit
+def _row64(s, m, c, q, z, following, b, j, step):  # pragma: no cover - compiled
+    """Row b, columns j..j+63 of one step (each element as in `_rows8`)."""
+    n = m.shape[1]
+    a0 = vzero(); a1 = vzero(); a2 = vzero(); a3 = vzero()  # noqa: E702
+    for k in range(m.shape[0]):
+        x = s[b, k]
+        o = k * n + j
+        a0 = vfma(x, vload(m, o), a0)
+        a1 = vfma(x, vload(m, o + W), a1)
+        a2 = vfma(x, vload(m, o + 2 * W), a2)
+        a3 = vfma(x, vload(m, o + 3 * W), a3)
+    _finish(s, c, q, z, following, b, j, n, a0, step)
+    _finish(s, c, q, z, following, b, j + W, n, a1, step)
+    _finish(s, c, q, z, following, b, j + 2 * W, n, a2, step)
+    _finish(s, c, q, z, following, b, j + 3 * W, n, a3, step)
+
+
+@jit
+def _row32(s, m, c, q, z, following, b, j, step):  # pragma: no cover - compiled
+    """Row b, columns j..j+31 of one step (each element as in `_rows8`)."""
+    n = m.shape[1]
+    a0 = vzero(); a1 = vzero()  # noqa: E702
+    for k in range(m.shape[0]):
+        x = s[b, k]
+        o = k * n + j
+        a0 = vfma(x, vload(m, o), a0)
+        a1 = vfma(x, vload(m, o + W), a1)
+    _finish(s, c, q, z, following, b, j, n, a0, step)
+    _finish(s, c, q, z, following, b, j + W, n, a1, step)
+
+
+@jit
+def steps_rows(m, c, qinv, count, last, states, drives, lo, hi):  # pragma: no cover - compiled
     """`count` steps of the recurrence for rows lo..hi-1 from states[0]: drives[t] = c + states[t] M, then
-    states[t + 1] from both; with `last` the final drive is step T's and no state follows it."""
-    n = m.shape[0]
+    states[t + 1] = drives[t] - states[t] / (qinv + states[t]^2); with `last` the final drive is step T's
+    and no state follows it. m (k, n): k the latents, n their count padded to a multiple of BLOCK with zero
+    columns (c, qinv, states and drives padded alike: c 0, qinv inf, so the padding stays 0).
+
+    Rows in blocks of eight (`_rows8`), the rest one by one (`_row64`, `_row32`): the same bits either way.
+    """
+    n = m.shape[1]
     for t in range(count):
-        matmul_rows(states[t], m, drives[t], lo, hi)
-        for b in range(lo, hi):
-            z, cb = drives[t, b], c[b]
-            for j in range(n):
-                z[j] = cb[j] + z[j]
-        if last and t == count - 1:
-            break
-        for b in range(lo, hi):
-            s, z, nxt = states[t, b], drives[t, b], states[t + 1, b]
-            if has_cauchy:
-                for j in range(n):
-                    nxt[j] = z[j] - s[j] / (qinv[j] + s[j] * s[j])
-            else:
-                for j in range(n):
-                    nxt[j] = z[j]
+        step = not (last and t == count - 1)
+        s, z = states[t], drives[t]
+        following = states[t + 1] if step else s
+        b = lo
+        while b + 8 <= hi:
+            for j in range(0, n, BLOCK):
+                _rows8(s, m, c, qinv, z, following, b, j, step)
+            b += 8
+        while b < hi:
+            j = 0
+            while j + 2 * BLOCK <= n:
+                _row64(s, m, c, qinv, z, following, b, j, step)
+                j += 2 * BLOCK
+            if j < n:
+                _row32(s, m, c, qinv, z, following, b, j, step)
+            b += 1
 
 
 @jit
 def energy_rows(states, drives, c, weight, logs, alpha, base, has_cauchy, out, lo, hi):  # pragma: no cover
     """out[t, b] = base[b] + sum_i weight_i s_i (s_i - z_i - c_i) [+ sum_i alpha_i logs_i], in a fixed order.
 
-    8 partial sums (i mod 8), added in a fixed order at the end: the same operations for every image.
+    Lane i mod 16 of a block sums its terms over i in order, then `vsum` adds the 16 lanes in a fixed
+    order: the same operations for every image. The latents are padded to a multiple of 16 (`steps_rows`);
+    weight and alpha are padded with zeros (c is not: it has the latents only, read up to n).
     """
     n = states.shape[2]
-    part = np.empty(8, dtype=states.dtype)
     for b in range(lo, hi):
-        cb = c[b]
         for t in range(states.shape[0]):
-            s = states[t, b]
-            z = drives[t, b]
-            part[:] = 0.0
-            for i in range(n):
-                term = weight[i] * (s[i] * (s[i] - z[i] - cb[i]))
+            st, zt, lt = states[t], drives[t], logs[t]
+            acc = vzero()
+            for i in range(0, n, W):
+                o = b * n + i
+                sv = vload(st, o)
+                term = vmul(vload(weight, i), vmul(sv, vsub(vsub(sv, vload(zt, o)), vload(c, o))))
                 if has_cauchy:
-                    term = term + alpha[i] * logs[t, b, i]
-                part[i % 8] += term
-            total = ((part[0] + part[1]) + (part[2] + part[3])) + ((part[4] + part[5]) + (part[6] + part[7]))
-            out[t, b] = base[b] + total
+                    term = vfmav(vload(alpha, i), vload(lt, o), term)
+                acc = vadd(acc, term)
+            out[t, b] = base[b] + vsum(acc)
 
 
 @jit

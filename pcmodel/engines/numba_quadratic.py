@@ -12,11 +12,15 @@ The energy of every step needs each step's state and drive; they are kept for on
 time (`settle`: ~256 KB per buffer, in cache), so memory does not grow with T (the full history of
 1,000 images x 5,000 steps was ~18 GB) and a chunk's log1p and energy run while it is in cache.
 
-Bit-for-bit batch invariance: each output element is summed over i in order, four i per pass,
-(((o + v0 m0) + v1 m1) + v2 m2) + v3 m3, vectorised over j, with no reassociation (LLVM may only
-contract a*b + c into one FMA). Four images are processed together to reuse each loaded row of M, each
-with exactly the expression it gets alone, so an image's result never depends on its neighbours, the
-batch size or the thread that runs it. With several threads the batch is split into row ranges.
+Bit-for-bit batch invariance: each element of a step's product is fma(s_k, M_kj, acc) for k = 0, 1, ...
+in order from acc = 0 (explicit FMAs, numba_kernels), then z = c + acc and the next state from z. Eight
+images are computed together (`_rows8`: an 8 x 32 block of the product held in registers over all k,
+each row of M loaded once for the eight), the rest one at a time (`_row64`, `_row32`), every element
+with exactly the operations it gets alone, so an image's result never depends on its neighbours, the
+batch size or the thread that runs it. The energy sums its terms in 16 lanes and the lanes in a fixed
+order, the same for every image. The latents are padded to a multiple of 32 (zero columns of M; for
+n = 224 none). With several threads the batch is split into row ranges (multiples of 8 where the batch
+allows), each thread running its rows through every chunk of steps on its own.
 
 numba is optional (the `fast` extra): nothing needs a compiler at build or install time (numba ships
 LLVM in its llvmlite wheel). The kernels compile on first use (~4 s; cached on disk afterwards).
@@ -60,13 +64,15 @@ def _pool(workers: int) -> ThreadPoolExecutor:
     return ThreadPoolExecutor(workers, thread_name_prefix="pcmodel-numba")
 
 
-def _parallel(fn: Any, batch: int, threads: int, *args: Any) -> None:
-    """fn(*args, lo, hi) over contiguous row ranges, one per thread (the kernels release the GIL)."""
+def _parallel(fn: Any, batch: int, threads: int, *args: Any, align: int = 1) -> None:
+    """fn(*args, lo, hi) over contiguous row ranges, one per thread (the kernels release the GIL); the
+    ranges start at multiples of `align` where the batch has that many rows per thread."""
     if threads <= 1 or batch <= 1:
         fn(*args, 0, batch)
         return
     parts = min(threads, batch)
-    edges = [round(i * batch / parts) for i in range(parts + 1)]
+    align = align if batch >= align * parts else 1
+    edges = [min(batch, align * round(i * batch / parts / align)) for i in range(parts + 1)]
     ranges = [(lo, hi) for lo, hi in itertools.pairwise(edges) if hi > lo]
     if len(ranges) == 1:
         fn(*args, 0, batch)
@@ -101,20 +107,33 @@ def quadratic_steps(
     The whole history, for the tests and the compile in `prepare`; `settle` (what `run` uses) keeps one
     chunk of steps at a time.
     """
-    dtype = step.dtype
+    m, cp, qp = _step_args(step, c, qinv)
     batch, n = c.shape
-    states = np.empty((steps + 1, batch, n), dtype=dtype)
-    drives = np.empty((steps + 1, batch, n), dtype=dtype)
-    states[0] = 0 if s0 is None else s0
-    args = _step_args(step, c, qinv)
-    _parallel(_kernels()[1], batch, threads, *args, steps + 1, True, states, drives)
-    return states, drives
+    states = np.zeros((steps + 1, batch, m.shape[1]), dtype=m.dtype)
+    drives = np.empty((steps + 1, batch, m.shape[1]), dtype=m.dtype)
+    if s0 is not None:
+        states[0, :, :n] = s0
+    _parallel(_kernels()[1], batch, threads, m, cp, qp, steps + 1, True, states, drives, align=8)
+    return states[..., :n], drives[..., :n]
 
 
-def _step_args(step: np.ndarray, c: np.ndarray, qinv: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, bool]:
-    """The step kernel's leading arguments (M, c, qinv, whether any entry is Cauchy), contiguous."""
-    arrays = (np.ascontiguousarray(a, dtype=step.dtype) for a in (step, c, qinv))
-    return (*arrays, bool(np.isfinite(qinv).any()))
+def padded(n: int) -> int:
+    """n rounded up to the step kernel's block of columns (32)."""
+    return -(-n // 32) * 32
+
+
+def _step_args(step: np.ndarray, c: np.ndarray, qinv: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The step kernel's leading arguments (M, c, qinv), contiguous, their columns padded to `padded(n)`
+    (M's and c's with zeros, qinv's with inf: the padding's states and drives stay 0)."""
+    n = step.shape[1]
+    width = padded(n)
+    m = np.zeros((n, width), dtype=step.dtype)
+    m[:, :n] = step
+    cp = np.zeros((c.shape[0], width), dtype=step.dtype)
+    cp[:, :n] = c
+    qp = np.full(width, np.inf, dtype=step.dtype)
+    qp[:n] = qinv
+    return m, cp, qp
 
 
 def settle(
@@ -132,30 +151,65 @@ def settle(
     carries over. Each step's arithmetic is the same whatever the chunking, so the result is too.
     """
     batch, n = c.shape
-    dtype = t["step"].dtype
-    step_args = _step_args(t["step"], c, t["qinv"])
-    has_cauchy = step_args[-1]
-    chunk = min(steps + 1, chunk_steps(batch, n))
-    states = np.empty((chunk + 1, batch, n), dtype=dtype)  # s_t0 .. s_t0+chunk
-    drives = np.empty((chunk, batch, n), dtype=dtype)
-    logs = np.empty((chunk, batch, n), dtype=dtype) if has_cauchy else states
+    p = _padded_arrays(t)
+    width = p["step"].shape[1]
+    dtype = p["step"].dtype
+    cp = np.zeros((batch, width), dtype=dtype)
+    cp[:, :n] = c
+    chunk = min(steps + 1, chunk_steps(batch, width))
+    states = np.zeros((chunk + 1, batch, width), dtype=dtype)  # s_t0 .. s_t0+chunk
+    drives = np.empty((chunk, batch, width), dtype=dtype)
+    logs = np.empty((chunk, batch, width), dtype=dtype) if p["has_cauchy"] else states
     energy = np.empty((steps + 1, batch), dtype=dtype)
-    states[0] = 0 if s0 is None else s0
-    kernels = _kernels()
+    if s0 is not None:
+        states[0, :, :n] = s0
+    buffers = (cp, base, states, drives, logs, energy, steps, chunk)
+    _parallel(_settle_rows, batch, threads, p, *buffers, align=8)
+    return states[(steps + 1 - 1) % chunk, :, :n].copy(), energy
+
+
+def _settle_rows(
+    p: dict[str, Any],
+    c: np.ndarray,
+    base: np.ndarray,
+    states: np.ndarray,
+    drives: np.ndarray,
+    logs: np.ndarray,
+    energy: np.ndarray,
+    steps: int,
+    chunk: int,
+    lo: int,
+    hi: int,
+) -> None:
+    """`settle` for rows lo..hi-1 (one thread's rows; rows do not depend on each other, so the threads
+    never wait for each other): per chunk the compiled steps, numpy's log1p, the energy kernel."""
+    step_kernel, energy_kernel = _kernels()[1:3]
+    rows = slice(lo, hi)
     for t0 in range(0, steps + 1, chunk):
         count = min(chunk, steps + 1 - t0)
         last = t0 + count == steps + 1
-        _parallel(kernels[1], batch, threads, *step_args, count, last, states, drives)
-        if has_cauchy:  # log(1 + (s scale)^2), numpy's elementwise log1p (one code path for every entry)
-            part = logs[:count]
-            np.multiply(np.square(states[:count], out=part), t["scale2"], out=part)
+        step_kernel(p["step"], c, p["qinv"], count, last, states, drives, lo, hi)
+        if p["has_cauchy"]:  # log(1 + (s scale)^2), numpy's elementwise log1p (one code path for every entry)
+            part = logs[:count, rows]
+            np.multiply(np.square(states[:count, rows], out=part), p["scale2"], out=part)
             np.log1p(part, out=part)
-        history = (states[:count], drives[:count], c, t["energy_weight"], logs[:count], t["prior_alpha"])
-        _parallel(kernels[2], batch, threads, *history, base, has_cauchy, energy[t0 : t0 + count])
-        if last:
-            return states[count - 1].copy(), energy
-        states[0] = states[count]
-    raise AssertionError("unreachable: the last chunk returns")
+        history = (states[:count], drives[:count], c, p["energy_weight"], logs[:count], p["prior_alpha"])
+        energy_kernel(*history, base, p["has_cauchy"], energy[t0 : t0 + count], lo, hi)
+        if not last:
+            states[0, rows] = states[count, rows]
+
+
+def _padded_arrays(t: dict[str, Any]) -> dict[str, Any]:
+    """The step and energy kernels' arrays, their latents padded to `padded(n)` (made once per plan's arrays:
+    M's columns and the weights with zeros, qinv with inf, as in `_step_args`)."""
+    if "padded" not in t:
+        m, _, qinv = _step_args(t["step"], t["step"][:0], t["qinv"])
+        p: dict[str, Any] = {"step": m, "qinv": qinv, "has_cauchy": bool(np.isfinite(t["qinv"]).any())}
+        for name in ("scale2", "energy_weight", "prior_alpha"):
+            p[name] = np.zeros(m.shape[1], dtype=m.dtype)
+            p[name][: m.shape[0]] = t[name]
+        t["padded"] = p
+    return t["padded"]
 
 
 def arrays(plan: QuadraticPlan) -> dict[str, np.ndarray]:
@@ -248,7 +302,8 @@ class NumbaBackend:
         start = time.perf_counter()
         _kernels()
         m = np.eye(5, dtype=np.float32)
-        quadratic_steps(m, np.ones((5, 5), np.float32), None, np.full(5, 4.0, np.float32), 1)
+        for rows in (1, 8):  # both kernels
+            quadratic_steps(m, np.ones((rows, 5), np.float32), None, np.full(5, 4.0, np.float32), 1)
         self.prepare_seconds.setdefault("numba compile", time.perf_counter() - start)
 
     def run(

@@ -54,11 +54,11 @@ def test_matches_the_torch_recurrence(n: int, cauchy: bool) -> None:
 @pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("n", [224, 37])
 def test_batch_invariant_bit_for_bit(threads: int, n: int) -> None:
-    """Rows alone (the one-row kernel) and in blocks of four (the four-row kernel) give the same bits."""
+    """Rows alone (the one-row kernels) and in blocks of eight (the eight-row kernel) give the same bits."""
     step, c, s0, qinv = _random_plan(n, seed=5)
     for row in (0, 3, 6):
         alone = fused.quadratic_steps(step, c[row : row + 1], s0[row : row + 1], qinv, 20, threads=threads)
-        for batch in (7, 32):
+        for batch in (7, 12, 32):  # single rows; a block of eight and four single rows; four blocks
             together = fused.quadratic_steps(step, c[:batch], s0[:batch], qinv, 20, threads=threads)
             for a, b in zip(alone, together):
                 assert np.array_equal(a[:, 0], b[:, row])
