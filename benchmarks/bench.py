@@ -35,16 +35,12 @@ import torch
 from pcmodel.cliargs import ArgumentParser, fail, nonnegative_float, positive_int
 from pcmodel.engines import onnxruntime as ort_engine
 
-from .cases import DEFAULT_CASES, Case, check_cases, parse_case
-from .flops import flops_per_step
+from .cases import DEFAULT_CASES, check_cases, parse_case
 from .machine import machine, matmul_peak
 from .measure import bench_case
 from .profiling import profile_case
-from .report import print_text, table
+from .report import print_text
 from .runners import LETTERS
-
-# Re-exported: benchmarks.vs_jax, the tests and older scripts import these names from here.
-__all__ = ["DEFAULT_CASES", "LETTERS", "Case", "check_cases", "flops_per_step", "main", "parse_case", "table"]
 
 
 def main(argv: list[str] | None = None) -> int:

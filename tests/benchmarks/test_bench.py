@@ -9,7 +9,9 @@ import pytest
 import torch
 
 import pcmodel
-from benchmarks.bench import DEFAULT_CASES, flops_per_step, main, parse_case
+from benchmarks.bench import main
+from benchmarks.cases import DEFAULT_CASES, parse_case
+from benchmarks.flops import flops_per_step
 from benchmarks.reference import reference_energy, reference_infer
 from benchmarks.runners import configure_engine
 from pcmodel import PCModel
