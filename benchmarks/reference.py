@@ -28,6 +28,14 @@ def _window(kernel: tuple[int, int], sigma: float, channels: int, dtype: torch.d
     return w.flatten().repeat(channels).to(dtype).reshape(1, -1, 1)  # unfold order: channel-major
 
 
+# Each prior's g(r) / alpha per entry, written here again on purpose: the oracle shares no code with pcmodel.
+PRIOR_TERMS = {
+    "gaussian": lambda r: r**2,
+    "cauchy": lambda r: torch.log(1 + r**2),
+    "smooth-laplace": lambda r: torch.sqrt(1 + r**2) - 1,
+}
+
+
 def reference_energy(
     config: ModelConfig, weights: Sequence[torch.Tensor], x: torch.Tensor, latents: Sequence[torch.Tensor]
 ) -> torch.Tensor:
@@ -46,24 +54,28 @@ def reference_energy(
             a = U.reshape(U.shape[0], -1).T @ r.flatten(2)
         prediction = torch.tanh(a) if lc.f == "tanh" else a
         energy = energy + ((target - prediction) ** 2).flatten(1).sum(1) / lc.sigma2
-        if lc.prior == "gaussian":
-            energy = energy + lc.alpha * (r**2).flatten(1).sum(1)
-        else:
-            energy = energy + lc.alpha * torch.log(1 + r**2).flatten(1).sum(1)
+        if lc.prior not in PRIOR_TERMS:
+            raise ValueError(f"the reference has no prior {lc.prior!r}; it knows {', '.join(PRIOR_TERMS)}")
+        energy = energy + lc.alpha * PRIOR_TERMS[lc.prior](r).flatten(1).sum(1)
         energy = energy + lc.lam * (U**2).sum()
         lower = r
     return energy
 
 
 def reference_infer(
-    config: ModelConfig, weights: Sequence[torch.Tensor], x: torch.Tensor, steps: int
+    config: ModelConfig,
+    weights: Sequence[torch.Tensor],
+    x: torch.Tensor,
+    steps: int,
+    init: Sequence[torch.Tensor] | None = None,
 ) -> tuple[list[torch.Tensor], torch.Tensor]:
-    """`steps` autograd gradient steps from the config's initial latents; returns (latents, energy (steps+1, B))."""
+    """`steps` autograd gradient steps from `init` (one tensor per level) or the config's initial latents;
+    returns (latents, energy (steps+1, B))."""
     shapes = level_shapes(config, tuple(x.shape[-2:]))
     weights = [U.detach().to(x.dtype) for U in weights]
-    latents = []
+    latents = [] if init is None else [r.detach().to(x.dtype) for r in init]
     lower = x
-    for lc, geometry, U in zip(config.levels, shapes, weights):
+    for lc, geometry, U in zip(config.levels, shapes, weights) if init is None else ():
         if config.initial_latents == "zeros":
             r = torch.zeros((x.shape[0], *geometry.latent), dtype=x.dtype)
         elif lc.kind == "convolutional":

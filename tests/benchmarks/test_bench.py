@@ -63,10 +63,11 @@ def test_pc_bench_table_and_its_errors(capsys):
     assert "does not tile" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("kind", KINDS)
-def test_reference_is_the_definition(kind, generator):
-    """Autograd of the plainly built energy gives the hand-derived loop's trajectory (float64)."""
-    config = tiny_config(kind, "tanh", "cauchy", initial_latents="feedforward")
+@pytest.mark.parametrize(("kind", "prior"), [(k, p) for k in KINDS for p in pcmodel.PRIORS])
+def test_reference_is_the_definition(kind, prior, generator):
+    """Autograd of the plainly built energy gives the hand-derived loop's trajectory (float64), from the
+    config's start and from a given one, for every prior."""
+    config = tiny_config(kind, "tanh", prior, initial_latents="feedforward")
     weights = [torch.randn(s, generator=generator, dtype=torch.float64) * 0.3 for s in PCModel.weight_shapes(config)]
     model = PCModel(config, weights, allow_unstable=True)
     x = torch.randn((2, *config.input_shape), generator=generator, dtype=torch.float64)
@@ -78,6 +79,12 @@ def test_reference_is_the_definition(kind, generator):
     torch.testing.assert_close(
         reference_energy(config, [w.double() for w in model.weights], x, latents), model.energy(x, latents)
     )
+    start = [torch.randn(r.shape, generator=generator, dtype=torch.float64) * 0.5 for r in latents]
+    warm, warm_trace = reference_infer(config, model.weights, x, 15, init=start)
+    given = model.infer(x, steps=15, backend="loop", init=start)
+    for a, b in zip(warm, given.latents):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-10)
+    torch.testing.assert_close(warm_trace, given.energy, rtol=1e-10, atol=0)
 
 
 def test_flops_follow_model_md():
