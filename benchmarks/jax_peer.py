@@ -54,6 +54,9 @@ QUADRATIC_MAX_SIZE = 4096  # latents + inputs: above this the dense Hessian (and
 JaxFn = Callable[[Any], tuple[list[Any], Any]]
 
 
+PEER_PRIORS = ("gaussian", "cauchy")  # the paper's; the peer is written independently of pcmodel.priors
+
+
 def configure_threads(threads: int) -> str:
     """Set XLA_FLAGS for `threads` intra-op threads; must be called before jax is imported. Returns the flags."""
     if "jax" in sys.modules:
@@ -110,6 +113,9 @@ def build_inference(
     hw = (int(input_hw[0]), int(input_hw[1]))
     if variant == "quadratic" and not quadratic_applies(config, hw):
         raise ValueError("the quadratic variant needs every f the identity and a small network")
+    unknown = sorted({lc.prior for lc in config.levels} - set(PEER_PRIORS))
+    if unknown:
+        raise ValueError(f"the JAX peer writes the {' and '.join(PEER_PRIORS)} priors only, not {', '.join(unknown)}")
     batched = variant != "vmap"  # every function below takes a batch axis except in the vmap variant
     geoms = level_shapes(config, hw)
     Us = [jnp.asarray(w.detach().cpu().numpy().astype(np.float32)) for w in weights]
