@@ -40,7 +40,7 @@ def profile_case(case: Case, steps: int) -> dict[str, Any]:
         {"op": e.key, "calls_per_step": round(e.count / steps, 2), "self_us_total": round(e.self_cpu_time_total, 1)}
         for e in aten[:15]
     ]
-    plan = plans.make_plan(model.config, model.weights, case.size, torch.float32, torch.device("cpu"))
+    plan = plans.make_plan(model.config, model.params, case.size, torch.float32, torch.device("cpu"))
     graph = build_graph(plan, steps, outputs=("latents", "energy"))
     options = ort.SessionOptions()
     options.intra_op_num_threads = torch.get_num_threads()

@@ -107,7 +107,7 @@ def _ort_runner(model: pcmodel.PCModel, x: torch.Tensor, steps: int, name: str, 
 
     hw = (int(x.shape[-2]), int(x.shape[-1]))
     start = time.perf_counter()
-    plan = plans.make_plan(model.config, model.weights, hw, torch.float32, torch.device("cpu"))
+    plan = plans.make_plan(model.config, model.params, hw, torch.float32, torch.device("cpu"))
     planned = time.perf_counter()
     graph = build_graph(plan, steps, outputs=("latents", "energy"))
     built = time.perf_counter()
@@ -142,7 +142,7 @@ def _ort_runner(model: pcmodel.PCModel, x: torch.Tensor, steps: int, name: str, 
 
 def _unsharded_runner(model: pcmodel.PCModel, x: torch.Tensor, steps: int) -> Runner:
     """onnxruntime as before batches were sharded: the whole batch on one session with all threads."""
-    whole = pcmodel.PCModel(model.config, model.weights, allow_unstable=True)  # its own engine state
+    whole = pcmodel.PCModel(model.config, model.params, allow_unstable=True)  # its own engine state
     configure_engine(whole, "onnxruntime", sharding=False)
     whole.infer(x, steps=steps, backend="onnxruntime")
     return Runner("onnxruntime-unsharded", lambda: whole.infer(x, steps=steps, backend="onnxruntime").latents, {})
@@ -152,11 +152,11 @@ def _cuda_runners(model: pcmodel.PCModel, x: torch.Tensor, steps: int) -> list[R
     """CUDA graphs in float32 (TF32 off), TF32 and bf16 operands, and the eager torch backend on the GPU."""
     out = []
     gpu_x = x.cuda()
-    eager = pcmodel.PCModel(model.config, model.weights, allow_unstable=True, device="cuda")
+    eager = pcmodel.PCModel(model.config, model.params, allow_unstable=True, device="cuda")
     eager.infer(gpu_x, steps=1, backend="torch")
     out.append(Runner("torch-cuda", lambda: eager.infer(gpu_x, steps=steps, backend="torch").latents, {}))
     for precision in cuda_graph.CUDA_PRECISIONS:
-        gpu = pcmodel.PCModel(model.config, model.weights, allow_unstable=True, device="cuda")
+        gpu = pcmodel.PCModel(model.config, model.params, allow_unstable=True, device="cuda")
         configure_engine(gpu, "cuda-graph", precision=precision)
         start = time.perf_counter()
         gpu.infer(gpu_x, steps=steps, backend="cuda-graph")
