@@ -3,7 +3,6 @@
 Imported only where numba is installed and the backend runs (importing numba takes ~0.5 s).
 """
 
-import numpy as np
 from llvmlite import ir
 from numba import njit, types
 from numba.core import cgutils
@@ -225,20 +224,49 @@ def _rows8(s, m, c, q, z, following, b, j, step):  # pragma: no cover - compiled
     `_row32`: the same bits whichever kernel (and so whatever batch) computes a row.
     """
     n = m.shape[1]
-    a00 = vzero(); a01 = vzero(); a10 = vzero(); a11 = vzero(); a20 = vzero(); a21 = vzero()  # noqa: E702
-    a30 = vzero(); a31 = vzero(); a40 = vzero(); a41 = vzero(); a50 = vzero(); a51 = vzero()  # noqa: E702
-    a60 = vzero(); a61 = vzero(); a70 = vzero(); a71 = vzero()  # noqa: E702
+    a00 = vzero()
+    a01 = vzero()
+    a10 = vzero()
+    a11 = vzero()
+    a20 = vzero()
+    a21 = vzero()
+    a30 = vzero()
+    a31 = vzero()
+    a40 = vzero()
+    a41 = vzero()
+    a50 = vzero()
+    a51 = vzero()
+    a60 = vzero()
+    a61 = vzero()
+    a70 = vzero()
+    a71 = vzero()
     for k in range(m.shape[0]):
         m0 = vload(m, k * n + j)
         m1 = vload(m, k * n + j + W)
-        x = s[b, k]; a00 = vfma(x, m0, a00); a01 = vfma(x, m1, a01)  # noqa: E702
-        x = s[b + 1, k]; a10 = vfma(x, m0, a10); a11 = vfma(x, m1, a11)  # noqa: E702
-        x = s[b + 2, k]; a20 = vfma(x, m0, a20); a21 = vfma(x, m1, a21)  # noqa: E702
-        x = s[b + 3, k]; a30 = vfma(x, m0, a30); a31 = vfma(x, m1, a31)  # noqa: E702
-        x = s[b + 4, k]; a40 = vfma(x, m0, a40); a41 = vfma(x, m1, a41)  # noqa: E702
-        x = s[b + 5, k]; a50 = vfma(x, m0, a50); a51 = vfma(x, m1, a51)  # noqa: E702
-        x = s[b + 6, k]; a60 = vfma(x, m0, a60); a61 = vfma(x, m1, a61)  # noqa: E702
-        x = s[b + 7, k]; a70 = vfma(x, m0, a70); a71 = vfma(x, m1, a71)  # noqa: E702
+        x = s[b, k]
+        a00 = vfma(x, m0, a00)
+        a01 = vfma(x, m1, a01)
+        x = s[b + 1, k]
+        a10 = vfma(x, m0, a10)
+        a11 = vfma(x, m1, a11)
+        x = s[b + 2, k]
+        a20 = vfma(x, m0, a20)
+        a21 = vfma(x, m1, a21)
+        x = s[b + 3, k]
+        a30 = vfma(x, m0, a30)
+        a31 = vfma(x, m1, a31)
+        x = s[b + 4, k]
+        a40 = vfma(x, m0, a40)
+        a41 = vfma(x, m1, a41)
+        x = s[b + 5, k]
+        a50 = vfma(x, m0, a50)
+        a51 = vfma(x, m1, a51)
+        x = s[b + 6, k]
+        a60 = vfma(x, m0, a60)
+        a61 = vfma(x, m1, a61)
+        x = s[b + 7, k]
+        a70 = vfma(x, m0, a70)
+        a71 = vfma(x, m1, a71)
     _finish(s, c, q, z, following, b, j, n, a00, step)
     _finish(s, c, q, z, following, b, j + W, n, a01, step)
     _finish(s, c, q, z, following, b + 1, j, n, a10, step)
@@ -261,7 +289,10 @@ def _rows8(s, m, c, q, z, following, b, j, step):  # pragma: no cover - compiled
 def _row64(s, m, c, q, z, following, b, j, step):  # pragma: no cover - compiled
     """Row b, columns j..j+63 of one step (each element as in `_rows8`)."""
     n = m.shape[1]
-    a0 = vzero(); a1 = vzero(); a2 = vzero(); a3 = vzero()  # noqa: E702
+    a0 = vzero()
+    a1 = vzero()
+    a2 = vzero()
+    a3 = vzero()
     for k in range(m.shape[0]):
         x = s[b, k]
         o = k * n + j
@@ -279,7 +310,8 @@ def _row64(s, m, c, q, z, following, b, j, step):  # pragma: no cover - compiled
 def _row32(s, m, c, q, z, following, b, j, step):  # pragma: no cover - compiled
     """Row b, columns j..j+31 of one step (each element as in `_rows8`)."""
     n = m.shape[1]
-    a0 = vzero(); a1 = vzero()  # noqa: E702
+    a0 = vzero()
+    a1 = vzero()
     for k in range(m.shape[0]):
         x = s[b, k]
         o = k * n + j
