@@ -6,6 +6,7 @@ the batch it ran in."""
 from __future__ import annotations
 
 import asyncio
+import collections
 import struct
 import time
 import zlib
@@ -108,10 +109,16 @@ def test_twenty_large_decodes_at_once_stay_within_the_memory_budget(tight):
     ok, busy = _check_answers(tight, responses, data)
     assert ok >= 2  # the budget holds two decodes at once: some run
     after = tight.metrics()
-    counted = metric(after, "pc_request_errors_total", reason="over_budget") - metric(
-        before, "pc_request_errors_total", reason="over_budget"
-    )
-    assert counted == busy
+    # Most 503s are the decoding budget's; on a quick machine two decoded photos can also fill the model's
+    # queue (reason overloaded, same Retry-After). Each is counted under its own reason.
+    reasons = collections.Counter(r.json()["reason"] for r in responses if r.status_code == 503)
+    assert set(reasons) <= {"over_budget", "overloaded"} and reasons["over_budget"] >= 1
+    for reason in ("over_budget", "overloaded"):
+        counted = metric(after, "pc_request_errors_total", reason=reason) - metric(
+            before, "pc_request_errors_total", reason=reason
+        )
+        assert counted == reasons[reason], reason
+    assert sum(reasons.values()) == busy
     assert metric(after, "pc_inflight_bytes", budget="decoding") == 0
     # Measured ~0.3 GiB peak growth on 2 cores (docs/RELIABILITY.md); before the budgets, 20 such
     # requests grew it by 3.8 GiB. The bound is the issue's target, with the measurement well under it.
