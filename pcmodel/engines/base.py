@@ -55,7 +55,8 @@ class BackendSpec:
         if device not in self.devices:
             if self.devices == ("cuda",):
                 return "needs the model on a CUDA device: model.to('cuda') first"
-            return f"runs on the CPU; move the model with model.to('{self.devices[0]}')"
+            where = " or ".join(d.upper() for d in self.devices)
+            return f"runs on the {where}; move the model with model.to('{self.devices[0]}')"
         if plan not in self.plans or (self.priors is not None and not priors <= set(self.priors)):
             what = f"the {' or '.join(self.plans)} plan"
             if self.plan_note:

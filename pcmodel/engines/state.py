@@ -71,36 +71,30 @@ class EngineState:
         key: tuple,
     ) -> Choice:
         """The automatic rule (pcmodel.engines.select) for one call, with what this state knows."""
-        choice = select(
+        choice = self._select(
             requested,
-            device=device.type,
+            device=device,
             float64=float64,
             steps=steps,
             tol=tol,
             prepared=self.is_prepared(steps, shape),
             weights_changing=self.last_key is not None and self.last_key != key,
-            plan=self.plan_kind((int(shape[-2]), int(shape[-1]))),
-            priors=self.priors,
-            installed=installed(),
+            hw=(int(shape[-2]), int(shape[-1])),
         )
         self.last_key = key
         return choice
 
     def fast_backend(self, hw: tuple[int, int], device: torch.device) -> str | None:
         """The backend the automatic rule picks for prepared calls at this size on this device."""
-        choice = select(
-            None,
-            device=device.type,
-            float64=False,
-            steps=1,
-            tol=None,
-            prepared=True,
-            weights_changing=False,
-            plan=self.plan_kind(hw),
-            priors=self.priors,
-            installed=installed(),
+        choice = self._select(
+            None, device=device, float64=False, steps=1, tol=None, prepared=True, weights_changing=False, hw=hw
         )
-        return choice.backend if SPECS.get(choice.backend) and SPECS[choice.backend].builds else None
+        return choice.backend if SPECS[choice.backend].builds else None
+
+    def _select(self, requested: str | None, *, device: torch.device, hw: tuple[int, int], **call: object) -> Choice:
+        return select(
+            requested, device=device.type, plan=self.plan_kind(hw), priors=self.priors, installed=installed(), **call
+        )  # type: ignore[arg-type]
 
     def plan(
         self,
