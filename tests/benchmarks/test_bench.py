@@ -117,3 +117,13 @@ def test_configure_engine_sets_known_settings_only():
     assert model.engines.backend("onnxruntime").sharding is False
     with pytest.raises(AttributeError, match="no setting"):
         configure_engine(model, "onnxruntime", shardnig=False)
+
+
+def test_before_after_times_every_case_of_issue_20(capsys):
+    from benchmarks.before_after import CASES
+    from benchmarks.before_after import main as before_after
+
+    assert before_after(["--min-time", "0"]) == 0
+    times = json.loads(capsys.readouterr().out)
+    assert len(times) == len(CASES) + 2  # rao-ballard-1999's cases on onnxruntime and the automatic backend
+    assert all(ms > 0 for ms in times.values())
