@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from .amortiser import Amortiser, AmortiserConfig
 from .checkpoint import CheckpointError, not_a_file
 from .checkpoint import load as _load_checkpoint
 from .config import ConfigError, LearningConfig, LevelConfig, ModelConfig, PreprocessConfig
@@ -29,6 +30,8 @@ from .results import InferenceResult
 __all__ = [
     "PRESETS",
     "PRIORS",
+    "Amortiser",
+    "AmortiserConfig",
     "CheckpointError",
     "ConfigError",
     "ImageError",
@@ -106,4 +109,11 @@ def load(
                 reason += f", and not a model name ({', '.join(names)})"
             raise CheckpointError(f"{text}: {reason}")
     ckpt = _load_checkpoint(path)
-    return PCModel(ckpt.config, ckpt.params, allow_unstable=allow_unstable, device=device, provenance=ckpt.provenance)
+    return PCModel(
+        ckpt.config,
+        ckpt.params,
+        allow_unstable=allow_unstable,
+        device=device,
+        provenance=ckpt.provenance,
+        amortiser=ckpt.amortiser,
+    )

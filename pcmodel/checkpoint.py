@@ -2,9 +2,12 @@
 
 Layout: one tensor per named parameter (pcmodel.parameters: `level1.U`, `level2.U`, ..., float32); string
 metadata `format` = "pcmodel-checkpoint", `format_version`, `config` (JSON), `provenance` (JSON)
-and `sha256`, the content hash over the config and the tensors (not the provenance), which
-identifies the model. Files are untrusted: the header is parsed and checked by hand before any
-tensor is read, and every failure is one sentence saying what is wrong with the file.
+and `sha256`, the content hash over the config and the U tensors (not the provenance), which
+identifies the model. Format 4 may add an amortiser (pcmodel.amortiser): its tensors `level1.A.in.weight`,
+... beside the U's, its architecture as JSON in `amortiser` and `amortiser_sha256` over both. The
+amortiser only decides where inference starts, so the content hash leaves it out: fitting one to a model
+keeps the model's hash (the file's own hash changes). Files are untrusted: the header is parsed and checked
+by hand before any tensor is read, and every failure is one sentence saying what is wrong with the file.
 """
 
 from __future__ import annotations
@@ -23,14 +26,17 @@ import torch
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
+from .amortiser import Amortiser, AmortiserConfig
 from .config import ConfigError, ModelConfig
-from .parameters import Params, as_params, parameter_specs
+from .parameters import Params, amortiser_specs, as_params, parameter_specs
 
 FORMAT = "pcmodel-checkpoint"
 # 2: per-level k1_scale / k2_scale in the config; 3: per-level column_norm. Fields a file lacks read as
 # their neutral values (config.NEUTRAL_LEVEL_FIELDS), so older files load as before.
-FORMAT_VERSION = 3
-READABLE_VERSIONS = ("1", "2", "3")
+# 4: an optional amortiser (its tensors and the `amortiser`, `amortiser_sha256` metadata); files without
+# one read as before, with no amortiser.
+FORMAT_VERSION = 4
+READABLE_VERSIONS = ("1", "2", "3", "4")
 MAX_CHECKPOINT_BYTES = 256 * 1024 * 1024  # our models are kilobytes; refuse to read anything absurd
 MAX_HEADER_BYTES = 1024 * 1024
 _DTYPES = {"F32": torch.float32}
@@ -46,6 +52,7 @@ class Checkpoint:
     params: dict[str, torch.Tensor]  # by name, in pcmodel.parameters' order
     provenance: dict[str, Any]
     sha256: str
+    amortiser: Amortiser | None = None  # format 4: the amortised start, where the file has one
 
 
 def content_hash(config: ModelConfig, params: Params) -> str:
@@ -72,19 +79,27 @@ def save(
     config: ModelConfig,
     params: Params,
     provenance: dict[str, Any] | None = None,
+    amortiser: Amortiser | None = None,
 ) -> str:
-    """Write a checkpoint atomically and return its content hash."""
+    """Write a checkpoint atomically and return its content hash (the amortiser, if any, is stored beside U
+    and left out of the hash)."""
     info = {"date": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"), "code_version": code_version()}
     info.update(provenance or {})
     named = as_params(config, params)
     tensors = {name: t.detach().to("cpu", torch.float32).contiguous() for name, t in named.items()}
     sha = content_hash(config, named)
+    extra: dict[str, str] = {}
+    if amortiser is not None:
+        amortiser = Amortiser.from_params(config, amortiser.config, amortiser.params)  # checked against config
+        tensors.update({name: t.detach().to("cpu", torch.float32).contiguous() for name, t in amortiser.params.items()})
+        extra = {"amortiser": amortiser.config.to_json(), "amortiser_sha256": amortiser.sha256()}
     metadata = {
         "format": FORMAT,
         "format_version": str(FORMAT_VERSION),
         "config": config.to_json(),
         "provenance": json.dumps(info, sort_keys=True),
         "sha256": sha,
+        **extra,
     }
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -134,7 +149,11 @@ def load(path: str | os.PathLike[str], max_bytes: int = MAX_CHECKPOINT_BYTES) ->
         config = ModelConfig.from_json(metadata.get("config", ""))
     except ConfigError as exc:
         raise CheckpointError(f"{name} has an invalid model config: {exc}") from None
-    _check_tensors(header, config, len(data) - offset, name)
+    try:
+        amortiser_config = AmortiserConfig.from_json(metadata["amortiser"]) if "amortiser" in metadata else None
+    except (ConfigError, TypeError) as exc:
+        raise CheckpointError(f"{name} has an invalid amortiser config: {exc}") from None
+    _check_tensors(header, config, amortiser_config, len(data) - offset, name)
     try:
         tensors = load_safetensors(data)
     except Exception as exc:  # the header passed our checks, so this is deep corruption
@@ -143,11 +162,24 @@ def load(path: str | os.PathLike[str], max_bytes: int = MAX_CHECKPOINT_BYTES) ->
     sha = content_hash(config, params)
     if metadata.get("sha256") != sha:
         raise CheckpointError(f"{name} fails its content hash: the weights or config were modified or corrupted")
+    amortiser = None
+    if amortiser_config is not None:
+        amortiser = Amortiser(
+            amortiser_config, {s.name: tensors[s.name] for s in _amortiser_specs(config, amortiser_config)}
+        )
+        if metadata.get("amortiser_sha256") != amortiser.sha256():
+            raise CheckpointError(f"{name} fails its amortiser's hash: the amortiser was modified or corrupted")
+        if not all(bool(torch.isfinite(t).all()) for t in amortiser.params.values()):
+            raise CheckpointError(f"{name} has an amortiser with NaN or Inf parameters")
     try:
         provenance = json.loads(metadata.get("provenance", "{}"))
     except json.JSONDecodeError:
         raise CheckpointError(f"{name} has unreadable provenance metadata (not JSON)") from None
-    return Checkpoint(config=config, params=params, provenance=provenance, sha256=sha)
+    return Checkpoint(config=config, params=params, provenance=provenance, sha256=sha, amortiser=amortiser)
+
+
+def _amortiser_specs(config: ModelConfig, amortiser: AmortiserConfig | None) -> list:
+    return [] if amortiser is None else amortiser_specs(config, amortiser.hidden)
 
 
 def _parse_header(data: bytes, name: str) -> tuple[dict[str, Any], int]:
@@ -174,8 +206,11 @@ def _parse_header(data: bytes, name: str) -> tuple[dict[str, Any], int]:
     return header, 8 + length
 
 
-def _check_tensors(header: dict[str, Any], config: ModelConfig, data_bytes: int, name: str) -> None:
-    expected = {spec.name: spec.shape for spec in parameter_specs(config)}
+def _check_tensors(
+    header: dict[str, Any], config: ModelConfig, amortiser: AmortiserConfig | None, data_bytes: int, name: str
+) -> None:
+    specs = parameter_specs(config) + _amortiser_specs(config, amortiser)
+    expected = {spec.name: spec.shape for spec in specs}
     missing = sorted(set(expected) - set(header))
     extra = sorted(set(header) - set(expected))
     if missing or extra:

@@ -20,7 +20,7 @@ from .priors import PRIORS as PRIOR_OBJECTS
 
 NONLINEARITIES = ("identity", "tanh")
 PRIORS = tuple(PRIOR_OBJECTS)  # pcmodel.priors: each prior's energy, gradient and step written once
-INITIAL_LATENTS = ("zeros", "feedforward")
+INITIAL_LATENTS = ("zeros", "feedforward", "amortised")  # amortised: the model's amortiser (pcmodel.amortiser)
 COLORS = ("gray", "rgb")
 FILTERS = ("none", "dog", "whiten")
 NORMALIZATIONS = ("none", "image_std")
@@ -195,7 +195,7 @@ class ModelConfig:
     levels: tuple[LevelConfig, ...]
     k1: float  # inference step: r_l <- r_l - (k1 k1_scale_l / 2) dE/dr_l, below the stability bound
     steps: int = 100  # default number of inference steps T
-    initial_latents: str = "zeros"  # zeros | feedforward (r_l = U_l^T r_{l-1}, bottom up)
+    initial_latents: str = "zeros"  # zeros | feedforward (r_l = U_l^T r_{l-1}, bottom up) | amortised (A_l)
     preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
     learning: LearningConfig = field(default_factory=LearningConfig)
 

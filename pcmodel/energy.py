@@ -175,7 +175,12 @@ def constrain_weights(config: ModelConfig, weights: Sequence[torch.Tensor]) -> N
 def initial_latents(
     config: ModelConfig, levels: Sequence[Level], weights: Sequence[torch.Tensor], x: torch.Tensor
 ) -> list[torch.Tensor]:
-    """The deterministic start: zeros, or feed-forward r_l = U_l^T t_l(r_{l-1}) bottom up."""
+    """The deterministic start: zeros, or feed-forward r_l = U_l^T t_l(r_{l-1}) bottom up.
+
+    The amortised start needs the model's amortiser (pcmodel.amortiser): `PCModel` computes it and passes it
+    as `init`, so here it is an error rather than a silent zero."""
+    if config.initial_latents == "amortised":
+        raise ValueError("the amortised start needs the model's amortiser: pass model.amortised_latents(x) as init")
     out = []
     lower = x
     for level, U in zip(levels, weights):

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from .amortiser import Amortiser, amortised_latents
 from .checkpoint import content_hash
 from .checkpoint import save as save_checkpoint
 from .config import ConfigError, ModelConfig, has_whole_map_level, level_shapes, weight_shapes
@@ -58,6 +59,7 @@ class PCModel:
         allow_unstable: bool = False,
         device: torch.device | str | None = None,
         provenance: dict[str, Any] | None = None,
+        amortiser: Amortiser | None = None,
     ) -> None:
         self.config = config
         self.provenance = dict(provenance or {})
@@ -67,6 +69,7 @@ class PCModel:
         self.params = {k: t.detach().to(device=device, dtype=torch.float32).clone() for k, t in named.items()}
         if not all(torch.isfinite(t).all() for t in self.params.values()):
             raise ConfigError("parameters contain NaN or Inf")
+        self.amortiser = amortiser
         self.engines = EngineState(config)
         self.check_stability(allow_unstable=allow_unstable)
 
@@ -84,6 +87,24 @@ class PCModel:
     @weights.setter
     def weights(self, values: Sequence[torch.Tensor]) -> None:
         self.params = {**self.params, **as_params(self.config, values)}
+
+    @property
+    def amortiser(self) -> Amortiser | None:
+        """The amortised start (pcmodel.amortiser), or None: a model may have one or not. Not in the hash."""
+        return self._amortiser
+
+    @amortiser.setter
+    def amortiser(self, value: Amortiser | None) -> None:
+        if value is None:
+            if self.config.initial_latents == "amortised":
+                raise ConfigError(
+                    "this config starts inference from the amortised latents (initial_latents='amortised') but the "
+                    "model has no amortiser: fit one (pc-train --amortise CHECKPOINT) or set initial_latents to zeros"
+                )
+            self._amortiser = None
+            return
+        checked = Amortiser.from_params(self.config, value.config, value.params)
+        self._amortiser = checked.to(self.device)
 
     @property
     def num_levels(self) -> int:
@@ -106,6 +127,8 @@ class PCModel:
     def to(self, device: torch.device | str) -> PCModel:
         """Move the weights to a device (in place) and return the model."""
         self.params = {k: t.to(device) for k, t in self.params.items()}
+        if self._amortiser is not None:
+            self._amortiser.to(device)
         return self
 
     def _inputs(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor], list[Level]]:
@@ -132,7 +155,7 @@ class PCModel:
     def save(self, path: str | Path, provenance: dict[str, Any] | None = None) -> str:
         """Write a .safetensors checkpoint (weights, config, provenance); returns the content hash."""
         info = {**self.provenance, **(provenance or {})}
-        return save_checkpoint(path, self.config, self.params, info)
+        return save_checkpoint(path, self.config, self.params, info, amortiser=self._amortiser)
 
     def preprocess(
         self, images: Image.Image | np.ndarray | Sequence[Image.Image | np.ndarray], size: tuple[int, int] | None = None
@@ -184,9 +207,23 @@ class PCModel:
             self.apply_weight_gradients(self.weight_gradients(x, latents), k2)
 
     def initial_latents(self, x: torch.Tensor) -> list[torch.Tensor]:
-        """The deterministic start: zeros, or feed-forward r_l = U_l^T t_l(r_{l-1}) bottom up."""
+        """The config's deterministic start: zeros, feed-forward r_l = U_l^T t_l(r_{l-1}) bottom up, or amortised."""
+        if self.config.initial_latents == "amortised":
+            return self.amortised_latents(x)
         x, weights, levels = self._inputs(x)
         return initial_latents(self.config, levels, weights, x)
+
+    def amortised_latents(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """The amortiser's guess of the latents for x (B, C, H, W), one feed-forward pass per level
+        (pcmodel.amortiser): where `infer(x, init="amortised")` starts. ValueError without an amortiser."""
+        if self._amortiser is None:
+            raise ValueError(
+                f"model {self.name} has no amortiser, so it has no amortised start; use init='zero', or fit one "
+                "with pc-train --amortise CHECKPOINT"
+            )
+        with torch.inference_mode():
+            x, _, levels = self._inputs(x)
+            return amortised_latents(levels, self._amortiser.params, x)
 
     # ---- inference -------------------------------------------------------------------------
 
@@ -226,9 +263,11 @@ class PCModel:
     ) -> InferenceResult:
         """Settle the latents for x (B, C, H, W), already preprocessed: `steps` fixed gradient steps.
 
-        `init`: where the latents start. None: the config's start (`initial_latents`: zeros or
-        feed-forward); "zero": zeros; or a list of tensors shaped like `result.latents` (one per level,
-        level 1 first, batch first: e.g. a previous result's latents, a warm start).
+        `init`: where the latents start. None: the config's start (`initial_latents`: zeros,
+        feed-forward or amortised); "zero": zeros; "amortised": the amortiser's guess
+        (`amortised_latents`, computed here in torch and handed to the backend as its start; ValueError
+        for a model without an amortiser); or a list of tensors shaped like `result.latents` (one per
+        level, level 1 first, batch first: e.g. a previous result's latents, a warm start).
 
         With `tol`, an image stops as soon as the norm of its gradient dE/dr (all levels) falls
         below tol; it keeps its latents and `result.steps` reports the steps it used. Images that
@@ -282,12 +321,16 @@ class PCModel:
         self, init: str | Sequence[torch.Tensor] | None, x: torch.Tensor, levels: Sequence[Level]
     ) -> list[torch.Tensor] | None:
         """The starting latents a call gives (None: the config's own start), checked and in x's dtype."""
+        if init is None and self.config.initial_latents == "amortised":
+            init = "amortised"
         if init is None:
             return None
         shapes = [(x.shape[0], *lv.geometry.latent) for lv in levels]
         if isinstance(init, str):
+            if init == "amortised":
+                return self.amortised_latents(x)
             if init not in ("zero", "zeros"):
-                raise ValueError(f"init must be 'zero', a list of latents or None, got {init!r}")
+                raise ValueError(f"init must be 'zero', 'amortised', a list of latents or None, got {init!r}")
             return [x.new_zeros(s) for s in shapes]
         starts = list(init)
         got = [tuple(r.shape) if isinstance(r, torch.Tensor) else type(r).__name__ for r in starts]

@@ -3,8 +3,12 @@
 A model holds its parameters as an ordered mapping name -> tensor (`PCModel.params`): today one per
 level, `level{l}.U` (causes, C_below, kh, kw), the generative weights of docs/MODEL.md. Checkpoints store
 each under its name, the content hash covers them by name in this order, plans go stale when any of
-them changes, and pc-export records the names. A new parameter (e.g. a learned starting state's
-`level1.A`) is one more `ParameterSpec` in `parameter_specs`, with its shape and its initial draw.
+them changes, and pc-export records the names. A new parameter of the network is one more `ParameterSpec`
+in `parameter_specs`, with its shape and its initial draw.
+
+The amortised start's maps (pcmodel.amortiser) are declared here too, by `amortiser_specs`: per level
+`level{l}.A.in.weight`, ... They are optional and live apart from `params` (`model.amortiser`): they
+decide where inference starts, not the energy, so the content hash and the engines' plans ignore them.
 """
 
 from __future__ import annotations
@@ -80,3 +84,22 @@ def params_key(params: Mapping[str, torch.Tensor]) -> tuple:
     identity. Either makes every derived plan and program stale.
     """
     return tuple((name, id(t), t.data_ptr(), t._version, str(t.device)) for name, t in params.items())
+
+
+def amortiser_specs(config: ModelConfig, hidden: int) -> list[ParameterSpec]:
+    """The amortiser's parameters (pcmodel.amortiser), level 1 first: per level a convolution with the
+    level's geometry into `hidden` channels, a 3x3 one within them and a 3x3 one out to the causes.
+    init_std 0 draws zeros: W_out and every bias start at zero, so a fresh amortiser starts r at zero."""
+    specs = []
+    for i, shape in enumerate(weight_shapes(config), 1):
+        causes, below, kh, kw = shape
+        prefix = f"level{i}.A"
+        specs += [
+            ParameterSpec(f"{prefix}.in.weight", (hidden, below, kh, kw), (below * kh * kw) ** -0.5),
+            ParameterSpec(f"{prefix}.in.bias", (hidden,), 0.0),
+            ParameterSpec(f"{prefix}.mid.weight", (hidden, hidden, 3, 3), (hidden * 9) ** -0.5),
+            ParameterSpec(f"{prefix}.mid.bias", (hidden,), 0.0),
+            ParameterSpec(f"{prefix}.out.weight", (causes, hidden, 3, 3), 0.0),
+            ParameterSpec(f"{prefix}.out.bias", (causes,), 0.0),
+        ]
+    return specs

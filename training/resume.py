@@ -44,6 +44,11 @@ def load_run(args: argparse.Namespace) -> tuple[PCModel, TrainConfig, RunState, 
             f"--resume continues the saved run exactly, so {', '.join(given)} cannot change; "
             f"start a new run (--preset or --config) to train with other settings"
         )
+    if getattr(args, "amortiser", False) and saved.amortiser_lr is None:
+        raise ConfigError(
+            f"--resume {args.resume}: this run learns no amortiser, and --amortiser cannot add one to a run under "
+            "way; fit one afterwards with pc-train --amortise CHECKPOINT"
+        )
     options = train_config(args, saved)
     saved_state = training.get("state", {})
     state = RunState(

@@ -29,6 +29,9 @@ class TrainConfig:
     infer_steps: int | None = None  # T inference steps per batch; None: the model's own (config.steps)
     seed: int = 0  # initial U and every batch
     scales: tuple[float, ...] = (1.0,)  # photos are also sampled resized by these factors
+    # The amortiser's Adam step where the run learns one alongside U (pc-train --amortiser), else None. It
+    # never moves U: the fields above decide U's course whatever this says.
+    amortiser_lr: float | None = None
     # ---
     checkpoint_every: int = 500  # updates between checkpoints (and one at the end)
     eval_every: int = 100  # updates between held-out evaluations

@@ -35,7 +35,7 @@ import pcmodel
 from pcmodel import ConfigError, PCModel
 from pcmodel.cliargs import fail
 
-from . import data, resume
+from . import amortise, data, resume
 from .metrics import error_sums
 from .run_config import DataSpec, RunState, TrainConfig
 from .train_args import build_parser, model_config, new_run
@@ -164,6 +164,15 @@ class Trainer:
             raise ConfigError(
                 f"batch_size {options.batch_size} must be a multiple of the {self.dist.world_size} processes"
             )
+        # The amortised start learns from the same settled latents, after U's gradient is taken: U never reads it.
+        self.fitter = None
+        if model.amortiser is not None and options.amortiser_lr is not None:
+            if self.dist.world_size > 1:
+                raise ConfigError(
+                    "--amortiser learns in one process only; train under torchrun without it, then fit one with "
+                    "pc-train --amortise CHECKPOINT"
+                )
+            self.fitter = amortise.AmortiserFitter(model, options.amortiser_lr, options.updates)
 
     # ---- one update ------------------------------------------------------------------------
 
@@ -204,10 +213,14 @@ class Trainer:
             )
         k2 = self.k2(step)
         self.model.apply_weight_gradients(self.dist.average(grads), k2)
+        fit = {}
+        if self.fitter is not None:
+            losses = self.fitter.step(step, x, result.latents)
+            fit = {f"amortiser_loss_{i}": v for i, v in enumerate(losses, 1)}
         self.state.step = step + 1
         energy = final_sum / self.options.batch_size
         self._watch_energy(energy, k2)
-        return {"energy": energy, "rel_error": err / max(norm, 1e-30), "k2": k2}
+        return {"energy": energy, "rel_error": err / max(norm, 1e-30), "k2": k2, **fit}
 
     def _watch_energy(self, energy: float, k2: float) -> None:
         state = self.state
@@ -400,6 +413,8 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_grad_enabled(False)
     automatic = "cuda" if torch.cuda.is_available() else "cpu"
     device = torch.device(automatic if args.device in (None, "auto") else args.device)
+    if args.amortise is not None:
+        return _amortise(args, argv, device)
     try:
         if args.resume is not None:
             model, options, state, spec = resume.load_run(args)
@@ -466,6 +481,25 @@ def main(argv: list[str] | None = None) -> int:
         write_figures(trainer.model, out / "figures", out / "metrics.jsonl", held_out, steps=trainer.steps)
         log.info("figures in %s", out / "figures")
     return code
+
+
+def _amortise(args, argv: list[str], device: torch.device) -> int:
+    """pc-train --amortise CHECKPOINT: fit an amortiser to the model, U bit for bit unchanged."""
+    fixed = [f"--{n.replace('_', '-')}" for n in ("k1", "k2", "set") if getattr(args, n, None) not in (None, [])]
+    if args.k2_schedule != "preset" or args.amortiser:
+        fixed.append("--k2-schedule" if args.k2_schedule != "preset" else "--amortiser")
+    if fixed:
+        return fail("pc-train", f"--amortise leaves the model as it is, so {', '.join(fixed)} cannot be given")
+    try:
+        model = pcmodel.load(args.amortise, device=device)
+        spec = DataSpec(source=str(args.data) if args.data else "default", held_out="default")
+        photos, _ = spec.load()
+        data.check_sizes(photos, model.config, spec.source, "--data")
+    except (ConfigError, data.DataError, pcmodel.CheckpointError, pcmodel.UnstableStepError) as exc:
+        return fail("pc-train", str(exc))
+    args.argv = argv
+    out = args.out or Path("runs") / f"{model.name}-amortised"
+    return amortise.amortise_checkpoint(args, model, out, photos)
 
 
 def _configure_logging(progress: bool) -> None:

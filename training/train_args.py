@@ -93,6 +93,33 @@ def build_parser() -> argparse.ArgumentParser:
         type=existing_file,
         help="continue a run from its checkpoint, exactly (default: a new run)",
     )
+    source.add_argument(
+        "--amortise",
+        metavar="CKPT",
+        type=existing_file,
+        help="fit an amortised start to this checkpoint's model, U unchanged, and write it with the model "
+        "(default: train the model)",
+    )
+    parser.add_argument(
+        "--amortiser",
+        action="store_true",
+        help="a new run also learns an amortised start alongside U, from each batch's settled latents; U's "
+        "course is the same with or without it (default: off)",
+    )
+    parser.add_argument(
+        "--amortise-lr",
+        metavar="X",
+        type=positive_float,
+        default=3e-3,
+        help="the amortiser's Adam step, decayed along a cosine over the updates (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--amortise-hidden",
+        metavar="N",
+        type=positive_int,
+        default=32,
+        help="hidden channels of the amortiser's maps (default: %(default)s)",
+    )
     parser.add_argument(
         "--data",
         metavar="DIR",
@@ -115,7 +142,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--updates",
         metavar="N",
         type=positive_int,
-        help="learning steps in all, one per batch (default: the preset's, 3000)",
+        help="learning steps in all, one per batch (default: the preset's, 3000; --amortise: 1500)",
     )
     parser.add_argument(
         "--batch-size",
@@ -230,6 +257,8 @@ def train_config(args: argparse.Namespace, base: TrainConfig) -> TrainConfig:
     }
     if args.check_every is not None:
         changes["check_every"] = args.check_every
+    if getattr(args, "amortiser", False):
+        changes["amortiser_lr"] = args.amortise_lr
     if args.scales is not None:
         changes["scales"] = args.scales
     return dataclasses.replace(base, **changes)
@@ -240,6 +269,10 @@ def new_run(args: argparse.Namespace, config: ModelConfig) -> tuple[PCModel, Tra
     base = PRESET_TRAINING.get(config.name, TrainConfig()) if args.config is None else TrainConfig()
     options = train_config(args, base)
     model = pcmodel.create(config, seed=options.seed)
+    if options.amortiser_lr is not None:
+        model.amortiser = pcmodel.Amortiser.create(
+            config, pcmodel.AmortiserConfig(hidden=args.amortise_hidden), seed=options.seed
+        )
     spec = DataSpec(
         source=str(args.data) if args.data else "default",
         held_out=str(args.held_out) if args.held_out else "default",

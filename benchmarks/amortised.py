@@ -1,0 +1,95 @@
+"""The amortised start against the zero start, on held-out crops (issue 21, "inference fast and slow").
+
+    python -m benchmarks.amortised                    # both shipped models, a table each
+    python -m benchmarks.amortised conv-rgb --json    # one model, the numbers as JSON
+
+For each model: 256 native crops of scikit-learn's sample photos (the held-out set pc-analyze uses), their
+fixed point (3,000 plain gradient steps from zero), then from each start (zero, amortised) after
+0/5/10/20/50/100 plain gradient steps the median energy gap (E - E*) / |E*| and each level's median latent
+distance ||r_l - r_l*|| / ||r_l*||; the median steps an image needs to come within today's accuracy (the
+zero start's median gap at 100 steps); and with early stop (tol = the zero start's median gradient norm at
+100 steps) the median steps used on the held-out crops, on pixel noise and on an unseen texture.
+Results: docs/PERFORMANCE.md, "The amortised start".
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from typing import Any
+
+import torch
+
+import pcmodel
+from training import data
+from training.amortise import REFERENCE_STEPS, start_curves, steps_used, tolerance, unfamiliar_inputs
+
+from .machine import machine
+
+
+def measure(name: str, count: int = 256) -> dict[str, Any]:
+    """Every number of the module docstring for one model (a shipped name or a checkpoint path)."""
+    model = pcmodel.load(name)
+    x = data.held_out_windows(model.config, count).to(model.device)
+    begun = time.perf_counter()
+    fixed = model.infer(x, steps=REFERENCE_STEPS, init="zero")
+    out: dict[str, Any] = {"model": name, "sha256": model.sha256[:12], "crops": count}
+    out["curves"] = start_curves(model, x, fixed)
+    tol = tolerance(model, x)
+    out["tol"] = tol
+    sets = {"held-out": x, **unfamiliar_inputs(model, count)}
+    out["steps_used_tol"] = {
+        what: {init: steps_used(model, inputs, tol, init) for init in ("zero", "amortised")}
+        for what, inputs in sets.items()
+    }
+    with torch.inference_mode():
+        timing = {}
+        for init in ("zero", "amortised"):
+            start = time.perf_counter()
+            model.infer(x[:1], steps=0, init=init)
+            timing[init] = (time.perf_counter() - start) * 1e3
+        out["start_ms_batch1"] = timing
+    out["seconds"] = round(time.perf_counter() - begun, 1)
+    return out
+
+
+def table(result: dict[str, Any]) -> str:
+    curves = result["curves"]
+    lines = [
+        f"{result['model']} ({result['sha256']}), {result['crops']} held-out crops",
+        "steps | energy gap zero | amortised | latent distance per level zero | amortised",
+    ]
+    for steps in curves["zero"]["energy_gap"]:
+        z, a = curves["zero"], curves["amortised"]
+        dz = " ".join(f"{d:.3f}" for d in z["latent_distance"][steps])
+        da = " ".join(f"{d:.3f}" for d in a["latent_distance"][steps])
+        lines.append(f"{steps:>5} | {z['energy_gap'][steps]:.3%} | {a['energy_gap'][steps]:.3%} | {dz} | {da}")
+    lines.append(
+        f"steps to within {curves['reach_target_gap']:.3%} of the fixed point (median): zero "
+        f"{curves['zero']['steps_to_reach']:g}, amortised {curves['amortised']['steps_to_reach']:g}"
+    )
+    lines.append(f"early stop at tol {result['tol']:.4g}, median steps used (zero / amortised):")
+    for what, used in result["steps_used_tol"].items():
+        lines.append(f"  {what}: {used['zero']:g} / {used['amortised']:g}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.amortised", description=__doc__.split("\n\n")[0])
+    parser.add_argument("models", nargs="*", default=["conv-rgb", "rao-ballard-1999"], help="shipped names or paths")
+    parser.add_argument("--crops", type=int, default=256, help="held-out crops per model (default: 256)")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (default: 1)")
+    parser.add_argument("--json", action="store_true", help="print the numbers as JSON")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    results = [measure(name, args.crops) for name in args.models]
+    if args.json:
+        print(json.dumps({"machine": machine(), "threads": args.threads, "results": results}, indent=1))
+    else:
+        print("\n\n".join(table(r) for r in results))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

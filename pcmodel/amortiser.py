@@ -1,0 +1,171 @@
+"""The amortised start ("inference fast"): a small feed-forward map per level that guesses r_l in one pass.
+
+Hybrid predictive coding (Tschantz, Millidge, Seth & Buckley 2023): a learned feed-forward guess of the
+latents, refined by the network's own gradient dynamics (`infer_loop`: "inference slow"). The energy, its
+fixed point and the refinement are unchanged; only where the refinement starts moves (docs/MODEL.md
+section 2, "The amortised start").
+
+Level l's map A_l reads the level below (the image x for level 1; the amortised r_{l-1} above that):
+
+    h   = tanh(W_in * t + b_in)                     # level l's kernel and stride: (B, hidden, H_l, W_l)
+    h  <- h + tanh(W_mid * h + b_mid)               # 3x3, a residual: each position sees its neighbours
+    r_l = W_out * h + b_out                         # 3x3: (B, causes, H_l, W_l), like the latents
+
+(* a 2-D convolution; the 3x3 ones are zero-padded). The first convolution has the level's own geometry,
+so the map runs on every input size the level tiles, for every kind (a dense level's kernel is its whole
+lower map). The two 3x3 convolutions widen the view: a settled code of overlapping kernels explains its
+neighbours away, which a map with level 1's view alone fits poorly (relative error 0.41 against 0.05,
+docs/PERFORMANCE.md). W_out and b_out start at zero, so a fresh amortiser starts the latents at zero.
+
+The parameters are named `level{l}.A.{in,mid,out}.{weight,bias}` (pcmodel.parameters.amortiser_specs)
+and stored in the checkpoint next to U; the model's content hash covers U and the config only, so fitting
+an amortiser leaves a model's identity alone (pcmodel.checkpoint). Computed once per image, in torch,
+before any backend refines it from there (`model.infer(x, init="amortised")`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from .config import ConfigError, ModelConfig
+from .levels import Level
+from .parameters import ParameterSpec, amortiser_specs
+
+
+@dataclass(frozen=True)
+class AmortiserConfig:
+    """The amortiser's architecture: stored in the checkpoint beside (not inside) the model's config."""
+
+    hidden: int = 32  # channels of the two hidden maps; 32 fits conv-rgb's level 1 at 0.054 (issue 21's probe)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.hidden, int) or isinstance(self.hidden, bool) or self.hidden < 1:
+            raise ConfigError(f"amortiser hidden must be a positive int, got {self.hidden!r}")
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), sort_keys=True, separators=(",", ":"))
+
+    @classmethod
+    def from_json(cls, text: str) -> AmortiserConfig:
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise ConfigError(f"amortiser config is not valid JSON: {exc}") from None
+        if not isinstance(data, dict):
+            raise ConfigError("amortiser config must be a JSON object")
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ConfigError(f"unknown field(s) in amortiser config: {', '.join(unknown)}; known: {', '.join(known)}")
+        return cls(**data)
+
+
+@dataclass
+class Amortiser:
+    """An amortiser: its architecture and its parameters by name, in `amortiser_specs` order."""
+
+    config: AmortiserConfig
+    params: dict[str, torch.Tensor]
+
+    @classmethod
+    def create(cls, model_config: ModelConfig, config: AmortiserConfig | None = None, seed: int = 0) -> Amortiser:
+        """A fresh amortiser: each parameter drawn from N(0, init_std^2) in declared order from `seed`
+        (W_out and the biases are zero: a fresh amortiser starts the latents at zero)."""
+        config = config or AmortiserConfig()
+        generator = torch.Generator().manual_seed(seed)
+        params = {s.name: torch.randn(s.shape, generator=generator) * s.init_std for s in _specs(model_config, config)}
+        return cls(config, params)
+
+    @classmethod
+    def from_params(
+        cls, model_config: ModelConfig, config: AmortiserConfig, params: Mapping[str, torch.Tensor]
+    ) -> Amortiser:
+        """Checked: every declared parameter present with its shape, nothing else, all finite."""
+        specs = _specs(model_config, config)
+        missing = [s.name for s in specs if s.name not in params]
+        extra = sorted(set(params) - {s.name for s in specs})
+        if missing or extra:
+            parts = ([f"missing {', '.join(missing)}"] if missing else []) + (
+                [f"unexpected {', '.join(extra)}"] if extra else []
+            )
+            raise ConfigError(f"amortiser parameters do not match: {'; '.join(parts)}")
+        wrong = {s.name: tuple(params[s.name].shape) for s in specs if tuple(params[s.name].shape) != s.shape}
+        if wrong:
+            raise ConfigError(f"amortiser parameters have shapes {wrong}; this config needs others")
+        named = {s.name: params[s.name].detach().to(torch.float32).clone() for s in specs}
+        if not all(bool(torch.isfinite(t).all()) for t in named.values()):
+            raise ConfigError("amortiser parameters contain NaN or Inf")
+        return cls(config, named)
+
+    def to(self, device: torch.device | str) -> Amortiser:
+        self.params = {k: t.to(device) for k, t in self.params.items()}
+        return self
+
+    def sha256(self) -> str:
+        """Hash over the amortiser's config and parameters: the checkpoint checks its file against it."""
+        digest = hashlib.sha256(self.config.to_json().encode())
+        for name, t in self.params.items():
+            t = t.detach().to("cpu", torch.float32).contiguous()
+            digest.update(f"\n{name}:F32:{list(t.shape)}\n".encode())
+            digest.update(t.numpy().tobytes())
+        return digest.hexdigest()
+
+
+def _specs(model_config: ModelConfig, config: AmortiserConfig) -> list[ParameterSpec]:
+    return amortiser_specs(model_config, config.hidden)
+
+
+def level_guess(level: Level, params: Mapping[str, torch.Tensor], index: int, lower: torch.Tensor) -> torch.Tensor:
+    """A_l(lower): level `index`'s (1-based) guess of r_l from the map below (B, C_below, H, W)."""
+    p = {k: params[f"level{index}.A.{k}"].to(lower.dtype) for k in _LAYER_NAMES}
+    h = torch.tanh(F.conv2d(lower, p["in.weight"], p["in.bias"], stride=level.geometry.stride))
+    h = h + torch.tanh(F.conv2d(h, p["mid.weight"], p["mid.bias"], padding=1))  # (B, hidden, H_l, W_l)
+    return F.conv2d(h, p["out.weight"], p["out.bias"], padding=1)  # (B, causes, H_l, W_l)
+
+
+_LAYER_NAMES = ("in.weight", "in.bias", "mid.weight", "mid.bias", "out.weight", "out.bias")
+
+
+def amortised_latents(
+    levels: Sequence[Level], params: Mapping[str, torch.Tensor], x: torch.Tensor
+) -> list[torch.Tensor]:
+    """Every level's guess, bottom up: r_1 = A_1(x), r_l = A_l(r_{l-1}). Differentiable."""
+    out = []
+    lower = x
+    for index, level in enumerate(levels, 1):
+        lower = level_guess(level, params, index, lower)
+        out.append(lower)
+    return out
+
+
+def fitting_losses(
+    levels: Sequence[Level], params: Mapping[str, torch.Tensor], x: torch.Tensor, settled: Sequence[torch.Tensor]
+) -> list[torch.Tensor]:
+    """Each level's regression loss: ||A_l(in_l) - r*_l||^2 / ||r*_l||^2 over the batch (squared relative error).
+
+    in_1 = x and in_l = the amortised r_{l-1}, detached: each level's map learns from its own error alone
+    (local, as in hybrid predictive coding), on the inputs it sees at inference. r* are settled latents.
+    """
+    losses = []
+    lower = x
+    for index, (level, target) in enumerate(zip(levels, settled), 1):
+        guess = level_guess(level, params, index, lower.detach())
+        target = target.to(guess.dtype)
+        losses.append((guess - target).square().sum() / target.square().sum().clamp_min(1e-30))
+        lower = guess
+    return losses
+
+
+def describe(amortiser: Amortiser | None) -> dict[str, Any] | None:
+    """The amortiser as a small JSON-able summary (for reports and provenance)."""
+    if amortiser is None:
+        return None
+    return {"hidden": amortiser.config.hidden, "parameters": sum(t.numel() for t in amortiser.params.values())}
