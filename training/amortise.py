@@ -87,36 +87,50 @@ def fit(
     model.amortiser = Amortiser.create(model.config, AmortiserConfig(hidden=options.hidden), seed=options.seed)
     fitter = AmortiserFitter(model, options.lr, options.updates)
     steps = options.infer_steps or model.config.steps
+    judge = StartJudge(model, held_out) if held_out is not None else None
     last: dict[str, Any] = {}
+    curve: list[dict[str, Any]] = []  # the held-out measures at each evaluation: how the start improves
     begun = time.monotonic()
-    for update in range(options.updates):
-        x = sampler.batch(update, options.batch_size).to(model.device)
-        settled = model.infer(x, steps=steps, init="amortised").latents
-        losses = fitter.step(update, x, settled)
-        line: dict[str, Any] = {"step": update + 1, **{f"fit_loss_{i}": v for i, v in enumerate(losses, 1)}}
-        if held_out is not None and ((update + 1) % eval_every == 0 or update + 1 == options.updates):
-            line.update(start_quality(model, held_out))
-            log.info("amortiser update %d/%d  %s", update + 1, options.updates, json.dumps(line))
+    for update in range(options.updates + 1):
+        line: dict[str, Any] = {"step": update}
+        if judge is not None and (update % eval_every == 0 or update == options.updates):
+            line.update(judge.measure())
+            curve.append({k: round(v, 6) for k, v in line.items()})
+            log.info("amortiser update %d/%d  %s", update, options.updates, json.dumps(line))
+        if update < options.updates:
+            x = sampler.batch(update, options.batch_size).to(model.device)
+            settled = model.infer(x, steps=steps, init="amortised").latents
+            losses = fitter.step(update, x, settled)
+            line.update({f"fit_loss_{i}": v for i, v in enumerate(losses, 1)})
         line["seconds"] = round(time.monotonic() - begun, 3)
-        if metrics_path is not None and ("held_out_fit_error_1" in line or (update + 1) % 10 == 0):
+        if metrics_path is not None and ("held_out_fit_error_1" in line or update % 10 == 0):
             with metrics_path.open("a") as f:
                 f.write(json.dumps(line) + "\n")
-        last = line
-    return last
+        last.update(line)
+    return {**last, "curve": curve}
 
 
-def start_quality(model: PCModel, x: torch.Tensor, steps: int = 10, reference_steps: int = 1000) -> dict[str, float]:
-    """How good the amortised start is on inputs x: each level's relative distance to the latents after
-    `reference_steps` steps (from the amortised start) and the energy after `steps` steps from either start."""
-    reference = model.infer(x, steps=reference_steps, init="amortised").latents
-    guess = model.amortised_latents(x)
-    out = {
-        f"held_out_fit_error_{i}": float((g - r).norm() / r.norm().clamp_min(1e-30))
-        for i, (g, r) in enumerate(zip(guess, reference), 1)
-    }
-    out[f"held_out_energy_{steps}_amortised"] = float(model.infer(x, steps=steps, init="amortised").energy[-1].mean())
-    out[f"held_out_energy_{steps}_zero"] = float(model.infer(x, steps=steps, init="zero").energy[-1].mean())
-    return out
+class StartJudge:
+    """How good the amortised start is on fixed inputs, as it learns: each level's relative distance of
+    the guess to the fixed point, the median energy gap after 10 steps, and the median steps an image
+    takes with early stop at today's accuracy (`tolerance`). The fixed point is computed once."""
+
+    def __init__(self, model: PCModel, x: torch.Tensor, reference_steps: int = 1000) -> None:
+        self.model, self.x = model, x
+        self.fixed = model.infer(x, steps=reference_steps, init="zero")
+        self.tol = tolerance(model, x)
+        zero = model.infer(x, steps=10, init="zero").energy[-1]
+        self.zero = {"held_out_gap_10_zero": float(energy_gap(zero, self.fixed.energy[-1]).median()),
+                     "held_out_steps_tol_zero": steps_used(model, x, self.tol, "zero")}  # fmt: skip
+
+    def measure(self) -> dict[str, float]:
+        guess = self.model.amortised_latents(self.x)
+        distance = latent_distance(guess, self.fixed.latents)
+        out = {f"held_out_fit_error_{i}": float(d.median()) for i, d in enumerate(distance, 1)}
+        after = self.model.infer(self.x, steps=10, init="amortised").energy[-1]
+        out["held_out_gap_10_amortised"] = float(energy_gap(after, self.fixed.energy[-1]).median())
+        out["held_out_steps_tol_amortised"] = steps_used(self.model, self.x, self.tol, "amortised")
+        return {**out, **self.zero, "tol": self.tol}
 
 
 def amortise_checkpoint(args: Any, model: PCModel, out: Path, photos: list[data.Photo]) -> int:
@@ -155,6 +169,7 @@ def amortise_checkpoint(args: Any, model: PCModel, out: Path, photos: list[data.
         "threads": torch.get_num_threads(),
         "seconds": last.get("seconds"),
         "held_out": {k: v for k, v in last.items() if k.startswith("held_out")},
+        "curve": last["curve"],
     }
     path = out / "model.safetensors"
     model.save(path, provenance=provenance)
@@ -184,16 +199,19 @@ def latent_distance(latents: list[torch.Tensor], fixed: list[torch.Tensor]) -> l
 def start_curves(
     model: PCModel, x: torch.Tensor, fixed: Any, inits: tuple[str, ...] = ("zero", "amortised")
 ) -> dict[str, Any]:
-    """For each start: the median energy gap and per-level latent distance to `fixed` (an InferenceResult)
+    """For each start: the median energy gap (and the gap of the mean energy) and per-level latent distance
+    to `fixed` (an InferenceResult)
     after each of STEP_COUNTS plain gradient steps, and the steps each image needs to come within today's
     accuracy (the median gap of 100 steps from zero) of the fixed point."""
     e_fixed = fixed.energy[-1]
     out: dict[str, Any] = {}
     for init in inits:
-        curve = {"energy_gap": {}, "latent_distance": {}}
+        curve = {"energy_gap": {}, "energy_gap_of_mean": {}, "latent_distance": {}}
         for steps in STEP_COUNTS:
             result = model.infer(x, steps=steps, init=init)
             curve["energy_gap"][steps] = float(energy_gap(result.energy[-1], e_fixed).median())
+            # The gap of the mean energy: the high-contrast windows weigh in, where a median of ratios hides them.
+            curve["energy_gap_of_mean"][steps] = float(energy_gap(result.energy[-1].mean(), e_fixed.mean()))
             curve["latent_distance"][steps] = [
                 float(d.median()) for d in latent_distance(result.latents, fixed.latents)
             ]
@@ -239,4 +257,40 @@ def unfamiliar_inputs(model: PCModel, count: int, seed: int = 0) -> dict[str, to
     return {
         "noise": data.held_out_windows(model.config, count, seed=seed, photos=noise).to(model.device),
         "checkerboard": data.held_out_windows(model.config, count, seed=seed, photos=texture).to(model.device),
+    }
+
+
+def start_report(model: PCModel, count: int = 256, reference_steps: int = REFERENCE_STEPS) -> dict[str, Any] | None:
+    """pc-analyze's "amortised start" section (and benchmarks/amortised.py's numbers); None without an amortiser.
+
+    On `count` held-out windows: the gap curves of both starts (`start_curves`), the steps each needs to
+    reach today's accuracy, and with early stop at tol = today's accuracy (`tolerance`) the median steps
+    used on the held-out windows, on pixel noise and on an unseen texture; with the fit's own record of
+    how the steps used fell as the amortiser learned (its provenance), where the fit wrote one.
+    """
+    if model.amortiser is None:
+        return None
+    x = data.held_out_windows(model.config, count).to(model.device)
+    fixed = model.infer(x, steps=reference_steps, init="zero")
+    tol = tolerance(model, x)
+    sets = {"held-out": x, **unfamiliar_inputs(model, count)}
+    fit = model.provenance.get("amortiser", {}) if isinstance(model.provenance, dict) else {}
+    return {
+        "windows": count,
+        "reference_steps": reference_steps,
+        "hidden": model.amortiser.config.hidden,
+        "curves": start_curves(model, x, fixed),
+        "tol": tol,
+        "steps_used_tol": {
+            what: {init: steps_used(model, inputs, tol, init) for init in ("zero", "amortised")}
+            for what, inputs in sets.items()
+        },
+        "learning_curve": [
+            {
+                "step": c["step"],
+                "steps_used_tol": c.get("held_out_steps_tol_amortised"),
+                "gap_10": c.get("held_out_gap_10_amortised"),
+            }
+            for c in fit.get("curve", [])
+        ],
     }

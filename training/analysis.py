@@ -15,6 +15,9 @@ Writes report.md (with PNG figures) and report.json:
   level 2 removed), at three contrasts, at the model's steps and at steady state; the headline cell's
   mechanism, time course and surround responses (training.responses).
 - Steady state: how far each level is, after the model's steps, from its state after many more.
+- The amortised start (where the model has one): the steps it and the zero start need to reach the fixed
+  point, and with early stop how many each uses on held-out photos, noise and an unseen texture
+  (training/amortise.py).
 - Level-2 fields against random U_2, the photos' autocorrelation (the paper's Fig. 4) and the PCA
   control for D (training/fields.py).
 
@@ -39,6 +42,7 @@ from pcmodel.cliargs import ArgumentParser, fail, model_source, output_folder, p
 
 from . import fields as field_measures
 from . import figures, responses
+from .amortise import start_report
 from .gabor import fit_gabor, gabor_summary, level1_fields
 from .measurements import END_STOPPING_STEPS, end_stopping, held_out_reconstruction, steady_state
 from .report import markdown
@@ -84,6 +88,7 @@ def analyze(
         "held_out": held_out_reconstruction(model, steps=steps),
         "end_stopping": end_stopping(model, fits, steady_steps=end_stopping_steps),
         "steady_state": steady_state(model, seed=seed, reference_steps=reference_steps),
+        "amortised_start": start_report(model),
     }
     report.update(field_sections(model, out, seed=seed, draws=random_draws))
     figures.save(figures.gabor_figure(fields, fits, model.name), out / "gabor_fits.png")
@@ -189,6 +194,12 @@ def main(argv: list[str] | None = None) -> int:
     if report["end_stopping"] is not None:
         summary["end_stopping"] = report["end_stopping"]["summary"]
         summary["end_stopping_steady"] = report["end_stopping"]["steady"]
+    if report["amortised_start"] is not None:
+        reach = report["amortised_start"]["curves"]
+        summary["steps_to_fixed_point_zero_amortised"] = [
+            reach["zero"]["steps_to_reach"],
+            reach["amortised"]["steps_to_reach"],
+        ]
     if report["steady_state"] is not None:
         distances = report["steady_state"]["median_relative_distance"]
         summary["steady_state_median_relative_distance"] = [round(v, 4) for v in distances]

@@ -75,6 +75,7 @@ def markdown(report: dict[str, Any]) -> str:
         "",
     ]
     lines += end_stopping_markdown(es) + steady_state_markdown(report["steady_state"])
+    lines += start_markdown(report.get("amortised_start"))
     lines += ["", *fields_markdown(report)]
     return "\n".join(lines) + "\n"
 
@@ -259,4 +260,51 @@ def fields_markdown(report: dict[str, Any]) -> list[str]:
             f"Random rotations of them (a full-rank code of the same patches that no prior picks a basis for, "
             f"{span['effective_dimension']:.1f} directions) are {span['rotated_share_median']:.0%} Gabor-like."
         )
+    return lines
+
+
+def start_markdown(report: dict[str, Any] | None) -> list[str]:
+    """report.md's section on the amortised start (report.json: amortised_start)."""
+    if report is None:
+        return ["", "## The amortised start", "", "This model has no amortiser (fit one: pc-train --amortise)."]
+    curves = report["curves"]
+    z, a = curves["zero"], curves["amortised"]
+    levels = len(z["latent_distance"][0])
+    lines = [
+        "",
+        "## The amortised start",
+        "",
+        f"{report['windows']} held-out windows; fixed point: {report['reference_steps']} plain gradient steps "
+        "from zero. Energy gap = median (E(t) − E*) / |E*|; latent distance = median ‖r_l(t) − r_l*‖ / ‖r_l*‖.",
+        "",
+        "| steps | gap from zero | gap amortised | "
+        + " | ".join(f"level {i + 1} zero / amortised" for i in range(levels))
+        + " |",
+        "|---|---|---|" + "---|" * levels,
+    ]
+    for steps in z["energy_gap"]:
+        cells = " | ".join(
+            f"{dz:.3f} / {da:.3f}" for dz, da in zip(z["latent_distance"][steps], a["latent_distance"][steps])
+        )
+        lines.append(f"| {steps} | {z['energy_gap'][steps]:.3%} | {a['energy_gap'][steps]:.3%} | {cells} |")
+    lines += [
+        "",
+        f"Steps to come within {curves['reach_target_gap']:.3%} of the fixed point (the zero start's gap at 100 "
+        f"steps), median: zero {z['steps_to_reach']:g}, amortised {a['steps_to_reach']:g}.",
+        "",
+        f"Early stop at tol = {report['tol']:.4g} (the zero start's median gradient norm after 100 steps), median "
+        "steps used:",
+        "",
+        "| inputs | zero | amortised |",
+        "|---|---|---|",
+        *(f"| {what} | {u['zero']:g} | {u['amortised']:g} |" for what, u in report["steps_used_tol"].items()),
+    ]
+    if report["learning_curve"]:
+        lines += [
+            "",
+            "As the amortiser learned (held-out, median steps used at the fit's tol; gap after 10 steps):",
+            "",
+        ]
+        lines += ["| update | steps used | gap after 10 |", "|---|---|---|"]
+        lines += [f"| {c['step']} | {c['steps_used_tol']:g} | {c['gap_10']:.3%} |" for c in report["learning_curve"]]
     return lines

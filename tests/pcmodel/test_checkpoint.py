@@ -54,7 +54,7 @@ def test_file_is_plain_safetensors_with_our_metadata(model, tmp_path):
     (n,) = struct.unpack("<Q", data[:8])
     header = json.loads(data[8 : 8 + n])
     meta = header["__metadata__"]
-    assert meta["format"] == "pcmodel-checkpoint" and meta["format_version"] == "3"
+    assert meta["format"] == "pcmodel-checkpoint" and meta["format_version"] == "4"
     assert pcmodel.ModelConfig.from_json(meta["config"]) == model.config
     assert sorted(k for k in header if k != "__metadata__") == [f"level{i + 1}.U" for i in range(model.num_levels)]
 

@@ -93,7 +93,7 @@ def test_bad_starts_are_clear_errors(generator):
         model.infer(x, init=good[:1])
     with pytest.raises(ValueError, match=r"init must be one tensor per level shaped"):
         model.infer(x, init=[r[:1] for r in good])
-    with pytest.raises(ValueError, match="init must be 'zero', a list of latents or None"):
+    with pytest.raises(ValueError, match="init must be 'zero', 'amortised', a list of latents or None"):
         model.infer(x, init="random")
     with pytest.raises(ValueError, match="init contains NaN or Inf"):
         model.infer(x, init=[r * float("nan") for r in good])

@@ -1,0 +1,85 @@
+"""Learning the amortised start (training/amortise.py): U untouched, and the shipped amortisers pay."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import pcmodel
+from training import data
+from training.amortise import start_curves
+from training.train import main
+
+from .conftest import FAST, TINY
+
+
+def test_amortise_fits_a_start_and_leaves_u_bit_for_bit(tmp_path):
+    model = pcmodel.create(TINY, seed=2)
+    path = tmp_path / "tiny.safetensors"
+    sha = model.save(path)
+    out = tmp_path / "fitted"
+    args = ["--amortise", str(path), "--updates", "4", "--batch-size", "8", "--infer-steps", "5", "--eval-every", "2"]
+    assert main([*args, "--out", str(out), "--threads", "1"]) == 0
+    fitted = pcmodel.load(out / "model.safetensors")
+    assert fitted.sha256 == sha and fitted.config == model.config
+    for a, b in zip(fitted.weights, model.weights):
+        assert a.numpy().tobytes() == b.numpy().tobytes()
+    assert fitted.amortiser is not None and float(fitted.amortiser.params["level1.A.out.weight"].abs().max()) > 0
+    assert (out / "model.safetensors").read_bytes() != path.read_bytes()  # the file changed, the model did not
+    lines = [json.loads(line) for line in (out / "amortise_metrics.jsonl").read_text().splitlines()]
+    evaluated = [line for line in lines if "held_out_fit_error_1" in line]
+    assert [line["step"] for line in evaluated] == [0, 2, 4]
+    assert evaluated[0]["held_out_fit_error_1"] == 1.0  # a fresh amortiser guesses zero: the whole way off
+    assert evaluated[-1]["held_out_fit_error_1"] < 1.0
+    assert [c["step"] for c in fitted.provenance["amortiser"]["curve"]] == [0, 2, 4]
+    assert fitted.provenance["amortiser"]["options"]["updates"] == 4
+
+
+def test_amortise_refuses_flags_that_would_change_the_model(tmp_path, capsys):
+    path = tmp_path / "tiny.safetensors"
+    pcmodel.create(TINY).save(path)
+    assert main(["--amortise", str(path), "--k1", "0.05", "--out", str(tmp_path / "o")]) == 2
+    assert "--amortise leaves the model as it is, so --k1 cannot be given" in capsys.readouterr().err
+
+
+def test_learning_an_amortiser_alongside_u_leaves_u_on_its_course(tmp_path, tiny_config_file):
+    runs = {}
+    for name, extra in (("plain", []), ("hybrid", ["--amortiser"])):
+        out = tmp_path / name
+        assert main(["--config", str(tiny_config_file), *FAST, *extra, "--out", str(out)]) == 0
+        runs[name] = pcmodel.load(out / "model.safetensors")
+    assert runs["plain"].amortiser is None and runs["hybrid"].amortiser is not None
+    assert runs["plain"].sha256 == runs["hybrid"].sha256
+    lines = [json.loads(line) for line in (tmp_path / "hybrid" / "metrics.jsonl").read_text().splitlines()]
+    assert all(line["amortiser_loss_1"] > 0 for line in lines)
+    losses = [line["amortiser_loss_1"] for line in lines]
+    assert losses[-1] < losses[0]  # it learns
+    # A run that learns one resumes learning it; one that does not cannot start mid-way.
+    assert main(["--resume", str(tmp_path / "hybrid" / "model.safetensors"), "--updates", "8"]) == 0
+    assert main(["--resume", str(tmp_path / "plain" / "model.safetensors"), "--updates", "8", "--amortiser"]) == 2
+
+
+@pytest.mark.parametrize("name", ["conv-rgb", "rao-ballard-1999"])
+def test_the_shipped_amortisers_beat_the_zero_start_on_held_out_crops(name):
+    model = pcmodel.load(name)
+    assert model.amortiser is not None
+    assert model.sha256.startswith({"conv-rgb": "c11f80838d11", "rao-ballard-1999": "3e25d53eae7a"}[name])
+    x = data.held_out_windows(model.config, 64)
+    zero, amortised = (model.infer(x, steps=10, init=init).energy[-1] for init in ("zero", "amortised"))
+    # The same fixed point for both, so a lower energy after 10 steps is a smaller gap to it.
+    assert float(amortised.median()) < float(zero.median())
+    assert float((amortised < zero).double().mean()) >= 0.9
+
+
+def test_start_curves_measure_against_the_fixed_point():
+    model = pcmodel.load("conv-rgb")
+    x = data.held_out_windows(model.config, 8)
+    fixed = model.infer(x, steps=300, init="zero")
+    curves = start_curves(model, x, fixed, inits=("zero",))
+    gaps = list(curves["zero"]["energy_gap"].values())
+    assert gaps == sorted(gaps, reverse=True) and gaps[0] > 0.5  # from zero the gap only falls
+    distance = curves["zero"]["latent_distance"]
+    assert distance[0] == [1.0, 1.0]  # the zero start is the whole fixed point away
+    assert torch.tensor(distance[100]).max() < 0.2
