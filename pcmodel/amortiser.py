@@ -30,7 +30,6 @@ import hashlib
 import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -149,23 +148,23 @@ def amortised_latents(
 def fitting_losses(
     levels: Sequence[Level], params: Mapping[str, torch.Tensor], x: torch.Tensor, settled: Sequence[torch.Tensor]
 ) -> list[torch.Tensor]:
-    """Each level's regression loss: ||A_l(in_l) - r*_l||^2 / ||r*_l||^2 over the batch (squared relative error).
+    """Each level's regression loss: the batch mean of ||A_l(in_l) - r*_l||^2 / (||r*_l||^2 + floor), each
+    image's squared relative error (floor = 1e-3 x the batch's mean ||r*_l||^2, so a blank window's r* = 0
+    divides by no zero).
 
-    in_1 = x and in_l = the amortised r_{l-1}, detached: each level's map learns from its own error alone
-    (local, as in hybrid predictive coding), on the inputs it sees at inference. r* are settled latents.
+    Per image, not over the batch: a low-contrast window, whose fixed point is near zero, counts as much as
+    a high-contrast one, so the guess does not start it further from its fixed point than zero would
+    (measured: docs/PERFORMANCE.md, "The amortised start"). in_1 = x and in_l = the amortised r_{l-1},
+    detached: each level's map learns from its own error alone (local, as in hybrid predictive coding), on
+    the inputs it sees at inference. r* are settled latents.
     """
     losses = []
     lower = x
     for index, (level, target) in enumerate(zip(levels, settled), 1):
         guess = level_guess(level, params, index, lower.detach())
         target = target.to(guess.dtype)
-        losses.append((guess - target).square().sum() / target.square().sum().clamp_min(1e-30))
+        sizes = target.square().flatten(1).sum(1)  # (B,)
+        floor = 1e-3 * sizes.mean().clamp_min(1e-30)
+        losses.append(((guess - target).square().flatten(1).sum(1) / (sizes + floor)).mean())
         lower = guess
     return losses
-
-
-def describe(amortiser: Amortiser | None) -> dict[str, Any] | None:
-    """The amortiser as a small JSON-able summary (for reports and provenance)."""
-    if amortiser is None:
-        return None
-    return {"hidden": amortiser.config.hidden, "parameters": sum(t.numel() for t in amortiser.params.values())}
