@@ -76,7 +76,7 @@ def test_the_fitting_loss_is_local_and_is_each_images_relative_squared_error(gen
         sizes = [float(t.square().sum()) for t in target]
         floor = 1e-3 * sum(sizes) / len(sizes)
         each = [float((g - t).square().sum()) / (size + floor) for g, t, size in zip(guess, target, sizes)]
-        assert float(loss) == pytest.approx(sum(each) / len(each), rel=1e-12)
+        assert float(loss.detach()) == pytest.approx(sum(each) / len(each), rel=1e-12)
     first, second = params["level1.A.in.weight"], params["level2.A.in.weight"]
     grads = torch.autograd.grad(losses[1], [first, second], allow_unused=True)
     assert grads[0] is None  # level 2's error never reaches level 1's map (local learning)
