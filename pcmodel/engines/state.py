@@ -13,6 +13,7 @@ import torch
 
 from ..config import ModelConfig
 from ..results import EngineRun
+from ..solvers import GRADIENT, Solver
 from .base import Backend
 from .plans import Plan, make_plan, nonquadratic_priors, plan_kind
 from .registry import SPECS, installed
@@ -122,19 +123,24 @@ class EngineState:
         x: torch.Tensor,
         steps: int,
         r0: Sequence[torch.Tensor] | None = None,
+        solver: Solver = GRADIENT,
     ) -> EngineRun:
         """Run a chosen backend (not the loop) on x with parameters (in x's dtype) whose key is `key`."""
         plan = self.plan(params, key, (int(x.shape[-2]), int(x.shape[-1])), x.dtype, x.device)
         if choice.backend == "torch":
-            return self.backend("torch").run(plan, x, steps, key, r0=r0, rowwise=choice.rowwise)  # type: ignore[call-arg]
-        return self.backend(choice.backend).run(plan, x, steps, key, r0)
+            torch_backend = self.backend("torch")
+            return torch_backend.run(plan, x, steps, key, r0=r0, rowwise=choice.rowwise, solver=solver)  # type: ignore[call-arg]
+        return self.backend(choice.backend).run(plan, x, steps, key, r0, solver)
 
     def build(self, params: Mapping[str, torch.Tensor], key: tuple, device: torch.device) -> None:
-        """Build the fast programs of the prepared set now (sessions; CUDA graphs capture on first use)."""
+        """Build the fast programs of the prepared set now (sessions; CUDA graphs capture on first use), for
+        the config's served start and solver (the programs that calls without `init` or `solver` run)."""
+        solver = self.config.served_solver
+        init = self.config.initial_latents == "amortised"  # a learned start arrives as r0
         for steps, shapes in self.prepared.items():
             for shape in shapes:
                 hw = (shape[1], shape[2])
                 name = self.fast_backend(hw, device)
                 if name is not None:
                     plan = self.plan(params, key, hw, torch.float32, device)
-                    self.backend(name).prepare(plan, steps, shape, key)
+                    self.backend(name).prepare(plan, steps, shape, key, init, solver)
