@@ -193,12 +193,22 @@ class PCModel:
 
     # ---- inference -------------------------------------------------------------------------
 
-    def prepare(
-        self, steps: Sequence[int] | None = None, shapes: Sequence[Sequence[int]] | None = None, build: bool = True
-    ) -> None:
-        """Say which step counts and input shapes (C, H, W) or (H, W) the fast backends serve.
+    @property
+    def has_amortiser(self) -> bool:
+        """Whether the model has a learned (amortised) start, `init="amortised"`."""
+        return False  # no parameters for it yet
 
-        Replaces the prepared set (by default: the model's steps at its native shape). With `build`, the
+    def prepare(
+        self,
+        steps: Sequence[int] | None = None,
+        shapes: Sequence[Sequence[int]] | None = None,
+        build: bool = True,
+        solvers: Sequence[str | Solver] | None = None,
+    ) -> None:
+        """Say which step counts, input shapes (C, H, W) or (H, W) and solvers the fast backends serve.
+
+        Replaces the prepared set (by default: the model's steps at its native shape, with its own solver;
+        `solvers` e.g. ["nesterov", "gradient"], at most three). With `build`, the
         onnxruntime sessions are built now (CUDA graphs are captured per batch size on first use).
         Calls outside the set run on the torch backend, so memory stays bounded whatever callers ask for.
         """
@@ -207,7 +217,7 @@ class PCModel:
         full = [native] if shapes is None else [self._full_shape(s) for s in shapes]
         for shape in full:
             level_shapes(self.config, shape[1:])  # raises ConfigError for a size the hierarchy does not tile
-        self.engines.set_prepared(steps, full)
+        self.engines.set_prepared(steps, full, None if solvers is None else [self.solver(s) for s in solvers])
         if build and self.device.type == "cpu":
             self.engines.build(self.params, params_key(self.params), self.device)
 
@@ -265,6 +275,7 @@ class PCModel:
                 tol=tol,
                 shape=tuple(x.shape[1:]),
                 key=key,
+                solver=dynamics,
             )
             if choice.backend == "loop":
                 result = infer_loop(self.config, levels, weights, x, steps, tol, init=r0, solver=dynamics)
@@ -292,8 +303,8 @@ class PCModel:
         self, init: str | Sequence[torch.Tensor] | None, x: torch.Tensor, levels: Sequence[Level]
     ) -> list[torch.Tensor] | None:
         """The starting latents a call gives (None: the config's own start), checked and in x's dtype."""
-        if init is None:
-            return None
+        if init is None or (init in ("zero", "zeros") and self.config.initial_latents == "zeros"):
+            return None  # the config's own start is zeros: the programs built without r0 inputs serve it
         shapes = [(x.shape[0], *lv.geometry.latent) for lv in levels]
         if isinstance(init, str):
             if init not in ("zero", "zeros"):
