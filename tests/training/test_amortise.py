@@ -9,7 +9,8 @@ import torch
 
 import pcmodel
 from training import data
-from training.amortise import start_curves
+from training.amortise import start_curves, start_report
+from training.report import start_markdown
 from training.train import main
 
 from .conftest import FAST, TINY
@@ -34,6 +35,14 @@ def test_amortise_fits_a_start_and_leaves_u_bit_for_bit(tmp_path):
     assert evaluated[0]["held_out_fit_error_1"] == 1.0  # a fresh amortiser guesses zero: the whole way off
     assert evaluated[-1]["held_out_fit_error_1"] < 1.0
     assert [c["step"] for c in fitted.provenance["amortiser"]["curve"]] == [0, 2, 4]
+    # pc-analyze's section: both starts against the fixed point, early stop on three sets, the fit's record.
+    report = start_report(fitted, count=16, reference_steps=300)
+    assert set(report["steps_used_tol"]) == {"held-out", "noise", "checkerboard"}
+    assert report["curves"]["zero"]["latent_distance"][0] == [1.0, 1.0]
+    assert [c["step"] for c in report["learning_curve"]] == [0, 2, 4]
+    text = "\n".join(start_markdown(report))
+    assert "## The amortised start" in text and "| checkerboard |" in text and "| 4 |" in text
+    assert start_report(model) is None and "has no amortiser" in "\n".join(start_markdown(None))
     assert fitted.provenance["amortiser"]["options"]["updates"] == 4
 
 
