@@ -11,11 +11,13 @@ Level l's map A_l reads the level below (the image x for level 1; the amortised 
     h  <- h + tanh(W_mid * h + b_mid)               # 3x3, a residual: each position sees its neighbours
     r_l = W_out * h + b_out                         # 3x3: (B, causes, H_l, W_l), like the latents
 
-(* a 2-D convolution; the 3x3 ones are zero-padded). The first convolution has the level's own geometry,
-so the map runs on every input size the level tiles, for every kind (a dense level's kernel is its whole
-lower map). The two 3x3 convolutions widen the view: a settled code of overlapping kernels explains its
-neighbours away, which a map with level 1's view alone fits poorly (relative error 0.41 against 0.05,
-docs/PERFORMANCE.md). W_out and b_out start at zero, so a fresh amortiser starts the latents at zero.
+(* a 2-D convolution; the 3x3 ones are zero-padded, and 1 wide along an axis where the level's native
+map has a single position: the paper's modules in one row, a dense level). The first convolution has the
+level's own geometry, so the map runs on every input size the level tiles, for every kind (a dense
+level's kernel is its whole lower map). The two 3x3 convolutions widen the view: a settled code of
+overlapping kernels explains its neighbours away, which a map with level 1's view alone fits poorly (issue
+21's probe: relative squared error 0.41 for a linear map; docs/PERFORMANCE.md). W_out and b_out start at
+zero, so a fresh amortiser starts the latents at zero.
 
 The parameters are named `level{l}.A.{in,mid,out}.{weight,bias}` (pcmodel.parameters.amortiser_specs)
 and stored in the checkpoint next to U; the model's content hash covers U and the config only, so fitting
@@ -126,8 +128,9 @@ def level_guess(level: Level, params: Mapping[str, torch.Tensor], index: int, lo
     """A_l(lower): level `index`'s (1-based) guess of r_l from the map below (B, C_below, H, W)."""
     p = {k: params[f"level{index}.A.{k}"].to(lower.dtype) for k in _LAYER_NAMES}
     h = torch.tanh(F.conv2d(lower, p["in.weight"], p["in.bias"], stride=level.geometry.stride))
-    h = h + torch.tanh(F.conv2d(h, p["mid.weight"], p["mid.bias"], padding=1))  # (B, hidden, H_l, W_l)
-    return F.conv2d(h, p["out.weight"], p["out.bias"], padding=1)  # (B, causes, H_l, W_l)
+    pad = (p["mid.weight"].shape[2] // 2, p["mid.weight"].shape[3] // 2)  # 3x3, or 1 wide on a one-position axis
+    h = h + torch.tanh(F.conv2d(h, p["mid.weight"], p["mid.bias"], padding=pad))  # (B, hidden, H_l, W_l)
+    return F.conv2d(h, p["out.weight"], p["out.bias"], padding=pad)  # (B, causes, H_l, W_l)
 
 
 _LAYER_NAMES = ("in.weight", "in.bias", "mid.weight", "mid.bias", "out.weight", "out.bias")

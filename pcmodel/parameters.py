@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .config import ConfigError, ModelConfig, weight_shapes
+from .config import ConfigError, ModelConfig, level_shapes, weight_shapes
 
 Params = Mapping[str, torch.Tensor] | Sequence[torch.Tensor]  # by name, or the per-level U list (level 1 first)
 
@@ -89,17 +89,22 @@ def params_key(params: Mapping[str, torch.Tensor]) -> tuple:
 def amortiser_specs(config: ModelConfig, hidden: int) -> list[ParameterSpec]:
     """The amortiser's parameters (pcmodel.amortiser), level 1 first: per level a convolution with the
     level's geometry into `hidden` channels, a 3x3 one within them and a 3x3 one out to the causes.
-    init_std 0 draws zeros: W_out and every bias start at zero, so a fresh amortiser starts r at zero."""
+
+    The 3x3 kernels are 1 wide along an axis where the level's native map has a single position (the
+    paper's three modules in one row: 1x3; a dense level: 1x1), where the other taps would only ever
+    meet zero padding. init_std 0 draws zeros: W_out and every bias start at zero, so a fresh amortiser
+    starts r at zero."""
     specs = []
-    for i, shape in enumerate(weight_shapes(config), 1):
+    for i, (shape, geometry) in enumerate(zip(weight_shapes(config), level_shapes(config)), 1):
         causes, below, kh, kw = shape
+        near = tuple(3 if n > 1 else 1 for n in geometry.latent[1:])  # the neighbourhood kernel
         prefix = f"level{i}.A"
         specs += [
             ParameterSpec(f"{prefix}.in.weight", (hidden, below, kh, kw), (below * kh * kw) ** -0.5),
             ParameterSpec(f"{prefix}.in.bias", (hidden,), 0.0),
-            ParameterSpec(f"{prefix}.mid.weight", (hidden, hidden, 3, 3), (hidden * 9) ** -0.5),
+            ParameterSpec(f"{prefix}.mid.weight", (hidden, hidden, *near), (hidden * near[0] * near[1]) ** -0.5),
             ParameterSpec(f"{prefix}.mid.bias", (hidden,), 0.0),
-            ParameterSpec(f"{prefix}.out.weight", (causes, hidden, 3, 3), 0.0),
+            ParameterSpec(f"{prefix}.out.weight", (causes, hidden, *near), 0.0),
             ParameterSpec(f"{prefix}.out.bias", (causes,), 0.0),
         ]
     return specs

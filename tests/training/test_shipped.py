@@ -43,7 +43,7 @@ def test_shipped_file_loads_by_name_and_is_stable(name):
     assert model.config.k1 < 0.9 * model.stability_bound()  # a margin, not just loadable
     command = model.provenance["command"].split()
     assert command[0] == "pc-train" and command[command.index("--preset") + 1] == name
-    assert (WEIGHTS / f"{name}.safetensors").stat().st_size < 200_000  # kilobytes
+    assert (WEIGHTS / f"{name}.safetensors").stat().st_size < 1_000_000  # kilobytes: U and the amortiser
     assert pcmodel.load("default").sha256 == pcmodel.load("conv-rgb").sha256
 
 
