@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import pcmodel
+from benchmarks import amortised as amortised_benchmark
 from training import data
 from training.amortise import start_curves, start_report
 from training.report import start_markdown
@@ -35,6 +36,7 @@ def test_amortise_fits_a_start_and_leaves_u_bit_for_bit(tmp_path):
     assert evaluated[0]["held_out_fit_error_1"] == 1.0  # a fresh amortiser guesses zero: the whole way off
     assert evaluated[-1]["held_out_fit_error_1"] < 1.0
     assert [c["step"] for c in fitted.provenance["amortiser"]["curve"]] == [0, 2, 4]
+    assert fitted.provenance["amortiser"]["options"]["updates"] == 4
     # pc-analyze's section: both starts against the fixed point, early stop on three sets, the fit's record.
     report = start_report(fitted, count=16, reference_steps=300)
     assert set(report["steps_used_tol"]) == {"held-out", "noise", "checkerboard"}
@@ -43,7 +45,19 @@ def test_amortise_fits_a_start_and_leaves_u_bit_for_bit(tmp_path):
     text = "\n".join(start_markdown(report))
     assert "## The amortised start" in text and "| checkerboard |" in text and "| 4 |" in text
     assert start_report(model) is None and "has no amortiser" in "\n".join(start_markdown(None))
-    assert fitted.provenance["amortiser"]["options"]["updates"] == 4
+
+
+def test_the_benchmark_prints_both_starts_as_json(tmp_path, capsys):
+    model = pcmodel.create(TINY, seed=2)
+    model.amortiser = pcmodel.Amortiser.create(model.config, pcmodel.AmortiserConfig(hidden=4))
+    path = tmp_path / "tiny.safetensors"
+    model.save(path)
+    assert amortised_benchmark.main([str(path), "--crops", "8", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)["results"][0]
+    assert set(result["curves"]) == {"zero", "amortised", "reach_target_gap"}
+    # A fresh amortiser guesses zero, so both starts are the same run.
+    assert result["curves"]["zero"]["energy_gap"] == result["curves"]["amortised"]["energy_gap"]
+    assert set(result["start_ms_batch1"]) == {"zero", "amortised", "10 steps"}
 
 
 def test_amortise_refuses_flags_that_would_change_the_model(tmp_path, capsys):
