@@ -298,6 +298,15 @@ def start_markdown(report: dict[str, Any] | None) -> list[str]:
         "| inputs | zero | amortised |",
         "|---|---|---|",
         *(f"| {what} | {u['zero']:g} | {u['amortised']:g} |" for what, u in report["steps_used_tol"].items()),
+        "",
+        "With each set's own tol (its zero start's median gradient norm after 100 steps), median steps used:",
+        "",
+        "| inputs | tol | zero | amortised |",
+        "|---|---|---|---|",
+        *(
+            f"| {what} | {u['tol']:.4g} | {u['zero']:g} | {u['amortised']:g} |"
+            for what, u in report["steps_used_own_tol"].items()
+        ),
     ]
     if report["learning_curve"]:
         lines += [

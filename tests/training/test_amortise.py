@@ -44,6 +44,7 @@ def test_amortise_fits_a_start_and_leaves_u_bit_for_bit(tmp_path):
     assert [c["step"] for c in report["learning_curve"]] == [0, 2, 4]
     text = "\n".join(start_markdown(report))
     assert "## The amortised start" in text and "| checkerboard |" in text and "| 4 |" in text
+    assert set(report["steps_used_own_tol"]) == {"held-out", "noise", "checkerboard"}
     assert start_report(model) is None and "has no amortiser" in "\n".join(start_markdown(None))
 
 
@@ -90,10 +91,12 @@ def test_the_shipped_amortisers_beat_the_zero_start_on_held_out_crops(name):
     assert model.amortiser is not None
     assert model.sha256.startswith({"conv-rgb": "c11f80838d11", "rao-ballard-1999": "3e25d53eae7a"}[name])
     x = data.held_out_windows(model.config, 64)
+    fixed = model.infer(x, steps=2000, init="zero").energy[-1]
     zero, amortised = (model.infer(x, steps=10, init=init).energy[-1] for init in ("zero", "amortised"))
-    # The same fixed point for both, so a lower energy after 10 steps is a smaller gap to it.
-    assert float(amortised.median()) < float(zero.median())
-    assert float((amortised < zero).double().mean()) >= 0.9
+    # Both starts settle to the same fixed point: the median gap per window, and the gap of the mean
+    # energy (where the high-contrast windows weigh in), are both smaller from the amortised start.
+    assert float(((amortised - fixed) / fixed).median()) < 0.8 * float(((zero - fixed) / fixed).median())
+    assert float(amortised.mean() - fixed.mean()) < 0.5 * float(zero.mean() - fixed.mean())
 
 
 def test_start_curves_measure_against_the_fixed_point():
