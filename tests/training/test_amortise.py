@@ -91,8 +91,8 @@ def test_the_shipped_amortisers_beat_the_zero_start_on_held_out_crops(name):
     assert model.amortiser is not None
     assert model.sha256.startswith({"conv-rgb": "c11f80838d11", "rao-ballard-1999": "3e25d53eae7a"}[name])
     x = data.held_out_windows(model.config, 64)
-    fixed = model.infer(x, steps=2000, init="zero").energy[-1]
-    zero, amortised = (model.infer(x, steps=10, init=init).energy[-1] for init in ("zero", "amortised"))
+    fixed = model.infer(x, steps=500, init="zero", backend="loop").energy[-1]  # within 0.01% of E*
+    zero, amortised = (model.infer(x, steps=10, init=init, backend="loop").energy[-1] for init in ("zero", "amortised"))
     # Both starts settle to the same fixed point: the median gap per window, and the gap of the mean
     # energy (where the high-contrast windows weigh in), are both smaller from the amortised start.
     assert float(((amortised - fixed) / fixed).median()) < 0.8 * float(((zero - fixed) / fixed).median())
@@ -102,7 +102,7 @@ def test_the_shipped_amortisers_beat_the_zero_start_on_held_out_crops(name):
 def test_start_curves_measure_against_the_fixed_point():
     model = pcmodel.load("conv-rgb")
     x = data.held_out_windows(model.config, 8)
-    fixed = model.infer(x, steps=300, init="zero")
+    fixed = model.infer(x, steps=300, init="zero", backend="loop")
     curves = start_curves(model, x, fixed, inits=("zero",))
     gaps = list(curves["zero"]["energy_gap"].values())
     assert gaps == sorted(gaps, reverse=True) and gaps[0] > 0.5  # from zero the gap only falls
