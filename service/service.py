@@ -37,10 +37,10 @@ from .errors import RequestError, rejection
 from .forms import Part
 from .health import ModelLoader, NotLoaded
 from .host import ModelHost
-from .inputs import is_small, plan, prepare
+from .inputs import Prepared, is_small, plan, prepare
 from .middleware import BODY_KEY, CONTENT_TYPE_KEY, BodyGate, JsonErrors
-from .options import EncodeOptions, read_request
-from .responses import encode_result
+from .options import MAX_SNAPSHOTS, EncodeOptions, read_request
+from .responses import encode_result, snapshot_payload, snapshot_steps
 from .settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -142,10 +142,22 @@ class PCEncoder:
         settled = await self.host.infer(prepared.rows, options.steps, options.solver, options.init)
         result = await _call(small, encode_result, prepared, settled, options, self.host.ref, config)
         result.update(self.host.dynamics(options.solver, options.init))
+        if "snapshots" in options.outputs:
+            result["snapshots"] = await self._snapshots(prepared, options, small)
         metrics.IMAGES.inc()
         metrics.INFERENCE_ITERATIONS.observe(result["steps"])
         metrics.FINAL_ENERGY.observe(result["energy"]["final"])
         return result, settled, small
+
+    async def _snapshots(self, prepared: Prepared, options: EncodeOptions, small: bool) -> list[dict]:
+        """outputs=snapshots: the state after each of up to MAX_SNAPSHOTS step counts, each an exact run of
+        that many steps from the same start with the same dynamics (a momentum solver's velocity is part of
+        its state, so a run cannot be resumed from latents alone); at most ~10x the request's own steps."""
+        out = []
+        for step in snapshot_steps(options.steps, min(MAX_SNAPSHOTS, options.steps)):
+            settled = await self.host.infer(prepared.rows, step, options.solver, options.init)
+            out.append(await _call(small, snapshot_payload, prepared, settled, self.host.config))
+        return out
 
     async def _encode_item(self, part: Part, options: EncodeOptions) -> dict:
         try:
