@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import TypeVar
 
 import bentoml
+import torch
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
@@ -139,9 +140,10 @@ class PCEncoder:
         planned = await _call(small, plan, part, options, config, self.settings)
         async with DECODING.hold(planned.cost, "decoding this image"):  # bounds decode memory across requests
             prepared = await _call(small, prepare, planned, options, config)
-        settled = await self.host.infer(prepared.rows, options.steps, options.solver, options.init)
+        start = _start_rows(options, prepared)
+        settled = await self.host.infer(prepared.rows, options.steps, options.solver, options.init, start)
         result = await _call(small, encode_result, prepared, settled, options, self.host.ref, config)
-        result.update(self.host.dynamics(options.solver, options.init))
+        result.update(self.host.dynamics(options.solver, "given" if start is not None else options.init))
         if "snapshots" in options.outputs:
             result["snapshots"] = await self._snapshots(prepared, options, small)
         metrics.IMAGES.inc()
@@ -166,6 +168,15 @@ class PCEncoder:
             error = _rejection_or_raise(exc)
             metrics.count_error(error.reason)
             return {"error": error.message, "status": error.status, "reason": error.reason}
+
+
+def _start_rows(options: EncodeOptions, prepared: Prepared) -> list[torch.Tensor] | None:
+    """The `start` part's latents with the rows' leading axis (a response's latents have none but in tile
+    mode); the host checks their shapes."""
+    if options.start is None:
+        return None
+    tiled = prepared.grid is not None
+    return [torch.from_numpy(a if tiled else a[None]) for a in options.start]
 
 
 def _body(ctx: bentoml.Context) -> tuple[bytes, str]:
