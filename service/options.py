@@ -85,13 +85,15 @@ def read_start(data: bytes, levels: int) -> tuple[np.ndarray, ...]:
     """A `start` part: an .npz (no pickle) holding latent_1..latent_L float arrays, as a previous response
     (or pc-encode's encoding.npz) has them; their shapes are checked against the image's later."""
     try:
+        if not data.startswith(b"PK"):  # an .npz is a zip file; np.load would read a bare .npy too
+            raise ValueError("it is not an .npz (zip) file")
         with np.load(io.BytesIO(data), allow_pickle=False) as saved:
             names = [f"latent_{i}" for i in range(1, levels + 1)]
             missing = [n for n in names if n not in saved.files]
             if missing:
                 raise ValueError(f"it has no {', '.join(missing)}")
             arrays = tuple(np.asarray(saved[n]) for n in names)
-    except (ValueError, OSError, EOFError, zipfile.BadZipFile) as exc:
+    except (ValueError, OSError, EOFError, KeyError, zipfile.BadZipFile, NotImplementedError) as exc:
         raise RequestError(
             422, "bad_parameter", f"`{START_FIELD}` must be an .npz of latent_1..latent_{levels}: {exc}"
         ) from None
