@@ -15,8 +15,6 @@ failed or the batcher's task has died (then 503, so Kubernetes restarts the pod)
 from __future__ import annotations
 
 import asyncio
-import functools
-import json
 import logging
 import os
 import time
@@ -31,7 +29,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from . import metrics, openapi
+from . import jsonbody, metrics, openapi
 from .batching import Settled
 from .budget import Budget
 from .errors import RequestError, rejection
@@ -227,11 +225,8 @@ async def _call(inline: bool, fn: Callable[..., T], *args: object) -> T:
     return fn(*args) if inline else await asyncio.to_thread(fn, *args)
 
 
-_dumps = functools.partial(json.dumps, separators=(",", ":"))
-
-
 async def _json_response(payload: dict, inline: bool = False) -> Response:
-    return Response(await _call(inline, _dumps, payload), media_type="application/json")
+    return Response(await _call(inline, jsonbody.dumps, payload), media_type="application/json")
 
 
 # ---- GET routes: a small ASGI app mounted beside the API methods ------------------------------------
