@@ -254,8 +254,7 @@ class Reporter:
 
 def encode_collection(args: argparse.Namespace, argv: list[str]) -> int:
     """A folder, glob, list or several paths into a Parquet data set in --out, resumably (module docstring)."""
-    from pcmodel import encode_job, encodings
-    from pcmodel.collection import EncodeSettings, find_inputs
+    from pcmodel.collection import find_inputs
 
     engine = args.engine or "local"
     if args.address is not None and engine != "ray":
@@ -273,6 +272,18 @@ def encode_collection(args: argparse.Namespace, argv: list[str]) -> int:
         return fail("pc-encode", f"argument PATH: {exc}")
     if args.limit is not None:
         inputs = inputs[: args.limit]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the workers do the work; the driver's model is only its identity
+    try:
+        return _encode_collection(args, argv, inputs, engine)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _encode_collection(args: argparse.Namespace, argv: list[str], inputs: list, engine: str) -> int:
+    from pcmodel import encode_job, encodings
+    from pcmodel.collection import EncodeSettings
+
     try:
         model = pcmodel.load(args.model)
     except (OSError, ValueError) as exc:
