@@ -409,3 +409,17 @@ def test_encodings_imports_without_pyarrow_until_it_reads():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=ENV, check=True).stdout
     assert out.split() == ["False", "False"]
+
+
+@pytest.mark.slow
+def test_the_ray_engine_writes_the_local_engines_rows_bit_for_bit(folder, encoded, tmp_path, capsys):
+    pytest.importorskip("ray", reason="--engine ray needs the ray extra")
+    local, _ = encoded
+    out = tmp_path / "ray"
+    # One actor: the local Ray gets workers + 1 = 2 CPUs, as CI's 2-CPU machines have.
+    summary = finish([str(folder), "--out", str(out), *MODEL, "--workers", "1", "--engine", "ray"], capsys)
+    assert summary["engine"] == "ray" and summary["rows"] == 4 + len(BAD) and summary["failed"] == len(BAD)
+    ours = pq.read_table(local / "data").sort_by("path")
+    theirs = pq.read_table(out / "data").sort_by("path")
+    assert theirs.schema == ours.schema
+    assert theirs.equals(ours)  # every column, latents bit for bit
