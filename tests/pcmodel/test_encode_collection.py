@@ -423,3 +423,18 @@ def test_the_ray_engine_writes_the_local_engines_rows_bit_for_bit(folder, encode
     theirs = pq.read_table(out / "data").sort_by("path")
     assert theirs.schema == ours.schema
     assert theirs.equals(ours)  # every column, latents bit for bit
+
+
+def test_the_readmes_read_example_runs_on_a_data_set(encoded, tmp_path, monkeypatch, capsys):
+    import re
+
+    out, _ = encoded
+    text = (ROOT / "README.md").read_text()
+    block = re.search(r"<!-- encode-read-example.*?-->\s*```python\n(.*?)```", text, re.S)
+    assert block, "README has no encode-read-example block"
+    (tmp_path / "encoded").symlink_to(out)
+    monkeypatch.chdir(tmp_path)
+    exec(compile(block.group(1), "README.md", "exec"), {})
+    printed = capsys.readouterr().out
+    assert "good0.png [(" in printed and "zero.jpg bad_image" in printed
+    assert "('too_large', 3)" in printed
