@@ -101,14 +101,14 @@ class PeakRSS:
         self._thread.join()
 
 
-def plain_loop(paths: list[Path], model_name: str) -> dict:
+def plain_loop(paths: list[Path], model_name: str, size_mode: str | None = None) -> dict:
     """Decode, prepare and infer one image at a time, in this process."""
     import pcmodel
     from pcmodel.collection import EncodeSettings, prepared_shapes
     from pcmodel.images import decode, prepare_image
 
     model = pcmodel.load(model_name)
-    mode = model.config.preprocess.size_mode
+    mode = size_mode or model.config.preprocess.size_mode
     model.prepare(shapes=prepared_shapes(model, EncodeSettings(model_name, model.config.steps, mode)))
     started = time.perf_counter()
     for path in paths:
@@ -150,20 +150,20 @@ def engine_case(folder: Path, scratch: Path, name: str, args: list[str], count: 
     }
 
 
-def http_case(paths: list[Path], model_name: str, concurrency: int) -> dict:
+def http_case(paths: list[Path], model_name: str, concurrency: int, size_mode: str | None = None) -> dict:
     from benchmarks.launch import LocalServer
     from service.client import EncoderClient
 
     data = [p.read_bytes() for p in paths]
     with LocalServer(model=model_name) as server:
         with EncoderClient(server.url) as warm:
-            warm.encode(data[0], outputs=["latents"])
+            warm.encode(data[0], size_mode=size_mode, outputs=["latents"])
         local = threading.local()
 
         def one(image: bytes) -> None:
             if not hasattr(local, "client"):
                 local.client = EncoderClient(server.url)
-            local.client.encode(image, outputs=["latents"])
+            local.client.encode(image, size_mode=size_mode, outputs=["latents"])
 
         assert server.process is not None
         with PeakRSS(server.process.pid) as rss, ThreadPoolExecutor(concurrency) as pool:
@@ -190,6 +190,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cases", default="loop,local-1,local-2,ray,http", help="which cases, comma-separated")
     parser.add_argument("--ray-workers", type=positive_int, default=2, help="Ray actors (default: %(default)s)")
     parser.add_argument("--concurrency", type=positive_int, default=8, help="HTTP requests at once")
+    parser.add_argument("--size-mode", choices=("resize", "tile", "full"), default=None, help="default: the model's")
     parser.add_argument("--json", action="store_true", help="every number and the machine as JSON")
     args = parser.parse_args(argv)
     cases = [c.strip() for c in args.cases.split(",") if c.strip()]
@@ -204,10 +205,10 @@ def main(argv: list[str] | None = None) -> int:
         folder.mkdir()
         scratch.mkdir()
         paths = make_images(folder, args.images)
-        model = ["--model", args.model]
+        model = ["--model", args.model] + (["--size-mode", args.size_mode] if args.size_mode else [])
         for case in cases:
             if case == "loop":
-                results[case] = plain_loop(paths, args.model)
+                results[case] = plain_loop(paths, args.model, args.size_mode)
             elif case.startswith("local-"):
                 workers = case.split("-")[1]
                 results[case] = engine_case(folder, scratch, case, [*model, "--workers", workers], len(paths))
@@ -215,7 +216,7 @@ def main(argv: list[str] | None = None) -> int:
                 ray_args = [*model, "--engine", "ray", "--workers", str(args.ray_workers)]
                 results[case] = engine_case(folder, scratch, case, ray_args, len(paths))
             elif case == "http":
-                results[case] = http_case(paths, args.model, args.concurrency)
+                results[case] = http_case(paths, args.model, args.concurrency, args.size_mode)
             print(f"pc-encode-bench: {case} done", file=sys.stderr, flush=True)
     ratios = {}
     if {"local-1", "local-2"} <= set(results):
@@ -226,7 +227,8 @@ def main(argv: list[str] | None = None) -> int:
         ratios["ray_vs_local_2_started"] = (
             results["ray"]["images_per_s_started"] / results["local-2"]["images_per_s_started"]
         )
-    report = {"images": args.images, "model": args.model, "cases": results, "ratios": ratios, "machine": machine()}
+    report = {"images": args.images, "model": args.model, "size_mode": args.size_mode, "cases": results}
+    report.update(ratios=ratios, machine=machine())
     if args.json:
         print(json.dumps(report, indent=2))
         return 0

@@ -57,7 +57,8 @@ def encode_array(
     return result, (shown, reconstruction, shown - reconstruction), placement
 
 
-COLLECTION_OPTIONS = ("outputs", "workers", "batch_size", "engine", "address", "limit", "json", "shard_rows")
+# Options of a collection only (--json is accepted for one image too: its summary is always JSON).
+COLLECTION_OPTIONS = ("outputs", "workers", "batch_size", "engine", "address", "limit", "shard_rows")
 
 
 def outputs_list(text: str) -> tuple[str, ...]:
@@ -349,6 +350,14 @@ def _encode_collection(args: argparse.Namespace, argv: list[str], inputs: list, 
     except WorkerError as exc:
         status, code = "failed", 1
         print(f"pc-encode: {exc}", file=sys.stderr)
+    except OSError as exc:  # the manifest, or a shard rewritten without a changed file's row
+        status, code = "failed", 1
+        where = exc.filename or args.out
+        print(
+            f"pc-encode: cannot write into {where} ({exc.strerror or exc}); the complete shards stay readable: "
+            f"make room and run the same command again to finish: {resume}",
+            file=sys.stderr,
+        )
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
