@@ -14,9 +14,10 @@ temporary folder. The cases, one after another on this machine:
   outputs=latents.
 
 Each pc-encode case runs twice: on one image (its start-up: the interpreter, the model, the workers or
-Ray), then on all; "images/s once started" is (N - 1) / (the difference of the two times). Peak RSS is
-the largest sum of PSS (shared pages shared out) over the process tree (this process's peak RSS
-for the loop, the server for http), sampled every 100 ms. Prints a table; --json prints every number and the machine.
+Ray), then on all; "images/s once started" is (N - 1) / (the difference of the two times). Peak memory
+is the largest sum of PSS (shared pages shared out) over the process tree (this process's peak RSS for
+the loop, the server for http), sampled every second: reading a process's page map more often slowed
+the workers down. Prints a table; --json prints every number and the machine.
 """
 
 from __future__ import annotations
@@ -72,7 +73,7 @@ def _memory(process: psutil.Process) -> int:
 class PeakRSS:
     """The largest memory (PSS, else RSS) of a process and its descendants together, sampled on a thread."""
 
-    def __init__(self, pid: int, interval: float = 0.1) -> None:
+    def __init__(self, pid: int, interval: float = 1.0) -> None:
         self.pid, self.interval, self.peak = pid, interval, 0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)

@@ -23,7 +23,7 @@ import torch
 
 import pcmodel
 from pcmodel.cliargs import ArgumentParser, existing_file, fail, model_source, output_folder, positive_int
-from pcmodel.collection import InputError, is_collection
+from pcmodel.collection import DEFAULT_BATCH_SIZE, InputError, is_collection
 from pcmodel.config import has_whole_map_level
 from pcmodel.encode_job import OutputError, WorkerError, WriteError
 from pcmodel.images import (
@@ -110,7 +110,7 @@ def build_parser() -> ArgumentParser:
         "reconstruction_png and error_map_png (PNG bytes) (default: latents)",
     )
     data.add_argument("--workers", type=positive_int, default=None, help="processes (default: every core)")
-    data.add_argument("--batch-size", type=positive_int, default=None, help="images per batch (default: 32)")
+    data.add_argument("--batch-size", type=positive_int, default=None, help="images per batch, and rows per model call (default: 8)")
     data.add_argument("--engine", choices=("local", "ray"), default=None, help="local processes or Ray Data")
     data.add_argument("--address", default=None, help="--engine ray: a cluster (auto, ray://host:port)")
     data.add_argument("--limit", type=positive_int, default=None, help="encode at most the first N inputs")
@@ -302,7 +302,7 @@ def _encode_collection(args: argparse.Namespace, argv: list[str], inputs: list, 
         size_mode=size_mode,
         max_side=args.max_side,
         outputs=args.outputs or ("latents",),
-        batch_size=args.batch_size or 32,
+        batch_size=args.batch_size or DEFAULT_BATCH_SIZE,
     )
     workers = args.workers or encode_job.default_workers()
     try:
