@@ -110,7 +110,9 @@ def build_parser() -> ArgumentParser:
         "reconstruction_png and error_map_png (PNG bytes) (default: latents)",
     )
     data.add_argument("--workers", type=positive_int, default=None, help="processes (default: every core)")
-    data.add_argument("--batch-size", type=positive_int, default=None, help="images per batch, and rows per model call (default: 8)")
+    data.add_argument(
+        "--batch-size", type=positive_int, default=None, help="images per batch, and rows per model call (default: 8)"
+    )
     data.add_argument("--engine", choices=("local", "ray"), default=None, help="local processes or Ray Data")
     data.add_argument("--address", default=None, help="--engine ray: a cluster (auto, ray://host:port)")
     data.add_argument("--limit", type=positive_int, default=None, help="encode at most the first N inputs")
