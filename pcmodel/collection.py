@@ -198,6 +198,8 @@ class EncodeSettings:
     max_side: int = DEFAULT_FULL_MAX_SIDE  # full mode only
     outputs: tuple[str, ...] = ("latents",)
     batch_size: int = DEFAULT_BATCH_SIZE  # files per batch and rows per model call (a tile-mode image: many rows)
+    solver: str | None = None  # model.infer's solver (None: the model's)
+    init: str | None = None  # model.infer's init: zero or amortised (None: the model's start)
     limits: Limits = field(default_factory=Limits)
 
 
@@ -224,7 +226,8 @@ class BatchEncoder:
         if expect_sha256 is not None and self.sha256 != expect_sha256:
             raise RuntimeError(f"{settings.model} changed while encoding (sha256 {self.sha256}, not {expect_sha256})")
         self.levels = self.model.num_levels
-        self.model.prepare(steps=[settings.steps], shapes=prepared_shapes(self.model, settings))
+        solvers = None if settings.solver is None else [settings.solver]
+        self.model.prepare(steps=[settings.steps], shapes=prepared_shapes(self.model, settings), solvers=solvers)
 
     def _row(self, item: Input) -> dict[str, Any]:
         s = self.settings
@@ -278,7 +281,10 @@ class BatchEncoder:
         s = self.settings
         x = torch.cat([prepared[0] for _, prepared in members])  # (rows, C, h, w)
         size = s.batch_size
-        parts = [self.model.infer(x[i : i + size], steps=s.steps) for i in range(0, x.shape[0], size)]
+        parts = [
+            self.model.infer(x[i : i + size], steps=s.steps, solver=s.solver, init=s.init)
+            for i in range(0, x.shape[0], size)
+        ]
         result = join(parts)
         start = 0
         for index, (rows_, shown, placement) in members:

@@ -69,6 +69,8 @@ def identity(model, settings: EncodeSettings) -> dict[str, Any]:
         "model": {"name": model.name, "sha256": model.sha256},
         "levels": model.num_levels,
         "steps": settings.steps,
+        "solver": model.solver(settings.solver).label,
+        "init": settings.init or model.config.initial_latents,
         "size_mode": settings.size_mode,
         "max_side": settings.max_side if settings.size_mode == "full" else None,
         "outputs": list(settings.outputs),
@@ -79,6 +81,7 @@ def identity(model, settings: EncodeSettings) -> dict[str, Any]:
 def _describe(ident: dict[str, Any]) -> str:
     model = ident["model"]
     text = f"model {model['name']} (sha256 {model['sha256'][:12]}), steps {ident['steps']}, {ident['size_mode']} mode"
+    text += f", solver {ident.get('solver')}, init {ident.get('init')}"
     if ident.get("max_side") is not None:
         text += f" at max side {ident['max_side']}"
     return text + f", outputs {','.join(ident['outputs'])}"

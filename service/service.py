@@ -139,8 +139,9 @@ class PCEncoder:
         planned = await _call(small, plan, part, options, config, self.settings)
         async with DECODING.hold(planned.cost, "decoding this image"):  # bounds decode memory across requests
             prepared = await _call(small, prepare, planned, options, config)
-        settled = await self.host.infer(prepared.rows, options.steps)
+        settled = await self.host.infer(prepared.rows, options.steps, options.solver, options.init)
         result = await _call(small, encode_result, prepared, settled, options, self.host.ref, config)
+        result.update(self.host.dynamics(options.solver, options.init))
         metrics.IMAGES.inc()
         metrics.INFERENCE_ITERATIONS.observe(result["steps"])
         metrics.FINAL_ENERGY.observe(result["energy"]["final"])
