@@ -326,7 +326,8 @@ def _encode_collection(args: argparse.Namespace, argv: list[str], inputs: list, 
             "use --size-mode tile or resize",
         )
     if args.init is not None and args.init not in ("zero", "amortised"):
-        return fail("pc-encode", f"--init {args.init}: a collection starts from zero or amortised (warm starts: one image)")
+        message = f"--init {args.init}: a collection starts from zero or amortised (a warm start is for one image)"
+        return fail("pc-encode", message)
     settings = EncodeSettings(
         model=args.model,
         steps=args.steps or model.config.steps,
