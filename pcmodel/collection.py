@@ -227,7 +227,10 @@ class BatchEncoder:
             raise RuntimeError(f"{settings.model} changed while encoding (sha256 {self.sha256}, not {expect_sha256})")
         self.levels = self.model.num_levels
         solvers = None if settings.solver is None else [settings.solver]
-        self.model.prepare(steps=[settings.steps], shapes=prepared_shapes(self.model, settings), solvers=solvers)
+        # Built on first use: a shape no image of this worker needs (full mode's largest bucket, for small
+        # images) costs neither start-up nor memory.
+        shapes = prepared_shapes(self.model, settings)
+        self.model.prepare(steps=[settings.steps], shapes=shapes, solvers=solvers, build=False)
 
     def _row(self, item: Input) -> dict[str, Any]:
         s = self.settings
