@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib.util
 import json
 import shlex
 import signal
@@ -243,7 +244,7 @@ class Reporter:
         self.total, self.already, self.every = total, already, every
         self.last = time.monotonic()
         self.bar = None
-        if sys.stderr.isatty() and total:
+        if sys.stderr.isatty() and total and importlib.util.find_spec("rich") is not None:
             from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
             self.bar = Progress(
@@ -290,8 +291,6 @@ def encode_collection(args: argparse.Namespace, argv: list[str]) -> int:
     if args.address is not None and engine != "ray":
         return fail("pc-encode", "--address is for --engine ray (a Ray cluster)")
     needed = ["pyarrow"] + (["ray"] if engine == "ray" else [])
-    import importlib.util
-
     for module in needed:
         if importlib.util.find_spec(module) is None:
             extra = "ray" if module == "ray" else "encode"

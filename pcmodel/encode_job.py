@@ -17,7 +17,6 @@ kills its worker twice is split into single files, and a file that kills it twic
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import json
 import math
 import multiprocessing
@@ -116,7 +115,11 @@ class Output:
         folder.mkdir(parents=True, exist_ok=True)
         lock = open(folder / ".lock", "w")  # noqa: SIM115 (held for the job's life)
         try:
+            import fcntl  # POSIX; elsewhere a second writer is not detected
+
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except ImportError:
+            pass
         except OSError:
             lock.close()
             raise OutputError(f"--out {folder}: another pc-encode is writing into it; wait for it or stop it") from None
