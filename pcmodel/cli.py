@@ -353,7 +353,7 @@ def _encode_collection(args: argparse.Namespace, argv: list[str], inputs: list, 
     resume = "pc-encode " + shlex.join(argv)
     started = time.monotonic()
     status, code = "complete", 0
-    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM,)}
+    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
     signal.signal(signal.SIGTERM, _raise_stopped)
     progress = None
     reporter = None
