@@ -37,6 +37,7 @@ from .collection import BatchEncoder, EncodeSettings, Input, batches, file_sha25
 
 DEPTH = 2  # batches in flight per worker: one running, one waiting, so a worker never idles on the driver
 ATTEMPTS = 2  # a batch whose worker dies this many times is split; a single file becomes an error row
+MAX_RESTARTS_PER_WORKER = 20  # more, and something kills every worker (memory, a broken install): stop
 SHARD_SECONDS = 60.0  # a shard is written at least this often, so a killed run loses at most a minute of work
 
 
@@ -351,6 +352,9 @@ def run_local(
                     if not w.ready and not ever_ready:
                         raise WorkerError("a worker process died while loading the model") from None
                     died(w)
+                    if progress.restarts > MAX_RESTARTS_PER_WORKER * len(pool):
+                        message = f"the workers died {progress.restarts} times: see their messages above"
+                        raise WorkerError(message) from None
                     pool[pool.index(w)] = start()
                     continue
                 if payload[:1] == b"T":
