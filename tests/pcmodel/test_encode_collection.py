@@ -377,6 +377,9 @@ def one_line_exit_2(argv: list[str], capsys) -> str:
         (["{folder}/sub/*.jpg", "--out", "{out}"], "matches no files"),
         (["{empty}", "--out", "{out}"], "no image files"),
         (["{folder}/sub", "{copy}/sub", "--out", "{out}"], "same path"),
+        (["{folder}", "--out", "{out}", "--init", "{folder}/encoding.npz"], "--init"),
+        (["{folder}", "--out", "{out}", "--solver", "heavy"], "--solver"),
+        (["{folder}", "--out", "{folder}/good0.png/out"], "cannot write there"),  # an unwritable --out
     ],
 )
 def test_mistakes_are_one_line_and_exit_2_before_any_work(argv, names, folder, tmp_path, capsys):
