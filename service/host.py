@@ -9,6 +9,7 @@ bucket sizes.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import math
 import os
@@ -149,15 +150,18 @@ class ModelHost:
         """
         warmed = sorted({self.config.steps, *self.settings.warmup_steps})
         c, h, w = self.config.input_shape
-        self.model.prepare(steps=warmed, shapes=[(h, w), *[b for b in self.buckets if b != (h, w)]])
+        # The model's own dynamics and the paper's (solver=gradient), each with its fast programs.
+        solvers = list(dict.fromkeys([self.model.solver(), self.model.solver("gradient")]))
+        shapes = [(h, w), *[b for b in self.buckets if b != (h, w)]]
+        self.model.prepare(steps=warmed, shapes=shapes, solvers=solvers)
         sizes = sorted({min(2**k, self.settings.max_batch_size) for k in range(11)})  # 1, 2, 4, ... max
         generator = torch.Generator().manual_seed(0)
         lo, hi = self.config.preprocess.value_range
         x = (torch.rand((sizes[-1], c, h, w), generator=generator) * (hi - lo) + lo).to(self.device)
         backends = {}
-        for steps in warmed:
+        for steps, solver in itertools.product(warmed, solvers):
             for size in sizes:
-                result = self.model.infer(x[:size], steps=steps)
+                result = self.model.infer(x[:size], steps=steps, solver=solver)
             if not torch.isfinite(result.energy).all():
                 logger.warning(
                     "warm-up at %d steps produced NaN/Inf: this model diverges (PC_ALLOW_UNSTABLE=%s); "
@@ -165,15 +169,22 @@ class ModelHost:
                     steps,
                     self.settings.allow_unstable,
                 )
-            backends[steps] = result.backend
+            backends.setdefault(steps, result.backend)
             for bh, bw in self.buckets:  # one image per bucket: full-mode rows are large, batches small
-                self.model.infer(x[:1, :, :1, :1].expand(1, c, bh, bw).contiguous(), steps=steps)
+                self.model.infer(x[:1, :, :1, :1].expand(1, c, bh, bw).contiguous(), steps=steps, solver=solver)
         return backends
 
-    def _infer(self, x: torch.Tensor, steps: int, how: tuple[str | None, str | None] | None = None) -> Settled:
-        """Runs on the batcher's thread: one model call, results moved to the CPU. `how`: (solver, init)."""
+    def _infer(
+        self,
+        x: torch.Tensor,
+        steps: int,
+        how: tuple[str | None, str | None] | None = None,
+        start: list[torch.Tensor] | None = None,
+    ) -> Settled:
+        """Runs on the batcher's thread: one model call, results moved to the CPU. `how`: (solver, init);
+        `start`: given starting latents (init "given")."""
         solver, init = how or (None, None)
-        result = self.model.infer(x, steps=steps, solver=solver, init=init)
+        result = self.model.infer(x, steps=steps, solver=solver, init=start if start is not None else init)
         return Settled(
             latents=[r.to("cpu") for r in result.latents],
             errors=[e.to("cpu") for e in result.errors],
@@ -184,11 +195,26 @@ class ModelHost:
         )
 
     async def infer(
-        self, rows: torch.Tensor, steps: int, solver: str | None = None, init: str | None = None
+        self,
+        rows: torch.Tensor,
+        steps: int,
+        solver: str | None = None,
+        init: str | None = None,
+        start: list[torch.Tensor] | None = None,
     ) -> Settled:
         """Settle the latents of rows (n, C, H, W) for `steps` steps, batched with other requests that ask
-        for the same steps, solver and start (None: the model's own)."""
+        for the same steps, solver and start (None: the model's own); `start`: the rows' own starting
+        latents (a warm start, one tensor per level shaped like the rows' latents)."""
         self.check_dynamics(solver, init)
+        if start is not None:
+            expected = [(rows.shape[0], *s) for s in self.model.latent_shapes(tuple(rows.shape[-2:]))]
+            got = [tuple(t.shape) for t in start]
+            if got != expected:
+                raise RequestError(
+                    422, "bad_parameter", f"`start` has latents shaped {got}; this image's are {expected}"
+                )
+            start = [t.to(self.device) for t in start]
+            return await self.batcher.submit(rows.to(self.device), steps, (solver, "given"), start)
         return await self.batcher.submit(rows.to(self.device), steps, (solver, init))
 
     def check_dynamics(self, solver: str | None, init: str | None) -> None:
@@ -205,6 +231,7 @@ class ModelHost:
     def dynamics(self, solver: str | None, init: str | None) -> dict:
         """Which solver and start a request ran with (its options resolved against the model's own)."""
         start = init or {"zeros": "zero"}.get(self.config.initial_latents, self.config.initial_latents)
+        start = "given" if init == "given" else start
         return {"solver": self.model.solver(solver).label, "init": start}
 
     def card(self) -> dict:

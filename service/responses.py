@@ -10,8 +10,6 @@ goes out: `check_finite` raises NotFinite (500 not_finite) instead.
 
 from __future__ import annotations
 
-import base64
-
 import numpy as np
 import torch
 from PIL import Image
@@ -22,6 +20,7 @@ from pcmodel.images import display_scale, to_display
 from .batching import Settled
 from .errors import NotFinite
 from .inputs import Prepared
+from .jsonbody import Base64
 from .options import EncodeOptions
 from .png import png_bytes
 
@@ -39,11 +38,11 @@ def check_finite(settled: Settled) -> None:
 def array_payload(t: torch.Tensor, dtype: str = "float32") -> dict:
     """{"shape", "dtype": float32 or float16, "data": base64 of the little-endian bytes in C order}."""
     a = np.ascontiguousarray(t.detach().to("cpu", torch.float32).numpy(), dtype="<f4" if dtype == "float32" else "<f2")
-    return {"shape": list(a.shape), "dtype": dtype, "data": base64.b64encode(a.tobytes()).decode("ascii")}
+    return {"shape": list(a.shape), "dtype": dtype, "data": Base64.of(a.data)}
 
 
-def png_payload(image: Image.Image) -> str:
-    return base64.b64encode(png_bytes(np.asarray(image))).decode("ascii")
+def png_payload(image: Image.Image) -> Base64:
+    return Base64.of(png_bytes(np.asarray(image)))
 
 
 def encode_result(
@@ -80,23 +79,50 @@ def encode_result(
         out["padded"] = [fit.top, fit.bottom, fit.left, fit.right]
         out["model_input"] = list(fit.fitted)
     maps = [m for m in ("input", "reconstruction", "error_map") if m in options.outputs]
-    if maps:
-        shown = prepared.shown.to("cpu", torch.float32)
-        if grid is not None:
-            reconstruction = grid.stitch(settled.reconstruction)[0]
-        elif fit is not None:
-            reconstruction = fit.undo(settled.reconstruction)[0]
-        else:
-            reconstruction = settled.reconstruction[0]
-        error = shown - reconstruction  # (C, H, W): exactly input - reconstruction in float32
-        pre = config.preprocess
-        scale = display_scale(shown, pre)
-        centred = not (pre.filter == "none" and pre.normalize == "none")
-        tensors = {"input": shown, "reconstruction": reconstruction, "error_map": error}
-        for name in maps:
-            t = tensors[name]
-            picture = to_display(t, pre, scale, centred=centred or name == "error_map")
-            out[name] = {"png": png_payload(picture)}
-            if options.arrays != "none":
-                out[name]["array"] = array_payload(t, options.arrays)
+    for name, (t, picture) in image_maps(prepared, settled, config, maps).items():
+        out[name] = {"png": png_payload(picture)}
+        if options.arrays != "none":
+            out[name]["array"] = array_payload(t, options.arrays)
     return out
+
+
+def image_maps(
+    prepared: Prepared, settled: Settled, config: ModelConfig, names: list[str]
+) -> dict[str, tuple[torch.Tensor, Image.Image]]:
+    """The maps on the image's grid, each as its tensor (C, H, W) and its picture: input (as the model saw
+    it), reconstruction, and error_map = input - reconstruction (exactly, in float32)."""
+    if not names:
+        return {}
+    shown = prepared.shown.to("cpu", torch.float32)
+    grid, fit = prepared.grid, prepared.fit
+    if grid is not None:
+        reconstruction = grid.stitch(settled.reconstruction)[0]
+    elif fit is not None:
+        reconstruction = fit.undo(settled.reconstruction)[0]
+    else:
+        reconstruction = settled.reconstruction[0]
+    error = shown - reconstruction
+    pre = config.preprocess
+    scale = display_scale(shown, pre)  # the input's scale, so that every map of an image is comparable
+    centred = not (pre.filter == "none" and pre.normalize == "none")
+    tensors = {"input": shown, "reconstruction": reconstruction, "error_map": error}
+    return {n: (tensors[n], to_display(tensors[n], pre, scale, centred=centred or n == "error_map")) for n in names}
+
+
+def snapshot_payload(prepared: Prepared, settled: Settled, config: ModelConfig) -> dict:
+    """One snapshot of inference (outputs=snapshots): its step, energy, the reconstruction and error PNGs and
+    the latents as float16 arrays (a snapshot is for seeing, and a slider holds up to MAX_SNAPSHOTS)."""
+    check_finite(settled)
+    grid = prepared.grid
+    maps = image_maps(prepared, settled, config, ["reconstruction", "error_map"])
+    return {
+        "step": int(settled.steps.max()),
+        "energy": float(settled.energy[-1].sum(dtype=torch.float64)),
+        **{name: png_payload(picture) for name, (_, picture) in maps.items()},
+        "latents": [array_payload(r if grid is not None else r[0], "float16") for r in settled.latents],
+    }
+
+
+def snapshot_steps(steps: int, count: int) -> list[int]:
+    """The steps a slider shows: 0 (the start) and about `count` more, evenly up to `steps`."""
+    return sorted({0, *(round(k * steps / count) for k in range(1, count + 1))})

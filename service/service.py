@@ -15,8 +15,6 @@ failed or the batcher's task has died (then 503, so Kubernetes restarts the pod)
 from __future__ import annotations
 
 import asyncio
-import functools
-import json
 import logging
 import os
 import time
@@ -25,22 +23,23 @@ from pathlib import Path
 from typing import TypeVar
 
 import bentoml
+import torch
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from . import metrics, openapi
+from . import jsonbody, metrics, openapi
 from .batching import Settled
 from .budget import Budget
 from .errors import RequestError, rejection
 from .forms import Part
 from .health import ModelLoader, NotLoaded
 from .host import ModelHost
-from .inputs import is_small, plan, prepare
+from .inputs import Prepared, is_small, plan, prepare
 from .middleware import BODY_KEY, CONTENT_TYPE_KEY, BodyGate, JsonErrors
-from .options import EncodeOptions, read_request
-from .responses import encode_result
+from .options import MAX_SNAPSHOTS, EncodeOptions, read_request
+from .responses import encode_result, snapshot_payload, snapshot_steps
 from .settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -139,13 +138,26 @@ class PCEncoder:
         planned = await _call(small, plan, part, options, config, self.settings)
         async with DECODING.hold(planned.cost, "decoding this image"):  # bounds decode memory across requests
             prepared = await _call(small, prepare, planned, options, config)
-        settled = await self.host.infer(prepared.rows, options.steps, options.solver, options.init)
+        start = _start_rows(options, prepared)
+        settled = await self.host.infer(prepared.rows, options.steps, options.solver, options.init, start)
         result = await _call(small, encode_result, prepared, settled, options, self.host.ref, config)
-        result.update(self.host.dynamics(options.solver, options.init))
+        result.update(self.host.dynamics(options.solver, "given" if start is not None else options.init))
+        if "snapshots" in options.outputs:
+            result["snapshots"] = await self._snapshots(prepared, options, small)
         metrics.IMAGES.inc()
         metrics.INFERENCE_ITERATIONS.observe(result["steps"])
         metrics.FINAL_ENERGY.observe(result["energy"]["final"])
         return result, settled, small
+
+    async def _snapshots(self, prepared: Prepared, options: EncodeOptions, small: bool) -> list[dict]:
+        """outputs=snapshots: the state after each of up to MAX_SNAPSHOTS step counts, each an exact run of
+        that many steps from the same start with the same dynamics (a momentum solver's velocity is part of
+        its state, so a run cannot be resumed from latents alone); at most ~10x the request's own steps."""
+        out = []
+        for step in snapshot_steps(options.steps, min(MAX_SNAPSHOTS, options.steps)):
+            settled = await self.host.infer(prepared.rows, step, options.solver, options.init)
+            out.append(await _call(small, snapshot_payload, prepared, settled, self.host.config))
+        return out
 
     async def _encode_item(self, part: Part, options: EncodeOptions) -> dict:
         try:
@@ -154,6 +166,15 @@ class PCEncoder:
             error = _rejection_or_raise(exc)
             metrics.count_error(error.reason)
             return {"error": error.message, "status": error.status, "reason": error.reason}
+
+
+def _start_rows(options: EncodeOptions, prepared: Prepared) -> list[torch.Tensor] | None:
+    """The `start` part's latents with the rows' leading axis (a response's latents have none but in tile
+    mode); the host checks their shapes."""
+    if options.start is None:
+        return None
+    tiled = prepared.grid is not None
+    return [torch.from_numpy(a if tiled else a[None]) for a in options.start]
 
 
 def _body(ctx: bentoml.Context) -> tuple[bytes, str]:
@@ -204,11 +225,8 @@ async def _call(inline: bool, fn: Callable[..., T], *args: object) -> T:
     return fn(*args) if inline else await asyncio.to_thread(fn, *args)
 
 
-_dumps = functools.partial(json.dumps, separators=(",", ":"))
-
-
 async def _json_response(payload: dict, inline: bool = False) -> Response:
-    return Response(await _call(inline, _dumps, payload), media_type="application/json")
+    return Response(await _call(inline, jsonbody.dumps, payload), media_type="application/json")
 
 
 # ---- GET routes: a small ASGI app mounted beside the API methods ------------------------------------
