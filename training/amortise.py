@@ -1,8 +1,8 @@
 """Learning the amortised start (pcmodel.amortiser) from settled latents, U fixed: hybrid predictive coding.
 
 Each batch's latents are settled by the network's own dynamics; each level's map A_l then takes one Adam
-step on its regression loss ||A_l(in_l) - r*_l||^2 / ||r*_l||^2 (pcmodel.amortiser.fitting_losses), from
-that batch alone and its own level's error alone (local). U never reads A: a run that learns A alongside U
+step on its regression loss, each image's ||A_l(in_l) - r*_l||^2 / ||r*_l||^2 averaged over the batch
+(pcmodel.amortiser.fitting_losses), from that batch alone and its own level's error alone (local). U never reads A: a run that learns A alongside U
 (`pc-train --amortiser`) moves U exactly as one that does not, and `pc-train --amortise CHECKPOINT` fits
 A to a finished model, U bit for bit unchanged. The fit uses autograd: it is training, not inference.
 
@@ -30,7 +30,7 @@ from . import data
 
 log = logging.getLogger(__name__)
 
-# The fit's defaults for --amortise, chosen by measurement (docs/TRAINING.md, "The amortised start").
+# The fit's defaults for --amortise (docs/TRAINING.md, "The amortised start of the shipped models").
 AMORTISE_UPDATES = 1500
 AMORTISE_LR = 3e-3
 
