@@ -2,9 +2,10 @@
 
 Each batch's latents are settled by the network's own dynamics; each level's map A_l then takes one Adam
 step on its regression loss, each image's ||A_l(in_l) - r*_l||^2 / ||r*_l||^2 averaged over the batch
-(pcmodel.amortiser.fitting_losses), from that batch alone and its own level's error alone (local). U never reads A: a run that learns A alongside U
-(`pc-train --amortiser`) moves U exactly as one that does not, and `pc-train --amortise CHECKPOINT` fits
-A to a finished model, U bit for bit unchanged. The fit uses autograd: it is training, not inference.
+(pcmodel.amortiser.fitting_losses), from that batch alone and its own level's error alone (local). U never
+reads A: a run that learns A alongside U (`pc-train --amortiser`) moves U exactly as one that does not,
+and `pc-train --amortise CHECKPOINT` fits A to a finished model, U bit for bit unchanged. The fit uses
+autograd: it is training, not inference.
 
 With `--amortise` the latents settle from the amortised start itself (T steps from A's guess, the hybrid
 scheme): as A learns, its targets come closer to the fixed point than T steps from zero reach.
