@@ -34,6 +34,7 @@ REASONS = (
     "loading",  # the worker's model is still loading (503, retry): a worker starting or restarting
     "timeout",  # the request body did not arrive in time (408): a slow or stalled client
     "over_budget",  # a worker's memory budget (bodies or decoding in flight) is full: 503, retry
+    "not_found",  # /v2: a model name or version this server does not serve (404)
 )
 BUDGETS = ("bodies", "decoding")  # service.budget: request bodies held, images being decoded
 

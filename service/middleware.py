@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import re
 import time
 from collections.abc import Awaitable, Callable, Iterable
 from typing import Any
@@ -40,19 +41,27 @@ CONTENT_TYPE_KEY = "pc.content_type"
 
 
 class BodyGate:
-    """ASGI middleware for POST `paths`: 413 above `max_bytes`, else the body moves into the scope."""
+    """ASGI middleware for POST `paths` (and paths matching `pattern`): 413 above `max_bytes`, else the body
+    moves into the scope."""
 
     def __init__(
-        self, app: ASGIApp, paths: Iterable[str], max_bytes: int, budget: Budget, body_timeout_s: float
+        self,
+        app: ASGIApp,
+        paths: Iterable[str],
+        max_bytes: int,
+        budget: Budget,
+        body_timeout_s: float,
+        pattern: re.Pattern[str] | None = None,
     ) -> None:
         self.app = app
         self.paths = frozenset(paths)
+        self.pattern = pattern
         self.max_bytes = max_bytes
         self.budget = budget
         self.body_timeout_s = body_timeout_s
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["method"] != "POST" or scope["path"] not in self.paths:
+        if scope["type"] != "http" or scope["method"] != "POST" or not self._gated(scope["path"]):
             await self.app(scope, receive, send)
             return
         headers = dict(scope["headers"])
@@ -117,6 +126,9 @@ class BodyGate:
         finally:
             if held:
                 self.budget.release(held)
+
+    def _gated(self, path: str) -> bool:
+        return path in self.paths or (self.pattern is not None and self.pattern.match(path) is not None)
 
     async def _too_large(self, send: Send) -> None:
         metrics.count_error("too_large")

@@ -113,7 +113,7 @@ INFO = (
     "Rao & Ballard (1999) predictive-coding image encoder: a photo in, its latent causes, reconstruction, "
     "error map and energy out. The explorer page at `/` shows them; the README documents every route."
 )
-ERROR_REASONS = (*REASONS, "load_failed", "not_found", "method_not_allowed")
+ERROR_REASONS = tuple(dict.fromkeys((*REASONS, "load_failed", "not_found", "method_not_allowed")))
 ERROR = {
     "type": "object",
     "properties": {

@@ -20,9 +20,7 @@ import json
 import logging
 import os
 import time
-from collections.abc import Callable
 from pathlib import Path
-from typing import TypeVar
 
 import bentoml
 from starlette.applications import Starlette
@@ -30,16 +28,16 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from . import metrics, openapi
+from . import metrics, openapi, v2_rest
 from .batching import Settled
 from .budget import Budget
 from .errors import RequestError, rejection
 from .forms import Part
 from .health import ModelLoader, NotLoaded
 from .host import ModelHost
-from .inputs import is_small, plan, prepare
 from .middleware import BODY_KEY, CONTENT_TYPE_KEY, BodyGate, JsonErrors
 from .options import EncodeOptions, read_request
+from .pipeline import Pipeline, run
 from .responses import encode_result
 from .settings import Settings
 
@@ -50,10 +48,9 @@ logger = logging.getLogger(__name__)
 # this when the app builds its tracers, after this import. Set OTEL_SDK_DISABLED=false to trace.
 os.environ.setdefault("OTEL_SDK_DISABLED", "true")
 
-T = TypeVar("T")
 SETTINGS = Settings.from_env()
 API_ROUTES = ("/encode", "/encode_batch")
-_hosts: list[ModelHost] = []  # the one ModelHost of this worker process, once loaded (for GET /model)
+_pipelines: list[Pipeline] = []  # this worker process's one Pipeline, once built (for the mounted routes)
 # This worker's memory budgets (service.budget): request bodies held, images being decoded.
 BODIES = Budget("bodies", SETTINGS.inflight_bytes, SETTINGS.budget_wait_ms / 1000)
 DECODING = Budget("decoding", SETTINGS.decoding_bytes, SETTINGS.budget_wait_ms / 1000, trim=True)
@@ -69,35 +66,23 @@ class PCEncoder:
 
     def __init__(self) -> None:
         self.settings = SETTINGS
-        self.loader = ModelLoader(self._load)  # load, move to the device, warm up: /readyz waits for this
-
-    def _load(self) -> ModelHost:
-        host = ModelHost(SETTINGS)
-        _hosts.append(host)
-        return host
+        # Load, move to the device, warm up on a thread: /readyz waits for this.
+        self.pipeline = Pipeline(SETTINGS, ModelLoader(lambda: ModelHost(SETTINGS)), DECODING)
+        _pipelines.append(self.pipeline)
 
     @property
     def host(self) -> ModelHost:
-        assert self.loader.value is not None, "the API methods check for the model first (_require_model)"
-        return self.loader.value
+        return self.pipeline.host
 
     def __is_ready__(self) -> bool:
-        return self.loader.loaded and self.host.batcher.alive
+        return self.pipeline.ready
 
     def __is_alive__(self) -> bool:
-        return self.loader.error is None and (not self.loader.loaded or self.host.batcher.alive)
-
-    def _require_model(self) -> None:
-        """503 at once while the model loads (a worker starting or restarting behind a shared port): the
-        client retries after Retry-After, often on another worker, instead of waiting out the load."""
-        if self.loader.error is not None:
-            raise NotLoaded(f"the model failed to load: {self.loader.error}")
-        if not self.loader.loaded:
-            raise RequestError(503, "loading", "the model is still loading; retry in a few seconds")
+        return self.pipeline.alive
 
     @bentoml.on_shutdown
     def close(self) -> None:
-        if self.loader.loaded:
+        if self.pipeline.loader.loaded:
             self.host.close()
 
     @bentoml.api(route="/encode")
@@ -105,7 +90,6 @@ class PCEncoder:
         """Encode one image. Multipart form: `image` (file), optional `steps`, `size_mode`, `outputs`."""
         started = time.perf_counter()
         try:
-            self._require_model()
             images, options = read_request(*_body(ctx), "image", 1, self.host.config, self.settings)
             result, settled, small = await self._encode(images[0], options)
         except Exception as exc:
@@ -122,7 +106,6 @@ class PCEncoder:
     async def encode_batch(self, ctx: bentoml.Context) -> dict:
         """Encode several images (`images`, repeated) with shared options; a bad image is an entry, not a failure."""
         try:
-            self._require_model()
             images, options = read_request(
                 *_body(ctx), "images", self.settings.max_batch_images, self.host.config, self.settings
             )
@@ -132,19 +115,11 @@ class PCEncoder:
         return await _json_response({"model": self.host.ref, "results": results})
 
     async def _encode(self, part: Part, options: EncodeOptions) -> tuple[dict, Settled, bool]:
-        config = self.host.config
-        # A small image is decoded and encoded right here (well under a millisecond each); a large one
-        # on a thread, so that it never stalls the other requests on the event loop.
-        small = is_small(part)
-        planned = await _call(small, plan, part, options, config, self.settings)
-        async with DECODING.hold(planned.cost, "decoding this image"):  # bounds decode memory across requests
-            prepared = await _call(small, prepare, planned, options, config)
-        settled = await self.host.infer(prepared.rows, options.steps)
-        result = await _call(small, encode_result, prepared, settled, options, self.host.ref, config)
-        metrics.IMAGES.inc()
-        metrics.INFERENCE_ITERATIONS.observe(result["steps"])
-        metrics.FINAL_ENERGY.observe(result["energy"]["final"])
-        return result, settled, small
+        decoded = await self.pipeline.decode(part, options)
+        settled = await self.pipeline.settle(decoded.prepared.rows, options.steps)
+        host = self.host
+        result = await run(decoded.small, encode_result, decoded.prepared, settled, options, host.ref, host.config)
+        return result, settled, decoded.small
 
     async def _encode_item(self, part: Part, options: EncodeOptions) -> dict:
         try:
@@ -199,15 +174,11 @@ def _warn_limited(reason: str, message: str) -> None:
     _warned[reason] = (now, 0)
 
 
-async def _call(inline: bool, fn: Callable[..., T], *args: object) -> T:
-    return fn(*args) if inline else await asyncio.to_thread(fn, *args)
-
-
 _dumps = functools.partial(json.dumps, separators=(",", ":"))
 
 
 async def _json_response(payload: dict, inline: bool = False) -> Response:
-    return Response(await _call(inline, _dumps, payload), media_type="application/json")
+    return Response(await run(inline, _dumps, payload), media_type="application/json")
 
 
 # ---- GET routes: a small ASGI app mounted beside the API methods ------------------------------------
@@ -266,16 +237,22 @@ async def _static(request: Request) -> Response:
     return _page_response(request.path_params["name"])
 
 
+def _loaded_host() -> ModelHost | None:
+    return _pipelines[0].loader.value if _pipelines else None
+
+
 async def _model_card(request: Request) -> Response:
-    if not _hosts:
+    host = _loaded_host()
+    if host is None:
         return JSONResponse({"error": "the model is still loading", "reason": "loading"}, status_code=503)
-    return JSONResponse(_hosts[0].card())
+    return JSONResponse(host.card())
 
 
 async def _basis(request: Request) -> Response:
-    if not _hosts:
+    host = _loaded_host()
+    if host is None:
         return JSONResponse({"error": "the model is still loading", "reason": "loading"}, status_code=503)
-    png = await asyncio.to_thread(_hosts[0].basis_png)
+    png = await asyncio.to_thread(host.basis_png)
     return Response(png, media_type="image/png", headers={"Cache-Control": "no-cache"})
 
 
@@ -300,10 +277,14 @@ PCEncoder.mount_asgi_app(
     path="/",
     name="pc-routes",
 )
+PCEncoder.mount_asgi_app(
+    v2_rest.routes(lambda: _pipelines[0] if _pipelines else None), path="/", name="kserve-v2"
+)  # the Open Inference Protocol's REST routes, /v2/...
 # The body must arrive a little before BentoML's request timeout (its 504) would fire: 408 instead.
 PCEncoder.add_asgi_middleware(
     BodyGate,
     paths=API_ROUTES,
+    pattern=v2_rest.INFER_PATH,
     max_bytes=SETTINGS.max_body_bytes,
     budget=BODIES,
     body_timeout_s=SETTINGS.request_timeout_s * 0.9,
