@@ -40,6 +40,7 @@ from .options import EncodeOptions, read_request
 from .pipeline import Pipeline, run
 from .responses import encode_result
 from .settings import Settings
+from .v2_grpc import GrpcServer
 
 logger = logging.getLogger(__name__)
 
@@ -80,8 +81,18 @@ class PCEncoder:
     def __is_alive__(self) -> bool:
         return self.pipeline.alive
 
+    @bentoml.on_startup
+    async def start_grpc(self) -> None:
+        """The Open Inference Protocol over gRPC, on this worker's event loop (service.v2_grpc)."""
+        self.grpc: GrpcServer | None = None
+        if SETTINGS.grpc_port:
+            self.grpc = GrpcServer(lambda: self.pipeline, SETTINGS, BODIES)
+            await self.grpc.start()
+
     @bentoml.on_shutdown
-    def close(self) -> None:
+    async def close(self) -> None:
+        if self.grpc is not None:
+            await self.grpc.stop()
         if self.pipeline.loader.loaded:
             self.host.close()
 

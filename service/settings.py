@@ -28,6 +28,7 @@ class Settings:
     model: str = "default"  # checkpoint path, or a name pcmodel.load knows (default = conv-rgb)
     host: str = "0.0.0.0"  # BentoML's default too: reachable from outside a container
     port: int = 3000
+    grpc_port: int = 8001  # the Open Inference Protocol over gRPC (service/v2_grpc.py); 0 turns it off
     workers: int = 1  # processes, each with its own model copy and event loop (the Python work per request)
     device: str = "auto"  # auto (cuda when available, else cpu), cpu, cuda, cuda:1, ...
     torch_threads: int = 0  # intra-op threads per worker; 0 = cores / workers - 1 (a core for the event loop)
@@ -35,6 +36,9 @@ class Settings:
     max_steps: int = 1000  # largest `steps` a request may ask for
     warmup_steps: tuple[int, ...] = ()  # step counts with fast programs besides the model's default
     max_body_bytes: int = 20 * 1024 * 1024  # request bodies above this get 413 before they are read
+    # A request's head (request line and headers; gRPC: its metadata): more bytes, or more than
+    # MAX_HEADER_FIELDS fields, get 431 (gRPC: RESOURCE_EXHAUSTED)
+    max_header_bytes: int = 16 * 1024
     max_pixels: int = 25_000_000  # decoded image size limit (a decompression bomb gets 413)
     max_image_bytes: int = 100 * 1024 * 1024  # pixels x bands x bytes per sample of one decoded image; more: 413
     # Memory budgets per worker (service.budget); 0 = a quarter of the memory the service may use
@@ -63,6 +67,12 @@ class Settings:
                 raise SettingsError(f"PC_{name.upper()} must be at least 1, got {getattr(self, name)}")
         if self.port > 65535:
             raise SettingsError(f"PC_PORT must be a TCP port (1..65535), got {self.port}")
+        if not 0 <= self.grpc_port <= 65535 or self.grpc_port == self.port:
+            raise SettingsError(
+                f"PC_GRPC_PORT must be a TCP port other than PC_PORT (0 turns gRPC off), got {self.grpc_port}"
+            )
+        if self.max_header_bytes < 1024:
+            raise SettingsError(f"PC_MAX_HEADER_BYTES must be at least 1024, got {self.max_header_bytes}")
         if self.torch_threads < 0 or self.max_concurrency < 0 or self.batch_wait_ms < 0:
             raise SettingsError("PC_TORCH_THREADS, PC_MAX_CONCURRENCY and PC_BATCH_WAIT_MS must be >= 0")
         if min(self.max_image_bytes, self.max_inflight_bytes + 1, self.max_decoding_bytes + 1) < 1:
