@@ -400,3 +400,29 @@ def test_limits_overload_and_batching_with_encode(tmp_path_factory, astronaut64)
         assert json.loads(refused[0].text)["error"].startswith("the model's queue is full")
         rest.close()
         grpc.close()
+
+
+def test_openapi_document_covers_the_v2_routes(server, astronaut64):
+    """GET /docs.json describes every /v2 route the app serves, and real answers match its schemas."""
+    import jsonschema
+
+    from service.v2_rest import routes
+
+    spec = server.get("/docs.json").json()
+    served = {
+        (route.path, method.lower()) for route in routes(lambda: None).routes for method in route.methods - {"HEAD"}
+    }
+    documented = {(path, method) for path, item in spec["paths"].items() if path.startswith("/v2") for method in item}
+    assert served == documented
+
+    def valid(instance: object, schema: str) -> None:
+        jsonschema.validate(instance, {"$ref": f"#/components/schemas/{schema}", "components": spec["components"]})
+
+    valid(server.get("/v2").json(), "V2ServerMetadata")
+    valid(server.get(f"/v2/models/{MODEL}").json(), "V2ModelMetadata")
+    request = {"inputs": [_json_image(astronaut64)], "outputs": [{"name": "energy"}]}
+    valid(request, "V2InferRequest")
+    valid(server.post(f"/v2/models/{MODEL}/infer", json=request).json(), "V2InferResponse")
+    error = server.post("/v2/models/nope/infer", json=request)
+    assert error.status_code == 404
+    valid(error.json(), "PCError")
