@@ -93,6 +93,9 @@ def main(argv: list[str] | None = None) -> int:
             model=args.model, host=args.host, port=args.port, workers=args.workers, allow_unstable=args.allow_unstable
         )
         settings = dataclasses.replace(settings, model=resolve_model(settings.model))
+        if settings.api_key_file:  # the workers run elsewhere
+            settings = dataclasses.replace(settings, api_key_file=str(Path(settings.api_key_file).absolute()))
+        settings.secret()  # an unreadable PC_API_KEY_FILE stops here, not in every worker
         # BentoML keeps its state and Prometheus files under BENTOML_HOME, uploads under TMPDIR: with a
         # read-only root filesystem both must point at writable mounts.
         home = _writable("BENTOML_HOME", Path.home() / "bentoml")

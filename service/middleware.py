@@ -13,6 +13,9 @@ is sent; Content-Length is charged up front, a streamed body chunk by chunk. Bey
 A body that has not fully arrived within `body_timeout_s` (a slow or stalled client) gets 408,
 counted as reason `timeout`: the client's fault, so neither BentoML's 504 nor a server error.
 
+ApiKey, outermost when PC_API_KEY is set, answers 401 to a request without `Authorization: Bearer <key>`
+before its body is read (the health probes, /metrics and the static pages are open).
+
 JsonErrors, on the whole app, gives the 404 and 405 that Starlette's router answers in plain text
 the service's JSON error body, so every error a client can get reads the same way.
 """
@@ -21,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hmac
 import json
 import re
 import time
@@ -139,6 +143,48 @@ class BodyGate:
         metrics.count_error("timeout")
         message = f"the request body did not arrive within {self.body_timeout_s:g} s; send it faster, or a smaller one"
         await _reply(send, 408, "timeout", message)
+
+
+# Open without the key: the probes and /metrics (Kubernetes and Prometheus hold no key), and the pages,
+# which hold no data (the explorer asks for the key, then sends it with every request).
+OPEN_PATHS = frozenset(
+    ("/livez", "/readyz", "/healthz", "/metrics", "/v2/health/live", "/v2/health/ready", "/", "/docs", "/docs.json")
+)
+OPEN_PREFIXES = ("/static/", "/static_content/")
+
+
+def bearer_matches(header: bytes | str | None, key: bytes) -> bool:
+    """Whether an Authorization value is `Bearer <key>`, compared in constant time."""
+    if isinstance(header, str):
+        header = header.encode("latin-1", "replace")
+    scheme, _, given = (header or b"").partition(b" ")
+    return scheme.lower() == b"bearer" and hmac.compare_digest(given.strip(), key)
+
+
+class ApiKey:
+    """ASGI middleware: 401 {"error", "reason": "unauthorized"} unless the request carries the key."""
+
+    def __init__(self, app: ASGIApp, key: bytes) -> None:
+        self.app = app
+        self.key = key
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or _is_open(scope["path"]):
+            await self.app(scope, receive, send)
+            return
+        header = next((v for k, v in scope["headers"] if k == b"authorization"), None)
+        if bearer_matches(header, self.key):
+            await self.app(scope, receive, send)
+            return
+        metrics.count_error("unauthorized")
+        message = "this service needs an API key: send the header `Authorization: Bearer <key>`"
+        if header is not None:
+            message = "the API key is not this service's; send `Authorization: Bearer <key>` with the right key"
+        await _reply(send, 401, "unauthorized", message, ((b"www-authenticate", b"Bearer"),))
+
+
+def _is_open(path: str) -> bool:
+    return path in OPEN_PATHS or path.startswith(OPEN_PREFIXES)
 
 
 async def _discard(receive: Receive) -> None:

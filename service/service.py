@@ -35,7 +35,7 @@ from .errors import RequestError, rejection
 from .forms import Part
 from .health import ModelLoader, NotLoaded
 from .host import ModelHost
-from .middleware import BODY_KEY, CONTENT_TYPE_KEY, BodyGate, JsonErrors
+from .middleware import BODY_KEY, CONTENT_TYPE_KEY, ApiKey, BodyGate, JsonErrors
 from .options import EncodeOptions, read_request
 from .pipeline import Pipeline, run
 from .responses import encode_result
@@ -86,7 +86,7 @@ class PCEncoder:
         """The Open Inference Protocol over gRPC, on this worker's event loop (service.v2_grpc)."""
         self.grpc: GrpcServer | None = None
         if SETTINGS.grpc_port:
-            self.grpc = GrpcServer(lambda: self.pipeline, SETTINGS, BODIES)
+            self.grpc = GrpcServer(lambda: self.pipeline, SETTINGS, BODIES, SETTINGS.secret())
             await self.grpc.start()
 
     @bentoml.on_shutdown
@@ -291,6 +291,9 @@ PCEncoder.mount_asgi_app(
 PCEncoder.mount_asgi_app(
     v2_rest.routes(lambda: _pipelines[0] if _pipelines else None), path="/", name="kserve-v2"
 )  # the Open Inference Protocol's REST routes, /v2/...
+# The key is checked first, before any body is read; a missing key never reaches BodyGate.
+if (_KEY := SETTINGS.secret()) is not None:
+    PCEncoder.add_asgi_middleware(ApiKey, key=_KEY)
 # The body must arrive a little before BentoML's request timeout (its 504) would fire: 408 instead.
 PCEncoder.add_asgi_middleware(
     BodyGate,

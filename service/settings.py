@@ -11,7 +11,7 @@ import contextlib
 import dataclasses
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from pcmodel.engines import MAX_PREPARED_STEPS
@@ -59,6 +59,11 @@ class Settings:
     max_queue: int = 8192  # native-size images (or tiles) worth of pixels waiting for the model; more gets 503
     request_timeout_s: float = 60.0  # BentoML's traffic.timeout: a request still running gets 504
     max_concurrency: int = 0  # requests in flight per service before 429; 0 = no limit
+    # An optional API key: every route but the health probes, /metrics and the static pages then needs
+    # `Authorization: Bearer <key>` (gRPC: the same metadata). PC_API_KEY_FILE holds it for Kubernetes
+    # Secrets (mounted as a file); never both. Not shown in repr, never logged.
+    api_key: str = field(default="", repr=False)
+    api_key_file: str = ""
 
     def __post_init__(self) -> None:
         at_least_one = ("port", "workers", "max_steps", "max_body_bytes", "max_pixels", "min_side")
@@ -92,6 +97,20 @@ class Settings:
             )
         if self.max_queue < self.max_batch_size:
             raise SettingsError("PC_MAX_QUEUE must be at least PC_MAX_BATCH_SIZE")
+        if self.api_key and self.api_key_file:
+            raise SettingsError("set PC_API_KEY or PC_API_KEY_FILE, not both")
+
+    def secret(self) -> bytes | None:
+        """The API key's bytes (from PC_API_KEY, or the file PC_API_KEY_FILE names, stripped), or None."""
+        text = self.api_key
+        if self.api_key_file:
+            try:
+                text = Path(self.api_key_file).read_text().strip()
+            except (OSError, UnicodeDecodeError) as exc:
+                raise SettingsError(f"PC_API_KEY_FILE={self.api_key_file} cannot be read ({exc})") from None
+            if not text:
+                raise SettingsError(f"PC_API_KEY_FILE={self.api_key_file} is empty")
+        return text.encode() if text else None
 
     @property
     def inflight_bytes(self) -> int:

@@ -10,6 +10,9 @@ itself (RESOURCE_EXHAUSTED); a request is charged to the body budget as /encode'
 carry the HTTP routes' messages with the protocol's codes: INVALID_ARGUMENT (400), NOT_FOUND (404),
 RESOURCE_EXHAUSTED (413), UNAVAILABLE (503), counted in pc_request_errors_total like theirs.
 
+With PC_API_KEY: every call but ServerLive and ServerReady needs the metadata `authorization: Bearer <key>`
+(UNAUTHENTICATED otherwise, counted as `unauthorized`).
+
 Stopping: on SIGTERM the server stops taking new calls at once, while HTTP stops listening, and the calls
 in flight finish (up to PC_REQUEST_TIMEOUT_S) before the worker exits.
 """
@@ -28,6 +31,7 @@ from . import metrics, v2
 from .budget import Budget
 from .errors import RequestError, rejection
 from .health import NotLoaded
+from .middleware import bearer_matches
 from .pipeline import Pipeline
 from .settings import Settings
 from .v2proto import grpc_predict_v2_pb2 as pb
@@ -76,9 +80,22 @@ def read_inputs(request: pb.ModelInferRequest) -> list[v2.InputTensor]:
 class Servicer(pb_grpc.GRPCInferenceServiceServicer):
     """The six calls of the protocol, over the worker's Pipeline."""
 
-    def __init__(self, pipeline: PipelineFn, bodies: Budget) -> None:
+    def __init__(self, pipeline: PipelineFn, bodies: Budget, key: bytes | None = None) -> None:
         self._pipeline = pipeline
         self._bodies = bodies
+        self._key = key
+
+    async def _authorize(self, context: grpc.aio.ServicerContext) -> None:
+        """With an API key: UNAUTHENTICATED unless the call's metadata has `authorization: Bearer <key>`."""
+        if self._key is None:
+            return
+        header = next((v for k, v in context.invocation_metadata() or () if k == "authorization"), None)
+        if not bearer_matches(header, self._key):
+            metrics.count_error("unauthorized")
+            await context.abort(
+                grpc.StatusCode.UNAUTHENTICATED,
+                "this service needs an API key: send the metadata `authorization: Bearer <key>`",
+            )
 
     def _current(self) -> Pipeline:
         found = self._pipeline()
@@ -105,6 +122,7 @@ class Servicer(pb_grpc.GRPCInferenceServiceServicer):
         return pb.ServerReadyResponse(ready=found is not None and found.ready)
 
     async def ModelReady(self, request, context):
+        await self._authorize(context)
         try:
             found = self._current()
             v2.find_model(found, request.name, request.version)
@@ -117,9 +135,11 @@ class Servicer(pb_grpc.GRPCInferenceServiceServicer):
         return pb.ModelReadyResponse(ready=found.ready)
 
     async def ServerMetadata(self, request, context):
+        await self._authorize(context)
         return pb.ServerMetadataResponse(**v2.server_metadata())
 
     async def ModelMetadata(self, request, context):
+        await self._authorize(context)
         try:
             host = v2.find_model(self._current(), request.name, request.version)
         except Exception as exc:
@@ -135,6 +155,7 @@ class Servicer(pb_grpc.GRPCInferenceServiceServicer):
         )
 
     async def ModelInfer(self, request, context):
+        await self._authorize(context)
         size = 2 * request.ByteSize()  # the message, and the tensors read from it (as BodyGate charges a body)
         held = 0
         try:
@@ -165,7 +186,7 @@ class Servicer(pb_grpc.GRPCInferenceServiceServicer):
 class GrpcServer:
     """The gRPC server of one worker: started on the running event loop, stopped gracefully."""
 
-    def __init__(self, pipeline: PipelineFn, settings: Settings, bodies: Budget) -> None:
+    def __init__(self, pipeline: PipelineFn, settings: Settings, bodies: Budget, key: bytes | None = None) -> None:
         options = [
             ("grpc.max_receive_message_length", settings.max_body_bytes),
             ("grpc.max_send_message_length", -1),  # what we send is bounded by what the limits let in
@@ -175,7 +196,7 @@ class GrpcServer:
             ("grpc.so_reuseport", 1 if settings.workers > 1 else 0),
         ]
         self.server = grpc.aio.server(options=options)
-        pb_grpc.add_GRPCInferenceServiceServicer_to_server(Servicer(pipeline, bodies), self.server)
+        pb_grpc.add_GRPCInferenceServiceServicer_to_server(Servicer(pipeline, bodies, key), self.server)
         host = f"[{settings.host}]" if ":" in settings.host else settings.host
         self.port = self.server.add_insecure_port(f"{host}:{settings.grpc_port}")
         self.grace_s = settings.request_timeout_s

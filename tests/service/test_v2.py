@@ -356,50 +356,63 @@ def test_unknown_output_and_malformed_requests(server, rest, astronaut64):
         assert text in response.json()["error"] and response.json()["reason"] == "bad_request"
 
 
-def test_limits_overload_and_batching_with_encode(tmp_path_factory, astronaut64):
-    """A small body limit (413 before the body is read), a tiny queue (503 with Retry-After), and v2 requests
-    in the same model calls as /encode's (a batching wait lets concurrent requests meet)."""
-    home = tmp_path_factory.mktemp("v2-limits")
-    with Server(home, max_body_bytes=100_000, max_batch_size=2, max_queue=4, batch_wait_ms=300) as s:
-        rest = httpclient.InferenceServerClient(s.url.removeprefix("http://"))
-        grpc = grpcclient.InferenceServerClient(s.grpc_target)
-        big = b"\x00" * 150_000
-        with pytest.raises(InferenceServerException) as caught:
-            rest.infer(MODEL, [image_input(httpclient, big)])
-        assert code(caught.value) == "413" and "over the limit of 100000 bytes" in str(caught.value)
-        with pytest.raises(InferenceServerException) as caught:
-            grpc.infer(MODEL, [image_input(grpcclient, big)])
-        assert code(caught.value) == "StatusCode.RESOURCE_EXHAUSTED"
+KEY = "v2-test-key-0123456789"
 
-        files = {"image": ("a.png", astronaut64)}
-        parameters = {"steps": 20, "size_mode": "resize"}
-        body = {"inputs": [_json_image(astronaut64)], "parameters": parameters}
-        shared = []  # (model calls, rows) per attempt; a cold first attempt may miss the 300 ms window
-        for _ in range(3):
-            before = s.metrics()
-            with concurrent.futures.ThreadPoolExecutor(2) as pool:  # httpx: tritonclient.http's gevent needs one thread
-                v2_call = pool.submit(s.post, f"/v2/models/{MODEL}/infer", json=body)
-                encode_call = pool.submit(s.post, "/encode", files=files, data=parameters)
-                assert encode_call.result().status_code == 200 and v2_call.result().status_code == 200
-            after = s.metrics()
-            shared.append(
-                tuple(metric(after, n) - metric(before, n) for n in ("pc_batch_size_count", "pc_batch_size_sum"))
-            )
-            if shared[-1] == (1, 2):
-                break
-        assert shared[-1] == (1, 2), shared  # one model call for both requests
 
-        body = {"inputs": [_json_image(astronaut64)], "parameters": {"steps": 500, "size_mode": "resize"}}
-        with concurrent.futures.ThreadPoolExecutor(8) as pool:
-            answers = list(
-                pool.map(lambda _: httpx.post(s.url + f"/v2/models/{MODEL}/infer", json=body, timeout=60), range(8))
-            )
-        refused = [a for a in answers if a.status_code == 503]
-        assert refused and all(a.status_code in (200, 503) for a in answers)
-        assert refused[0].headers["retry-after"] == "1" and refused[0].json()["reason"] == "overloaded"
-        assert json.loads(refused[0].text)["error"].startswith("the model's queue is full")
-        rest.close()
-        grpc.close()
+@pytest.fixture(scope="module")
+def guarded(tmp_path_factory):
+    """An API key (from a file, as a Kubernetes Secret mounts it), a small body limit, a tiny queue and a
+    batching wait (so concurrent requests meet in one model call)."""
+    home = tmp_path_factory.mktemp("v2-guarded")
+    (home / "key").write_text(KEY + "\n")
+    settings = {"max_body_bytes": 100_000, "max_batch_size": 2, "max_queue": 4, "batch_wait_ms": 300}
+    with Server(home, api_key_file=home / "key", **settings) as s:
+        yield s
+
+
+AUTH = {"Authorization": f"Bearer {KEY}"}  # tritonclient.http adds its own headers to the dict it gets: pass a copy
+GRPC_AUTH = {"authorization": f"Bearer {KEY}"}  # gRPC metadata keys are lower case
+
+
+def test_limits_overload_and_batching_with_encode(guarded, astronaut64):
+    """413 before the body is read (gRPC: RESOURCE_EXHAUSTED), 503 with Retry-After from a full queue, and
+    v2 requests in the same model calls as /encode's."""
+    s = guarded
+    rest = httpclient.InferenceServerClient(s.url.removeprefix("http://"))
+    grpc = grpcclient.InferenceServerClient(s.grpc_target)
+    big = b"\x00" * 150_000
+    with pytest.raises(InferenceServerException) as caught:
+        rest.infer(MODEL, [image_input(httpclient, big)], headers=dict(AUTH))
+    assert code(caught.value) == "413" and "over the limit of 100000 bytes" in str(caught.value)
+    with pytest.raises(InferenceServerException) as caught:
+        grpc.infer(MODEL, [image_input(grpcclient, big)], headers=GRPC_AUTH)
+    assert code(caught.value) == "StatusCode.RESOURCE_EXHAUSTED"
+
+    files = {"image": ("a.png", astronaut64)}
+    parameters = {"steps": 20, "size_mode": "resize"}
+    body = {"inputs": [_json_image(astronaut64)], "parameters": parameters}
+    shared = []  # (model calls, rows) per attempt; a cold first attempt may miss the 300 ms window
+    for _ in range(3):
+        before = s.metrics()
+        with concurrent.futures.ThreadPoolExecutor(2) as pool:  # httpx: tritonclient.http's gevent needs one thread
+            v2_call = pool.submit(s.post, f"/v2/models/{MODEL}/infer", json=body, headers=AUTH)
+            encode_call = pool.submit(s.post, "/encode", files=files, data=parameters, headers=AUTH)
+            assert encode_call.result().status_code == 200 and v2_call.result().status_code == 200
+        after = s.metrics()
+        shared.append(tuple(metric(after, n) - metric(before, n) for n in ("pc_batch_size_count", "pc_batch_size_sum")))
+        if shared[-1] == (1, 2):
+            break
+    assert shared[-1] == (1, 2), shared  # one model call for both requests
+
+    body = {"inputs": [_json_image(astronaut64)], "parameters": {"steps": 500, "size_mode": "resize"}}
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        answers = list(pool.map(lambda _: s.post(f"/v2/models/{MODEL}/infer", json=body, headers=AUTH), range(8)))
+    refused = [a for a in answers if a.status_code == 503]
+    assert refused and all(a.status_code in (200, 503) for a in answers)
+    assert refused[0].headers["retry-after"] == "1" and refused[0].json()["reason"] == "overloaded"
+    assert json.loads(refused[0].text)["error"].startswith("the model's queue is full")
+    rest.close()
+    grpc.close()
 
 
 def test_openapi_document_covers_the_v2_routes(server, astronaut64):
@@ -426,3 +439,42 @@ def test_openapi_document_covers_the_v2_routes(server, astronaut64):
     error = server.post("/v2/models/nope/infer", json=request)
     assert error.status_code == 404
     valid(error.json(), "PCError")
+
+
+def test_api_key(guarded, astronaut64):
+    """With PC_API_KEY(_FILE): 401 / UNAUTHENTICATED without the key or with another, counted as `unauthorized`;
+    the probes, /metrics and the pages stay open; the key is never logged."""
+    s = guarded
+    before = metric(s.metrics(), "pc_request_errors_total", reason="unauthorized")
+    for path in ("/livez", "/readyz", "/metrics", "/v2/health/live", "/v2/health/ready", "/", "/docs.json"):
+        assert s.get(path).status_code == 200, path
+    files = {"image": ("a.png", astronaut64)}
+    for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": KEY}):
+        for method, path in (("GET", "/model"), ("POST", "/encode"), ("GET", f"/v2/models/{MODEL}")):
+            response = httpx.request(method, s.url + path, files=files if method == "POST" else None, headers=headers)
+            assert response.status_code == 401 and response.json()["reason"] == "unauthorized", path
+            assert response.headers["www-authenticate"] == "Bearer" and KEY not in response.text
+    assert s.post("/encode", files=files, data={"steps": "5"}, headers=AUTH).status_code == 200
+    with EncoderClient(s.url, api_key=KEY) as client:
+        assert client.encode(astronaut64, steps=5).steps == 5
+
+    rest = httpclient.InferenceServerClient(s.url.removeprefix("http://"))
+    grpc = grpcclient.InferenceServerClient(s.grpc_target)
+    assert rest.is_server_ready() and grpc.is_server_live() and grpc.is_server_ready()  # probes need no key
+    with pytest.raises(InferenceServerException) as caught:
+        rest.infer(MODEL, [image_input(httpclient, astronaut64)])
+    assert code(caught.value) == "401"
+    with pytest.raises(InferenceServerException) as caught:
+        grpc.infer(MODEL, [image_input(grpcclient, astronaut64)], headers={"authorization": "Bearer wrong"})
+    assert code(caught.value) == "StatusCode.UNAUTHENTICATED"
+    with pytest.raises(InferenceServerException):
+        grpc.get_model_metadata(MODEL)
+    parameters = {"steps": 5}
+    ok = rest.infer(MODEL, [image_input(httpclient, astronaut64)], parameters=parameters, headers=dict(AUTH))
+    same = grpc.infer(MODEL, [image_input(grpcclient, astronaut64)], parameters=parameters, headers=GRPC_AUTH)
+    np.testing.assert_array_equal(ok.as_numpy("latent_1"), same.as_numpy("latent_1"))
+    rest.close()
+    grpc.close()
+    # 9 HTTP refusals above, then tritonclient's HTTP infer, gRPC's infer and gRPC's metadata.
+    assert metric(s.metrics(), "pc_request_errors_total", reason="unauthorized") == before + 12
+    assert KEY not in s.log.read_text()
