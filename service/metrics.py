@@ -35,6 +35,8 @@ REASONS = (
     "timeout",  # the request body did not arrive in time (408): a slow or stalled client
     "over_budget",  # a worker's memory budget (bodies or decoding in flight) is full: 503, retry
     "not_found",  # /v2: a model name or version this server does not serve (404)
+    "header_too_large",  # a request head over PC_MAX_HEADER_BYTES or 100 fields (431)
+    "disconnected",  # the client closed the connection before its request body arrived (no answer: 499 in the log)
     "unauthorized",  # PC_API_KEY is set and the request has no key or another one (401; gRPC UNAUTHENTICATED)
 )
 BUDGETS = ("bodies", "decoding")  # service.budget: request bodies held, images being decoded

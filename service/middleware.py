@@ -10,10 +10,12 @@ The bodies held at once are bounded too (service.budget, PC_MAX_INFLIGHT_BYTES):
 twice its size (the bytes and the parsed form's copy) from before it is read until the response
 is sent; Content-Length is charged up front, a streamed body chunk by chunk. Beyond the budget: 503.
 
+A client that disconnects before its body has arrived ends its request at once (counted as `disconnected`).
 A body that has not fully arrived within `body_timeout_s` (a slow or stalled client) gets 408,
 counted as reason `timeout`: the client's fault, so neither BentoML's 504 nor a server error.
 
-ApiKey, outermost when PC_API_KEY is set, answers 401 to a request without `Authorization: Bearer <key>`
+HeadLimit, outermost, answers 431 to a request head over PC_MAX_HEADER_BYTES or MAX_HEADER_FIELDS fields.
+ApiKey, next when PC_API_KEY is set, answers 401 to a request without `Authorization: Bearer <key>`
 before its body is read (the health probes, /metrics and the static pages are open).
 
 JsonErrors, on the whole app, gives the 404 and 405 that Starlette's router answers in plain text
@@ -88,7 +90,12 @@ class BodyGate:
                     await self._timed_out(send)
                     return
                 if message["type"] == "http.disconnect":
-                    return  # the client went away: nothing to answer
+                    # The client went away mid-body: end the request now. The answer reaches no one (uvicorn drops
+                    # it), but it is the first message BentoML's timeout middleware waits for; without it the
+                    # request would live on until PC_REQUEST_TIMEOUT_S, and a SIGTERM drain would wait for it.
+                    metrics.count_error("disconnected")
+                    await _reply(send, 499, "disconnected", "the client closed the connection before its body arrived")
+                    return
                 chunk = message.get("body", b"")
                 size += len(chunk)
                 if size > self.max_bytes:
@@ -143,6 +150,34 @@ class BodyGate:
         metrics.count_error("timeout")
         message = f"the request body did not arrive within {self.body_timeout_s:g} s; send it faster, or a smaller one"
         await _reply(send, 408, "timeout", message)
+
+
+MAX_HEADER_FIELDS = 100  # header fields in one request head; more get 431
+
+
+class HeadLimit:
+    """ASGI middleware: 431 when a request's head (path, query and headers) is over `max_bytes` or has more
+    than MAX_HEADER_FIELDS fields, and the connection closes, so no client keeps a large head in memory."""
+
+    def __init__(self, app: ASGIApp, max_bytes: int, max_fields: int = MAX_HEADER_FIELDS) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+        self.max_fields = max_fields
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            headers = scope["headers"]
+            target = len(scope.get("raw_path") or scope["path"].encode()) + len(scope.get("query_string", b""))
+            size = target + sum(len(k) + len(v) + 4 for k, v in headers)  # "name: value\r\n"
+            if len(headers) > self.max_fields or size > self.max_bytes:
+                metrics.count_error("header_too_large")
+                message = (
+                    f"the request head has {len(headers)} header fields and {size} bytes; the limits are "
+                    f"{self.max_fields} fields and {self.max_bytes} bytes (PC_MAX_HEADER_BYTES)"
+                )
+                await _reply(send, 431, "header_too_large", message)
+                return
+        await self.app(scope, receive, send)
 
 
 # Open without the key: the probes and /metrics (Kubernetes and Prometheus hold no key), and the pages,

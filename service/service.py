@@ -35,7 +35,7 @@ from .errors import RequestError, rejection
 from .forms import Part
 from .health import ModelLoader, NotLoaded
 from .host import ModelHost
-from .middleware import BODY_KEY, CONTENT_TYPE_KEY, ApiKey, BodyGate, JsonErrors
+from .middleware import BODY_KEY, CONTENT_TYPE_KEY, ApiKey, BodyGate, HeadLimit, JsonErrors
 from .options import EncodeOptions, read_request
 from .pipeline import Pipeline, run
 from .responses import encode_result
@@ -291,7 +291,8 @@ PCEncoder.mount_asgi_app(
 PCEncoder.mount_asgi_app(
     v2_rest.routes(lambda: _pipelines[0] if _pipelines else None), path="/", name="kserve-v2"
 )  # the Open Inference Protocol's REST routes, /v2/...
-# The key is checked first, before any body is read; a missing key never reaches BodyGate.
+PCEncoder.add_asgi_middleware(HeadLimit, max_bytes=SETTINGS.max_header_bytes)  # ours run in this order
+# The key is checked before any body is read; a missing key never reaches BodyGate.
 if (_KEY := SETTINGS.secret()) is not None:
     PCEncoder.add_asgi_middleware(ApiKey, key=_KEY)
 # The body must arrive a little before BentoML's request timeout (its 504) would fire: 408 instead.
