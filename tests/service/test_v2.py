@@ -26,6 +26,7 @@ import pcmodel
 from service.client import EncoderClient
 
 from .conftest import Server, metric, png
+from .test_bad_input import png_header_only
 
 ROOT = Path(__file__).resolve().parents[2]
 MODEL = "conv-rgb"
@@ -303,6 +304,13 @@ def test_async_infer(rest, grpc, astronaut64):
         ),
         (lambda m, img: (MODEL, [_fp32(m, "y", [1])], {}), "400", "INVALID_ARGUMENT", "bad_request", "send one input"),
         (
+            lambda m, img: (MODEL, [image_input(m, png_header_only(6000, 6000))], {}),
+            "413",
+            "RESOURCE_EXHAUSTED",
+            "too_large",
+            "over the limit",
+        ),
+        (
             lambda m, img: (MODEL, [image_input(m, *[img] * 33)], {}),
             "413",
             "RESOURCE_EXHAUSTED",
@@ -319,6 +327,7 @@ def test_async_infer(rest, grpc, astronaut64):
         "datatype",
         "x-shape",
         "input-name",
+        "bomb",
         "too-many",
     ],
 )
