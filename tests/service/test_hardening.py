@@ -183,6 +183,13 @@ def test_a_killed_worker_leaves_no_requests_in_progress(hardened, astronaut):
     all_ready(hardened)  # the new worker loads its model (requests sent to it meanwhile wait)
     assert hardened.post("/encode", files={"image": ("a.png", image)}).status_code == 200
     assert in_progress(hardened) == 0
+    # The new worker serves gRPC too (each worker binds the gRPC port): fresh channels reach both workers.
+    import tritonclient.grpc as grpcclient
+
+    for _ in range(4):
+        client = grpcclient.InferenceServerClient(hardened.grpc_target)
+        assert client.is_server_ready()
+        client.close()
 
 
 def test_sigterm_drains_and_refuses_new_connections_at_once(hardened, astronaut):
