@@ -19,7 +19,7 @@ import tempfile
 from pathlib import Path
 
 from .settings import Settings, SettingsError
-from .supervisor import StartFailed, Supervisor
+from .supervisor import StartFailed, Supervisor, WorkerModuleChanged, check_worker_module
 
 logger = logging.getLogger(__name__)
 
@@ -101,7 +101,12 @@ def main(argv: list[str] | None = None) -> int:
         home = _writable("BENTOML_HOME", Path.home() / "bentoml")
         tmp = _writable("TMPDIR", Path(tempfile.gettempdir()))
         description = check(settings)
-    except (ValueError, OSError) as exc:  # settings, checkpoint and config errors are all ValueErrors
+        check_worker_module()
+    except (
+        ValueError,
+        OSError,
+        WorkerModuleChanged,
+    ) as exc:  # settings, checkpoint and config errors are all ValueErrors
         print(f"pc-serve: {exc}", file=sys.stderr)
         return 2
     if args.check:
