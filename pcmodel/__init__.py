@@ -25,10 +25,12 @@ from .parameters import level_weights, parameter_specs
 from .presets import PRESETS, get_preset
 from .priors import PRIORS
 from .results import InferenceResult
+from .solvers import SOLVERS, Solver
 
 __all__ = [
     "PRESETS",
     "PRIORS",
+    "SOLVERS",
     "CheckpointError",
     "ConfigError",
     "ImageError",
@@ -38,6 +40,7 @@ __all__ = [
     "ModelConfig",
     "PCModel",
     "PreprocessConfig",
+    "Solver",
     "UnstableStepError",
     "create",
     "get_preset",

@@ -36,13 +36,19 @@ OUTPUT_FILES = ("input.png", "reconstruction.png", "error.png", "montage.png", "
 
 
 def encode_array(
-    model: pcmodel.PCModel, image, steps: int | None, size_mode: str | None, max_side: int = DEFAULT_FULL_MAX_SIDE
+    model: pcmodel.PCModel,
+    image,
+    steps: int | None,
+    size_mode: str | None,
+    max_side: int = DEFAULT_FULL_MAX_SIDE,
+    solver: str | None = None,
+    init: str | list[torch.Tensor] | None = None,
 ):
-    """Prepare one image as the model's config says, run inference, return (result, maps on the image grid,
-    placement)."""
+    """Prepare one image as the model's config says, run inference (`solver`, `init` as model.infer takes
+    them), return (result, maps on the image grid, placement)."""
     mode = size_mode or model.config.preprocess.size_mode
     rows, shown, placement = prepare_image(image, model.config, mode, max_side)
-    result = model.infer(rows.to(model.device), steps=steps)
+    result = model.infer(rows.to(model.device), steps=steps, solver=solver, init=init)
     reconstruction = placement.restore(result.reconstruction.cpu())[0]
     return result, (shown, reconstruction, shown - reconstruction), placement
 
@@ -70,6 +76,19 @@ def main(argv: list[str] | None = None) -> int:
         help="full mode: the longer side the image is scaled down to, never up (default: %(default)s)",
     )
     parser.add_argument(
+        "--solver",
+        choices=pcmodel.SOLVERS,
+        default=None,
+        help="the dynamics: gradient (the paper's), momentum or nesterov (default: the model's)",
+    )
+    parser.add_argument(
+        "--init",
+        default=None,
+        metavar="zero|amortised|ENCODING.npz",
+        help="where inference starts: zero, amortised (the learned start), or a previous encoding.npz's latents "
+        "(a warm start, e.g. the previous frame of a sequence); default: the model's",
+    )
+    parser.add_argument(
         "--out", type=output_folder, default=Path("encoded"), help="output folder (default: %(default)s)"
     )
     args = parser.parse_args(argv)
@@ -87,9 +106,15 @@ def main(argv: list[str] | None = None) -> int:
             f"--size-mode full needs a convolutional model; {model.name} has a dense level (native size only): "
             "use --size-mode tile or resize",
         )
-    result, (shown, reconstruction, error), placement = encode_array(
-        model, image, args.steps, args.size_mode, args.max_side
-    )
+    try:
+        init = _start(args.init)
+        model.solver(args.solver)  # refused here when this model's step size makes it unstable
+        result, (shown, reconstruction, error), placement = encode_array(
+            model, image, args.steps, args.size_mode, args.max_side, args.solver, init
+        )
+    except (OSError, ValueError) as exc:
+        option = "--solver" if isinstance(exc, pcmodel.UnstableStepError) else "--init"
+        return fail("pc-encode", f"{option}: {exc}")
     padded = {}
     if placement.mode == "full" and placement.fit is not None:
         f = placement.fit
@@ -119,6 +144,8 @@ def main(argv: list[str] | None = None) -> int:
         "input": [1, *shown.shape],
         "size_mode": placement.mode,
         "steps": int(result.steps.max()),
+        "solver": model.solver(args.solver).label,
+        "init": args.init or model.config.initial_latents,
         "energy_initial": float(result.energy[0].sum()),
         "energy_final": float(result.energy[-1].sum()),
         "relative_error": relative,
@@ -127,6 +154,19 @@ def main(argv: list[str] | None = None) -> int:
     }
     print(json.dumps(summary, indent=2))
     return 0
+
+
+def _start(init: str | None) -> str | list[torch.Tensor] | None:
+    """--init: a start's name, or the latents of a previous encoding.npz (level 1 first)."""
+    if init is None or init in ("zero", "amortised"):
+        return init
+    if not init.endswith(".npz"):
+        raise ValueError(f"{init!r} is neither zero, amortised nor an encoding.npz file")
+    with np.load(init, allow_pickle=False) as saved:  # no pickle: a file we did not make is not trusted
+        names = sorted((k for k in saved.files if k.startswith("latent_")), key=lambda k: int(k.split("_")[1]))
+        if not names:
+            raise ValueError(f"{init} holds no latent_1.. arrays (a pc-encode encoding.npz has them)")
+        return [torch.from_numpy(np.asarray(saved[k], dtype=np.float32)) for k in names]
 
 
 if __name__ == "__main__":

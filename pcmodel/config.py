@@ -17,6 +17,7 @@ from typing import Any
 
 from .kinds import LEVEL_KINDS, LevelKind
 from .priors import PRIORS as PRIOR_OBJECTS
+from .solvers import DEFAULT_MOMENTUM, SOLVERS, Solver
 
 NONLINEARITIES = ("identity", "tanh")
 PRIORS = tuple(PRIOR_OBJECTS)  # pcmodel.priors: each prior's energy, gradient and step written once
@@ -29,6 +30,7 @@ K2_UNITS = ("inputs", "updates")
 # Level fields added after format 1, with the value that leaves a model as it was: a checkpoint that
 # lacks one reads as this value, and the canonical JSON leaves it out while it holds it (same hash).
 NEUTRAL_LEVEL_FIELDS = {"k1_scale": 1.0, "k2_scale": 1.0, "column_norm": None}
+NEUTRAL_MODEL_FIELDS = {"solver": "gradient", "momentum": DEFAULT_MOMENTUM}
 
 
 class ConfigError(ValueError):
@@ -196,6 +198,8 @@ class ModelConfig:
     k1: float  # inference step: r_l <- r_l - (k1 k1_scale_l / 2) dE/dr_l, below the stability bound
     steps: int = 100  # default number of inference steps T
     initial_latents: str = "zeros"  # zeros | feedforward (r_l = U_l^T r_{l-1}, bottom up)
+    solver: str = "gradient"  # the served dynamics: gradient (the paper's) | momentum | nesterov (pcmodel.solvers)
+    momentum: float = DEFAULT_MOMENTUM  # beta of the momentum and nesterov solvers
     preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
     learning: LearningConfig = field(default_factory=LearningConfig)
 
@@ -217,6 +221,9 @@ class ModelConfig:
         if not isinstance(self.steps, int) or isinstance(self.steps, bool) or self.steps < 1:
             raise ConfigError(f"steps must be a positive int, got {self.steps!r}")
         _choice(self.initial_latents, INITIAL_LATENTS, "initial_latents")
+        _choice(self.solver, SOLVERS, "solver")
+        if isinstance(self.momentum, bool) or not isinstance(self.momentum, (int, float)) or not 0 <= self.momentum < 1:
+            raise ConfigError(f"momentum must be a number in [0, 1), got {self.momentum!r}")
         if shape[0] != self.preprocess.channels:
             raise ConfigError(
                 f"input_shape has {shape[0]} channel(s) but preprocess.color={self.preprocess.color!r} "
@@ -227,10 +234,18 @@ class ModelConfig:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
+    @property
+    def served_solver(self) -> Solver:
+        """The dynamics `model.infer` runs when a call does not name one."""
+        return Solver(self.solver, 0.0 if self.solver == "gradient" else self.momentum)
+
     def to_json(self) -> str:
         """Canonical JSON (stored in checkpoints and hashed into their identity). Fields added after
         format 1 are left out while they hold their neutral value, so an older model keeps its hash."""
         data = self.to_dict()
+        for key, neutral in NEUTRAL_MODEL_FIELDS.items():
+            if data[key] == neutral:
+                del data[key]
         for level in data["levels"]:
             for key, neutral in NEUTRAL_LEVEL_FIELDS.items():
                 if level[key] == neutral:

@@ -29,6 +29,7 @@ from .config import ModelConfig
 from .levels import Level
 from .priors import PRIORS
 from .results import InferenceResult
+from .solvers import GRADIENT, TENSOR_OPS, Solver
 
 
 @dataclass
@@ -196,14 +197,18 @@ def infer_loop(
     steps: int,
     tol: float | None = None,
     init: Sequence[torch.Tensor] | None = None,
+    solver: Solver = GRADIENT,
 ) -> InferenceResult:
     """The plain loop: the mathematical definition every backend is checked against.
 
     Starts from `init` (r0 per level, shaped like the latents) or, when None, the config's start
-    (`initial_latents`). With `tol`, an image stops once the norm of its gradient (all levels) falls
-    below tol and keeps its latents; `steps` in the result counts the steps each image took.
+    (`initial_latents`). Each step is the plain gradient step d = -eta dE/dr, moved by `solver`
+    (pcmodel.solvers: the paper's gradient dynamics by default). With `tol`, an image stops once the norm
+    of its gradient (all levels) falls below tol and keeps its latents; `steps` in the result counts the
+    steps each image took.
     """
     latents = initial_latents(config, levels, weights, x) if init is None else list(init)
+    velocity: list[torch.Tensor | None] = [None] * len(latents)
     rates = [lr.eta for lr in step_rates(config)]
     batch = x.shape[0]
     used = torch.zeros(batch, dtype=torch.int64, device=x.device)
@@ -215,15 +220,18 @@ def infer_loop(
         if step == steps:
             break
         grads = latent_gradients(levels, weights, latents, errors)
+        if tol is not None:
+            norm = torch.sqrt(sum(g.square().flatten(1).sum(1) for g in grads))
+            active = active & (norm >= tol)
+            if not active.any():
+                break
+        moved = [solver.update(TENSOR_OPS, r, r - eta * g, v) for r, g, eta, v in zip(latents, grads, rates, velocity)]
+        velocity = [v for _, v in moved]
         if tol is None:
-            latents = [r - eta * g for r, g, eta in zip(latents, grads, rates)]
+            latents = [r for r, _ in moved]
             continue
-        norm = torch.sqrt(sum(g.square().flatten(1).sum(1) for g in grads))
-        active = active & (norm >= tol)
-        if not active.any():
-            break
         keep = active.view(-1, 1, 1, 1)
-        latents = [torch.where(keep, r - eta * g, r) for r, g, eta in zip(latents, grads, rates)]
+        latents = [torch.where(keep, new, r) for (new, _), r in zip(moved, latents)]
         used += active
     if tol is None:
         used.fill_(steps)

@@ -10,7 +10,7 @@ exported file (batch axis dynamic, everything float32):
 - output `energy`: (T + 1, batch), the energy of each image before the first step and after each step;
 - output `reconstruction`: (batch, C, H, W), f(U_1 r_1) on the input grid (module levels: overlaps averaged).
 
-The metadata (`model`, `sha256`, `steps`, `input_size`, `parameters`) says what the file computes.
+The metadata (`model`, `sha256`, `steps`, `solver`, `input_size`, `parameters`) says what the file computes.
 """
 
 from __future__ import annotations
@@ -32,6 +32,8 @@ import pcmodel
 from .cliargs import ArgumentParser, fail, model_source, output_file, positive_int, size_error
 from .engines.onnx_graph import build_graph
 from .engines.plans import make_plan
+from .model import UnstableStepError
+from .solvers import SOLVERS, Solver
 
 
 def export(
@@ -41,21 +43,25 @@ def export(
     input_hw: Sequence[int] | None = None,
     check: bool = True,
     init: bool = False,
+    solver: str | Solver | None = None,
 ) -> dict[str, Any]:
     """Write the fixed-`steps` inference of `model` at one input size to an ONNX file; returns a summary.
 
-    `init`: the file takes the starting latents as inputs `r0_1`..`r0_L`. With `check`, onnxruntime runs
+    `init`: the file takes the starting latents as inputs `r0_1`..`r0_L`. `solver`: the dynamics unrolled
+    (pcmodel.solvers; None: the model's own). With `check`, onnxruntime runs
     the file on a random batch and its latents must match the torch backend's within 1e-4 (raises
     ValueError otherwise).
     """
     hw = tuple(model.config.input_shape[1:] if input_hw is None else input_hw)
     start = time.perf_counter()
+    dynamics = model.solver(solver)
     plan = make_plan(model.config, model.params, hw, torch.float32, torch.device("cpu"))
-    graph = build_graph(plan, steps, init=init)
+    graph = build_graph(plan, steps, init=init, solver=dynamics)
     for key, value in {
         "model": model.name,
         "sha256": model.sha256,
         "steps": str(steps),
+        "solver": dynamics.label,
         "input_size": "x".join(str(v) for v in (model.config.input_shape[0], *hw)),
         # The per-level rates baked into the graph (docs/MODEL.md sections 2-3): k1 * k1_scale per level.
         "k1_per_level": ",".join(f"{model.config.k1 * lc.k1_scale:g}" for lc in model.config.levels),
@@ -72,6 +78,7 @@ def export(
         "model": model.name,
         "sha256": model.sha256,
         "steps": steps,
+        "solver": dynamics.label,
         "k1_per_level": [model.config.k1 * lc.k1_scale for lc in model.config.levels],
         "plan": plan.kind,
         "input": ["batch", model.config.input_shape[0], *hw],
@@ -82,12 +89,19 @@ def export(
         "outputs": [o.name for o in graph.graph.output],
     }
     if check:
-        summary["max_abs_difference"] = check_file(model, path, steps, hw, init=init)
+        summary["max_abs_difference"] = check_file(model, path, steps, hw, init=init, solver=dynamics)
     return summary
 
 
 def check_file(
-    model: Any, path: str | Path, steps: int, hw: Sequence[int], batch: int = 3, seed: int = 0, init: bool = False
+    model: Any,
+    path: str | Path,
+    steps: int,
+    hw: Sequence[int],
+    batch: int = 3,
+    seed: int = 0,
+    init: bool = False,
+    solver: Solver | None = None,
 ) -> float:
     """Largest |latent difference| between the ONNX file (onnxruntime) and the torch backend on random input
     (and, for a file with `r0_*` inputs, random starting latents)."""
@@ -102,7 +116,7 @@ def check_file(
         feed.update({f"r0_{i}": r.numpy() for i, r in enumerate(r0, 1)})
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     values = dict(zip([o.name for o in session.get_outputs()], session.run(None, feed)))
-    expected = model.infer(x, steps=steps, backend="torch", init=r0)
+    expected = model.infer(x, steps=steps, backend="torch", init=r0, solver=solver)
     worst = max(float(np.abs(values[f"latent_{i + 1}"] - r.numpy()).max()) for i, r in enumerate(expected.latents))
     if not worst <= 1e-4:
         raise ValueError(f"{path}: onnxruntime's latents differ from the torch backend's by {worst:.3g} (> 1e-4)")
@@ -127,6 +141,9 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="the file takes the starting latents as inputs r0_1..r0_L (default: it starts where the model says)",
     )
+    parser.add_argument(
+        "--solver", choices=SOLVERS, default=None, help="the dynamics unrolled (default: the model's; pcmodel.solvers)"
+    )
     parser.add_argument("--no-check", action="store_true", help="skip the onnxruntime-vs-torch check")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
@@ -138,9 +155,13 @@ def main(argv: list[str] | None = None) -> int:
         return fail("pc-export", f"--size {args.size[0]} {args.size[1]}: {problem}")
     steps = model.config.steps if args.steps is None else args.steps
     try:
-        summary = export(model, steps, args.output, args.size, check=not args.no_check, init=args.init_inputs)
+        summary = export(
+            model, steps, args.output, args.size, check=not args.no_check, init=args.init_inputs, solver=args.solver
+        )
     except OSError as exc:
         return fail("pc-export", f"--output {args.output}: {exc}")
+    except UnstableStepError as exc:
+        return fail("pc-export", f"--solver {args.solver}: {exc}")
     print(json.dumps(summary, indent=2))
     return 0
 

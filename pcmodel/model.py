@@ -35,6 +35,7 @@ from .images import preprocess as preprocess_images
 from .levels import Level
 from .parameters import as_params, level_weights, params_key
 from .results import InferenceResult
+from .solvers import Solver, solver_for
 
 
 @functools.lru_cache(maxsize=64)
@@ -68,6 +69,8 @@ class PCModel:
         if not all(torch.isfinite(t).all() for t in self.params.values()):
             raise ConfigError("parameters contain NaN or Inf")
         self.engines = EngineState(config)
+        self.allow_unstable = allow_unstable
+        self.gradient_bound = math.inf  # the gradient solver's bound at the native size, from the last check
         self.check_stability(allow_unstable=allow_unstable)
 
     # ---- structure -------------------------------------------------------------------------
@@ -190,12 +193,22 @@ class PCModel:
 
     # ---- inference -------------------------------------------------------------------------
 
-    def prepare(
-        self, steps: Sequence[int] | None = None, shapes: Sequence[Sequence[int]] | None = None, build: bool = True
-    ) -> None:
-        """Say which step counts and input shapes (C, H, W) or (H, W) the fast backends serve.
+    @property
+    def has_amortiser(self) -> bool:
+        """Whether the model has a learned (amortised) start, `init="amortised"`."""
+        return False  # no parameters for it yet
 
-        Replaces the prepared set (by default: the model's steps at its native shape). With `build`, the
+    def prepare(
+        self,
+        steps: Sequence[int] | None = None,
+        shapes: Sequence[Sequence[int]] | None = None,
+        build: bool = True,
+        solvers: Sequence[str | Solver] | None = None,
+    ) -> None:
+        """Say which step counts, input shapes (C, H, W) or (H, W) and solvers the fast backends serve.
+
+        Replaces the prepared set (by default: the model's steps at its native shape, with its own solver;
+        `solvers` e.g. ["nesterov", "gradient"], at most three). With `build`, the
         onnxruntime sessions are built now (CUDA graphs are captured per batch size on first use).
         Calls outside the set run on the torch backend, so memory stays bounded whatever callers ask for.
         """
@@ -204,7 +217,7 @@ class PCModel:
         full = [native] if shapes is None else [self._full_shape(s) for s in shapes]
         for shape in full:
             level_shapes(self.config, shape[1:])  # raises ConfigError for a size the hierarchy does not tile
-        self.engines.set_prepared(steps, full)
+        self.engines.set_prepared(steps, full, None if solvers is None else [self.solver(s) for s in solvers])
         if build and self.device.type == "cpu":
             self.engines.build(self.params, params_key(self.params), self.device)
 
@@ -223,12 +236,18 @@ class PCModel:
         tol: float | None = None,
         backend: str | None = None,
         init: str | Sequence[torch.Tensor] | None = None,
+        solver: str | Solver | None = None,
     ) -> InferenceResult:
-        """Settle the latents for x (B, C, H, W), already preprocessed: `steps` fixed gradient steps.
+        """Settle the latents for x (B, C, H, W), already preprocessed: `steps` fixed steps.
 
         `init`: where the latents start. None: the config's start (`initial_latents`: zeros or
         feed-forward); "zero": zeros; or a list of tensors shaped like `result.latents` (one per level,
         level 1 first, batch first: e.g. a previous result's latents, a warm start).
+
+        `solver`: the dynamics (pcmodel.solvers). None: the config's (`config.solver`); "gradient": the
+        paper's plain gradient steps; "momentum" (heavy ball) or "nesterov" with the config's momentum;
+        or a `Solver("nesterov", 0.8)`. Every solver settles to the same fixed point; a solver whose
+        largest stable step is below the model's k1 is refused (UnstableStepError).
 
         With `tol`, an image stops as soon as the norm of its gradient dE/dr (all levels) falls
         below tol; it keeps its latents and `result.steps` reports the steps it used. Images that
@@ -243,6 +262,7 @@ class PCModel:
             raise ValueError(f"steps must be >= 0, got {steps}")
         if tol is not None and not (tol >= 0 and math.isfinite(tol)):
             raise ValueError(f"tol must be a finite number >= 0, got {tol}")
+        dynamics = self.solver(solver)
         with torch.inference_mode():
             x, weights, levels = self._inputs(x)
             r0 = self._start(init, x, levels)
@@ -255,15 +275,16 @@ class PCModel:
                 tol=tol,
                 shape=tuple(x.shape[1:]),
                 key=key,
+                solver=dynamics,
             )
             if choice.backend == "loop":
-                result = infer_loop(self.config, levels, weights, x, steps, tol, init=r0)
+                result = infer_loop(self.config, levels, weights, x, steps, tol, init=r0, solver=dynamics)
                 result.reason = choice.reason
                 if tol is not None and backend in (None, "auto"):
-                    self._fixed_where_unstopped(result, x, steps, init)
+                    self._fixed_where_unstopped(result, x, steps, init, dynamics)
                 return result
             params = {k: t.to(x.dtype) for k, t in self.params.items()}
-            run = self.engines.run(choice, params, key, x, steps, r0)
+            run = self.engines.run(choice, params, key, x, steps, r0, dynamics)
             used = torch.full((x.shape[0],), steps, dtype=torch.int64, device=x.device)
             return make_result(
                 levels,
@@ -282,8 +303,8 @@ class PCModel:
         self, init: str | Sequence[torch.Tensor] | None, x: torch.Tensor, levels: Sequence[Level]
     ) -> list[torch.Tensor] | None:
         """The starting latents a call gives (None: the config's own start), checked and in x's dtype."""
-        if init is None:
-            return None
+        if init is None or (init in ("zero", "zeros") and self.config.initial_latents == "zeros"):
+            return None  # the config's own start is zeros: the programs built without r0 inputs serve it
         shapes = [(x.shape[0], *lv.geometry.latent) for lv in levels]
         if isinstance(init, str):
             if init not in ("zero", "zeros"):
@@ -299,7 +320,12 @@ class PCModel:
         return starts
 
     def _fixed_where_unstopped(
-        self, result: InferenceResult, x: torch.Tensor, steps: int, init: str | Sequence[torch.Tensor] | None
+        self,
+        result: InferenceResult,
+        x: torch.Tensor,
+        steps: int,
+        init: str | Sequence[torch.Tensor] | None,
+        solver: Solver,
     ) -> None:
         """Early stop: images that never stopped take the fixed-step result.
 
@@ -310,7 +336,7 @@ class PCModel:
         never = result.steps == steps
         if not bool(never.any()) or result.energy.shape[0] != steps + 1:
             return
-        fixed = self.infer(x, steps=steps, init=init)
+        fixed = self.infer(x, steps=steps, init=init, solver=solver)
         keep = never.view(-1, 1, 1, 1)
         result.latents = [torch.where(keep, f, r) for f, r in zip(fixed.latents, result.latents)]
         result.energy = torch.where(never[None, :], fixed.energy, result.energy)
@@ -324,8 +350,26 @@ class PCModel:
 
     # ---- stability -------------------------------------------------------------------------
 
-    def stability_bound(self, input_hw: Sequence[int] | None = None, method: str = "auto") -> float:
+    def solver(self, solver: str | Solver | None = None) -> Solver:
+        """The dynamics a call runs (`infer`'s `solver`), refused when the model's k1 is at or above its
+        largest stable step (the gradient solver's bound at the last stability check times the solver's
+        factor, pcmodel.solvers) unless the model was loaded with allow_unstable."""
+        chosen = solver_for(solver, self.config.served_solver, self.config.momentum)
+        bound = self.gradient_bound * chosen.bound_factor
+        if self.config.k1 >= bound and not self.allow_unstable:
+            raise UnstableStepError(
+                f"k1 = {self.config.k1:g} is at or above the largest stable step {bound:.4g} of solver "
+                f"{chosen.label}: inference would diverge. Use a smaller momentum or the gradient solver."
+            )
+        return chosen
+
+    def stability_bound(
+        self, input_hw: Sequence[int] | None = None, method: str = "auto", solver: str | Solver | None = None
+    ) -> float:
         """Largest stable k1 (docs/MODEL.md section 2), from the top eigenvalue of the Hessian in float64.
+
+        For `solver` (None: the config's own, pcmodel.solvers): the gradient solver's bound times the
+        solver's factor (1 + beta for heavy ball, (1 + beta) / (1 + 2 beta) for Nesterov).
 
         For linear f and a Gaussian prior E is quadratic in r with Hessian H = 2A, and the step
         r <- r - (k1/2) S H r (S: the per-level k1_scale) is stable iff k1 < 4 / lambda_max(S^1/2 H S^1/2).
@@ -369,7 +413,9 @@ class PCModel:
                 top = _lanczos(hessian_times, n, self.device)
             else:
                 top = _power_iteration(hessian_times, n, self.device)
-        return 4.0 / top
+        if input_hw is None:
+            self.gradient_bound = 4.0 / top
+        return 4.0 / top * solver_for(solver, self.config.served_solver, self.config.momentum).bound_factor
 
     def check_stability(self, allow_unstable: bool = False) -> float:
         """Raise UnstableStepError when k1 is at or above the stability bound at the native size."""
@@ -378,7 +424,8 @@ class PCModel:
             c, h, w = self.config.input_shape
             raise UnstableStepError(
                 f"k1 = {self.config.k1:g} is at or above the largest stable inference step {bound:.4g} for this "
-                f"model at its native input size {c}x{h}x{w}: inference would diverge. Lower k1 below "
+                f"model (solver {self.config.served_solver.label}) at its native input size {c}x{h}x{w}: "
+                f"inference would diverge. Lower k1 below "
                 f"{bound:.4g} (e.g. {0.8 * bound:.3g}), or pass allow_unstable=True to load it anyway."
             )
         return bound

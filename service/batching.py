@@ -1,4 +1,4 @@
-"""Adaptive batching: concurrent requests share model calls, grouped by (steps, input shape).
+"""Adaptive batching: concurrent requests share model calls, grouped by (steps, solver and start, input shape).
 
 Why our own batcher rather than BentoML's `batchable` API: a batchable method is an HTTP endpoint
 whose single argument is the list, so /encode (a multipart form) cannot be one, and reaching it
@@ -7,8 +7,8 @@ tensor). Its dispatcher also cancels requests with 503 when its latency estimate
 `max_latency_ms`, and it cannot group by steps or shape or split a tiled image across batches.
 
 How it works: each request submits a job, a block of rows (one image, or the tiles of one image)
-of one input shape and one step count. A single task on the event loop takes the oldest job's key
-(steps, shape) and gathers rows of queued jobs with that key, oldest first, up to
+of one input shape, one step count and one solver and start. A single task on the event loop takes the
+oldest job's key (steps, solver and start, shape) and gathers rows of queued jobs with that key, oldest first, up to
 `max_batch_size` rows (a large job is split across batches), then runs `model.infer` on a
 dedicated thread. While the model runs, new requests queue, so the next batch is as large as the
 load: one client pays no waiting, many clients get large batches. No request is cancelled by a
@@ -24,7 +24,7 @@ import collections
 import dataclasses
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -59,6 +59,7 @@ class _Job:
     x: torch.Tensor  # (n, C, H, W) on the model's device
     steps: int
     future: asyncio.Future[Settled]
+    how: Hashable = None  # what else a model call needs to share (the host's solver and start)
     submitted: float = field(default_factory=time.perf_counter)
     started: float | None = None  # when its first rows went into a model call
     next_row: int = 0  # rows before this one have been handed to a batch
@@ -67,19 +68,19 @@ class _Job:
     weight: int = 1  # queue units per row: ceil(pixels of a row / the native size's pixels)
 
     @property
-    def key(self) -> tuple[int, tuple[int, ...]]:
-        return self.steps, tuple(self.x.shape[1:])
+    def key(self) -> tuple[int, Hashable, tuple[int, ...]]:
+        return self.steps, self.how, tuple(self.x.shape[1:])
 
     @property
     def rows(self) -> int:
         return self.x.shape[0]
 
 
-InferFn = Callable[[torch.Tensor, int], Settled]
+InferFn = Callable[[torch.Tensor, int, Hashable], Settled]
 
 
 class Batcher:
-    """Runs `infer(x, steps)` on batches gathered from concurrent `submit` calls (see module doc)."""
+    """Runs `infer(x, steps, how)` on batches gathered from concurrent `submit` calls (see module doc)."""
 
     def __init__(
         self,
@@ -105,8 +106,9 @@ class Batcher:
         # One thread: one model call at a time per process; torch uses its own threads inside it.
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pc-infer", initializer=thread_init)
 
-    async def submit(self, x: torch.Tensor, steps: int) -> Settled:
-        """Queue the rows of x (n, C, H, W) for `steps` inference steps; returns their results.
+    async def submit(self, x: torch.Tensor, steps: int, how: Hashable = None) -> Settled:
+        """Queue the rows of x (n, C, H, W) for `steps` inference steps; returns their results. Rows batch
+        with rows of the same steps, `how` (anything else the call shares) and shape.
 
         The job weighs rows x ceil(H W / unit_pixels) queue units, at most max_queue (so one image
         larger than the whole queue still runs, alone).
@@ -121,7 +123,7 @@ class Batcher:
                 f"{self.max_queue} native-size units); retry in a moment"
             )
         self._ensure_running()
-        job = _Job(x=x, steps=steps, future=asyncio.get_running_loop().create_future(), weight=weight)
+        job = _Job(x=x, steps=steps, future=asyncio.get_running_loop().create_future(), weight=weight, how=how)
         self._queue.append(job)
         self._queued += cost
         self._queued_rows += job.rows
@@ -154,8 +156,8 @@ class Batcher:
             self._wakeup = asyncio.Event()
             self._task = loop.create_task(self._run(), name="pc-batcher")
 
-    def _gather(self) -> tuple[int, list[tuple[_Job, int, int]]]:
-        """Rows for the next batch: (steps, [(job, first row, end row)]) sharing the oldest job's key."""
+    def _gather(self) -> tuple[tuple, list[tuple[_Job, int, int]]]:
+        """Rows for the next batch: (key, [(job, first row, end row)]) sharing the oldest job's key."""
         key = self._queue[0].key
         chunks: list[tuple[_Job, int, int]] = []
         room = self.max_batch_size
@@ -173,7 +175,7 @@ class Batcher:
                 self._queue.remove(job)
         self._queued_rows -= sum(end - start for _, start, end in chunks)
         self._queued = max(0, self._queued - sum((end - start) * job.weight for job, start, end in chunks))
-        return key[0], chunks
+        return key, chunks
 
     async def _run(self) -> None:
         while True:
@@ -195,7 +197,7 @@ class Batcher:
                 self._queued = 0
 
     async def _run_batch(self) -> None:
-        steps, chunks = self._gather()
+        (steps, how, _), chunks = self._gather()
         live = [(job, a, b) for job, a, b in chunks if not job.future.done()]  # skip cancelled requests
         if not live:
             return
@@ -204,7 +206,7 @@ class Batcher:
         for job, _, _ in live:
             job.started = start if job.started is None else job.started
         try:
-            result = await asyncio.get_running_loop().run_in_executor(self._executor, self._infer, x, steps)
+            result = await asyncio.get_running_loop().run_in_executor(self._executor, self._infer, x, steps, how)
         except Exception as exc:  # the model failed on this batch: every job in it gets the error
             logger.exception("inference failed on a batch of %d", x.shape[0])
             for job, _, _ in live:

@@ -54,6 +54,8 @@ class Encoding:
     tile_grid: dict[str, Any] | None = None
     padded: list[int] | None = None  # full mode: [top, bottom, left, right] around the scaled image
     timing: dict[str, float] = field(default_factory=dict)  # /encode's Server-Timing: queue, model, total (ms)
+    solver: str = ""  # the dynamics that ran, e.g. "gradient" (the paper's) or "nesterov(0.7)"
+    init: str = ""  # where inference started: zero, amortised, feedforward
     raw: dict[str, Any] = field(default_factory=dict, repr=False)  # the JSON as received
 
 
@@ -86,6 +88,8 @@ def parse_encoding(data: dict[str, Any]) -> Encoding:
         level_errors=[decode_array(a) for a in data.get("level_errors", [])],
         tile_grid=data.get("tile_grid"),
         padded=data.get("padded"),
+        solver=data.get("solver", ""),
+        init=data.get("init", ""),
         raw=data,
     )
     for name in ("input", "reconstruction", "error_map"):
@@ -144,14 +148,16 @@ class EncoderClient:
         size_mode: str | None = None,
         outputs: Sequence[str] | None = None,
         arrays: str | None = None,
+        solver: str | None = None,
+        init: str | None = None,
     ) -> Encoding:
         """Encode one image (a path, bytes, a PIL image or a uint8 array). Raises ServiceError on 4xx/5xx.
 
         size_mode: resize, tile or full; outputs: a subset of latents, reconstruction, error_map, input, trace,
-        level_errors; arrays: float32, float16 or none (the service's defaults where None)."""
-        response = self._http.post(
-            "/encode", files={"image": _file(image, "image.png")}, data=_options(steps, size_mode, outputs, arrays)
-        )
+        level_errors; arrays: float32, float16 or none; solver: gradient (the paper's dynamics), momentum or
+        nesterov; init: zero or amortised (the service's defaults where None)."""
+        options = _options(steps, size_mode, outputs, arrays, solver, init)
+        response = self._http.post("/encode", files={"image": _file(image, "image.png")}, data=options)
         result = parse_encoding(_json(response))
         result.timing = server_timing(response.headers.get("server-timing", ""))
         return result
@@ -163,10 +169,13 @@ class EncoderClient:
         size_mode: str | None = None,
         outputs: Sequence[str] | None = None,
         arrays: str | None = None,
+        solver: str | None = None,
+        init: str | None = None,
     ) -> list[Encoding | ServiceError]:
         """Encode several images in one request; a refused image comes back as its ServiceError."""
         files = [("images", _file(image, f"image{i}.png")) for i, image in enumerate(images)]
-        response = self._http.post("/encode_batch", files=files, data=_options(steps, size_mode, outputs, arrays))
+        options = _options(steps, size_mode, outputs, arrays, solver, init)
+        response = self._http.post("/encode_batch", files=files, data=options)
         return [
             ServiceError(item["status"], item["error"], item.get("reason")) if "error" in item else parse_encoding(item)
             for item in _json(response)["results"]
@@ -184,9 +193,18 @@ class EncoderClient:
 
 
 def _options(
-    steps: int | None, size_mode: str | None, outputs: Sequence[str] | None, arrays: str | None
+    steps: int | None,
+    size_mode: str | None,
+    outputs: Sequence[str] | None,
+    arrays: str | None,
+    solver: str | None = None,
+    init: str | None = None,
 ) -> dict[str, str]:
     data = {}
+    if solver is not None:
+        data["solver"] = solver
+    if init is not None:
+        data["init"] = init
     if steps is not None:
         data["steps"] = str(steps)
     if size_mode is not None:

@@ -20,13 +20,15 @@ import numpy as np
 import torch
 
 import pcmodel
+from pcmodel import SOLVERS, UnstableStepError
 from pcmodel.config import has_whole_map_level
 from pcmodel.engines import MAX_PREPARED_SHAPES
 from pcmodel.images import FULL_BUCKETS, full_buckets, tile_stride
 
 from . import metrics
 from .batching import Batcher, Settled
-from .options import ARRAYS, DEFAULT_OUTPUTS, OUTPUTS, SIZE_MODES
+from .errors import RequestError
+from .options import ARRAYS, DEFAULT_OUTPUTS, INITS, OUTPUTS, SIZE_MODES
 from .png import png_bytes
 from .settings import Settings
 
@@ -81,6 +83,7 @@ class ModelHost:
         self.buckets = full_buckets(self.config, settings.full_max_side) if full else []
         self.size_modes = [m for m in SIZE_MODES if m != "full" or full]
         self.full_bound: float | None = None  # the stability bound at the largest bucket, once checked
+        self.inits = [i for i in INITS if i != "amortised" or self.model.has_amortiser]
         self.backends = self._warm_up()
         self.backend = self.backends[self.config.steps]
         self.batcher = Batcher(
@@ -167,9 +170,10 @@ class ModelHost:
                 self.model.infer(x[:1, :, :1, :1].expand(1, c, bh, bw).contiguous(), steps=steps)
         return backends
 
-    def _infer(self, x: torch.Tensor, steps: int) -> Settled:
-        """Runs on the batcher's thread: one model call, results moved to the CPU."""
-        result = self.model.infer(x, steps=steps)
+    def _infer(self, x: torch.Tensor, steps: int, how: tuple[str | None, str | None] | None = None) -> Settled:
+        """Runs on the batcher's thread: one model call, results moved to the CPU. `how`: (solver, init)."""
+        solver, init = how or (None, None)
+        result = self.model.infer(x, steps=steps, solver=solver, init=init)
         return Settled(
             latents=[r.to("cpu") for r in result.latents],
             errors=[e.to("cpu") for e in result.errors],
@@ -179,9 +183,29 @@ class ModelHost:
             backend=result.backend,
         )
 
-    async def infer(self, rows: torch.Tensor, steps: int) -> Settled:
-        """Settle the latents of rows (n, C, H, W) for `steps` steps, batched with other requests."""
-        return await self.batcher.submit(rows.to(self.device), steps)
+    async def infer(
+        self, rows: torch.Tensor, steps: int, solver: str | None = None, init: str | None = None
+    ) -> Settled:
+        """Settle the latents of rows (n, C, H, W) for `steps` steps, batched with other requests that ask
+        for the same steps, solver and start (None: the model's own)."""
+        self.check_dynamics(solver, init)
+        return await self.batcher.submit(rows.to(self.device), steps, (solver, init))
+
+    def check_dynamics(self, solver: str | None, init: str | None) -> None:
+        """A 422 for a solver this model's step size makes unstable, or a start it does not have."""
+        try:
+            self.model.solver(solver)
+        except (ValueError, UnstableStepError) as exc:
+            raise RequestError(422, "bad_parameter", f"solver={solver}: {exc}") from None
+        if init == "amortised" and not self.model.has_amortiser:
+            raise RequestError(
+                422, "bad_parameter", f"init=amortised: {self.config.name} has no amortised start (use init=zero)"
+            )
+
+    def dynamics(self, solver: str | None, init: str | None) -> dict:
+        """Which solver and start a request ran with (its options resolved against the model's own)."""
+        start = init or {"zeros": "zero"}.get(self.config.initial_latents, self.config.initial_latents)
+        return {"solver": self.model.solver(solver).label, "init": start}
 
     def card(self) -> dict:
         """GET /model: what this service runs and accepts."""
@@ -210,6 +234,8 @@ class ModelHost:
                     "stability_bound": self.full_bound,
                 },
             },
+            "solver": {"default": self.model.solver().label, "choices": list(SOLVERS)},
+            "init": {"default": self.dynamics(None, None)["init"], "choices": self.inits},
             "outputs": {"default": list(DEFAULT_OUTPUTS), "choices": list(OUTPUTS)},
             "arrays": {"default": "float32", "choices": list(ARRAYS)},
             "limits": {

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from pcmodel import ModelConfig
+from pcmodel import SOLVERS, ModelConfig
 from pcmodel.config import has_whole_map_level
 
 from .errors import RequestError
@@ -15,7 +15,8 @@ SIZE_MODES = ("resize", "tile", "full")
 OUTPUTS = ("latents", "reconstruction", "error_map", "input", "trace", "level_errors")
 DEFAULT_OUTPUTS = ("latents", "reconstruction", "error_map", "input")
 ARRAYS = ("float32", "float16", "none")
-OPTION_FIELDS = ("steps", "size_mode", "outputs", "arrays")
+OPTION_FIELDS = ("steps", "size_mode", "outputs", "arrays", "solver", "init")
+INITS = ("zero", "amortised")  # where inference starts when a request names it (pcmodel's model.infer `init`)
 
 
 @dataclass(frozen=True)
@@ -27,6 +28,8 @@ class EncodeOptions:
     outputs: tuple[str, ...]
     arrays: str = "float32"  # float32 | float16 | none: the dtype of the maps' arrays (none: PNGs only)
     full_max_side: int = 256  # full mode: the longer side an image is scaled down to (PC_FULL_MAX_SIDE)
+    solver: str | None = None  # the dynamics (pcmodel.solvers); None: the model's own
+    init: str | None = None  # zero | amortised; None: the model's own start
 
 
 def read_request(
@@ -70,8 +73,8 @@ def _text(part: Part) -> str:
 
 
 def parse_options(values: dict[str, str], config: ModelConfig, settings: Settings) -> EncodeOptions:
-    """steps (1..max_steps), size_mode (resize|tile|full), outputs (a comma-separated subset) and arrays
-    (float32|float16|none) from text."""
+    """steps (1..max_steps), size_mode (resize|tile|full), outputs (a comma-separated subset), arrays
+    (float32|float16|none), solver (gradient|momentum|nesterov) and init (zero|amortised) from text."""
     steps = config.steps
     if "steps" in values:
         text = values["steps"]
@@ -110,6 +113,18 @@ def parse_options(values: dict[str, str], config: ModelConfig, settings: Setting
     arrays = values.get("arrays", "float32")
     if arrays not in ARRAYS:
         raise RequestError(422, "bad_parameter", f"arrays must be one of {', '.join(ARRAYS)}, got {arrays[:40]!r}")
+    solver = values.get("solver")
+    if solver is not None and solver not in SOLVERS:
+        raise RequestError(422, "bad_parameter", f"solver must be one of {', '.join(SOLVERS)}, got {solver[:40]!r}")
+    init = values.get("init")
+    if init is not None and init not in INITS:
+        raise RequestError(422, "bad_parameter", f"init must be one of {', '.join(INITS)}, got {init[:40]!r}")
     return EncodeOptions(
-        steps=steps, size_mode=size_mode, outputs=outputs, arrays=arrays, full_max_side=settings.full_max_side
+        steps=steps,
+        size_mode=size_mode,
+        outputs=outputs,
+        arrays=arrays,
+        full_max_side=settings.full_max_side,
+        solver=solver,
+        init=init,
     )

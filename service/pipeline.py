@@ -77,9 +77,10 @@ class Pipeline:
             prepared = await run(small, prepare, planned, options, config)
         return Decoded(prepared, small)
 
-    async def settle(self, rows: torch.Tensor, steps: int) -> Settled:
-        """Rows (n, C, H, W) through the shared batcher, as one encoded image (counted); NotFinite if it diverged."""
-        settled = await self.host.infer(rows, steps)
+    async def settle(self, rows: torch.Tensor, options: EncodeOptions) -> Settled:
+        """Rows (n, C, H, W) through the shared batcher with the options' steps, solver and start, as one
+        encoded image (counted); NotFinite if it diverged."""
+        settled = await self.host.infer(rows, options.steps, options.solver, options.init)
         check_finite(settled)
         metrics.IMAGES.inc()
         metrics.INFERENCE_ITERATIONS.observe(int(settled.steps.max()))

@@ -127,9 +127,10 @@ class PCEncoder:
 
     async def _encode(self, part: Part, options: EncodeOptions) -> tuple[dict, Settled, bool]:
         decoded = await self.pipeline.decode(part, options)
-        settled = await self.pipeline.settle(decoded.prepared.rows, options.steps)
+        settled = await self.pipeline.settle(decoded.prepared.rows, options)
         host = self.host
         result = await run(decoded.small, encode_result, decoded.prepared, settled, options, host.ref, host.config)
+        result.update(host.dynamics(options.solver, options.init))
         return result, settled, decoded.small
 
     async def _encode_item(self, part: Part, options: EncodeOptions) -> dict:

@@ -10,8 +10,8 @@ Inputs, one per request:
   does, with its limits and reasons (in REST's JSON `data`, each file base64-encoded: images are not text).
 - `x`, FP32 [N, C, H, W]: rows already preprocessed, at the native size (or a full-mode size).
 
-Parameters: `steps`, `size_mode` (and every other option /encode's form takes but `outputs` and `arrays`),
-parsed by service.options as /encode's fields are. Outputs (only those asked for are computed and sent;
+Parameters: `steps`, `size_mode`, `solver`, `init` (every option /encode's form takes but `outputs` and
+`arrays`), parsed by service.options as /encode's fields are. Outputs (only those asked for are computed and sent;
 none asked for: all but `trace`): latent_1..latent_L, reconstruction, error_map, input, energy
 FP32 [N, 2] (before and after), trace FP32 [N, steps + 1]. Every output's first axis is the image; an
 image's arrays are /encode's, bit for bit (service.responses.image_arrays), so in tile mode a latent is
@@ -231,7 +231,7 @@ async def infer(
             f"these {len(images)} images give arrays of different shapes in size_mode={options.size_mode} (their "
             "sizes differ); send them in separate requests, or use size_mode=resize"
         )
-    settled = await asyncio.gather(*(pipeline.settle(p.rows, options.steps) for p in images))
+    settled = await asyncio.gather(*(pipeline.settle(p.rows, options) for p in images))
     arrays = [image_arrays(p, s, options.outputs) for p, s in zip(images, settled)]
     out = []
     for name in wanted:

@@ -14,6 +14,7 @@ from typing import Protocol
 import torch
 
 from ..results import EngineRun
+from ..solvers import GRADIENT, Solver
 from .plans import Plan
 
 
@@ -22,13 +23,23 @@ class Backend(Protocol):
 
     name: str
 
-    def prepare(self, plan: Plan, steps: int, shape: tuple[int, ...], key: tuple) -> None:
-        """Build (or refresh) what `run` needs for these steps and input shape, for parameters `key`."""
+    def prepare(
+        self, plan: Plan, steps: int, shape: tuple[int, ...], key: tuple, init: bool = False, solver: Solver = GRADIENT
+    ) -> None:
+        """Build (or refresh) what `run` needs for these steps, input shape, start (`init`: r0 given) and
+        solver, for parameters `key`."""
 
     def run(
-        self, plan: Plan, x: torch.Tensor, steps: int, key: tuple, r0: Sequence[torch.Tensor] | None = None
+        self,
+        plan: Plan,
+        x: torch.Tensor,
+        steps: int,
+        key: tuple,
+        r0: Sequence[torch.Tensor] | None = None,
+        solver: Solver = GRADIENT,
     ) -> EngineRun:
-        """The fixed-step inference of x (B, C, H, W) on this backend, from r0 (or the config's start)."""
+        """The fixed-step inference of x (B, C, H, W) on this backend, from r0 (or the config's start),
+        each plain step moved by `solver` (pcmodel.solvers)."""
 
 
 def always() -> bool:

@@ -13,6 +13,7 @@ from collections.abc import Sequence
 import torch
 
 from ..results import EngineRun, join, rows
+from ..solvers import GRADIENT, Solver
 from .base import BackendSpec
 from .plans import Plan
 from .torch_engine import TorchBackend
@@ -30,7 +31,14 @@ class CudaGraphProgram:
     """
 
     def __init__(
-        self, plan: Plan, steps: int, bucket: int, input_shape: Sequence[int], precision: str, init: bool = False
+        self,
+        plan: Plan,
+        steps: int,
+        bucket: int,
+        input_shape: Sequence[int],
+        precision: str,
+        init: bool = False,
+        solver: Solver = GRADIENT,
     ) -> None:
         if precision not in CUDA_PRECISIONS:
             raise ValueError(f"unknown CUDA precision {precision!r}; choose one of {', '.join(CUDA_PRECISIONS)}")
@@ -45,11 +53,13 @@ class CudaGraphProgram:
             side.wait_stream(torch.cuda.current_stream(device))
             with torch.cuda.stream(side):  # warm-up: library handles and autotuning happen outside the capture
                 for _ in range(2):
-                    TorchBackend().run(plan, self.static_x, steps, r0=self.static_r0, operand=operand)
+                    TorchBackend().run(plan, self.static_x, steps, r0=self.static_r0, operand=operand, solver=solver)
             torch.cuda.current_stream(device).wait_stream(side)
             self.graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(self.graph):
-                self.out = TorchBackend().run(plan, self.static_x, steps, r0=self.static_r0, operand=operand)
+                self.out = TorchBackend().run(
+                    plan, self.static_x, steps, r0=self.static_r0, operand=operand, solver=solver
+                )
         torch.cuda.synchronize(device)
 
     def refresh(self, plan: Plan) -> None:
@@ -97,7 +107,7 @@ def cuda_bucket(batch: int) -> int:
 
 
 class CudaGraphBackend:
-    """Captured programs by (steps, input shape, bucket, precision), each with its weights key."""
+    """Captured programs by (steps, input shape, bucket, precision, r0 or not, solver), each with its weights key."""
 
     name = "cuda-graph"
 
@@ -106,29 +116,42 @@ class CudaGraphBackend:
         self.programs: dict[tuple, tuple[tuple, CudaGraphProgram]] = {}
         self.prepare_seconds: dict[str, float] = {}
 
-    def prepare(self, plan: Plan, steps: int, shape: tuple[int, ...], key: tuple) -> None:
+    def prepare(
+        self, plan: Plan, steps: int, shape: tuple[int, ...], key: tuple, init: bool = False, solver: Solver = GRADIENT
+    ) -> None:
         """Capture lazily, per batch bucket, on first use (a capture needs the batch size)."""
 
     def run(
-        self, plan: Plan, x: torch.Tensor, steps: int, key: tuple, r0: Sequence[torch.Tensor] | None = None
+        self,
+        plan: Plan,
+        x: torch.Tensor,
+        steps: int,
+        key: tuple,
+        r0: Sequence[torch.Tensor] | None = None,
+        solver: Solver = GRADIENT,
     ) -> EngineRun:
         largest = CUDA_BUCKETS[-1]
         if x.shape[0] > largest:  # split into the largest bucket; images are independent
             return join(
                 [
                     self.run(
-                        plan, x[a : a + largest], steps, key, None if r0 is None else [r[a : a + largest] for r in r0]
+                        plan,
+                        x[a : a + largest],
+                        steps,
+                        key,
+                        None if r0 is None else [r[a : a + largest] for r in r0],
+                        solver,
                     )
                     for a in range(0, x.shape[0], largest)
                 ]
             )
         bucket = cuda_bucket(x.shape[0])
         shape = tuple(x.shape[1:])
-        index = (steps, shape, bucket, self.precision, r0 is not None)
+        index = (steps, shape, bucket, self.precision, r0 is not None, solver)
         cached = self.programs.get(index)
         if cached is None:
             start = time.perf_counter()
-            program = CudaGraphProgram(plan, steps, bucket, shape, self.precision, init=r0 is not None)
+            program = CudaGraphProgram(plan, steps, bucket, shape, self.precision, init=r0 is not None, solver=solver)
             self.prepare_seconds[f"cuda-graph T={steps} B={bucket} {'x'.join(map(str, shape))}"] = (
                 time.perf_counter() - start
             )

@@ -207,17 +207,26 @@ def vsum(typingctx, v):  # type: ignore[no-untyped-def]
 
 
 @jit
-def _finish(s, c, q, z, following, b, j, n, acc, step):  # pragma: no cover - compiled
-    """Row b, columns j..j+15 of a step from its product acc: z = c + acc, and with `step` the next state."""
+def _finish(s, c, q, z, following, b, j, n, acc, step, vel, beta, mode):  # pragma: no cover - compiled
+    """Row b, columns j..j+15 of a step from its product acc: z = c + acc, and with `step` the next state:
+    the plain step's u (mode 0), or u moved by the solver (pcmodel.solvers.Solver.update: d = u - s,
+    v = beta v + d; mode 1 heavy ball s + v, mode 2 Nesterov u + beta v), v kept in `vel` (rows like s)."""
     o = b * n + j
     drive, nxt = vstep(vload(c, o), acc, vload(s, o), vload(q, j))
     vstore(z, o, drive)
     if step:
-        vstore(following, o, nxt)
+        if mode == 0:
+            vstore(following, o, nxt)
+        else:
+            sv = vload(s, o)
+            bv = vload(beta, 0)
+            v = vfmav(bv, vload(vel, o), vsub(nxt, sv))
+            vstore(vel, o, v)
+            vstore(following, o, vadd(sv, v) if mode == 1 else vfmav(bv, v, nxt))
 
 
 @jit
-def _rows8(s, m, c, q, z, following, b, j, step):  # pragma: no cover - compiled
+def _rows8(s, m, c, q, z, following, b, j, step, vel, beta, mode):  # pragma: no cover - compiled
     """Rows b..b+7, columns j..j+31 of one step, the 16 blocks of the product held in registers over all k.
 
     Each element is fma(s[r, k], m[k, j'], acc) for k = 0, 1, ... from acc = 0, exactly as in `_row64` and
@@ -267,26 +276,26 @@ def _rows8(s, m, c, q, z, following, b, j, step):  # pragma: no cover - compiled
         x = s[b + 7, k]
         a70 = vfma(x, m0, a70)
         a71 = vfma(x, m1, a71)
-    _finish(s, c, q, z, following, b, j, n, a00, step)
-    _finish(s, c, q, z, following, b, j + W, n, a01, step)
-    _finish(s, c, q, z, following, b + 1, j, n, a10, step)
-    _finish(s, c, q, z, following, b + 1, j + W, n, a11, step)
-    _finish(s, c, q, z, following, b + 2, j, n, a20, step)
-    _finish(s, c, q, z, following, b + 2, j + W, n, a21, step)
-    _finish(s, c, q, z, following, b + 3, j, n, a30, step)
-    _finish(s, c, q, z, following, b + 3, j + W, n, a31, step)
-    _finish(s, c, q, z, following, b + 4, j, n, a40, step)
-    _finish(s, c, q, z, following, b + 4, j + W, n, a41, step)
-    _finish(s, c, q, z, following, b + 5, j, n, a50, step)
-    _finish(s, c, q, z, following, b + 5, j + W, n, a51, step)
-    _finish(s, c, q, z, following, b + 6, j, n, a60, step)
-    _finish(s, c, q, z, following, b + 6, j + W, n, a61, step)
-    _finish(s, c, q, z, following, b + 7, j, n, a70, step)
-    _finish(s, c, q, z, following, b + 7, j + W, n, a71, step)
+    _finish(s, c, q, z, following, b, j, n, a00, step, vel, beta, mode)
+    _finish(s, c, q, z, following, b, j + W, n, a01, step, vel, beta, mode)
+    _finish(s, c, q, z, following, b + 1, j, n, a10, step, vel, beta, mode)
+    _finish(s, c, q, z, following, b + 1, j + W, n, a11, step, vel, beta, mode)
+    _finish(s, c, q, z, following, b + 2, j, n, a20, step, vel, beta, mode)
+    _finish(s, c, q, z, following, b + 2, j + W, n, a21, step, vel, beta, mode)
+    _finish(s, c, q, z, following, b + 3, j, n, a30, step, vel, beta, mode)
+    _finish(s, c, q, z, following, b + 3, j + W, n, a31, step, vel, beta, mode)
+    _finish(s, c, q, z, following, b + 4, j, n, a40, step, vel, beta, mode)
+    _finish(s, c, q, z, following, b + 4, j + W, n, a41, step, vel, beta, mode)
+    _finish(s, c, q, z, following, b + 5, j, n, a50, step, vel, beta, mode)
+    _finish(s, c, q, z, following, b + 5, j + W, n, a51, step, vel, beta, mode)
+    _finish(s, c, q, z, following, b + 6, j, n, a60, step, vel, beta, mode)
+    _finish(s, c, q, z, following, b + 6, j + W, n, a61, step, vel, beta, mode)
+    _finish(s, c, q, z, following, b + 7, j, n, a70, step, vel, beta, mode)
+    _finish(s, c, q, z, following, b + 7, j + W, n, a71, step, vel, beta, mode)
 
 
 @jit
-def _row64(s, m, c, q, z, following, b, j, step):  # pragma: no cover - compiled
+def _row64(s, m, c, q, z, following, b, j, step, vel, beta, mode):  # pragma: no cover - compiled
     """Row b, columns j..j+63 of one step (each element as in `_rows8`)."""
     n = m.shape[1]
     a0 = vzero()
@@ -300,14 +309,14 @@ def _row64(s, m, c, q, z, following, b, j, step):  # pragma: no cover - compiled
         a1 = vfma(x, vload(m, o + W), a1)
         a2 = vfma(x, vload(m, o + 2 * W), a2)
         a3 = vfma(x, vload(m, o + 3 * W), a3)
-    _finish(s, c, q, z, following, b, j, n, a0, step)
-    _finish(s, c, q, z, following, b, j + W, n, a1, step)
-    _finish(s, c, q, z, following, b, j + 2 * W, n, a2, step)
-    _finish(s, c, q, z, following, b, j + 3 * W, n, a3, step)
+    _finish(s, c, q, z, following, b, j, n, a0, step, vel, beta, mode)
+    _finish(s, c, q, z, following, b, j + W, n, a1, step, vel, beta, mode)
+    _finish(s, c, q, z, following, b, j + 2 * W, n, a2, step, vel, beta, mode)
+    _finish(s, c, q, z, following, b, j + 3 * W, n, a3, step, vel, beta, mode)
 
 
 @jit
-def _row32(s, m, c, q, z, following, b, j, step):  # pragma: no cover - compiled
+def _row32(s, m, c, q, z, following, b, j, step, vel, beta, mode):  # pragma: no cover - compiled
     """Row b, columns j..j+31 of one step (each element as in `_rows8`)."""
     n = m.shape[1]
     a0 = vzero()
@@ -317,16 +326,17 @@ def _row32(s, m, c, q, z, following, b, j, step):  # pragma: no cover - compiled
         o = k * n + j
         a0 = vfma(x, vload(m, o), a0)
         a1 = vfma(x, vload(m, o + W), a1)
-    _finish(s, c, q, z, following, b, j, n, a0, step)
-    _finish(s, c, q, z, following, b, j + W, n, a1, step)
+    _finish(s, c, q, z, following, b, j, n, a0, step, vel, beta, mode)
+    _finish(s, c, q, z, following, b, j + W, n, a1, step, vel, beta, mode)
 
 
 @jit
-def steps_rows(m, c, qinv, count, last, states, drives, lo, hi):  # pragma: no cover - compiled
+def steps_rows(m, c, qinv, count, last, states, drives, vel, beta, mode, lo, hi):  # pragma: no cover - compiled
     """`count` steps of the recurrence for rows lo..hi-1 from states[0]: drives[t] = c + states[t] M, then
     states[t + 1] = drives[t] - states[t] / (qinv + states[t]^2); with `last` the final drive is step T's
-    and no state follows it. m (k, n): k the latents, n their count padded to a multiple of BLOCK with zero
-    columns (c, qinv, states and drives padded alike: c 0, qinv inf, so the padding stays 0).
+    and no state follows it; `mode`, `vel` and `beta` (16 copies of beta): the solver (`_finish`).
+    m (k, n): k the latents, n their count padded to a multiple of BLOCK with zero columns (c, qinv, states
+    and drives padded alike: c 0, qinv inf, so the padding stays 0).
 
     Rows in blocks of eight (`_rows8`), the rest one by one (`_row64`, `_row32`): the same bits either way.
     """
@@ -338,15 +348,15 @@ def steps_rows(m, c, qinv, count, last, states, drives, lo, hi):  # pragma: no c
         b = lo
         while b + 8 <= hi:
             for j in range(0, n, BLOCK):
-                _rows8(s, m, c, qinv, z, following, b, j, step)
+                _rows8(s, m, c, qinv, z, following, b, j, step, vel, beta, mode)
             b += 8
         while b < hi:
             j = 0
             while j + 2 * BLOCK <= n:
-                _row64(s, m, c, qinv, z, following, b, j, step)
+                _row64(s, m, c, qinv, z, following, b, j, step, vel, beta, mode)
                 j += 2 * BLOCK
             if j < n:
-                _row32(s, m, c, qinv, z, following, b, j, step)
+                _row32(s, m, c, qinv, z, following, b, j, step, vel, beta, mode)
             b += 1
 
 

@@ -41,6 +41,7 @@ import numpy as np
 import torch
 
 from ..results import EngineRun
+from ..solvers import GRADIENT, Solver
 from .base import BackendSpec
 from .plans import Plan, QuadraticPlan
 
@@ -100,7 +101,13 @@ def chunk_steps(batch: int, n: int) -> int:
 
 
 def quadratic_steps(
-    step: np.ndarray, c: np.ndarray, s0: np.ndarray | None, qinv: np.ndarray, steps: int, threads: int = 1
+    step: np.ndarray,
+    c: np.ndarray,
+    s0: np.ndarray | None,
+    qinv: np.ndarray,
+    steps: int,
+    threads: int = 1,
+    solver: Solver = GRADIENT,
 ) -> tuple[np.ndarray, np.ndarray]:
     """`steps` steps of the recurrence: (states (T+1, B, n), drives (T+1, B, n)); s0 None starts at zeros.
 
@@ -113,8 +120,14 @@ def quadratic_steps(
     drives = np.empty((steps + 1, batch, m.shape[1]), dtype=m.dtype)
     if s0 is not None:
         states[0, :, :n] = s0
-    _parallel(_kernels()[1], batch, threads, m, cp, qp, steps + 1, True, states, drives, align=8)
+    moves = _solver_args(solver, batch, m.shape[1], m.dtype)
+    _parallel(_kernels()[1], batch, threads, m, cp, qp, steps + 1, True, states, drives, *moves, align=8)
     return states[..., :n], drives[..., :n]
+
+
+def _solver_args(solver: Solver, batch: int, width: int, dtype: np.dtype) -> tuple[np.ndarray, np.ndarray, int]:
+    """The step kernel's solver arguments: the velocity (zeros, rows like the states), beta in 16 lanes, the mode."""
+    return np.zeros((batch, width), dtype=dtype), np.full(16, solver.momentum, dtype=dtype), solver.kernel_mode
 
 
 def padded(n: int) -> int:
@@ -143,6 +156,7 @@ def settle(
     base: np.ndarray,
     steps: int,
     threads: int,
+    solver: Solver = GRADIENT,
 ) -> tuple[np.ndarray, np.ndarray]:
     """The recurrence's T steps and the energy of each: (s_T (B, n), energy (T+1, B)).
 
@@ -163,7 +177,7 @@ def settle(
     energy = np.empty((steps + 1, batch), dtype=dtype)
     if s0 is not None:
         states[0, :, :n] = s0
-    buffers = (cp, base, states, drives, logs, energy, steps, chunk)
+    buffers = (cp, base, states, drives, logs, energy, steps, chunk, _solver_args(solver, batch, width, dtype))
     _parallel(_settle_rows, batch, threads, p, *buffers, align=8)
     return states[(steps + 1 - 1) % chunk, :, :n].copy(), energy
 
@@ -178,6 +192,7 @@ def _settle_rows(
     energy: np.ndarray,
     steps: int,
     chunk: int,
+    moves: tuple[np.ndarray, np.ndarray, int],
     lo: int,
     hi: int,
 ) -> None:
@@ -188,7 +203,7 @@ def _settle_rows(
     for t0 in range(0, steps + 1, chunk):
         count = min(chunk, steps + 1 - t0)
         last = t0 + count == steps + 1
-        step_kernel(p["step"], c, p["qinv"], count, last, states, drives, lo, hi)
+        step_kernel(p["step"], c, p["qinv"], count, last, states, drives, *moves, lo, hi)
         if p["has_cauchy"]:  # log(1 + (s scale)^2), numpy's elementwise log1p (one code path for every entry)
             part = logs[:count, rows]
             np.multiply(np.square(states[:count, rows], out=part), p["scale2"], out=part)
@@ -253,6 +268,7 @@ def run(
     threads: int,
     t: dict | None = None,
     r0: Sequence[torch.Tensor] | None = None,
+    solver: Solver = GRADIENT,
 ) -> EngineRun:
     """The quadratic program (latents, energy, final predictions and errors) on the compiled kernels,
     from r0 (or the config's start). `t`: the plan's `arrays` where the caller keeps them (made here otherwise).
@@ -269,7 +285,7 @@ def run(
         s0 = np.ascontiguousarray(flat * t["unscale"])
     # The energy of every step (the program's formula), per image in a fixed order.
     base = matmul(np.square(xf), np.ascontiguousarray(t["omega"][:, None]), threads)[:, 0] + t["const"]
-    last, energy = settle(t, c, s0, base, steps, threads)
+    last, energy = settle(t, c, s0, base, steps, threads, solver)
     latent = last * t["scale"]
     sizes = [math.prod(s) for s in plan.shapes]
     flats = np.split(latent, np.cumsum(sizes)[:-1], axis=1)
@@ -297,7 +313,9 @@ class NumbaBackend:
         self.prepare_seconds: dict[str, float] = {}
         self.arrays: tuple[Plan, dict[str, np.ndarray]] | None = None  # the last plan's arrays
 
-    def prepare(self, plan: Plan, steps: int, shape: tuple[int, ...], key: tuple) -> None:
+    def prepare(
+        self, plan: Plan, steps: int, shape: tuple[int, ...], key: tuple, init: bool = False, solver: Solver = GRADIENT
+    ) -> None:
         """Compile the kernels (once per process; from the disk cache after the first time)."""
         start = time.perf_counter()
         _kernels()
@@ -307,12 +325,18 @@ class NumbaBackend:
         self.prepare_seconds.setdefault("numba compile", time.perf_counter() - start)
 
     def run(
-        self, plan: Plan, x: torch.Tensor, steps: int, key: tuple, r0: Sequence[torch.Tensor] | None = None
+        self,
+        plan: Plan,
+        x: torch.Tensor,
+        steps: int,
+        key: tuple,
+        r0: Sequence[torch.Tensor] | None = None,
+        solver: Solver = GRADIENT,
     ) -> EngineRun:
         assert isinstance(plan, QuadraticPlan), "the numba backend runs quadratic plans only"
         if self.arrays is None or self.arrays[0] is not plan:
             self.arrays = (plan, arrays(plan))  # a new plan: new weights or another input size
-        return run(plan, x, steps, torch.get_num_threads(), self.arrays[1], r0)
+        return run(plan, x, steps, torch.get_num_threads(), self.arrays[1], r0, solver)
 
 
 SPEC = BackendSpec(

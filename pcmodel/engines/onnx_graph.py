@@ -21,6 +21,7 @@ import onnx
 import torch
 from onnx import TensorProto, helper, numpy_helper
 
+from ..solvers import GRADIENT, Solver
 from .plans import Plan, PlanLevel
 from .program import run_program
 
@@ -312,11 +313,14 @@ class OnnxOps:
         return self.op("Div", self.fold_patches(patches, lv), self.const(weight))
 
 
-def build_graph(plan: Plan, steps: int, *, outputs: Sequence[str] = OUTPUTS, init: bool = False) -> onnx.ModelProto:
+def build_graph(
+    plan: Plan, steps: int, *, outputs: Sequence[str] = OUTPUTS, init: bool = False, solver: Solver = GRADIENT
+) -> onnx.ModelProto:
     """The fixed-`steps` inference program of a plan as one ONNX model (inputs, outputs: the module docstring).
 
     `init`: the graph takes the starting latents as inputs `r0_1`..`r0_L`; without, it starts where the
-    config says (zeros or feed-forward) and its only input is `x`.
+    config says (zeros or feed-forward) and its only input is `x`. `solver`: the dynamics unrolled
+    (pcmodel.solvers; the paper's gradient steps by default).
     """
     if steps < 1:
         raise ValueError(f"steps must be >= 1 to build a graph, got {steps}")
@@ -325,7 +329,7 @@ def build_graph(plan: Plan, steps: int, *, outputs: Sequence[str] = OUTPUTS, ini
         raise ValueError(f"unknown outputs {sorted(unknown)}; choose from {', '.join(FULL_OUTPUTS)}")
     ops = OnnxOps()
     starts = [f"r0_{i}" for i in range(1, len(plan.shapes) + 1)] if init else None
-    out = run_program(ops, plan, "x", steps, starts)
+    out = run_program(ops, plan, "x", steps, starts, solver)
     named: list[tuple[str, str, list | None]] = []
     if "latents" in outputs:
         named += [(r, f"latent_{i}", ["batch", *s]) for i, (r, s) in enumerate(zip(out.latents, plan.shapes), 1)]

@@ -22,6 +22,7 @@ from typing import Any
 import torch
 
 from ..results import EngineRun, join
+from ..solvers import GRADIENT, Solver
 from .base import BackendSpec
 from .plans import Plan
 
@@ -47,14 +48,16 @@ class OrtProgram:
     on first use: at most two (all threads, one thread) per program.
     """
 
-    def __init__(self, plan: Plan, steps: int, threads: int | None = None, init: bool = False) -> None:
+    def __init__(
+        self, plan: Plan, steps: int, threads: int | None = None, init: bool = False, solver: Solver = GRADIENT
+    ) -> None:
         from .onnx_graph import FULL_OUTPUTS, build_graph  # onnx is imported when a graph is first built
 
         self.steps = steps
         self.threads = threads or torch.get_num_threads()
         self.optimization = ort_optimization(plan.kind)
         self.init = init  # the graph takes r0_1..r0_L
-        graph = build_graph(plan, steps, outputs=FULL_OUTPUTS, init=init)
+        graph = build_graph(plan, steps, outputs=FULL_OUTPUTS, init=init, solver=solver)
         self.graph = graph.SerializeToString()
         self.outputs = [o.name for o in graph.graph.output]
         self.sessions: dict[int, Any] = {}  # intra-op threads -> InferenceSession
@@ -132,7 +135,7 @@ def ort_optimization(kind: str) -> Any:
 
 
 class OrtBackend:
-    """Programs by (steps, input shape), each with the weights key it was built for."""
+    """Programs by (steps, input shape, r0 or not, solver), each with the weights key it was built for."""
 
     name = "onnxruntime"
 
@@ -141,14 +144,22 @@ class OrtBackend:
         self.sharding = True  # False: every batch on one session with all threads (pc-bench's "unsharded")
         self.prepare_seconds: dict[str, float] = {}  # one-off costs, for pc-bench
 
-    def program(self, plan: Plan, steps: int, shape: tuple[int, ...], key: tuple, init: bool = False) -> OrtProgram:
+    def program(
+        self,
+        plan: Plan,
+        steps: int,
+        shape: tuple[int, ...],
+        key: tuple,
+        init: bool = False,
+        solver: Solver = GRADIENT,
+    ) -> OrtProgram:
         """The program for these weights (built, or rebuilt after the weights changed); `init`: it takes r0."""
-        index = (steps, shape, init)
+        index = (steps, shape, init, solver)
         cached = self.programs.get(index)
         if cached is not None and cached[0] == key and cached[1].threads == torch.get_num_threads():
             return cached[1]
         start = time.perf_counter()
-        program = OrtProgram(plan, steps, init=init)
+        program = OrtProgram(plan, steps, init=init, solver=solver)
         self.prepare_seconds[f"onnxruntime T={steps} {'x'.join(map(str, shape))}"] = time.perf_counter() - start
         self.programs.pop(index, None)
         self.programs[index] = (key, program)
@@ -156,13 +167,21 @@ class OrtBackend:
             del self.programs[next(iter(self.programs))]
         return program
 
-    def prepare(self, plan: Plan, steps: int, shape: tuple[int, ...], key: tuple) -> None:
-        self.program(plan, steps, shape, key)
+    def prepare(
+        self, plan: Plan, steps: int, shape: tuple[int, ...], key: tuple, init: bool = False, solver: Solver = GRADIENT
+    ) -> None:
+        self.program(plan, steps, shape, key, init, solver)
 
     def run(
-        self, plan: Plan, x: torch.Tensor, steps: int, key: tuple, r0: Sequence[torch.Tensor] | None = None
+        self,
+        plan: Plan,
+        x: torch.Tensor,
+        steps: int,
+        key: tuple,
+        r0: Sequence[torch.Tensor] | None = None,
+        solver: Solver = GRADIENT,
     ) -> EngineRun:
-        program = self.program(plan, steps, tuple(x.shape[1:]), key, init=r0 is not None)
+        program = self.program(plan, steps, tuple(x.shape[1:]), key, init=r0 is not None, solver=solver)
         return program.run(x, r0, shard=self.sharding)
 
 

@@ -17,20 +17,28 @@ from collections.abc import Sequence
 from typing import Any
 
 from ..results import EngineRun
+from ..solvers import GRADIENT, Solver
 from .ops import Ops
 from .plans import LevelwisePlan, Plan, QuadraticPlan
 
 
-def run_program(ops: Ops, plan: Plan, x: Any, steps: int, r0: Sequence[Any] | None = None) -> EngineRun:
+def run_program(
+    ops: Ops, plan: Plan, x: Any, steps: int, r0: Sequence[Any] | None = None, solver: Solver = GRADIENT
+) -> EngineRun:
     """T fixed steps of the plan from r0 (one value per level, shaped like the latents) or, when None,
-    the config's initial latents."""
+    the config's initial latents, each plain step moved by `solver` (pcmodel.solvers)."""
     if isinstance(plan, QuadraticPlan):
-        return quadratic_program(ops, plan, x, steps, r0)
-    return levelwise_program(ops, plan, x, steps, r0)
+        return quadratic_program(ops, plan, x, steps, r0, solver)
+    return levelwise_program(ops, plan, x, steps, r0, solver)
 
 
-def quadratic_program(ops: Ops, plan: QuadraticPlan, x: Any, steps: int, r0: Sequence[Any] | None = None) -> EngineRun:
-    """s <- s M_s + c_s - (the prior's step) for T steps, then the energy of every step from the history."""
+def quadratic_program(
+    ops: Ops, plan: QuadraticPlan, x: Any, steps: int, r0: Sequence[Any] | None = None, solver: Solver = GRADIENT
+) -> EngineRun:
+    """s <- s M_s + c_s - (the prior's step) for T steps, then the energy of every step from the history.
+
+    The solver moves the scaled state s as it would r (s = r / scale per latent: the update is linear).
+    """
     flat = ops.flatten(x)  # (B, n_x)
     step = ops.weight("step", plan.step)
     c = ops.matmul(flat, ops.weight("drive", plan.drive))  # (B, n)
@@ -42,13 +50,14 @@ def quadratic_program(ops: Ops, plan: QuadraticPlan, x: Any, steps: int, r0: Seq
         s = ops.matmul(flat, ops.weight("start", plan.start))
     prior = plan.prior
     coefficients = {k: ops.weight(f"prior_{k}", v) for k, v in plan.coefficients.items()}
-    states, drives = [s], []
+    states, drives, v = [s], [], None
     for t in range(steps + 1):
         z = ops.affine(s, step, c)  # s M_s + c_s
         drives.append(z)
         if t == steps:
             break
-        s = z if prior is None else prior.quadratic_step(ops, z, s, coefficients)
+        u = z if prior is None else prior.quadratic_step(ops, z, s, coefficients)
+        s, v = solver.update(ops, s, u, v)
         states.append(s)
     history = ops.stack(states)  # (T+1, B, n)
     zs = ops.exact_affine(history, step, c) if not ops.exact else ops.stack(drives)
@@ -73,7 +82,9 @@ def quadratic_program(ops: Ops, plan: QuadraticPlan, x: Any, steps: int, r0: Seq
     return EngineRun(latents, energy, predictions, errors, reconstruction)
 
 
-def levelwise_program(ops: Ops, plan: LevelwisePlan, x: Any, steps: int, r0: Sequence[Any] | None = None) -> EngineRun:
+def levelwise_program(
+    ops: Ops, plan: LevelwisePlan, x: Any, steps: int, r0: Sequence[Any] | None = None, solver: Solver = GRADIENT
+) -> EngineRun:
     """The definition's level loop: per level and step a = U r, p = f(a), e = t - p, then every level's
     r <- r + (eta 2/sigma^2) U^T(f' e) - eta g'(r) - (eta 2/sigma_above^2) t_above^T(e_above) from the same state.
     """
@@ -96,6 +107,7 @@ def levelwise_program(ops: Ops, plan: LevelwisePlan, x: Any, steps: int, r0: Seq
             r = lv.kind.run_adjoint(ops, lv, lower, ops.weight(f"feedforward{i}", lv.feedforward))
         latents.append(r)
 
+    velocity: list[Any] = [None] * count
     squared: list[list[Any]] = [[] for _ in levels]  # |e_l|^2 per image, per step
     priors: list[list[Any]] = [[] for _ in levels]  # sum psi(r) per image, per step (pcmodel.priors)
     for t in range(steps + 1):
@@ -125,7 +137,8 @@ def levelwise_program(ops: Ops, plan: LevelwisePlan, x: Any, steps: int, r0: Seq
                 above = levels[i + 1]
                 u = ops.add_scaled_(u, above.kind.run_target_adjoint(ops, above, errors[i + 1]), -lv.rates.above)
             updated.append(u)
-        latents = updated
+        moved = [solver.update(ops, r, u, v) for r, u, v in zip(latents, updated, velocity)]
+        latents, velocity = [r for r, _ in moved], [v for _, v in moved]
 
     energy = ops.weight("const", plan.const)
     for i, lv in enumerate(levels):

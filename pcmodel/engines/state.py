@@ -13,6 +13,7 @@ import torch
 
 from ..config import ModelConfig
 from ..results import EngineRun
+from ..solvers import GRADIENT, Solver
 from .base import Backend
 from .plans import Plan, make_plan, nonquadratic_priors, plan_kind
 from .registry import SPECS, installed
@@ -20,20 +21,27 @@ from .select import Choice, select
 
 MAX_PREPARED_STEPS = 8  # step counts with fast programs: memory stays bounded
 MAX_PREPARED_SHAPES = 4  # input shapes per step count
+MAX_PREPARED_SOLVERS = 3  # solvers per step count and shape
 
 
 class EngineState:
     def __init__(self, config: ModelConfig) -> None:
         self.config = config
         self.prepared: dict[int, list[tuple[int, ...]]] = {config.steps: [tuple(config.input_shape)]}
+        self.solvers: tuple[Solver, ...] = (config.served_solver,)  # the dynamics the prepared programs run
         self.plans: dict[tuple, tuple[tuple, Plan, list[torch.Tensor]]] = {}
         self.backends: dict[str, Backend] = {}  # made on first use
         self.plan_kinds: dict[tuple[int, int], str] = {}  # by input size
         self.priors = frozenset(nonquadratic_priors(config))
         self.last_key: tuple | None = None  # the parameters key of the previous call
 
-    def set_prepared(self, steps: Sequence[int], shapes: Sequence[tuple[int, ...]]) -> None:
+    def set_prepared(
+        self, steps: Sequence[int], shapes: Sequence[tuple[int, ...]], solvers: Sequence[Solver] | None = None
+    ) -> None:
         steps, shapes = sorted(set(steps)), list(dict.fromkeys(shapes))
+        chosen = tuple(dict.fromkeys(solvers or (self.config.served_solver,)))
+        if len(chosen) > MAX_PREPARED_SOLVERS:
+            raise ValueError(f"prepare takes at most {MAX_PREPARED_SOLVERS} solvers (memory stays bounded)")
         if not steps or not shapes:
             raise ValueError("prepare needs at least one step count and one shape")
         if len(steps) > MAX_PREPARED_STEPS or len(shapes) > MAX_PREPARED_SHAPES:
@@ -44,9 +52,10 @@ class EngineState:
         if min(steps) < 1:
             raise ValueError(f"prepared step counts must be >= 1, got {min(steps)}")
         self.prepared = {t: list(shapes) for t in steps}
+        self.solvers = chosen
 
-    def is_prepared(self, steps: int, shape: tuple[int, ...]) -> bool:
-        return shape in self.prepared.get(steps, [])
+    def is_prepared(self, steps: int, shape: tuple[int, ...], solver: Solver) -> bool:
+        return shape in self.prepared.get(steps, []) and solver in self.solvers
 
     def backend(self, name: str) -> Backend:
         """The backend called `name` (registry), made on first use."""
@@ -69,6 +78,7 @@ class EngineState:
         tol: float | None,
         shape: tuple[int, ...],
         key: tuple,
+        solver: Solver = GRADIENT,
     ) -> Choice:
         """The automatic rule (pcmodel.engines.select) for one call, with what this state knows."""
         choice = self._select(
@@ -77,7 +87,7 @@ class EngineState:
             float64=float64,
             steps=steps,
             tol=tol,
-            prepared=self.is_prepared(steps, shape),
+            prepared=self.is_prepared(steps, shape, solver),
             weights_changing=self.last_key is not None and self.last_key != key,
             hw=(int(shape[-2]), int(shape[-1])),
         )
@@ -122,19 +132,24 @@ class EngineState:
         x: torch.Tensor,
         steps: int,
         r0: Sequence[torch.Tensor] | None = None,
+        solver: Solver = GRADIENT,
     ) -> EngineRun:
         """Run a chosen backend (not the loop) on x with parameters (in x's dtype) whose key is `key`."""
         plan = self.plan(params, key, (int(x.shape[-2]), int(x.shape[-1])), x.dtype, x.device)
         if choice.backend == "torch":
-            return self.backend("torch").run(plan, x, steps, key, r0=r0, rowwise=choice.rowwise)  # type: ignore[call-arg]
-        return self.backend(choice.backend).run(plan, x, steps, key, r0)
+            torch_backend = self.backend("torch")
+            return torch_backend.run(plan, x, steps, key, r0=r0, rowwise=choice.rowwise, solver=solver)  # type: ignore[call-arg]
+        return self.backend(choice.backend).run(plan, x, steps, key, r0, solver)
 
     def build(self, params: Mapping[str, torch.Tensor], key: tuple, device: torch.device) -> None:
-        """Build the fast programs of the prepared set now (sessions; CUDA graphs capture on first use)."""
+        """Build the fast programs of the prepared set now (sessions; CUDA graphs capture on first use), for
+        the config's served start (a learned start arrives as r0) and each prepared solver."""
+        init = self.config.initial_latents == "amortised"
         for steps, shapes in self.prepared.items():
             for shape in shapes:
                 hw = (shape[1], shape[2])
                 name = self.fast_backend(hw, device)
                 if name is not None:
                     plan = self.plan(params, key, hw, torch.float32, device)
-                    self.backend(name).prepare(plan, steps, shape, key)
+                    for solver in self.solvers:
+                        self.backend(name).prepare(plan, steps, shape, key, init, solver)

@@ -12,6 +12,7 @@ from collections.abc import Sequence
 import torch
 
 from ..results import EngineRun, join
+from ..solvers import GRADIENT, Solver
 from .base import BackendSpec
 from .ops import TorchOps
 from .plans import Plan
@@ -21,7 +22,9 @@ from .program import run_program
 class TorchBackend:
     name = "torch"
 
-    def prepare(self, plan: Plan, steps: int, shape: tuple[int, ...], key: tuple) -> None:
+    def prepare(
+        self, plan: Plan, steps: int, shape: tuple[int, ...], key: tuple, init: bool = False, solver: Solver = GRADIENT
+    ) -> None:
         """Nothing to build: the plan is the program's only input."""
 
     def run(
@@ -33,15 +36,18 @@ class TorchBackend:
         r0: Sequence[torch.Tensor] | None = None,
         rowwise: bool = False,
         operand: torch.dtype | None = None,
+        solver: Solver = GRADIENT,
     ) -> EngineRun:
         if rowwise and x.shape[0] > 1:
             return join(
                 [
-                    self.run(plan, x[i : i + 1], steps, r0=None if r0 is None else [r[i : i + 1] for r in r0])
+                    self.run(
+                        plan, x[i : i + 1], steps, r0=None if r0 is None else [r[i : i + 1] for r in r0], solver=solver
+                    )
                     for i in range(x.shape[0])
                 ]
             )
-        return run_program(TorchOps(x, operand), plan, x, steps, r0)
+        return run_program(TorchOps(x, operand), plan, x, steps, r0, solver)
 
 
 SPEC = BackendSpec(

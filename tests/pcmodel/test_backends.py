@@ -282,7 +282,8 @@ def test_automatic_rule_shards_large_batches_and_reports_onnxruntime(generator):
     finally:
         torch.set_num_threads(threads)
     assert result.backend == "onnxruntime"
-    program = model.engines.backend("onnxruntime").programs[(model.config.steps, tuple(x.shape[1:]), False)][1]
+    index = (model.config.steps, tuple(x.shape[1:]), False, pcmodel.Solver())
+    program = model.engines.backend("onnxruntime").programs[index][1]
     assert program.threads == 2 and set(program.sessions) == {1}
     assert_same_inference(result, model.infer(x, backend="loop"))
     model.engines.backend("onnxruntime").sharding = False  # pc-bench's "onnxruntime-unsharded"

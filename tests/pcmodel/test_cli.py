@@ -103,3 +103,51 @@ def test_pc_encode_full_mode_keeps_the_aspect_ratio(tmp_path, capsys):
 def test_pc_encode_full_mode_refuses_a_dense_model(tmp_path, capsys):
     assert main(["--model", "rao-ballard-1999", "--size-mode", "full", "--out", str(tmp_path / "out")]) == 2
     assert "dense level" in capsys.readouterr().err
+
+
+def test_pc_encode_solver_and_a_warm_start_from_a_previous_encoding(tmp_path, capsys):
+    first, second = tmp_path / "first", tmp_path / "second"
+    base = ["--size-mode", "resize", "--steps", "30"]
+    assert main([*base, "--solver", "nesterov", "--out", str(first)]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    model = pcmodel.load("default")
+    assert summary["solver"] == model.solver("nesterov").label and summary["init"] == "zeros"
+    rows, _, _ = prepare_image(sample_photo(), model.config, "resize")
+    expected = model.infer(rows, steps=30, solver="nesterov")
+    assert summary["energy_final"] == pytest.approx(float(expected.energy[-1, 0]), rel=1e-5)
+    # The next frame starts where this one ended: its first energy is this one's last.
+    start = str(first / "encoding.npz")
+    assert main(["--size-mode", "resize", "--steps", "1", "--init", start, "--out", str(second)]) == 0
+    warm = json.loads(capsys.readouterr().out)
+    assert warm["init"] == start
+    assert warm["energy_initial"] == pytest.approx(summary["energy_final"], rel=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--init", "random"], "--init"),
+        (["--init", "missing.npz"], "--init"),
+        (["--init", "OTHER"], "--init"),  # a tile-mode encoding: shapes that do not fit a resized image
+        (["--solver", "adam"], "--solver"),
+    ],
+)
+def test_pc_encode_bad_starts_and_solvers_are_one_line_and_exit_2(args, message, tmp_path, capsys):
+    if "OTHER" in args:
+        assert main(["--size-mode", "tile", "--steps", "1", "--out", str(tmp_path / "tiles")]) == 0
+        capsys.readouterr()
+        args = ["--init", str(tmp_path / "tiles" / "encoding.npz")]
+    err = (
+        capsys.readouterr().err
+        if _exit_code(["--size-mode", "resize", *args, "--out", str(tmp_path / "o")]) == 2
+        else ""
+    )
+    assert message in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err
+
+
+def _exit_code(argv: list[str]) -> int:
+    """main's return value, or the code of the SystemExit that argparse raises for a bad option."""
+    try:
+        return main(argv)
+    except SystemExit as exc:
+        return int(exc.code or 0)

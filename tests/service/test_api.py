@@ -13,7 +13,7 @@ from service.client import EncoderClient, ServiceError
 from service.host import pick_device
 from service.metrics import REASONS
 
-from .conftest import png
+from .conftest import metric, png
 
 # The service may run another backend or batch size than the local reference: pcmodel promises
 # agreement within 1e-4 between its backends in float32.
@@ -226,3 +226,35 @@ def test_full_mode_returns_the_whole_photo_at_its_aspect_ratio(client, astronaut
     np.testing.assert_allclose(result.input, shown.numpy(), atol=1e-6)
     local = model.infer(rows, steps=20)
     np.testing.assert_allclose(result.reconstruction, placement.restore(local.reconstruction)[0].numpy(), atol=TOL)
+
+
+def test_solver_and_init_fields(server, client, astronaut64):
+    """The dynamics are a request's choice: each gives the model's own numbers, and says what ran."""
+    model = pcmodel.load("default")
+    x = preprocess([decode(astronaut64)], model.config, size=(32, 32))
+    served = client.encode(astronaut64, size_mode="resize", steps=20)
+    assert (served.solver, served.init) == ("gradient", "zero")  # the model's own (its config)
+    for solver in ("nesterov", "momentum", "gradient"):
+        result = client.encode(astronaut64, size_mode="resize", steps=20, solver=solver, init="zero")
+        local = model.infer(x, steps=20, solver=solver, init="zero")
+        assert result.solver == model.solver(solver).label and result.init == "zero"
+        np.testing.assert_allclose(result.latents[0], local.latents[0][0].numpy(), atol=TOL)
+        assert result.energy_final == pytest.approx(float(local.energy[-1, 0]), rel=TOL)
+    fast = client.encode(astronaut64, size_mode="resize", steps=20, solver="nesterov")
+    assert fast.energy_final < served.energy_final  # momentum gets further in the same steps
+    card = client.model()
+    assert card["solver"] == {"default": "gradient", "choices": ["gradient", "momentum", "nesterov"]}
+    assert card["init"]["default"] == "zero" and "zero" in card["init"]["choices"]
+    before = server.metrics()
+    for fields in ({"solver": "adam"}, {"init": "random"}, {"solver": ""}):
+        response = server.post("/encode", files={"image": ("a.png", astronaut64)}, data=fields)
+        assert response.status_code == 422 and response.json()["reason"] == "bad_parameter", fields
+        assert next(iter(fields)) in response.json()["error"]
+    if not model.has_amortiser:
+        response = server.post("/encode", files={"image": ("a.png", astronaut64)}, data={"init": "amortised"})
+        assert response.status_code == 422 and "amortised" in response.json()["error"]
+    after = server.metrics()
+    counted = metric(after, "pc_request_errors_total", reason="bad_parameter") - metric(
+        before, "pc_request_errors_total", reason="bad_parameter"
+    )
+    assert counted == 3 + (not model.has_amortiser)

@@ -32,28 +32,37 @@ def rows(n: int, size: int = 32, seed: int = 0) -> torch.Tensor:
     return torch.rand((n, 3, size, size), generator=torch.Generator().manual_seed(seed)) * 2 - 1
 
 
-def test_batches_group_by_steps_and_shape_and_split_large_jobs(host):
-    calls: list[tuple[int, int, tuple[int, ...]]] = []
+def test_batches_group_by_steps_solver_and_shape_and_split_large_jobs(host):
+    calls: list[tuple[int, int, object, tuple[int, ...]]] = []
 
-    def recording_infer(x, steps):
-        calls.append((x.shape[0], steps, tuple(x.shape[2:])))
-        return host._infer(x, steps)
+    def recording_infer(x, steps, how):
+        calls.append((x.shape[0], steps, how, tuple(x.shape[2:])))
+        return host._infer(x, steps, how)
 
-    jobs = [(rows(1, seed=1), 5), (rows(1, seed=2), 10), (rows(3, seed=3), 5), (rows(1, 40, seed=4), 5)]
-    jobs = [(x.to(host.device), steps) for x, steps in jobs]
+    plain, fast = (None, None), ("nesterov", None)
+    jobs = [(rows(1, seed=1), 5, plain), (rows(1, seed=2), 10, plain), (rows(3, seed=3), 5, plain)]
+    jobs += [(rows(1, seed=5), 5, fast), (rows(1, 40, seed=4), 5, plain), (rows(1, seed=6), 5, fast)]
+    jobs = [(x.to(host.device), steps, how) for x, steps, how in jobs]
 
     async def run():
         batcher = Batcher(recording_infer, max_batch_size=3, max_queue=100)
         try:
-            return await asyncio.gather(*(batcher.submit(x, steps) for x, steps in jobs))
+            return await asyncio.gather(*(batcher.submit(x, steps, how) for x, steps, how in jobs))
         finally:
             batcher.close()
 
     results = asyncio.run(run())
-    # Oldest job first; rows of the same key join it up to 3; the 3-row job is split over two calls.
-    assert calls == [(3, 5, (32, 32)), (1, 10, (32, 32)), (1, 5, (32, 32)), (1, 5, (40, 40))]
-    for (x, steps), got in zip(jobs, results):
-        want = host.model.infer(x, steps=steps)
+    # Oldest job first; rows of the same key (steps, solver and start, shape) join it up to 3; the 3-row job
+    # is split over two calls.
+    assert calls == [
+        (3, 5, plain, (32, 32)),
+        (1, 10, plain, (32, 32)),
+        (1, 5, plain, (32, 32)),
+        (2, 5, fast, (32, 32)),
+        (1, 5, plain, (40, 40)),
+    ]
+    for (x, steps, (solver, init)), got in zip(jobs, results):
+        want = host.model.infer(x, steps=steps, solver=solver, init=init)
         assert got.steps.tolist() == [steps] * x.shape[0]
         assert got.energy.shape == (steps + 1, x.shape[0])
         for a, b in zip(got.latents, want.latents):

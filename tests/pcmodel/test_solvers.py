@@ -1,0 +1,165 @@
+"""The inference dynamics (pcmodel.solvers): every backend runs every solver as the plain loop does, every
+solver settles to the same fixed point, and each solver's stability bound is where divergence starts.
+
+Oracle: pcmodel.energy.infer_loop with the same solver and start (its gradient held against autograd in
+test_math.py); the bounds against long runs of the loop in float64 just below and just above them.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+
+import pcmodel
+from pcmodel import PCModel, Solver, UnstableStepError
+from pcmodel.config import ConfigError
+from pcmodel.export import main as export_main
+
+from .conftest import KINDS, tiny_config
+from .test_backends import assert_same_inference, fast_backends, stable_model
+from .test_init import random_start
+
+MOVING = (Solver("momentum", 0.6), Solver("nesterov", 0.8))
+
+
+@pytest.mark.parametrize(("kind", "f", "solver"), list(itertools.product(KINDS, ("identity", "tanh"), MOVING)))
+def test_every_backend_runs_each_solver_as_the_loop_does(kind, f, solver, generator):
+    model = stable_model(tiny_config(kind, f, "cauchy"), generator, factor=0.5)
+    x = torch.randn((3, *model.config.input_shape), generator=generator)
+    r0 = random_start(model, x, generator, scale=0.3)
+    for init in (None, r0):
+        expected = model.infer(x, backend="loop", init=init, solver=solver)
+        plain = model.infer(x, backend="loop", init=init, solver="gradient")
+        assert max(float((a - b).abs().max()) for a, b in zip(expected.latents, plain.latents)) > 1e-3  # it differs
+        for backend in fast_backends(model):
+            result = model.infer(x, backend=backend, init=init, solver=solver)
+            assert result.backend == backend
+            assert_same_inference(result, expected)
+
+
+@pytest.mark.parametrize("preset", sorted(pcmodel.PRESETS))
+def test_the_presets_on_every_backend_and_batch_invariant_with_momentum(preset, generator):
+    model = pcmodel.load(preset)
+    x = torch.rand((5, *model.config.input_shape), generator=generator) * 2 - 1
+    solver = Solver("nesterov", 0.7)
+    expected = model.infer(x, backend="loop", steps=20, solver=solver)
+    for backend in fast_backends(model):
+        assert_same_inference(model.infer(x, backend=backend, steps=20, solver=solver), expected)
+    model.prepare(steps=[20], shapes=[x.shape[1:]])
+    for steps in (20, 23):  # prepared (the fast backend) and not (the torch backend, row by row)
+        batch = model.infer(x, steps=steps, solver=solver)
+        for i in (0, 3):
+            alone = model.infer(x[i : i + 1], steps=steps, solver=solver)
+            assert alone.backend == batch.backend
+            for a, b in zip(alone.latents, batch.latents):
+                assert a[0].numpy().tobytes() == b[i].numpy().tobytes()
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_every_solver_settles_to_the_same_fixed_point(kind, generator):
+    model = stable_model(tiny_config(kind, "tanh", "cauchy"), generator, factor=0.5)
+    x = torch.randn((2, *model.config.input_shape), generator=generator, dtype=torch.float64)
+    settled = [model.infer(x, steps=3000, backend="loop").latents]  # the paper's dynamics, settled
+    settled += [model.infer(x, steps=600, backend="loop", solver=s).latents for s in MOVING]  # a fifth of the steps
+    for other in settled[1:]:
+        for a, b in zip(settled[0], other):
+            torch.testing.assert_close(a, b, rtol=0, atol=1e-7)
+    # and momentum gets closer in few steps: the point of it
+    fixed = model.energy(x, settled[0])
+    gaps = [float((model.infer(x, steps=15, backend="loop", solver=s).energy[-1] - fixed).sum()) for s in MOVING]
+    plain = float((model.infer(x, steps=15, backend="loop", solver="gradient").energy[-1] - fixed).sum())
+    assert max(gaps) < plain
+
+
+def _linear_model(generator, solver: Solver, factor: float) -> PCModel:
+    """A linear Gaussian network (its energy exactly quadratic) with k1 at `factor` x its bound for `solver`."""
+    config = tiny_config("convolutional", "identity", "gaussian", solver=solver.name, momentum=solver.momentum or 0.7)
+    weights = [torch.randn(s, generator=generator) * 0.4 for s in PCModel.weight_shapes(config)]
+    model = PCModel(config, weights, allow_unstable=True)
+    bound = model.stability_bound(method="exact", solver=solver)
+    return PCModel(config.replace(k1=factor * bound), model.weights, allow_unstable=True)
+
+
+@pytest.mark.parametrize(
+    "solver", [Solver(), Solver("momentum", 0.5), Solver("nesterov", 0.5), Solver("nesterov", 0.9)]
+)
+def test_each_solvers_bound_is_where_divergence_starts(solver, generator):
+    """Just below the bound 2,000 steps stay bounded; just above, the top mode grows without limit."""
+    x = torch.randn((1, 3, 12, 12), generator=generator, dtype=torch.float64)
+    below = _linear_model(generator, solver, 0.97).infer(x, steps=2000, backend="loop", solver=solver)
+    above = _linear_model(generator, solver, 1.03).infer(x, steps=2000, backend="loop", solver=solver)
+    assert torch.isfinite(below.energy).all() and float(below.energy[-1, 0]) <= float(below.energy[0, 0])
+    assert not bool(torch.isfinite(above.energy[-1]).all()) or float(above.energy[-1, 0]) > 1e6 * float(
+        above.energy[0, 0]
+    )
+
+
+def test_factors_of_the_bounds():
+    assert Solver().bound_factor == 1
+    assert Solver("momentum", 0.7).bound_factor == pytest.approx(1.7)
+    assert Solver("nesterov", 0.7).bound_factor == pytest.approx(1.7 / 2.4)
+
+
+def test_a_solver_the_step_size_makes_unstable_is_refused(generator):
+    # k1 at 0.8 x the gradient bound: stable for the gradient and heavy ball, not for Nesterov 0.7 (x 0.708)
+    model = stable_model(tiny_config("convolutional"), generator, factor=0.8)
+    model = PCModel(model.config, model.weights)
+    x = torch.randn((1, *model.config.input_shape), generator=generator)
+    model.infer(x, solver="momentum")
+    with pytest.raises(UnstableStepError, match="nesterov"):
+        model.infer(x, solver="nesterov")
+    with pytest.raises(UnstableStepError, match="solver nesterov"):
+        PCModel(model.config.replace(solver="nesterov"), model.weights)
+    assert model.stability_bound(solver="nesterov") == pytest.approx(model.stability_bound() * 1.7 / 2.4)
+
+
+@pytest.mark.parametrize(
+    ("solver", "message"),
+    [("adam", "unknown solver"), (Solver.__new__(Solver), None), (3, "unknown solver")],
+)
+def test_bad_solvers_are_value_errors(solver, message, generator):
+    model = stable_model(tiny_config("dense"), generator)
+    x = torch.randn((1, *model.config.input_shape), generator=generator)
+    if message is None:
+        with pytest.raises(ValueError, match="momentum must be"):
+            Solver("nesterov", 1.0)
+        with pytest.raises(ValueError, match="no momentum"):
+            Solver("gradient", 0.5)
+        return
+    with pytest.raises(ValueError, match=message):
+        model.infer(x, solver=solver)
+
+
+def test_the_config_serves_its_solver_and_keeps_old_hashes(generator):
+    model = pcmodel.load("conv-rgb")
+    assert model.config.served_solver == Solver()
+    assert "solver" not in model.config.to_json() and "momentum" not in model.config.to_json()
+    served = model.config.replace(solver="nesterov", momentum=0.8)
+    assert '"solver":"nesterov"' in served.to_json() and pcmodel.ModelConfig.from_json(served.to_json()) == served
+    assert served.served_solver == Solver("nesterov", 0.8)
+    fast = PCModel(served, model.params)
+    x = torch.rand((2, *model.config.input_shape), generator=generator)
+    expected = fast.infer(x, steps=10, backend="loop", solver=Solver("nesterov", 0.8))
+    assert_same_inference(fast.infer(x, steps=10), expected)  # the config's solver when the call names none
+    assert_same_inference(fast.infer(x, steps=10, solver="nesterov"), expected)  # with the config's momentum
+    for bad in ({"solver": "sgd"}, {"momentum": 1.0}, {"momentum": -0.1}):
+        with pytest.raises(ConfigError):
+            model.config.replace(**bad)
+
+
+def test_export_with_a_solver_runs_it(tmp_path, generator):
+    model = pcmodel.load("rao-ballard-1999")
+    out = tmp_path / "m.onnx"
+    code = export_main(["rao-ballard-1999", "--steps", "15", "--solver", "nesterov", "-o", str(out)])
+    assert code in (0, None)
+    graph = onnx.load(str(out))
+    assert {p.key: p.value for p in graph.metadata_props}["solver"] == "nesterov(0.7)"
+    x = torch.rand((2, *model.config.input_shape), generator=generator)
+    session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    latent = session.run(["latent_1"], {"x": x.numpy()})[0]
+    expected = model.infer(x, steps=15, backend="loop", solver="nesterov")
+    assert float(abs(torch.from_numpy(latent) - expected.latents[0]).max()) <= 1e-4
