@@ -23,7 +23,8 @@ from tritonclient.grpc import service_pb2, service_pb2_grpc
 from tritonclient.utils import InferenceServerException
 
 import pcmodel
-from service.client import EncoderClient
+from pcmodel import SOLVERS
+from service.client import EncoderClient, ServiceError
 
 from .conftest import Server, metric, png
 from .test_bad_input import png_header_only
@@ -487,3 +488,24 @@ def test_api_key(guarded, astronaut64):
     # 9 HTTP refusals above, then tritonclient's HTTP infer, gRPC's infer and gRPC's metadata.
     assert metric(s.metrics(), "pc_request_errors_total", reason="unauthorized") == before + 12
     assert KEY not in s.log.read_text()
+
+
+def test_solver_and_init_parameters_as_encode(rest, encoder, astronaut64):
+    """`solver` and `init` are /encode's options too: the same numbers where /encode runs them, the same
+    refusal (400 here, 422 there) where it does not."""
+    ran = []
+    for solver in SOLVERS:
+        for init in ("zero", "amortised"):
+            parameters = {"steps": 20, "size_mode": "resize", "solver": solver, "init": init}
+            try:
+                encoding = encoder.encode(astronaut64, steps=20, size_mode="resize", solver=solver, init=init)
+            except ServiceError as refused:
+                assert refused.status == 422
+                with pytest.raises(InferenceServerException) as caught:
+                    rest.infer(MODEL, [image_input(httpclient, astronaut64)], parameters=parameters)
+                assert code(caught.value) == "400" and refused.message in str(caught.value)
+                continue
+            result = rest.infer(MODEL, [image_input(httpclient, astronaut64)], parameters=parameters)
+            assert_same_as_encode(result, encoding)
+            ran.append((solver, init))
+    assert ("gradient", "zero") in ran and len(ran) >= 2, ran
