@@ -26,7 +26,7 @@ import pcmodel
 from pcmodel import SOLVERS
 from service.client import EncoderClient, ServiceError
 
-from .conftest import Server, metric, png
+from .conftest import API_KEY, metric, png
 from .test_bad_input import png_header_only
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -366,28 +366,15 @@ def test_unknown_output_and_malformed_requests(server, rest, astronaut64):
         assert text in response.json()["error"] and response.json()["reason"] == "bad_request"
 
 
-KEY = "v2-test-key-0123456789"
-
-
-@pytest.fixture(scope="module")
-def guarded(tmp_path_factory):
-    """An API key (from a file, as a Kubernetes Secret mounts it), a small body limit, a tiny queue and a
-    batching wait (so concurrent requests meet in one model call)."""
-    home = tmp_path_factory.mktemp("v2-guarded")
-    (home / "key").write_text(KEY + "\n")
-    settings = {"max_body_bytes": 100_000, "max_batch_size": 2, "max_queue": 4, "batch_wait_ms": 300}
-    with Server(home, api_key_file=home / "key", **settings) as s:
-        yield s
-
-
+KEY = API_KEY
 AUTH = {"Authorization": f"Bearer {KEY}"}  # tritonclient.http adds its own headers to the dict it gets: pass a copy
 GRPC_AUTH = {"authorization": f"Bearer {KEY}"}  # gRPC metadata keys are lower case
 
 
-def test_limits_overload_and_batching_with_encode(guarded, astronaut64):
+def test_limits_overload_and_batching_with_encode(guarded_server, astronaut64):
     """413 before the body is read (gRPC: RESOURCE_EXHAUSTED), 503 with Retry-After from a full queue, and
     v2 requests in the same model calls as /encode's."""
-    s = guarded
+    s = guarded_server
     rest = httpclient.InferenceServerClient(s.url.removeprefix("http://"))
     grpc = grpcclient.InferenceServerClient(s.grpc_target)
     big = b"\x00" * 150_000
@@ -451,10 +438,10 @@ def test_openapi_document_covers_the_v2_routes(server, astronaut64):
     valid(error.json(), "PCError")
 
 
-def test_api_key(guarded, astronaut64):
+def test_api_key(guarded_server, astronaut64):
     """With PC_API_KEY(_FILE): 401 / UNAUTHENTICATED without the key or with another, counted as `unauthorized`;
     the probes, /metrics and the pages stay open; the key is never logged."""
-    s = guarded
+    s = guarded_server
     before = metric(s.metrics(), "pc_request_errors_total", reason="unauthorized")
     for path in ("/livez", "/readyz", "/metrics", "/v2/health/live", "/v2/health/ready", "/", "/docs.json"):
         assert s.get(path).status_code == 200, path
