@@ -290,6 +290,7 @@ V2_SCHEMAS = {
             "model_name": {"type": "string"},
             "model_version": {"type": "string"},
             "id": {"type": "string"},
+            "parameters": {"type": "object", "description": "solver and init: the dynamics that ran"},
             "outputs": {"type": "array", "items": {"$ref": "#/components/schemas/V2Tensor"}},
         },
         "required": ["model_name", "model_version", "outputs"],

@@ -121,6 +121,14 @@ class InputTensor:
 
 
 @dataclass(frozen=True)
+class Inference:
+    """A request's outputs, and the response's parameters: the dynamics that ran (solver, init)."""
+
+    outputs: list[OutputTensor]
+    parameters: dict[str, str]
+
+
+@dataclass(frozen=True)
 class OutputTensor:
     name: str
     array: np.ndarray  # float32, C order
@@ -196,7 +204,7 @@ def _parameter_text(name: str, value: object) -> str:
 
 async def infer(
     pipeline: Pipeline, inputs: list[InputTensor], parameters: dict, outputs: list[str] | None
-) -> list[OutputTensor]:
+) -> Inference:
     """Run one request: the outputs asked for (`outputs`; None: all but trace), in that order."""
     host = pipeline.host
     config, settings = host.config, pipeline.settings
@@ -244,7 +252,7 @@ async def infer(
         else:
             per_image = [a[name] for a in arrays]
         out.append(OutputTensor(name, np.stack([t.detach().to("cpu", torch.float32).numpy() for t in per_image])))
-    return out
+    return Inference(out, host.dynamics(options.solver, options.init))
 
 
 def _shapes(prepared: Prepared) -> tuple[tuple[int, ...], tuple[int, ...]]:

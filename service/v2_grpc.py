@@ -165,7 +165,7 @@ class Servicer(pb_grpc.GRPCInferenceServiceServicer):
             host = v2.find_model(found, request.model_name, request.model_version)
             parameters = {k: _parameter(v) for k, v in request.parameters.items()}
             wanted = [o.name for o in request.outputs] or None
-            outputs = await v2.infer(found, read_inputs(request), parameters, wanted)
+            done = await v2.infer(found, read_inputs(request), parameters, wanted)
         except Exception as exc:
             await self._fail(context, exc)
         finally:
@@ -175,11 +175,12 @@ class Servicer(pb_grpc.GRPCInferenceServiceServicer):
             model_name=host.config.name,
             model_version=v2.model_version(host),
             id=request.id,
+            parameters={k: pb.InferParameter(string_param=v) for k, v in done.parameters.items()},
             outputs=[
                 pb.ModelInferResponse.InferOutputTensor(name=t.name, datatype=t.datatype, shape=list(t.array.shape))
-                for t in outputs
+                for t in done.outputs
             ],
-            raw_output_contents=[t.raw() for t in outputs],
+            raw_output_contents=[t.raw() for t in done.outputs],
         )
 
 

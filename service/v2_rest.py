@@ -89,14 +89,15 @@ def routes(pipeline: PipelineFn) -> Starlette:
             found = current()
             host = v2.find_model(found, request.path_params["name"], request.path_params.get("version"))
             header, inputs, wanted, binary = parse_request(request.scope.get(BODY_KEY, b""), request.headers)
-            outputs = await v2.infer(found, inputs, header.get("parameters") or {}, wanted)
+            done = await v2.infer(found, inputs, header.get("parameters") or {}, wanted)
         except Exception as exc:
             return error_response(exc)
         answer = {"model_name": host.config.name, "model_version": v2.model_version(host)}
         if "id" in header:
             answer["id"] = header["id"]
-        inline = sum(t.array.size for t in outputs) <= INLINE_VALUES
-        return await run(inline, encode_response, answer, outputs, binary)
+        answer["parameters"] = done.parameters
+        inline = sum(t.array.size for t in done.outputs) <= INLINE_VALUES
+        return await run(inline, encode_response, answer, done.outputs, binary)
 
     model = "/v2/models/{name}"
     versioned = "/v2/models/{name}/versions/{version}"

@@ -175,9 +175,18 @@ def test_json_tensors_both_ways(server, rest, encoder, astronaut64, version):
     assert response.status_code == 200 and response.headers["content-type"] == "application/json"
     answer = response.json()
     assert (answer["model_name"], answer["model_version"], answer["id"]) == (MODEL, version, "req-7")
+    assert answer["parameters"] == {"solver": encoding.solver, "init": encoding.init}  # what ran, as /encode says
     latent = answer["outputs"][0]
     assert latent["shape"] == [1, 8, 7, 7]
     np.testing.assert_array_equal(np.asarray(latent["data"], dtype=np.float32).reshape(8, 7, 7), encoding.latents[0])
+
+
+def test_x_at_a_full_mode_size(rest):
+    """`x` may have a full-mode bucket's size (the fast backends are prepared for those)."""
+    x = httpclient.InferInput("x", [1, 3, 88, 88], "FP32")
+    x.set_data_from_numpy(np.zeros((1, 3, 88, 88), dtype=np.float32))
+    result = rest.infer(MODEL, [x], outputs=[httpclient.InferRequestedOutput("reconstruction")])
+    assert result.as_numpy("reconstruction").shape == (1, 3, 88, 88)
 
 
 def test_grpc_contents_without_raw(server, encoder, astronaut64):
@@ -494,5 +503,6 @@ def test_solver_and_init_parameters_as_encode(rest, encoder, astronaut64):
                 continue
             result = rest.infer(MODEL, [image_input(httpclient, astronaut64)], parameters=parameters)
             assert_same_as_encode(result, encoding)
+            assert result.get_response()["parameters"] == {"solver": encoding.solver, "init": encoding.init}
             ran.append((solver, init))
     assert ("gradient", "zero") in ran and len(ran) >= 2, ran
