@@ -65,6 +65,14 @@ MODEL_INFO = Gauge(
     multiprocess_mode="max",
 )
 
+# The gRPC calls (BentoML's request metrics see HTTP only); method and code come from fixed sets.
+GRPC_REQUESTS = Counter(
+    "pc_grpc_requests", "Open Inference Protocol gRPC calls by method and status code.", ["method", "code"]
+)  # exposed as pc_grpc_requests_total{method, code}
+GRPC_DURATION = Histogram(
+    "pc_grpc_request_duration_seconds", "Time per gRPC call.", ["method"], buckets=DURATION_BUCKETS
+)
+
 # Per process; "livesum" adds the live workers' values, so /metrics shows the service's totals.
 INFLIGHT_BYTES = Gauge(
     "pc_inflight_bytes", "Bytes held now under each memory budget.", ["budget"], multiprocess_mode="livesum"

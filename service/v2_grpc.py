@@ -20,8 +20,10 @@ in flight finish (up to PC_REQUEST_TIMEOUT_S) before the worker exits.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import signal
+import time
 from collections.abc import Callable
 
 import grpc
@@ -77,6 +79,26 @@ def read_inputs(request: pb.ModelInferRequest) -> list[v2.InputTensor]:
     return out
 
 
+def _measured(call: Callable) -> Callable:
+    """Count the call in pc_grpc_requests_total{method, code} and time it in pc_grpc_request_duration_seconds."""
+    name = call.__name__
+
+    @functools.wraps(call)
+    async def measured(self, request, context):
+        started = time.perf_counter()
+        code = "OK"
+        try:
+            return await call(self, request, context)
+        except BaseException:
+            code = (context.code() or grpc.StatusCode.UNKNOWN).name  # what abort() set; UNKNOWN for a bug
+            raise
+        finally:
+            metrics.GRPC_REQUESTS.labels(method=name, code=code).inc()
+            metrics.GRPC_DURATION.labels(method=name).observe(time.perf_counter() - started)
+
+    return measured
+
+
 class Servicer(pb_grpc.GRPCInferenceServiceServicer):
     """The six calls of the protocol, over the worker's Pipeline."""
 
@@ -113,14 +135,17 @@ class Servicer(pb_grpc.GRPCInferenceServiceServicer):
         status = v2.protocol_status(error)
         await context.abort(CODES.get(status, grpc.StatusCode.INTERNAL), error.message)
 
+    @_measured
     async def ServerLive(self, request, context):  # the protocol names its calls
         found = self._pipeline()
         return pb.ServerLiveResponse(live=found is None or found.alive)
 
+    @_measured
     async def ServerReady(self, request, context):
         found = self._pipeline()
         return pb.ServerReadyResponse(ready=found is not None and found.ready)
 
+    @_measured
     async def ModelReady(self, request, context):
         await self._authorize(context)
         try:
@@ -134,10 +159,12 @@ class Servicer(pb_grpc.GRPCInferenceServiceServicer):
             await self._fail(context, exc)
         return pb.ModelReadyResponse(ready=found.ready)
 
+    @_measured
     async def ServerMetadata(self, request, context):
         await self._authorize(context)
         return pb.ServerMetadataResponse(**v2.server_metadata())
 
+    @_measured
     async def ModelMetadata(self, request, context):
         await self._authorize(context)
         try:
@@ -154,6 +181,7 @@ class Servicer(pb_grpc.GRPCInferenceServiceServicer):
             outputs=[tensor(**t) for t in meta["outputs"]],
         )
 
+    @_measured
     async def ModelInfer(self, request, context):
         await self._authorize(context)
         size = 2 * request.ByteSize()  # the message, and the tensors read from it (as BodyGate charges a body)

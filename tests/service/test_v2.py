@@ -128,13 +128,15 @@ def assert_same_as_encode(result, encoding, index: int = 0) -> None:
 
 
 @pytest.mark.parametrize(("mode", "steps"), [("resize", 20), ("tile", 5), ("full", 20)])
-def test_binary_infer_equals_encode(rest, grpc, encoder, china_jpeg, mode, steps):
+def test_binary_infer_equals_encode(server, rest, grpc, encoder, china_jpeg, mode, steps):
     encoding = encoder.encode(china_jpeg, steps=steps, size_mode=mode)
     parameters = {"steps": steps, "size_mode": mode}
+    ok = metric(server.metrics(), "pc_grpc_requests_total", method="ModelInfer", code="OK")
     for module, client in ((httpclient, rest), (grpcclient, grpc)):
         result = client.infer(MODEL, [image_input(module, china_jpeg)], parameters=parameters)
         assert sorted(o["name"] if isinstance(o, dict) else o.name for o in _outputs(result)) == sorted(OUTPUTS)
         assert_same_as_encode(result, encoding)
+    assert metric(server.metrics(), "pc_grpc_requests_total", method="ModelInfer", code="OK") == ok + 1
     if mode == "tile":  # every output's first axis is the image: a tiled image's latents keep the tile axis
         assert result.as_numpy("latent_1").shape == (1, 35, 8, 7, 7)
 
@@ -342,13 +344,17 @@ def test_async_infer(rest, grpc, astronaut64):
     ],
 )
 def test_errors(server, rest, grpc, astronaut64, make, status, grpc_code, reason, text):
-    before = metric(server.metrics(), "pc_request_errors_total", reason=reason)
+    samples = server.metrics()
+    before = metric(samples, "pc_request_errors_total", reason=reason)
+    calls = metric(samples, "pc_grpc_requests_total", method="ModelInfer", code=grpc_code)
     for module, client, expected in ((httpclient, rest, status), (grpcclient, grpc, f"StatusCode.{grpc_code}")):
         model, inputs, parameters = make(module, astronaut64)
         with pytest.raises(InferenceServerException, match=re.escape(text)) as caught:
             client.infer(model, inputs, parameters=parameters)
         assert code(caught.value) == expected
-    assert metric(server.metrics(), "pc_request_errors_total", reason=reason) == before + 2
+    samples = server.metrics()
+    assert metric(samples, "pc_request_errors_total", reason=reason) == before + 2
+    assert metric(samples, "pc_grpc_requests_total", method="ModelInfer", code=grpc_code) == calls + 1
 
 
 def _fp32(module, name: str, shape: list[int]):
