@@ -125,13 +125,15 @@ class Servicer(pb_grpc.GRPCInferenceServiceServicer):
             raise RequestError(503, "loading", "the service is starting; retry in a few seconds")
         return found
 
-    async def _fail(self, context: grpc.aio.ServicerContext, exc: BaseException) -> None:
+    async def _fail(self, context: grpc.aio.ServicerContext, exc: BaseException, probe: bool = False) -> None:
+        """Abort with the protocol's code; counted unless a `probe` (metadata) meets a loading model."""
         if isinstance(exc, NotLoaded):
             await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
         error = rejection(exc)
         if error is None:
             raise exc  # a bug: gRPC answers UNKNOWN and logs it
-        metrics.count_error(error.reason)
+        if not (probe and error.reason == "loading"):
+            metrics.count_error(error.reason)
         status = v2.protocol_status(error)
         await context.abort(CODES.get(status, grpc.StatusCode.INTERNAL), error.message)
 
@@ -170,7 +172,7 @@ class Servicer(pb_grpc.GRPCInferenceServiceServicer):
         try:
             host = v2.find_model(self._current(), request.name, request.version)
         except Exception as exc:
-            await self._fail(context, exc)
+            await self._fail(context, exc, probe=True)
         meta = v2.model_metadata(host)
         tensor = pb.ModelMetadataResponse.TensorMetadata
         return pb.ModelMetadataResponse(

@@ -36,14 +36,16 @@ INLINE_VALUES = 1 << 16  # JSON answers with fewer output values are written on 
 PipelineFn = Callable[[], Pipeline | None]
 
 
-def error_response(exc: BaseException) -> Response:
-    """The protocol's error answer for an exception a request raised (re-raised when it is a bug)."""
+def error_response(exc: BaseException, probe: bool = False) -> Response:
+    """The protocol's error answer for an exception a request raised (re-raised when it is a bug). A `probe`
+    (metadata, model ready) answered 503 while the model loads is not a request error, as GET /model's is not."""
     if isinstance(exc, NotLoaded):  # /livez fails too: the pod is restarted; not a request error
         return JSONResponse({"error": str(exc), "reason": "load_failed"}, status_code=503, headers={"Retry-After": "1"})
     error = rejection(exc)
     if error is None:
         raise exc
-    metrics.count_error(error.reason)
+    if not (probe and error.reason == "loading"):
+        metrics.count_error(error.reason)
     status = v2.protocol_status(error)
     headers = {"Retry-After": "1"} if status == 503 else None
     return JSONResponse({"error": error.message, "reason": error.reason}, status_code=status, headers=headers)
@@ -73,7 +75,7 @@ def routes(pipeline: PipelineFn) -> Starlette:
         try:
             host = v2.find_model(current(), request.path_params["name"], request.path_params.get("version"))
         except Exception as exc:
-            return error_response(exc)
+            return error_response(exc, probe=True)
         return JSONResponse(v2.model_metadata(host))
 
     async def model_ready(request: Request) -> Response:
@@ -81,7 +83,7 @@ def routes(pipeline: PipelineFn) -> Starlette:
             found = current()
             v2.find_model(found, request.path_params["name"], request.path_params.get("version"))
         except Exception as exc:
-            return error_response(exc)
+            return error_response(exc, probe=True)
         return Response(status_code=200 if found.ready else 503)
 
     async def infer(request: Request) -> Response:
