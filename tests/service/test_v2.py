@@ -183,12 +183,21 @@ def test_json_tensors_both_ways(server, rest, encoder, astronaut64, version):
     np.testing.assert_array_equal(np.asarray(latent["data"], dtype=np.float32).reshape(8, 7, 7), encoding.latents[0])
 
 
-def test_x_at_a_full_mode_size(rest):
-    """`x` may have a full-mode bucket's size (the fast backends are prepared for those)."""
-    x = httpclient.InferInput("x", [1, 3, 88, 88], "FP32")
-    x.set_data_from_numpy(np.zeros((1, 3, 88, 88), dtype=np.float32))
-    result = rest.infer(MODEL, [x], outputs=[httpclient.InferRequestedOutput("reconstruction")])
-    assert result.as_numpy("reconstruction").shape == (1, 3, 88, 88)
+def test_x_at_a_full_mode_size_in_a_large_json_body(rest, encoder, astronaut):
+    """`x` may have a full-mode bucket's size; a JSON body of ~1 MB (parsed on a thread, charged to the
+    decoding budget) gives /encode's full-mode numbers for those rows."""
+    photo = png(Image.fromarray(astronaut).resize((88, 88)))
+    encoding = encoder.encode(photo, size_mode="full", steps=10)
+    assert encoding.input.shape == (3, 88, 88)  # 88 is full mode's smallest bucket: no padding
+    rows = np.stack([encoding.input] * 3)
+    x = httpclient.InferInput("x", list(rows.shape), "FP32")
+    x.set_data_from_numpy(rows, binary_data=False)
+    wanted = [httpclient.InferRequestedOutput("latent_2")]
+    result = rest.infer(MODEL, [x], outputs=wanted, parameters={"steps": 10})
+    latents = result.as_numpy("latent_2")
+    assert latents.shape == (3, *encoding.latents[1].shape)
+    for row in latents:  # three rows in one model call, /encode's one alone: equal up to float32 rounding
+        np.testing.assert_allclose(row, encoding.latents[1], rtol=0, atol=1e-5)
 
 
 def test_grpc_contents_without_raw(server, encoder, astronaut64):
