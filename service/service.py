@@ -6,8 +6,9 @@ come from PC_* environment variables (service.settings); `pc-serve` sets them fr
 
 Routes: POST /encode, POST /encode_batch (BentoML API methods); GET / (the explorer page,
 service/static), GET /docs (BentoML's API browser, without its trackers), GET /model, GET /model/basis
-and GET /docs.json (a small mounted ASGI app: BentoML API methods are POST-only); and BentoML's /livez,
-/readyz and /metrics. The model loads on a thread (service.health), so the probes answer at once: /readyz 503
+and GET /docs.json (a small mounted ASGI app: BentoML API methods are POST-only); the Open Inference
+Protocol under /v2 (service.v2_rest, another mounted app) and over gRPC on PC_GRPC_PORT (service.v2_grpc,
+started in each worker); and BentoML's /livez, /readyz and /metrics. The model loads on a thread (service.health), so the probes answer at once: /readyz 503
 until the model is loaded, moved to its device and warmed up, then 200; /livez 200 unless the load
 failed or the batcher's task has died (then 503, so Kubernetes restarts the pod).
 """
@@ -70,6 +71,7 @@ class PCEncoder:
         # Load, move to the device, warm up on a thread: /readyz waits for this.
         self.pipeline = Pipeline(SETTINGS, ModelLoader(lambda: ModelHost(SETTINGS)), DECODING)
         _pipelines.append(self.pipeline)
+        self.grpc: GrpcServer | None = None  # started on the event loop (start_grpc)
 
     @property
     def host(self) -> ModelHost:
@@ -84,7 +86,6 @@ class PCEncoder:
     @bentoml.on_startup
     async def start_grpc(self) -> None:
         """The Open Inference Protocol over gRPC, on this worker's event loop (service.v2_grpc)."""
-        self.grpc: GrpcServer | None = None
         if SETTINGS.grpc_port:
             self.grpc = GrpcServer(lambda: self.pipeline, SETTINGS, BODIES, SETTINGS.secret())
             await self.grpc.start()
