@@ -40,12 +40,12 @@ def main(argv: list[str] | None = None) -> int:
         else:
             generator = torch.Generator().manual_seed(0)
             x, hw = torch.rand((batch, model.config.input_shape[0], *size), generator=generator) * 2 - 1, size
-        model.prepare(shapes=[hw])
+        model.prepare(shapes=[hw], solvers=["gradient"])
         for backend in ["onnxruntime"] + (["auto"] if name == "rao-ballard-1999" else []):
-            model.infer(x, backend=backend)
+            model.infer(x, backend=backend, solver="gradient")
             calls, start = 0, time.perf_counter()
             while time.perf_counter() - start < args.min_time or calls < 3:
-                model.infer(x, backend=backend)
+                model.infer(x, backend=backend, solver="gradient")
                 calls += 1
             out[f"{name} {hw[0]}x{hw[1]} B={batch} {backend}"] = (time.perf_counter() - start) / calls * 1e3
     print(json.dumps(out))

@@ -46,9 +46,12 @@ class Spec:
     steps: int | None = None
     size_mode: str | None = None
     outputs: str | None = None
+    solver: str | None = None
+    init: str | None = None
 
     def form(self) -> dict[str, str]:
         fields = {"steps": self.steps, "size_mode": self.size_mode, "outputs": self.outputs}
+        fields.update(solver=self.solver, init=self.init)
         return {k: str(v) for k, v in fields.items() if v is not None}
 
     @functools.cached_property

@@ -32,7 +32,7 @@ def bench_case(
     flops = flops_per_step(model, case.size, case.batch)
     with torch.inference_mode(False):
         reference = reference_infer(model.config, model.weights, x, steps)[0]
-    model.prepare(steps=[steps], shapes=[case.size], build=False)  # the benchmark prepares what it asks for
+    model.prepare(steps=[steps], shapes=[case.size], build=False, solvers=["gradient"])  # what it asks for
     todo = runners(model, x, steps, names, ideas)
     results: dict[str, dict[str, Any]] = {}
     for runner in todo:

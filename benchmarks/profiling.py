@@ -29,9 +29,9 @@ def profile_case(case: Case, steps: int) -> dict[str, Any]:
 
     model = pcmodel.load(case.model)
     x = torch.rand((case.batch, model.config.input_shape[0], *case.size)) * 2 - 1
-    model.infer(x, steps=steps, backend="torch")
+    model.infer(x, steps=steps, backend="torch", solver="gradient")
     with profile(activities=[ProfilerActivity.CPU]) as prof:
-        model.infer(x, steps=steps, backend="torch")
+        model.infer(x, steps=steps, backend="torch", solver="gradient")
     aten = sorted(
         (e for e in prof.key_averages() if e.key.startswith("aten::") and e.self_cpu_time_total > 0),
         key=lambda e: -e.self_cpu_time_total,

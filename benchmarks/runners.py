@@ -67,7 +67,9 @@ def runners(model: pcmodel.PCModel, x: torch.Tensor, steps: int, names: list[str
         if name == "reference":
             out.append(Runner(name, lambda: reference_infer(config, weights, x, steps)[0], {}))
         elif name == "torch":
-            out.append(Runner(name, lambda: model.infer(x, steps=steps, backend="torch").latents, {}))
+            out.append(
+                Runner(name, lambda: model.infer(x, steps=steps, backend="torch", solver="gradient").latents, {})
+            )
         elif name == "onnxruntime":
             out.append(_ort_runner(model, x, steps, name))
             if ort_engine.ort_shards(x.shape[0], torch.get_num_threads()) > 1:
@@ -88,8 +90,10 @@ def runners(model: pcmodel.PCModel, x: torch.Tensor, steps: int, names: list[str
             if plans.plan_kind(model.config, x.shape[-2:]) != "quadratic" or not numba_quadratic.available():
                 log.info("numba: not a quadratic plan here, or numba not installed (the fast extra); skipped")
                 continue
-            model.infer(x, steps=steps, backend="numba")  # compiles (or loads the cached kernels)
-            out.append(Runner(name, lambda: model.infer(x, steps=steps, backend="numba").latents, {}))
+            model.infer(x, steps=steps, backend="numba", solver="gradient")  # compiles (or loads the cached kernels)
+            out.append(
+                Runner(name, lambda: model.infer(x, steps=steps, backend="numba", solver="gradient").latents, {})
+            )
         elif name == "jax":
             runner = _jax_runner(model, x, steps)
             if runner is not None:
@@ -126,10 +130,10 @@ def _ort_runner(model: pcmodel.PCModel, x: torch.Tensor, steps: int, name: str, 
     one_off = {"plan": planned - start, "export": built - planned, "session": ready - built}
 
     if name == "onnxruntime":  # the backend itself, through model.infer, exactly as users call it
-        model.infer(x, steps=steps, backend="onnxruntime")
+        model.infer(x, steps=steps, backend="onnxruntime", solver="gradient")
 
         def call() -> list[torch.Tensor]:
-            return model.infer(x, steps=steps, backend="onnxruntime").latents
+            return model.infer(x, steps=steps, backend="onnxruntime", solver="gradient").latents
     else:
 
         def call() -> list[torch.Tensor]:
@@ -144,8 +148,12 @@ def _unsharded_runner(model: pcmodel.PCModel, x: torch.Tensor, steps: int) -> Ru
     """onnxruntime as before batches were sharded: the whole batch on one session with all threads."""
     whole = pcmodel.PCModel(model.config, model.params, allow_unstable=True)  # its own engine state
     configure_engine(whole, "onnxruntime", sharding=False)
-    whole.infer(x, steps=steps, backend="onnxruntime")
-    return Runner("onnxruntime-unsharded", lambda: whole.infer(x, steps=steps, backend="onnxruntime").latents, {})
+    whole.infer(x, steps=steps, backend="onnxruntime", solver="gradient")
+    return Runner(
+        "onnxruntime-unsharded",
+        lambda: whole.infer(x, steps=steps, backend="onnxruntime", solver="gradient").latents,
+        {},
+    )
 
 
 def _cuda_runners(model: pcmodel.PCModel, x: torch.Tensor, steps: int) -> list[Runner]:
@@ -154,17 +162,19 @@ def _cuda_runners(model: pcmodel.PCModel, x: torch.Tensor, steps: int) -> list[R
     gpu_x = x.cuda()
     eager = pcmodel.PCModel(model.config, model.params, allow_unstable=True, device="cuda")
     eager.infer(gpu_x, steps=1, backend="torch")
-    out.append(Runner("torch-cuda", lambda: eager.infer(gpu_x, steps=steps, backend="torch").latents, {}))
+    out.append(
+        Runner("torch-cuda", lambda: eager.infer(gpu_x, steps=steps, backend="torch", solver="gradient").latents, {})
+    )
     for precision in cuda_graph.CUDA_PRECISIONS:
         gpu = pcmodel.PCModel(model.config, model.params, allow_unstable=True, device="cuda")
         configure_engine(gpu, "cuda-graph", precision=precision)
         start = time.perf_counter()
-        gpu.infer(gpu_x, steps=steps, backend="cuda-graph")
+        gpu.infer(gpu_x, steps=steps, backend="cuda-graph", solver="gradient")
         seconds = time.perf_counter() - start
         name = "cuda-graph" if precision == "float32" else f"cuda-graph-{precision}"
 
         def call(gpu: pcmodel.PCModel = gpu) -> list[torch.Tensor]:
-            return gpu.infer(gpu_x, steps=steps, backend="cuda-graph").latents
+            return gpu.infer(gpu_x, steps=steps, backend="cuda-graph", solver="gradient").latents
 
         out.append(Runner(name, call, {"plan+capture+first run": seconds}))
     return out
@@ -173,13 +183,19 @@ def _cuda_runners(model: pcmodel.PCModel, x: torch.Tensor, steps: int) -> list[R
 def _idea_runners(model: pcmodel.PCModel, x: torch.Tensor, steps: int) -> list[Runner]:
     """Ideas measured for docs/PERFORMANCE.md: the plain hand-derived loop (no autograd, nothing else
     changed) and the torch backend with oneDNN off."""
-    out = [Runner("loop (hand-derived, plain)", lambda: model.infer(x, steps=steps, backend="loop").latents, {})]
+    out = [
+        Runner(
+            "loop (hand-derived, plain)",
+            lambda: model.infer(x, steps=steps, backend="loop", solver="gradient").latents,
+            {},
+        )
+    ]
 
     def onednn_off() -> list[torch.Tensor]:
         with warnings.catch_warnings():  # the flag's context manager warns about Intel-GPU TF32 on every use
             warnings.simplefilter("ignore")
             with torch.backends.mkldnn.flags(enabled=False):
-                return model.infer(x, steps=steps, backend="torch").latents
+                return model.infer(x, steps=steps, backend="torch", solver="gradient").latents
 
     out.append(Runner("torch-onednn-off", onednn_off, {}))
     return out

@@ -2,6 +2,7 @@
 
     pc-serve-bench                       # conv-rgb, 64x64 photos, T = 100, 3 rounds
     pc-serve-bench --json --rounds 5 --concurrency 1,8,32
+    pc-serve-bench --versus-paper --size 256 --concurrency 1,8   # the served defaults vs the paper's dynamics
 
 Starts two servers side by side on this machine (batching on: PC_MAX_BATCH_SIZE=32; off: 1) and
 measures them in alternating rounds, so that drift on a shared machine hits both alike. Per server
@@ -13,6 +14,12 @@ differences, and the difference to the local model time). Then the images/s at e
 sent by a minimal asyncio HTTP client over keep-alive connections. The load generator runs on the
 same machine as the servers and competes with them for the cores.
 Prints medians over the rounds; --json prints every number and the machine.
+
+With --versus-paper, one server (batching on) is sent two kinds of request in alternating rounds: the
+model's served defaults (no solver, init or steps fields: what /model reports) and the paper's dynamics
+as served before the fast defaults (solver=gradient, init=zero, --steps, default 100); the summary gives
+each one's latency, model time and images/s, and the served defaults' speed-up (the paper's latency and
+model time over the served ones; the served images/s over the paper's).
 """
 
 from __future__ import annotations
@@ -49,7 +56,7 @@ def server_model_ms(header: str) -> float:
     return timing["model"]
 
 
-def sequential(url: str, spec: Spec, requests: int, model, rows, steps: int) -> dict:
+def sequential(url: str, spec: Spec, requests: int, model, rows, steps: int | None) -> dict:
     """One client, requests one after another, each followed by the model's own call on the same rows.
 
     Pairing the two makes them see the same moment of a shared machine; a short pause between them
@@ -73,7 +80,8 @@ def sequential(url: str, spec: Spec, requests: int, model, rows, steps: int) -> 
             server_model.append(server_model_ms(response.getheader("server-timing", "")))
             time.sleep(0.01)
             start = time.perf_counter()
-            model.infer(rows, steps=steps).energy.cpu()  # .cpu(): wait for a GPU to finish, as the server does
+            # .cpu(): wait for a GPU to finish, as the server does
+            model.infer(rows, steps=steps, solver=spec.solver, init=spec.init).energy.cpu()
             model_s.append(time.perf_counter() - start)
             time.sleep(0.01)
     finally:
@@ -127,7 +135,7 @@ async def blast(url: str, spec: Spec, clients: int, requests: int) -> float:
     return time.perf_counter() - start
 
 
-def measure(url: str, spec: Spec, requests: int, concurrency: list[int], model, rows, steps: int) -> dict:
+def measure(url: str, spec: Spec, requests: int, concurrency: list[int], model, rows, steps: int | None) -> dict:
     """One server, one round: sequential latency and overhead, then images/s at each concurrency."""
     out = sequential(url, spec, requests, model, rows, steps)
     out["images_per_s"] = {"1": out.pop("images_per_s_1")}
@@ -172,6 +180,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--workers", type=positive_int, default=1, help="PC_WORKERS for both servers (default: %(default)s)"
     )
+    parser.add_argument(
+        "--versus-paper",
+        action="store_true",
+        help="one server: its served defaults vs the paper's dynamics (solver=gradient, init=zero, --steps)",
+    )
     parser.add_argument("--json", action="store_true", help="print one JSON object with every number")
     args = parser.parse_args(argv)
     concurrency = args.concurrency
@@ -198,12 +211,17 @@ def main(argv: list[str] | None = None) -> int:
         return fail("pc-serve-bench", f"--model {args.model}: {exc}")
     image = photos(args.size)[0]
     spec = Spec(image, steps=args.steps, size_mode=args.size_mode)
+    if args.versus_paper:
+        spec = Spec(image, steps=args.steps, size_mode=args.size_mode, solver="gradient", init="zero")
+        specs = {"served": (Spec(image, size_mode=args.size_mode), None), "paper": (spec, args.steps)}
     device = pick_device(args.device)
     torch.set_num_threads(args.torch_threads or default_threads(args.workers))  # as in the servers
     options = parse_options(spec.form(), model.config, Settings())
     planned = plan(Part("image", "x.png", image), options, model.config, Settings())
     rows = prepare(planned, options, model.config).rows.to(device)
     model.infer(rows, steps=args.steps)  # warm-up (and the fast backends' export)
+    if args.versus_paper:
+        return versus_paper(args, model, rows, specs, device)
 
     rounds = []
     common = dict(
@@ -253,14 +271,78 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def summarize(rounds: list[dict], concurrency: list[int]) -> dict:
+def versus_paper(args: argparse.Namespace, model, rows, specs: dict, device) -> int:
+    """--versus-paper: one server, the served defaults and the paper's dynamics in alternating rounds."""
+    from .launch import LocalServer
+
+    for spec, steps in specs.values():  # the local model's fast programs for both
+        model.infer(rows, steps=steps, solver=spec.solver, init=spec.init)
+    common = dict(model=args.model, device=args.device, torch_threads=args.torch_threads, workers=args.workers)
+    rounds = []
+    with LocalServer(max_batch_size=args.batch_size, warmup_steps=args.steps, **common) as server:
+        asyncio.run(drive(server.url, [s for s, _ in specs.values()] * 10, 4, args.steps, validate=False))
+        for r in range(args.rounds):
+            names = list(specs) if r % 2 == 0 else list(reversed(specs))
+            result = {
+                name: measure(server.url, specs[name][0], args.requests, args.concurrency, model, rows, specs[name][1])
+                for name in names
+            }
+            rounds.append(result)
+            print(f"round {r + 1}/{args.rounds}: {json.dumps(result)}", file=sys.stderr)
+    summary = summarize(rounds, args.concurrency, names=tuple(specs))
+    med = statistics.median
+    summary["served_speedup"] = {
+        "latency_p50": round(
+            med([r["paper"]["latency_ms"]["p50"] / r["served"]["latency_ms"]["p50"] for r in rounds]), 2
+        ),
+        "model_in_server_p50": round(
+            med([r["paper"]["model_in_server_p50_ms"] / r["served"]["model_in_server_p50_ms"] for r in rounds]), 2
+        ),
+        "images_per_s": {
+            str(c): round(
+                med([r["served"]["images_per_s"][str(c)] / r["paper"]["images_per_s"][str(c)] for r in rounds]), 2
+            )
+            for c in args.concurrency
+        },
+    }
+    card = model.config
+    report = {
+        "model": model.name,
+        "device": str(device),
+        "image": f"{args.size}x{args.size} PNG",
+        "rows_per_image": int(rows.shape[0]),
+        "served": {"steps": card.steps, "solver": model.solver().label, "init": card.initial_latents},
+        "paper": {"steps": args.steps, "solver": "gradient", "init": "zero"},
+        "size_mode": args.size_mode or card.preprocess.size_mode,
+        "rounds": rounds,
+        "summary": summary,
+        "machine": machine(),
+        "note": "load generator on the same machine as the server",
+    }
+    if args.json:
+        print(json.dumps(report))
+        return 0
+    s = report["summary"]
+    print(f"{report['model']} on {report['device']}, {report['image']} in {report['size_mode']} mode")
+    for name in specs:
+        lat, row = s[name]["latency_ms"], s[name]
+        print(
+            f"{name:6} {report[name]}: p50 {lat['p50']} / p99 {lat['p99']} ms, "
+            f"model {row['model_in_server_p50_ms']} ms in the server, overhead {row['overhead_ms']} ms; images/s "
+            + ", ".join(f"{c} clients {v}" for c, v in row["images_per_s"].items())
+        )
+    print(f"served defaults' speed-up over the paper's dynamics: {json.dumps(s['served_speedup'])}")
+    return 0
+
+
+def summarize(rounds: list[dict], concurrency: list[int], names: tuple[str, ...] = ("on", "off")) -> dict:
     """Medians over the rounds."""
 
     def med(values: list[float]) -> float:
         return round(statistics.median(values), 3)
 
     out: dict = {}
-    for name in ("on", "off"):
+    for name in names:
         out[name] = {
             "latency_ms": {q: med([r[name]["latency_ms"][q] for r in rounds]) for q in ("p50", "p95", "p99")},
             **{
@@ -275,6 +357,8 @@ def summarize(rounds: list[dict], concurrency: list[int]) -> dict:
             },
             "images_per_s": {str(c): med([r[name]["images_per_s"][str(c)] for r in rounds]) for c in concurrency},
         }
+    if names != ("on", "off"):
+        return out
     top = str(max(concurrency))
     out["speedup_on_at_max_clients_vs_one"] = med(
         [r["on"]["images_per_s"][top] / r["on"]["images_per_s"]["1"] for r in rounds]

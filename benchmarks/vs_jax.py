@@ -7,7 +7,7 @@ Cases: conv-rgb 32x32 B=1 and B=32 and the bundled photo at 256x256, B=1 and B=4
 rao-ballard-1999 16x26 B=1 and B=32 (inputs uniform in [-1, 1], seed 0 except the photo). Per round
 every runner is timed once (mean over calls lasting at least --min-time), in the same order, so the
 ratio of a round compares runs taken side by side; the median of the per-round ratios is the number
-to read. "ours" is `model.infer(x, steps=100)` (the automatic backend: numba for
+to read. "ours" is `model.infer(x, steps=100, solver="gradient")` (the automatic backend: numba for
 the quadratic plan where numba is installed, else onnxruntime), called once first to prepare; beside it
 each CPU backend that applies, asked for by name ("onnxruntime", "numba"), the whole result as `infer`
 returns it. JAX runs every variant of benchmarks.jax_peer that applies, each its own runner in the
@@ -58,19 +58,19 @@ def run_case(
 
     model = pcmodel.load(name)
     x = case_input(model, hw, batch, photo)
-    model.prepare(steps=[steps], shapes=[hw])
-    first = model.infer(x, steps=steps)
-    expected = model.infer(x, steps=steps, backend="loop").latents
-    runners: dict[str, Callable[[], Any]] = {"ours": lambda: model.infer(x, steps=steps).latents}
+    model.prepare(steps=[steps], shapes=[hw], solvers=["gradient"])  # the paper's dynamics, as the JAX peer runs
+    first = model.infer(x, steps=steps, solver="gradient")
+    expected = model.infer(x, steps=steps, backend="loop", solver="gradient").latents
+    runners: dict[str, Callable[[], Any]] = {"ours": lambda: model.infer(x, steps=steps, solver="gradient").latents}
     info: dict[str, Any] = {"ours_backend": first.backend, "input": "photo" if photo else "uniform"}
     named = ["onnxruntime"]
     if numba_quadratic.available() and plans.plan_kind(model.config, hw) == "quadratic":
         named.append("numba")
     for backend in named:
-        model.infer(x, steps=steps, backend=backend)  # builds or compiles
+        model.infer(x, steps=steps, backend=backend, solver="gradient")  # builds or compiles
 
         def call(backend: str = backend) -> Any:
-            return model.infer(x, steps=steps, backend=backend).latents
+            return model.infer(x, steps=steps, backend=backend, solver="gradient").latents
 
         runners[backend] = call
     jax_calls, info["jax_compile_s"] = compile_variants(model, x, steps)

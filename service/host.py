@@ -9,6 +9,7 @@ bucket sizes.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import math
 import os
@@ -149,15 +150,18 @@ class ModelHost:
         """
         warmed = sorted({self.config.steps, *self.settings.warmup_steps})
         c, h, w = self.config.input_shape
-        self.model.prepare(steps=warmed, shapes=[(h, w), *[b for b in self.buckets if b != (h, w)]])
+        # The model's own dynamics and the paper's (solver=gradient), each with its fast programs.
+        solvers = list(dict.fromkeys([self.model.solver(), self.model.solver("gradient")]))
+        shapes = [(h, w), *[b for b in self.buckets if b != (h, w)]]
+        self.model.prepare(steps=warmed, shapes=shapes, solvers=solvers)
         sizes = sorted({min(2**k, self.settings.max_batch_size) for k in range(11)})  # 1, 2, 4, ... max
         generator = torch.Generator().manual_seed(0)
         lo, hi = self.config.preprocess.value_range
         x = (torch.rand((sizes[-1], c, h, w), generator=generator) * (hi - lo) + lo).to(self.device)
         backends = {}
-        for steps in warmed:
+        for steps, solver in itertools.product(warmed, solvers):
             for size in sizes:
-                result = self.model.infer(x[:size], steps=steps)
+                result = self.model.infer(x[:size], steps=steps, solver=solver)
             if not torch.isfinite(result.energy).all():
                 logger.warning(
                     "warm-up at %d steps produced NaN/Inf: this model diverges (PC_ALLOW_UNSTABLE=%s); "
@@ -165,9 +169,9 @@ class ModelHost:
                     steps,
                     self.settings.allow_unstable,
                 )
-            backends[steps] = result.backend
+            backends.setdefault(steps, result.backend)
             for bh, bw in self.buckets:  # one image per bucket: full-mode rows are large, batches small
-                self.model.infer(x[:1, :, :1, :1].expand(1, c, bh, bw).contiguous(), steps=steps)
+                self.model.infer(x[:1, :, :1, :1].expand(1, c, bh, bw).contiguous(), steps=steps, solver=solver)
         return backends
 
     def _infer(self, x: torch.Tensor, steps: int, how: tuple[str | None, str | None] | None = None) -> Settled:

@@ -12,8 +12,10 @@ from __future__ import annotations
 import copy
 from typing import Any
 
+from pcmodel import SOLVERS
+
 from .metrics import REASONS
-from .options import ARRAYS, OUTPUTS, SIZE_MODES
+from .options import ARRAYS, INITS, OUTPUTS, SIZE_MODES
 from .settings import Settings
 
 ARRAY = {
@@ -48,6 +50,8 @@ RESULT = {
         "model": {"$ref": "#/components/schemas/PCModelRef"},
         "steps": {"type": "integer", "description": "inference steps used"},
         "size_mode": {"type": "string", "enum": list(SIZE_MODES)},
+        "solver": {"type": "string", "description": "the dynamics that ran, e.g. gradient or nesterov(0.7)"},
+        "init": {"type": "string", "description": "where inference started: zero, amortised, feedforward"},
         "energy": {
             "type": "object",
             "properties": {
@@ -211,6 +215,17 @@ def _form(settings: Settings, image_field: str, many: bool) -> dict[str, Any]:
                         "outputs": {
                             "type": "string",
                             "description": f"comma-separated subset of {','.join(OUTPUTS)} (default: all but trace)",
+                        },
+                        "solver": {
+                            "type": "string",
+                            "enum": list(SOLVERS),
+                            "description": "the dynamics: gradient (the paper's), momentum or nesterov (default: the "
+                            "model's)",
+                        },
+                        "init": {
+                            "type": "string",
+                            "enum": list(INITS),
+                            "description": "where inference starts: zero or amortised (default: the model's)",
                         },
                     },
                     "required": [image_field],

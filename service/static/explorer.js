@@ -6,6 +6,7 @@ const OUTPUTS = "input,reconstruction,error_map,latents,level_errors,trace";
 const MAP_SIDE = 256; // input, reconstruction and error are enlarged to about this many pixels
 const CAUSE_SIDE = 64; // each cause's latent map to about this many
 const SVG = "http://www.w3.org/2000/svg";
+const PAPER_STEPS = 100; // the paper's dynamics as served before the fast defaults
 
 const $ = (id) => document.getElementById(id);
 let file = null; // the photo chosen or dropped
@@ -201,22 +202,25 @@ function niceTicks(lo, hi, count) {
   return ticks;
 }
 
-function drawEnergy(trace) {
+// traces: [{ values, label, kind }], kind "trace" (this run) or "paper" (the paper's dynamics from zero).
+function drawEnergy(traces) {
   const box = $("energy-plot");
   box.replaceChildren();
+  const trace = traces[0].values;
+  const all = traces.flatMap((t) => t.values);
   const width = 640;
   const height = 240;
   const m = { left: 64, right: 16, top: 12, bottom: 40 };
-  const steps = trace.length - 1;
-  let lo = Math.min(...trace);
-  let hi = Math.max(...trace);
+  const steps = Math.max(...traces.map((t) => t.values.length)) - 1;
+  let lo = Math.min(...all);
+  let hi = Math.max(...all);
   if (hi === lo) [lo, hi] = [lo - 1, hi + 1];
   const pad = (hi - lo) * 0.05;
   [lo, hi] = [lo - pad, hi + pad];
   const x = (i) => m.left + (i / Math.max(steps, 1)) * (width - m.left - m.right);
   const y = (v) => m.top + ((hi - v) / (hi - lo)) * (height - m.top - m.bottom);
   const plot = svg("svg", { viewBox: `0 0 ${width} ${height}`, width, height, role: "img", id: "energy-svg" });
-  plot.append(svg("title", {}, `energy from ${trace[0].toPrecision(5)} to ${trace[steps].toPrecision(5)}`));
+  plot.append(svg("title", {}, `energy from ${trace[0].toPrecision(5)} to ${trace[trace.length - 1].toPrecision(5)}`));
   for (const t of niceTicks(lo, hi, 5)) {
     plot.append(svg("line", { x1: m.left, x2: width - m.right, y1: y(t), y2: y(t), class: "grid" }));
     plot.append(svg("text", { x: m.left - 6, y: y(t) + 4, "text-anchor": "end" }, String(Number(t.toPrecision(6)))));
@@ -230,8 +234,13 @@ function drawEnergy(trace) {
   plot.append(svg("text", { x: (m.left + width - m.right) / 2, y: height - 6, "text-anchor": "middle" }, "inference step"));
   const middle = (m.top + height - m.bottom) / 2;
   plot.append(svg("text", { x: 14, y: middle, "text-anchor": "middle", transform: `rotate(-90 14 ${middle})` }, "energy E"));
-  const points = trace.map((v, i) => `${x(i).toFixed(1)},${y(v).toFixed(1)}`).join(" ");
-  plot.append(svg("polyline", { points, class: "trace" }));
+  traces.forEach((t, index) => {
+    const points = t.values.map((v, i) => `${x(i).toFixed(1)},${y(v).toFixed(1)}`).join(" ");
+    plot.append(svg("polyline", { points, class: t.kind }));
+    const row = m.top + 14 + 16 * index;
+    plot.append(svg("line", { x1: width - m.right - 190, x2: width - m.right - 170, y1: row - 4, y2: row - 4, class: t.kind }));
+    plot.append(svg("text", { x: width - m.right - 164, y: row, class: "legend" }, t.label));
+  });
   box.append(plot);
 }
 
@@ -247,6 +256,7 @@ function drawSummary(result, timing) {
   const drop = energy.initial ? (100 * (energy.initial - energy.final)) / Math.abs(energy.initial) : 0;
   const rows = [
     ["steps", String(result.steps)],
+    ["dynamics", `${result.solver}, from ${result.init === "zero" ? "r = 0" : `the ${result.init} start`}`],
     ["size mode", result.size_mode + (result.tile_grid ? `: ${result.tile_grid.rows} × ${result.tile_grid.cols} tiles` : "")],
     ["input", result.input.array.shape.join(" × ") + " (channels × height × width)"],
     ["energy", `${energy.initial.toPrecision(5)} → ${energy.final.toPrecision(5)} (${drop.toFixed(1)} % lower)`],
@@ -304,6 +314,8 @@ async function encode() {
   form.append("image", file, file.name);
   form.append("steps", $("steps").value);
   form.append("size_mode", $("size-mode").value);
+  form.append("solver", $("solver").value);
+  form.append("init", $("init").value);
   form.append("outputs", OUTPUTS);
   try {
     const response = await authFetch("/encode", { method: "POST", body: form });
@@ -321,7 +333,8 @@ async function encode() {
       showMap($("error-map"), body.error_map.png),
     ]);
     drawSummary(body, serverTiming(response.headers.get("server-timing")));
-    drawEnergy(body.energy.trace);
+    drawEnergy([{ values: body.energy.trace, label: `${body.solver}, ${body.steps} steps`, kind: "trace" }]);
+    await drawPaper(body);
     drawLatents(body.latents, body.tile_grid);
     drawLevelErrors(body.level_errors, body.tile_grid);
     $("results").hidden = false;
@@ -332,6 +345,25 @@ async function encode() {
   } finally {
     $("encode").disabled = false;
   }
+}
+
+// The same photo under the paper's dynamics (gradient steps from zero), drawn beside the run: fast and slow.
+async function drawPaper(body) {
+  if (body.solver === "gradient" && body.init === "zero") return;
+  const form = new FormData();
+  form.append("image", file, file.name);
+  form.append("steps", String(PAPER_STEPS));
+  form.append("size_mode", body.size_mode);
+  form.append("solver", "gradient");
+  form.append("init", "zero");
+  form.append("outputs", "trace");
+  const response = await authFetch("/encode", { method: "POST", body: form });
+  const paper = await response.json().catch(() => null);
+  if (!response.ok || !paper) return;
+  drawEnergy([
+    { values: body.energy.trace, label: `${body.solver}, ${body.steps} steps`, kind: "trace" },
+    { values: paper.energy.trace, label: `the paper's: gradient from 0`, kind: "paper" },
+  ]);
 }
 
 function choose(chosen) {
@@ -367,6 +399,11 @@ async function loadModel() {
   const modes = card.input.size_mode;
   for (const option of [...$("size-mode").options]) option.hidden = !modes.choices.includes(option.value);
   $("size-mode").value = modes.default;
+  for (const [id, choice] of [["solver", card.solver], ["init", card.init]]) {
+    const select = $(id);
+    select.replaceChildren(...choice.choices.map((c) => el("option", { value: c }, c)));
+    if (choice.choices.includes(choice.default.split("(")[0])) select.value = choice.default.split("(")[0];
+  }
   const config = card.config;
   const pre = config.preprocess;
   const rows = [

@@ -104,16 +104,24 @@ def test_explorer_encodes_a_photo_and_shows_api_errors(server, browser, tmp_path
     channels = [config.input_shape[0], *(level.causes for level in config.levels[:-1])]
     for index, count in enumerate(channels):
         assert errors.nth(index).locator("canvas").count() == count
-    points = page.get_attribute("#energy-plot polyline", "points")
+    points = page.get_attribute("#energy-plot polyline.trace", "points")
     assert points is not None and len(points.split()) == config.steps + 1  # the trace, one point per step
     assert "lower" in page.inner_text("#summary")
     if path := os.environ.get("PC_EXPLORER_SCREENSHOT"):
         page.screenshot(path=path, full_page=True)
 
+    assert page.eval_on_selector_all("#solver option", "o => o.map(x => x.value)") == list(pcmodel.SOLVERS)
+    assert "dynamics" in page.inner_text("#summary")
     page.fill("#steps", "20")  # again, with other options: the plot follows
+    page.select_option("#solver", "nesterov")
     page.click("#encode")
-    page.wait_for_function("() => document.querySelector('#energy-plot polyline').points.length === 21")
+    page.wait_for_function("() => document.querySelector('#energy-plot polyline.trace').points.length === 21")
+    # fast and slow: the paper's dynamics from zero drawn beside the run, for the same photo
+    page.wait_for_function("() => document.querySelector('#energy-plot polyline.paper') !== null")
+    assert len(page.get_attribute("#energy-plot polyline.paper", "points").split()) == 100 + 1
+    assert "nesterov" in page.inner_text("#summary")
     page.wait_for_function("() => !document.getElementById('encode').disabled")
+    page.select_option("#solver", "gradient")
 
     # Tile mode: tiles overlap by half; the latent maps show the tiles on the image's own tile-sized grid.
     page.select_option("#size-mode", "tile")
