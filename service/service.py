@@ -8,9 +8,10 @@ Routes: POST /encode, POST /encode_batch (BentoML API methods); GET / (the explo
 service/static), GET /docs (BentoML's API browser, without its trackers), GET /model, GET /model/basis
 and GET /docs.json (a small mounted ASGI app: BentoML API methods are POST-only); the Open Inference
 Protocol under /v2 (service.v2_rest, another mounted app) and over gRPC on PC_GRPC_PORT (service.v2_grpc,
-started in each worker); and BentoML's /livez, /readyz and /metrics. The model loads on a thread (service.health), so the probes answer at once: /readyz 503
-until the model is loaded, moved to its device and warmed up, then 200; /livez 200 unless the load
-failed or the batcher's task has died (then 503, so Kubernetes restarts the pod).
+started in each worker); and BentoML's /livez, /readyz and /metrics. The model loads on a thread
+(service.health), so the probes answer at once: /readyz 503 until the model is loaded, moved to its
+device and warmed up, then 200; /livez 200 unless the load failed or the batcher's task has died (then
+503, so Kubernetes restarts the pod).
 """
 
 from __future__ import annotations
