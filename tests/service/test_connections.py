@@ -68,9 +68,10 @@ def test_a_client_that_vanishes_mid_body_does_not_hold_the_drain(tmp_path, astro
         image = grpcclient.InferInput("image", [1], "BYTES")
         image.set_data_from_numpy(np.array([astronaut64], dtype=object))
         done: queue.Queue = queue.Queue()
-        parameters = {"steps": 1000, "size_mode": "tile"}  # a second or more of model time
+        parameters = {"steps": 1000, "size_mode": "tile"}  # seconds of model time on a CPU
         client.async_infer("conv-rgb", [image], lambda result, error: done.put((result, error)), parameters=parameters)
         time.sleep(0.3)
+        assert done.empty(), "the call finished before SIGTERM: nothing was in flight"
         os.killpg(s.process.pid, signal.SIGTERM)
         result, error = done.get(timeout=60)
         finished = time.monotonic()
