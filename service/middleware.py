@@ -204,7 +204,7 @@ class ApiKey:
         self.key = key
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or _is_open(scope["path"]):
+        if scope["type"] != "http" or is_open(scope["path"]):
             await self.app(scope, receive, send)
             return
         header = next((v for k, v in scope["headers"] if k == b"authorization"), None)
@@ -218,7 +218,8 @@ class ApiKey:
         await _reply(send, 401, "unauthorized", message, ((b"www-authenticate", b"Bearer"),))
 
 
-def _is_open(path: str) -> bool:
+def is_open(path: str) -> bool:
+    """Whether a path is served without the API key (the probes, /metrics, the pages)."""
     return path in OPEN_PATHS or path.startswith(OPEN_PREFIXES)
 
 

@@ -15,6 +15,7 @@ from typing import Any
 from pcmodel import SOLVERS
 
 from .metrics import REASONS
+from .middleware import is_open
 from .options import ARRAYS, INITS, OUTPUTS, SIZE_MODES
 from .settings import Settings
 
@@ -491,4 +492,13 @@ def complete(spec: dict[str, Any], settings: Settings) -> dict[str, Any]:
         }
     }
     paths.update(_v2_paths())
+    if settings.api_key or settings.api_key_file:
+        # Swagger UI's "Authorize" then sends the key; the open routes say they need none.
+        schemes = spec["components"].setdefault("securitySchemes", {})
+        schemes["apiKey"] = {"type": "http", "scheme": "bearer", "description": "PC_API_KEY"}
+        spec["security"] = [{"apiKey": []}]
+        for path, item in paths.items():
+            if is_open(path):
+                for operation in item.values():
+                    operation["security"] = []
     return spec

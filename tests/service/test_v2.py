@@ -476,6 +476,14 @@ def test_api_key(guarded_server, astronaut64):
             assert response.status_code == 401 and response.json()["reason"] == "unauthorized", path
             assert response.headers["www-authenticate"] == "Bearer" and KEY not in response.text
     assert s.post("/encode", files=files, data={"steps": "5"}, headers=AUTH).status_code == 200
+    document = s.get("/docs.json").json()  # Swagger UI's Authorize sends the key where it is needed
+    assert document["components"]["securitySchemes"]["apiKey"] == {
+        "type": "http",
+        "scheme": "bearer",
+        "description": "PC_API_KEY",
+    }
+    assert document["security"] == [{"apiKey": []}] and document["paths"]["/readyz"]["get"]["security"] == []
+    assert "security" not in document["paths"]["/encode"]["post"]
     with EncoderClient(s.url, api_key=KEY) as client:
         assert client.encode(astronaut64, steps=5).steps == 5
 
