@@ -12,7 +12,8 @@ from .forms import Part, parse_form
 from .settings import Settings
 
 SIZE_MODES = ("resize", "tile", "full")
-OUTPUTS = ("latents", "reconstruction", "error_map", "input", "trace", "level_errors")
+OUTPUTS = ("latents", "reconstruction", "error_map", "input", "trace", "level_errors", "snapshots")
+MAX_SNAPSHOTS = 20  # outputs=snapshots: the states inference passes through, at most this many after the start
 DEFAULT_OUTPUTS = ("latents", "reconstruction", "error_map", "input")
 ARRAYS = ("float32", "float16", "none")
 OPTION_FIELDS = ("steps", "size_mode", "outputs", "arrays", "solver", "init")

@@ -108,14 +108,49 @@ def encode_result(
         out["padded"] = [fit.top, fit.bottom, fit.left, fit.right]
         out["model_input"] = list(fit.fitted)
     maps = [m for m in MAPS if m in arrays]
-    if maps:
-        pre = config.preprocess
-        scale = display_scale(prepared.shown.to("cpu", torch.float32), pre)
-        centred = not (pre.filter == "none" and pre.normalize == "none")
-        for name in maps:
-            t = arrays[name]
-            picture = to_display(t, pre, scale, centred=centred or name == "error_map")
-            out[name] = {"png": png_payload(picture)}
-            if options.arrays != "none":
-                out[name]["array"] = array_payload(t, options.arrays)
+    for name, picture in map_pictures(arrays, prepared, config, maps).items():
+        out[name] = {"png": png_payload(picture)}
+        if options.arrays != "none":
+            out[name]["array"] = array_payload(arrays[name], options.arrays)
     return out
+
+
+def map_pictures(arrays: dict, prepared: Prepared, config: ModelConfig, names: list[str]) -> dict[str, Image.Image]:
+    """The pictures of an image's maps (`arrays` from image_arrays), all on the input's scale, so that every map
+    of an image is comparable; the error map centred."""
+    if not names:
+        return {}
+    pre = config.preprocess
+    scale = display_scale(prepared.shown.to("cpu", torch.float32), pre)
+    centred = not (pre.filter == "none" and pre.normalize == "none")
+    return {n: to_display(arrays[n], pre, scale, centred=centred or n == "error_map") for n in names}
+
+
+def image_maps(
+    prepared: Prepared, settled: Settled, config: ModelConfig, names: list[str]
+) -> dict[str, tuple[torch.Tensor, Image.Image]]:
+    """The maps on the image's grid, each as its tensor (C, H, W) and its picture: input (as the model saw
+    it), reconstruction, and error_map = input - reconstruction (exactly, in float32)."""
+    if not names:
+        return {}
+    arrays = image_arrays(prepared, settled, tuple(names))
+    return {n: (arrays[n], picture) for n, picture in map_pictures(arrays, prepared, config, names).items()}
+
+
+def snapshot_payload(prepared: Prepared, settled: Settled, config: ModelConfig) -> dict:
+    """One snapshot of inference (outputs=snapshots): its step, energy, the reconstruction and error PNGs and
+    the latents as float16 arrays (a snapshot is for seeing, and a slider holds up to MAX_SNAPSHOTS)."""
+    check_finite(settled)
+    grid = prepared.grid
+    maps = image_maps(prepared, settled, config, ["reconstruction", "error_map"])
+    return {
+        "step": int(settled.steps.max()),
+        "energy": float(settled.energy[-1].sum(dtype=torch.float64)),
+        **{name: png_payload(picture) for name, (_, picture) in maps.items()},
+        "latents": [array_payload(r if grid is not None else r[0], "float16") for r in settled.latents],
+    }
+
+
+def snapshot_steps(steps: int, count: int) -> list[int]:
+    """The steps a slider shows: 0 (the start) and about `count` more, evenly up to `steps`."""
+    return sorted({0, *(round(k * steps / count) for k in range(1, count + 1))})

@@ -37,10 +37,11 @@ from .errors import RequestError, rejection
 from .forms import Part
 from .health import ModelLoader, NotLoaded
 from .host import ModelHost
+from .inputs import Prepared
 from .middleware import BODY_KEY, CONTENT_TYPE_KEY, ApiKey, BodyGate, HeadLimit, JsonErrors
-from .options import EncodeOptions, read_request
+from .options import MAX_SNAPSHOTS, EncodeOptions, read_request
 from .pipeline import Pipeline, run
-from .responses import encode_result
+from .responses import encode_result, snapshot_payload, snapshot_steps
 from .settings import Settings
 from .v2_grpc import GrpcServer
 
@@ -133,7 +134,19 @@ class PCEncoder:
         host = self.host
         result = await run(decoded.small, encode_result, decoded.prepared, settled, options, host.ref, host.config)
         result.update(host.dynamics(options.solver, options.init))
+        if "snapshots" in options.outputs:
+            result["snapshots"] = await self._snapshots(decoded.prepared, options, decoded.small)
         return result, settled, decoded.small
+
+    async def _snapshots(self, prepared: Prepared, options: EncodeOptions, small: bool) -> list[dict]:
+        """outputs=snapshots: the state after each of up to MAX_SNAPSHOTS step counts, each an exact run of
+        that many steps from the same start with the same dynamics (a momentum solver's velocity is part of
+        its state, so a run cannot be resumed from latents alone); at most ~10x the request's own steps."""
+        out = []
+        for step in snapshot_steps(options.steps, min(MAX_SNAPSHOTS, options.steps)):
+            settled = await self.host.infer(prepared.rows, step, options.solver, options.init)
+            out.append(await run(small, snapshot_payload, prepared, settled, self.host.config))
+        return out
 
     async def _encode_item(self, part: Part, options: EncodeOptions) -> dict:
         try:

@@ -10,16 +10,30 @@ const PAPER_STEPS = 100; // the paper's dynamics as served before the fast defau
 
 const $ = (id) => document.getElementById(id);
 let file = null; // the photo chosen or dropped
+let last = null; // the last response and the options it was asked with (the stepper asks the same)
 
-// ---- arrays: {"shape", "dtype": "float32", "data": base64 of little-endian bytes} ----------------
+// ---- arrays: {"shape", "dtype": "float32" | "float16", "data": base64 of little-endian bytes} ------
+
+// IEEE half precision to a number (sign, 5 exponent bits, 10 fraction bits).
+function half(bits) {
+  const sign = bits & 0x8000 ? -1 : 1;
+  const exponent = (bits >> 10) & 0x1f;
+  const fraction = bits & 0x3ff;
+  if (exponent === 0) return sign * fraction * 2 ** -24;
+  if (exponent === 31) return fraction ? NaN : sign * Infinity;
+  return sign * (1 + fraction / 1024) * 2 ** (exponent - 15);
+}
 
 function decodeArray(payload) {
-  if (payload.dtype !== "float32") throw new Error(`unexpected dtype ${payload.dtype}`);
+  const width = { float32: 4, float16: 2 }[payload.dtype];
+  if (!width) throw new Error(`unexpected dtype ${payload.dtype}`);
   const text = atob(payload.data);
   const view = new DataView(new ArrayBuffer(text.length));
   for (let i = 0; i < text.length; i++) view.setUint8(i, text.charCodeAt(i));
-  const values = new Float32Array(text.length / 4);
-  for (let i = 0; i < values.length; i++) values[i] = view.getFloat32(4 * i, true);
+  const values = new Float32Array(text.length / width);
+  for (let i = 0; i < values.length; i++) {
+    values[i] = width === 4 ? view.getFloat32(4 * i, true) : half(view.getUint16(2 * i, true));
+  }
   return { shape: payload.shape, values };
 }
 
@@ -337,6 +351,9 @@ async function encode() {
     await drawPaper(body);
     drawLatents(body.latents, body.tile_grid);
     drawLevelErrors(body.level_errors, body.tile_grid);
+    last = { body, options: { steps: $("steps").value, size_mode: $("size-mode").value, solver: $("solver").value, init: $("init").value } };
+    $("snapshot-box").hidden = true;
+    $("step-through").disabled = false;
     $("results").hidden = false;
     $("status").textContent = `Encoded ${file.name}.`;
   } catch (error) {
@@ -364,6 +381,38 @@ async function drawPaper(body) {
     { values: body.energy.trace, label: `${body.solver}, ${body.steps} steps`, kind: "trace" },
     { values: paper.energy.trace, label: `the paper's: gradient from 0`, kind: "paper" },
   ]);
+}
+
+// outputs=snapshots: the states the run passed through, on a slider over its steps.
+async function stepThrough() {
+  if (!last) return;
+  $("step-through").disabled = true;
+  $("status").textContent = "Asking for the states inference passes through…";
+  const form = new FormData();
+  form.append("image", file, file.name);
+  for (const [name, value] of Object.entries(last.options)) form.append(name, value);
+  form.append("outputs", "snapshots");
+  const response = await authFetch("/encode", { method: "POST", body: form });
+  const body = await response.json().catch(() => null);
+  $("step-through").disabled = false;
+  if (!response.ok || !body) {
+    showError(body && body.error ? body.error : `the service answered ${response.status}`);
+    return;
+  }
+  const snapshots = body.snapshots;
+  const slider = $("snapshot");
+  slider.max = String(snapshots.length - 1);
+  slider.value = slider.max;
+  const show = async () => {
+    const snap = snapshots[Number(slider.value)];
+    $("snapshot-label").textContent = `step ${snap.step} of ${body.steps}: energy ${snap.energy.toPrecision(5)}`;
+    await Promise.all([showMap($("reconstruction-map"), snap.reconstruction), showMap($("error-map"), snap.error_map)]);
+    drawLatents(snap.latents, last.body.tile_grid);
+  };
+  slider.oninput = show;
+  await show();
+  $("snapshot-box").hidden = false;
+  $("status").textContent = `${snapshots.length} states of inference: move the slider.`;
 }
 
 function choose(chosen) {
@@ -443,6 +492,7 @@ async function loadModel() {
 
 function main() {
   $("image").addEventListener("change", (event) => choose(event.target.files[0]));
+  $("step-through").addEventListener("click", () => stepThrough().catch((error) => showError(error.message)));
   $("encode-form").addEventListener("submit", (event) => {
     event.preventDefault();
     encode();

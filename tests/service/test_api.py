@@ -9,7 +9,7 @@ from PIL import Image
 
 import pcmodel
 from pcmodel.images import decode, display_maps, prepare_image, preprocess, tile
-from service.client import EncoderClient, ServiceError
+from service.client import EncoderClient, ServiceError, decode_array
 from service.host import pick_device
 from service.metrics import REASONS
 
@@ -258,3 +258,21 @@ def test_solver_and_init_fields(server, client, astronaut64):
         before, "pc_request_errors_total", reason="bad_parameter"
     )
     assert counted == 3 + (not model.has_amortiser)
+
+
+def test_snapshots_show_the_states_inference_passes_through(client, astronaut64):
+    """outputs=snapshots: each snapshot is the exact state after its step count, for the same start and solver."""
+    result = client.encode(astronaut64, size_mode="resize", steps=30, solver="nesterov", outputs=["snapshots"])
+    snapshots = result.raw["snapshots"]
+    steps = [s["step"] for s in snapshots]
+    assert steps[0] == 0 and steps[-1] == 30 and len(steps) == 21 and steps == sorted(steps)
+    model = pcmodel.load("default")
+    x = preprocess([decode(astronaut64)], model.config, size=(32, 32))
+    trace = model.infer(x, steps=30, solver="nesterov").energy[:, 0]
+    for snap in snapshots:
+        assert snap["energy"] == pytest.approx(float(trace[snap["step"]]), rel=TOL)
+        assert [a["dtype"] for a in snap["latents"]] == ["float16", "float16"]
+        assert {"reconstruction", "error_map"} <= set(snap)
+    local = model.infer(x, steps=snapshots[10]["step"], solver="nesterov").latents[0][0].numpy()
+    np.testing.assert_allclose(decode_array(snapshots[10]["latents"][0]), local, atol=2e-3, rtol=2e-3)  # float16
+    assert snapshots[0]["energy"] > snapshots[-1]["energy"]

@@ -121,6 +121,14 @@ def test_explorer_encodes_a_photo_and_shows_api_errors(server, browser, tmp_path
     assert len(page.get_attribute("#energy-plot polyline.paper", "points").split()) == 100 + 1
     assert "nesterov" in page.inner_text("#summary")
     page.wait_for_function("() => !document.getElementById('encode').disabled")
+    # step through inference: a slider over the states of this run (20 steps: 21 states from the start)
+    page.click("#step-through")
+    page.wait_for_selector("#snapshot-box:not([hidden])", timeout=60_000)
+    assert page.get_attribute("#snapshot", "max") == "20" and "step 20 of 20" in page.inner_text("#snapshot-label")
+    final = page.get_attribute("#reconstruction-map", "src")
+    page.fill("#snapshot", "2")  # a range input takes fill; it fires input
+    page.wait_for_function("() => document.getElementById('snapshot-label').innerText.startsWith('step 2 of 20')")
+    page.wait_for_function(f"() => document.getElementById('reconstruction-map').src !== {final!r}")
     page.select_option("#solver", "gradient")
 
     # Tile mode: tiles overlap by half; the latent maps show the tiles on the image's own tile-sized grid.
