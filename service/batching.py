@@ -60,6 +60,7 @@ class _Job:
     steps: int
     future: asyncio.Future[Settled]
     how: Hashable = None  # what else a model call needs to share (the host's solver and start)
+    start: list[torch.Tensor] | None = None  # given starting latents, one per level, rows like x
     submitted: float = field(default_factory=time.perf_counter)
     started: float | None = None  # when its first rows went into a model call
     next_row: int = 0  # rows before this one have been handed to a batch
@@ -76,11 +77,11 @@ class _Job:
         return self.x.shape[0]
 
 
-InferFn = Callable[[torch.Tensor, int, Hashable], Settled]
+InferFn = Callable[[torch.Tensor, int, Hashable, list[torch.Tensor] | None], Settled]
 
 
 class Batcher:
-    """Runs `infer(x, steps, how)` on batches gathered from concurrent `submit` calls (see module doc)."""
+    """Runs `infer(x, steps, how, start)` on batches gathered from concurrent `submit` calls (module doc)."""
 
     def __init__(
         self,
@@ -106,9 +107,12 @@ class Batcher:
         # One thread: one model call at a time per process; torch uses its own threads inside it.
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pc-infer", initializer=thread_init)
 
-    async def submit(self, x: torch.Tensor, steps: int, how: Hashable = None) -> Settled:
+    async def submit(
+        self, x: torch.Tensor, steps: int, how: Hashable = None, start: list[torch.Tensor] | None = None
+    ) -> Settled:
         """Queue the rows of x (n, C, H, W) for `steps` inference steps; returns their results. Rows batch
-        with rows of the same steps, `how` (anything else the call shares) and shape.
+        with rows of the same steps, `how` (anything else the call shares) and shape; `start`: their own
+        starting latents (one tensor per level, rows like x; `how` must then say that starts are given).
 
         The job weighs rows x ceil(H W / unit_pixels) queue units, at most max_queue (so one image
         larger than the whole queue still runs, alone).
@@ -123,7 +127,8 @@ class Batcher:
                 f"{self.max_queue} native-size units); retry in a moment"
             )
         self._ensure_running()
-        job = _Job(x=x, steps=steps, future=asyncio.get_running_loop().create_future(), weight=weight, how=how)
+        future = asyncio.get_running_loop().create_future()
+        job = _Job(x=x, steps=steps, future=future, weight=weight, how=how, start=start)
         self._queue.append(job)
         self._queued += cost
         self._queued_rows += job.rows
@@ -202,11 +207,17 @@ class Batcher:
         if not live:
             return
         x = torch.cat([job.x[a:b] for job, a, b in live])  # (rows, C, H, W)
+        starts = None
+        if live[0][0].start is not None:  # jobs of one key all give starts, or none does
+            levels = range(len(live[0][0].start))
+            starts = [torch.cat([job.start[i][a:b] for job, a, b in live]) for i in levels]  # type: ignore[index]
         start = time.perf_counter()
         for job, _, _ in live:
             job.started = start if job.started is None else job.started
         try:
-            result = await asyncio.get_running_loop().run_in_executor(self._executor, self._infer, x, steps, how)
+            result = await asyncio.get_running_loop().run_in_executor(
+                self._executor, self._infer, x, steps, how, starts
+            )
         except Exception as exc:  # the model failed on this batch: every job in it gets the error
             logger.exception("inference failed on a batch of %d", x.shape[0])
             for job, _, _ in live:

@@ -150,14 +150,19 @@ class EncoderClient:
         arrays: str | None = None,
         solver: str | None = None,
         init: str | None = None,
+        start: Encoding | Sequence[np.ndarray] | None = None,
     ) -> Encoding:
         """Encode one image (a path, bytes, a PIL image or a uint8 array). Raises ServiceError on 4xx/5xx.
 
         size_mode: resize, tile or full; outputs: a subset of latents, reconstruction, error_map, input, trace,
         level_errors; arrays: float32, float16 or none; solver: gradient (the paper's dynamics), momentum or
-        nesterov; init: zero or amortised (the service's defaults where None)."""
+        nesterov; init: zero or amortised (the service's defaults where None); start: a previous Encoding (or
+        its latents, level 1 first) to start from, e.g. the previous frame of a video (a warm start)."""
         options = _options(steps, size_mode, outputs, arrays, solver, init)
-        response = self._http.post("/encode", files={"image": _file(image, "image.png")}, data=options)
+        files = {"image": _file(image, "image.png")}
+        if start is not None:
+            files["start"] = ("start.npz", _latents_npz(start), "application/octet-stream")
+        response = self._http.post("/encode", files=files, data=options)
         result = parse_encoding(_json(response))
         result.timing = server_timing(response.headers.get("server-timing", ""))
         return result
@@ -190,6 +195,16 @@ class EncoderClient:
             return self._http.get("/readyz", timeout=5).status_code == 200
         except httpx.HTTPError:
             return False
+
+
+def _latents_npz(start: Encoding | Sequence[np.ndarray]) -> bytes:
+    """Latents as the service's `start` part: an .npz of latent_1..latent_L (float32)."""
+    latents = start.latents if isinstance(start, Encoding) else list(start)
+    if not latents:
+        raise ValueError("start has no latents: ask the previous encode for outputs including latents")
+    buffer = io.BytesIO()
+    np.savez(buffer, **{f"latent_{i}": np.asarray(r, dtype=np.float32) for i, r in enumerate(latents, 1)})
+    return buffer.getvalue()
 
 
 def _options(

@@ -174,10 +174,17 @@ class ModelHost:
                 self.model.infer(x[:1, :, :1, :1].expand(1, c, bh, bw).contiguous(), steps=steps, solver=solver)
         return backends
 
-    def _infer(self, x: torch.Tensor, steps: int, how: tuple[str | None, str | None] | None = None) -> Settled:
-        """Runs on the batcher's thread: one model call, results moved to the CPU. `how`: (solver, init)."""
+    def _infer(
+        self,
+        x: torch.Tensor,
+        steps: int,
+        how: tuple[str | None, str | None] | None = None,
+        start: list[torch.Tensor] | None = None,
+    ) -> Settled:
+        """Runs on the batcher's thread: one model call, results moved to the CPU. `how`: (solver, init);
+        `start`: given starting latents (init "given")."""
         solver, init = how or (None, None)
-        result = self.model.infer(x, steps=steps, solver=solver, init=init)
+        result = self.model.infer(x, steps=steps, solver=solver, init=start if start is not None else init)
         return Settled(
             latents=[r.to("cpu") for r in result.latents],
             errors=[e.to("cpu") for e in result.errors],
@@ -188,11 +195,26 @@ class ModelHost:
         )
 
     async def infer(
-        self, rows: torch.Tensor, steps: int, solver: str | None = None, init: str | None = None
+        self,
+        rows: torch.Tensor,
+        steps: int,
+        solver: str | None = None,
+        init: str | None = None,
+        start: list[torch.Tensor] | None = None,
     ) -> Settled:
         """Settle the latents of rows (n, C, H, W) for `steps` steps, batched with other requests that ask
-        for the same steps, solver and start (None: the model's own)."""
+        for the same steps, solver and start (None: the model's own); `start`: the rows' own starting
+        latents (a warm start, one tensor per level shaped like the rows' latents)."""
         self.check_dynamics(solver, init)
+        if start is not None:
+            expected = [(rows.shape[0], *s) for s in self.model.latent_shapes(tuple(rows.shape[-2:]))]
+            got = [tuple(t.shape) for t in start]
+            if got != expected:
+                raise RequestError(
+                    422, "bad_parameter", f"`start` has latents shaped {got}; this image's are {expected}"
+                )
+            start = [t.to(self.device) for t in start]
+            return await self.batcher.submit(rows.to(self.device), steps, (solver, "given"), start)
         return await self.batcher.submit(rows.to(self.device), steps, (solver, init))
 
     def check_dynamics(self, solver: str | None, init: str | None) -> None:
@@ -209,6 +231,7 @@ class ModelHost:
     def dynamics(self, solver: str | None, init: str | None) -> dict:
         """Which solver and start a request ran with (its options resolved against the model's own)."""
         start = init or {"zeros": "zero"}.get(self.config.initial_latents, self.config.initial_latents)
+        start = "given" if init == "given" else start
         return {"solver": self.model.solver(solver).label, "init": start}
 
     def card(self) -> dict:

@@ -228,6 +228,17 @@ def _form(settings: Settings, image_field: str, many: bool) -> dict[str, Any]:
                             "enum": list(INITS),
                             "description": "where inference starts: zero or amortised (default: the model's)",
                         },
+                        **(
+                            {}
+                            if many
+                            else {
+                                "start": {
+                                    **file,
+                                    "description": "a warm start: an .npz of a previous result's latent_1.."
+                                    "latent_L, shaped as that response gave them (not with init)",
+                                }
+                            }
+                        ),
                     },
                     "required": [image_field],
                 }

@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import dataclasses
+import io
+import zipfile
 from dataclasses import dataclass
+
+import numpy as np
 
 from pcmodel import SOLVERS, ModelConfig
 from pcmodel.config import has_whole_map_level
@@ -17,6 +22,7 @@ MAX_SNAPSHOTS = 20  # outputs=snapshots: the states inference passes through, at
 DEFAULT_OUTPUTS = ("latents", "reconstruction", "error_map", "input")
 ARRAYS = ("float32", "float16", "none")
 OPTION_FIELDS = ("steps", "size_mode", "outputs", "arrays", "solver", "init")
+START_FIELD = "start"  # /encode: a previous result's latents as an .npz (latent_1..latent_L), a warm start
 INITS = ("zero", "amortised")  # where inference starts when a request names it (pcmodel's model.infer `init`)
 
 
@@ -31,6 +37,7 @@ class EncodeOptions:
     full_max_side: int = 256  # full mode: the longer side an image is scaled down to (PC_FULL_MAX_SIDE)
     solver: str | None = None  # the dynamics (pcmodel.solvers); None: the model's own
     init: str | None = None  # zero | amortised; None: the model's own start
+    start: tuple[np.ndarray, ...] | None = None  # /encode's `start` part: given latents, level 1 first
 
 
 def read_request(
@@ -38,8 +45,8 @@ def read_request(
 ) -> tuple[list[Part], EncodeOptions]:
     """The image parts and the options of an /encode (image_field="image", max_images=1) or
     /encode_batch (image_field="images") form."""
-    form = parse_form(body, content_type, max_parts=max_images + len(OPTION_FIELDS) + 1)
-    known = (image_field, *OPTION_FIELDS)
+    form = parse_form(body, content_type, max_parts=max_images + len(OPTION_FIELDS) + 2)
+    known = (image_field, *OPTION_FIELDS, *((START_FIELD,) if max_images == 1 else ()))
     unknown = sorted(set(form) - set(known))
     if unknown:
         raise RequestError(
@@ -63,7 +70,36 @@ def read_request(
             raise RequestError(400, "bad_request", f"the form field `{name}` is given {len(given)} times; send it once")
         if given:
             values[name] = _text(given[0])
-    return images, parse_options(values, config, settings)
+    options = parse_options(values, config, settings)
+    starts = form.get(START_FIELD, [])
+    if len(starts) > 1:
+        raise RequestError(400, "bad_request", f"the form field `{START_FIELD}` is given {len(starts)} times")
+    if starts:
+        if options.init is not None:
+            raise RequestError(422, "bad_parameter", "send either `init` or a `start`, not both")
+        options = dataclasses.replace(options, start=read_start(starts[0].data, len(config.levels)))
+    return images, options
+
+
+def read_start(data: bytes, levels: int) -> tuple[np.ndarray, ...]:
+    """A `start` part: an .npz (no pickle) holding latent_1..latent_L float arrays, as a previous response
+    (or pc-encode's encoding.npz) has them; their shapes are checked against the image's later."""
+    try:
+        if not data.startswith(b"PK"):  # an .npz is a zip file; np.load would read a bare .npy too
+            raise ValueError("it is not an .npz (zip) file")
+        with np.load(io.BytesIO(data), allow_pickle=False) as saved:
+            names = [f"latent_{i}" for i in range(1, levels + 1)]
+            missing = [n for n in names if n not in saved.files]
+            if missing:
+                raise ValueError(f"it has no {', '.join(missing)}")
+            arrays = tuple(np.asarray(saved[n]) for n in names)
+    except (ValueError, OSError, EOFError, KeyError, zipfile.BadZipFile, NotImplementedError) as exc:
+        raise RequestError(
+            422, "bad_parameter", f"`{START_FIELD}` must be an .npz of latent_1..latent_{levels}: {exc}"
+        ) from None
+    if not all(a.dtype.kind == "f" and np.isfinite(a).all() for a in arrays):
+        raise RequestError(422, "bad_parameter", f"`{START_FIELD}`'s latents must be finite floats")
+    return tuple(a.astype(np.float32) for a in arrays)
 
 
 def _text(part: Part) -> str:

@@ -77,10 +77,12 @@ class Pipeline:
             prepared = await run(small, prepare, planned, options, config)
         return Decoded(prepared, small)
 
-    async def settle(self, rows: torch.Tensor, options: EncodeOptions) -> Settled:
-        """Rows (n, C, H, W) through the shared batcher with the options' steps, solver and start, as one
-        encoded image (counted); NotFinite if it diverged."""
-        settled = await self.host.infer(rows, options.steps, options.solver, options.init)
+    async def settle(
+        self, rows: torch.Tensor, options: EncodeOptions, start: list[torch.Tensor] | None = None
+    ) -> Settled:
+        """Rows (n, C, H, W) through the shared batcher with the options' steps, solver and start (or the
+        given starting latents, one per level), as one encoded image (counted); NotFinite if it diverged."""
+        settled = await self.host.infer(rows, options.steps, options.solver, options.init, start)
         check_finite(settled)
         metrics.IMAGES.inc()
         metrics.INFERENCE_ITERATIONS.observe(int(settled.steps.max()))

@@ -10,8 +10,6 @@ goes out: `check_finite` raises NotFinite (500 not_finite) instead.
 
 from __future__ import annotations
 
-import base64
-
 import numpy as np
 import torch
 from PIL import Image
@@ -22,6 +20,7 @@ from pcmodel.images import display_scale, to_display
 from .batching import Settled
 from .errors import NotFinite
 from .inputs import Prepared
+from .jsonbody import Base64
 from .options import EncodeOptions
 from .png import png_bytes
 
@@ -39,11 +38,11 @@ def check_finite(settled: Settled) -> None:
 def array_payload(t: torch.Tensor, dtype: str = "float32") -> dict:
     """{"shape", "dtype": float32 or float16, "data": base64 of the little-endian bytes in C order}."""
     a = np.ascontiguousarray(t.detach().to("cpu", torch.float32).numpy(), dtype="<f4" if dtype == "float32" else "<f2")
-    return {"shape": list(a.shape), "dtype": dtype, "data": base64.b64encode(a.tobytes()).decode("ascii")}
+    return {"shape": list(a.shape), "dtype": dtype, "data": Base64.of(a.data)}
 
 
-def png_payload(image: Image.Image) -> str:
-    return base64.b64encode(png_bytes(np.asarray(image))).decode("ascii")
+def png_payload(image: Image.Image) -> Base64:
+    return Base64.of(png_bytes(np.asarray(image)))
 
 
 MAPS = ("input", "reconstruction", "error_map")

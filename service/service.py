@@ -17,20 +17,19 @@ device and warmed up, then 200; /livez 200 unless the load failed or the batcher
 from __future__ import annotations
 
 import asyncio
-import functools
-import json
 import logging
 import os
 import time
 from pathlib import Path
 
 import bentoml
+import torch
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from . import metrics, openapi, v2_rest
+from . import jsonbody, metrics, openapi, v2_rest
 from .batching import Settled
 from .budget import Budget
 from .errors import RequestError, rejection
@@ -130,10 +129,11 @@ class PCEncoder:
 
     async def _encode(self, part: Part, options: EncodeOptions) -> tuple[dict, Settled, bool]:
         decoded = await self.pipeline.decode(part, options)
-        settled = await self.pipeline.settle(decoded.prepared.rows, options)
+        start = _start_rows(options, decoded.prepared)
+        settled = await self.pipeline.settle(decoded.prepared.rows, options, start)
         host = self.host
         result = await run(decoded.small, encode_result, decoded.prepared, settled, options, host.ref, host.config)
-        result.update(host.dynamics(options.solver, options.init))
+        result.update(host.dynamics(options.solver, "given" if start is not None else options.init))
         if "snapshots" in options.outputs:
             result["snapshots"] = await self._snapshots(decoded.prepared, options, decoded.small)
         return result, settled, decoded.small
@@ -155,6 +155,15 @@ class PCEncoder:
             error = _rejection_or_raise(exc)
             metrics.count_error(error.reason)
             return {"error": error.message, "status": error.status, "reason": error.reason}
+
+
+def _start_rows(options: EncodeOptions, prepared: Prepared) -> list[torch.Tensor] | None:
+    """The `start` part's latents with the rows' leading axis (a response's latents have none but in tile
+    mode); the host checks their shapes."""
+    if options.start is None:
+        return None
+    tiled = prepared.grid is not None
+    return [torch.from_numpy(a if tiled else a[None]) for a in options.start]
 
 
 def _body(ctx: bentoml.Context) -> tuple[bytes, str]:
@@ -201,11 +210,8 @@ def _warn_limited(reason: str, message: str) -> None:
     _warned[reason] = (now, 0)
 
 
-_dumps = functools.partial(json.dumps, separators=(",", ":"))
-
-
 async def _json_response(payload: dict, inline: bool = False) -> Response:
-    return Response(await run(inline, _dumps, payload), media_type="application/json")
+    return Response(await run(inline, jsonbody.dumps, payload), media_type="application/json")
 
 
 # ---- GET routes: a small ASGI app mounted beside the API methods ------------------------------------

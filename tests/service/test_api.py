@@ -276,3 +276,35 @@ def test_snapshots_show_the_states_inference_passes_through(client, astronaut64)
     local = model.infer(x, steps=snapshots[10]["step"], solver="nesterov").latents[0][0].numpy()
     np.testing.assert_allclose(decode_array(snapshots[10]["latents"][0]), local, atol=2e-3, rtol=2e-3)  # float16
     assert snapshots[0]["energy"] > snapshots[-1]["energy"]
+
+
+def test_a_warm_start_from_a_previous_result(server, client, astronaut64, astronaut):
+    """`start`: the previous frame's latents; the next frame starts where it ended (resize and tile mode)."""
+    model = pcmodel.load("default")
+    first = client.encode(astronaut64, size_mode="resize", steps=40, solver="nesterov")
+    again = client.encode(astronaut64, size_mode="resize", steps=1, start=first)
+    assert again.init == "given"
+    assert again.energy_initial == pytest.approx(first.energy_final, rel=TOL)
+    x = preprocess([decode(astronaut64)], model.config, size=(32, 32))
+    local = model.infer(x, steps=1, init=[torch.from_numpy(r[None]) for r in first.latents])
+    np.testing.assert_allclose(again.latents[0], local.latents[0][0].numpy(), atol=TOL)
+    tiles = client.encode(png(astronaut[:64, :64]), size_mode="tile", steps=30)
+    warm = client.encode(png(astronaut[:64, :64]), size_mode="tile", steps=1, start=tiles)
+    assert warm.energy_initial == pytest.approx(tiles.energy_final, rel=TOL)
+    before = server.metrics()
+    for start in ([r[:, :3] for r in first.latents], first.latents[:1]):  # wrong shapes, a missing level
+        with pytest.raises(ServiceError) as refused:
+            client.encode(astronaut64, size_mode="resize", start=start)
+        assert refused.value.status == 422 and refused.value.reason == "bad_parameter"
+    bad = server.post("/encode", files={"image": ("a.png", astronaut64), "start": ("s.npz", b"not a zip")})
+    assert bad.status_code == 422 and "start" in bad.json()["error"]
+    both = server.post(
+        "/encode", files={"image": ("a.png", astronaut64), "start": ("s.npz", b"x")}, data={"init": "zero"}
+    )
+    assert both.status_code == 422
+    after = server.metrics()
+    assert (
+        metric(after, "pc_request_errors_total", reason="bad_parameter")
+        - metric(before, "pc_request_errors_total", reason="bad_parameter")
+        == 4
+    )

@@ -35,9 +35,9 @@ def rows(n: int, size: int = 32, seed: int = 0) -> torch.Tensor:
 def test_batches_group_by_steps_solver_and_shape_and_split_large_jobs(host):
     calls: list[tuple[int, int, object, tuple[int, ...]]] = []
 
-    def recording_infer(x, steps, how):
+    def recording_infer(x, steps, how, start):
         calls.append((x.shape[0], steps, how, tuple(x.shape[2:])))
-        return host._infer(x, steps, how)
+        return host._infer(x, steps, how, start)
 
     plain, fast = (None, None), ("nesterov", None)
     jobs = [(rows(1, seed=1), 5, plain), (rows(1, seed=2), 10, plain), (rows(3, seed=3), 5, plain)]
