@@ -1,13 +1,22 @@
-"""pc-encode: encode an image file (or a bundled photo) from the command line and write the maps.
+"""pc-encode: encode an image file (or a bundled photo), or a collection of images into a Parquet data set.
 
-Writes input.png, reconstruction.png and error.png at the image's size, montage.png (the three side by
-side, enlarged to be seen) and encoding.npz with every array; prints a JSON summary.
+One image file: writes input.png, reconstruction.png and error.png at the image's size, montage.png (the
+three side by side, enlarged to be seen) and encoding.npz with every array into --out; prints a JSON
+summary. A folder (recursive), a glob, a list file (.txt, .csv) or several paths: writes a data set of
+one row per input into --out (pcmodel.encodings, docs/ENCODINGS.md) on every core, resumably: run the
+same command again after an interruption and it finishes what is missing.
 """
 
 from __future__ import annotations
 
+import argparse
+import contextlib
+import importlib.util
 import json
+import shlex
+import signal
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -15,7 +24,9 @@ import torch
 
 import pcmodel
 from pcmodel.cliargs import ArgumentParser, existing_file, fail, model_source, output_folder, positive_int
+from pcmodel.collection import DEFAULT_BATCH_SIZE, InputError, is_collection
 from pcmodel.config import has_whole_map_level
+from pcmodel.encode_job import OutputError, WorkerError, WriteError
 from pcmodel.images import (
     DEFAULT_FULL_MAX_SIDE,
     DEFAULT_MAX_PIXELS,
@@ -53,10 +64,29 @@ def encode_array(
     return result, (shown, reconstruction, shown - reconstruction), placement
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = ArgumentParser(prog="pc-encode", description=__doc__)
+# Options of a collection only (--json is accepted for one image too: its summary is always JSON).
+COLLECTION_OPTIONS = ("outputs", "workers", "batch_size", "engine", "address", "limit", "shard_rows")
+
+
+def outputs_list(text: str) -> tuple[str, ...]:
+    """A comma-separated subset of pcmodel.encodings.OUTPUTS."""
+    from pcmodel.encodings import OUTPUTS
+
+    names = tuple(dict.fromkeys(n.strip() for n in text.split(",") if n.strip()))
+    bad = [n for n in names if n not in OUTPUTS]
+    if bad or not names:
+        raise argparse.ArgumentTypeError(f"give a comma-separated subset of {','.join(OUTPUTS)}, got {text!r}")
+    return names
+
+
+def build_parser() -> ArgumentParser:
+    parser = ArgumentParser(prog="pc-encode", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument(
-        "image", nargs="?", type=existing_file, help="image file (default: the bundled astronaut photo, 256x256)"
+        "paths",
+        nargs="*",
+        metavar="PATH",
+        help="an image file (default: the bundled astronaut photo, 256x256); or a folder, a glob, a .txt/.csv list "
+        "of paths, or several paths: a data set",
     )
     parser.add_argument(
         "--model", type=model_source, default="default", help="checkpoint path or name (default: %(default)s)"
@@ -91,7 +121,50 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--out", type=output_folder, default=Path("encoded"), help="output folder (default: %(default)s)"
     )
+    data = parser.add_argument_group("a collection (a data set)")
+    data.add_argument(
+        "--outputs",
+        type=outputs_list,
+        default=None,
+        help="columns besides the energies: latents, reconstruction and error_map (float32 arrays), "
+        "reconstruction_png and error_map_png (PNG bytes) (default: latents)",
+    )
+    data.add_argument("--workers", type=positive_int, default=None, help="processes (default: every core)")
+    data.add_argument(
+        "--batch-size", type=positive_int, default=None, help="images per batch, and rows per model call (default: 8)"
+    )
+    data.add_argument("--engine", choices=("local", "ray"), default=None, help="local processes or Ray Data")
+    data.add_argument("--address", default=None, help="--engine ray: a cluster (auto, ray://host:port)")
+    data.add_argument("--limit", type=positive_int, default=None, help="encode at most the first N inputs")
+    data.add_argument("--json", action="store_true", default=None, help="print a JSON summary on stdout")
+    data.add_argument("--shard-rows", type=positive_int, default=None, help="rows per Parquet shard (default: 1000)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
     args = parser.parse_args(argv)
+    if args.paths and is_collection(args.paths):
+        return encode_collection(args, argv)
+    given = [f"--{name.replace('_', '-')}" for name in COLLECTION_OPTIONS if getattr(args, name) is not None]
+    if given:
+        return fail(
+            "pc-encode",
+            f"{', '.join(given)}: for a collection (a folder, a glob, a list file or several paths), not one image",
+        )
+    if args.paths:
+        try:
+            args.image = existing_file(args.paths[0])
+        except argparse.ArgumentTypeError as exc:
+            return fail("pc-encode", f"argument PATH: {exc}")
+    else:
+        args.image = None
+    return encode_one(args)
+
+
+def encode_one(args: argparse.Namespace) -> int:
+    """One image file (or the bundled photo): the maps, the montage and encoding.npz, as always."""
     try:
         image = sample_photo() if args.image is None else decode(args.image.read_bytes(), DEFAULT_MAX_PIXELS)
     except (OSError, ValueError) as exc:
@@ -154,6 +227,229 @@ def main(argv: list[str] | None = None) -> int:
     }
     print(json.dumps(summary, indent=2))
     return 0
+
+
+class Stopped(KeyboardInterrupt):
+    """SIGTERM, handled as Ctrl-C is: stop cleanly, keep what is complete."""
+
+
+def _raise_stopped(signum, frame) -> None:
+    raise Stopped(signum)
+
+
+class Reporter:
+    """Progress on stderr: a rich bar on a terminal (images/s, ETA, failures), else a log line every `every` s."""
+
+    def __init__(self, total: int, already: int, every: float = 10.0) -> None:
+        self.total, self.already, self.every = total, already, every
+        self.last = time.monotonic()
+        self.bar = None
+        if sys.stderr.isatty() and total and importlib.util.find_spec("rich") is not None:
+            from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+
+            self.bar = Progress(
+                TextColumn("pc-encode"),
+                BarColumn(),
+                TextColumn("{task.completed}/{task.total}"),
+                TextColumn("{task.fields[rate]:.1f} images/s"),
+                TimeRemainingColumn(),
+                TextColumn("{task.fields[failed]} failed"),
+                transient=False,
+            )
+            self.task = self.bar.add_task("encode", total=total, completed=already, rate=0.0, failed=0)
+            self.bar.start()
+
+    def __call__(self, progress) -> None:
+        elapsed = max(time.monotonic() - progress.started, 1e-9)
+        rate = progress.finished / elapsed
+        if self.bar is not None:
+            completed = self.already + progress.finished
+            self.bar.update(self.task, completed=completed, rate=rate, failed=progress.failed)
+            return
+        if time.monotonic() - self.last < self.every:
+            return
+        self.last = time.monotonic()
+        remaining = self.total - self.already - progress.finished
+        eta = f", ETA {remaining / rate:.0f} s" if rate > 0 else ""
+        print(
+            f"pc-encode: {self.already + progress.finished}/{self.total} images, {rate:.1f} images/s, "
+            f"{progress.failed} failed{eta}",
+            file=sys.stderr,
+            flush=True,
+        )
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.stop()
+
+
+def encode_collection(args: argparse.Namespace, argv: list[str]) -> int:
+    """A folder, glob, list or several paths into a Parquet data set in --out, resumably (module docstring)."""
+    from pcmodel.collection import find_inputs
+
+    engine = args.engine or "local"
+    if args.address is not None and engine != "ray":
+        return fail("pc-encode", "--address is for --engine ray (a Ray cluster)")
+    needed = ["pyarrow"] + (["ray"] if engine == "ray" else [])
+    for module in needed:
+        if importlib.util.find_spec(module) is None:
+            extra = "ray" if module == "ray" else "encode"
+            return fail("pc-encode", f"a data set needs {module}: pip install 'predictive-coding[{extra}]'")
+    try:
+        inputs = find_inputs(args.paths)
+    except InputError as exc:
+        return fail("pc-encode", f"argument PATH: {exc}")
+    if args.limit is not None:
+        inputs = inputs[: args.limit]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the workers do the work; the driver's model is only its identity
+    try:
+        return _encode_collection(args, argv, inputs, engine)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _encode_collection(args: argparse.Namespace, argv: list[str], inputs: list, engine: str) -> int:
+    from pcmodel import encode_job, encodings
+    from pcmodel.collection import EncodeSettings
+
+    try:
+        model = pcmodel.load(args.model)
+    except (OSError, ValueError) as exc:
+        return fail("pc-encode", f"--model {args.model}: {exc}")
+    size_mode = args.size_mode or model.config.preprocess.size_mode
+    if size_mode == "full" and has_whole_map_level(model.config):
+        return fail(
+            "pc-encode",
+            f"--size-mode full needs a convolutional model; {model.name} has a dense level (native size only): "
+            "use --size-mode tile or resize",
+        )
+    if args.init is not None and args.init not in ("zero", "amortised"):
+        message = f"--init {args.init}: a collection starts from zero or amortised (a warm start is for one image)"
+        return fail("pc-encode", message)
+    settings = EncodeSettings(
+        model=args.model,
+        steps=args.steps or model.config.steps,
+        size_mode=size_mode,
+        max_side=args.max_side,
+        outputs=args.outputs or ("latents",),
+        batch_size=args.batch_size or DEFAULT_BATCH_SIZE,
+        solver=args.solver,
+        init=args.init,
+    )
+    try:  # the solver's stability and the start, on one native-size input, before any work
+        model.solver(args.solver)
+        model.infer(torch.zeros(1, *model.config.input_shape), steps=1, solver=args.solver, init=args.init)
+    except ValueError as exc:
+        option = "--solver" if isinstance(exc, pcmodel.UnstableStepError) else "--init"
+        return fail("pc-encode", f"{option}: {exc}")
+    workers = args.workers or encode_job.default_workers()
+    try:
+        output = encode_job.Output.open(args.out, encode_job.identity(model, settings))
+    except OutputError as exc:
+        return fail("pc-encode", str(exc))
+    except OSError as exc:
+        return fail("pc-encode", f"--out {args.out}: cannot write there ({exc.strerror or exc})")
+    resume = "pc-encode " + shlex.join(argv)
+    started = time.monotonic()
+    status, code = "complete", 0
+    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
+    signal.signal(signal.SIGTERM, _raise_stopped)
+    progress = None
+    reporter = None
+    writer = encode_job.ShardWriter(args.out, args.shard_rows or 1000)
+    try:
+        work = encode_job.plan(args.out, inputs)
+        output.write_manifest(status="running", runs=output.manifest["runs"] + 1, inputs=len(inputs))
+        progress = encode_job.Progress(total=len(work.pending))
+        reporter = Reporter(len(inputs), len(inputs) - len(work.pending))
+        if work.pending and engine == "ray":
+            from pcmodel.encode_ray import run_ray
+
+            levels = model.num_levels
+            run_ray(settings, model.sha256, levels, work.pending, workers, args.address, writer, progress, reporter)
+        elif work.pending:
+            encode_job.run_local(
+                settings, model.sha256, model.num_levels, work.pending, workers, writer, progress, reporter
+            )
+        writer.flush()
+    except KeyboardInterrupt as exc:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # the clean stop takes a second or two: let it finish
+        status, code = "interrupted", 143 if isinstance(exc, Stopped) else 130
+        with contextlib.suppress(WriteError):  # a full disk: the complete shards stand
+            writer.flush()
+    except WriteError as exc:
+        status, code = "failed", 1
+        shards = len(encodings.shards(args.out))
+        print(
+            f"pc-encode: cannot write a shard into {exc.filename} ({exc.strerror}); the {shards} complete shards there "
+            f"stay readable: make room and run the same command again to finish: {resume}",
+            file=sys.stderr,
+        )
+    except WorkerError as exc:
+        status, code = "failed", 1
+        print(f"pc-encode: {exc}", file=sys.stderr)
+    except OSError as exc:  # the manifest, or a shard rewritten without a changed file's row
+        status, code = "failed", 1
+        where = exc.filename or args.out
+        print(
+            f"pc-encode: cannot write into {where} ({exc.strerror or exc}); the complete shards stay readable: "
+            f"make room and run the same command again to finish: {resume}",
+            file=sys.stderr,
+        )
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        if reporter is not None:
+            reporter.close()
+    seconds = time.monotonic() - started
+    try:
+        totals = encodings.counts(args.out)
+        output.write_manifest(
+            status=status,
+            counts={"inputs": len(inputs), **totals, "missing": max(0, len(inputs) - totals["rows"])},
+            seconds=round(seconds, 3),
+            seconds_total=round(output.manifest.get("seconds_total", 0.0) + seconds, 3),
+            engine=engine,
+            workers=workers,
+        )
+    except OSError:
+        totals = {"rows": 0, "done": 0, "failed": 0}
+    finally:
+        output.close()
+    encoded = progress.finished if progress is not None else 0
+    if status == "interrupted":
+        print(
+            f"pc-encode: stopped; {totals['rows']} of {len(inputs)} inputs are in {args.out}. "
+            f"Run the same command again to finish: {resume}",
+            file=sys.stderr,
+        )
+    summary = {
+        "out": str(args.out),
+        "status": status,
+        "model": model.name,
+        "sha256": model.sha256,
+        "engine": engine,
+        "workers": workers,
+        "inputs": len(inputs),
+        "encoded": encoded,
+        "failed_now": progress.failed if progress is not None else 0,
+        "rows": totals["rows"],
+        "done": totals["done"],
+        "failed": totals["failed"],
+        "seconds": round(seconds, 3),
+        "images_per_s": round(encoded / seconds, 2) if seconds > 0 else None,
+        "restarts": progress.restarts if progress is not None else 0,
+    }
+    if args.json:
+        print(json.dumps(summary, indent=2))
+    elif status == "complete":
+        print(
+            f"pc-encode: {summary['rows']} rows in {args.out}/{encodings.DATA} ({summary['failed']} failed); "
+            f"{encoded} encoded now in {seconds:.1f} s",
+            file=sys.stderr,
+        )
+    return code
 
 
 def _start(init: str | None) -> str | list[torch.Tensor] | None:

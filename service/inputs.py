@@ -6,14 +6,13 @@ from __future__ import annotations
 import io
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 from PIL import Image
 
-from pcmodel import ModelConfig
-from pcmodel.images import Fit, TileGrid, full_size, open_image, prepare_image, tile_count
+from pcmodel import ModelConfig, decoding
+from pcmodel.decoding import Limits
+from pcmodel.images import Fit, TileGrid, open_image
 
-from .decoding import decoded_bytes, draft_for, load_uint8
 from .errors import RequestError
 from .forms import Part
 from .options import EncodeOptions
@@ -62,51 +61,18 @@ def plan(part: Part, options: EncodeOptions, config: ModelConfig, settings: Sett
             f"(curl -F {part.name}=@photo.jpg)",
         )
     image = open_image(part.data, max_pixels=settings.max_pixels, min_side=settings.min_side)
-    width, height = image.size
-    channels = config.input_shape[0]
-    if options.size_mode == "tile":
-        tiles = tile_count(config, height, width)
-        # The batcher queues at most max_queue rows: an image with more tiles could never be admitted.
-        limit = min(settings.max_tiles, settings.max_queue)
-        if tiles > limit:
-            native = config.input_shape[1:]
-            raise RequestError(
-                413,
-                "too_large",
-                f"in tile mode this {width}x{height} image needs {tiles} tiles of {native[0]}x{native[1]}, over "
-                f"the limit of {limit}; send a smaller image or use size_mode=resize",
-            )
-    # Resize and full mode scale the image down first: a JPEG may decode at a reduced size.
-    scaled = {"resize": config.input_shape[1:], "full": full_size(height, width, options.full_max_side)}
-    draft_for(image, config.preprocess.color, scaled.get(options.size_mode))
-    raw = decoded_bytes(image)
-    if raw > settings.max_image_bytes:
-        raise RequestError(
-            413,
-            "too_large",
-            f"this {width}x{height} {image.mode} image decodes to {raw} bytes, over the limit of "
-            f"{settings.max_image_bytes}; send fewer pixels or 8 bits per sample",
-        )
-    width, height = image.size  # after a JPEG's draft
-    # The decoded pixels plus one 8-bit copy (palette and 1-bit images expand to RGB(A) to be reduced).
-    # Resize and full mode convert to the model's channels after reducing and scale before filtering; tile
-    # mode converts the whole image and holds it as float32 with the filter's temporaries (about six
-    # copies) over the model's channels.
-    per_pixel = 4 if image.mode in ("P", "PA", "1") else len(image.getbands())
-    if options.size_mode == "tile":
-        per_pixel = max(per_pixel, channels) + 6 * 4 * channels
-    return Planned(image=image, cost=raw + width * height * per_pixel)
+    # The batcher queues at most max_queue rows: an image with more tiles could never be admitted.
+    limits = Limits(
+        max_pixels=settings.max_pixels,
+        min_side=settings.min_side,
+        max_image_bytes=settings.max_image_bytes,
+        max_tiles=min(settings.max_tiles, settings.max_queue),
+    )
+    cost = decoding.plan(image, config, options.size_mode, limits, options.full_max_side)  # ImageError: 413
+    return Planned(image=image, cost=cost)
 
 
 def prepare(planned: Planned, options: EncodeOptions, config: ModelConfig) -> Prepared:
-    """Decode a planned image and preprocess it exactly as training does (pcmodel.images)."""
-    width, height = planned.image.size
-    scaled = {"resize": config.input_shape[1:], "full": full_size(height, width, options.full_max_side)}
-    try:
-        pixels = load_uint8(planned.image, config.preprocess.color, scaled.get(options.size_mode))
-    finally:
-        planned.image.close()  # frees the decoded pixels now, not when the last reference goes
-    if options.size_mode == "full":  # the size from the original image: a JPEG's draft must not change it
-        pixels = np.asarray(Image.fromarray(pixels).resize(scaled["full"][::-1], Image.Resampling.BICUBIC))
-    rows, shown, placement = prepare_image(pixels, config, options.size_mode, options.full_max_side)
+    """Decode a planned image and preprocess it exactly as training does (pcmodel.decoding.prepare)."""
+    rows, shown, placement = decoding.prepare(planned.image, config, options.size_mode, options.full_max_side)
     return Prepared(rows=rows, shown=shown, grid=placement.grid, fit=placement.fit)

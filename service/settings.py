@@ -14,7 +14,10 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from pcmodel.decoding import Limits
 from pcmodel.engines import MAX_PREPARED_STEPS
+
+LIMITS = Limits()  # the decoding limits' defaults, shared with pc-encode's collections
 
 
 class SettingsError(ValueError):
@@ -39,17 +42,17 @@ class Settings:
     # A request's head (request line and headers; gRPC: its metadata): more bytes, or more than
     # MAX_HEADER_FIELDS fields, get 431 (gRPC: RESOURCE_EXHAUSTED)
     max_header_bytes: int = 16 * 1024
-    max_pixels: int = 25_000_000  # decoded image size limit (a decompression bomb gets 413)
-    max_image_bytes: int = 100 * 1024 * 1024  # pixels x bands x bytes per sample of one decoded image; more: 413
+    max_pixels: int = LIMITS.max_pixels  # decoded image size limit (a decompression bomb gets 413)
+    max_image_bytes: int = LIMITS.max_image_bytes  # pixels x bands x bytes per sample of one decoded image; more: 413
     # Memory budgets per worker (service.budget); 0 = a quarter of the memory the service may use
     # (the cgroup's memory.max, else physical memory) divided by the workers. Beyond them: 503.
     max_inflight_bytes: int = 0  # request bodies held at once (each counted twice: bytes and parsed form)
     max_decoding_bytes: int = 0  # images being decoded and preprocessed at once (their estimated peak bytes)
     budget_wait_ms: float = 1000.0  # how long a request waits for room in a budget before it gets 503
-    min_side: int = 8  # smaller images get 400: there is nothing to encode in a 1x1 image
+    min_side: int = LIMITS.min_side  # smaller images get 400: there is nothing to encode in a 1x1 image
     # tile mode: native-size tiles one image may need, counting the overlapping tiles (about 4x the
     # non-overlapping count: tiles overlap by half); cost grows with area
-    max_tiles: int = 4096
+    max_tiles: int = LIMITS.max_tiles
     # full mode: the longer side an image is scaled down to (never up); the padded sizes (buckets) derive
     # from it and are warmed at start-up. 0 turns full mode off.
     full_max_side: int = 256

@@ -39,7 +39,7 @@ CASES = [
     ("pc-encode", ["--steps", "0"], "--steps"),
     ("pc-encode", ["--steps", "-3"], "--steps"),
     ("pc-encode", ["--steps", "ten"], "--steps"),
-    ("pc-encode", ["{missing}"], "image"),
+    ("pc-encode", ["{missing}"], "{missing}"),
     ("pc-encode", ["{folder}"], "image"),
     ("pc-encode", ["{text}"], "{text}"),
     ("pc-encode", ["--model", "no-such-model"], "--model"),

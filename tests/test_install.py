@@ -87,14 +87,16 @@ def test_core_dependencies_are_the_light_set():
 
 def test_extras_exist_and_test_takes_the_others():
     extras = PYPROJECT["project"]["optional-dependencies"]
-    assert {"serve", "train", "bench", "fast", "pcx", "test"} <= set(extras)
+    assert {"serve", "train", "bench", "fast", "pcx", "encode", "ray", "test"} <= set(extras)
     assert {"bentoml", "prometheus-client", "python-multipart", "httpx"} <= names(extras["serve"])
     assert {"scipy", "scikit-image", "scikit-learn", "matplotlib", "rich"} <= names(extras["train"])
     assert {"httpx", "psutil", "jax"} <= names(extras["bench"])
     assert not CORE & (names(extras["serve"]) | names(extras["train"]))
     (self_reference,) = [Requirement(r) for r in extras["test"] if Requirement(r).name == "predictive-coding"]
-    assert self_reference.extras == {"serve", "train", "bench", "fast"}
+    assert self_reference.extras == {"serve", "train", "bench", "fast", "encode", "ray"}
     assert names(extras["fast"]) == {"numba"}
+    assert {"pyarrow", "rich"} <= names(extras["encode"]) and "ray" in names(extras["ray"])
+    assert not CORE & {"pyarrow", "ray"}  # heavy: extras only
     assert {"pytest", "ruff"} <= names(extras["test"])
 
 

@@ -10,7 +10,7 @@ import json
 import subprocess
 import sys
 
-HEAVY = ("onnx", "onnxruntime", "numba", "scipy", "bentoml")
+HEAVY = ("onnx", "onnxruntime", "numba", "scipy", "bentoml", "pyarrow", "ray")
 
 
 def loaded_after(code: str) -> set[str]:

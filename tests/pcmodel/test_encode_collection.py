@@ -1,0 +1,451 @@
+"""pc-encode over collections: one row per input in a Parquet data set, read back by pcmodel.encodings,
+pyarrow, pandas and DuckDB; bad files as rows with their reasons; resuming after Ctrl-C, SIGTERM and a
+killed worker; a full disk; and the mistakes refused in one line before any work.
+
+The model is rao-ballard-1999 (it loads in a tenth of a second) in its tile mode at 3 steps, so each run
+costs the workers' start-up; the runs that need a real signal are subprocesses (`python -m pcmodel.cli`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import io
+import json
+import os
+import resource
+import signal
+import struct
+import subprocess
+import sys
+import time
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import pcmodel
+from pcmodel import encodings
+from pcmodel.cli import main
+
+pa = pytest.importorskip("pyarrow", reason="pc-encode's data sets need the encode extra")
+pq = pytest.importorskip("pyarrow.parquet")
+
+ROOT = Path(__file__).resolve().parents[2]
+MODEL = ["--model", "rao-ballard-1999", "--steps", "3"]
+ENV = {**os.environ, "PYTHONPATH": str(ROOT)}
+
+
+def png_header_only(width: int, height: int) -> bytes:
+    """A PNG whose header claims width x height, with a few bytes of pixel data: a decompression bomb's shape."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
+
+
+def photo(path: Path, size: tuple[int, int], seed: int) -> Path:
+    rng = np.random.default_rng(seed)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(rng.integers(0, 256, (size[1], size[0]), dtype=np.uint8)).save(path)
+    return path
+
+
+# Each bad file and the reason its row must carry.
+BAD = {
+    "zero.jpg": "bad_image",
+    "truncated.png": "bad_image",
+    "notes-but-png.png": "bad_image",
+    "tiny.png": "too_small",
+    "bomb.png": "too_large",  # 6000 x 6000 pixels: over 25 M, refused from the header
+    "tiles.png": "too_large",  # 700 x 700 needs 89 x 55 tiles of 16 x 26 in tile mode, over 4096
+    "huge.png": "too_large",  # a file over 100 MiB (sparse), never read
+    "photo.ppm": "unsupported_format",
+}
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("photos")
+    for i, size in enumerate([(40, 30), (52, 32), (40, 30), (33, 61)]):
+        photo(root / ("sub" if i % 2 else "") / f"good{i}.png", size, i)
+    data = (root / "good0.png").read_bytes()
+    (root / "zero.jpg").write_bytes(b"")
+    (root / "truncated.png").write_bytes(data[: len(data) // 2])
+    (root / "notes-but-png.png").write_text("not an image")
+    photo(root / "tiny.png", (4, 4), 9)
+    (root / "bomb.png").write_bytes(png_header_only(6000, 6000))
+    (root / "tiles.png").write_bytes(png_header_only(700, 700))
+    with open(root / "huge.png", "wb") as f:
+        f.truncate(101 * 1024 * 1024)
+    Image.new("L", (20, 20)).save(root / "photo.ppm")
+    # Not inputs: a text file, a hidden file and a hidden folder's photo.
+    (root / "notes.txt").write_text("a list of nothing")
+    photo(root / ".hidden.png", (20, 20), 10)
+    photo(root / ".cache" / "thumb.png", (20, 20), 11)
+    return root
+
+
+@pytest.fixture(scope="module")
+def encoded(folder, tmp_path_factory) -> tuple[Path, dict]:
+    out = tmp_path_factory.mktemp("encoded") / "set"
+    argv = [str(folder), "--out", str(out), *MODEL, "--workers", "2", "--json"]
+    capture = io.StringIO()
+    with contextlib.redirect_stdout(capture):
+        assert main(argv) == 0
+    return out, json.loads(capture.getvalue())
+
+
+def test_a_folder_is_one_row_per_image_and_bad_files_are_rows_with_their_reason(folder, encoded):
+    out, summary = encoded
+    rows = {r.path: r for r in encodings.read(out)}
+    good = {"good0.png", "sub/good1.png", "good2.png", "sub/good3.png"}
+    assert set(rows) == good | set(BAD)  # no hidden file, no text file; every image once
+    assert {p: rows[p].reason for p in BAD} == BAD
+    for path in BAD:
+        assert rows[path].error and rows[path].latents == [] and rows[path].energy is None
+    assert (rows["tiny.png"].width, rows["tiny.png"].height) == (4, 4)
+    assert (rows["bomb.png"].width, rows["bomb.png"].height) == (6000, 6000)
+    assert summary["rows"] == len(rows) and summary["failed"] == len(BAD) and summary["done"] == len(good)
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["status"] == "complete" and manifest["counts"]["failed"] == len(BAD)
+    assert manifest["identity"]["model"]["sha256"] == pcmodel.load("rao-ballard-1999").sha256
+    assert manifest["identity"]["steps"] == 3 and manifest["version"]
+
+
+def test_rows_match_pc_encode_on_one_file(folder, encoded, tmp_path):
+    out, _ = encoded
+    rows = {r.path: r for r in encodings.read(out)}
+    for path in ("good0.png", "sub/good3.png"):
+        single = tmp_path / path
+        assert main([str(folder / path), *MODEL, "--out", str(single)]) == 0
+        npz = np.load(single / "encoding.npz")
+        row = rows[path]
+        assert len(row.latents) == 2
+        for i, latent in enumerate(row.latents):
+            assert latent.shape == npz[f"latent_{i + 1}"].shape  # (tiles, causes, H_l, W_l)
+            np.testing.assert_allclose(latent, npz[f"latent_{i + 1}"], rtol=1e-5, atol=1e-6)
+        assert row.energy == pytest.approx(float(npz["energy"][-1].sum()), rel=1e-5)
+        assert row.energy_initial == pytest.approx(float(npz["energy"][0].sum()), rel=1e-5)
+        assert row.sha256 == __import__("hashlib").sha256((folder / path).read_bytes()).hexdigest()
+        image = Image.open(folder / path)
+        assert (row.width, row.height) == image.size
+
+
+def test_pyarrow_pandas_and_duckdb_read_the_shards_as_they_are(encoded):
+    duckdb = pytest.importorskip("duckdb")
+    pd = pytest.importorskip("pandas")
+    out, _ = encoded
+    data = out / "data"
+    table = pq.read_table(data)
+    expected = [
+        "path",
+        "sha256",
+        "width",
+        "height",
+        "model_sha256",
+        "size_mode",
+        "steps",
+        "energy_initial",
+        "energy_final",
+        "latent_1",
+        "latent_1_shape",
+        "latent_2",
+        "latent_2_shape",
+        "error",
+        "reason",
+    ]
+    assert table.column_names == expected
+    # pyarrow alone recovers a tensor: its values and its shape.
+    index = table.column("path").to_pylist().index("good0.png")
+    shape = table.column("latent_1_shape")[index].as_py()
+    values = table.column("latent_1")[index].values.to_numpy()
+    latent = values.reshape(shape)
+    record = next(r for r in encodings.read(out) if r.path == "good0.png")
+    np.testing.assert_array_equal(latent, record.latents[0])
+
+    frame = pd.read_parquet(data)
+    assert len(frame) == table.num_rows and frame["reason"].notna().sum() == len(BAD)
+    assert set(frame.loc[frame["path"] == "zero.jpg", "reason"]) == {"bad_image"}
+
+    con = duckdb.connect()
+    counts = con.execute(
+        f"select count(*), count(distinct path), count(*) filter (where error is null), "
+        f"max(len(latent_1)) from read_parquet('{data}/*.parquet')"
+    ).fetchone()
+    assert counts[:3] == (table.num_rows, table.num_rows, 4)
+    assert counts[3] == max(int(np.prod(r.latents[0].shape)) for r in encodings.read(out) if r.latents)
+
+
+def test_globs_and_list_files_and_their_missing_or_unreadable_entries(folder, tmp_path, capsys):
+    listing = tmp_path / "inputs.csv"
+    listing.write_text(f"id,path\n1,{folder / 'good0.png'}\n2,{folder / 'missing.png'}\n3,{folder / 'sub'}\n")
+    text = tmp_path / "inputs.txt"
+    text.write_text(f"# photos\n{folder / 'good2.png'}\n\n")
+    out = tmp_path / "out"
+    pattern = str(folder / "sub" / "*.png")
+    assert main([str(listing), str(text), pattern, "--out", str(out), *MODEL, "--workers", "1", "--json"]) == 0
+    rows = {r.path: r for r in encodings.read(out)}
+    sub = sorted(str(p) for p in (folder / "sub").glob("*.png"))
+    assert set(rows) == {str(folder / "good0.png"), str(folder / "missing.png"), str(folder / "sub")} | {
+        str(folder / "good2.png"),
+        *sub,
+    }
+    assert rows[str(folder / "missing.png")].reason == "not_found"
+    assert rows[str(folder / "sub")].reason == "unreadable"  # a folder where a file should be
+    assert rows[str(folder / "good2.png")].reason is None
+    assert json.loads(capsys.readouterr().out)["failed"] == 2
+
+
+def test_outputs_add_maps_as_arrays_and_pngs(folder, tmp_path):
+    out = tmp_path / "maps"
+    outputs = "reconstruction,error_map,error_map_png"
+    assert main([str(folder / "sub"), "--out", str(out), *MODEL, "--workers", "1", "--outputs", outputs]) == 0
+    names = pq.read_schema(next((out / "data").glob("*.parquet"))).names
+    assert "latent_1" not in names and {"reconstruction", "error_map", "error_map_png"} <= set(names)
+    for row in encodings.read(out):
+        image = Image.open(folder / "sub" / row.path)
+        c, (w, h) = 1, image.size
+        assert row.maps["reconstruction"].shape == row.maps["error_map"].shape == (c, h, w)
+        png = Image.open(io.BytesIO(row.maps["error_map_png"]))
+        assert png.size == (w, h)
+
+
+def run_cli(args: list[str], **kwargs) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-m", "pcmodel.cli", *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=ENV,
+        **kwargs,
+    )
+
+
+def wait_for_shards(out: Path, count: int, process: subprocess.Popen, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while len(encodings.shards(out)) < count:
+        assert process.poll() is None, process.communicate()
+        assert time.monotonic() < deadline, "no shard appeared"
+        time.sleep(0.05)
+
+
+def paths_in(out: Path) -> list[str]:
+    return pq.read_table(out / "data", columns=["path"]).column("path").to_pylist()
+
+
+@pytest.fixture(scope="module")
+def many(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("many")
+    for i in range(IMAGES):
+        photo(root / f"{i:03d}.png", (40, 30), 100 + i)
+    return root
+
+
+IMAGES = 24
+SLOW = ["--model", "rao-ballard-1999", "--steps", "300", "--workers", "1", "--batch-size", "2", "--shard-rows", "2"]
+
+
+def finish(args: list[str], capsys) -> dict:
+    """The same command again, in this process: it must finish the data set."""
+    capsys.readouterr()
+    assert main([*args, "--json"]) == 0
+    return json.loads(capsys.readouterr().out)
+
+
+def test_ctrl_c_stops_within_seconds_and_the_same_command_finishes_the_data_set(many, tmp_path, capsys):
+    out = tmp_path / "out"
+    args = [str(many), "--out", str(out), *SLOW]
+    process = run_cli(args)
+    wait_for_shards(out, 1, process)
+    process.send_signal(signal.SIGINT)
+    sent = time.monotonic()
+    assert process.stderr is not None
+    lines = []  # up to the stop's report: by then the workers are stopped and the rows written
+    while not lines or ("stopped" not in lines[-1] and lines[-1]):
+        lines.append(process.stderr.readline())
+    stopped = time.monotonic() - sent
+    _, rest = process.communicate(timeout=60)
+    err = "".join(lines) + rest
+    # A clean stop, not the end of the batch in flight (seconds at 300 steps): 0.6 s on an idle 2-core
+    # machine, the interpreter's exit 1.6 s more.
+    assert stopped < 5, err
+    assert process.returncode == 130
+    assert "run the same command again" in err.lower() and "pc-encode " + " ".join(args) in err
+    first = paths_in(out)  # the shards are complete Parquet files
+    assert 0 < len(first) < IMAGES and len(first) == len(set(first))
+    assert not [p for p in (out / "data").iterdir() if not p.name.endswith(".parquet")]  # no temporary file
+    assert json.loads((out / "manifest.json").read_text())["status"] == "interrupted"
+
+    summary = finish(args, capsys)
+    assert summary["encoded"] == IMAGES - len(first)  # nothing encoded twice
+    assert sorted(paths_in(out)) == sorted(f"{i:03d}.png" for i in range(IMAGES))  # nothing lost, nothing twice
+
+
+def test_a_killed_worker_is_restarted_and_sigterm_stops_cleanly(many, tmp_path, capsys):
+    psutil = pytest.importorskip("psutil")
+    out = tmp_path / "out"
+    args = [str(many), "--out", str(out), *SLOW]
+    process = run_cli([*args, "--json"])
+    wait_for_shards(out, 1, process)
+    # The worker is a child of the forkserver, itself a child of pc-encode.
+    descendants = psutil.Process(process.pid).children(recursive=True)
+    workers = [p for p in descendants if p.ppid() != process.pid]
+    assert len(workers) == 1, [p.cmdline() for p in descendants]
+    workers[0].send_signal(signal.SIGKILL)
+    wait_for_shards(out, len(encodings.shards(out)) + 2, process)  # a new worker goes on
+    process.send_signal(signal.SIGTERM)
+    stdout, err = process.communicate(timeout=30)
+    assert process.returncode == 143, err
+    summary = json.loads(stdout)
+    assert summary["restarts"] == 1 and summary["status"] == "interrupted" and summary["failed"] == 0
+    first = paths_in(out)
+    assert len(first) == len(set(first)) == summary["rows"]
+
+    again = finish(args, capsys)
+    assert again["encoded"] == IMAGES - len(first) and again["failed"] == 0
+    assert sorted(paths_in(out)) == sorted(f"{i:03d}.png" for i in range(IMAGES))
+
+
+def test_a_changed_input_is_encoded_again_and_its_old_row_replaced(folder, tmp_path):
+    root = tmp_path / "photos"
+    for i in range(3):
+        photo(root / f"{i}.png", (40, 30), i)
+    out = tmp_path / "out"
+    args = [str(root), "--out", str(out), *MODEL, "--workers", "1", "--json"]
+    assert main(args) == 0
+    before = {r.path: r for r in encodings.read(out)}
+    photo(root / "1.png", (40, 30), 99)  # new content, same path
+    photo(root / "3.png", (40, 30), 3)  # a new file
+    assert main(args) == 0
+    after = {r.path: r for r in encodings.read(out)}
+    assert paths_in(out).count("1.png") == 1 and set(after) == {"0.png", "1.png", "2.png", "3.png"}
+    assert after["1.png"].sha256 != before["1.png"].sha256
+    assert not np.array_equal(after["1.png"].latents[0], before["1.png"].latents[0])
+    np.testing.assert_array_equal(after["0.png"].latents[0], before["0.png"].latents[0])
+
+
+def test_a_full_disk_fails_in_one_line_and_keeps_the_complete_shards(many, tmp_path):
+    out = tmp_path / "out"
+    args = [str(many), "--out", str(out), *MODEL, "--workers", "1", "--shard-rows", "4"]
+    assert main([*args, "--limit", "4"]) == 0
+
+    def small_files() -> None:  # a file system with room for nothing but the manifest
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (3000, 3000))
+
+    run = subprocess.run(
+        [sys.executable, "-m", "pcmodel.cli", *args],
+        capture_output=True,
+        text=True,
+        env=ENV,
+        timeout=120,
+        preexec_fn=small_files,
+    )
+    assert run.returncode == 1
+    lines = run.stderr.strip().splitlines()
+    assert len(lines) == 1 and "cannot write a shard" in lines[0] and "Traceback" not in run.stderr
+    assert sorted(paths_in(out)) == [f"{i:03d}.png" for i in range(4)]  # the first run's shard, readable
+    assert not [p for p in (out / "data").iterdir() if not p.name.endswith(".parquet")]
+
+
+def one_line_exit_2(argv: list[str], capsys) -> str:
+    try:
+        status = main(argv)
+    except SystemExit as exc:
+        status = exc.code
+    err = capsys.readouterr().err
+    assert status == 2
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    return err
+
+
+@pytest.mark.parametrize(
+    ("argv", "names"),
+    [
+        (["{folder}", "{folder}/no-such.png", "--out", "{out}"], "no-such.png"),
+        (["{folder}", "--out", "{out}", "--workers", "0"], "--workers"),
+        (["{folder}", "--out", "{out}", "--batch-size", "x"], "--batch-size"),
+        (["{folder}", "--out", "{out}", "--outputs", "latents,bogus"], "--outputs"),
+        (["{folder}", "--out", "{out}", "--engine", "spark"], "--engine"),
+        (["{folder}", "--out", "{out}", "--address", "auto"], "--address"),
+        (["{folder}/good0.png", "--workers", "2"], "--workers"),
+        (["{folder}/sub/*.jpg", "--out", "{out}"], "matches no files"),
+        (["{empty}", "--out", "{out}"], "no image files"),
+        (["{folder}/sub", "{copy}/sub", "--out", "{out}"], "same path"),
+        (["{folder}", "--out", "{out}", "--init", "{folder}/encoding.npz"], "--init"),
+        (["{folder}", "--out", "{out}", "--solver", "heavy"], "--solver"),
+        (["{folder}", "--out", "{folder}/good0.png/out"], "cannot write there"),  # an unwritable --out
+    ],
+)
+def test_mistakes_are_one_line_and_exit_2_before_any_work(argv, names, folder, tmp_path, capsys):
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "notes.txt").write_text("no images")
+    photo(tmp_path / "copy" / "sub" / "good1.png", (40, 30), 5)
+    values = {"folder": str(folder), "out": str(tmp_path / "out"), "empty": str(tmp_path / "empty")}
+    values["copy"] = str(tmp_path / "copy")
+    err = one_line_exit_2([a.format(**values) for a in argv], capsys)
+    assert names in err
+    assert not (tmp_path / "out").exists()  # nothing written
+
+
+def test_an_out_folder_with_another_model_or_settings_is_refused(encoded, folder, capsys):
+    out, _ = encoded
+    before = sorted(p.name for p in (out / "data").iterdir())
+    for change in (["--model", "conv-rgb"], ["--model", "rao-ballard-1999", "--steps", "4"]):
+        err = one_line_exit_2([str(folder), "--out", str(out), *change], capsys)
+        assert f"--out {out} holds a data set of model rao-ballard-1999" in err
+    err = one_line_exit_2([str(folder), "--out", str(out), *MODEL, "--outputs", "latents,error_map"], capsys)
+    assert "outputs latents" in err
+    assert sorted(p.name for p in (out / "data").iterdir()) == before
+
+
+def test_a_second_run_into_the_same_out_is_refused_while_the_first_runs(folder, tmp_path, capsys):
+    out = tmp_path / "out"
+    out.mkdir()
+    with open(out / ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        err = one_line_exit_2([str(folder), "--out", str(out), *MODEL], capsys)
+    assert "another pc-encode is writing" in err
+
+
+def test_encodings_imports_without_pyarrow_until_it_reads():
+    code = (
+        "import sys, pcmodel, pcmodel.encodings, pcmodel.collection, pcmodel.cli; "
+        "print('pyarrow' in sys.modules, 'ray' in sys.modules)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=ENV, check=True).stdout
+    assert out.split() == ["False", "False"]
+
+
+@pytest.mark.slow
+def test_the_ray_engine_writes_the_local_engines_rows_bit_for_bit(folder, encoded, tmp_path, capsys):
+    pytest.importorskip("ray", reason="--engine ray needs the ray extra")
+    local, _ = encoded
+    out = tmp_path / "ray"
+    # One actor: the local Ray gets workers + 1 = 2 CPUs, as CI's 2-CPU machines have.
+    summary = finish([str(folder), "--out", str(out), *MODEL, "--workers", "1", "--engine", "ray"], capsys)
+    assert summary["engine"] == "ray" and summary["rows"] == 4 + len(BAD) and summary["failed"] == len(BAD)
+    ours = pq.read_table(local / "data").sort_by("path")
+    theirs = pq.read_table(out / "data").sort_by("path")
+    assert theirs.schema == ours.schema
+    assert theirs.equals(ours)  # every column, latents bit for bit
+
+
+def test_the_readmes_read_example_runs_on_a_data_set(encoded, tmp_path, monkeypatch, capsys):
+    import re
+
+    out, _ = encoded
+    text = (ROOT / "README.md").read_text()
+    block = re.search(r"<!-- encode-read-example.*?-->\s*```python\n(.*?)```", text, re.S)
+    assert block, "README has no encode-read-example block"
+    (tmp_path / "encoded").symlink_to(out)
+    monkeypatch.chdir(tmp_path)
+    exec(compile(block.group(1), "README.md", "exec"), {})
+    printed = capsys.readouterr().out
+    assert "good0.png [(" in printed and "zero.jpg bad_image" in printed
+    assert "('too_large', 3)" in printed
