@@ -42,6 +42,11 @@ class LocalServer:
         self.home = Path(home if home is not None else self._tmp.name)  # type: ignore[union-attr]
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
+        # gRPC (the Open Inference Protocol) on a free port of its own, never the default 8001 that
+        # another server on this machine may hold; grpc_port=0 turns it off.
+        settings.setdefault("grpc_port", free_port())
+        self.grpc_port = int(settings["grpc_port"])  # type: ignore[call-overload]
+        self.grpc_target = f"127.0.0.1:{self.grpc_port}"
         self.settings = {
             f"PC_{k.upper()}": str(v).lower() if isinstance(v, bool) else str(v) for k, v in settings.items()
         }

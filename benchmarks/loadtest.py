@@ -2,11 +2,13 @@
 
     pc-serve-loadtest                      # starts its own pc-serve; 32 clients, 2,000 requests
     pc-serve-loadtest --url http://host:3000 --server-pid PID --clients 8 --requests 200
+    pc-serve-loadtest --protocol v2        # the same load over the Open Inference Protocol (binary tensors)
 
 Requests mix the bundled photos at 64x64 (most at the model's default steps, some at other step
 counts and some in tile mode, so batches must group by steps). Each response is checked: status
 200, the steps asked for, shapes, input - reconstruction = error_map exactly, and the energy lower
-after inference than before. Reports status counts, latency percentiles, throughput and the
+after inference than before (--protocol v2: the same checks on the binary tensors /v2/.../infer
+returns, the steps from the energy trace's length). Reports status counts, latency percentiles, throughput and the
 server's resident memory after the run against after warm-up (target <= 1.2x). Exit status 1 on
 any 5xx, other failure, or invalid response. The load generator runs on the same machine as the
 server unless --url points elsewhere.
@@ -20,6 +22,7 @@ import functools
 import io
 import json
 import platform
+import struct
 import sys
 import time
 import urllib.parse
@@ -56,6 +59,29 @@ class Spec:
         """The multipart body and its headers, built once: the load generator shares the server's cores."""
         request = httpx.Request("POST", "http://x/encode", files={"image": ("image.png", self.image)}, data=self.form())
         return request.read(), {"content-type": request.headers["content-type"]}
+
+    @functools.cached_property
+    def v2_encoded(self) -> tuple[bytes, dict[str, str]]:
+        """The Open Inference Protocol request with binary tensors (what tritonclient sends), built once."""
+        parameters: dict[str, object] = {"steps": self.steps} if self.steps is not None else {}
+        if self.size_mode is not None:
+            parameters["size_mode"] = self.size_mode
+        raw = struct.pack("<I", len(self.image)) + self.image  # a BYTES element: its length, then its bytes
+        header = {
+            "inputs": [
+                {"name": "image", "datatype": "BYTES", "shape": [1], "parameters": {"binary_data_size": len(raw)}}
+            ],
+            "outputs": [{"name": n, "parameters": {"binary_data": True}} for n in V2_OUTPUTS],
+            "parameters": parameters,
+        }
+        head = json.dumps(header).encode()
+        return head + raw, {
+            "content-type": "application/octet-stream",
+            "inference-header-content-length": str(len(head)),
+        }
+
+
+V2_OUTPUTS = ("input", "reconstruction", "error_map", "energy", "trace", "latent_1")
 
 
 @dataclass
@@ -139,10 +165,45 @@ def check(spec: Spec, response: httpx.Response, default_steps: int | None) -> st
     return None
 
 
+def check_v2(spec: Spec, response: httpx.Response, default_steps: int | None) -> str | None:
+    """None if the /v2 response is a valid encoding of spec (binary outputs), else what is wrong."""
+    if response.status_code != 200:
+        return f"status {response.status_code}: {response.text[:200]}"
+    try:
+        length = int(response.headers["inference-header-content-length"])
+        header = json.loads(response.content[:length])
+        arrays, at = {}, length
+        for out in header["outputs"]:
+            size = out["parameters"]["binary_data_size"]
+            arrays[out["name"]] = np.frombuffer(response.content[at : at + size], "<f4").reshape(out["shape"])
+            at += size
+        want = spec.steps if spec.steps is not None else default_steps
+        if want is not None and arrays["trace"].shape != (1, want + 1):
+            return f"trace shape {arrays['trace'].shape}, asked for {want} steps"
+        initial, final = arrays["energy"][0]
+        if not final < initial:
+            return f"energy did not fall: {initial} -> {final}"
+        if not np.array_equal(arrays["input"] - arrays["reconstruction"], arrays["error_map"]):
+            return "input - reconstruction != error_map"
+        if not np.isfinite(arrays["latent_1"]).all():
+            return "latents not finite"
+    except (KeyError, ValueError, TypeError) as exc:
+        return f"malformed response: {exc!r}"
+    return None
+
+
 async def drive(
-    url: str, specs: list[Spec], clients: int, default_steps: int | None = None, validate: bool = True
+    url: str,
+    specs: list[Spec],
+    clients: int,
+    default_steps: int | None = None,
+    validate: bool = True,
+    v2_model: str | None = None,
 ) -> tuple[list[Sample], float]:
-    """Send every spec with `clients` concurrent connections; returns the samples and the wall time."""
+    """Send every spec with `clients` concurrent connections (to /encode, or with `v2_model` to
+    /v2/models/{v2_model}/infer); returns the samples and the wall time."""
+    path = "/encode" if v2_model is None else f"/v2/models/{v2_model}/infer"
+    checker = check if v2_model is None else check_v2
     queue = iter(enumerate(specs))
     samples: list[Sample | None] = [None] * len(specs)
     limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
@@ -151,10 +212,10 @@ async def drive(
         for index, spec in queue:  # a shared iterator: each client takes the next request
             start = time.perf_counter()
             try:
-                body, headers = spec.encoded
-                response = await http.post("/encode", content=body, headers=headers)
+                body, headers = spec.encoded if v2_model is None else spec.v2_encoded
+                response = await http.post(path, content=body, headers=headers)
                 seconds = time.perf_counter() - start
-                problem = check(spec, response, default_steps) if validate else None
+                problem = checker(spec, response, default_steps) if validate else None
                 if not validate and response.status_code != 200:
                     problem = f"status {response.status_code}"
                 samples[index] = Sample(response.status_code, seconds, problem)
@@ -217,14 +278,18 @@ def run(
     warmup: int,
     rss: Callable[[], int] | None = None,
     specs: list[Spec] | None = None,
+    protocol: str = "encode",
 ) -> Report:
-    """Warm up, take the server's memory, run the load, take it again. `rss()` returns bytes (or None)."""
-    default_steps = httpx.get(url + "/model", timeout=30).json()["steps"]["default"]
+    """Warm up, take the server's memory, run the load, take it again. `rss()` returns bytes (or None).
+    `protocol`: encode (multipart /encode) or v2 (the Open Inference Protocol's REST infer)."""
+    card = httpx.get(url + "/model", timeout=30).json()
+    default_steps = card["steps"]["default"]
+    v2_model = card["name"] if protocol == "v2" else None
     specs = specs if specs is not None else mixed_specs(requests)
     if warmup:
-        asyncio.run(drive(url, mixed_specs(warmup, seed=1), clients, default_steps, validate=False))
+        asyncio.run(drive(url, mixed_specs(warmup, seed=1), clients, default_steps, False, v2_model))
     before = rss() if rss else None
-    samples, wall = asyncio.run(drive(url, specs, clients, default_steps))
+    samples, wall = asyncio.run(drive(url, specs, clients, default_steps, v2_model=v2_model))
     report = summarize(samples, wall, clients)
     if rss:
         after = rss()
@@ -262,6 +327,13 @@ def main(argv: list[str] | None = None) -> int:
         default=None,
         help="requests before the memory baseline (default: 4 x clients)",
     )
+    parser.add_argument(
+        "--protocol",
+        choices=("encode", "v2"),
+        default="encode",
+        help="encode: multipart POST /encode; v2: the Open Inference Protocol's REST infer with binary tensors "
+        "(default: %(default)s)",
+    )
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     args = parser.parse_args(argv)
     if args.server_pid is not None and not args.url:
@@ -272,10 +344,10 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.url:
         rss = (lambda: process_tree_rss(args.server_pid)) if args.server_pid else None
-        report = run(args.url.rstrip("/"), args.clients, args.requests, warmup, rss)
+        report = run(args.url.rstrip("/"), args.clients, args.requests, warmup, rss, protocol=args.protocol)
     else:
         with LocalServer(model=args.model, device=args.device) as server:
-            report = run(server.url, args.clients, args.requests, warmup, server.rss_bytes)
+            report = run(server.url, args.clients, args.requests, warmup, server.rss_bytes, protocol=args.protocol)
     if args.json:
         print(json.dumps(asdict(report) | {"server_errors": report.server_errors}))
     else:

@@ -19,7 +19,7 @@ import tempfile
 from pathlib import Path
 
 from .settings import Settings, SettingsError
-from .supervisor import StartFailed, Supervisor
+from .supervisor import StartFailed, Supervisor, WorkerModuleChanged, check_worker_module
 
 logger = logging.getLogger(__name__)
 
@@ -93,12 +93,20 @@ def main(argv: list[str] | None = None) -> int:
             model=args.model, host=args.host, port=args.port, workers=args.workers, allow_unstable=args.allow_unstable
         )
         settings = dataclasses.replace(settings, model=resolve_model(settings.model))
+        if settings.api_key_file:  # the workers run elsewhere
+            settings = dataclasses.replace(settings, api_key_file=str(Path(settings.api_key_file).absolute()))
+        settings.secret()  # an unreadable PC_API_KEY_FILE stops here, not in every worker
         # BentoML keeps its state and Prometheus files under BENTOML_HOME, uploads under TMPDIR: with a
         # read-only root filesystem both must point at writable mounts.
         home = _writable("BENTOML_HOME", Path.home() / "bentoml")
         tmp = _writable("TMPDIR", Path(tempfile.gettempdir()))
         description = check(settings)
-    except (ValueError, OSError) as exc:  # settings, checkpoint and config errors are all ValueErrors
+        check_worker_module()
+    except (
+        ValueError,
+        OSError,
+        WorkerModuleChanged,
+    ) as exc:  # settings, checkpoint and config errors are all ValueErrors
         print(f"pc-serve: {exc}", file=sys.stderr)
         return 2
     if args.check:

@@ -126,9 +126,11 @@ def _file(image: ImageInput, name: str) -> tuple[str, bytes, str]:
 class EncoderClient:
     """Talks to one service URL over HTTP (httpx), keeping the connection open between calls."""
 
-    def __init__(self, url: str = "http://localhost:3000", timeout: float = 120.0) -> None:
+    def __init__(self, url: str = "http://localhost:3000", timeout: float = 120.0, api_key: str | None = None) -> None:
+        """`api_key`: the service's PC_API_KEY, when it has one (sent as `Authorization: Bearer <key>`)."""
         self.url = url.rstrip("/")
-        self._http = httpx.Client(base_url=self.url, timeout=timeout)
+        headers = {"Authorization": f"Bearer {api_key}"} if api_key else None
+        self._http = httpx.Client(base_url=self.url, timeout=timeout, headers=headers)
 
     def __enter__(self) -> EncoderClient:
         return self

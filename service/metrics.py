@@ -34,6 +34,10 @@ REASONS = (
     "loading",  # the worker's model is still loading (503, retry): a worker starting or restarting
     "timeout",  # the request body did not arrive in time (408): a slow or stalled client
     "over_budget",  # a worker's memory budget (bodies or decoding in flight) is full: 503, retry
+    "not_found",  # /v2: a model name or version this server does not serve (404)
+    "header_too_large",  # a request head over PC_MAX_HEADER_BYTES or 100 fields (431)
+    "disconnected",  # the client closed the connection before its request body arrived (no answer: 499 in the log)
+    "unauthorized",  # PC_API_KEY is set and the request has no key or another one (401; gRPC UNAUTHENTICATED)
 )
 BUDGETS = ("bodies", "decoding")  # service.budget: request bodies held, images being decoded
 
@@ -59,6 +63,14 @@ MODEL_INFO = Gauge(
     "The model this service runs (value 1).",
     ["name", "preset", "sha256", "device", "backend"],
     multiprocess_mode="max",
+)
+
+# The gRPC calls (BentoML's request metrics see HTTP only); method and code come from fixed sets.
+GRPC_REQUESTS = Counter(
+    "pc_grpc_requests", "Open Inference Protocol gRPC calls by method and status code.", ["method", "code"]
+)  # exposed as pc_grpc_requests_total{method, code}
+GRPC_DURATION = Histogram(
+    "pc_grpc_request_duration_seconds", "Time per gRPC call.", ["method"], buckets=DURATION_BUCKETS
 )
 
 # Per process; "livesum" adds the live workers' values, so /metrics shows the service's totals.

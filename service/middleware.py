@@ -10,8 +10,13 @@ The bodies held at once are bounded too (service.budget, PC_MAX_INFLIGHT_BYTES):
 twice its size (the bytes and the parsed form's copy) from before it is read until the response
 is sent; Content-Length is charged up front, a streamed body chunk by chunk. Beyond the budget: 503.
 
+A client that disconnects before its body has arrived ends its request at once (counted as `disconnected`).
 A body that has not fully arrived within `body_timeout_s` (a slow or stalled client) gets 408,
 counted as reason `timeout`: the client's fault, so neither BentoML's 504 nor a server error.
+
+HeadLimit, outermost, answers 431 to a request head over PC_MAX_HEADER_BYTES or MAX_HEADER_FIELDS fields.
+ApiKey, next when PC_API_KEY is set, answers 401 to a request without `Authorization: Bearer <key>`
+before its body is read (the health probes, /metrics and the static pages are open).
 
 JsonErrors, on the whole app, gives the 404 and 405 that Starlette's router answers in plain text
 the service's JSON error body, so every error a client can get reads the same way.
@@ -21,7 +26,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hmac
 import json
+import re
 import time
 from collections.abc import Awaitable, Callable, Iterable
 from typing import Any
@@ -40,19 +47,27 @@ CONTENT_TYPE_KEY = "pc.content_type"
 
 
 class BodyGate:
-    """ASGI middleware for POST `paths`: 413 above `max_bytes`, else the body moves into the scope."""
+    """ASGI middleware for POST `paths` (and paths matching `pattern`): 413 above `max_bytes`, else the body
+    moves into the scope."""
 
     def __init__(
-        self, app: ASGIApp, paths: Iterable[str], max_bytes: int, budget: Budget, body_timeout_s: float
+        self,
+        app: ASGIApp,
+        paths: Iterable[str],
+        max_bytes: int,
+        budget: Budget,
+        body_timeout_s: float,
+        pattern: re.Pattern[str] | None = None,
     ) -> None:
         self.app = app
         self.paths = frozenset(paths)
+        self.pattern = pattern
         self.max_bytes = max_bytes
         self.budget = budget
         self.body_timeout_s = body_timeout_s
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["method"] != "POST" or scope["path"] not in self.paths:
+        if scope["type"] != "http" or scope["method"] != "POST" or not self._gated(scope["path"]):
             await self.app(scope, receive, send)
             return
         headers = dict(scope["headers"])
@@ -75,7 +90,12 @@ class BodyGate:
                     await self._timed_out(send)
                     return
                 if message["type"] == "http.disconnect":
-                    return  # the client went away: nothing to answer
+                    # The client went away mid-body: end the request now. The answer reaches no one (uvicorn drops
+                    # it), but it is the first message BentoML's timeout middleware waits for; without it the
+                    # request would live on until PC_REQUEST_TIMEOUT_S, and a SIGTERM drain would wait for it.
+                    metrics.count_error("disconnected")
+                    await _reply(send, 499, "disconnected", "the client closed the connection before its body arrived")
+                    return
                 chunk = message.get("body", b"")
                 size += len(chunk)
                 if size > self.max_bytes:
@@ -118,6 +138,9 @@ class BodyGate:
             if held:
                 self.budget.release(held)
 
+    def _gated(self, path: str) -> bool:
+        return path in self.paths or (self.pattern is not None and self.pattern.match(path) is not None)
+
     async def _too_large(self, send: Send) -> None:
         metrics.count_error("too_large")
         message = f"the request body is over the limit of {self.max_bytes} bytes; send a smaller image or fewer images"
@@ -127,6 +150,77 @@ class BodyGate:
         metrics.count_error("timeout")
         message = f"the request body did not arrive within {self.body_timeout_s:g} s; send it faster, or a smaller one"
         await _reply(send, 408, "timeout", message)
+
+
+MAX_HEADER_FIELDS = 100  # header fields in one request head; more get 431
+
+
+class HeadLimit:
+    """ASGI middleware: 431 when a request's head (path, query and headers) is over `max_bytes` or has more
+    than MAX_HEADER_FIELDS fields, and the connection closes, so no client keeps a large head in memory."""
+
+    def __init__(self, app: ASGIApp, max_bytes: int, max_fields: int = MAX_HEADER_FIELDS) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+        self.max_fields = max_fields
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            headers = scope["headers"]
+            target = len(scope.get("raw_path") or scope["path"].encode()) + len(scope.get("query_string", b""))
+            size = target + sum(len(k) + len(v) + 4 for k, v in headers)  # "name: value\r\n"
+            if len(headers) > self.max_fields or size > self.max_bytes:
+                metrics.count_error("header_too_large")
+                message = (
+                    f"the request head has {len(headers)} header fields and {size} bytes; the limits are "
+                    f"{self.max_fields} fields and {self.max_bytes} bytes (PC_MAX_HEADER_BYTES)"
+                )
+                await _reply(send, 431, "header_too_large", message)
+                return
+        await self.app(scope, receive, send)
+
+
+# Open without the key: the probes and /metrics (Kubernetes and Prometheus hold no key), and the pages,
+# which hold no data (the explorer asks for the key, then sends it with every request).
+OPEN_PATHS = frozenset(
+    ("/livez", "/readyz", "/healthz", "/metrics", "/v2/health/live", "/v2/health/ready", "/", "/docs", "/docs.json")
+)
+OPEN_PREFIXES = ("/static/", "/static_content/")
+
+
+def bearer_matches(header: bytes | str | None, key: bytes) -> bool:
+    """Whether an Authorization value is `Bearer <key>`, compared in constant time."""
+    if isinstance(header, str):
+        header = header.encode("latin-1", "replace")
+    scheme, _, given = (header or b"").partition(b" ")
+    return scheme.lower() == b"bearer" and hmac.compare_digest(given.strip(), key)
+
+
+class ApiKey:
+    """ASGI middleware: 401 {"error", "reason": "unauthorized"} unless the request carries the key."""
+
+    def __init__(self, app: ASGIApp, key: bytes) -> None:
+        self.app = app
+        self.key = key
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or is_open(scope["path"]):
+            await self.app(scope, receive, send)
+            return
+        header = next((v for k, v in scope["headers"] if k == b"authorization"), None)
+        if bearer_matches(header, self.key):
+            await self.app(scope, receive, send)
+            return
+        metrics.count_error("unauthorized")
+        message = "this service needs an API key: send the header `Authorization: Bearer <key>`"
+        if header is not None:
+            message = "the API key is not this service's; send `Authorization: Bearer <key>` with the right key"
+        await _reply(send, 401, "unauthorized", message, ((b"www-authenticate", b"Bearer"),))
+
+
+def is_open(path: str) -> bool:
+    """Whether a path is served without the API key (the probes, /metrics, the pages)."""
+    return path in OPEN_PATHS or path.startswith(OPEN_PREFIXES)
 
 
 async def _discard(receive: Receive) -> None:

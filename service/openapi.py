@@ -4,7 +4,7 @@ BentoML generates the spec from the API methods' signatures, but our methods rea
 form themselves (see service.forms), and GET /model lives in a mounted ASGI app that BentoML does not
 describe (nor the explorer page at /, the API browser at /docs and the basis at /model/basis). So
 the spec BentoML builds (health, readiness, metrics and the API routes) is taken whole and these
-parts are written over it.
+parts are written over it, with the Open Inference Protocol's REST routes (/v2/...).
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from typing import Any
 from pcmodel import SOLVERS
 
 from .metrics import REASONS
+from .middleware import is_open
 from .options import ARRAYS, INITS, OUTPUTS, SIZE_MODES
 from .settings import Settings
 
@@ -117,7 +118,7 @@ INFO = (
     "Rao & Ballard (1999) predictive-coding image encoder: a photo in, its latent causes, reconstruction, "
     "error map and energy out. The explorer page at `/` shows them; the README documents every route."
 )
-ERROR_REASONS = (*REASONS, "load_failed", "not_found", "method_not_allowed")
+ERROR_REASONS = tuple(dict.fromkeys((*REASONS, "load_failed", "not_found", "method_not_allowed")))
 ERROR = {
     "type": "object",
     "properties": {
@@ -267,6 +268,148 @@ _ENCODE_ERRORS = {
 }
 
 
+_TENSOR = {
+    "type": "object",
+    "properties": {
+        "name": {"type": "string"},
+        "datatype": {"type": "string", "enum": ["BYTES", "FP32"]},
+        "shape": {"type": "array", "items": {"type": "integer"}},
+        "parameters": {
+            "type": "object",
+            "description": "binary_data_size: the tensor's bytes follow the JSON header (binary tensor data extension)",
+        },
+        "data": {
+            "type": "array",
+            "description": "the values, flat or nested; BYTES elements (image files) base64-encoded",
+        },
+    },
+    "required": ["name", "datatype", "shape"],
+}
+V2_SCHEMAS = {
+    "V2Tensor": _TENSOR,
+    "V2InferRequest": {
+        "type": "object",
+        "description": (
+            "One input: `image` BYTES [N] (encoded image files) or `x` FP32 [N, C, H, W] (preprocessed). Parameters: "
+            "steps, size_mode, binary_data_output. With binary tensors, the body is this JSON followed by their bytes "
+            "and Inference-Header-Content-Length says the JSON's length."
+        ),
+        "properties": {
+            "id": {"type": "string"},
+            "parameters": {"type": "object"},
+            "inputs": {"type": "array", "items": {"$ref": "#/components/schemas/V2Tensor"}},
+            "outputs": {
+                "type": "array",
+                "items": {
+                    "type": "object",
+                    "properties": {"name": {"type": "string"}, "parameters": {"type": "object"}},
+                    "required": ["name"],
+                },
+                "description": "latent_1..latent_L, input, reconstruction, error_map, energy, trace (default: all "
+                "but trace); parameters.binary_data: true sends it as bytes after the JSON",
+            },
+        },
+        "required": ["inputs"],
+    },
+    "V2InferResponse": {
+        "type": "object",
+        "properties": {
+            "model_name": {"type": "string"},
+            "model_version": {"type": "string"},
+            "id": {"type": "string"},
+            "parameters": {"type": "object", "description": "solver and init: the dynamics that ran"},
+            "outputs": {"type": "array", "items": {"$ref": "#/components/schemas/V2Tensor"}},
+        },
+        "required": ["model_name", "model_version", "outputs"],
+    },
+    "V2ServerMetadata": {
+        "type": "object",
+        "properties": {
+            "name": {"type": "string"},
+            "version": {"type": "string"},
+            "extensions": {"type": "array", "items": {"type": "string"}},
+        },
+        "required": ["name", "version", "extensions"],
+    },
+    "V2ModelMetadata": {
+        "type": "object",
+        "properties": {
+            "name": {"type": "string"},
+            "versions": {"type": "array", "items": {"type": "string"}},
+            "platform": {"type": "string"},
+            "inputs": {"type": "array", "items": {"$ref": "#/components/schemas/V2Tensor"}},
+            "outputs": {"type": "array", "items": {"$ref": "#/components/schemas/V2Tensor"}},
+        },
+        "required": ["name", "versions", "platform", "inputs", "outputs"],
+    },
+}
+_V2_TAG = ["Open Inference Protocol (KServe v2)"]
+
+
+def _v2_paths() -> dict[str, Any]:
+    """The Open Inference Protocol's REST routes (service/v2_rest.py)."""
+
+    def get(summary: str, schema: str | None, errors: dict[int, str], op: str) -> dict[str, Any]:
+        ok: dict[str, Any] = {"description": "true" if schema is None else "the metadata"}
+        if schema is not None:
+            ok["content"] = {"application/json": {"schema": {"$ref": f"#/components/schemas/{schema}"}}}
+        return {
+            "get": {"summary": summary, "operationId": op, "tags": _V2_TAG, "responses": {"200": ok, **_errors(errors)}}
+        }
+
+    name = {"name": "name", "in": "path", "required": True, "schema": {"type": "string"}}
+    version = {"name": "version", "in": "path", "required": True, "schema": {"type": "string"}}
+    unknown = {404: "no model of that name (or version) here", 503: "the model is still loading"}
+    infer_errors = {
+        400: "a bad tensor, datatype, shape, parameter or image; images of different sizes in full or tile mode",
+        404: unknown[404],
+        408: "the request body did not arrive in time",
+        413: "body, pixels, tiles or images over the limit",
+        500: "inference produced NaN or Inf (an unstable checkpoint)",
+        503: "overloaded, or the model still loading; retry after Retry-After",
+    }
+    paths: dict[str, Any] = {
+        "/v2": get("Server metadata", "V2ServerMetadata", {}, "v2_server_metadata"),
+        "/v2/health/live": get("Live (as /livez)", None, {503: "not live"}, "v2_live"),
+        "/v2/health/ready": get("Ready (as /readyz)", None, {503: "not ready"}, "v2_ready"),
+    }
+    for prefix, parameters, tag in (
+        ("/v2/models/{name}", [name], ""),
+        ("/v2/models/{name}/versions/{version}", [name, version], "_version"),
+    ):
+        paths[prefix] = get("Model metadata", "V2ModelMetadata", unknown, f"v2_model_metadata{tag}")
+        paths[prefix + "/ready"] = get("Model ready", None, unknown, f"v2_model_ready{tag}")
+        paths[prefix + "/infer"] = {
+            "post": {
+                "summary": "Inference",
+                "operationId": f"v2_infer{tag}",
+                "tags": _V2_TAG,
+                "requestBody": {
+                    "required": True,
+                    "content": {
+                        "application/json": {"schema": {"$ref": "#/components/schemas/V2InferRequest"}},
+                        "application/octet-stream": {"schema": {"type": "string", "format": "binary"}},
+                    },
+                },
+                "responses": {
+                    "200": {
+                        "description": "the outputs; with binary outputs the JSON is followed by their bytes",
+                        "content": {
+                            "application/json": {"schema": {"$ref": "#/components/schemas/V2InferResponse"}},
+                            "application/octet-stream": {"schema": {"type": "string", "format": "binary"}},
+                        },
+                    },
+                    **_errors(infer_errors),
+                },
+            }
+        }
+        for method in ("get", "post"):
+            for route in (prefix, prefix + "/ready", prefix + "/infer"):
+                if method in paths[route]:
+                    paths[route][method]["parameters"] = parameters
+    return paths
+
+
 def complete(spec: dict[str, Any], settings: Settings) -> dict[str, Any]:
     """BentoML's spec (a dict) with our forms, responses and GET /model written in."""
     spec = copy.deepcopy(spec)
@@ -287,6 +430,7 @@ def complete(spec: dict[str, Any], settings: Settings) -> dict[str, Any]:
             "PCBatchResult": BATCH_RESULT,
             "PCError": ERROR,
             "PCModelCard": MODEL_CARD,
+            **V2_SCHEMAS,
         }
     )
     paths = spec.setdefault("paths", {})
@@ -358,4 +502,14 @@ def complete(spec: dict[str, Any], settings: Settings) -> dict[str, Any]:
             },
         }
     }
+    paths.update(_v2_paths())
+    if settings.api_key or settings.api_key_file:
+        # Swagger UI's "Authorize" then sends the key; the open routes say they need none.
+        schemes = spec["components"].setdefault("securitySchemes", {})
+        schemes["apiKey"] = {"type": "http", "scheme": "bearer", "description": "PC_API_KEY"}
+        spec["security"] = [{"apiKey": []}]
+        for path, item in paths.items():
+            if is_open(path):
+                for operation in item.values():
+                    operation["security"] = []
     return spec

@@ -45,12 +45,41 @@ def png_payload(image: Image.Image) -> Base64:
     return Base64.of(png_bytes(np.asarray(image)))
 
 
+MAPS = ("input", "reconstruction", "error_map")
+
+
+def image_arrays(prepared: Prepared, settled: Settled, outputs: tuple[str, ...]) -> dict:
+    """The numbers of one encoded image, as every protocol sends them (only those `outputs` asks for):
+    "energy" (steps + 1,) float64, summed over tiles; "latents" and "level_errors", one tensor per level,
+    (causes, h, w), or (tiles, causes, h, w) in tile mode; the maps "input", "reconstruction" and
+    "error_map" (C, H, W), with tiles stitched and full mode's padding cropped off."""
+    out: dict = {"energy": settled.energy.sum(dim=1, dtype=torch.float64)}
+    grid, fit = prepared.grid, prepared.fit
+    if "latents" in outputs:
+        out["latents"] = [r if grid is not None else r[0] for r in settled.latents]
+    if "level_errors" in outputs:
+        out["level_errors"] = [e if grid is not None else e[0] for e in settled.errors]
+    if any(m in outputs for m in MAPS):
+        shown = prepared.shown.to("cpu", torch.float32)
+        if grid is not None:
+            reconstruction = grid.stitch(settled.reconstruction)[0]
+        elif fit is not None:
+            reconstruction = fit.undo(settled.reconstruction)[0]
+        else:
+            reconstruction = settled.reconstruction[0]
+        error = shown - reconstruction  # (C, H, W): exactly input - reconstruction in float32
+        maps = {"input": shown, "reconstruction": reconstruction, "error_map": error}
+        out.update((name, maps[name]) for name in MAPS if name in outputs)
+    return out
+
+
 def encode_result(
     prepared: Prepared, settled: Settled, options: EncodeOptions, model_ref: dict, config: ModelConfig
 ) -> dict:
     """The JSON object for one encoded image (see the module docstring and README)."""
     check_finite(settled)
-    energy = settled.energy.sum(dim=1, dtype=torch.float64)  # (steps + 1,): the sum over tiles
+    arrays = image_arrays(prepared, settled, options.outputs)
+    energy = arrays["energy"]
     out: dict = {
         "model": model_ref,
         "steps": int(settled.steps.max()),
@@ -62,10 +91,9 @@ def encode_result(
     grid, fit = prepared.grid, prepared.fit
     # Latents and level errors have no PNG: `arrays=none` still sends them, as float16.
     per_row = "float32" if options.arrays == "float32" else "float16"
-    if "latents" in options.outputs:
-        out["latents"] = [array_payload(r if grid is not None else r[0], per_row) for r in settled.latents]
-    if "level_errors" in options.outputs:
-        out["level_errors"] = [array_payload(e if grid is not None else e[0], per_row) for e in settled.errors]
+    for name in ("latents", "level_errors"):
+        if name in arrays:
+            out[name] = [array_payload(t, per_row) for t in arrays[name]]
     if grid is not None:
         out["tile_grid"] = {
             "rows": grid.rows,
@@ -78,12 +106,23 @@ def encode_result(
     if fit is not None:
         out["padded"] = [fit.top, fit.bottom, fit.left, fit.right]
         out["model_input"] = list(fit.fitted)
-    maps = [m for m in ("input", "reconstruction", "error_map") if m in options.outputs]
-    for name, (t, picture) in image_maps(prepared, settled, config, maps).items():
+    maps = [m for m in MAPS if m in arrays]
+    for name, picture in map_pictures(arrays, prepared, config, maps).items():
         out[name] = {"png": png_payload(picture)}
         if options.arrays != "none":
-            out[name]["array"] = array_payload(t, options.arrays)
+            out[name]["array"] = array_payload(arrays[name], options.arrays)
     return out
+
+
+def map_pictures(arrays: dict, prepared: Prepared, config: ModelConfig, names: list[str]) -> dict[str, Image.Image]:
+    """The pictures of an image's maps (`arrays` from image_arrays), all on the input's scale, so that every map
+    of an image is comparable; the error map centred."""
+    if not names:
+        return {}
+    pre = config.preprocess
+    scale = display_scale(prepared.shown.to("cpu", torch.float32), pre)
+    centred = not (pre.filter == "none" and pre.normalize == "none")
+    return {n: to_display(arrays[n], pre, scale, centred=centred or n == "error_map") for n in names}
 
 
 def image_maps(
@@ -93,20 +132,8 @@ def image_maps(
     it), reconstruction, and error_map = input - reconstruction (exactly, in float32)."""
     if not names:
         return {}
-    shown = prepared.shown.to("cpu", torch.float32)
-    grid, fit = prepared.grid, prepared.fit
-    if grid is not None:
-        reconstruction = grid.stitch(settled.reconstruction)[0]
-    elif fit is not None:
-        reconstruction = fit.undo(settled.reconstruction)[0]
-    else:
-        reconstruction = settled.reconstruction[0]
-    error = shown - reconstruction
-    pre = config.preprocess
-    scale = display_scale(shown, pre)  # the input's scale, so that every map of an image is comparable
-    centred = not (pre.filter == "none" and pre.normalize == "none")
-    tensors = {"input": shown, "reconstruction": reconstruction, "error_map": error}
-    return {n: (tensors[n], to_display(tensors[n], pre, scale, centred=centred or n == "error_map")) for n in names}
+    arrays = image_arrays(prepared, settled, tuple(names))
+    return {n: (arrays[n], picture) for n, picture in map_pictures(arrays, prepared, config, names).items()}
 
 
 def snapshot_payload(prepared: Prepared, settled: Settled, config: ModelConfig) -> dict:

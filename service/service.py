@@ -6,10 +6,12 @@ come from PC_* environment variables (service.settings); `pc-serve` sets them fr
 
 Routes: POST /encode, POST /encode_batch (BentoML API methods); GET / (the explorer page,
 service/static), GET /docs (BentoML's API browser, without its trackers), GET /model, GET /model/basis
-and GET /docs.json (a small mounted ASGI app: BentoML API methods are POST-only); and BentoML's /livez,
-/readyz and /metrics. The model loads on a thread (service.health), so the probes answer at once: /readyz 503
-until the model is loaded, moved to its device and warmed up, then 200; /livez 200 unless the load
-failed or the batcher's task has died (then 503, so Kubernetes restarts the pod).
+and GET /docs.json (a small mounted ASGI app: BentoML API methods are POST-only); the Open Inference
+Protocol under /v2 (service.v2_rest, another mounted app) and over gRPC on PC_GRPC_PORT (service.v2_grpc,
+started in each worker); and BentoML's /livez, /readyz and /metrics. The model loads on a thread
+(service.health), so the probes answer at once: /readyz 503 until the model is loaded, moved to its
+device and warmed up, then 200; /livez 200 unless the load failed or the batcher's task has died (then
+503, so Kubernetes restarts the pod).
 """
 
 from __future__ import annotations
@@ -18,9 +20,7 @@ import asyncio
 import logging
 import os
 import time
-from collections.abc import Callable
 from pathlib import Path
-from typing import TypeVar
 
 import bentoml
 import torch
@@ -29,18 +29,20 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from . import jsonbody, metrics, openapi
+from . import jsonbody, metrics, openapi, v2_rest
 from .batching import Settled
 from .budget import Budget
 from .errors import RequestError, rejection
 from .forms import Part
 from .health import ModelLoader, NotLoaded
 from .host import ModelHost
-from .inputs import Prepared, is_small, plan, prepare
-from .middleware import BODY_KEY, CONTENT_TYPE_KEY, BodyGate, JsonErrors
+from .inputs import Prepared
+from .middleware import BODY_KEY, CONTENT_TYPE_KEY, ApiKey, BodyGate, HeadLimit, JsonErrors
 from .options import MAX_SNAPSHOTS, EncodeOptions, read_request
+from .pipeline import Pipeline, run
 from .responses import encode_result, snapshot_payload, snapshot_steps
 from .settings import Settings
+from .v2_grpc import GrpcServer
 
 logger = logging.getLogger(__name__)
 
@@ -49,10 +51,9 @@ logger = logging.getLogger(__name__)
 # this when the app builds its tracers, after this import. Set OTEL_SDK_DISABLED=false to trace.
 os.environ.setdefault("OTEL_SDK_DISABLED", "true")
 
-T = TypeVar("T")
 SETTINGS = Settings.from_env()
 API_ROUTES = ("/encode", "/encode_batch")
-_hosts: list[ModelHost] = []  # the one ModelHost of this worker process, once loaded (for GET /model)
+_pipelines: list[Pipeline] = []  # this worker process's one Pipeline, once built (for the mounted routes)
 # This worker's memory budgets (service.budget): request bodies held, images being decoded.
 BODIES = Budget("bodies", SETTINGS.inflight_bytes, SETTINGS.budget_wait_ms / 1000)
 DECODING = Budget("decoding", SETTINGS.decoding_bytes, SETTINGS.budget_wait_ms / 1000, trim=True)
@@ -68,35 +69,33 @@ class PCEncoder:
 
     def __init__(self) -> None:
         self.settings = SETTINGS
-        self.loader = ModelLoader(self._load)  # load, move to the device, warm up: /readyz waits for this
-
-    def _load(self) -> ModelHost:
-        host = ModelHost(SETTINGS)
-        _hosts.append(host)
-        return host
+        # Load, move to the device, warm up on a thread: /readyz waits for this.
+        self.pipeline = Pipeline(SETTINGS, ModelLoader(lambda: ModelHost(SETTINGS)), DECODING)
+        _pipelines.append(self.pipeline)
+        self.grpc: GrpcServer | None = None  # started on the event loop (start_grpc)
 
     @property
     def host(self) -> ModelHost:
-        assert self.loader.value is not None, "the API methods check for the model first (_require_model)"
-        return self.loader.value
+        return self.pipeline.host
 
     def __is_ready__(self) -> bool:
-        return self.loader.loaded and self.host.batcher.alive
+        return self.pipeline.ready
 
     def __is_alive__(self) -> bool:
-        return self.loader.error is None and (not self.loader.loaded or self.host.batcher.alive)
+        return self.pipeline.alive
 
-    def _require_model(self) -> None:
-        """503 at once while the model loads (a worker starting or restarting behind a shared port): the
-        client retries after Retry-After, often on another worker, instead of waiting out the load."""
-        if self.loader.error is not None:
-            raise NotLoaded(f"the model failed to load: {self.loader.error}")
-        if not self.loader.loaded:
-            raise RequestError(503, "loading", "the model is still loading; retry in a few seconds")
+    @bentoml.on_startup
+    async def start_grpc(self) -> None:
+        """The Open Inference Protocol over gRPC, on this worker's event loop (service.v2_grpc)."""
+        if SETTINGS.grpc_port:
+            self.grpc = GrpcServer(lambda: self.pipeline, SETTINGS, BODIES, SETTINGS.secret())
+            await self.grpc.start()
 
     @bentoml.on_shutdown
-    def close(self) -> None:
-        if self.loader.loaded:
+    async def close(self) -> None:
+        if self.grpc is not None:
+            await self.grpc.stop()
+        if self.pipeline.loader.loaded:
             self.host.close()
 
     @bentoml.api(route="/encode")
@@ -104,7 +103,6 @@ class PCEncoder:
         """Encode one image. Multipart form: `image` (file), optional `steps`, `size_mode`, `outputs`."""
         started = time.perf_counter()
         try:
-            self._require_model()
             images, options = read_request(*_body(ctx), "image", 1, self.host.config, self.settings)
             result, settled, small = await self._encode(images[0], options)
         except Exception as exc:
@@ -121,7 +119,6 @@ class PCEncoder:
     async def encode_batch(self, ctx: bentoml.Context) -> dict:
         """Encode several images (`images`, repeated) with shared options; a bad image is an entry, not a failure."""
         try:
-            self._require_model()
             images, options = read_request(
                 *_body(ctx), "images", self.settings.max_batch_images, self.host.config, self.settings
             )
@@ -131,23 +128,15 @@ class PCEncoder:
         return await _json_response({"model": self.host.ref, "results": results})
 
     async def _encode(self, part: Part, options: EncodeOptions) -> tuple[dict, Settled, bool]:
-        config = self.host.config
-        # A small image is decoded and encoded right here (well under a millisecond each); a large one
-        # on a thread, so that it never stalls the other requests on the event loop.
-        small = is_small(part)
-        planned = await _call(small, plan, part, options, config, self.settings)
-        async with DECODING.hold(planned.cost, "decoding this image"):  # bounds decode memory across requests
-            prepared = await _call(small, prepare, planned, options, config)
-        start = _start_rows(options, prepared)
-        settled = await self.host.infer(prepared.rows, options.steps, options.solver, options.init, start)
-        result = await _call(small, encode_result, prepared, settled, options, self.host.ref, config)
-        result.update(self.host.dynamics(options.solver, "given" if start is not None else options.init))
+        decoded = await self.pipeline.decode(part, options)
+        start = _start_rows(options, decoded.prepared)
+        settled = await self.pipeline.settle(decoded.prepared.rows, options, start)
+        host = self.host
+        result = await run(decoded.small, encode_result, decoded.prepared, settled, options, host.ref, host.config)
+        result.update(host.dynamics(options.solver, "given" if start is not None else options.init))
         if "snapshots" in options.outputs:
-            result["snapshots"] = await self._snapshots(prepared, options, small)
-        metrics.IMAGES.inc()
-        metrics.INFERENCE_ITERATIONS.observe(result["steps"])
-        metrics.FINAL_ENERGY.observe(result["energy"]["final"])
-        return result, settled, small
+            result["snapshots"] = await self._snapshots(decoded.prepared, options, decoded.small)
+        return result, settled, decoded.small
 
     async def _snapshots(self, prepared: Prepared, options: EncodeOptions, small: bool) -> list[dict]:
         """outputs=snapshots: the state after each of up to MAX_SNAPSHOTS step counts, each an exact run of
@@ -156,7 +145,7 @@ class PCEncoder:
         out = []
         for step in snapshot_steps(options.steps, min(MAX_SNAPSHOTS, options.steps)):
             settled = await self.host.infer(prepared.rows, step, options.solver, options.init)
-            out.append(await _call(small, snapshot_payload, prepared, settled, self.host.config))
+            out.append(await run(small, snapshot_payload, prepared, settled, self.host.config))
         return out
 
     async def _encode_item(self, part: Part, options: EncodeOptions) -> dict:
@@ -221,12 +210,8 @@ def _warn_limited(reason: str, message: str) -> None:
     _warned[reason] = (now, 0)
 
 
-async def _call(inline: bool, fn: Callable[..., T], *args: object) -> T:
-    return fn(*args) if inline else await asyncio.to_thread(fn, *args)
-
-
 async def _json_response(payload: dict, inline: bool = False) -> Response:
-    return Response(await _call(inline, jsonbody.dumps, payload), media_type="application/json")
+    return Response(await run(inline, jsonbody.dumps, payload), media_type="application/json")
 
 
 # ---- GET routes: a small ASGI app mounted beside the API methods ------------------------------------
@@ -285,16 +270,22 @@ async def _static(request: Request) -> Response:
     return _page_response(request.path_params["name"])
 
 
+def _loaded_host() -> ModelHost | None:
+    return _pipelines[0].loader.value if _pipelines else None
+
+
 async def _model_card(request: Request) -> Response:
-    if not _hosts:
+    host = _loaded_host()
+    if host is None:
         return JSONResponse({"error": "the model is still loading", "reason": "loading"}, status_code=503)
-    return JSONResponse(_hosts[0].card())
+    return JSONResponse(host.card())
 
 
 async def _basis(request: Request) -> Response:
-    if not _hosts:
+    host = _loaded_host()
+    if host is None:
         return JSONResponse({"error": "the model is still loading", "reason": "loading"}, status_code=503)
-    png = await asyncio.to_thread(_hosts[0].basis_png)
+    png = await asyncio.to_thread(host.basis_png)
     return Response(png, media_type="image/png", headers={"Cache-Control": "no-cache"})
 
 
@@ -319,10 +310,18 @@ PCEncoder.mount_asgi_app(
     path="/",
     name="pc-routes",
 )
+PCEncoder.mount_asgi_app(
+    v2_rest.routes(lambda: _pipelines[0] if _pipelines else None), path="/", name="kserve-v2"
+)  # the Open Inference Protocol's REST routes, /v2/...
+PCEncoder.add_asgi_middleware(HeadLimit, max_bytes=SETTINGS.max_header_bytes)  # ours run in this order
+# The key is checked before any body is read; a missing key never reaches BodyGate.
+if (_KEY := SETTINGS.secret()) is not None:
+    PCEncoder.add_asgi_middleware(ApiKey, key=_KEY)
 # The body must arrive a little before BentoML's request timeout (its 504) would fire: 408 instead.
 PCEncoder.add_asgi_middleware(
     BodyGate,
     paths=API_ROUTES,
+    pattern=v2_rest.INFER_PATH,
     max_bytes=SETTINGS.max_body_bytes,
     budget=BODIES,
     body_timeout_s=SETTINGS.request_timeout_s * 0.9,

@@ -11,7 +11,7 @@ import contextlib
 import dataclasses
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from pcmodel.decoding import Limits
@@ -31,6 +31,7 @@ class Settings:
     model: str = "default"  # checkpoint path, or a name pcmodel.load knows (default = conv-rgb)
     host: str = "0.0.0.0"  # BentoML's default too: reachable from outside a container
     port: int = 3000
+    grpc_port: int = 8001  # the Open Inference Protocol over gRPC (service/v2_grpc.py); 0 turns it off
     workers: int = 1  # processes, each with its own model copy and event loop (the Python work per request)
     device: str = "auto"  # auto (cuda when available, else cpu), cpu, cuda, cuda:1, ...
     torch_threads: int = 0  # intra-op threads per worker; 0 = cores / workers - 1 (a core for the event loop)
@@ -38,6 +39,9 @@ class Settings:
     max_steps: int = 1000  # largest `steps` a request may ask for
     warmup_steps: tuple[int, ...] = ()  # step counts with fast programs besides the model's default
     max_body_bytes: int = 20 * 1024 * 1024  # request bodies above this get 413 before they are read
+    # A request's head (request line and headers; gRPC: its metadata): more bytes, or more than
+    # MAX_HEADER_FIELDS fields, get 431 (gRPC: RESOURCE_EXHAUSTED)
+    max_header_bytes: int = 16 * 1024
     max_pixels: int = LIMITS.max_pixels  # decoded image size limit (a decompression bomb gets 413)
     max_image_bytes: int = LIMITS.max_image_bytes  # pixels x bands x bytes per sample of one decoded image; more: 413
     # Memory budgets per worker (service.budget); 0 = a quarter of the memory the service may use
@@ -58,6 +62,11 @@ class Settings:
     max_queue: int = 8192  # native-size images (or tiles) worth of pixels waiting for the model; more gets 503
     request_timeout_s: float = 60.0  # BentoML's traffic.timeout: a request still running gets 504
     max_concurrency: int = 0  # requests in flight per service before 429; 0 = no limit
+    # An optional API key: every route but the health probes, /metrics and the static pages then needs
+    # `Authorization: Bearer <key>` (gRPC: the same metadata). PC_API_KEY_FILE holds it for Kubernetes
+    # Secrets (mounted as a file); never both. Not shown in repr, never logged.
+    api_key: str = field(default="", repr=False)
+    api_key_file: str = ""
 
     def __post_init__(self) -> None:
         at_least_one = ("port", "workers", "max_steps", "max_body_bytes", "max_pixels", "min_side")
@@ -66,6 +75,12 @@ class Settings:
                 raise SettingsError(f"PC_{name.upper()} must be at least 1, got {getattr(self, name)}")
         if self.port > 65535:
             raise SettingsError(f"PC_PORT must be a TCP port (1..65535), got {self.port}")
+        if not 0 <= self.grpc_port <= 65535 or self.grpc_port == self.port:
+            raise SettingsError(
+                f"PC_GRPC_PORT must be a TCP port other than PC_PORT (0 turns gRPC off), got {self.grpc_port}"
+            )
+        if self.max_header_bytes < 1024:
+            raise SettingsError(f"PC_MAX_HEADER_BYTES must be at least 1024, got {self.max_header_bytes}")
         if self.torch_threads < 0 or self.max_concurrency < 0 or self.batch_wait_ms < 0:
             raise SettingsError("PC_TORCH_THREADS, PC_MAX_CONCURRENCY and PC_BATCH_WAIT_MS must be >= 0")
         if min(self.max_image_bytes, self.max_inflight_bytes + 1, self.max_decoding_bytes + 1) < 1:
@@ -85,6 +100,20 @@ class Settings:
             )
         if self.max_queue < self.max_batch_size:
             raise SettingsError("PC_MAX_QUEUE must be at least PC_MAX_BATCH_SIZE")
+        if self.api_key and self.api_key_file:
+            raise SettingsError("set PC_API_KEY or PC_API_KEY_FILE, not both")
+
+    def secret(self) -> bytes | None:
+        """The API key's bytes (from PC_API_KEY, or the file PC_API_KEY_FILE names, stripped), or None."""
+        text = self.api_key
+        if self.api_key_file:
+            try:
+                text = Path(self.api_key_file).read_text().strip()
+            except (OSError, UnicodeDecodeError) as exc:
+                raise SettingsError(f"PC_API_KEY_FILE={self.api_key_file} cannot be read ({exc})") from None
+            if not text:
+                raise SettingsError(f"PC_API_KEY_FILE={self.api_key_file} is empty")
+        return text.encode() if text else None
 
     @property
     def inflight_bytes(self) -> int:

@@ -42,6 +42,10 @@ from prometheus_client import multiprocess
 logger = logging.getLogger(__name__)
 
 WORKER_MODULE = "_bentoml_impl.worker.service"  # what `bentoml serve` runs in each worker process
+# The options of that module's command that worker_command passes (BentoML has no public API to start one
+# worker on a given socket: `bentoml serve` always starts its own arbiter). check_worker_module holds the
+# installed BentoML to them, so an upgrade that moves or changes the module fails at start, loudly.
+WORKER_OPTIONS = ("fd", "service_name", "worker_id")
 STATE_DIR_VARIABLE = "PCSERVE_STATE_DIR"  # where workers write ready-PID / failed-PID (service.health)
 MAX_START_FAILURES = 3  # failed worker starts in a row before pc-serve gives up
 POLL_S = 0.2
@@ -58,6 +62,48 @@ class _Worker:
     process: subprocess.Popen | None = None
     ready: bool = False
     restart_at: float = 0.0
+
+
+class WorkerModuleChanged(RuntimeError):
+    """The installed BentoML's worker entry point is not the one pc-serve was written against."""
+
+
+def check_worker_module(module: str = WORKER_MODULE, options: tuple[str, ...] = WORKER_OPTIONS) -> None:
+    """Raise WorkerModuleChanged unless `module` has a click command `main` taking `options` and the service."""
+    import importlib
+
+    import bentoml
+
+    try:
+        command = importlib.import_module(module).main
+        names = {p.name for p in command.params}
+    except (ImportError, AttributeError) as exc:
+        raise WorkerModuleChanged(
+            f"BentoML {bentoml.__version__} has no worker entry point {module}.main ({exc}); pc-serve needs "
+            "BentoML 1.4 (the serve extra pins it)"
+        ) from None
+    missing = sorted({*options, "bento_identifier"} - names)
+    if missing:
+        raise WorkerModuleChanged(
+            f"BentoML {bentoml.__version__}'s {module} no longer takes {', '.join(missing)}; pc-serve needs "
+            "BentoML 1.4 (the serve extra pins it)"
+        )
+
+
+def worker_command(service: str, fd: int, name: str, index: int) -> list[str]:
+    """The command line of one BentoML worker process serving `service` on the inherited socket `fd`."""
+    return [
+        sys.executable,
+        "-m",
+        WORKER_MODULE,
+        service,
+        "--fd",
+        str(fd),
+        "--service-name",
+        name,
+        "--worker-id",
+        str(index),
+    ]
 
 
 def bind_sockets(host: str, port: int, count: int) -> list[socket.socket]:
@@ -143,8 +189,7 @@ class Supervisor:
 
     def _start(self, worker: _Worker) -> None:
         fd = worker.sock.fileno()
-        command = [sys.executable, "-m", WORKER_MODULE, self.service, "--fd", str(fd)]
-        command += ["--service-name", self.name, "--worker-id", str(worker.index)]
+        command = worker_command(self.service, fd, self.name, worker.index)
         worker.process = subprocess.Popen(command, cwd=self.root, env=self.env, pass_fds=(fd,))
         worker.ready = False
         logger.info("worker %d started (pid %d)", worker.index, worker.process.pid)

@@ -292,6 +292,27 @@ function serverTiming(header) {
   return `model ${Number(parts.model).toFixed(1)} ms, in the server ${Number(parts.total).toFixed(1)} ms`;
 }
 
+// With PC_API_KEY set, the service answers 401 until a request carries the key: the page asks once and
+// keeps it for this tab only (sessionStorage), then sends it with every request.
+const KEY_NAME = "pc-api-key";
+
+async function authFetch(url, options = {}) {
+  const send = () => {
+    const key = sessionStorage.getItem(KEY_NAME);
+    const headers = key ? { Authorization: `Bearer ${key}` } : {};
+    return fetch(url, { ...options, headers: { ...(options.headers || {}), ...headers } });
+  };
+  let response = await send();
+  if (response.status === 401) {
+    const key = window.prompt("This service needs an API key (it is kept for this tab only):");
+    if (key) {
+      sessionStorage.setItem(KEY_NAME, key.trim());
+      response = await send();
+    }
+  }
+  return response;
+}
+
 function showError(text) {
   const box = $("error");
   box.textContent = text;
@@ -311,7 +332,7 @@ async function encode() {
   form.append("init", $("init").value);
   form.append("outputs", OUTPUTS);
   try {
-    const response = await fetch("/encode", { method: "POST", body: form });
+    const response = await authFetch("/encode", { method: "POST", body: form });
     const body = await response.json().catch(() => null);
     if (!response.ok) {
       $("status").textContent = "";
@@ -353,7 +374,7 @@ async function drawPaper(body) {
   form.append("solver", "gradient");
   form.append("init", "zero");
   form.append("outputs", "trace");
-  const response = await fetch("/encode", { method: "POST", body: form });
+  const response = await authFetch("/encode", { method: "POST", body: form });
   const paper = await response.json().catch(() => null);
   if (!response.ok || !paper) return;
   drawEnergy([
@@ -371,7 +392,7 @@ async function stepThrough() {
   form.append("image", file, file.name);
   for (const [name, value] of Object.entries(last.options)) form.append(name, value);
   form.append("outputs", "snapshots");
-  const response = await fetch("/encode", { method: "POST", body: form });
+  const response = await authFetch("/encode", { method: "POST", body: form });
   const body = await response.json().catch(() => null);
   $("step-through").disabled = false;
   if (!response.ok || !body) {
@@ -413,7 +434,7 @@ function describeLevel(level, index) {
 }
 
 async function loadModel() {
-  const response = await fetch("/model");
+  const response = await authFetch("/model");
   const card = await response.json().catch(() => null);
   if (!response.ok || !card || card.error) {
     $("model-line").textContent = `The model card is not available yet: ${card ? card.error : response.status}. Reload in a moment.`;
@@ -462,7 +483,9 @@ async function loadModel() {
     basis.width = basis.naturalWidth * enlarge(basis.naturalWidth, basis.naturalHeight, 240);
     basis.classList.add("pixelated");
   };
-  basis.src = "/model/basis";
+  // An <img> cannot send the key: fetch the picture, then show it from a blob: URL.
+  const picture = await authFetch("/model/basis");
+  if (picture.ok) basis.src = URL.createObjectURL(await picture.blob());
 }
 
 // ---- wiring ----------------------------------------------------------------------------------------

@@ -141,7 +141,7 @@ def test_servicemonitor_scrapes_the_service_metrics_port(rendered, overlay):
     monitor = by_kind(resources, "ServiceMonitor")["spec"]
     assert monitor["selector"]["matchLabels"].items() <= service["metadata"]["labels"].items()
     (endpoint,) = monitor["endpoints"]
-    (port,) = service["spec"]["ports"]
+    (port,) = [p for p in service["spec"]["ports"] if p["name"] == "http"]
     assert endpoint["port"] == port["name"] and endpoint["path"] == "/metrics"
     assert port["targetPort"] == container(resources)["ports"][0]["name"]
 
@@ -176,7 +176,13 @@ def test_prometheusrule_carries_the_alerts_file(rendered):
 @pytest.mark.parametrize("overlay", OVERLAYS)
 def test_probes_and_port(rendered, overlay):
     c = container(rendered[overlay])
-    assert c["ports"] == [{"name": "http", "containerPort": 3000, "protocol": "TCP"}]
+    assert c["ports"] == [
+        {"name": "http", "containerPort": 3000, "protocol": "TCP"},
+        {"name": "grpc", "containerPort": 8001, "protocol": "TCP"},  # the Open Inference Protocol over gRPC
+    ]
+    service = {p["name"]: p for p in by_kind(rendered[overlay], "Service")["spec"]["ports"]}
+    assert service["grpc"]["targetPort"] == "grpc" and service["grpc"]["appProtocol"] == "kubernetes.io/h2c"
+    assert settings_env(rendered[overlay])["PC_GRPC_PORT"] == "8001"
     assert c["startupProbe"]["httpGet"] == {"path": "/readyz", "port": "http"}
     assert c["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "http"}
     assert c["livenessProbe"]["httpGet"] == {"path": "/livez", "port": "http"}

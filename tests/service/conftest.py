@@ -1,7 +1,8 @@
 """Real servers for the service tests: `pc-serve` in a subprocess on a free port, its own BENTOML_HOME.
 
 Servers are session-scoped (a start costs ~5-10 s on 2 cores): `server` runs the default model with
-default limits; `unstable_server` runs a diverging checkpoint with two workers. /metrics is read
+default limits; `unstable_server` runs a diverging checkpoint with two workers; `guarded_server` has an API
+key and small limits. /metrics is read
 with prometheus_client's own parser.
 """
 
@@ -50,6 +51,20 @@ def metric(samples: dict, name: str, **labels: str) -> float:
 def server(tmp_path_factory) -> Iterator[Server]:
     """The default model with default limits, plus one warmed extra step count."""
     with Server(tmp_path_factory.mktemp("server"), warmup_steps="20") as s:
+        yield s
+
+
+API_KEY = "v2-test-key-0123456789"
+
+
+@pytest.fixture(scope="session")
+def guarded_server(tmp_path_factory) -> Iterator[Server]:
+    """An API key (from a file, as a Kubernetes Secret mounts it), a small body limit, a tiny queue and a
+    batching wait (so concurrent requests meet in one model call)."""
+    home = tmp_path_factory.mktemp("guarded")
+    (home / "key").write_text(API_KEY + "\n")
+    settings = {"max_body_bytes": 100_000, "max_batch_size": 2, "max_queue": 4, "batch_wait_ms": 300}
+    with Server(home, api_key_file=home / "key", **settings) as s:
         yield s
 
 

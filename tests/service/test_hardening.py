@@ -105,13 +105,15 @@ def test_keep_alive_clients_spread_over_the_workers(hardened):
     assert min(counts) >= 1, f"every keep-alive connection went to one worker: {counts}"
 
 
-def test_a_slow_body_gets_408_counted_as_timeout(hardened):
-    """Item 7: a body dribbled at 1 byte/s is the client's fault: 408, reason timeout, never 504."""
+@pytest.mark.parametrize("path", ["/encode", "/v2/models/conv-rgb/infer"])
+def test_a_slow_body_gets_408_counted_as_timeout(hardened, path):
+    """Item 7: a body dribbled at 1 byte/s is the client's fault: 408, reason timeout, never 504 (/encode and
+    the Open Inference Protocol's infer alike)."""
     before = hardened.metrics()
     with socket.create_connection(("127.0.0.1", hardened.port)) as conn:
         conn.sendall(
-            b"POST /encode HTTP/1.1\r\nHost: x\r\nContent-Type: multipart/form-data; boundary=b\r\n"
-            b"Content-Length: 100000\r\n\r\n"
+            f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: multipart/form-data; boundary=b\r\n".encode()
+            + b"Content-Length: 100000\r\n\r\n"
         )
         conn.settimeout(1.0)
         started = time.monotonic()
@@ -183,6 +185,13 @@ def test_a_killed_worker_leaves_no_requests_in_progress(hardened, astronaut):
     all_ready(hardened)  # the new worker loads its model (requests sent to it meanwhile wait)
     assert hardened.post("/encode", files={"image": ("a.png", image)}).status_code == 200
     assert in_progress(hardened) == 0
+    # The new worker serves gRPC too (each worker binds the gRPC port): fresh channels reach both workers.
+    import tritonclient.grpc as grpcclient
+
+    for _ in range(4):
+        client = grpcclient.InferenceServerClient(hardened.grpc_target)
+        assert client.is_server_ready()
+        client.close()
 
 
 def test_sigterm_drains_and_refuses_new_connections_at_once(hardened, astronaut):

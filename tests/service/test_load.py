@@ -33,6 +33,17 @@ def test_small_load_has_no_server_errors_and_valid_responses(server):
 
 
 @pytest.mark.slow
+def test_small_load_over_v2_has_no_server_errors_and_valid_responses(server):
+    """pc-serve-loadtest --protocol v2: the same mixed load through the Open Inference Protocol's REST infer."""
+    before = server.metrics()
+    report = loadtest.run(server.url, clients=8, requests=48, warmup=0, protocol="v2")
+    after = server.metrics()
+    assert report.server_errors == 0 and report.invalid == 0, report.problems
+    assert report.statuses == {"200": 48}
+    assert metric(after, "pc_images_total") - metric(before, "pc_images_total") == 48
+
+
+@pytest.mark.slow
 def test_concurrent_requests_get_the_same_answers_as_sequential_ones(server):
     images = loadtest.photos(64)[:2]
     specs = [

@@ -62,8 +62,10 @@ class Watched:
         self.url = url
 
     def elsewhere(self) -> list[str]:
-        """Requests that went anywhere but this server (data: URLs are the page's own bytes, not requests)."""
-        return [u for u in self.requests if not u.startswith(self.url + "/") and not u.startswith("data:")]
+        """Requests that went anywhere but this server (data: URLs and this server's blob: URLs are the page's
+        own bytes, not requests)."""
+        own = (self.url + "/", "data:", f"blob:{self.url}/")
+        return [u for u in self.requests if not u.startswith(own)]
 
 
 def test_explorer_encodes_a_photo_and_shows_api_errors(server, browser, tmp_path):
@@ -189,3 +191,35 @@ def test_pc_serve_prints_where_it_is_ready(server):
     while line not in server.log.read_text() and time.monotonic() < deadline:
         time.sleep(0.1)
     assert server.log.read_text().count(line) == 1
+
+
+def test_explorer_asks_for_the_api_key_once(guarded_server, browser, tmp_path):
+    """With PC_API_KEY the page asks once, keeps the key for the tab (sessionStorage) and sends it with every
+    request: the model card, the basis (fetched, shown from a blob: URL) and /encode."""
+    from .conftest import API_KEY
+
+    photo = tmp_path / "small.png"
+    Image.fromarray(sample_photo()).resize((64, 64)).save(photo)  # under this server's 100 kB body limit
+    watched = Watched(browser, guarded_server.url)
+    page = watched.page
+    asked: list[str] = []
+
+    def answer(dialog) -> None:
+        asked.append(dialog.message)
+        dialog.accept(API_KEY)
+
+    page.on("dialog", answer)
+    page.goto(guarded_server.url + "/")
+    page.wait_for_selector("#card tr")
+    page.wait_for_function("() => document.getElementById('basis').naturalWidth > 0")
+    assert len(asked) == 1 and "API key" in asked[0]
+    assert page.evaluate("() => sessionStorage.getItem('pc-api-key')") == API_KEY
+    page.set_input_files("#image", str(photo))
+    page.wait_for_selector("#results:not([hidden])", timeout=60_000)
+    page.reload()  # the same tab keeps the key: no second question
+    page.wait_for_selector("#card tr")
+    assert len(asked) == 1
+    assert not watched.elsewhere(), watched.elsewhere()
+    # Only the first, keyless request was refused (the browser logs its 401).
+    assert [e for e in watched.console_errors if "401" not in e] == []
+    page.close()

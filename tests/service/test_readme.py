@@ -57,3 +57,21 @@ def test_example_response_is_what_the_shipped_model_gives(server):
     assert real["latents"][0]["data"].startswith(_prefix(shown["latents"][0]["data"])), real["latents"][0]["data"][:8]
     assert shown["input"]["array"]["shape"] == real["input"]["array"]["shape"]
     assert real["input"]["png"].startswith(_prefix(shown["input"]["png"]))
+
+
+def test_triton_example_runs(server, tmp_path, monkeypatch, capsys):
+    """The "KServe v2 / Triton clients" example, with the real tritonclient, against a real server."""
+    match = re.search(r"<!-- triton-example.*?-->\s*```python\n(.*?)```", README.read_text(), re.S)
+    assert match, "README has no python block after <!-- triton-example -->"
+    code = match.group(1)
+    assert "localhost:3000" in code and "localhost:8001" in code
+    code = code.replace("http://localhost:3000", server.url).replace("localhost:3000", server.url[len("http://") :])
+    monkeypatch.chdir(tmp_path)
+    exec(compile(code.replace("localhost:8001", server.grpc_target), "README.md", "exec"), {})
+    out = capsys.readouterr().out.splitlines()
+    assert out == [
+        "True {'name': 'image', 'datatype': 'BYTES', 'shape': [-1]}",
+        "(1, 8, 7, 7) (1, 3, 32, 32)",
+        "True",
+        "True",
+    ]

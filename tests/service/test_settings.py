@@ -34,6 +34,9 @@ def test_environment_then_overrides():
         ({"PC_WARMUP_STEPS": "0"}, "PC_WARMUP_STEPS must be step counts in 1..1000"),
         ({"PC_WARMUP_STEPS": "1,2,3,4,5,6,7,8"}, "PC_WARMUP_STEPS takes at most 7 step counts"),
         ({"PC_MAX_BATCH_SIZE": "64", "PC_MAX_QUEUE": "8"}, "PC_MAX_QUEUE must be at least PC_MAX_BATCH_SIZE"),
+        ({"PC_GRPC_PORT": "3000"}, "PC_GRPC_PORT must be a TCP port other than PC_PORT"),
+        ({"PC_MAX_HEADER_BYTES": "100"}, "PC_MAX_HEADER_BYTES must be at least 1024"),
+        ({"PC_API_KEY": "a", "PC_API_KEY_FILE": "/k"}, "set PC_API_KEY or PC_API_KEY_FILE, not both"),
     ],
 )
 def test_bad_settings_name_the_variable(env, message):
@@ -91,3 +94,16 @@ def _fifo(path):
 def _write(path, data: bytes):
     path.write_bytes(data)
     return path
+
+
+def test_api_key_from_the_variable_or_a_file_and_never_in_repr(tmp_path):
+    assert Settings.from_env({}).secret() is None
+    s = Settings.from_env({"PC_API_KEY": "abc-123"})
+    assert s.secret() == b"abc-123" and "abc-123" not in repr(s)
+    (tmp_path / "key").write_text("from-a-secret\n")
+    assert Settings.from_env({"PC_API_KEY_FILE": str(tmp_path / "key")}).secret() == b"from-a-secret"
+    with pytest.raises(SettingsError, match="cannot be read"):
+        Settings.from_env({"PC_API_KEY_FILE": str(tmp_path / "missing")}).secret()
+    (tmp_path / "empty").write_text("\n")
+    with pytest.raises(SettingsError, match="is empty"):
+        Settings.from_env({"PC_API_KEY_FILE": str(tmp_path / "empty")}).secret()

@@ -8,6 +8,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
+import numpy as np
 import pytest
 
 from .conftest import metric, png
@@ -87,3 +88,31 @@ def test_diverging_inference_is_a_counted_error_on_every_worker(unstable_server,
     assert first["status"] == 500 and first["reason"] == "not_finite"
     assert second["status"] == 400 and second["reason"] == "bad_image"
     assert unstable_server.get("/readyz").status_code == 200
+
+
+@pytest.mark.slow
+def test_diverging_inference_over_v2_is_the_same_counted_error(unstable_server, astronaut):
+    """Over the Open Inference Protocol on two workers (both serve gRPC on one port): 500 not_finite, and
+    gRPC INTERNAL with the same message, counted like /encode's."""
+    import tritonclient.grpc as grpcclient
+    import tritonclient.http as httpclient
+    from tritonclient.utils import InferenceServerException
+
+    image = png(astronaut[:64, :64])
+    before = metric(unstable_server.metrics(), "pc_request_errors_total", reason="not_finite")
+    rest = httpclient.InferenceServerClient(unstable_server.url.removeprefix("http://"))
+    grpc = grpcclient.InferenceServerClient(unstable_server.grpc_target)
+    for module, client, code in ((httpclient, rest, "500"), (grpcclient, grpc, "StatusCode.INTERNAL")):
+        tensor = module.InferInput("image", [1], "BYTES")
+        tensor.set_data_from_numpy(np.array([image], dtype=object))
+        deadline = time.monotonic() + 60
+        while True:  # a worker still loading answers 503 / UNAVAILABLE (reason loading): ask again
+            with pytest.raises(InferenceServerException) as caught:
+                client.infer("diverging", [tensor])
+            if "loading" not in str(caught.value) or time.monotonic() > deadline:
+                break
+            time.sleep(0.3)
+        assert str(caught.value.status()) == code and "NaN or Inf" in str(caught.value)
+    rest.close()
+    grpc.close()
+    assert metric(unstable_server.metrics(), "pc_request_errors_total", reason="not_finite") == before + 2

@@ -1,0 +1,222 @@
+"""The Open Inference Protocol's REST routes under /v2, a Starlette app mounted into the BentoML service.
+
+JSON both ways, and the binary tensor data extension both ways: a request whose JSON header is
+followed by the inputs' bytes says the header's length in `Inference-Header-Content-Length` and each
+binary input's length in its `binary_data_size` parameter; outputs asked for with `binary_data: true`
+(or all of them, with the request's `binary_data_output: true`, what tritonclient sends when it names
+no outputs) come back the same way. The body arrives through BodyGate, as /encode's does: the same
+size limit (413 before it is read), body budget and body deadline. Errors are {"error", "reason"} with
+the protocol's statuses (400, 404, 413, 503 with Retry-After), counted like /encode's.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from collections.abc import Callable
+
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from . import metrics, v2
+from .errors import RequestError, rejection
+from .health import NotLoaded
+from .middleware import BODY_KEY
+from .pipeline import Pipeline, run
+
+logger = logging.getLogger(__name__)
+
+INFER_PATH = re.compile(r"^/v2/models/[^/]+(/versions/[^/]+)?/infer$")  # the bodies BodyGate reads
+HEADER_LENGTH = "inference-header-content-length"
+INLINE_VALUES = 1 << 16  # JSON answers with fewer output values are written on the event loop
+INLINE_BODY_BYTES = 1 << 16  # request bodies up to this are parsed on the event loop, uncharged
+# Peak bytes while parsing, per body byte: 15 MB of JSON floats (x [32, 3, 88, 88]) peaked at 2.6x as Python
+# floats, their list and the float32 array (tracemalloc).
+JSON_PARSE_FACTOR = 3
+
+PipelineFn = Callable[[], Pipeline | None]
+
+
+def error_response(exc: BaseException, probe: bool = False) -> Response:
+    """The protocol's error answer for an exception a request raised (re-raised when it is a bug). A `probe`
+    (metadata, model ready) answered 503 while the model loads is not a request error, as GET /model's is not."""
+    if isinstance(exc, NotLoaded):  # /livez fails too: the pod is restarted; not a request error
+        return JSONResponse({"error": str(exc), "reason": "load_failed"}, status_code=503, headers={"Retry-After": "1"})
+    error = rejection(exc)
+    if error is None:
+        raise exc
+    if not (probe and error.reason == "loading"):
+        metrics.count_error(error.reason)
+    status = v2.protocol_status(error)
+    headers = {"Retry-After": "1"} if status == 503 else None
+    return JSONResponse({"error": error.message, "reason": error.reason}, status_code=status, headers=headers)
+
+
+def routes(pipeline: PipelineFn) -> Starlette:
+    """The /v2 app; `pipeline()` is the worker's Pipeline once the service has built it."""
+
+    def current() -> Pipeline:
+        found = pipeline()
+        if found is None:
+            raise RequestError(503, "loading", "the service is starting; retry in a few seconds")
+        return found
+
+    async def server_metadata(request: Request) -> Response:
+        return JSONResponse(v2.server_metadata())
+
+    async def live(request: Request) -> Response:
+        found = pipeline()
+        return Response(status_code=200 if found is None or found.alive else 503)
+
+    async def ready(request: Request) -> Response:
+        found = pipeline()
+        return Response(status_code=200 if found is not None and found.ready else 503)
+
+    async def model_metadata(request: Request) -> Response:
+        try:
+            host = v2.find_model(current(), request.path_params["name"], request.path_params.get("version"))
+        except Exception as exc:
+            return error_response(exc, probe=True)
+        return JSONResponse(v2.model_metadata(host))
+
+    async def model_ready(request: Request) -> Response:
+        try:
+            found = current()
+            v2.find_model(found, request.path_params["name"], request.path_params.get("version"))
+        except Exception as exc:
+            return error_response(exc, probe=True)
+        return Response(status_code=200 if found.ready else 503)
+
+    async def infer(request: Request) -> Response:
+        try:
+            found = current()
+            host = v2.find_model(found, request.path_params["name"], request.path_params.get("version"))
+            body = request.scope.get(BODY_KEY, b"")
+            # JSON numbers become Python objects before they are an array: a large body is parsed on a thread,
+            # charged to the decoding budget (BodyGate charged the body itself).
+            if len(body) <= INLINE_BODY_BYTES:
+                header, inputs, wanted, binary = parse_request(body, request.headers)
+            else:
+                async with found.decoding.hold(JSON_PARSE_FACTOR * len(body), "parsing this request"):
+                    header, inputs, wanted, binary = await run(False, parse_request, body, request.headers)
+            done = await v2.infer(found, inputs, header.get("parameters") or {}, wanted)
+        except Exception as exc:
+            return error_response(exc)
+        answer = {"model_name": host.config.name, "model_version": v2.model_version(host)}
+        if "id" in header:
+            answer["id"] = header["id"]
+        answer["parameters"] = done.parameters
+        inline = sum(t.array.size for t in done.outputs) <= INLINE_VALUES
+        return await run(inline, encode_response, answer, done.outputs, binary)
+
+    model = "/v2/models/{name}"
+    versioned = "/v2/models/{name}/versions/{version}"
+    return Starlette(
+        routes=[
+            Route("/v2", server_metadata, methods=["GET"]),
+            Route("/v2/health/live", live, methods=["GET"]),
+            Route("/v2/health/ready", ready, methods=["GET"]),
+            *(Route(p, model_metadata, methods=["GET"]) for p in (model, versioned)),
+            *(Route(p + "/ready", model_ready, methods=["GET"]) for p in (model, versioned)),
+            *(Route(p + "/infer", infer, methods=["POST"]) for p in (model, versioned)),
+        ]
+    )
+
+
+def parse_request(body: bytes, headers) -> tuple[dict, list[v2.InputTensor], list[str] | None, dict[str, bool]]:
+    """(the JSON header, the inputs, the outputs asked for or None, binary or not per output name)."""
+    length_text = headers.get(HEADER_LENGTH)
+    if length_text is None:
+        header_bytes, binary = body, b""
+    else:
+        if not length_text.isdigit() or int(length_text) > len(body):
+            raise v2.bad(f"Inference-Header-Content-Length {length_text[:20]!r} is not a length within the body")
+        header_bytes, binary = body[: int(length_text)], body[int(length_text) :]
+    if not header_bytes:
+        raise v2.bad("the request body is empty: send the inference request's JSON")
+    try:
+        header = json.loads(header_bytes)
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise v2.bad(f"the request is not JSON ({exc})"[:300]) from None
+    if not isinstance(header, dict) or not isinstance(header.get("inputs"), list):
+        raise v2.bad('the request must be a JSON object with an "inputs" list')
+    if not isinstance(header.get("parameters") or {}, dict):
+        raise v2.bad('"parameters" must be an object')
+    inputs, at = [], 0
+    for item in header["inputs"]:
+        tensor, used = _input(item, binary, at)
+        inputs.append(tensor)
+        at += used
+    if at != len(binary):
+        raise v2.bad(f"the binary data has {len(binary) - at} bytes beyond the inputs' binary_data_size")
+    default = bool((header.get("parameters") or {}).get("binary_data_output", False))
+    wanted, binary_outputs = None, {}
+    if header.get("outputs") is not None:
+        if not isinstance(header["outputs"], list) or not all(isinstance(o, dict) for o in header["outputs"]):
+            raise v2.bad('"outputs" must be a list of objects with a "name"')
+        wanted = [str(o.get("name")) for o in header["outputs"]]
+        for o in header["outputs"]:
+            parameters = o.get("parameters") or {}
+            binary_outputs[str(o.get("name"))] = bool(parameters.get("binary_data", default))
+    return header, inputs, wanted, _Default(binary_outputs, default)
+
+
+class _Default(dict):
+    """Per-output binary flags with the request's binary_data_output for outputs not named."""
+
+    def __init__(self, flags: dict[str, bool], default: bool) -> None:
+        super().__init__(flags)
+        self.default = default
+
+    def __missing__(self, key: str) -> bool:
+        return self.default
+
+
+def _input(item: object, binary: bytes, at: int) -> tuple[v2.InputTensor, int]:
+    if not isinstance(item, dict) or not isinstance(item.get("name"), str):
+        raise v2.bad('each input must be an object with "name", "datatype", "shape" and "data"')
+    name = item["name"]
+    shape = item.get("shape")
+    if not isinstance(shape, list) or not all(isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in shape):
+        raise v2.bad(f"input {name!r}: shape must be a list of non-negative integers")
+    datatype = item.get("datatype")
+    if not isinstance(datatype, str):
+        raise v2.bad(f"input {name!r}: datatype must be a string (BYTES or FP32)")
+    size = (item.get("parameters") or {}).get("binary_data_size")
+    if size is not None:
+        if not isinstance(size, int) or isinstance(size, bool) or size < 0 or at + size > len(binary):
+            raise v2.bad(f"input {name!r}: binary_data_size {size!r} is not within the binary data")
+        raw = binary[at : at + size]
+        data = v2.split_bytes(raw, name) if datatype == "BYTES" else v2.fp32_from_raw(raw, name)
+        return v2.InputTensor(name, datatype, tuple(shape), data), size
+    if not isinstance(item.get("data"), list):
+        raise v2.bad(f'input {name!r} has neither a "data" list nor a binary_data_size parameter')
+    values = item["data"]
+    data = v2.base64_elements(values, name) if datatype == "BYTES" else v2.fp32_from_list(values, name)
+    return v2.InputTensor(name, datatype, tuple(shape), data), 0
+
+
+def encode_response(answer: dict, outputs: list[v2.OutputTensor], binary: dict[str, bool]) -> Response:
+    """JSON, or JSON followed by the binary outputs' bytes (the binary tensor data extension)."""
+    blobs = []
+    described = []
+    for t in outputs:
+        out = {"name": t.name, "datatype": t.datatype, "shape": list(t.array.shape)}
+        if binary[t.name]:
+            raw = t.raw()
+            out["parameters"] = {"binary_data_size": len(raw)}
+            blobs.append(raw)
+        else:
+            out["data"] = t.array.ravel().tolist()
+        described.append(out)
+    head = json.dumps({**answer, "outputs": described}, separators=(",", ":")).encode()
+    if not blobs:
+        return Response(head, media_type="application/json")
+    return Response(
+        b"".join([head, *blobs]),
+        media_type="application/octet-stream",
+        headers={"Inference-Header-Content-Length": str(len(head))},
+    )

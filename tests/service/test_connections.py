@@ -1,0 +1,84 @@
+"""Connections a client can abuse: request heads are bounded (431; gRPC metadata: RESOURCE_EXHAUSTED), and a
+client that disconnects mid-body ends its request at once, so an idle server stops within 5 s of SIGTERM."""
+
+from __future__ import annotations
+
+import os
+import queue
+import signal
+import socket
+import time
+
+import httpx
+import numpy as np
+import pytest
+import tritonclient.grpc as grpcclient
+from tritonclient.utils import InferenceServerException
+
+from service.middleware import MAX_HEADER_FIELDS
+
+from .conftest import Server, metric
+
+
+def test_request_heads_are_bounded(server):
+    before = metric(server.metrics(), "pc_request_errors_total", reason="header_too_large")
+    long_line = httpx.get(server.url + "/livez", headers={"X-Padding": "a" * 200_000}, timeout=30)
+    many = httpx.get(server.url + "/livez", headers=[(f"X-Field-{i}", "1") for i in range(5000)], timeout=30)
+    for response in (long_line, many):
+        assert response.status_code == 431 and response.json()["reason"] == "header_too_large"
+        assert "PC_MAX_HEADER_BYTES" in response.json()["error"]
+    assert "16384 bytes" in long_line.json()["error"]
+    # Just under both limits is fine (httpx adds a few fields of its own).
+    fields = [(f"X-Field-{i}", "1") for i in range(MAX_HEADER_FIELDS - 10)]
+    assert httpx.get(server.url + "/livez", headers=fields, timeout=30).status_code == 200
+    assert metric(server.metrics(), "pc_request_errors_total", reason="header_too_large") == before + 2
+
+    client = grpcclient.InferenceServerClient(server.grpc_target)
+    with pytest.raises(InferenceServerException) as caught:
+        client.get_server_metadata(headers={"x-padding": "a" * 20_000})
+    assert str(caught.value.status()) == "StatusCode.RESOURCE_EXHAUSTED"
+    assert client.is_server_live()  # the channel still works for a sane call
+    client.close()
+
+
+def _start_body_and_vanish(port: int, path: str) -> None:
+    """A chunked multipart body that stops after its first chunk, then the connection closes."""
+    with socket.create_connection(("127.0.0.1", port)) as sock:
+        head = (
+            f"POST {path} HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n"
+            "Content-Type: multipart/form-data; boundary=b\r\n\r\n"
+        )
+        sock.sendall(head.encode() + b"10\r\n--b\r\nContent-Dis\r\n")
+        time.sleep(0.3)
+
+
+def test_a_client_that_vanishes_mid_body_does_not_hold_the_drain(tmp_path, astronaut64):
+    """Before: the request lived until the request timeout (SIGTERM took 57.5 s). Now it ends at once, is
+    counted, and no 5xx is logged as ours. A gRPC call in flight at SIGTERM still finishes (the drain
+    waits for it, and only for it), and the server exits within 5 s of it."""
+    with Server(tmp_path) as s:
+        before = metric(s.metrics(), "pc_request_errors_total", reason="disconnected")
+        for path in ("/encode", "/v2/models/conv-rgb/infer"):
+            _start_body_and_vanish(s.port, path)
+        deadline = time.monotonic() + 10
+        while metric(s.metrics(), "pc_request_errors_total", reason="disconnected") < before + 2:
+            assert time.monotonic() < deadline, "the disconnects were not noticed"
+            time.sleep(0.1)
+        client = grpcclient.InferenceServerClient(s.grpc_target)
+        image = grpcclient.InferInput("image", [1], "BYTES")
+        image.set_data_from_numpy(np.array([astronaut64], dtype=object))
+        done: queue.Queue = queue.Queue()
+        parameters = {"steps": 1000, "size_mode": "tile"}  # seconds of model time on a CPU
+        client.async_infer("conv-rgb", [image], lambda result, error: done.put((result, error)), parameters=parameters)
+        time.sleep(0.3)
+        assert done.empty(), "the call finished before SIGTERM: nothing was in flight"
+        os.killpg(s.process.pid, signal.SIGTERM)
+        result, error = done.get(timeout=60)
+        finished = time.monotonic()
+        assert error is None and result.as_numpy("energy").shape == (1, 2)
+        s.process.wait(timeout=60)
+        assert time.monotonic() - finished < 5
+        assert s.process.returncode == 0
+        client.close()
+        log = s.log.read_text()
+        assert "status=5" not in log and "Traceback" not in log
