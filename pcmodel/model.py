@@ -226,7 +226,12 @@ class PCModel:
             )
         with torch.inference_mode():
             x, _, levels = self._inputs(x)
-            return amortised_latents(levels, self._amortiser.params, x)
+            if x.device.type != "cpu" or x.shape[0] == 1:
+                return amortised_latents(levels, self._amortiser.params, x)
+            # Row by row on a CPU, as the torch backend runs: a convolution's kernel (and so its rounding)
+            # depends on the batch size, and an image must get the same bits alone and in a batch.
+            rows = [amortised_latents(levels, self._amortiser.params, x[i : i + 1]) for i in range(x.shape[0])]
+            return [torch.cat(level) for level in zip(*rows)]
 
     # ---- inference -------------------------------------------------------------------------
 

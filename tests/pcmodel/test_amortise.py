@@ -155,3 +155,18 @@ def test_amortiser_parameters_are_checked():
         model.amortiser = Amortiser(fresh.config, bad)
     with pytest.raises(ConfigError, match="hidden must be a positive int"):
         AmortiserConfig(hidden=0)
+
+
+@pytest.mark.parametrize("preset", sorted(pcmodel.PRESETS))
+def test_an_image_gets_the_same_bits_alone_and_in_a_batch_from_the_amortised_start(preset, generator):
+    model = pcmodel.load(preset)
+    model.amortiser = Amortiser.create(model.config, seed=2)
+    for t in model.amortiser.params.values():
+        t.normal_(std=0.2, generator=generator)
+    x = torch.rand((5, *model.config.input_shape), generator=generator) * 2 - 1
+    guess, batch = model.amortised_latents(x), model.infer(x, init="amortised")
+    for i in (0, 3):
+        alone = model.infer(x[i : i + 1], init="amortised")
+        for a, b, g, h in zip(alone.latents, batch.latents, model.amortised_latents(x[i : i + 1]), guess):
+            assert a[0].numpy().tobytes() == b[i].numpy().tobytes()
+            assert g[0].numpy().tobytes() == h[i].numpy().tobytes()
