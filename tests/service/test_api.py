@@ -250,14 +250,21 @@ def test_solver_and_init_fields(server, client, astronaut64):
         response = server.post("/encode", files={"image": ("a.png", astronaut64)}, data=fields)
         assert response.status_code == 422 and response.json()["reason"] == "bad_parameter", fields
         assert next(iter(fields)) in response.json()["error"]
-    if not model.has_amortiser:
-        response = server.post("/encode", files={"image": ("a.png", astronaut64)}, data={"init": "amortised"})
-        assert response.status_code == 422 and "amortised" in response.json()["error"]
     after = server.metrics()
     counted = metric(after, "pc_request_errors_total", reason="bad_parameter") - metric(
         before, "pc_request_errors_total", reason="bad_parameter"
     )
-    assert counted == 3 + (not model.has_amortiser)
+    assert counted == 3
+    # the shipped model has an amortised start: the fast guess, refined by the same steps
+    assert model.has_amortiser and card["init"]["choices"] == ["zero", "amortised"]
+    for solver in ("gradient", "nesterov"):
+        result = client.encode(astronaut64, size_mode="resize", steps=10, init="amortised", solver=solver)
+        local = model.infer(x, steps=10, init="amortised", solver=solver)
+        assert result.init == "amortised"
+        np.testing.assert_allclose(result.latents[0], local.latents[0][0].numpy(), atol=TOL)
+        assert result.energy_initial == pytest.approx(float(local.energy[0, 0]), rel=TOL)
+    zero = client.encode(astronaut64, size_mode="resize", steps=1, init="zero")
+    assert result.energy_initial < zero.energy_initial  # the amortised guess starts far lower
 
 
 def test_snapshots_show_the_states_inference_passes_through(client, astronaut64):

@@ -200,3 +200,18 @@ def _png(array: np.ndarray) -> bytes:
     buffer = io.BytesIO()
     Image.fromarray(array).save(buffer, format="PNG")
     return buffer.getvalue()
+
+
+def test_a_model_without_an_amortised_start_refuses_init_amortised(host):
+    from service.errors import RequestError
+
+    saved = host.model.amortiser
+    host.model.amortiser = None
+    try:
+        with pytest.raises(RequestError) as refused:
+            host.check_dynamics(None, "amortised")
+        assert refused.value.status == 422 and refused.value.reason == "bad_parameter"
+        assert "amortised" in refused.value.message
+    finally:
+        host.model.amortiser = saved
+    host.check_dynamics(None, "amortised")  # with it back, accepted
