@@ -106,7 +106,6 @@ def main(argv: list[str] | None = None) -> int:
     momenta = args.momentum or [0.7, 0.8]
     if not all(0 <= m < 1 for m in momenta):
         parser.error("--momentum must be in [0, 1)")
-    torch.set_grad_enabled(False)
     reports = [measure(n, args.count, args.batch, momenta, args.rounds) for n in args.model or sorted(pcmodel.PRESETS)]
     if args.json:
         print(json.dumps({"machine": machine(), "threads": torch.get_num_threads(), "reports": reports}, indent=2))

@@ -98,7 +98,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--gap", type=positive_float, default=0.05, help="energy gap in percent (default: 0.05)")
     parser.add_argument("--json", action="store_true", help="print every number and the machine as JSON")
     args = parser.parse_args(argv)
-    torch.set_grad_enabled(False)
     reports = []
     for name in args.model or sorted(pcmodel.PRESETS):
         model = pcmodel.load(name)

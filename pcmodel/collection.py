@@ -219,7 +219,6 @@ class BatchEncoder:
 
         if threads is not None:
             torch.set_num_threads(threads)
-        torch.set_grad_enabled(False)
         self.settings = settings
         self.model = pcmodel.load(settings.model)
         self.sha256 = self.model.sha256
