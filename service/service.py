@@ -135,16 +135,18 @@ class PCEncoder:
         result = await run(decoded.small, encode_result, decoded.prepared, settled, options, host.ref, host.config)
         result.update(host.dynamics(options.solver, "given" if start is not None else options.init))
         if "snapshots" in options.outputs:
-            result["snapshots"] = await self._snapshots(decoded.prepared, options, decoded.small)
+            result["snapshots"] = await self._snapshots(decoded.prepared, options, start, decoded.small)
         return result, settled, decoded.small
 
-    async def _snapshots(self, prepared: Prepared, options: EncodeOptions, small: bool) -> list[dict]:
+    async def _snapshots(
+        self, prepared: Prepared, options: EncodeOptions, start: list[torch.Tensor] | None, small: bool
+    ) -> list[dict]:
         """outputs=snapshots: the state after each of up to MAX_SNAPSHOTS step counts, each an exact run of
         that many steps from the same start with the same dynamics (a momentum solver's velocity is part of
         its state, so a run cannot be resumed from latents alone); at most ~10x the request's own steps."""
         out = []
         for step in snapshot_steps(options.steps, min(MAX_SNAPSHOTS, options.steps)):
-            settled = await self.host.infer(prepared.rows, step, options.solver, options.init)
+            settled = await self.host.infer(prepared.rows, step, options.solver, options.init, start)
             out.append(await run(small, snapshot_payload, prepared, settled, self.host.config))
         return out
 

@@ -298,6 +298,8 @@ def test_a_warm_start_from_a_previous_result(server, client, astronaut64, astron
     tiles = client.encode(png(astronaut[:64, :64]), size_mode="tile", steps=30)
     warm = client.encode(png(astronaut[:64, :64]), size_mode="tile", steps=1, start=tiles)
     assert warm.energy_initial == pytest.approx(tiles.energy_final, rel=TOL)
+    stepped = client.encode(astronaut64, size_mode="resize", steps=2, start=first, outputs=["snapshots"])
+    assert stepped.raw["snapshots"][0]["energy"] == pytest.approx(first.energy_final, rel=TOL)  # from the start given
     before = server.metrics()
     for start in ([r[:, :3] for r in first.latents], first.latents[:1]):  # wrong shapes, a missing level
         with pytest.raises(ServiceError) as refused:
