@@ -2,6 +2,7 @@
 
     python -m benchmarks.fast_slow                      # both presets, 64 held-out crops
     python -m benchmarks.fast_slow --count 256 --json   # the numbers of docs/PERFORMANCE.md
+    python -m benchmarks.fast_slow --photos --steps 10,20,100 --momentum 0.7 --momentum 0.8
 
 On held-out crops of the model's native size (scikit-learn's two sample photos, never seen in training),
 the fixed point is 3,000 steps of the paper's dynamics (gradient, from zero). For each solver (gradient,
@@ -10,6 +11,12 @@ after T steps: the median energy gap (E_T - E*) / |E*| in percent, the median pe
 |r_T - r*| / |r*| in percent, and the wall time of the call per image (batch --batch, the automatic fast
 backend, prepared for every T; the amortised start's own time included). The fixed point is the same for
 every solver (tests/pcmodel/test_solvers.py), so the rows compare how fast each gets there.
+
+--photos measures whole photos instead of crops: each held-out photo in each size mode the model has
+(full for convolutional models, tile), all of its rows settled together; the energy gap is that of the
+photo (the sum over its rows) and the latent distance that of all its rows at once, one line per photo.
+The model's served defaults are marked; the first row (gradient from zero at the model's steps) is
+today's paper dynamics.
 """
 
 from __future__ import annotations
@@ -24,7 +31,9 @@ import torch
 
 import pcmodel
 from pcmodel.cliargs import ArgumentParser, model_source, positive_int
-from training.data import held_out_windows
+from pcmodel.images import has_whole_map_level, prepare_image
+from training.amortise import energy_gap, latent_distance
+from training.data import held_out_photos, held_out_windows
 
 from .machine import machine
 
@@ -32,20 +41,29 @@ STEPS = (5, 10, 20, 50, 100)
 FIXED_POINT_STEPS = 3000
 
 
-def fixed_point(model: pcmodel.PCModel, x: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
+def fixed_point(
+    model: pcmodel.PCModel, x: torch.Tensor, backend: str | None = None
+) -> tuple[list[torch.Tensor], torch.Tensor]:
     """The settled latents and energy per crop: the paper's dynamics for FIXED_POINT_STEPS steps, from zero."""
-    result = model.infer(x, steps=FIXED_POINT_STEPS, solver="gradient", init="zero")
+    result = model.infer(x, steps=FIXED_POINT_STEPS, solver="gradient", init="zero", backend=backend)
     return result.latents, result.energy[-1]
 
 
 def gaps(result: pcmodel.InferenceResult, settled: list[torch.Tensor], fixed: torch.Tensor) -> dict[str, Any]:
-    """Median energy gap and per-level latent distance to the fixed point, in percent."""
-    energy = ((result.energy[-1] - fixed) / fixed.abs()).tolist()
-    levels = []
-    for r, s in zip(result.latents, settled):
-        distance = (r - s).flatten(1).norm(dim=1) / s.flatten(1).norm(dim=1).clamp_min(1e-12)
-        levels.append(100 * statistics.median(distance.tolist()))
-    return {"energy_gap_pct": 100 * statistics.median(energy), "latent_distance_pct": levels}
+    """Median energy gap and per-level latent distance to the fixed point over the crops, in percent."""
+    return {
+        "energy_gap_pct": 100 * float(energy_gap(result.energy[-1], fixed).median()),
+        "latent_distance_pct": [100 * float(d.median()) for d in latent_distance(result.latents, settled)],
+    }
+
+
+def whole_gaps(result: pcmodel.InferenceResult, settled: list[torch.Tensor], fixed: torch.Tensor) -> dict[str, Any]:
+    """The energy gap and per-level latent distance of all rows at once (one photo), in percent."""
+    flat = [r.reshape(1, -1) for r in result.latents]
+    return {
+        "energy_gap_pct": 100 * float(energy_gap(result.energy[-1].sum(), fixed.sum())),
+        "latent_distance_pct": [100 * float(d[0]) for d in latent_distance(flat, [s.reshape(1, -1) for s in settled])],
+    }
 
 
 def wall_ms(model: pcmodel.PCModel, x: torch.Tensor, steps: int, solver: str, init: str, rounds: int) -> float:
@@ -59,19 +77,24 @@ def wall_ms(model: pcmodel.PCModel, x: torch.Tensor, steps: int, solver: str, in
     return 1000 * statistics.median(times) / x.shape[0]
 
 
-def measure(name: str, count: int, batch: int, momenta: list[float], rounds: int) -> dict[str, Any]:
+def solvers_of(momenta: list[float], kinds: list[str]) -> list[tuple[str, pcmodel.Solver]]:
+    return [("gradient", pcmodel.Solver())] + [
+        (f"{kind}({beta:g})", pcmodel.Solver(kind, beta)) for kind in kinds for beta in momenta
+    ]
+
+
+def measure(
+    name: str, count: int, batch: int, momenta: list[float], rounds: int, steps_list: list[int], kinds: list[str]
+) -> dict[str, Any]:
     model = pcmodel.load(name)
     x = held_out_windows(model.config, count)
     settled, fixed = fixed_point(model, x)
-    solvers = [("gradient", pcmodel.Solver())] + [
-        (f"{kind}({beta:g})", pcmodel.Solver(kind, beta)) for kind in ("momentum", "nesterov") for beta in momenta
-    ]
     inits = ["zero"] + (["amortised"] if model.has_amortiser else [])
     rows = []
     for init in inits:
-        for label, solver in solvers:
-            model.prepare(steps=list(STEPS), shapes=[x.shape[1:]], build=False, solvers=[solver])  # its fast programs
-            for steps in STEPS:
+        for label, solver in solvers_of(momenta, kinds):
+            model.prepare(steps=steps_list, shapes=[x.shape[1:]], build=False, solvers=[solver])  # its fast programs
+            for steps in steps_list:
                 row = {"init": init, "solver": label, "steps": steps}
                 row.update(gaps(model.infer(x, steps=steps, solver=solver, init=init), settled, fixed))
                 row["ms_per_image"] = wall_ms(model, x[:batch], steps, solver, init, rounds)
@@ -79,7 +102,57 @@ def measure(name: str, count: int, batch: int, momenta: list[float], rounds: int
     return {"model": name, "sha256": model.sha256, "crops": count, "batch": batch, "rows": rows}
 
 
+def photo_rows(model: pcmodel.PCModel) -> list[tuple[str, str, torch.Tensor]]:
+    """(photo, size mode, the rows the model runs) for each held-out photo and size mode of the model."""
+    modes = ["tile"] if has_whole_map_level(model.config) else ["full", "tile"]
+    return [
+        (photo.name, mode, prepare_image(photo.pixels, model.config, mode)[0])
+        for photo in held_out_photos()
+        for mode in modes
+    ]
+
+
+def measure_photos(name: str, momenta: list[float], steps_list: list[int], kinds: list[str]) -> dict[str, Any]:
+    """Whole held-out photos: per photo and size mode, every solver and start against the photo's fixed point."""
+    model = pcmodel.load(name)
+    served = (model.config.initial_latents, model.config.served_solver, model.config.steps)
+    rows = []
+    for photo, mode, x in photo_rows(model):
+        settled, fixed = fixed_point(model, x, backend="loop")  # batched: a photo's tiles are many rows
+        for init in ["zero"] + (["amortised"] if model.has_amortiser else []):
+            for label, solver in solvers_of(momenta, kinds):
+                for steps in steps_list:
+                    result = model.infer(x, steps=steps, solver=solver, init=init, backend="loop")
+                    row = {"photo": photo, "size_mode": mode, "rows": x.shape[0], "init": init, "solver": label}
+                    row["steps"] = steps
+                    row["served"] = served == (_config_init(init), solver, steps)
+                    row.update(whole_gaps(result, settled, fixed))
+                    rows.append(row)
+    return {"model": name, "sha256": model.sha256, "photos": True, "rows": rows}
+
+
+def _config_init(init: str) -> str:
+    return "zeros" if init == "zero" else init
+
+
+def photo_table(report: dict[str, Any]) -> str:
+    lines = [f"{report['model']} (whole held-out photos; * the served defaults)"]
+    lines.append(
+        f"{'photo':<11} {'mode':<5} {'init':<10} {'solver':<15} {'T':>4} {'energy gap %':>13} {'latent dist %':>20}"
+    )
+    for row in report["rows"]:
+        levels = ", ".join(f"{v:.3g}" for v in row["latent_distance_pct"])
+        mark = "*" if row["served"] else " "
+        lines.append(
+            f"{row['photo']:<11} {row['size_mode']:<5} {row['init']:<10} {row['solver']:<15} {row['steps']:>4}"
+            f"{mark}{row['energy_gap_pct']:>12.4g} {levels:>20}"
+        )
+    return "\n".join(lines)
+
+
 def table(report: dict[str, Any]) -> str:
+    if report.get("photos"):
+        return photo_table(report)
     lines = [f"{report['model']} ({report['crops']} held-out crops; wall time at batch {report['batch']})"]
     head = f"{'init':<10} {'solver':<15} {'T':>4} {'energy gap %':>13} {'latent dist % per level':>26} {'ms/img':>8}"
     lines.append(head)
@@ -101,12 +174,32 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--momentum", type=float, action="append", help="momenta of momentum/nesterov (default: 0.7 and 0.8)"
     )
+    parser.add_argument(
+        "--kinds", default="momentum,nesterov", help="accelerated solvers beside gradient (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--steps", default=",".join(map(str, STEPS)), help="step counts, comma-separated (default: %(default)s)"
+    )
+    parser.add_argument("--photos", action="store_true", help="whole held-out photos in each size mode, not crops")
     parser.add_argument("--json", action="store_true", help="print every number and the machine as JSON")
     args = parser.parse_args(argv)
     momenta = args.momentum or [0.7, 0.8]
     if not all(0 <= m < 1 for m in momenta):
         parser.error("--momentum must be in [0, 1)")
-    reports = [measure(n, args.count, args.batch, momenta, args.rounds) for n in args.model or sorted(pcmodel.PRESETS)]
+    kinds = [k for k in args.kinds.split(",") if k]
+    if any(k not in ("momentum", "nesterov") for k in kinds):
+        parser.error("--kinds takes momentum and/or nesterov")
+    try:
+        steps_list = sorted({int(v) for v in args.steps.split(",")})
+    except ValueError:
+        parser.error(f"--steps takes positive step counts, comma-separated, got {args.steps!r}")
+    if not steps_list or steps_list[0] < 1:
+        parser.error(f"--steps takes positive step counts, comma-separated, got {args.steps!r}")
+    names = args.model or sorted(pcmodel.PRESETS)
+    if args.photos:
+        reports = [measure_photos(n, momenta, steps_list, kinds) for n in names]
+    else:
+        reports = [measure(n, args.count, args.batch, momenta, args.rounds, steps_list, kinds) for n in names]
     if args.json:
         print(json.dumps({"machine": machine(), "threads": torch.get_num_threads(), "reports": reports}, indent=2))
     else:

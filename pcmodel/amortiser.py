@@ -110,6 +110,12 @@ class Amortiser:
         self.params = {k: t.to(device) for k, t in self.params.items()}
         return self
 
+    def lowest(self, levels: int) -> Amortiser:
+        """The guesses of the lowest `levels` levels only (a level's guess needs only those below it): the
+        amortiser of the same hierarchy with the levels above removed."""
+        keep = {f"level{i}.A." for i in range(1, levels + 1)}
+        return Amortiser(self.config, {k: t for k, t in self.params.items() if k[: k.index(".A.") + 3] in keep})
+
     def sha256(self) -> str:
         """Hash over the amortiser's config and parameters: the checkpoint checks its file against it."""
         digest = hashlib.sha256(self.config.to_json().encode())

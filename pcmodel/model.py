@@ -7,6 +7,7 @@ programs), and calls both; neither calls back.
 
 from __future__ import annotations
 
+import copy
 import functools
 import math
 from collections.abc import Mapping, Sequence
@@ -262,6 +263,38 @@ class PCModel:
         self.engines.set_prepared(steps, full, None if solvers is None else [self.solver(s) for s in solvers])
         if build and self.device.type == "cpu":
             self.engines.build(self.params, params_key(self.params), self.device)
+
+    def with_dynamics(
+        self, steps: int | None = None, init: str | None = None, solver: str | Solver | None = None
+    ) -> PCModel:
+        """The same model served with other dynamics: a twin sharing the parameters and the amortiser whose
+        config says `steps`, `init` ("zero" or "amortised") and `solver` (and its momentum) where given.
+
+        E.g. the paper's dynamics of a model served faster:
+        `model.with_dynamics(steps=100, init="zero", solver="gradient")`. The twin has its own prepared
+        programs; its content hash differs where the config does (the weights are the same).
+        """
+        changes: dict[str, Any] = {}
+        if steps is not None:
+            if isinstance(steps, bool) or int(steps) < 1:
+                raise ValueError(f"steps must be a positive int, got {steps!r}")
+            changes["steps"] = int(steps)
+        if init is not None:
+            if init not in ("zero", "zeros", "amortised"):
+                raise ValueError(f"init must be 'zero' or 'amortised', got {init!r}")
+            if init == "amortised" and not self.has_amortiser:
+                raise ValueError(f"model {self.name} has no amortiser: fit one with pc-train --amortise CHECKPOINT")
+            changes["initial_latents"] = "zeros" if init in ("zero", "zeros") else "amortised"
+        if solver is not None:
+            chosen = self.solver(solver)  # refuses an unstable one
+            changes["solver"] = chosen.name
+            if chosen.name != "gradient":
+                changes["momentum"] = chosen.momentum
+        twin = copy.copy(self)
+        twin.config = self.config.replace(**changes)
+        twin.engines = EngineState(twin.config)
+        twin.provenance = dict(self.provenance)
+        return twin
 
     def _full_shape(self, shape: Sequence[int]) -> tuple[int, int, int]:
         dims = tuple(int(v) for v in shape)

@@ -118,9 +118,9 @@ class StartJudge:
 
     def __init__(self, model: PCModel, x: torch.Tensor, reference_steps: int = 1000) -> None:
         self.model, self.x = model, x
-        self.fixed = model.infer(x, steps=reference_steps, init="zero", backend=LOOP)
+        self.fixed = model.infer(x, steps=reference_steps, init="zero", backend=LOOP, solver="gradient")
         self.tol = tolerance(model, x)
-        zero = model.infer(x, steps=10, init="zero", backend=LOOP).energy[-1]
+        zero = model.infer(x, steps=10, init="zero", backend=LOOP, solver="gradient").energy[-1]
         self.zero = {"held_out_gap_10_zero": float(energy_gap(zero, self.fixed.energy[-1]).median()),
                      "held_out_steps_tol_zero": steps_used(model, x, self.tol, "zero")}  # fmt: skip
 
@@ -128,7 +128,7 @@ class StartJudge:
         guess = self.model.amortised_latents(self.x)
         distance = latent_distance(guess, self.fixed.latents)
         out = {f"held_out_fit_error_{i}": float(d.median()) for i, d in enumerate(distance, 1)}
-        after = self.model.infer(self.x, steps=10, init="amortised", backend=LOOP).energy[-1]
+        after = self.model.infer(self.x, steps=10, init="amortised", backend=LOOP, solver="gradient").energy[-1]
         out["held_out_gap_10_amortised"] = float(energy_gap(after, self.fixed.energy[-1]).median())
         out["held_out_steps_tol_amortised"] = steps_used(self.model, self.x, self.tol, "amortised")
         return {**out, **self.zero, "tol": self.tol}
@@ -212,7 +212,7 @@ def start_curves(
     for init in inits:
         curve = {"energy_gap": {}, "energy_gap_of_mean": {}, "latent_distance": {}}
         for steps in STEP_COUNTS:
-            result = model.infer(x, steps=steps, init=init, backend=LOOP)
+            result = model.infer(x, steps=steps, init=init, backend=LOOP, solver="gradient")
             curve["energy_gap"][steps] = float(energy_gap(result.energy[-1], e_fixed).median())
             # The gap of the mean energy: the high-contrast windows weigh in, where a median of ratios hides them.
             curve["energy_gap_of_mean"][steps] = float(energy_gap(result.energy[-1].mean(), e_fixed.mean()))
@@ -223,7 +223,9 @@ def start_curves(
     target = out["zero"]["energy_gap"][100] if "zero" in out else None
     if target is not None:
         for init in inits:
-            trace = energy_gap(model.infer(x, steps=REACH_STEPS, init=init, backend=LOOP).energy, e_fixed)  # (T + 1, B)
+            trace = energy_gap(
+                model.infer(x, steps=REACH_STEPS, init=init, backend=LOOP, solver="gradient").energy, e_fixed
+            )  # (T + 1, B)
             reached = trace <= target
             first = torch.where(
                 reached.any(0), reached.float().argmax(0), torch.full_like(reached[0], REACH_STEPS, dtype=torch.float32)
@@ -235,14 +237,16 @@ def start_curves(
 
 def tolerance(model: PCModel, x: torch.Tensor, steps: int = 100) -> float:
     """The median gradient norm ||dE/dr|| after `steps` plain steps from zero: today's accuracy as a `tol`."""
-    latents = model.infer(x, steps=steps, init="zero", backend=LOOP).latents
+    latents = model.infer(x, steps=steps, init="zero", backend=LOOP, solver="gradient").latents
     grads = model.gradients(x, latents)
     return float(torch.sqrt(sum(g.double().square().flatten(1).sum(1) for g in grads)).median())
 
 
 def steps_used(model: PCModel, x: torch.Tensor, tol: float, init: str, limit: int = REACH_STEPS) -> float:
     """The median steps an image takes from `init` until its gradient norm falls below tol (early stop)."""
-    return float(model.infer(x, steps=limit, tol=tol, init=init, backend=LOOP).steps.double().median())
+    return float(
+        model.infer(x, steps=limit, tol=tol, init=init, backend=LOOP, solver="gradient").steps.double().median()
+    )
 
 
 def unfamiliar_inputs(model: PCModel, count: int, seed: int = 0) -> dict[str, torch.Tensor]:
@@ -275,7 +279,7 @@ def start_report(model: PCModel, count: int = 256, reference_steps: int = REFERE
     if model.amortiser is None:
         return None
     x = data.held_out_windows(model.config, count).to(model.device)
-    fixed = model.infer(x, steps=reference_steps, init="zero", backend=LOOP)
+    fixed = model.infer(x, steps=reference_steps, init="zero", backend=LOOP, solver="gradient")
     tol = tolerance(model, x)
     sets = {"held-out": x, **unfamiliar_inputs(model, count)}
     fit = model.provenance.get("amortiser", {}) if isinstance(model.provenance, dict) else {}

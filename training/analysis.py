@@ -69,6 +69,11 @@ def analyze(
         "model": model.name,
         "sha256": model.sha256,
         "provenance_command": model.provenance.get("command", ""),
+        "dynamics": {
+            "solver": model.config.served_solver.label,
+            "init": model.config.initial_latents,
+            "steps": model.config.steps,
+        },
         "gabor": {
             **gabor_summary(fits),
             "random_weights": gabor_summary(random_fits),
@@ -147,6 +152,17 @@ def main(argv: list[str] | None = None) -> int:
         "--steps", type=positive_int, help="inference steps for the reconstruction (default: the model's)"
     )
     parser.add_argument(
+        "--solver",
+        choices=pcmodel.SOLVERS,
+        help="the dynamics of every measurement but the time courses (always the paper's): gradient (the "
+        "paper's), momentum or nesterov with the model's momentum (default: the model's served dynamics)",
+    )
+    parser.add_argument(
+        "--init",
+        choices=("zero", "amortised"),
+        help="where inference starts in every measurement but the time courses (default: the model's)",
+    )
+    parser.add_argument(
         "--end-stopping-steps",
         type=positive_int,
         help="inference steps for end-stopping's steady state; it is also measured at the model's steps "
@@ -175,6 +191,12 @@ def main(argv: list[str] | None = None) -> int:
         model = pcmodel.load(args.checkpoint)
     except (pcmodel.CheckpointError, pcmodel.UnstableStepError) as exc:
         return fail("pc-analyze", str(exc))
+    if args.solver is not None or args.init is not None:
+        try:
+            model = model.with_dynamics(init=args.init, solver=args.solver)
+        except (ValueError, pcmodel.UnstableStepError) as exc:
+            option = "--init" if args.init == "amortised" and not model.has_amortiser else "--solver"
+            return fail("pc-analyze", f"{option}: {exc}")
     out = args.out or default_out(args.checkpoint, model.name)
     report = analyze(
         model,
@@ -186,6 +208,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     g, e = report["gabor"], report["held_out"]
     summary = {
+        "dynamics": report["dynamics"],
         "gabor_share": round(g["share_good"], 3),
         "orientation_bins": g["orientation_bins"],
         "held_out_relative_error": round(e["relative_error"], 4),

@@ -27,6 +27,17 @@ def _span_lines(span: dict[str, Any] | None) -> list[str]:
     ]
 
 
+def _dynamics_lines(dynamics: dict[str, Any] | None) -> list[str]:
+    if dynamics is None:
+        return []
+    return [
+        f"Inference in every measurement but the time courses: {dynamics['steps']} steps of "
+        f"{dynamics['solver']} from {dynamics['init']} (the time courses: the paper's dynamics, plain gradient "
+        "steps from zero).",
+        "",
+    ]
+
+
 def markdown(report: dict[str, Any]) -> str:
     """report.md: sections D, E, F, the steady state and the receptive-field measures."""
     g, e, es = report["gabor"], report["held_out"], report["end_stopping"]
@@ -35,6 +46,7 @@ def markdown(report: dict[str, Any]) -> str:
         "",
         f"Model sha256 `{report['sha256'][:16]}`; made by `{report['provenance_command'] or 'unknown'}`.",
         "",
+        *_dynamics_lines(report.get("dynamics")),
         "## D. Level-1 basis functions: 2-D Gabor fits",
         "",
         "| | trained | random weights |",

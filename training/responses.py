@@ -58,8 +58,11 @@ def contrast_key(contrast: float) -> str:
 
 
 def _variant(model: PCModel, config: ModelConfig, weights: Sequence[torch.Tensor] | None = None) -> PCModel:
-    """A private model (own engine state, so preparing it leaves the caller's model as it was)."""
-    return PCModel(config, model.weights if weights is None else weights, allow_unstable=True, device=model.device)
+    """A private model (own engine state, so preparing it leaves the caller's model as it was), with the
+    model's amortised start for its levels (the same dynamics and start as the model's)."""
+    amortiser = model.amortiser.lowest(len(config.levels)) if model.amortiser is not None else None
+    weights = model.weights if weights is None else weights
+    return PCModel(config, weights, allow_unstable=True, device=model.device, amortiser=amortiser)
 
 
 def without_feedback(model: PCModel) -> PCModel:
@@ -329,6 +332,8 @@ def time_course(
 
     Under the served per-level steps and under the paper's single k1 (`single_k1_value`); time is
     k1 x steps for both (the single k1 takes k1 / single k1 times the steps), so the curves share an axis.
+    Always the paper's dynamics (plain gradient steps from zero), whatever the model is served with: the
+    time course is the paper's claim about its dynamics.
     """
     lengths = [short_bar(model), model.config.input_shape[2]] if lengths is None else list(lengths)
     x = bar_stimuli(model, lengths, [row])
@@ -340,7 +345,7 @@ def time_course(
     for name, net, stretch in runs:
         curves = np.zeros((len(lengths), len(steps)))
         for j, t in enumerate(steps):
-            full = net.infer(x, steps=round(t * stretch))
+            full = net.infer(x, steps=round(t * stretch), init="zero", solver="gradient")
             error = full.latents[0][:, cause, 0, CENTRE] - full.predictions[1][:, 0, cause, 0, CENTRE]
             curves[:, j] = error.abs().double().cpu().numpy()
         out[name] = {str(n): curves[i].tolist() for i, n in enumerate(lengths)}

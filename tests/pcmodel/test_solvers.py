@@ -163,3 +163,31 @@ def test_export_with_a_solver_runs_it(tmp_path, generator):
     latent = session.run(["latent_1"], {"x": x.numpy()})[0]
     expected = model.infer(x, steps=15, backend="loop", solver="nesterov")
     assert float(abs(torch.from_numpy(latent) - expected.latents[0]).max()) <= 1e-4
+
+
+def test_with_dynamics_serves_the_same_weights_with_other_defaults(generator):
+    """model.with_dynamics: a twin whose defaults are the given steps, start and solver; its calls without
+    arguments are the original's calls with them; the original and its weights are untouched."""
+    model = stable_model(tiny_config("convolutional", "tanh", "cauchy"), generator, factor=0.5)
+    x = torch.randn((2, *model.config.input_shape), generator=generator)
+    twin = model.with_dynamics(steps=7, solver=Solver("nesterov", 0.6))
+    assert (twin.config.steps, twin.config.solver, twin.config.momentum) == (7, "nesterov", 0.6)
+    assert model.config.steps != 7 and model.config.solver == "gradient"
+    assert twin.weights[0] is model.weights[0] and twin.sha256 != model.sha256
+    ours = twin.infer(x, backend="loop")
+    theirs = model.infer(x, steps=7, solver=Solver("nesterov", 0.6), backend="loop")
+    assert all(torch.equal(a, b) for a, b in zip(ours.latents, theirs.latents))
+    fast = twin.infer(x)  # its own prepared programs: the twin's steps and solver at the native size
+    assert fast.backend != "loop" and all(torch.allclose(a, b, atol=1e-5) for a, b in zip(fast.latents, ours.latents))
+    back = twin.with_dynamics(steps=model.config.steps, init="zero", solver="gradient")
+    assert back.config == model.config.replace(momentum=0.6) and back.config.served_solver == Solver()
+    with pytest.raises(ValueError, match="init"):
+        model.with_dynamics(init="ones")
+    with pytest.raises(ValueError, match="amortiser"):
+        model.with_dynamics(init="amortised")
+    with pytest.raises(ValueError, match="steps"):
+        model.with_dynamics(steps=0)
+    with pytest.raises(UnstableStepError):
+        PCModel(model.config.replace(k1=0.95 * model.stability_bound()), model.weights).with_dynamics(
+            solver=Solver("nesterov", 0.9)  # its bound is 0.68x the gradient's
+        )

@@ -104,6 +104,24 @@ def test_pc_analyze_writes_the_report(tmp_path, tiny_config_file, capsys):
     assert report["level2_fields"]["fields"] == 8 and report["pca_control"]["components"] == 6
     assert report["autocorrelation"]["used"] > 0 and (out / "autocorrelation.png").is_file()
     assert (out / "level2_measures.png").is_file() and "## Level-2 fields against random U2" in text
+    assert summary["dynamics"] == {"solver": "gradient", "init": "zeros", "steps": pcmodel.load(model).config.steps}
+
+    # --solver/--init set the dynamics of every measurement (the report says which); the time course stays
+    # the paper's; a bad value is one line and exit 2.
+    fast = tmp_path / "fast"
+    argv = [model, "--steps", "20", "--end-stopping-steps", "50", "--reference-steps", "100", "--out", str(fast)]
+    assert analysis.main([*argv, "--solver", "nesterov", "--init", "zero"]) == 0
+    assert json.loads(capsys.readouterr().out)["dynamics"]["solver"].startswith("nesterov(")
+    fast_report = json.loads((fast / "report.json").read_text())
+    assert "of nesterov(" in (fast / "report.md").read_text()
+    assert fast_report["gabor"]["fits"] == report["gabor"]["fits"]  # the same weights
+    if report["end_stopping"]["time_course"] is not None:
+        assert fast_report["end_stopping"]["time_course"] == report["end_stopping"]["time_course"]
+    with pytest.raises(SystemExit) as exit_info:
+        analysis.main([model, "--solver", "newton"])
+    assert exit_info.value.code == 2
+    assert analysis.main([model, "--init", "amortised", "--out", str(tmp_path / "x")]) == 2  # no amortiser
+    assert "--init" in capsys.readouterr().err
 
 
 def test_the_report_goes_beside_its_checkpoint_by_default(tmp_path):
