@@ -128,6 +128,7 @@ def measure_photos(name: str, momenta: list[float], steps_list: list[int], kinds
                     row["served"] = served == (_config_init(init), solver, steps)
                     row.update(whole_gaps(result, settled, fixed))
                     rows.append(row)
+                    print(json.dumps(row), file=sys.stderr, flush=True)  # a long run's progress
     return {"model": name, "sha256": model.sha256, "photos": True, "rows": rows}
 
 

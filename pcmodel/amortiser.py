@@ -22,7 +22,8 @@ zero, so a fresh amortiser starts the latents at zero.
 The parameters are named `level{l}.A.{in,mid,out}.{weight,bias}` (pcmodel.parameters.amortiser_specs)
 and stored in the checkpoint next to U; the model's content hash covers U and the config only, so fitting
 an amortiser leaves a model's identity alone (pcmodel.checkpoint). Computed once per image, in torch,
-before any backend refines it from there (`model.infer(x, init="amortised")`).
+before any backend refines it from there (`model.infer(x, init="amortised")`), or inside an exported ONNX
+file (pc-export of a model served from its amortised start).
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ import hashlib
 import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -130,26 +132,66 @@ def _specs(model_config: ModelConfig, config: AmortiserConfig) -> list[Parameter
     return amortiser_specs(model_config, config.hidden)
 
 
-def level_guess(level: Level, params: Mapping[str, torch.Tensor], index: int, lower: torch.Tensor) -> torch.Tensor:
-    """A_l(lower): level `index`'s (1-based) guess of r_l from the map below (B, C_below, H, W)."""
-    p = {k: params[f"level{index}.A.{k}"].to(lower.dtype) for k in _LAYER_NAMES}
-    h = torch.tanh(F.conv2d(lower, p["in.weight"], p["in.bias"], stride=level.geometry.stride))
-    pad = (p["mid.weight"].shape[2] // 2, p["mid.weight"].shape[3] // 2)  # 3x3, or 1 wide on a one-position axis
-    h = h + torch.tanh(F.conv2d(h, p["mid.weight"], p["mid.bias"], padding=pad))  # (B, hidden, H_l, W_l)
-    return F.conv2d(h, p["out.weight"], p["out.bias"], padding=pad)  # (B, causes, H_l, W_l)
+class GuessOps(Protocol):
+    """The four operations a guess takes, so that torch (`TorchGuessOps`) and the exported ONNX graph
+    (pcmodel.engines.onnx_graph.OnnxOps) compute it from this one definition."""
+
+    def param(self, name: str, tensor: torch.Tensor) -> Any: ...
+
+    def conv_bias(self, x: Any, weight: Any, bias: Any, stride: tuple[int, int], pad: tuple[int, int]) -> Any: ...
+
+    def tanh_(self, a: Any) -> Any: ...
+
+    def add(self, a: Any, b: Any) -> Any: ...
+
+
+@dataclass(frozen=True)
+class TorchGuessOps:
+    """GuessOps in torch, in the dtype of the map the guess reads."""
+
+    dtype: torch.dtype
+
+    def param(self, name: str, tensor: torch.Tensor) -> torch.Tensor:
+        return tensor.to(self.dtype)
+
+    def conv_bias(
+        self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, stride: tuple[int, int], pad: tuple[int, int]
+    ) -> torch.Tensor:
+        return F.conv2d(x, weight, bias, stride=stride, padding=pad)
+
+    def tanh_(self, a: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(a)
+
+    def add(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return a + b
+
+
+def level_guess(
+    level: Level, params: Mapping[str, torch.Tensor], index: int, lower: Any, ops: GuessOps | None = None
+) -> Any:
+    """A_l(lower): level `index`'s (1-based) guess of r_l from the map below (B, C_below, H, W); in torch
+    unless `ops` says otherwise (the ONNX graph: names of values)."""
+    ops = TorchGuessOps(lower.dtype) if ops is None else ops
+    p = {k: ops.param(f"level{index}.A.{k}", params[f"level{index}.A.{k}"]) for k in _LAYER_NAMES}
+    mid = params[f"level{index}.A.mid.weight"]
+    pad = (mid.shape[2] // 2, mid.shape[3] // 2)  # 3x3, or 1 wide on a one-position axis
+    stride = tuple(level.geometry.stride)
+    h = ops.tanh_(ops.conv_bias(lower, p["in.weight"], p["in.bias"], stride, (0, 0)))  # type: ignore[arg-type]
+    h = ops.add(h, ops.tanh_(ops.conv_bias(h, p["mid.weight"], p["mid.bias"], (1, 1), pad)))  # (B, hidden, H_l, W_l)
+    return ops.conv_bias(h, p["out.weight"], p["out.bias"], (1, 1), pad)  # (B, causes, H_l, W_l)
 
 
 _LAYER_NAMES = ("in.weight", "in.bias", "mid.weight", "mid.bias", "out.weight", "out.bias")
 
 
 def amortised_latents(
-    levels: Sequence[Level], params: Mapping[str, torch.Tensor], x: torch.Tensor
-) -> list[torch.Tensor]:
-    """Every level's guess, bottom up: r_1 = A_1(x), r_l = A_l(r_{l-1}). Differentiable."""
+    levels: Sequence[Level], params: Mapping[str, torch.Tensor], x: Any, ops: GuessOps | None = None
+) -> list[Any]:
+    """Every level's guess, bottom up: r_1 = A_1(x), r_l = A_l(r_{l-1}). Differentiable in torch."""
     out = []
     lower = x
     for index, level in enumerate(levels, 1):
-        lower = level_guess(level, params, index, lower)
+        lower = level_guess(level, params, index, lower, ops)
         out.append(lower)
     return out
 

@@ -5,12 +5,14 @@ exported file (batch axis dynamic, everything float32):
 
 - input  `x`: (batch, C, H, W), preprocessed as `model.preprocess` does (the size the file was made for);
 - inputs `r0_1` ... `r0_L` (only with `--init-inputs`): (batch, causes_l, H_l, W_l), the starting latents
-  (a file made without them starts where the model's config says, zeros or feed-forward);
+  (a file made without them starts where the model's config says: zeros, feed-forward, or the amortised
+  guess, which the graph then computes from x);
 - output `latent_1` ... `latent_L`: (batch, causes_l, H_l, W_l), the settled latents r_l;
 - output `energy`: (T + 1, batch), the energy of each image before the first step and after each step;
 - output `reconstruction`: (batch, C, H, W), f(U_1 r_1) on the input grid (module levels: overlaps averaged).
 
-The metadata (`model`, `sha256`, `steps`, `solver`, `input_size`, `parameters`) says what the file computes.
+The metadata (`model`, `sha256`, `steps`, `solver`, `init`, `input_size`, `parameters`) says what the file
+computes.
 """
 
 from __future__ import annotations
@@ -56,17 +58,22 @@ def export(
     start = time.perf_counter()
     dynamics = model.solver(solver)
     plan = make_plan(model.config, model.params, hw, torch.float32, torch.device("cpu"))
-    graph = build_graph(plan, steps, init=init, solver=dynamics)
+    # A model served from its amortised start: the graph computes the same guess (unless given r0 inputs).
+    amortised = model.config.initial_latents == "amortised" and not init
+    amortiser = (model.levels(hw), model.amortiser.params) if amortised else None
+    graph = build_graph(plan, steps, init=init, solver=dynamics, amortiser=amortiser)
     for key, value in {
         "model": model.name,
         "sha256": model.sha256,
         "steps": str(steps),
         "solver": dynamics.label,
+        "init": "inputs r0_1..r0_L" if init else ("amortised" if amortised else model.config.initial_latents),
         "input_size": "x".join(str(v) for v in (model.config.input_shape[0], *hw)),
         # The per-level rates baked into the graph (docs/MODEL.md sections 2-3): k1 * k1_scale per level.
         "k1_per_level": ",".join(f"{model.config.k1 * lc.k1_scale:g}" for lc in model.config.levels),
         "k2_scale_per_level": ",".join(f"{lc.k2_scale:g}" for lc in model.config.levels),
-        "parameters": ",".join(model.params),  # the named parameters baked into the graph (pcmodel.parameters)
+        # The named parameters baked into the graph (pcmodel.parameters), the amortiser's where it computes the start.
+        "parameters": ",".join([*model.params, *(model.amortiser.params if amortised else ())]),
         "outputs": "latent_1..latent_L (batch, causes, H_l, W_l); energy (steps+1, batch); reconstruction",
     }.items():
         graph.metadata_props.append(onnx.StringStringEntryProto(key=key, value=value))

@@ -10,6 +10,8 @@ goes out: `check_finite` raises NotFinite (500 not_finite) instead.
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
+
 import numpy as np
 import torch
 from PIL import Image
@@ -41,11 +43,22 @@ def array_payload(t: torch.Tensor, dtype: str = "float32") -> dict:
     return {"shape": list(a.shape), "dtype": dtype, "data": Base64.of(a.data)}
 
 
+MAPS = ("input", "reconstruction", "error_map")
+
+
 def png_payload(image: Image.Image) -> Base64:
     return Base64.of(png_bytes(np.asarray(image)))
 
 
-MAPS = ("input", "reconstruction", "error_map")
+# zlib and numpy release the GIL while they work: an image's maps compress side by side on the cores.
+_PNG_THREADS = ThreadPoolExecutor(max_workers=len(MAPS), thread_name_prefix="png")
+
+
+def png_payloads(pictures: dict[str, Image.Image]) -> dict[str, Base64]:
+    """Each picture as base64 PNG, compressed at once on threads (one picture: here)."""
+    if len(pictures) < 2:
+        return {name: png_payload(picture) for name, picture in pictures.items()}
+    return dict(zip(pictures, _PNG_THREADS.map(png_payload, pictures.values())))
 
 
 def image_arrays(prepared: Prepared, settled: Settled, outputs: tuple[str, ...]) -> dict:
@@ -107,8 +120,8 @@ def encode_result(
         out["padded"] = [fit.top, fit.bottom, fit.left, fit.right]
         out["model_input"] = list(fit.fitted)
     maps = [m for m in MAPS if m in arrays]
-    for name, picture in map_pictures(arrays, prepared, config, maps).items():
-        out[name] = {"png": png_payload(picture)}
+    for name, png in png_payloads(map_pictures(arrays, prepared, config, maps)).items():
+        out[name] = {"png": png}
         if options.arrays != "none":
             out[name]["array"] = array_payload(arrays[name], options.arrays)
     return out
@@ -145,7 +158,7 @@ def snapshot_payload(prepared: Prepared, settled: Settled, config: ModelConfig) 
     return {
         "step": int(settled.steps.max()),
         "energy": float(settled.energy[-1].sum(dtype=torch.float64)),
-        **{name: png_payload(picture) for name, (_, picture) in maps.items()},
+        **png_payloads({name: picture for name, (_, picture) in maps.items()}),
         "latents": [array_payload(r if grid is not None else r[0], "float16") for r in settled.latents],
     }
 

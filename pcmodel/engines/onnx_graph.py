@@ -13,7 +13,7 @@ graph built with `init`, the starting latents `r0_1` ... `r0_L` (batch, causes_l
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -21,6 +21,8 @@ import onnx
 import torch
 from onnx import TensorProto, helper, numpy_helper
 
+from ..amortiser import amortised_latents
+from ..levels import Level
 from ..solvers import GRADIENT, Solver
 from .plans import Plan, PlanLevel
 from .program import run_program
@@ -135,6 +137,14 @@ class OnnxOps:
 
     def one(self) -> str:
         return self.const(1.0)
+
+    # ---- pcmodel.amortiser.GuessOps: the amortised start inside the graph ------------------------
+
+    def param(self, name: str, tensor: torch.Tensor) -> str:
+        return self.weight(name, tensor)
+
+    def conv_bias(self, x: str, weight: str, bias: str, stride: tuple[int, int], pad: tuple[int, int]) -> str:
+        return self.op("Conv", x, weight, bias, strides=list(stride), pads=[pad[0], pad[1], pad[0], pad[1]])
 
     def expr(self, value: str) -> OnnxExpr:
         return OnnxExpr(self, value)
@@ -314,21 +324,34 @@ class OnnxOps:
 
 
 def build_graph(
-    plan: Plan, steps: int, *, outputs: Sequence[str] = OUTPUTS, init: bool = False, solver: Solver = GRADIENT
+    plan: Plan,
+    steps: int,
+    *,
+    outputs: Sequence[str] = OUTPUTS,
+    init: bool = False,
+    solver: Solver = GRADIENT,
+    amortiser: tuple[Sequence[Level], Mapping[str, torch.Tensor]] | None = None,
 ) -> onnx.ModelProto:
     """The fixed-`steps` inference program of a plan as one ONNX model (inputs, outputs: the module docstring).
 
     `init`: the graph takes the starting latents as inputs `r0_1`..`r0_L`; without, it starts where the
-    config says (zeros or feed-forward) and its only input is `x`. `solver`: the dynamics unrolled
-    (pcmodel.solvers; the paper's gradient steps by default).
+    config says (zeros or feed-forward) and its only input is `x`, or, given an `amortiser` (the levels at
+    the plan's size and the amortiser's parameters), from the amortised guess computed in the graph
+    (pcmodel.amortiser, the same definition as in torch).
+    `solver`: the dynamics unrolled (pcmodel.solvers; the paper's gradient steps by default).
     """
     if steps < 1:
         raise ValueError(f"steps must be >= 1 to build a graph, got {steps}")
     unknown = set(outputs) - set(FULL_OUTPUTS)
     if unknown:
         raise ValueError(f"unknown outputs {sorted(unknown)}; choose from {', '.join(FULL_OUTPUTS)}")
+    if init and amortiser is not None:
+        raise ValueError("a graph takes its starting latents as inputs or computes the amortised ones, not both")
     ops = OnnxOps()
-    starts = [f"r0_{i}" for i in range(1, len(plan.shapes) + 1)] if init else None
+    inputs_r0 = [f"r0_{i}" for i in range(1, len(plan.shapes) + 1)] if init else None
+    starts = inputs_r0
+    if amortiser is not None:
+        starts = amortised_latents(*amortiser, "x", ops)
     out = run_program(ops, plan, "x", steps, starts, solver)
     named: list[tuple[str, str, list | None]] = []
     if "latents" in outputs:
@@ -346,7 +369,7 @@ def build_graph(
         ops.nodes.append(helper.make_node("Identity", [value], [name]))
         graph_outputs.append(helper.make_tensor_value_info(name, TensorProto.FLOAT, dims))
     inputs = [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", *plan.input_shape])]
-    for name, shape in zip(starts or (), plan.shapes):
+    for name, shape in zip(inputs_r0 or (), plan.shapes):
         inputs.append(helper.make_tensor_value_info(name, TensorProto.FLOAT, ["batch", *shape]))
     graph = helper.make_graph(ops.nodes, f"pcmodel-{plan.kind}-T{steps}", inputs, graph_outputs, ops.initializers)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], producer_name="pcmodel")

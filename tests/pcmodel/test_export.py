@@ -43,6 +43,7 @@ def test_pc_export_writes_the_documented_graph_and_matches_torch(preset, tmp_pat
     torch_model = pcmodel.load(preset)
     assert meta["model"] == preset and meta["steps"] == "100" and meta["sha256"] == torch_model.sha256
     config = torch_model.config
+    assert meta["solver"] == config.served_solver.label and meta["init"] == config.initial_latents
     assert meta["k1_per_level"] == ",".join(f"{config.k1 * lc.k1_scale:g}" for lc in config.levels)
     assert summary["k1_per_level"] == pytest.approx([config.k1 * lc.k1_scale for lc in config.levels])
     for batch in (1, 3):  # the batch axis is dynamic
@@ -55,6 +56,36 @@ def test_pc_export_writes_the_documented_graph_and_matches_torch(preset, tmp_pat
         assert values["energy"].shape == (101, batch)
         np.testing.assert_allclose(values["energy"], expected.energy.numpy(), rtol=1e-4)
         assert np.abs(values["reconstruction"] - expected.reconstruction.numpy()).max() <= 1e-4
+
+
+@pytest.mark.parametrize("kind", ["convolutional", "modules"])
+def test_a_model_served_from_its_amortised_start_exports_the_start_in_the_graph(kind, tmp_path, capsys, generator):
+    """The graph computes the amortised guess from x (pcmodel.amortiser's one definition): its latents match
+    the model's own call, which starts there, and not a zero start's."""
+    from pcmodel.amortiser import Amortiser
+
+    config = tiny_config(kind, "tanh", "cauchy")
+    model = pcmodel.create(config, seed=1)
+    model.amortiser = Amortiser.create(config, seed=2)
+    for t in model.amortiser.params.values():
+        t.normal_(generator=generator).mul_(0.3)  # a guess far from zero
+    served = model.with_dynamics(steps=6, init="amortised", solver="nesterov")
+    checkpoint = tmp_path / "served.safetensors"
+    served.save(checkpoint)
+    path = tmp_path / "served.onnx"
+    assert main([str(checkpoint), "-o", str(path)]) == 0
+    assert json.loads(capsys.readouterr().out)["max_abs_difference"] <= 1e-4
+    graph = onnx.load(str(path))
+    meta = {p.key: p.value for p in graph.metadata_props}
+    assert meta["init"] == "amortised" and "level1.A.in.weight" in meta["parameters"].split(",")
+    assert [i.name for i in graph.graph.input] == ["x"]
+    x = torch.randn((2, *config.input_shape), generator=generator)
+    values = run_file(path, x)
+    expected = served.infer(x, backend="loop")
+    cold = served.infer(x, backend="loop", init="zero")
+    got = values["latent_1"]
+    assert np.abs(got - expected.latents[0].numpy()).max() <= 1e-4
+    assert np.abs(got - cold.latents[0].numpy()).max() > 1e-3
 
 
 def test_export_at_another_size_and_of_a_modules_hierarchy(tmp_path, capsys, generator):
