@@ -436,6 +436,28 @@ def test_limits_overload_and_batching_with_encode(guarded_server, astronaut64):
     grpc.close()
 
 
+def test_grpc_message_over_the_limit_is_counted(guarded_server):
+    """A ModelInfer message over PC_MAX_BODY_BYTES: RESOURCE_EXHAUSTED, counted as `too_large` as HTTP's 413 is.
+    One over gRPC's own ceiling (service.v2_grpc.MESSAGE_CEILING = 2 limits; not imported: its stubs and
+    tritonclient's cannot share a process) is refused by gRPC from its length prefix, unread and uncounted."""
+    s = guarded_server
+    grpc = grpcclient.InferenceServerClient(s.grpc_target)
+    samples = s.metrics()
+    too_large = metric(samples, "pc_request_errors_total", reason="too_large")
+    calls = metric(samples, "pc_grpc_requests_total", method="ModelInfer", code="RESOURCE_EXHAUSTED")
+    with pytest.raises(InferenceServerException, match="over the limit of 100000 bytes") as caught:
+        grpc.infer(MODEL, [image_input(grpcclient, b"\x00" * 150_000)], headers=GRPC_AUTH)
+    assert code(caught.value) == "StatusCode.RESOURCE_EXHAUSTED"
+    samples = s.metrics()
+    assert metric(samples, "pc_request_errors_total", reason="too_large") == too_large + 1
+    assert metric(samples, "pc_grpc_requests_total", method="ModelInfer", code="RESOURCE_EXHAUSTED") == calls + 1
+    with pytest.raises(InferenceServerException, match="larger than max") as caught:
+        grpc.infer(MODEL, [image_input(grpcclient, b"\x00" * (2 * 100_000 + 1))], headers=GRPC_AUTH)
+    assert code(caught.value) == "StatusCode.RESOURCE_EXHAUSTED"
+    assert metric(s.metrics(), "pc_request_errors_total", reason="too_large") == too_large + 1
+    grpc.close()
+
+
 def test_openapi_document_covers_the_v2_routes(server, astronaut64):
     """GET /docs.json describes every /v2 route the app serves, and real answers match its schemas."""
     import jsonschema
