@@ -110,9 +110,7 @@ def _measured(call: Callable) -> Callable:
 class Servicer(pb_grpc.GRPCInferenceServiceServicer):
     """The six calls of the protocol, over the worker's Pipeline."""
 
-    def __init__(
-        self, pipeline: PipelineFn, bodies: Budget, max_message_bytes: int, key: bytes | None = None
-    ) -> None:
+    def __init__(self, pipeline: PipelineFn, bodies: Budget, max_message_bytes: int, key: bytes | None = None) -> None:
         self._pipeline = pipeline
         self._bodies = bodies
         self._max_message_bytes = max_message_bytes
@@ -246,7 +244,9 @@ class GrpcServer:
             ("grpc.so_reuseport", 1 if settings.workers > 1 else 0),
         ]
         self.server = grpc.aio.server(options=options)
-        pb_grpc.add_GRPCInferenceServiceServicer_to_server(Servicer(pipeline, bodies, settings.max_body_bytes, key), self.server)
+        pb_grpc.add_GRPCInferenceServiceServicer_to_server(
+            Servicer(pipeline, bodies, settings.max_body_bytes, key), self.server
+        )
         host = f"[{settings.host}]" if ":" in settings.host else settings.host
         self.port = self.server.add_insecure_port(f"{host}:{settings.grpc_port}")
         self.grace_s = settings.request_timeout_s
