@@ -134,12 +134,17 @@ def assert_same_as_encode(result, encoding, index: int = 0) -> None:
 def test_binary_infer_equals_encode(server, rest, grpc, encoder, china_jpeg, mode, steps):
     encoding = encoder.encode(china_jpeg, steps=steps, size_mode=mode)
     parameters = {"steps": steps, "size_mode": mode}
-    ok = metric(server.metrics(), "pc_grpc_requests_total", method="ModelInfer", code="OK")
+    before = server.metrics()
+    ok = metric(before, "pc_grpc_requests_total", method="ModelInfer", code="OK")
+    rest_ok = metric(before, "pc_v2_rest_requests_total", method="ModelInfer", code="200")
     for module, client in ((httpclient, rest), (grpcclient, grpc)):
         result = client.infer(MODEL, [image_input(module, china_jpeg)], parameters=parameters)
         assert sorted(o["name"] if isinstance(o, dict) else o.name for o in _outputs(result)) == sorted(OUTPUTS)
         assert_same_as_encode(result, encoding)
-    assert metric(server.metrics(), "pc_grpc_requests_total", method="ModelInfer", code="OK") == ok + 1
+    after = server.metrics()
+    assert metric(after, "pc_grpc_requests_total", method="ModelInfer", code="OK") == ok + 1
+    assert metric(after, "pc_v2_rest_requests_total", method="ModelInfer", code="200") == rest_ok + 1
+    assert metric(after, "pc_v2_rest_request_duration_seconds_count", method="ModelInfer") >= rest_ok + 1
     if mode == "tile":  # every output's first axis is the image: a tiled image's latents keep the tile axis
         assert result.as_numpy("latent_1").shape == (1, 35, 8, 7, 7)
 
@@ -423,6 +428,7 @@ def test_errors(server, rest, grpc, astronaut64, make, status, grpc_code, reason
     samples = server.metrics()
     before = metric(samples, "pc_request_errors_total", reason=reason)
     calls = metric(samples, "pc_grpc_requests_total", method="ModelInfer", code=grpc_code)
+    rest_calls = metric(samples, "pc_v2_rest_requests_total", method="ModelInfer", code=status)
     for module, client, expected in ((httpclient, rest, status), (grpcclient, grpc, f"StatusCode.{grpc_code}")):
         model, inputs, parameters = make(module, astronaut64)
         with pytest.raises(InferenceServerException, match=re.escape(text)) as caught:
@@ -431,6 +437,7 @@ def test_errors(server, rest, grpc, astronaut64, make, status, grpc_code, reason
     samples = server.metrics()
     assert metric(samples, "pc_request_errors_total", reason=reason) == before + 2
     assert metric(samples, "pc_grpc_requests_total", method="ModelInfer", code=grpc_code) == calls + 1
+    assert metric(samples, "pc_v2_rest_requests_total", method="ModelInfer", code=status) == rest_calls + 1
 
 
 def _fp32(module, name: str, shape: list[int], datatype: str = "FP32"):
