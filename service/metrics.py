@@ -73,6 +73,21 @@ GRPC_DURATION = Histogram(
     "pc_grpc_request_duration_seconds", "Time per gRPC call.", ["method"], buckets=DURATION_BUCKETS
 )
 
+# The same for the Open Inference Protocol's REST routes, with the protocol's call names as `method` (ServerLive,
+# ServerReady, ServerMetadata, ModelMetadata, ModelReady, ModelInfer) and the HTTP status as `code`. BentoML's
+# request metrics label a request by its raw path, which holds the client's model name: the scrape's relabelling
+# drops those series (unbounded), so these are where /v2 traffic shows. A request the middleware refuses first
+# (413 before its body is read, 401, 408, 431) is not a call here; pc_request_errors_total counts it.
+V2_REST_REQUESTS = Counter(
+    "pc_v2_rest_requests", "Open Inference Protocol REST calls by method and HTTP status.", ["method", "code"]
+)  # exposed as pc_v2_rest_requests_total{method, code}
+V2_REST_DURATION = Histogram(
+    "pc_v2_rest_request_duration_seconds",
+    "Time per Open Inference Protocol REST call.",
+    ["method"],
+    buckets=DURATION_BUCKETS,
+)
+
 # Per process; "livesum" adds the live workers' values, so /metrics shows the service's totals.
 INFLIGHT_BYTES = Gauge(
     "pc_inflight_bytes", "Bytes held now under each memory budget.", ["budget"], multiprocess_mode="livesum"

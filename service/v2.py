@@ -9,6 +9,8 @@ Inputs, one per request:
 - `image`, BYTES [N]: N encoded image files (PNG, JPEG, ...), decoded and preprocessed exactly as /encode
   does, with its limits and reasons (in REST's JSON `data`, each file base64-encoded: images are not text).
 - `x`, FP32 [N, C, H, W]: rows already preprocessed, at the native size (or a full-mode size).
+And optionally a warm start, as /encode's `start` part is: `start_latent_1`..`start_latent_L`, FP32, all
+levels, each shaped as the output `latent_l` of the same images (a previous response's latents, sent back).
 
 Parameters: `steps`, `size_mode`, `solver`, `init` (every option /encode's form takes but `outputs` and
 `arrays`), parsed by service.options as /encode's fields are. Outputs (only those asked for are computed and sent;
@@ -47,6 +49,7 @@ EXTENSIONS = ("binary_tensor_data",)  # REST: Inference-Header-Content-Length, b
 # Request parameters that are options (service.options), and the protocol's own.
 OPTION_PARAMETERS = tuple(f for f in OPTION_FIELDS if f not in ("outputs", "arrays"))
 PROTOCOL_PARAMETERS = ("binary_data_output",)
+START_PREFIX = "start_latent_"  # the optional inputs of a warm start: start_latent_1..start_latent_L
 
 
 def server_version() -> str:
@@ -84,7 +87,9 @@ def output_names(host: ModelHost) -> tuple[str, ...]:
 
 
 def model_metadata(host: ModelHost) -> dict:
-    """Inputs and outputs with datatype and shape (-1 for a variable axis); see the module docstring."""
+    """Inputs and outputs with datatype and shape (-1 for a variable axis); see the module docstring. The
+    protocol's metadata has no way to say that an input is optional: a request sends `image` or `x`, and the
+    start_latent_* inputs (shaped as the latent_* outputs) only for a warm start."""
     c, h, w = host.config.input_shape
     sized = not has_whole_map_level(host.config)  # convolutional: full and tile mode give other sizes
     side = [-1, -1] if sized else [h, w]
@@ -100,6 +105,7 @@ def model_metadata(host: ModelHost) -> dict:
         "inputs": [
             {"name": "image", "datatype": "BYTES", "shape": [-1]},
             {"name": "x", "datatype": "FP32", "shape": [-1, c, *side]},
+            *({**t, "name": START_PREFIX + t["name"].removeprefix("latent_")} for t in latents),
         ],
         "outputs": [
             *latents,
@@ -221,10 +227,17 @@ async def infer(
     if any(n.startswith("latent_") for n in wanted):
         needed.add("latents")
     values = {k: _parameter_text(k, v) for k, v in parameters.items() if k in OPTION_PARAMETERS}
+    starts = _start_inputs([t for t in inputs if t.name.startswith(START_PREFIX)], len(config.levels))
+    inputs = [t for t in inputs if not t.name.startswith(START_PREFIX)]
     if len(inputs) != 1 or inputs[0].name not in ("image", "x"):
         given = ", ".join(repr(t.name) for t in inputs) or "none"
-        raise bad(f"send one input, `image` (BYTES [N], image files) or `x` (FP32 [N, C, H, W]); got {given}")
+        raise bad(
+            f"send one input, `image` (BYTES [N], image files) or `x` (FP32 [N, C, H, W]), and for a warm start "
+            f"{START_PREFIX}1..{START_PREFIX}{len(config.levels)}; got {given}"
+        )
     tensor = inputs[0]
+    if starts and "init" in values:
+        raise RequestError(400, "bad_parameter", f"send either `init` or a warm start ({START_PREFIX}*), not both")
     if tensor.name == "x" and "size_mode" in values:
         raise RequestError(400, "bad_parameter", "size_mode applies to `image`; `x` is already at a model size")
     try:
@@ -239,7 +252,8 @@ async def infer(
             f"these {len(images)} images give arrays of different shapes in size_mode={options.size_mode} (their "
             "sizes differ); send them in separate requests, or use size_mode=resize"
         )
-    settled = await asyncio.gather(*(pipeline.settle(p.rows, options) for p in images))
+    start = _starts(starts, images, host) if starts else [None] * len(images)
+    settled = await asyncio.gather(*(pipeline.settle(p.rows, options, r) for p, r in zip(images, start)))
     arrays = [image_arrays(p, s, options.outputs) for p, s in zip(images, settled)]
     out = []
     for name in wanted:
@@ -252,7 +266,52 @@ async def infer(
         else:
             per_image = [a[name] for a in arrays]
         out.append(OutputTensor(name, np.stack([t.detach().to("cpu", torch.float32).numpy() for t in per_image])))
-    return Inference(out, host.dynamics(options.solver, options.init))
+    return Inference(out, host.dynamics(options.solver, "given" if starts else options.init))
+
+
+def _start_inputs(tensors: list[InputTensor], levels: int) -> list[InputTensor]:
+    """A warm start's inputs, level 1 first: every level's or none; each FP32 (their shapes are checked once the
+    images are decoded)."""
+    if not tensors:
+        return []
+    names = [f"{START_PREFIX}{level}" for level in range(1, levels + 1)]
+    given = [t.name for t in tensors]
+    if sorted(given) != sorted(names):
+        raise RequestError(
+            400,
+            "bad_parameter",
+            f"a warm start is every level's latents, once each: {', '.join(names)} (a previous response's latent_1.."
+            f"latent_{levels}); got {', '.join(given)[:200]}",
+        )
+    for t in tensors:
+        if t.datatype != "FP32" or not isinstance(t.data, np.ndarray):
+            raise RequestError(400, "bad_parameter", f"input {t.name!r} must be FP32, got {t.datatype[:20]}")
+    by_name = {t.name: t for t in tensors}
+    return [by_name[n] for n in names]
+
+
+def _starts(tensors: list[InputTensor], images: list[Prepared], host: ModelHost) -> list[list[torch.Tensor]]:
+    """Per image, its starting latents as the host takes them (rows first). Each input must be shaped as that
+    level's output for these images: [N, causes, h, w], or [N, tiles, causes, h, w] in tile mode."""
+    rows = images[0].rows  # every image's rows have one shape (checked before)
+    tiled = images[0].grid is not None
+    n = len(images)
+    out: list[list[torch.Tensor]] = [[] for _ in images]
+    for t, shape in zip(tensors, host.model.latent_shapes(tuple(rows.shape[-2:]))):
+        expected = [n, *(rows.shape[:1] if tiled else ()), *shape]
+        if list(t.shape) != expected or t.data.size != int(np.prod(expected)):
+            raise RequestError(
+                400,
+                "bad_parameter",
+                f"input {t.name!r} has shape {list(t.shape)} and {t.data.size} values; for these images it is "
+                f"FP32 {expected}, as latent_{t.name.removeprefix(START_PREFIX)} of their response",
+            )
+        if not np.isfinite(t.data).all():
+            raise RequestError(400, "bad_parameter", f"input {t.name!r} holds NaN or Inf")
+        array = t.data.astype(np.float32).reshape(expected)  # a copy we own
+        for i in range(n):
+            out[i].append(torch.from_numpy(array[i] if tiled else array[i][None]))  # (rows, causes, h, w)
+    return out
 
 
 def _shapes(prepared: Prepared) -> tuple[tuple[int, ...], tuple[int, ...]]:

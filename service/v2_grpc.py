@@ -5,8 +5,12 @@ model, batcher, memory budgets, limits and metrics with the HTTP routes; request
 together. The stubs are generated from service/v2proto/grpc_predict_v2.proto (the command is there).
 Inputs come as `contents` or `raw_input_contents`; outputs go back as `raw_output_contents`.
 
-Limits: a message over PC_MAX_BODY_BYTES and metadata over PC_MAX_HEADER_BYTES are refused by gRPC
-itself (RESOURCE_EXHAUSTED); a request is charged to the body budget as /encode's body is. Errors
+Limits: a ModelInfer message over PC_MAX_BODY_BYTES is refused (RESOURCE_EXHAUSTED) and counted as
+`too_large`, as /encode's 413 is. gRPC reads a message whole before the handler runs, so it lets in messages up
+to MESSAGE_CEILING times the limit for the handler to refuse; a larger one gRPC refuses itself from its length
+prefix, reading none of it (RESOURCE_EXHAUSTED, uncounted: the handler never runs, and on the server it cannot
+be told from a client that goes away mid-message). Metadata over PC_MAX_HEADER_BYTES is refused by gRPC
+(RESOURCE_EXHAUSTED). A request is charged to the body budget as /encode's body is. Errors
 carry the HTTP routes' messages with the protocol's codes: INVALID_ARGUMENT (400), NOT_FOUND (404),
 RESOURCE_EXHAUSTED (413), UNAVAILABLE (503), counted in pc_request_errors_total like theirs.
 
@@ -42,6 +46,10 @@ from .v2proto import grpc_predict_v2_pb2_grpc as pb_grpc
 logger = logging.getLogger(__name__)
 
 PipelineFn = Callable[[], Pipeline | None]
+# gRPC's own message limit, in multiples of PC_MAX_BODY_BYTES: messages up to it reach the handler, which refuses
+# and counts those over the limit; the memory one such call holds for a moment is at most this many limits.
+MESSAGE_CEILING = 2
+GRPC_INT_MAX = 2**31 - 1  # gRPC's integer channel arguments are C ints
 
 CODES = {
     400: grpc.StatusCode.INVALID_ARGUMENT,
@@ -102,9 +110,10 @@ def _measured(call: Callable) -> Callable:
 class Servicer(pb_grpc.GRPCInferenceServiceServicer):
     """The six calls of the protocol, over the worker's Pipeline."""
 
-    def __init__(self, pipeline: PipelineFn, bodies: Budget, key: bytes | None = None) -> None:
+    def __init__(self, pipeline: PipelineFn, bodies: Budget, max_message_bytes: int, key: bytes | None = None) -> None:
         self._pipeline = pipeline
         self._bodies = bodies
+        self._max_message_bytes = max_message_bytes
         self._key = key
 
     async def _authorize(self, context: grpc.aio.ServicerContext) -> None:
@@ -186,9 +195,17 @@ class Servicer(pb_grpc.GRPCInferenceServiceServicer):
     @_measured
     async def ModelInfer(self, request, context):
         await self._authorize(context)
-        size = 2 * request.ByteSize()  # the message, and the tensors read from it (as BodyGate charges a body)
+        length = request.ByteSize()  # the message's length on the wire
+        size = 2 * length  # the message, and the tensors read from it (as BodyGate charges a body)
         held = 0
         try:
+            if length > self._max_message_bytes:
+                raise RequestError(
+                    413,
+                    "too_large",
+                    f"the request message is {length} bytes, over the limit of {self._max_message_bytes} bytes "
+                    "(PC_MAX_BODY_BYTES); send a smaller image or fewer images",
+                )
             await self._bodies.acquire(size, "this request")
             held = size
             found = self._current()
@@ -219,7 +236,7 @@ class GrpcServer:
 
     def __init__(self, pipeline: PipelineFn, settings: Settings, bodies: Budget, key: bytes | None = None) -> None:
         options = [
-            ("grpc.max_receive_message_length", settings.max_body_bytes),
+            ("grpc.max_receive_message_length", min(MESSAGE_CEILING * settings.max_body_bytes, GRPC_INT_MAX)),
             ("grpc.max_send_message_length", -1),  # what we send is bounded by what the limits let in
             ("grpc.max_metadata_size", settings.max_header_bytes),
             # Several workers share the port as they share HTTP's (the kernel spreads the connections); one
@@ -227,7 +244,9 @@ class GrpcServer:
             ("grpc.so_reuseport", 1 if settings.workers > 1 else 0),
         ]
         self.server = grpc.aio.server(options=options)
-        pb_grpc.add_GRPCInferenceServiceServicer_to_server(Servicer(pipeline, bodies, key), self.server)
+        pb_grpc.add_GRPCInferenceServiceServicer_to_server(
+            Servicer(pipeline, bodies, settings.max_body_bytes, key), self.server
+        )
         host = f"[{settings.host}]" if ":" in settings.host else settings.host
         self.port = self.server.add_insecure_port(f"{host}:{settings.grpc_port}")
         self.grace_s = settings.request_timeout_s

@@ -11,10 +11,12 @@ the protocol's statuses (400, 404, 413, 503 with Retry-After), counted like /enc
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import re
-from collections.abc import Callable
+import time
+from collections.abc import Awaitable, Callable
 
 from starlette.applications import Starlette
 from starlette.requests import Request
@@ -38,6 +40,29 @@ INLINE_BODY_BYTES = 1 << 16  # request bodies up to this are parsed on the event
 JSON_PARSE_FACTOR = 3
 
 PipelineFn = Callable[[], Pipeline | None]
+Handler = Callable[[Request], Awaitable[Response]]
+
+
+def measured(method: str) -> Callable[[Handler], Handler]:
+    """Count a route's calls in pc_v2_rest_requests_total{method, code} and time them in
+    pc_v2_rest_request_duration_seconds; `method` is the protocol's name for the call (gRPC's)."""
+
+    def wrap(handler: Handler) -> Handler:
+        @functools.wraps(handler)
+        async def timed(request: Request) -> Response:
+            started = time.perf_counter()
+            code = "500"  # a bug: the exception goes on to the server, which answers 500
+            try:
+                response = await handler(request)
+                code = str(response.status_code)
+                return response
+            finally:
+                metrics.V2_REST_REQUESTS.labels(method=method, code=code).inc()
+                metrics.V2_REST_DURATION.labels(method=method).observe(time.perf_counter() - started)
+
+        return timed
+
+    return wrap
 
 
 def error_response(exc: BaseException, probe: bool = False) -> Response:
@@ -64,17 +89,21 @@ def routes(pipeline: PipelineFn) -> Starlette:
             raise RequestError(503, "loading", "the service is starting; retry in a few seconds")
         return found
 
+    @measured("ServerMetadata")
     async def server_metadata(request: Request) -> Response:
         return JSONResponse(v2.server_metadata())
 
+    @measured("ServerLive")
     async def live(request: Request) -> Response:
         found = pipeline()
         return Response(status_code=200 if found is None or found.alive else 503)
 
+    @measured("ServerReady")
     async def ready(request: Request) -> Response:
         found = pipeline()
         return Response(status_code=200 if found is not None and found.ready else 503)
 
+    @measured("ModelMetadata")
     async def model_metadata(request: Request) -> Response:
         try:
             host = v2.find_model(current(), request.path_params["name"], request.path_params.get("version"))
@@ -82,6 +111,7 @@ def routes(pipeline: PipelineFn) -> Starlette:
             return error_response(exc, probe=True)
         return JSONResponse(v2.model_metadata(host))
 
+    @measured("ModelReady")
     async def model_ready(request: Request) -> Response:
         try:
             found = current()
@@ -90,6 +120,7 @@ def routes(pipeline: PipelineFn) -> Starlette:
             return error_response(exc, probe=True)
         return Response(status_code=200 if found.ready else 503)
 
+    @measured("ModelInfer")
     async def infer(request: Request) -> Response:
         try:
             found = current()

@@ -118,6 +118,7 @@ class Served:
     url: str
     process: subprocess.Popen
     log: Path
+    grpc_target: str  # the Open Inference Protocol over gRPC
 
 
 @pytest.fixture(scope="module")
@@ -125,7 +126,7 @@ def pc_serve(tmp_path_factory) -> Iterator[Served]:
     """The real service (`pc-serve`, default model) on a free loopback port with its own BENTOML_HOME."""
     home = tmp_path_factory.mktemp("pc-serve")
     (home / "tmp").mkdir()
-    port = free_port()
+    port, grpc_port = free_port(), free_port()  # not gRPC's default 8001, which another server may hold
     env = {
         **{k: v for k, v in os.environ.items() if not k.startswith("PC_")},
         "BENTOML_HOME": str(home / "bentoml"),
@@ -133,6 +134,7 @@ def pc_serve(tmp_path_factory) -> Iterator[Served]:
         "TMPDIR": str(home / "tmp"),
         "PC_HOST": "127.0.0.1",
         "PC_PORT": str(port),
+        "PC_GRPC_PORT": str(grpc_port),
     }
     log = home / "pc-serve.log"
     process = subprocess.Popen(
@@ -145,6 +147,6 @@ def pc_serve(tmp_path_factory) -> Iterator[Served]:
     )
     try:
         wait_http(f"http://127.0.0.1:{port}/readyz", 180, process, log)
-        yield Served(f"http://127.0.0.1:{port}", process, log)
+        yield Served(f"http://127.0.0.1:{port}", process, log, f"127.0.0.1:{grpc_port}")
     finally:
         stop(process)

@@ -22,6 +22,10 @@ REQUIRED_PANELS = {
     "model info": "pc_model_info",
     "memory budgets in flight": "pc_inflight_bytes",
     "memory budget capacity": "pc_budget_limit_bytes",
+    "v2 REST calls": "pc_v2_rest_requests_total",
+    "v2 REST latency": "pc_v2_rest_request_duration_seconds_bucket",
+    "gRPC calls": "pc_grpc_requests_total",
+    "gRPC latency": "pc_grpc_request_duration_seconds_bucket",
 }
 
 

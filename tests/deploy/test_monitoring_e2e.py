@@ -7,6 +7,7 @@ holds equal the service's own /metrics."""
 
 from __future__ import annotations
 
+import base64
 import io
 import math
 import subprocess
@@ -111,9 +112,23 @@ def server_samples(url: str) -> dict[tuple[str, tuple], float]:
 def traffic(pc_serve: Served, prometheus: Prometheus) -> dict:
     """Good and bad requests over ROUNDS scrape intervals; returns once Prometheus holds the final
     counts. Returns the service's own /metrics samples at the end."""
+    import numpy as np
+    import tritonclient.grpc as grpcclient
+    from tritonclient.utils import InferenceServerException
+
     good, small = photo(64), photo(32)
     statuses: list[tuple[str, int]] = []
-    with httpx.Client(base_url=pc_serve.url, timeout=120) as client:
+    v2_body = {
+        "inputs": [{"name": "image", "datatype": "BYTES", "shape": [1], "data": [base64.b64encode(small).decode()]}],
+        "parameters": {"steps": 5},
+    }
+    grpc_image = grpcclient.InferInput("image", [1], "BYTES")
+    grpc_image.set_data_from_numpy(np.array([small], dtype=object))
+    grpc_codes: list[str] = []
+    with (
+        httpx.Client(base_url=pc_serve.url, timeout=120) as client,
+        grpcclient.InferenceServerClient(pc_serve.grpc_target) as grpc,
+    ):
         for _ in range(ROUNDS):
             started = time.monotonic()
             posts = [
@@ -136,10 +151,20 @@ def traffic(pc_serve: Served, prometheus: Prometheus) -> dict:
             for path, kwargs in posts:
                 statuses.append((path, client.post(path, **kwargs).status_code))
             statuses.append(("/model", client.get("/model").status_code))
+            # The Open Inference Protocol: one image and one unknown model (404, NOT_FOUND) per round, REST and gRPC.
+            for model in ("conv-rgb", "nope"):
+                statuses.append(("/v2", client.post(f"/v2/models/{model}/infer", json=v2_body).status_code))
+                try:
+                    grpc.infer(model, [grpc_image], parameters={"steps": 5})
+                    grpc_codes.append("OK")
+                except InferenceServerException as refused:
+                    grpc_codes.append(str(refused.status()))
             statuses.append(("/nope", client.get("/wp-login.php").status_code))  # a scanner's path
             time.sleep(max(0.0, 1.5 - (time.monotonic() - started)))  # every round spans a scrape
     assert {code for path, code in statuses if path in ("/encode_batch", "/model")} == {200}
     assert sorted({code for _, code in statuses}) == [200, 400, 404, 422], statuses
+    assert [code for path, code in statuses if path == "/v2"] == [200, 404] * ROUNDS
+    assert grpc_codes == ["OK", "StatusCode.NOT_FOUND"] * ROUNDS
 
     samples = server_samples(pc_serve.url)
     images = samples[("pc_images_total", ())]
@@ -199,9 +224,9 @@ def test_the_service_metrics_reach_prometheus_unchanged(prometheus, traffic):
         selector = ",".join([f'job="{JOB}"', *(f'{k}="{v}"' for k, v in labels)])
         (series,) = prometheus.query(f"{name}{{{selector}}}")
         assert float(series["value"][1]) == traffic[(name, labels)], name
-    # Per round: 2 good /encode, 2 good images in /encode_batch; one bad image in the batch and one
-    # non-image request; one bad steps.
-    assert traffic[("pc_images_total", ())] == 4 * ROUNDS
+    # Per round: 2 good /encode, 2 good images in /encode_batch, one over v2 REST and one over gRPC; one bad
+    # image in the batch and one non-image request; one bad steps.
+    assert traffic[("pc_images_total", ())] == 6 * ROUNDS
     assert traffic[("pc_request_errors_total", (("reason", "bad_image"),))] == 2 * ROUNDS
     assert traffic[("pc_request_errors_total", (("reason", "bad_parameter"),))] == ROUNDS
 

@@ -102,12 +102,15 @@ def test_server_and_model_metadata(rest, grpc, version):
         assert meta["inputs"] == [
             {"name": "image", "datatype": "BYTES", "shape": [-1]},
             {"name": "x", "datatype": "FP32", "shape": [-1, 3, -1, -1]},  # full mode's sizes too
+            {"name": "start_latent_1", "datatype": "FP32", "shape": [-1, 8, -1, -1]},  # a warm start (optional)
+            {"name": "start_latent_2", "datatype": "FP32", "shape": [-1, 10, -1, -1]},
         ]
         outputs = {o["name"]: o for o in meta["outputs"]}
         assert list(outputs) == [*OUTPUTS[:2], "input", "reconstruction", "error_map", "energy", "trace"]
         assert outputs["latent_1"]["shape"] == [-1, 8, -1, -1] and outputs["energy"]["shape"] == [-1, 2]
     meta = grpc.get_model_metadata(MODEL, as_json=True)
     assert meta["versions"] == [version] and [int(n) for n in meta["inputs"][1]["shape"]] == [-1, 3, -1, -1]
+    assert [i["name"] for i in meta["inputs"]] == ["image", "x", "start_latent_1", "start_latent_2"]
     for call in (lambda: rest.get_model_metadata("nope"), lambda: grpc.get_model_metadata(MODEL, "abc")):
         with pytest.raises(InferenceServerException, match="this server serves 'conv-rgb'"):
             call()
@@ -131,12 +134,17 @@ def assert_same_as_encode(result, encoding, index: int = 0) -> None:
 def test_binary_infer_equals_encode(server, rest, grpc, encoder, china_jpeg, mode, steps):
     encoding = encoder.encode(china_jpeg, steps=steps, size_mode=mode)
     parameters = {"steps": steps, "size_mode": mode}
-    ok = metric(server.metrics(), "pc_grpc_requests_total", method="ModelInfer", code="OK")
+    before = server.metrics()
+    ok = metric(before, "pc_grpc_requests_total", method="ModelInfer", code="OK")
+    rest_ok = metric(before, "pc_v2_rest_requests_total", method="ModelInfer", code="200")
     for module, client in ((httpclient, rest), (grpcclient, grpc)):
         result = client.infer(MODEL, [image_input(module, china_jpeg)], parameters=parameters)
         assert sorted(o["name"] if isinstance(o, dict) else o.name for o in _outputs(result)) == sorted(OUTPUTS)
         assert_same_as_encode(result, encoding)
-    assert metric(server.metrics(), "pc_grpc_requests_total", method="ModelInfer", code="OK") == ok + 1
+    after = server.metrics()
+    assert metric(after, "pc_grpc_requests_total", method="ModelInfer", code="OK") == ok + 1
+    assert metric(after, "pc_v2_rest_requests_total", method="ModelInfer", code="200") == rest_ok + 1
+    assert metric(after, "pc_v2_rest_request_duration_seconds_count", method="ModelInfer") >= rest_ok + 1
     if mode == "tile":  # every output's first axis is the image: a tiled image's latents keep the tile axis
         assert result.as_numpy("latent_1").shape == (1, 35, 8, 7, 7)
 
@@ -259,6 +267,70 @@ def test_several_images_one_request(rest, grpc, encoder, astronaut, astronaut64)
     assert code(caught.value) == "400"
 
 
+def _start_inputs(module, latents: list[np.ndarray]) -> list:
+    """A warm start: a previous response's latent_1..latent_L sent back as start_latent_1..start_latent_L."""
+    tensors = []
+    for level, array in enumerate(latents, start=1):
+        tensor = module.InferInput(f"start_latent_{level}", list(array.shape), "FP32")
+        tensor.set_data_from_numpy(array)
+        tensors.append(tensor)
+    return tensors
+
+
+@pytest.mark.parametrize("mode", ["resize", "tile"])
+def test_warm_start_as_encode(rest, grpc, encoder, astronaut64, mode):
+    """start_latent_*: a run starts from a previous response's latents, as /encode's `start` does: its first
+    energy is the previous run's last, it ends lower than the cold run of the same steps (gradient steps from a
+    stable step size only go down), and its arrays are /encode's with the same start, bit for bit."""
+    parameters = {"steps": 5, "size_mode": mode}
+    cold = rest.infer(MODEL, [image_input(httpclient, astronaut64)], parameters=parameters)
+    latents = [cold.as_numpy("latent_1"), cold.as_numpy("latent_2")]
+    encoding = encoder.encode(astronaut64, steps=5, size_mode=mode, start=[a[0] for a in latents])
+    assert encoding.init == "given"
+    (cold_before, cold_after) = cold.as_numpy("energy")[0]
+    for module, client in ((httpclient, rest), (grpcclient, grpc)):
+        inputs = [image_input(module, astronaut64), *_start_inputs(module, latents)]
+        warm = client.infer(MODEL, inputs, parameters=parameters)
+        before, after = warm.as_numpy("energy")[0]
+        assert before == pytest.approx(cold_after, rel=1e-4) and before < cold_before
+        assert after <= cold_after
+        assert_same_as_encode(warm, encoding)
+        response = warm.get_response(as_json=True) if module is grpcclient else warm.get_response()
+        assert response["parameters"]["init"] in ("given", {"string_param": "given"})
+
+
+def test_warm_start_refusals(server, rest, grpc, astronaut64):
+    """A warm start with a missing level, a wrong shape or datatype, or with `init` too: 400 / INVALID_ARGUMENT,
+    counted as bad_parameter."""
+    resize = {"size_mode": "resize"}
+    cold = rest.infer(MODEL, [image_input(httpclient, astronaut64)], parameters={"steps": 5, **resize})
+    latents = [cold.as_numpy("latent_1"), cold.as_numpy("latent_2")]
+    cases = [
+        (lambda m: _start_inputs(m, latents[:1]), {}, "every level"),
+        (lambda m: _start_inputs(m, [latents[0][:, :3], latents[1]]), {}, "for these images it is FP32 [1, 8, 7, 7]"),
+        (lambda m: _start_inputs(m, [np.concatenate([latents[0]] * 2), latents[1]]), {}, "for these images"),
+        (
+            lambda m: [_fp32(m, "start_latent_1", [1, 8, 7, 7]), *_start_inputs(m, latents)[1:]],
+            {"init": "zero"},
+            "not both",
+        ),
+        (
+            lambda m: [_fp32(m, "start_latent_1", [1, 8, 7, 7], "INT32"), *_start_inputs(m, latents)[1:]],
+            {},
+            "must be FP32",
+        ),
+    ]
+    before = metric(server.metrics(), "pc_request_errors_total", reason="bad_parameter")
+    for make, parameters, text in cases:
+        for module, client, expected in ((httpclient, rest, "400"), (grpcclient, grpc, "StatusCode.INVALID_ARGUMENT")):
+            with pytest.raises(InferenceServerException, match=re.escape(text)) as caught:
+                client.infer(
+                    MODEL, [image_input(module, astronaut64), *make(module)], parameters={**resize, **parameters}
+                )
+            assert code(caught.value) == expected
+    assert metric(server.metrics(), "pc_request_errors_total", reason="bad_parameter") == before + 2 * len(cases)
+
+
 def test_async_infer(rest, grpc, astronaut64):
     pending = rest.async_infer(MODEL, [image_input(httpclient, astronaut64)], parameters={"steps": 20})
     done: queue.Queue = queue.Queue()
@@ -356,6 +428,7 @@ def test_errors(server, rest, grpc, astronaut64, make, status, grpc_code, reason
     samples = server.metrics()
     before = metric(samples, "pc_request_errors_total", reason=reason)
     calls = metric(samples, "pc_grpc_requests_total", method="ModelInfer", code=grpc_code)
+    rest_calls = metric(samples, "pc_v2_rest_requests_total", method="ModelInfer", code=status)
     for module, client, expected in ((httpclient, rest, status), (grpcclient, grpc, f"StatusCode.{grpc_code}")):
         model, inputs, parameters = make(module, astronaut64)
         with pytest.raises(InferenceServerException, match=re.escape(text)) as caught:
@@ -364,11 +437,12 @@ def test_errors(server, rest, grpc, astronaut64, make, status, grpc_code, reason
     samples = server.metrics()
     assert metric(samples, "pc_request_errors_total", reason=reason) == before + 2
     assert metric(samples, "pc_grpc_requests_total", method="ModelInfer", code=grpc_code) == calls + 1
+    assert metric(samples, "pc_v2_rest_requests_total", method="ModelInfer", code=status) == rest_calls + 1
 
 
-def _fp32(module, name: str, shape: list[int]):
-    tensor = module.InferInput(name, shape, "FP32")
-    tensor.set_data_from_numpy(np.zeros(shape, dtype=np.float32))
+def _fp32(module, name: str, shape: list[int], datatype: str = "FP32"):
+    tensor = module.InferInput(name, shape, datatype)
+    tensor.set_data_from_numpy(np.zeros(shape, dtype=np.float32 if datatype == "FP32" else np.int32))
     return tensor
 
 
@@ -433,6 +507,28 @@ def test_limits_overload_and_batching_with_encode(guarded_server, astronaut64):
     assert refused[0].headers["retry-after"] == "1" and refused[0].json()["reason"] == "overloaded"
     assert json.loads(refused[0].text)["error"].startswith("the model's queue is full")
     rest.close()
+    grpc.close()
+
+
+def test_grpc_message_over_the_limit_is_counted(guarded_server):
+    """A ModelInfer message over PC_MAX_BODY_BYTES: RESOURCE_EXHAUSTED, counted as `too_large` as HTTP's 413 is.
+    One over gRPC's own ceiling (service.v2_grpc.MESSAGE_CEILING = 2 limits; not imported: its stubs and
+    tritonclient's cannot share a process) is refused by gRPC from its length prefix, unread and uncounted."""
+    s = guarded_server
+    grpc = grpcclient.InferenceServerClient(s.grpc_target)
+    samples = s.metrics()
+    too_large = metric(samples, "pc_request_errors_total", reason="too_large")
+    calls = metric(samples, "pc_grpc_requests_total", method="ModelInfer", code="RESOURCE_EXHAUSTED")
+    with pytest.raises(InferenceServerException, match="over the limit of 100000 bytes") as caught:
+        grpc.infer(MODEL, [image_input(grpcclient, b"\x00" * 150_000)], headers=GRPC_AUTH)
+    assert code(caught.value) == "StatusCode.RESOURCE_EXHAUSTED"
+    samples = s.metrics()
+    assert metric(samples, "pc_request_errors_total", reason="too_large") == too_large + 1
+    assert metric(samples, "pc_grpc_requests_total", method="ModelInfer", code="RESOURCE_EXHAUSTED") == calls + 1
+    with pytest.raises(InferenceServerException, match="larger than max") as caught:
+        grpc.infer(MODEL, [image_input(grpcclient, b"\x00" * (2 * 100_000 + 1))], headers=GRPC_AUTH)
+    assert code(caught.value) == "StatusCode.RESOURCE_EXHAUSTED"
+    assert metric(s.metrics(), "pc_request_errors_total", reason="too_large") == too_large + 1
     grpc.close()
 
 
