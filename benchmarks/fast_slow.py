@@ -102,9 +102,11 @@ def measure(
     return {"model": name, "sha256": model.sha256, "crops": count, "batch": batch, "rows": rows}
 
 
-def photo_rows(model: pcmodel.PCModel) -> list[tuple[str, str, torch.Tensor]]:
-    """(photo, size mode, the rows the model runs) for each held-out photo and size mode of the model."""
-    modes = ["tile"] if has_whole_map_level(model.config) else ["full", "tile"]
+def photo_rows(model: pcmodel.PCModel, modes: list[str] | None = None) -> list[tuple[str, str, torch.Tensor]]:
+    """(photo, size mode, the rows the model runs) for each held-out photo and size mode of the model
+    (default: every mode it has: full for convolutional models, tile)."""
+    have = ["tile"] if has_whole_map_level(model.config) else ["full", "tile"]
+    modes = have if modes is None else [m for m in modes if m in have]
     return [
         (photo.name, mode, prepare_image(photo.pixels, model.config, mode)[0])
         for photo in held_out_photos()
@@ -112,12 +114,14 @@ def photo_rows(model: pcmodel.PCModel) -> list[tuple[str, str, torch.Tensor]]:
     ]
 
 
-def measure_photos(name: str, momenta: list[float], steps_list: list[int], kinds: list[str]) -> dict[str, Any]:
+def measure_photos(
+    name: str, momenta: list[float], steps_list: list[int], kinds: list[str], modes: list[str] | None = None
+) -> dict[str, Any]:
     """Whole held-out photos: per photo and size mode, every solver and start against the photo's fixed point."""
     model = pcmodel.load(name)
     served = (model.config.initial_latents, model.config.served_solver, model.config.steps)
     rows = []
-    for photo, mode, x in photo_rows(model):
+    for photo, mode, x in photo_rows(model, modes):
         settled, fixed = fixed_point(model, x, backend="loop")  # batched: a photo's tiles are many rows
         for init in ["zero"] + (["amortised"] if model.has_amortiser else []):
             for label, solver in solvers_of(momenta, kinds):
@@ -182,6 +186,9 @@ def main(argv: list[str] | None = None) -> int:
         "--steps", default=",".join(map(str, STEPS)), help="step counts, comma-separated (default: %(default)s)"
     )
     parser.add_argument("--photos", action="store_true", help="whole held-out photos in each size mode, not crops")
+    parser.add_argument(
+        "--size-modes", default="full,tile", help="with --photos: the size modes (default: %(default)s, as the model has)"
+    )
     parser.add_argument("--json", action="store_true", help="print every number and the machine as JSON")
     args = parser.parse_args(argv)
     momenta = args.momentum or [0.7, 0.8]
@@ -198,7 +205,10 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--steps takes positive step counts, comma-separated, got {args.steps!r}")
     names = args.model or sorted(pcmodel.PRESETS)
     if args.photos:
-        reports = [measure_photos(n, momenta, steps_list, kinds) for n in names]
+        modes = [m for m in args.size_modes.split(",") if m]
+        if not modes or any(m not in ("full", "tile") for m in modes):
+            parser.error(f"--size-modes takes full and/or tile, got {args.size_modes!r}")
+        reports = [measure_photos(n, momenta, steps_list, kinds, modes) for n in names]
     else:
         reports = [measure(n, args.count, args.batch, momenta, args.rounds, steps_list, kinds) for n in names]
     if args.json:

@@ -290,9 +290,10 @@ V2_SCHEMAS = {
     "V2InferRequest": {
         "type": "object",
         "description": (
-            "One input: `image` BYTES [N] (encoded image files) or `x` FP32 [N, C, H, W] (preprocessed). Parameters: "
-            "steps, size_mode, binary_data_output. With binary tensors, the body is this JSON followed by their bytes "
-            "and Inference-Header-Content-Length says the JSON's length."
+            "The images: `image` BYTES [N] (encoded image files) or `x` FP32 [N, C, H, W] (preprocessed); optionally "
+            "a warm start, `start_latent_1`..`start_latent_L` FP32 shaped as the `latent_*` outputs. Parameters: "
+            "steps, size_mode, solver, init, binary_data_output. With binary tensors, the body is this JSON followed "
+            "by their bytes and Inference-Header-Content-Length says the JSON's length."
         ),
         "properties": {
             "id": {"type": "string"},
