@@ -187,7 +187,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--photos", action="store_true", help="whole held-out photos in each size mode, not crops")
     parser.add_argument(
-        "--size-modes", default="full,tile", help="with --photos: the size modes (default: %(default)s, as the model has)"
+        "--size-modes", default="full,tile", help="with --photos: the size modes (default: %(default)s, those it has)"
     )
     parser.add_argument("--json", action="store_true", help="print every number and the machine as JSON")
     args = parser.parse_args(argv)
