@@ -88,7 +88,7 @@ def measure(
 ) -> dict[str, Any]:
     model = pcmodel.load(name)
     x = held_out_windows(model.config, count)
-    settled, fixed = fixed_point(model, x)
+    settled, fixed = fixed_point(model, x, backend="loop")  # batched (the torch backend runs rows one by one)
     inits = ["zero"] + (["amortised"] if model.has_amortiser else [])
     rows = []
     for init in inits:
