@@ -37,7 +37,7 @@ from .images import preprocess as preprocess_images
 from .levels import Level
 from .parameters import as_params, level_weights, params_key
 from .results import InferenceResult
-from .solvers import Solver, solver_for
+from .solvers import DEFAULT_MOMENTUM, Solver, solver_for
 
 
 @functools.lru_cache(maxsize=64)
@@ -288,8 +288,9 @@ class PCModel:
         if solver is not None:
             chosen = self.solver(solver)  # refuses an unstable one
             changes["solver"] = chosen.name
-            if chosen.name != "gradient":
-                changes["momentum"] = chosen.momentum
+            # The gradient solver has no momentum: the neutral value, so that the paper's dynamics of a
+            # model served faster give back the config (and the content hash) it had before.
+            changes["momentum"] = chosen.momentum if chosen.name != "gradient" else DEFAULT_MOMENTUM
         twin = copy.copy(self)
         twin.config = self.config.replace(**changes)
         twin.engines = EngineState(twin.config)

@@ -149,7 +149,10 @@ def main(argv: list[str] | None = None) -> int:
         "<its folder>/analysis-<name>/ for another checkpoint file; analysis/<name>/ for a model name)",
     )
     parser.add_argument(
-        "--steps", type=positive_int, help="inference steps for the reconstruction (default: the model's)"
+        "--steps",
+        type=positive_int,
+        help="inference steps of every measurement made at the model's steps: the reconstruction, end-stopping's "
+        "headline, the distance from the steady state (default: the model's)",
     )
     parser.add_argument(
         "--solver",
@@ -191,9 +194,9 @@ def main(argv: list[str] | None = None) -> int:
         model = pcmodel.load(args.checkpoint)
     except (pcmodel.CheckpointError, pcmodel.UnstableStepError) as exc:
         return fail("pc-analyze", str(exc))
-    if args.solver is not None or args.init is not None:
+    if args.solver is not None or args.init is not None or args.steps is not None:
         try:
-            model = model.with_dynamics(init=args.init, solver=args.solver)
+            model = model.with_dynamics(steps=args.steps, init=args.init, solver=args.solver)
         except (ValueError, pcmodel.UnstableStepError) as exc:
             option = "--init" if args.init == "amortised" and not model.has_amortiser else "--solver"
             return fail("pc-analyze", f"{option}: {exc}")
@@ -201,7 +204,6 @@ def main(argv: list[str] | None = None) -> int:
     report = analyze(
         model,
         out,
-        steps=args.steps,
         end_stopping_steps=args.end_stopping_steps,
         reference_steps=args.reference_steps,
         random_draws=args.random_draws,

@@ -117,7 +117,7 @@ def test_a_changed_amortiser_tensor_fails_its_hash(tmp_path):
 
 def test_a_format_3_checkpoint_loads_without_an_amortiser(tmp_path):
     """The shipped files before this change (format 3, U only) load as they were; "amortised" is then an error."""
-    model = pcmodel.load("conv-rgb")
+    model = pcmodel.load("conv-rgb").with_dynamics(steps=100, init="zero", solver="gradient")  # as it was then
     tensors = {name: t.contiguous() for name, t in model.params.items()}
     metadata = {"format": "pcmodel-checkpoint", "format_version": "3", "config": model.config.to_json(),
                 "provenance": "{}", "sha256": model.sha256}  # fmt: skip

@@ -111,7 +111,7 @@ def test_pc_encode_solver_and_a_warm_start_from_a_previous_encoding(tmp_path, ca
     assert main([*base, "--solver", "nesterov", "--out", str(first)]) == 0
     summary = json.loads(capsys.readouterr().out)
     model = pcmodel.load("default")
-    assert summary["solver"] == model.solver("nesterov").label and summary["init"] == "zeros"
+    assert summary["solver"] == model.solver("nesterov").label and summary["init"] == model.config.initial_latents
     rows, _, _ = prepare_image(sample_photo(), model.config, "resize")
     expected = model.infer(rows, steps=30, solver="nesterov")
     assert summary["energy_final"] == pytest.approx(float(expected.energy[-1, 0]), rel=1e-5)

@@ -128,7 +128,7 @@ def test_rows_match_pc_encode_on_one_file(folder, encoded, tmp_path):
         assert len(row.latents) == 2
         for i, latent in enumerate(row.latents):
             assert latent.shape == npz[f"latent_{i + 1}"].shape  # (tiles, causes, H_l, W_l)
-            np.testing.assert_allclose(latent, npz[f"latent_{i + 1}"], rtol=1e-5, atol=1e-6)
+            np.testing.assert_allclose(latent, npz[f"latent_{i + 1}"], rtol=1e-5, atol=1e-5)
         assert row.energy == pytest.approx(float(npz["energy"][-1].sum()), rel=1e-5)
         assert row.energy_initial == pytest.approx(float(npz["energy"][0].sum()), rel=1e-5)
         assert row.sha256 == __import__("hashlib").sha256((folder / path).read_bytes()).hexdigest()
@@ -347,7 +347,7 @@ def test_a_full_disk_fails_in_one_line_and_keeps_the_complete_shards(many, tmp_p
         preexec_fn=small_files,
     )
     assert run.returncode == 1
-    lines = run.stderr.strip().splitlines()
+    lines = [line for line in run.stderr.strip().splitlines() if "images/s" not in line]  # not the progress log
     assert len(lines) == 1 and "cannot write a shard" in lines[0] and "Traceback" not in run.stderr
     assert sorted(paths_in(out)) == [f"{i:03d}.png" for i in range(4)]  # the first run's shard, readable
     assert not [p for p in (out / "data").iterdir() if not p.name.endswith(".parquet")]

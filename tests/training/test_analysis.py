@@ -104,7 +104,7 @@ def test_pc_analyze_writes_the_report(tmp_path, tiny_config_file, capsys):
     assert report["level2_fields"]["fields"] == 8 and report["pca_control"]["components"] == 6
     assert report["autocorrelation"]["used"] > 0 and (out / "autocorrelation.png").is_file()
     assert (out / "level2_measures.png").is_file() and "## Level-2 fields against random U2" in text
-    assert summary["dynamics"] == {"solver": "gradient", "init": "zeros", "steps": pcmodel.load(model).config.steps}
+    assert summary["dynamics"] == {"solver": "gradient", "init": "zeros", "steps": 20}  # --steps: every measurement
 
     # --solver/--init set the dynamics of every measurement (the report says which); the time course stays
     # the paper's; a bad value is one line and exit 2.
