@@ -34,7 +34,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     out = {}
     for name, size, batch in CASES:
-        model = pcmodel.load(name)
+        model = pcmodel.load(name).with_dynamics(init="zero", solver="gradient")  # the paper's dynamics
         if size == "photo":  # the bundled photo at 256x256, `batch` copies
             x, hw = model.preprocess([sample_photo()], size=(256, 256)).repeat(batch, 1, 1, 1), (256, 256)
         else:

@@ -26,7 +26,7 @@ def bench_case(
     case: Case, steps: int, names: list[str], rounds: int, min_time: float, peak: float, ideas: bool, seed: int = 0
 ) -> dict[str, Any]:
     """Time every backend on one case, interleaved; agreement with (a) checked first."""
-    model = pcmodel.load(case.model)
+    model = pcmodel.load(case.model).with_dynamics(init="zero", solver="gradient")  # the paper's, as peers run
     generator = torch.Generator().manual_seed(seed)
     x = torch.rand((case.batch, model.config.input_shape[0], *case.size), generator=generator) * 2 - 1
     flops = flops_per_step(model, case.size, case.batch)

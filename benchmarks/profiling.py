@@ -27,7 +27,7 @@ def profile_case(case: Case, steps: int) -> dict[str, Any]:
     import onnxruntime as ort
     from torch.profiler import ProfilerActivity, profile
 
-    model = pcmodel.load(case.model)
+    model = pcmodel.load(case.model).with_dynamics(init="zero", solver="gradient")  # the paper's, as peers run
     x = torch.rand((case.batch, model.config.input_shape[0], *case.size)) * 2 - 1
     model.infer(x, steps=steps, backend="torch", solver="gradient")
     with profile(activities=[ProfilerActivity.CPU]) as prof:

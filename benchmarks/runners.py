@@ -146,7 +146,8 @@ def _ort_runner(model: pcmodel.PCModel, x: torch.Tensor, steps: int, name: str, 
 
 def _unsharded_runner(model: pcmodel.PCModel, x: torch.Tensor, steps: int) -> Runner:
     """onnxruntime as before batches were sharded: the whole batch on one session with all threads."""
-    whole = pcmodel.PCModel(model.config, model.params, allow_unstable=True)  # its own engine state
+    # its own engine state
+    whole = pcmodel.PCModel(model.config, model.params, allow_unstable=True, amortiser=model.amortiser)
     configure_engine(whole, "onnxruntime", sharding=False)
     whole.infer(x, steps=steps, backend="onnxruntime", solver="gradient")
     return Runner(
@@ -160,13 +161,13 @@ def _cuda_runners(model: pcmodel.PCModel, x: torch.Tensor, steps: int) -> list[R
     """CUDA graphs in float32 (TF32 off), TF32 and bf16 operands, and the eager torch backend on the GPU."""
     out = []
     gpu_x = x.cuda()
-    eager = pcmodel.PCModel(model.config, model.params, allow_unstable=True, device="cuda")
+    eager = pcmodel.PCModel(model.config, model.params, allow_unstable=True, device="cuda", amortiser=model.amortiser)
     eager.infer(gpu_x, steps=1, backend="torch")
     out.append(
         Runner("torch-cuda", lambda: eager.infer(gpu_x, steps=steps, backend="torch", solver="gradient").latents, {})
     )
     for precision in cuda_graph.CUDA_PRECISIONS:
-        gpu = pcmodel.PCModel(model.config, model.params, allow_unstable=True, device="cuda")
+        gpu = pcmodel.PCModel(model.config, model.params, allow_unstable=True, device="cuda", amortiser=model.amortiser)
         configure_engine(gpu, "cuda-graph", precision=precision)
         start = time.perf_counter()
         gpu.infer(gpu_x, steps=steps, backend="cuda-graph", solver="gradient")

@@ -56,7 +56,7 @@ def run_case(
     from benchmarks.jax_peer import compile_variants, latents_of
     from pcmodel.engines import numba_quadratic, plans
 
-    model = pcmodel.load(name)
+    model = pcmodel.load(name).with_dynamics(init="zero", solver="gradient")  # the paper's, as the peer runs
     x = case_input(model, hw, batch, photo)
     model.prepare(steps=[steps], shapes=[hw], solvers=["gradient"])  # the paper's dynamics, as the JAX peer runs
     first = model.infer(x, steps=steps, solver="gradient")

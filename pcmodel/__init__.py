@@ -72,7 +72,8 @@ def shipped_models() -> dict[str, str]:
 def create(preset_or_config: str | ModelConfig, seed: int = 0, *, allow_unstable: bool = False) -> PCModel:
     """A fresh model, each parameter drawn from N(0, init_std^2) in declared order (pcmodel.parameters) from
     `seed` (deterministic on CPU: U_l ~ N(0, init_std_l^2), level 1 first, as always); on levels
-    with a column_norm each column is then rescaled to it, so learning starts on its constraint."""
+    with a column_norm each column is then rescaled to it, so learning starts on its constraint. A config
+    that starts from the amortised guess gets a fresh amortiser, which guesses zero until it is fitted."""
     config = get_preset(preset_or_config) if isinstance(preset_or_config, str) else preset_or_config
     if not isinstance(config, ModelConfig):
         raise TypeError(f"create takes a preset name or a ModelConfig, got {type(config).__name__}")
@@ -81,7 +82,9 @@ def create(preset_or_config: str | ModelConfig, seed: int = 0, *, allow_unstable
         spec.name: torch.randn(spec.shape, generator=generator) * spec.init_std for spec in parameter_specs(config)
     }
     constrain_weights(config, level_weights(config, params))
-    return PCModel(config, params, allow_unstable=allow_unstable, provenance={"source": "create", "seed": seed})
+    amortiser = Amortiser.create(config, seed=seed) if config.initial_latents == "amortised" else None
+    provenance = {"source": "create", "seed": seed}
+    return PCModel(config, params, allow_unstable=allow_unstable, provenance=provenance, amortiser=amortiser)
 
 
 def load(
