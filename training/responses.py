@@ -59,15 +59,22 @@ def contrast_key(contrast: float) -> str:
 
 def _variant(model: PCModel, config: ModelConfig, weights: Sequence[torch.Tensor] | None = None) -> PCModel:
     """A private model (own engine state, so preparing it leaves the caller's model as it was), with the
-    model's amortised start for its levels (the same dynamics and start as the model's)."""
-    amortiser = model.amortiser.lowest(len(config.levels)) if model.amortiser is not None else None
+    model's amortised start for its levels where the config starts there."""
+    amortised = model.amortiser is not None and config.initial_latents == "amortised"
+    amortiser = model.amortiser.lowest(len(config.levels)) if amortised else None
     weights = model.weights if weights is None else weights
     return PCModel(config, weights, allow_unstable=True, device=model.device, amortiser=amortiser)
 
 
 def without_feedback(model: PCModel) -> PCModel:
-    """The same level 1 with every level above removed (sigma_td^2 -> infinity: no top-down prediction)."""
-    return _variant(model, model.config.replace(levels=model.config.levels[:1]), model.weights[:1])
+    """The same level 1 with every level above removed (sigma_td^2 -> infinity: no top-down prediction).
+
+    It starts from zero whatever the model starts from: the amortised guess of level 1 was fitted to the
+    whole network's settled latents, feedback included, and under the sparse (non-convex) prior a start
+    can choose the fixed point, so the control would inherit some of the feedback it removes (measured:
+    docs/TRAINING.md, "The served dynamics and the science"). Same solver and steps as the model's."""
+    config = model.config.replace(levels=model.config.levels[:1], initial_latents="zeros")
+    return _variant(model, config, model.weights[:1])
 
 
 def single_k1_value(config: ModelConfig) -> float:
