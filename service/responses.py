@@ -10,8 +10,6 @@ goes out: `check_finite` raises NotFinite (500 not_finite) instead.
 
 from __future__ import annotations
 
-from concurrent.futures import ThreadPoolExecutor
-
 import numpy as np
 import torch
 from PIL import Image
@@ -46,19 +44,10 @@ def array_payload(t: torch.Tensor, dtype: str = "float32") -> dict:
 MAPS = ("input", "reconstruction", "error_map")
 
 
-def png_payload(image: Image.Image) -> Base64:
-    return Base64.of(png_bytes(np.asarray(image)))
-
-
-# zlib and numpy release the GIL while they work: an image's maps compress side by side on the cores.
-_PNG_THREADS = ThreadPoolExecutor(max_workers=len(MAPS), thread_name_prefix="png")
-
-
-def png_payloads(pictures: dict[str, Image.Image]) -> dict[str, Base64]:
-    """Each picture as base64 PNG, compressed at once on threads (one picture: here)."""
-    if len(pictures) < 2:
-        return {name: png_payload(picture) for name, picture in pictures.items()}
-    return dict(zip(pictures, _PNG_THREADS.map(png_payload, pictures.values())))
+def png_payload(image: Image.Image, compress: bool = True) -> Base64:
+    """A picture as base64 PNG; uncompressed (`compress=False`) where the response carries its array too,
+    so that the PNG is a small part of it (service/png.py)."""
+    return Base64.of(png_bytes(np.asarray(image), compress))
 
 
 def image_arrays(prepared: Prepared, settled: Settled, outputs: tuple[str, ...]) -> dict:
@@ -120,8 +109,8 @@ def encode_result(
         out["padded"] = [fit.top, fit.bottom, fit.left, fit.right]
         out["model_input"] = list(fit.fitted)
     maps = [m for m in MAPS if m in arrays]
-    for name, png in png_payloads(map_pictures(arrays, prepared, config, maps)).items():
-        out[name] = {"png": png}
+    for name, picture in map_pictures(arrays, prepared, config, maps).items():
+        out[name] = {"png": png_payload(picture, compress=options.arrays == "none")}
         if options.arrays != "none":
             out[name]["array"] = array_payload(arrays[name], options.arrays)
     return out
@@ -158,7 +147,7 @@ def snapshot_payload(prepared: Prepared, settled: Settled, config: ModelConfig) 
     return {
         "step": int(settled.steps.max()),
         "energy": float(settled.energy[-1].sum(dtype=torch.float64)),
-        **png_payloads({name: picture for name, (_, picture) in maps.items()}),
+        **{name: png_payload(picture) for name, (_, picture) in maps.items()},
         "latents": [array_payload(r if grid is not None else r[0], "float16") for r in settled.latents],
     }
 
