@@ -115,18 +115,23 @@ def photo_rows(model: pcmodel.PCModel, modes: list[str] | None = None) -> list[t
 
 
 def measure_photos(
-    name: str, momenta: list[float], steps_list: list[int], kinds: list[str], modes: list[str] | None = None
+    name: str,
+    momenta: list[float],
+    steps_list: list[int],
+    kinds: list[str],
+    modes: list[str] | None = None,
+    backend: str = "loop",
 ) -> dict[str, Any]:
     """Whole held-out photos: per photo and size mode, every solver and start against the photo's fixed point."""
     model = pcmodel.load(name)
     served = (model.config.initial_latents, model.config.served_solver, model.config.steps)
     rows = []
     for photo, mode, x in photo_rows(model, modes):
-        settled, fixed = fixed_point(model, x, backend="loop")  # batched: a photo's tiles are many rows
+        settled, fixed = fixed_point(model, x, backend=backend)  # batched: a photo's tiles are many rows
         for init in ["zero"] + (["amortised"] if model.has_amortiser else []):
             for label, solver in solvers_of(momenta, kinds):
                 for steps in steps_list:
-                    result = model.infer(x, steps=steps, solver=solver, init=init, backend="loop")
+                    result = model.infer(x, steps=steps, solver=solver, init=init, backend=backend)
                     row = {"photo": photo, "size_mode": mode, "rows": x.shape[0], "init": init, "solver": label}
                     row["steps"] = steps
                     row["served"] = served == (_config_init(init), solver, steps)
@@ -189,6 +194,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--size-modes", default="full,tile", help="with --photos: the size modes (default: %(default)s, those it has)"
     )
+    parser.add_argument(
+        "--backend",
+        choices=("loop", "numba"),
+        default="loop",
+        help="with --photos: the batched backend of every run (numba: the paper's network's fast loop)",
+    )
     parser.add_argument("--json", action="store_true", help="print every number and the machine as JSON")
     args = parser.parse_args(argv)
     momenta = args.momentum or [0.7, 0.8]
@@ -208,7 +219,7 @@ def main(argv: list[str] | None = None) -> int:
         modes = [m for m in args.size_modes.split(",") if m]
         if not modes or any(m not in ("full", "tile") for m in modes):
             parser.error(f"--size-modes takes full and/or tile, got {args.size_modes!r}")
-        reports = [measure_photos(n, momenta, steps_list, kinds, modes) for n in names]
+        reports = [measure_photos(n, momenta, steps_list, kinds, modes, args.backend) for n in names]
     else:
         reports = [measure(n, args.count, args.batch, momenta, args.rounds, steps_list, kinds) for n in names]
     if args.json:
