@@ -89,7 +89,7 @@ def test_rao_ballard_settles_every_level_at_its_default_steps():
     assert model.config.steps == 20 and model.config.levels[1].k1_scale != 1
     windows = data.held_out_windows(model.config, 200, seed=3)
     fast = responses.settling(model, windows, reference_steps=2000)
-    assert max(fast["median_relative_distance"]) <= 0.05, fast  # measured 0.016% / 0.28%
+    assert max(fast["median_relative_distance"]) <= 0.05, fast  # measured 0.24% / 2.0%
     paper = model.with_dynamics(steps=100, init="zero", solver="gradient")
     settled = responses.settling(paper, windows, reference_steps=2000)
     assert max(settled["median_relative_distance"]) <= 0.05, settled
