@@ -54,7 +54,7 @@ def test_quadratic_with_cauchy_priors_and_feedforward_start(kind: str) -> None:
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_the_paper_network_at_its_default_steps(variant: str) -> None:
     """rao-ballard-1999 (shipped weights) at T = 100: every variant, the quadratic one included."""
-    model = pcmodel.load("rao-ballard-1999")
+    model = pcmodel.load("rao-ballard-1999").with_dynamics(init="zero", solver="gradient")  # as the peer runs
     assert variants_for(model.config, model.config.input_shape[1:]) == VARIANTS
     x = torch.rand((2, *model.config.input_shape), generator=torch.Generator().manual_seed(0)) * 2 - 1
     _check(model, x, 100, variant)
@@ -62,14 +62,14 @@ def test_the_paper_network_at_its_default_steps(variant: str) -> None:
 
 @pytest.mark.parametrize("variant", BATCHED)
 def test_conv_rgb_matches_the_loop(variant: str) -> None:
-    model = pcmodel.load("conv-rgb")
+    model = pcmodel.load("conv-rgb").with_dynamics(init="zero", solver="gradient")  # as the peer runs
     assert "quadratic" not in variants_for(model.config, model.config.input_shape[1:])  # tanh: not linear
     x = torch.rand((2, *model.config.input_shape), generator=torch.Generator().manual_seed(0)) * 2 - 1
     _check(model, x, 10, variant)
 
 
 def test_runner_keeps_the_fastest_variant() -> None:
-    model = pcmodel.load("rao-ballard-1999")
+    model = pcmodel.load("rao-ballard-1999").with_dynamics(init="zero", solver="gradient")  # as the peer runs
     x = torch.rand((2, *model.config.input_shape), generator=torch.Generator().manual_seed(0))
     call, info = jax_runner(model, x, 3, rounds=1, min_time=0)
     assert set(info["prepare_ms"]) == set(VARIANTS)
