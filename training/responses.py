@@ -71,8 +71,8 @@ def without_feedback(model: PCModel) -> PCModel:
 
     It starts from zero whatever the model starts from: the amortised guess of level 1 was fitted to the
     whole network's settled latents, feedback included, and under the sparse (non-convex) prior a start
-    can choose the fixed point, so the control would inherit some of the feedback it removes (measured:
-    docs/TRAINING.md, "The served dynamics and the science"). Same solver and steps as the model's."""
+    can choose the fixed point, so the control would inherit some of the feedback it removes
+    (docs/TRAINING.md, "The served dynamics and the science"). Same solver and steps as the model's."""
     config = model.config.replace(levels=model.config.levels[:1], initial_latents="zeros")
     return _variant(model, config, model.weights[:1])
 
