@@ -242,11 +242,17 @@ async def _reply(
     await send({"type": "http.response.body", "body": body})
 
 
-# Starlette's router answers these in plain text ("Not Found", "Method Not Allowed").
+# Starlette's router answers these in plain text ("Not Found", "Method Not Allowed"), FastAPI's as {"detail"}.
 _ROUTER_ERRORS = {
     404: ("not_found", "there is nothing at {method} {path}; the routes are listed at GET /docs.json"),
     405: ("method_not_allowed", "{path} does not take {method}; the routes and their methods are at GET /docs.json"),
 }
+
+
+def router_error(status: int, method: str, path: str) -> dict[str, str]:
+    """Our body for a router's 404 or 405."""
+    reason, template = _ROUTER_ERRORS[status]
+    return {"error": template.format(method=method, path=path[:200]), "reason": reason}
 
 
 class JsonErrors:
@@ -268,9 +274,7 @@ class JsonErrors:
                 headers = dict(message.get("headers", []))
                 replacing = not headers.get(b"content-type", b"").startswith(b"application/json")
                 if replacing:
-                    reason, template = _ROUTER_ERRORS[message["status"]]
-                    text = template.format(method=scope["method"], path=scope["path"][:200])
-                    body = json.dumps({"error": text, "reason": reason}).encode()
+                    body = json.dumps(router_error(message["status"], scope["method"], scope["path"])).encode()
                     kept = [(k, v) for k, v in message.get("headers", []) if k not in _REPLACED_HEADERS]
                     kept += [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
                     await send({**message, "headers": kept})

@@ -4,11 +4,12 @@ Thin transport over the model: in, the form (forms) -> validated options (option
 rows (inputs); the host's batched `model.infer`; out, JSON with arrays and PNGs (responses). Settings
 come from PC_* environment variables (service.settings); `pc-serve` sets them from its flags.
 
-Routes: POST /encode, POST /encode_batch (BentoML API methods); GET / (the explorer page,
-service/static), GET /docs (BentoML's API browser, without its trackers), GET /model, GET /model/basis
-and GET /docs.json (a small mounted ASGI app: BentoML API methods are POST-only); the Open Inference
-Protocol under /v2 (service.v2_rest, another mounted app) and over gRPC on PC_GRPC_PORT (service.v2_grpc,
-started in each worker); and BentoML's /livez, /readyz and /metrics. The model loads on a thread
+Routes, typed, in one FastAPI app (APP) mounted into the service: POST /encode and POST /encode_batch
+(methods of PCEncoder: BentoML hands them `self`), GET / (the explorer page, service/static), GET /docs
+(Swagger UI, BentoML's copy without its trackers), GET /model, GET /model/basis, GET /docs.json (the
+OpenAPI document generated from the routes' models, service.openapi) and the Open Inference Protocol under
+/v2 (service.v2_rest's router); the protocol over gRPC on PC_GRPC_PORT (service.v2_grpc, started in each
+worker); and BentoML's /livez, /readyz and /metrics. The model loads on a thread
 (service.health), so the probes answer at once: /readyz 503 until the model is loaded, moved to its
 device and warmed up, then 200; /livez 200 unless the load failed or the batcher's task has died (then
 503, so Kubernetes restarts the pod).
@@ -24,12 +25,11 @@ from pathlib import Path
 
 import bentoml
 import torch
-from starlette.applications import Starlette
-from starlette.requests import Request
+from fastapi import FastAPI, Request
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import JSONResponse, Response
-from starlette.routing import Route
 
-from . import jsonbody, metrics, openapi, v2_rest
+from . import jsonbody, metrics, openapi, schemas, v2_rest
 from .batching import Settled
 from .budget import Budget
 from .errors import RequestError, rejection
@@ -37,7 +37,7 @@ from .forms import Part
 from .health import ModelLoader, NotLoaded
 from .host import ModelHost
 from .inputs import Prepared
-from .middleware import BODY_KEY, CONTENT_TYPE_KEY, ApiKey, BodyGate, HeadLimit, JsonErrors
+from .middleware import BODY_KEY, CONTENT_TYPE_KEY, ApiKey, BodyGate, HeadLimit, JsonErrors, router_error
 from .options import MAX_SNAPSHOTS, EncodeOptions, read_request
 from .pipeline import Pipeline, run
 from .responses import encode_result, snapshot_payload, snapshot_steps
@@ -57,6 +57,25 @@ _pipelines: list[Pipeline] = []  # this worker process's one Pipeline, once buil
 # This worker's memory budgets (service.budget): request bodies held, images being decoded.
 BODIES = Budget("bodies", SETTINGS.inflight_bytes, SETTINGS.budget_wait_ms / 1000)
 DECODING = Budget("decoding", SETTINGS.decoding_bytes, SETTINGS.budget_wait_ms / 1000, trim=True)
+
+
+# Every route of ours, typed, in one FastAPI app mounted into the service; GET /docs.json is generated from
+# it (service.openapi). Its own /docs, /redoc and /openapi.json are off: ours load nothing from other hosts.
+APP = FastAPI(title="PCEncoder", description=openapi.INFO, openapi_url=None, docs_url=None, redoc_url=None)
+_SERVICE_TAG = ["Service APIs"]
+
+
+@APP.exception_handler(StarletteHTTPException)
+async def _router_error(request: Request, exc: StarletteHTTPException) -> Response:
+    """The router's 404 and 405 (a path we have, another method) as every other error body of ours."""
+    if exc.status_code in (404, 405):
+        body = router_error(exc.status_code, request.method, request.url.path)
+    else:
+        body = {"error": str(exc.detail), "reason": "bad_request"}
+    return JSONResponse(body, status_code=exc.status_code, headers=exc.headers)
+
+
+_PAGE_TAG = ["Infrastructure"]
 
 
 @bentoml.service(
@@ -98,15 +117,14 @@ class PCEncoder:
         if self.pipeline.loader.loaded:
             self.host.close()
 
-    @bentoml.api(route="/encode")
-    async def encode(self, ctx: bentoml.Context) -> dict:
-        """Encode one image. Multipart form: `image` (file), optional `steps`, `size_mode`, `outputs`."""
+    async def encode(self, request: Request) -> Response:
+        """POST /encode."""
         started = time.perf_counter()
         try:
-            images, options = read_request(*_body(ctx), "image", 1, self.host.config, self.settings)
+            images, options = read_request(*_body(request), "image", 1, self.host.config, self.settings)
             result, settled, small = await self._encode(images[0], options)
         except Exception as exc:
-            return _error_response(ctx, exc)
+            return _error_response(exc)
         response = await _json_response(result, inline=small)
         # Where the time went, for clients and the benchmark (the model's own time vs. the service's).
         response.headers["Server-Timing"] = (
@@ -115,15 +133,14 @@ class PCEncoder:
         )
         return response
 
-    @bentoml.api(route="/encode_batch")
-    async def encode_batch(self, ctx: bentoml.Context) -> dict:
-        """Encode several images (`images`, repeated) with shared options; a bad image is an entry, not a failure."""
+    async def encode_batch(self, request: Request) -> Response:
+        """POST /encode_batch."""
         try:
             images, options = read_request(
-                *_body(ctx), "images", self.settings.max_batch_images, self.host.config, self.settings
+                *_body(request), "images", self.settings.max_batch_images, self.host.config, self.settings
             )
         except Exception as exc:
-            return _error_response(ctx, exc)
+            return _error_response(exc)
         results = await asyncio.gather(*(self._encode_item(part, options) for part in images))
         return await _json_response({"model": self.host.ref, "results": results})
 
@@ -159,6 +176,42 @@ class PCEncoder:
             return {"error": error.message, "status": error.status, "reason": error.reason}
 
 
+# ---- the routes (typed handlers of APP; the methods above do the work) -----------------------------
+
+
+def _service() -> PCEncoder:
+    """This worker's service object (BentoML makes one per worker, before it serves)."""
+    return bentoml.get_current_service()
+
+
+@APP.post(
+    "/encode",
+    summary="Encode one image",
+    operation_id="encode",
+    tags=_SERVICE_TAG,
+    response_model=schemas.PCEncodeResult,
+    responses={200: {"headers": openapi.SERVER_TIMING}, **openapi.errors(openapi.ENCODE_ERRORS)},
+    openapi_extra={"requestBody": schemas.form_body(schemas.EncodeForm, SETTINGS)},
+)
+async def encode(request: Request) -> Response:
+    """Encode one image: its latents, reconstruction, error map and energy (multipart form)."""
+    return await _service().encode(request)
+
+
+@APP.post(
+    "/encode_batch",
+    summary="Encode several images; per-image errors are data",
+    operation_id="encode_batch",
+    tags=_SERVICE_TAG,
+    response_model=schemas.PCBatchResult,
+    responses=openapi.errors(openapi.ENCODE_ERRORS),
+    openapi_extra={"requestBody": schemas.form_body(schemas.EncodeBatchForm, SETTINGS)},
+)
+async def encode_batch(request: Request) -> Response:
+    """Encode several images (`images`, repeated) with shared options; a bad image is an entry, not a failure."""
+    return await _service().encode_batch(request)
+
+
 def _start_rows(options: EncodeOptions, prepared: Prepared) -> list[torch.Tensor] | None:
     """The `start` part's latents with the rows' leading axis (a response's latents have none but in tile
     mode); the host checks their shapes."""
@@ -168,31 +221,29 @@ def _start_rows(options: EncodeOptions, prepared: Prepared) -> list[torch.Tensor
     return [torch.from_numpy(a if tiled else a[None]) for a in options.start]
 
 
-def _body(ctx: bentoml.Context) -> tuple[bytes, str]:
-    scope = ctx.request.scope
+def _body(request: Request) -> tuple[bytes, str]:
+    """The body BodyGate read (and checked against the limits) and its content type."""
+    scope = request.scope
     return scope.get(BODY_KEY, b""), scope.get(CONTENT_TYPE_KEY, "")
 
 
 def _rejection_or_raise(exc: Exception) -> RequestError:
     error = rejection(exc)
     if error is None:
-        raise exc  # a bug, not the client's mistake: BentoML logs it and answers 500
+        raise exc  # a bug, not the client's mistake: the server logs it and answers 500
     return error
 
 
-def _error_response(ctx: bentoml.Context, exc: Exception) -> Response:
+def _error_response(exc: Exception) -> Response:
     """A flat {"error": ..., "reason": ...} body with the error's status, counted by reason."""
     if isinstance(exc, NotLoaded):  # /livez fails too: not a request error, the pod is restarted
-        ctx.response.status_code = 503
         return JSONResponse({"error": str(exc), "reason": "load_failed"}, status_code=503)
     error = _rejection_or_raise(exc)
     metrics.count_error(error.reason)
     if error.status >= 500:
         _warn_limited(error.reason, error.message)
-    if error.status == 503:
-        ctx.response.headers["Retry-After"] = "1"
-    ctx.response.status_code = error.status  # BentoML applies the context's status to whatever we return
-    return JSONResponse({"error": error.message, "reason": error.reason}, status_code=error.status)
+    headers = {"Retry-After": "1"} if error.status == 503 else None
+    return JSONResponse({"error": error.message, "reason": error.reason}, status_code=error.status, headers=headers)
 
 
 _WARN_EVERY_S = 10.0
@@ -216,7 +267,7 @@ async def _json_response(payload: dict, inline: bool = False) -> Response:
     return Response(await run(inline, jsonbody.dumps, payload), media_type="application/json")
 
 
-# ---- GET routes: a small ASGI app mounted beside the API methods ------------------------------------
+# ---- the pages, the model card and the document ---------------------------------------------------
 
 STATIC = Path(__file__).parent / "static"
 _MEDIA_TYPES = {
@@ -260,30 +311,70 @@ def _page_response(name: str, headers: dict[str, str] = PAGE_HEADERS) -> Respons
     return Response(content, media_type=media_type, headers={**headers, "Cache-Control": "no-cache"})
 
 
-async def _explorer(request: Request) -> Response:
+_HTML = {200: {"description": "an HTML page", "content": {"text/html": {}}}}
+_LOADING = openapi.errors({503: "the model is still loading"})
+
+
+@APP.get(
+    "/",
+    summary="The explorer page: encode a photo and see its maps, latents and energy",
+    tags=_PAGE_TAG,
+    operation_id="page_index",
+    response_class=Response,
+    responses=_HTML,
+)
+async def _explorer() -> Response:
     return _page_response("index.html")
 
 
-async def _api_browser(request: Request) -> Response:
+@APP.get(
+    "/docs",
+    summary="This API in Swagger UI",
+    tags=_PAGE_TAG,
+    operation_id="page_docs",
+    response_class=Response,
+    responses=_HTML,
+)
+async def _api_browser() -> Response:
     return _page_response("docs.html", DOCS_HEADERS)
 
 
-async def _static(request: Request) -> Response:
-    return _page_response(request.path_params["name"])
+@APP.get("/static/{name}", include_in_schema=False)
+async def _static(name: str) -> Response:
+    return _page_response(name)
 
 
 def _loaded_host() -> ModelHost | None:
     return _pipelines[0].loader.value if _pipelines else None
 
 
-async def _model_card(request: Request) -> Response:
+@APP.get(
+    "/model",
+    summary="The model card",
+    tags=_SERVICE_TAG,
+    operation_id="model_card",
+    response_model=schemas.PCModelCard,
+    responses=_LOADING,
+)
+async def _model_card() -> Response:
     host = _loaded_host()
     if host is None:
         return JSONResponse({"error": "the model is still loading", "reason": "loading"}, status_code=503)
     return JSONResponse(host.card())
 
 
-async def _basis(request: Request) -> Response:
+@APP.get(
+    "/model/basis",
+    summary="The level-1 receptive fields as a PNG grid, each on its own scale, zero at mid-grey",
+    tags=_SERVICE_TAG,
+    operation_id="model_basis",
+    response_class=Response,
+    responses={
+        200: {"description": "a PNG", "content": {"image/png": {"schema": {"type": "string", "format": "binary"}}}},
+        **_LOADING,
+    },
+)
+async def _basis() -> Response:
     host = _loaded_host()
     if host is None:
         return JSONResponse({"error": "the model is still loading", "reason": "loading"}, status_code=503)
@@ -291,30 +382,24 @@ async def _basis(request: Request) -> Response:
     return Response(png, media_type="image/png", headers={"Cache-Control": "no-cache"})
 
 
-async def _docs(request: Request) -> Response:
-    return JSONResponse(openapi.complete(PCEncoder.openapi_spec.asdict(), SETTINGS))
-
-
-# Mounted at "/", it answers only its own routes (BentoML's PassiveMount passes anything else on),
-# and it is matched before BentoML's own / (its API browser, which loads a tag manager from another
-# host) and /docs.json, which it replaces and completes.
-PCEncoder.mount_asgi_app(
-    Starlette(
-        routes=[
-            Route("/", _explorer, methods=["GET"]),
-            Route("/docs", _api_browser, methods=["GET"]),
-            Route("/static/{name}", _static, methods=["GET"]),
-            Route("/model", _model_card, methods=["GET"]),
-            Route("/model/basis", _basis, methods=["GET"]),
-            Route("/docs.json", _docs, methods=["GET"]),
-        ]
-    ),
-    path="/",
-    name="pc-routes",
+@APP.get(
+    "/docs.json",
+    summary="This OpenAPI document",
+    tags=_PAGE_TAG,
+    operation_id="openapi_document",
+    response_class=JSONResponse,
+    responses={200: {"description": "OpenAPI 3 JSON"}},
 )
-PCEncoder.mount_asgi_app(
-    v2_rest.routes(lambda: _pipelines[0] if _pipelines else None), path="/", name="kserve-v2"
-)  # the Open Inference Protocol's REST routes, /v2/...
+async def _docs() -> Response:
+    return JSONResponse(openapi.document(APP, PCEncoder.openapi_spec.asdict(), SETTINGS))
+
+
+# The Open Inference Protocol's REST routes, /v2/...
+v2_rest.add_routes(APP, lambda: _pipelines[0] if _pipelines else None)
+# Mounted at "/", it answers only its own routes (BentoML's PassiveMount passes anything else on), and
+# it is matched before BentoML's own / (its API browser, which loads a tag manager from another host)
+# and /docs.json, which it replaces.
+PCEncoder.mount_asgi_app(APP, path="/", name="pc-routes")
 PCEncoder.add_asgi_middleware(HeadLimit, max_bytes=SETTINGS.max_header_bytes)  # ours run in this order
 # The key is checked before any body is read; a missing key never reaches BodyGate.
 if (_KEY := SETTINGS.secret()) is not None:

@@ -1,4 +1,4 @@
-"""The Open Inference Protocol's REST routes under /v2, a Starlette app mounted into the BentoML service.
+"""The Open Inference Protocol's REST routes under /v2: a FastAPI router, included in the service's app.
 
 JSON both ways, and the binary tensor data extension both ways: a request whose JSON header is
 followed by the inputs' bytes says the header's length in `Inference-Header-Content-Length` and each
@@ -18,12 +18,10 @@ import re
 import time
 from collections.abc import Awaitable, Callable
 
-from starlette.applications import Starlette
-from starlette.requests import Request
+from fastapi import FastAPI, Request
 from starlette.responses import JSONResponse, Response
-from starlette.routing import Route
 
-from . import metrics, v2
+from . import metrics, openapi, schemas, v2
 from .errors import RequestError, rejection
 from .health import NotLoaded
 from .middleware import BODY_KEY
@@ -40,7 +38,7 @@ INLINE_BODY_BYTES = 1 << 16  # request bodies up to this are parsed on the event
 JSON_PARSE_FACTOR = 3
 
 PipelineFn = Callable[[], Pipeline | None]
-Handler = Callable[[Request], Awaitable[Response]]
+Handler = Callable[..., Awaitable[Response]]
 
 
 def measured(method: str) -> Callable[[Handler], Handler]:
@@ -48,12 +46,12 @@ def measured(method: str) -> Callable[[Handler], Handler]:
     pc_v2_rest_request_duration_seconds; `method` is the protocol's name for the call (gRPC's)."""
 
     def wrap(handler: Handler) -> Handler:
-        @functools.wraps(handler)
-        async def timed(request: Request) -> Response:
+        @functools.wraps(handler)  # FastAPI reads the handler's parameters through __wrapped__
+        async def timed(*args: object, **kwargs: object) -> Response:
             started = time.perf_counter()
             code = "500"  # a bug: the exception goes on to the server, which answers 500
             try:
-                response = await handler(request)
+                response = await handler(*args, **kwargs)
                 code = str(response.status_code)
                 return response
             finally:
@@ -80,8 +78,27 @@ def error_response(exc: BaseException, probe: bool = False) -> Response:
     return JSONResponse({"error": error.message, "reason": error.reason}, status_code=status, headers=headers)
 
 
-def routes(pipeline: PipelineFn) -> Starlette:
-    """The /v2 app; `pipeline()` is the worker's Pipeline once the service has built it."""
+_TAG = ["Open Inference Protocol (KServe v2)"]
+_UNKNOWN = {404: "no model of that name (or version) here", 503: "the model is still loading"}
+_INFER_ERRORS = {
+    400: "a bad tensor, datatype, shape, parameter or image; images of different sizes in full or tile mode",
+    404: _UNKNOWN[404],
+    408: "the request body did not arrive in time",
+    413: "body, pixels, tiles or images over the limit",
+    500: "inference produced NaN or Inf (an unstable checkpoint)",
+    503: "overloaded, or the model still loading; retry after Retry-After",
+}
+_BINARY = {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}}
+_INFER_BODY = {  # read by parse_request (JSON, or JSON then the binary tensors), not by FastAPI
+    "required": True,
+    "content": {"application/json": {"schema": {"$ref": "#/components/schemas/V2InferRequest"}}, **_BINARY},
+}
+_TRUE = {200: {"description": "true"}}
+
+
+def add_routes(api: FastAPI, pipeline: PipelineFn) -> None:
+    """Adds the /v2 routes to `api`; `pipeline()` is the worker's Pipeline once the service has built it.
+    (Added to the app itself, not as an included router: BentoML's route listing reads the app's routes.)"""
 
     def current() -> Pipeline:
         found = pipeline()
@@ -89,42 +106,65 @@ def routes(pipeline: PipelineFn) -> Starlette:
             raise RequestError(503, "loading", "the service is starting; retry in a few seconds")
         return found
 
+    @api.get(
+        "/v2",
+        summary="Server metadata",
+        tags=_TAG,
+        operation_id="v2_server_metadata",
+        response_model=schemas.V2ServerMetadata,
+    )
     @measured("ServerMetadata")
-    async def server_metadata(request: Request) -> Response:
+    async def server_metadata() -> Response:
         return JSONResponse(v2.server_metadata())
 
+    @api.get(
+        "/v2/health/live",
+        summary="Live (as /livez)",
+        tags=_TAG,
+        operation_id="v2_live",
+        response_class=Response,
+        responses={**_TRUE, **openapi.errors({503: "not live"})},
+    )
     @measured("ServerLive")
-    async def live(request: Request) -> Response:
+    async def live() -> Response:
         found = pipeline()
         return Response(status_code=200 if found is None or found.alive else 503)
 
+    @api.get(
+        "/v2/health/ready",
+        summary="Ready (as /readyz)",
+        tags=_TAG,
+        operation_id="v2_ready",
+        response_class=Response,
+        responses={**_TRUE, **openapi.errors({503: "not ready"})},
+    )
     @measured("ServerReady")
-    async def ready(request: Request) -> Response:
+    async def ready() -> Response:
         found = pipeline()
         return Response(status_code=200 if found is not None and found.ready else 503)
 
     @measured("ModelMetadata")
-    async def model_metadata(request: Request) -> Response:
+    async def model_metadata(request: Request, name: str, version: str | None) -> Response:
         try:
-            host = v2.find_model(current(), request.path_params["name"], request.path_params.get("version"))
+            host = v2.find_model(current(), name, version)
         except Exception as exc:
             return error_response(exc, probe=True)
         return JSONResponse(v2.model_metadata(host))
 
     @measured("ModelReady")
-    async def model_ready(request: Request) -> Response:
+    async def model_ready(request: Request, name: str, version: str | None) -> Response:
         try:
             found = current()
-            v2.find_model(found, request.path_params["name"], request.path_params.get("version"))
+            v2.find_model(found, name, version)
         except Exception as exc:
             return error_response(exc, probe=True)
         return Response(status_code=200 if found.ready else 503)
 
     @measured("ModelInfer")
-    async def infer(request: Request) -> Response:
+    async def infer(request: Request, name: str, version: str | None) -> Response:
         try:
             found = current()
-            host = v2.find_model(found, request.path_params["name"], request.path_params.get("version"))
+            host = v2.find_model(found, name, version)
             body = request.scope.get(BODY_KEY, b"")
             # JSON numbers become Python objects before they are an array: a large body is parsed on a thread,
             # charged to the decoding budget (BodyGate charged the body itself).
@@ -143,18 +183,56 @@ def routes(pipeline: PipelineFn) -> Starlette:
         inline = sum(t.array.size for t in done.outputs) <= INLINE_VALUES
         return await run(inline, encode_response, answer, done.outputs, binary)
 
-    model = "/v2/models/{name}"
-    versioned = "/v2/models/{name}/versions/{version}"
-    return Starlette(
-        routes=[
-            Route("/v2", server_metadata, methods=["GET"]),
-            Route("/v2/health/live", live, methods=["GET"]),
-            Route("/v2/health/ready", ready, methods=["GET"]),
-            *(Route(p, model_metadata, methods=["GET"]) for p in (model, versioned)),
-            *(Route(p + "/ready", model_ready, methods=["GET"]) for p in (model, versioned)),
-            *(Route(p + "/infer", infer, methods=["POST"]) for p in (model, versioned)),
-        ]
-    )
+    # Each model route twice: without and with a version.
+    for path, tag in (("/v2/models/{name}", ""), ("/v2/models/{name}/versions/{version}", "_version")):
+        versioned = bool(tag)
+        api.get(
+            path,
+            summary="Model metadata",
+            tags=_TAG,
+            operation_id=f"v2_model_metadata{tag}",
+            response_model=schemas.V2ModelMetadata,
+            responses=openapi.errors(_UNKNOWN),
+        )(_path_parameters(model_metadata, versioned))
+        api.get(
+            path + "/ready",
+            summary="Model ready",
+            tags=_TAG,
+            operation_id=f"v2_model_ready{tag}",
+            response_class=Response,
+            responses={**_TRUE, **openapi.errors(_UNKNOWN)},
+        )(_path_parameters(model_ready, versioned))
+        api.post(
+            path + "/infer",
+            summary="Inference",
+            tags=_TAG,
+            operation_id=f"v2_infer{tag}",
+            response_model=schemas.V2InferResponse,
+            responses={
+                200: {
+                    "description": "the outputs; with binary outputs the JSON is followed by their bytes",
+                    "content": _BINARY,
+                },
+                **openapi.errors(_INFER_ERRORS),
+            },
+            openapi_extra={"requestBody": _INFER_BODY},
+        )(_path_parameters(infer, versioned))
+
+
+def _path_parameters(handler: Handler, versioned: bool) -> Handler:
+    """handler(request, name, version) as a route whose parameters are its path's: FastAPI documents a
+    handler's parameters, and a path parameter cannot be optional."""
+    if versioned:
+
+        async def call(request: Request, name: str, version: str) -> Response:
+            return await handler(request, name, version)
+
+    else:
+
+        async def call(request: Request, name: str) -> Response:  # type: ignore[misc]
+            return await handler(request, name, None)
+
+    return call
 
 
 def parse_request(body: bytes, headers) -> tuple[dict, list[v2.InputTensor], list[str] | None, dict[str, bool]]:

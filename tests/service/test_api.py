@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -169,6 +171,53 @@ def test_openapi_describes_every_route(server):
         assert name in spec["components"]["schemas"] and f"#/components/schemas/{name}" in refs
     reasons = spec["components"]["schemas"]["PCError"]["properties"]["reason"]["enum"]
     assert set(REASONS) | {"not_found", "method_not_allowed", "load_failed"} == set(reasons)
+
+
+def test_real_answers_match_the_generated_schemas(server, astronaut64, china_jpeg):
+    """The document is generated from the typed routes (service.service's APP, service.schemas): it describes
+    every route the app serves, and real answers of every shape validate against its schemas."""
+    import jsonschema
+
+    from service import openapi, schemas
+    from service.service import APP
+
+    spec = server.get("/docs.json").json()
+    served = {(r.path, m.lower()) for r in APP.routes if getattr(r, "include_in_schema", False) for m in r.methods}
+    documented = {(p, m) for p, item in spec["paths"].items() for m in item if p not in openapi.BENTOML_ROUTES}
+    assert served == documented
+    for route, form in (("/encode", schemas.EncodeForm), ("/encode_batch", schemas.EncodeBatchForm)):
+        body = spec["paths"][route]["post"]["requestBody"]["content"]["multipart/form-data"]["schema"]
+        assert set(body["properties"]) == set(form.model_fields)
+
+    def valid(instance: object, name: str, document: dict = spec) -> None:
+        jsonschema.validate(instance, {"$ref": f"#/components/schemas/{name}", "components": document["components"]})
+
+    every = "latents,reconstruction,error_map,input,trace,level_errors,snapshots"
+    answers = [
+        server.post("/encode", files={"image": ("a.png", astronaut64)}, data={"steps": "4", "outputs": every}),
+        server.post("/encode", files={"image": ("c.jpg", china_jpeg)}, data={"steps": "2", "size_mode": "tile"}),
+        server.post("/encode", files={"image": ("c.jpg", china_jpeg)}, data={"steps": "2", "size_mode": "full"}),
+    ]
+    for answer in answers:
+        assert answer.status_code == 200, answer.text
+        valid(answer.json(), "PCEncodeResult")
+    batch = server.post(
+        "/encode_batch", files=[("images", ("a.png", astronaut64)), ("images", ("b.png", b"not an image"))]
+    )
+    assert batch.status_code == 200 and "error" in batch.json()["results"][1]
+    valid(batch.json(), "PCBatchResult")
+    valid(server.get("/model").json(), "PCModelCard")
+    for error in (
+        server.post("/encode", files={"image": ("a.png", astronaut64)}, data={"steps": "0"}),
+        server.get("/nowhere"),
+    ):
+        assert error.status_code in (404, 422)
+        valid(error.json(), "PCError")
+    # The check can fail: a field the answers lack, made required, is caught.
+    wrong = json.loads(json.dumps(spec))
+    wrong["components"]["schemas"]["PCEncodeResult"]["required"].append("nonexistent")
+    with pytest.raises(jsonschema.ValidationError):
+        valid(answers[0].json(), "PCEncodeResult", wrong)
 
 
 def test_health_probes(server):
