@@ -440,6 +440,7 @@ def _encode_collection(args: argparse.Namespace, argv: list[str], inputs: list, 
         "seconds": round(seconds, 3),
         "images_per_s": round(encoded / seconds, 2) if seconds > 0 else None,
         "restarts": progress.restarts if progress is not None else 0,
+        "split": progress.split if progress is not None else 0,
     }
     if args.json:
         print(json.dumps(summary, indent=2))

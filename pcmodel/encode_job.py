@@ -206,6 +206,7 @@ class Progress:
     finished: int = 0
     failed: int = 0
     restarts: int = 0
+    split: int = 0  # batches whose worker died on every try, run again one file at a time
     started: float = field(default_factory=time.monotonic)
 
     def add(self, table) -> None:
@@ -316,6 +317,7 @@ def run_local(
             if attempts[task] < ATTEMPTS:
                 queue.appendleft((task, batch))
             elif len(batch) > 1:  # find the file that kills the worker: each on its own
+                progress.split += 1
                 for item in reversed(batch):
                     queue.appendleft((next_id, [item]))
                     next_id += 1

@@ -1,6 +1,7 @@
 """pc-encode over collections: one row per input in a Parquet data set, read back by pcmodel.encodings,
 pyarrow, pandas and DuckDB; bad files as rows with their reasons; resuming after Ctrl-C, SIGTERM and a
-killed worker; a full disk; and the mistakes refused in one line before any work.
+killed worker; a killed Ray actor and a file that kills its actor every time; a full disk; and the
+mistakes refused in one line before any work.
 
 The model is rao-ballard-1999 (it loads in a tenth of a second) in its tile mode at 3 steps, so each run
 costs the workers' start-up; the runs that need a real signal are subprocesses (`python -m pcmodel.cli`).
@@ -434,6 +435,81 @@ def test_the_ray_engine_writes_the_local_engines_rows_bit_for_bit(folder, encode
     theirs = pq.read_table(out / "data").sort_by("path")
     assert theirs.schema == ours.schema
     assert theirs.equals(ours)  # every column, latents bit for bit
+
+
+RAY_KILL = ["--model", "rao-ballard-1999", "--steps", "300", "--workers", "1", "--batch-size", "2", "--limit", "12"]
+
+
+@pytest.mark.slow
+def test_a_ray_actor_killed_mid_run_is_restarted_and_its_batches_redone(many, tmp_path, capsys):
+    pytest.importorskip("ray", reason="--engine ray needs the ray extra")
+    psutil = pytest.importorskip("psutil")
+    out = tmp_path / "ray"
+    process = run_cli([str(many), "--out", str(out), *RAY_KILL, "--shard-rows", "2", "--engine", "ray", "--json"])
+    wait_for_shards(out, 1, process, timeout=90)
+    # As the OOM killer would: the actor's process (a worker of the raylet pc-encode started), from outside.
+    actors = []
+    for child in psutil.Process(process.pid).children(recursive=True):
+        with contextlib.suppress(psutil.Error):
+            if "MapBatches(RayEncoder)" in " ".join(child.cmdline()):
+                actors.append(child)
+    assert len(actors) == 1, actors
+    actors[0].send_signal(signal.SIGKILL)
+    stdout, err = process.communicate(timeout=120)
+    assert process.returncode == 0, err
+    summary = json.loads(stdout)
+    # Restarted once (it died encoding a batch), that batch run again whole (not split), every input once.
+    assert (summary["status"], summary["restarts"], summary["split"]) == ("complete", 1, 0), err
+    assert (summary["rows"], summary["done"], summary["failed"], summary["encoded"]) == (12, 12, 0, 12)
+    paths = paths_in(out)
+    assert sorted(paths) == [f"{i:03d}.png" for i in range(12)]
+    assert sorted(r.path for r in encodings.read(out)) == sorted(paths)
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["status"] == "complete"
+    assert manifest["counts"] == {"inputs": 12, "rows": 12, "done": 12, "failed": 0, "missing": 0}
+    # The rows are the local engine's, bit for bit.
+    local = tmp_path / "local"
+    finish([str(many), "--out", str(local), *RAY_KILL], capsys)
+    assert pq.read_table(out / "data").sort_by("path").equals(pq.read_table(local / "data").sort_by("path"))
+
+
+# pc-encode --engine ray with an encoder whose process dies (SIGKILL) on any batch holding poison.png.
+POISONED = """
+import os, signal, sys
+from pcmodel import cli, encode_ray
+
+class Poisoned(encode_ray.RayEncoder):
+    def encode(self, inputs):
+        if any(item.path == "poison.png" for item in inputs):
+            os.kill(os.getpid(), signal.SIGKILL)
+        return super().encode(inputs)
+
+encode_ray.RayEncoder = Poisoned  # defined in __main__: Ray sends its code to the actors
+sys.exit(cli.main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.slow
+def test_a_file_that_kills_its_ray_actor_every_time_becomes_a_worker_died_row(tmp_path):
+    pytest.importorskip("ray", reason="--engine ray needs the ray extra")
+    root = tmp_path / "photos"
+    for i, name in enumerate(["a.png", "poison.png", "b.png", "c.png"]):
+        photo(root / name, (40, 30), i)
+    out = tmp_path / "out"
+    args = [str(root), "--out", str(out), *MODEL, "--workers", "1", "--batch-size", "2", "--engine", "ray", "--json"]
+    run = subprocess.run([sys.executable, "-c", POISONED, *args], capture_output=True, text=True, env=ENV, timeout=150)
+    assert run.returncode == 0, run.stderr
+    summary = json.loads(run.stdout)
+    # The batch [c, poison] (the files in order, two a batch) killed its actor twice, then poison.png alone
+    # twice; c.png was encoded.
+    assert (summary["status"], summary["restarts"], summary["split"]) == ("complete", 4, 1), run.stderr
+    assert (summary["rows"], summary["done"], summary["failed"]) == (4, 3, 1)
+    rows = {r.path: r for r in encodings.read(out)}
+    assert sorted(paths_in(out)) == sorted(rows) == ["a.png", "b.png", "c.png", "poison.png"]
+    assert rows["poison.png"].reason == "worker_died" and "died" in rows["poison.png"].error
+    assert all(rows[p].reason is None and rows[p].latents for p in ("a.png", "b.png", "c.png"))
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["counts"] == {"inputs": 4, "rows": 4, "done": 3, "failed": 1, "missing": 0}
 
 
 def test_the_readmes_read_example_runs_on_a_data_set(encoded, tmp_path, monkeypatch, capsys):
