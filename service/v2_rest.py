@@ -93,15 +93,20 @@ def routes(pipeline: PipelineFn) -> Starlette:
     async def server_metadata(request: Request) -> Response:
         return JSONResponse(v2.server_metadata())
 
+    # The health answers: the status says it (tritonclient and Kubernetes read only that), and the body says it
+    # as KServe's protocol document writes it ({"live": bool}, {"ready": bool}), which kserve's
+    # InferenceRESTClient parses (an empty body made its is_server_live raise JSONDecodeError).
     @measured("ServerLive")
     async def live(request: Request) -> Response:
         found = pipeline()
-        return Response(status_code=200 if found is None or found.alive else 503)
+        alive = found is None or found.alive
+        return JSONResponse({"live": alive}, status_code=200 if alive else 503)
 
     @measured("ServerReady")
     async def ready(request: Request) -> Response:
         found = pipeline()
-        return Response(status_code=200 if found is not None and found.ready else 503)
+        up = found is not None and found.ready
+        return JSONResponse({"ready": up}, status_code=200 if up else 503)
 
     @measured("ModelMetadata")
     async def model_metadata(request: Request) -> Response:
@@ -118,7 +123,8 @@ def routes(pipeline: PipelineFn) -> Starlette:
             v2.find_model(found, request.path_params["name"], request.path_params.get("version"))
         except Exception as exc:
             return error_response(exc, probe=True)
-        return Response(status_code=200 if found.ready else 503)
+        body = {"name": request.path_params["name"], "ready": found.ready}
+        return JSONResponse(body, status_code=200 if found.ready else 503)
 
     @measured("ModelInfer")
     async def infer(request: Request) -> Response:
