@@ -22,7 +22,6 @@ import functools
 import io
 import json
 import platform
-import struct
 import sys
 import time
 import urllib.parse
@@ -36,6 +35,8 @@ from PIL import Image
 
 from pcmodel.cliargs import ArgumentParser, device_name, model_source, nonnegative_int, positive_int
 from service.client import decode_array
+
+from . import v2wire
 
 
 @dataclass(frozen=True)
@@ -66,22 +67,7 @@ class Spec:
         parameters: dict[str, object] = {"steps": self.steps} if self.steps is not None else {}
         if self.size_mode is not None:
             parameters["size_mode"] = self.size_mode
-        raw = struct.pack("<I", len(self.image)) + self.image  # a BYTES element: its length, then its bytes
-        header = {
-            "inputs": [
-                {"name": "image", "datatype": "BYTES", "shape": [1], "parameters": {"binary_data_size": len(raw)}}
-            ],
-            "outputs": [{"name": n, "parameters": {"binary_data": True}} for n in V2_OUTPUTS],
-            "parameters": parameters,
-        }
-        head = json.dumps(header).encode()
-        return head + raw, {
-            "content-type": "application/octet-stream",
-            "inference-header-content-length": str(len(head)),
-        }
-
-
-V2_OUTPUTS = ("input", "reconstruction", "error_map", "energy", "trace", "latent_1")
+        return v2wire.image_request([self.image], parameters)
 
 
 @dataclass
@@ -167,29 +153,7 @@ def check(spec: Spec, response: httpx.Response, default_steps: int | None) -> st
 
 def check_v2(spec: Spec, response: httpx.Response, default_steps: int | None) -> str | None:
     """None if the /v2 response is a valid encoding of spec (binary outputs), else what is wrong."""
-    if response.status_code != 200:
-        return f"status {response.status_code}: {response.text[:200]}"
-    try:
-        length = int(response.headers["inference-header-content-length"])
-        header = json.loads(response.content[:length])
-        arrays, at = {}, length
-        for out in header["outputs"]:
-            size = out["parameters"]["binary_data_size"]
-            arrays[out["name"]] = np.frombuffer(response.content[at : at + size], "<f4").reshape(out["shape"])
-            at += size
-        want = spec.steps if spec.steps is not None else default_steps
-        if want is not None and arrays["trace"].shape != (1, want + 1):
-            return f"trace shape {arrays['trace'].shape}, asked for {want} steps"
-        initial, final = arrays["energy"][0]
-        if not final < initial:
-            return f"energy did not fall: {initial} -> {final}"
-        if not np.array_equal(arrays["input"] - arrays["reconstruction"], arrays["error_map"]):
-            return "input - reconstruction != error_map"
-        if not np.isfinite(arrays["latent_1"]).all():
-            return "latents not finite"
-    except (KeyError, ValueError, TypeError) as exc:
-        return f"malformed response: {exc!r}"
-    return None
+    return v2wire.check(response, spec.steps if spec.steps is not None else default_steps)
 
 
 async def drive(

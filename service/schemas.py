@@ -273,6 +273,21 @@ class V2ServerMetadata(BaseModel):
     extensions: list[str]
 
 
+class V2Live(BaseModel):
+    live: bool
+
+
+class V2Ready(BaseModel):
+    ready: bool
+
+
+class V2ModelReady(BaseModel):
+    """Ready (200) or not yet (503): the model's name and whether it is ready."""
+
+    name: str
+    ready: bool
+
+
 class V2TensorMetadata(BaseModel):
     name: str
     datatype: Literal["BYTES", "FP32"]

@@ -88,12 +88,19 @@ _INFER_ERRORS = {
     500: "inference produced NaN or Inf (an unstable checkpoint)",
     503: "overloaded, or the model still loading; retry after Retry-After",
 }
+_MODEL_NOT_READY = {
+    "description": "the model is still loading (an error body) or not ready",
+    "content": {
+        "application/json": {
+            "schema": {"anyOf": [{"$ref": f"#/components/schemas/{m}"} for m in ("PCError", "V2ModelReady")]}
+        }
+    },
+}
 _BINARY = {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}}
 _INFER_BODY = {  # read by parse_request (JSON, or JSON then the binary tensors), not by FastAPI
     "required": True,
     "content": {"application/json": {"schema": {"$ref": "#/components/schemas/V2InferRequest"}}, **_BINARY},
 }
-_TRUE = {200: {"description": "true"}}
 
 
 def add_routes(api: FastAPI, pipeline: PipelineFn) -> None:
@@ -117,31 +124,36 @@ def add_routes(api: FastAPI, pipeline: PipelineFn) -> None:
     async def server_metadata() -> Response:
         return JSONResponse(v2.server_metadata())
 
+    # The health answers: the status says it (tritonclient and Kubernetes read only that), and the body says it
+    # as KServe's protocol document writes it ({"live": bool}, {"ready": bool}), which kserve's
+    # InferenceRESTClient parses (an empty body made its is_server_live raise JSONDecodeError).
     @api.get(
         "/v2/health/live",
         summary="Live (as /livez)",
         tags=_TAG,
         operation_id="v2_live",
-        response_class=Response,
-        responses={**_TRUE, **openapi.errors({503: "not live"})},
+        response_model=schemas.V2Live,
+        responses={503: {"model": schemas.V2Live, "description": "not live"}},
     )
     @measured("ServerLive")
     async def live() -> Response:
         found = pipeline()
-        return Response(status_code=200 if found is None or found.alive else 503)
+        alive = found is None or found.alive
+        return JSONResponse({"live": alive}, status_code=200 if alive else 503)
 
     @api.get(
         "/v2/health/ready",
         summary="Ready (as /readyz)",
         tags=_TAG,
         operation_id="v2_ready",
-        response_class=Response,
-        responses={**_TRUE, **openapi.errors({503: "not ready"})},
+        response_model=schemas.V2Ready,
+        responses={503: {"model": schemas.V2Ready, "description": "not ready"}},
     )
     @measured("ServerReady")
     async def ready() -> Response:
         found = pipeline()
-        return Response(status_code=200 if found is not None and found.ready else 503)
+        up = found is not None and found.ready
+        return JSONResponse({"ready": up}, status_code=200 if up else 503)
 
     @measured("ModelMetadata")
     async def model_metadata(request: Request, name: str, version: str | None) -> Response:
@@ -158,7 +170,7 @@ def add_routes(api: FastAPI, pipeline: PipelineFn) -> None:
             v2.find_model(found, name, version)
         except Exception as exc:
             return error_response(exc, probe=True)
-        return Response(status_code=200 if found.ready else 503)
+        return JSONResponse({"name": name, "ready": found.ready}, status_code=200 if found.ready else 503)
 
     @measured("ModelInfer")
     async def infer(request: Request, name: str, version: str | None) -> Response:
@@ -199,8 +211,8 @@ def add_routes(api: FastAPI, pipeline: PipelineFn) -> None:
             summary="Model ready",
             tags=_TAG,
             operation_id=f"v2_model_ready{tag}",
-            response_class=Response,
-            responses={**_TRUE, **openapi.errors(_UNKNOWN)},
+            response_model=schemas.V2ModelReady,
+            responses={**openapi.errors({404: _UNKNOWN[404]}), 503: _MODEL_NOT_READY},
         )(_path_parameters(model_ready, versioned))
         api.post(
             path + "/infer",

@@ -27,3 +27,4 @@ def test_test_command_is_what_ci_runs():
     command = block_after("test-command", "bash")
     assert "python3 -m venv" in command and "pytest" in command
     assert "pip install torch==2.13.0" in command  # the CPU build, before anything can pull CUDA
+    assert "PC_KSERVE_PYTHON=" in command  # KServe's clients run (tests/service/test_v2_kserve.py), not skipped

@@ -86,3 +86,75 @@ def test_a_short_soak_agrees_with_the_metrics(server):
     assert report["metrics_agree"], report["mismatches"]
     assert {"200", "400"} <= set(report["statuses"]) and report["requests"] >= 10
     assert report["resources"] and all(s["rss_mib"] > 100 and s["open_files"] > 0 for s in report["resources"])
+
+
+@pytest.mark.slow
+def test_a_short_mixed_soak_over_encode_and_v2_agrees_with_the_metrics(server):
+    """pc-serve-soak --protocol mixed for a few seconds: /encode's mix and the Open Inference Protocol's (binary and
+    JSON tensors; bad datatype, shape, parameter and image; unknown model; 413 before the body; binary data cut
+    short) in one run, and /metrics (pc_request_errors_total by reason, pc_v2_rest_requests_total by method and
+    code, /encode's responses) moved by exactly the client's counts."""
+    import asyncio
+
+    from benchmarks import soak
+
+    report = asyncio.run(soak.soak(server.url, server.process.pid, minutes=0.1, clients=4, seed=1, protocol="mixed"))
+    assert report["invalid"] == 0 and report["server_errors"] == 0, report["problems"]
+    assert report["metrics_agree"], report["mismatches"]
+    by_protocol = report["statuses_by_protocol"]
+    assert "200" in by_protocol["encode"] and "200" in by_protocol["v2"], by_protocol
+    assert set(by_protocol["v2"]) - {"200", "503"}, by_protocol  # some of v2's bad requests were sent
+    assert report["requests"] >= 10
+
+
+def test_soak_agreement_finds_a_wrong_count():
+    """soak.agreement: empty when /metrics moved by the client's counts; a line for each count that differs,
+    including a reason or v2 code the client never counted."""
+    from collections import Counter
+
+    from benchmarks import soak
+
+    def samples(images, bad_image, not_found, infer_200, infer_404, encode_200):
+        return {
+            ("pc_images_total", ()): images,
+            ("pc_request_errors_total", (("reason", "bad_image"),)): bad_image,
+            ("pc_request_errors_total", (("reason", "not_found"),)): not_found,
+            ("pc_request_errors_total", (("reason", "overloaded"),)): 0,
+            ("pc_v2_rest_requests_total", (("code", "200"), ("method", "ModelInfer"))): infer_200,
+            ("pc_v2_rest_requests_total", (("code", "404"), ("method", "ModelInfer"))): infer_404,
+            (
+                "bentoml_service_request_total",
+                (("endpoint", "/encode"), ("http_response_code", "200"), ("service_name", "PCEncoder")),
+            ): encode_200,
+        }
+
+    before = samples(10, 1, 0, 5, 0, 5)
+    after = samples(16, 3, 1, 8, 1, 8)
+    tally = soak.Tally(
+        responses=Counter({("/encode", 200): 3}),
+        v2_calls=Counter({("ModelInfer", "200"): 3, ("ModelInfer", "404"): 1}),
+        images=6,
+        errors=Counter({"bad_image": 2, "not_found": 1}),
+    )
+    assert soak.agreement(before, after, tally) == []
+
+    tally.v2_calls[("ModelInfer", "200")] = 2  # the client saw one infer fewer than the server counted
+    tally.errors["bad_image"] = 1
+    del tally.errors["not_found"]  # a reason that moved and the client never counted
+    problems = soak.agreement(before, after, tally)
+    assert "v2 ModelInfer 200: pc_v2_rest_requests_total moved 3, client 2" in problems
+    assert "errors bad_image: /metrics 2, client 1" in problems
+    assert "errors not_found: /metrics 1, client 0" in problems
+    assert len(problems) == 3, problems
+
+
+def test_soak_mixes():
+    from benchmarks import soak
+
+    for protocol in soak.PROTOCOLS:
+        mix = soak.kinds(protocol, "conv-rgb", 1000)
+        assert abs(sum(k.weight for k in mix) - 1) < 1e-9
+        assert {k.protocol for k in mix} == ({"encode", "v2"} if protocol == "mixed" else {protocol})
+    v2 = {k.name: k for k in soak.kinds("v2", "conv-rgb", 1000)}
+    assert v2["v2_oversize"].declared_length == 1001 and v2["v2_oversize"].v2_method is None
+    assert v2["v2_unknown_model"].status == 404 and v2["v2_unknown_model"].reasons == ("not_found",)
