@@ -4,7 +4,7 @@
 worker that fails to start forever, keeps a dead worker's Prometheus files, and holds the socket
 open while it drains (new connections wait in the backlog, unanswered, until the process exits).
 pc-serve runs BentoML's own worker entry point (`_bentoml_impl.worker.service`, what the arbiter
-runs) under this small supervisor instead:
+runs, through service.worker, which bounds request heads as they arrive) under this small supervisor instead:
 
 - One socket per worker, all bound to the port with SO_REUSEPORT, so the kernel spreads
   connections over the workers (with one shared socket, the first worker to wake accepts every
@@ -91,11 +91,12 @@ def check_worker_module(module: str = WORKER_MODULE, options: tuple[str, ...] = 
 
 
 def worker_command(service: str, fd: int, name: str, index: int) -> list[str]:
-    """The command line of one BentoML worker process serving `service` on the inherited socket `fd`."""
+    """The command line of one BentoML worker process serving `service` on the inherited socket `fd`: BentoML's
+    worker command (WORKER_MODULE) run by service.worker."""
     return [
         sys.executable,
         "-m",
-        WORKER_MODULE,
+        "service.worker",
         service,
         "--fd",
         str(fd),

@@ -3,6 +3,7 @@ client that disconnects mid-body ends its request at once, so an idle server sto
 
 from __future__ import annotations
 
+import json
 import os
 import queue
 import signal
@@ -39,6 +40,33 @@ def test_request_heads_are_bounded(server):
     assert str(caught.value.status()) == "StatusCode.RESOURCE_EXHAUSTED"
     assert client.is_server_live()  # the channel still works for a sane call
     client.close()
+
+
+def test_an_endless_head_is_refused_while_it_arrives(server):
+    """A header line that never ends gets 431 once the limit's bytes are in, not when the client stops: the
+    worker holds at most one read beyond PC_MAX_HEADER_BYTES (service.headguard)."""
+    before = metric(server.metrics(), "pc_request_errors_total", reason="header_too_large")
+    sent = 0
+    with socket.create_connection(("127.0.0.1", server.port), timeout=30) as sock:
+        sock.sendall(b"GET /livez HTTP/1.1\r\nHost: x\r\nX-Endless: ")
+        try:
+            while sent < 64 << 20:  # 64 MiB: far more than the worker would ever keep
+                sock.sendall(b"a" * 65536)
+                sent += 65536
+        except (BrokenPipeError, ConnectionResetError):
+            pass  # the server answered and closed
+        answer = b""
+        try:
+            while chunk := sock.recv(65536):
+                answer += chunk
+        except ConnectionResetError:
+            pass
+    assert sent < 16 << 20, f"the server read {sent} bytes of one head"
+    assert answer.startswith(b"HTTP/1.1 431 "), answer[:200]
+    body = json.loads(answer.partition(b"\r\n\r\n")[2])
+    assert body["reason"] == "header_too_large" and "still arriving" in body["error"]
+    assert metric(server.metrics(), "pc_request_errors_total", reason="header_too_large") == before + 1
+    assert server.get("/livez").status_code == 200
 
 
 def _start_body_and_vanish(port: int, path: str) -> None:

@@ -14,7 +14,7 @@ from service import supervisor
 def test_the_worker_command_parses_with_bentomls_own_command():
     supervisor.check_worker_module()
     command = supervisor.worker_command("service.service:PCEncoder", 7, "PCEncoder", 2)
-    assert command[1:3] == ["-m", supervisor.WORKER_MODULE]
+    assert command[1:3] == ["-m", "service.worker"]  # which runs BentoML's worker command with these arguments
     main = importlib.import_module(supervisor.WORKER_MODULE).main
     context = main.make_context("worker", command[3:])
     assert context.params["bento_identifier"] == "service.service:PCEncoder"
