@@ -50,7 +50,8 @@ class WriteError(OSError):
 
 
 class WorkerError(RuntimeError):
-    """A worker could not start (its model failed to load): nothing can be encoded."""
+    """The workers cannot go on: one could not start (its model failed to load), they kept dying, or the Ray
+    job failed. The complete shards stand; the run can be resumed."""
 
 
 def version() -> str:
@@ -311,6 +312,7 @@ def run_local(
 
     def died(worker: _Process) -> None:
         nonlocal next_id
+        worker.process.join(timeout=1)  # its pipe closes before it is reaped: then its exit code is known
         progress.restarts += 1
         for task, batch in sorted(worker.tasks.items(), reverse=True):
             attempts[task] = attempts.get(task, 0) + 1
@@ -330,7 +332,6 @@ def run_local(
                 progress.add(table)
         worker.tasks.clear()
         worker.conn.close()
-        worker.process.join(timeout=1)
 
     try:
         pool = [start() for _ in range(max(1, min(workers, len(queue))))]

@@ -30,7 +30,7 @@ from collections.abc import Callable, Sequence
 
 from . import encodings
 from .collection import BatchEncoder, EncodeSettings, Input, batches
-from .encode_job import ATTEMPTS, DEPTH, Progress, ShardWriter, error_rows
+from .encode_job import ATTEMPTS, DEPTH, Progress, ShardWriter, WorkerError, error_rows
 
 
 class RayEncoder:
@@ -150,15 +150,19 @@ def run_ray(
                 num_cpus=1,
             )
             left = {item.path for item in work}  # inputs with no row yet
-            for table in dataset.iter_batches(batch_format="pyarrow", batch_size=None):
-                table = table.cast(target)  # Ray keeps the columns, not the schema's metadata
-                paths = table.column("path").to_pylist()
-                if not left.issuperset(paths):  # a batch that came back twice (a retry): its rows once only
-                    table = table.filter(pa.array([path in left for path in paths]))
-                left.difference_update(paths)
-                writer.add(table)
-                progress.add(table)
-                report(progress)
+            try:
+                for table in dataset.iter_batches(batch_format="pyarrow", batch_size=None):
+                    table = table.cast(target)  # Ray keeps the columns, not the schema's metadata
+                    paths = table.column("path").to_pylist()
+                    if not left.issuperset(paths):  # a batch that came back twice (a retry): its rows once only
+                        table = table.filter(pa.array([path in left for path in paths]))
+                    left.difference_update(paths)
+                    writer.add(table)
+                    progress.add(table)
+                    report(progress)
+            except ray.exceptions.RayError as exc:  # the cluster failed the job: one line, the shards stand
+                first = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else ""
+                raise WorkerError(f"the Ray job failed ({type(exc).__name__}: {first})") from None
             deaths, split = ray.get(attempts.counts.remote())
             progress.restarts += deaths
             progress.split += split

@@ -9,9 +9,10 @@ from __future__ import annotations
 import kubernetes_validate
 import pytest
 import yaml
+from fastapi import FastAPI
 
 from service.settings import Settings
-from service.v2_rest import routes
+from service.v2_rest import add_routes
 
 from .conftest import K8S
 from .test_k8s import KUBERNETES_VERSIONS
@@ -79,7 +80,9 @@ def test_ports_and_probes_match_the_service(documents):
     ports = {p["name"]: p["containerPort"] for p in container["ports"]}
     assert ports == {"http1": settings.port, "h2c": settings.grpc_port}
     assert container["ports"][0]["name"] == "http1"  # KServe sends REST to the first port
-    served = {route.path for route in routes(lambda: None).routes}
+    app = FastAPI(openapi_url=None, docs_url=None, redoc_url=None)
+    add_routes(app, lambda: None)
+    served = {route.path for route in app.routes}
     for probe, path in (("startupProbe", "/v2/health/ready"), ("readinessProbe", "/v2/health/ready")):
         assert container[probe]["httpGet"] == {"path": path, "port": settings.port}
     assert container["livenessProbe"]["httpGet"] == {"path": "/v2/health/live", "port": settings.port}

@@ -312,6 +312,47 @@ def test_a_killed_worker_is_restarted_and_sigterm_stops_cleanly(many, tmp_path, 
     assert sorted(paths_in(out)) == sorted(f"{i:03d}.png" for i in range(IMAGES))
 
 
+# Every process of the run (pc-encode, its forkserver, the workers) starts Python and runs sitecustomize:
+# there the encoder learns to die (SIGKILL) on any batch holding poison.png.
+POISON_SITE = """
+import os, signal
+from pcmodel import collection
+
+_call = collection.BatchEncoder.__call__
+
+def _poisoned(self, inputs):
+    if any(item.path == "poison.png" for item in inputs):
+        os.kill(os.getpid(), signal.SIGKILL)
+    return _call(self, inputs)
+
+collection.BatchEncoder.__call__ = _poisoned
+"""
+
+
+def test_a_file_that_kills_its_local_worker_every_time_becomes_a_worker_died_row(tmp_path):
+    root = tmp_path / "photos"
+    for i, name in enumerate(["a.png", "poison.png", "b.png", "c.png"]):
+        photo(root / name, (40, 30), i)
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text(POISON_SITE)
+    out = tmp_path / "out"
+    args = [str(root), "--out", str(out), *MODEL, "--workers", "1", "--batch-size", "2", "--json"]
+    env = {**ENV, "PYTHONPATH": f"{site}{os.pathsep}{ROOT}"}
+    run = subprocess.run(
+        [sys.executable, "-m", "pcmodel.cli", *args], capture_output=True, text=True, env=env, timeout=150
+    )
+    assert run.returncode == 0, run.stderr
+    summary = json.loads(run.stdout)
+    # The batch holding poison.png killed its worker twice, then poison.png alone twice; its neighbour was encoded.
+    assert (summary["status"], summary["restarts"], summary["split"]) == ("complete", 4, 1), run.stderr
+    assert (summary["rows"], summary["done"], summary["failed"]) == (4, 3, 1)
+    rows = {r.path: r for r in encodings.read(out)}
+    assert sorted(paths_in(out)) == sorted(rows) == ["a.png", "b.png", "c.png", "poison.png"]
+    assert rows["poison.png"].reason == "worker_died" and "signal 9" in rows["poison.png"].error
+    assert all(rows[p].reason is None and rows[p].latents for p in ("a.png", "b.png", "c.png"))
+
+
 def test_a_changed_input_is_encoded_again_and_its_old_row_replaced(folder, tmp_path):
     root = tmp_path / "photos"
     for i in range(3):
