@@ -63,6 +63,7 @@ DECODING = Budget("decoding", SETTINGS.decoding_bytes, SETTINGS.budget_wait_ms /
 # it (service.openapi). Its own /docs, /redoc and /openapi.json are off: ours load nothing from other hosts.
 APP = FastAPI(title="PCEncoder", description=openapi.INFO, openapi_url=None, docs_url=None, redoc_url=None)
 _SERVICE_TAG = ["Service APIs"]
+_PAGE_TAG = ["Infrastructure"]
 
 
 @APP.exception_handler(StarletteHTTPException)
@@ -73,9 +74,6 @@ async def _router_error(request: Request, exc: StarletteHTTPException) -> Respon
     else:
         body = {"error": str(exc.detail), "reason": "bad_request"}
     return JSONResponse(body, status_code=exc.status_code, headers=exc.headers)
-
-
-_PAGE_TAG = ["Infrastructure"]
 
 
 @bentoml.service(

@@ -8,6 +8,7 @@ comes last.
 
 from __future__ import annotations
 
+import base64
 import os
 import signal
 import socket
@@ -143,21 +144,36 @@ def test_a_slow_body_gets_408_counted_as_timeout(hardened, path):
     assert "408" in codes and "504" not in codes
 
 
+def _v2_infer(server: Server, image: bytes, steps: int, images: int = 1) -> httpx.Response:
+    """An Open Inference Protocol request for `images` copies of one image (JSON tensors), energies only."""
+    data = [base64.b64encode(image).decode()] * images
+    body = {
+        "inputs": [{"name": "image", "datatype": "BYTES", "shape": [images], "data": data}],
+        "parameters": {"steps": steps, "size_mode": "resize"},
+        "outputs": [{"name": "energy"}],
+    }
+    return httpx.post(server.url + "/v2/models/conv-rgb/infer", json=body, timeout=60)
+
+
 def test_a_killed_worker_leaves_no_requests_in_progress(hardened, astronaut):
-    """Item 5: kill -9 a worker with requests in flight; the service recovers and an idle server reports 0."""
+    """Item 5: kill -9 a worker with requests in flight (/encode and the Open Inference Protocol's infer); the
+    service recovers and an idle server reports 0."""
     image = png(astronaut[:96, :96])
     results: list[int | str] = []
 
-    def encode() -> None:
+    def encode(v2: bool) -> None:
         try:
-            r = httpx.post(
-                hardened.url + "/encode", files={"image": ("a.png", image)}, data={"steps": "1000"}, timeout=60
-            )
+            if v2:
+                r = _v2_infer(hardened, image, 1000)
+            else:
+                r = httpx.post(
+                    hardened.url + "/encode", files={"image": ("a.png", image)}, data={"steps": "1000"}, timeout=60
+                )
             results.append(r.status_code)
         except httpx.HTTPError as exc:
             results.append(type(exc).__name__)
 
-    threads = [threading.Thread(target=encode) for _ in range(8)]
+    threads = [threading.Thread(target=encode, args=(i % 2 == 1,)) for i in range(8)]
     for t in threads:
         t.start()
     deadline = time.monotonic() + 30
@@ -184,6 +200,7 @@ def test_a_killed_worker_leaves_no_requests_in_progress(hardened, astronaut):
     assert in_progress(hardened) == 0
     all_ready(hardened)  # the new worker loads its model (requests sent to it meanwhile wait)
     assert hardened.post("/encode", files={"image": ("a.png", image)}).status_code == 200
+    assert _v2_infer(hardened, image, 5).status_code == 200
     assert in_progress(hardened) == 0
     # The new worker serves gRPC too (each worker binds the gRPC port): fresh channels reach both workers.
     import tritonclient.grpc as grpcclient
@@ -195,11 +212,12 @@ def test_a_killed_worker_leaves_no_requests_in_progress(hardened, astronaut):
 
 
 def test_sigterm_drains_and_refuses_new_connections_at_once(hardened, astronaut):
-    """Item 6 (stops the server): requests in flight finish; a new connection is refused at once."""
+    """Item 6 (stops the server): requests in flight (/encode_batch and a v2 infer) finish; a new connection is
+    refused at once."""
     assert hardened.process is not None
     image = png(astronaut[:96, :96])
     results: list[int] = []
-    sender = threading.Thread(
+    batch = threading.Thread(
         target=lambda: results.append(
             httpx.post(
                 hardened.url + "/encode_batch",
@@ -209,9 +227,12 @@ def test_sigterm_drains_and_refuses_new_connections_at_once(hardened, astronaut)
             ).status_code
         )
     )
-    sender.start()
+    v2 = threading.Thread(target=lambda: results.append(_v2_infer(hardened, image, 1000, images=4).status_code))
+    senders = [batch, v2]
+    for sender in senders:
+        sender.start()
     deadline = time.monotonic() + 30
-    while in_progress(hardened) < 1 and time.monotonic() < deadline:
+    while in_progress(hardened) < 2 and time.monotonic() < deadline:
         time.sleep(0.05)
     os.kill(hardened.process.pid, signal.SIGTERM)  # pc-serve alone, as a container runtime does
     time.sleep(0.5)
@@ -222,8 +243,9 @@ def test_sigterm_drains_and_refuses_new_connections_at_once(hardened, astronaut)
         status = None  # refused: nothing listens any more
     assert time.monotonic() - started < 5, "a new connection waited during the drain"
     assert status in (None, 503)
-    sender.join(60)
-    assert results == [200], "the request in flight did not finish"
+    for sender in senders:
+        sender.join(60)
+    assert results == [200, 200], "a request in flight did not finish"
     assert hardened.process.wait(60) == 0
 
 
