@@ -32,6 +32,8 @@ from . import encodings
 from .collection import BatchEncoder, EncodeSettings, Input, batches
 from .encode_job import ATTEMPTS, DEPTH, Progress, ShardWriter, WorkerError, error_rows
 
+GROUPS_PER_TASK = 4  # batches per Ray task: Ray Data's cost per task is paid once for this many
+
 
 class RayEncoder:
     """An actor's state: the model, loaded once. Called with a batch of one or more batches of paths."""
@@ -46,6 +48,8 @@ class RayEncoder:
         import pyarrow as pa
         import ray
 
+        task = ("task", int(batch["batch"][0]))  # open from here to the return: a death anywhere in it counts
+        ray.get(self.attempts.start.remote(task))
         tables = []
         for key, text in zip(batch["batch"], batch["inputs"]):
             key = int(key)
@@ -55,6 +59,7 @@ class RayEncoder:
             else:  # its actor died on each try: one file at a time, to find the one that kills it
                 tables.extend(self.alone(item) for item in inputs)
             ray.get(self.attempts.finish.remote(key))
+        ray.get(self.attempts.finish.remote(task))
         return pa.concat_tables(tables)
 
     def alone(self, item: Input) -> object:
@@ -80,7 +85,8 @@ def _attempts_class() -> type:
     """Attempts, defined here so that Ray sends its code by value: its process imports neither torch nor pcmodel."""
 
     class Attempts:
-        """Per batch (an int) and file (its path): how often an actor started it and did not finish it."""
+        """Per task (("task", its first batch)), batch (an int) and file (its path): how often an actor started it
+        and did not finish it."""
 
         def __init__(self) -> None:
             self.open: dict = {}  # started, not finished: the actor died on it
@@ -97,8 +103,8 @@ def _attempts_class() -> type:
             self.open[key] -= 1
 
         def counts(self) -> tuple[int, int]:
-            """The actors' deaths while encoding (each leaves its batch open), and the batches split."""
-            return sum(n for key, n in self.open.items() if isinstance(key, int)), len(self.split)
+            """The actors' deaths while encoding (each leaves its task open), and the batches split."""
+            return sum(n for key, n in self.open.items() if isinstance(key, tuple)), len(self.split)
 
     return Attempts
 
@@ -138,10 +144,11 @@ def run_ray(
             attempts = ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=-1)(_attempts_class()).remote()
             groups = batches(work, settings.batch_size)
             items = [{"batch": i, "inputs": json.dumps([[x.path, x.file] for x in g])} for i, g in enumerate(groups)]
-            dataset = ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
+            blocks = -(-len(items) // GROUPS_PER_TASK)
+            dataset = ray.data.from_items(items, override_num_blocks=blocks).map_batches(
                 RayEncoder,
                 fn_constructor_kwargs={"settings": settings, "sha256": sha256, "attempts": attempts},
-                batch_size=1,
+                batch_size=GROUPS_PER_TASK,
                 batch_format="numpy",
                 # Ray Data restarts a dead actor and retries its tasks (max_restarts and max_task_retries -1
                 # by default); all the tasks a dead actor held are retried: let it hold as few as the local
