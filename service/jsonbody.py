@@ -9,10 +9,11 @@ JSON, without the scan and the copies (docs/PERFORMANCE.md, the service's time o
 
 from __future__ import annotations
 
-import base64
 import json
 import re
 from typing import Any
+
+import pybase64
 
 
 class Base64(bytes):
@@ -20,7 +21,9 @@ class Base64(bytes):
 
     @classmethod
     def of(cls, data: bytes) -> Base64:
-        return cls(base64.b64encode(data))
+        # pybase64's SIMD encoder: the standard alphabet, padded, as base64.b64encode writes it, 3.5 ms -> under
+        # 0.1 ms for a 256 px photo's 2.3 MB of arrays and PNGs (docs/PERFORMANCE.md)
+        return cls(pybase64.b64encode(data))
 
 
 MARK = "\ue000"  # a private-use character: json.dumps(ensure_ascii=False) writes it as is (3 bytes of UTF-8)

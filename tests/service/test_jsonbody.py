@@ -44,3 +44,43 @@ def test_payload_bytes_are_base64_of_the_data():
     data = bytes(range(256)) * 100
     body = json.loads(dumps({"data": Base64.of(data)}))
     assert base64.b64decode(body["data"]) == data
+
+
+def test_base64_is_the_standard_librarys_encoding():
+    """Base64.of (pybase64's encoder) writes exactly what base64.b64encode writes, at every length mod 3."""
+    rng = random.Random(1)
+    for size in [*range(0, 70), 1000, 65_537, 3_000_001]:
+        data = rng.randbytes(size)
+        assert Base64.of(data) == base64.b64encode(data)
+
+
+def test_check_finite_finds_every_nan_and_inf_and_nothing_else():
+    """check_finite sums in float64 instead of building isfinite masks: the same answer, on random tensors with
+    a NaN or an Inf anywhere, and with finite values as large as float32 holds (whose float32 sum would not be)."""
+    import pytest
+    import torch
+
+    from service.batching import Settled
+    from service.errors import NotFinite
+    from service.responses import check_finite
+
+    gen = torch.Generator().manual_seed(0)
+
+    def settled() -> Settled:
+        latents = [torch.randn(2, 8, 13, 13, generator=gen), torch.randn(2, 10, 5, 5, generator=gen)]
+        recon, energy = torch.randn(2, 3, 40, 40, generator=gen), torch.rand(6, 2, generator=gen)
+        return Settled(latents, [], recon, energy, torch.tensor([5, 5]), "torch")
+
+    for trial in range(60):
+        s = settled()
+        tensors = [*s.latents, s.reconstruction, s.energy]
+        target = tensors[trial % len(tensors)].view(-1)
+        if trial % 3 == 0:
+            target.fill_(3.0e38 * (-1) ** trial)  # finite, huge: still fine
+            check_finite(s)
+            continue
+        bad = [float("nan"), float("inf"), -float("inf")][trial // 3 % 3]
+        target[torch.randint(target.numel(), (1,), generator=gen)] = bad
+        with pytest.raises(NotFinite):
+            check_finite(s)
+        check_finite(settled())  # and a fresh one passes
