@@ -329,28 +329,39 @@ collection.BatchEncoder.__call__ = _poisoned
 """
 
 
-def test_a_file_that_kills_its_local_worker_every_time_becomes_a_worker_died_row(tmp_path):
+POISON_FILES = ["a.png", "poison.png", "b.png", "c.png"]
+
+
+def encode_with_poison(tmp_path: Path, command: list[str], options: list[str], env: dict) -> dict:
+    """pc-encode (`command`) over POISON_FILES, two a batch, in processes that die on any batch holding
+    poison.png: the run completes, the batch killed its process twice, then poison.png alone twice (a
+    worker_died row), and the other three are encoded. Returns the rows by path."""
     root = tmp_path / "photos"
-    for i, name in enumerate(["a.png", "poison.png", "b.png", "c.png"]):
+    for i, name in enumerate(POISON_FILES):
         photo(root / name, (40, 30), i)
-    site = tmp_path / "site"
-    site.mkdir()
-    (site / "sitecustomize.py").write_text(POISON_SITE)
     out = tmp_path / "out"
-    args = [str(root), "--out", str(out), *MODEL, "--workers", "1", "--batch-size", "2", "--json"]
-    env = {**ENV, "PYTHONPATH": f"{site}{os.pathsep}{ROOT}"}
-    run = subprocess.run(
-        [sys.executable, "-m", "pcmodel.cli", *args], capture_output=True, text=True, env=env, timeout=150
-    )
+    args = [str(root), "--out", str(out), *MODEL, "--workers", "1", "--batch-size", "2", *options, "--json"]
+    run = subprocess.run([*command, *args], capture_output=True, text=True, env=env, timeout=150)
     assert run.returncode == 0, run.stderr
     summary = json.loads(run.stdout)
-    # The batch holding poison.png killed its worker twice, then poison.png alone twice; its neighbour was encoded.
     assert (summary["status"], summary["restarts"], summary["split"]) == ("complete", 4, 1), run.stderr
     assert (summary["rows"], summary["done"], summary["failed"]) == (4, 3, 1)
     rows = {r.path: r for r in encodings.read(out)}
-    assert sorted(paths_in(out)) == sorted(rows) == ["a.png", "b.png", "c.png", "poison.png"]
-    assert rows["poison.png"].reason == "worker_died" and "signal 9" in rows["poison.png"].error
-    assert all(rows[p].reason is None and rows[p].latents for p in ("a.png", "b.png", "c.png"))
+    assert sorted(paths_in(out)) == sorted(rows) == sorted(POISON_FILES)
+    assert rows["poison.png"].reason == "worker_died"
+    assert all(rows[p].reason is None and rows[p].latents for p in POISON_FILES if p != "poison.png")
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["counts"] == {"inputs": 4, "rows": 4, "done": 3, "failed": 1, "missing": 0}
+    return rows
+
+
+def test_a_file_that_kills_its_local_worker_every_time_becomes_a_worker_died_row(tmp_path):
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text(POISON_SITE)
+    env = {**ENV, "PYTHONPATH": f"{site}{os.pathsep}{ROOT}"}
+    rows = encode_with_poison(tmp_path, [sys.executable, "-m", "pcmodel.cli"], [], env)
+    assert "signal 9" in rows["poison.png"].error
 
 
 def test_a_changed_input_is_encoded_again_and_its_old_row_replaced(folder, tmp_path):
@@ -535,24 +546,8 @@ sys.exit(cli.main(sys.argv[1:]))
 @pytest.mark.slow
 def test_a_file_that_kills_its_ray_actor_every_time_becomes_a_worker_died_row(tmp_path):
     pytest.importorskip("ray", reason="--engine ray needs the ray extra")
-    root = tmp_path / "photos"
-    for i, name in enumerate(["a.png", "poison.png", "b.png", "c.png"]):
-        photo(root / name, (40, 30), i)
-    out = tmp_path / "out"
-    args = [str(root), "--out", str(out), *MODEL, "--workers", "1", "--batch-size", "2", "--engine", "ray", "--json"]
-    run = subprocess.run([sys.executable, "-c", POISONED, *args], capture_output=True, text=True, env=ENV, timeout=150)
-    assert run.returncode == 0, run.stderr
-    summary = json.loads(run.stdout)
-    # The batch [c, poison] (the files in order, two a batch) killed its actor twice, then poison.png alone
-    # twice; c.png was encoded.
-    assert (summary["status"], summary["restarts"], summary["split"]) == ("complete", 4, 1), run.stderr
-    assert (summary["rows"], summary["done"], summary["failed"]) == (4, 3, 1)
-    rows = {r.path: r for r in encodings.read(out)}
-    assert sorted(paths_in(out)) == sorted(rows) == ["a.png", "b.png", "c.png", "poison.png"]
-    assert rows["poison.png"].reason == "worker_died" and "died" in rows["poison.png"].error
-    assert all(rows[p].reason is None and rows[p].latents for p in ("a.png", "b.png", "c.png"))
-    manifest = json.loads((out / "manifest.json").read_text())
-    assert manifest["counts"] == {"inputs": 4, "rows": 4, "done": 3, "failed": 1, "missing": 0}
+    rows = encode_with_poison(tmp_path, [sys.executable, "-c", POISONED], ["--engine", "ray"], ENV)
+    assert "died" in rows["poison.png"].error
 
 
 def test_the_readmes_read_example_runs_on_a_data_set(encoded, tmp_path, monkeypatch, capsys):
