@@ -1,10 +1,11 @@
-"""BodyGate: the request-size limit, and the body handed to our API methods past BentoML's parser.
+"""BodyGate: the request-size limit, and the body handed to our routes in the ASGI scope.
 
 BentoML 1.4 has no request-size limit, so a client could make a worker buffer any amount. For the
-API routes this middleware answers 413 when Content-Length is over the limit (before reading any
-of the body), or as soon as a streamed body passes it. Otherwise it reads the body once, keeps it
-in the ASGI scope for the API method (forms.parse_form parses it), and gives BentoML an empty JSON
-object to parse instead, so BentoML's form handling never sees untrusted bytes.
+routes that take a body (/encode, /encode_batch, /v2/.../infer) this middleware answers 413 when
+Content-Length is over the limit (before reading any of the body), or as soon as a streamed body passes
+it. Otherwise it reads the body once and keeps it in the ASGI scope, where the route's handler takes it
+(forms.parse_form parses a form, v2_rest a v2 request); what runs after it sees an empty JSON object as
+the body, so no framework parser (BentoML's or FastAPI's) ever reads untrusted bytes.
 
 The bodies held at once are bounded too (service.budget, PC_MAX_INFLIGHT_BYTES): each is charged
 twice its size (the bytes and the parsed form's copy) from before it is read until the response
@@ -42,7 +43,7 @@ Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
-BODY_KEY = "pc.body"  # scope keys the API methods read
+BODY_KEY = "pc.body"  # scope keys the routes' handlers read
 CONTENT_TYPE_KEY = "pc.content_type"
 
 
