@@ -5,10 +5,10 @@ rows (inputs); the host's batched `model.infer`; out, JSON with arrays and PNGs 
 come from PC_* environment variables (service.settings); `pc-serve` sets them from its flags.
 
 Routes, typed, in one FastAPI app (APP) mounted into the service: POST /encode and POST /encode_batch
-(methods of PCEncoder: BentoML hands them `self`), GET / (the explorer page, service/static), GET /docs
+(handlers that call this worker's PCEncoder, bentoml.get_current_service()), GET / (the explorer page), GET /docs
 (Swagger UI, BentoML's copy without its trackers), GET /model, GET /model/basis, GET /docs.json (the
 OpenAPI document generated from the routes' models, service.openapi) and the Open Inference Protocol under
-/v2 (service.v2_rest's router); the protocol over gRPC on PC_GRPC_PORT (service.v2_grpc, started in each
+/v2 (service.v2_rest.add_routes); the protocol over gRPC on PC_GRPC_PORT (service.v2_grpc, started in each
 worker); and BentoML's /livez, /readyz and /metrics. The model loads on a thread
 (service.health), so the probes answer at once: /readyz 503 until the model is loaded, moved to its
 device and warmed up, then 200; /livez 200 unless the load failed or the batcher's task has died (then
