@@ -8,7 +8,10 @@ and `pc-train --amortise CHECKPOINT` fits A to a finished model, U bit for bit u
 autograd: it is training, not inference.
 
 With `--amortise` the latents settle from the amortised start itself (T steps from A's guess, the hybrid
-scheme): as A learns, its targets come closer to the fixed point than T steps from zero reach.
+scheme): as A learns, its targets come closer to the fixed point than T steps from zero reach. They settle
+with the paper's dynamics (plain gradient steps, T = --infer-steps or TARGET_STEPS), whatever dynamics the
+model is served with: what A is fitted to is the network's, not a serving choice, and a recorded fit
+command refits the same A from the same file.
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ log = logging.getLogger(__name__)
 
 # The fit's defaults for --amortise (docs/TRAINING.md, "The amortised start of the shipped models").
 AMORTISE_UPDATES = 1500
+TARGET_STEPS = 100  # the paper's T: the default number of plain gradient steps that settle the targets
 AMORTISE_LR = 3e-3
 
 
@@ -87,7 +91,7 @@ def fit(
     """Fit a fresh amortiser to `model` (U fixed) on the sampler's batches; returns the last metrics."""
     model.amortiser = Amortiser.create(model.config, AmortiserConfig(hidden=options.hidden), seed=options.seed)
     fitter = AmortiserFitter(model, options.lr, options.updates)
-    steps = options.infer_steps or model.config.steps
+    steps = options.infer_steps or TARGET_STEPS
     judge = StartJudge(model, held_out) if held_out is not None else None
     last: dict[str, Any] = {}
     curve: list[dict[str, Any]] = []  # the held-out measures at each evaluation: how the start improves
@@ -100,7 +104,7 @@ def fit(
             log.info("amortiser update %d/%d  %s", update, options.updates, json.dumps(line))
         if update < options.updates:
             x = sampler.batch(update, options.batch_size).to(model.device)
-            settled = model.infer(x, steps=steps, init="amortised").latents
+            settled = model.infer(x, steps=steps, init="amortised", solver="gradient").latents
             losses = fitter.step(update, x, settled)
             line.update({f"fit_loss_{i}": v for i, v in enumerate(losses, 1)})
         line["seconds"] = round(time.monotonic() - begun, 3)
@@ -158,7 +162,7 @@ def amortise_checkpoint(args: Any, model: PCModel, out: Path, photos: list[data.
     log.info(
         "fitting an amortiser to %s (%s): %d updates of %d inputs, T = %d, hidden %d -> %s",
         args.amortise, sha_before[:12], options.updates, options.batch_size,
-        options.infer_steps or model.config.steps, options.hidden, out,
+        options.infer_steps or TARGET_STEPS, options.hidden, out,
     )  # fmt: skip
     last = fit(model, sampler, options, held_out=held, eval_every=args.eval_every or 100, metrics_path=metrics)
     assert all(torch.equal(a, b) for a, b in zip(weights_before, model.weights)) and model.sha256 == sha_before

@@ -151,7 +151,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="inputs per learning step, over all processes (default: the preset's: 100 paper, 64 conv-rgb)",
     )
     parser.add_argument(
-        "--infer-steps", metavar="T", type=positive_int, help="inference steps T per batch (default: the model's steps)"
+        "--infer-steps",
+        metavar="T",
+        type=positive_int,
+        help="inference steps T per batch (default: the model's steps; with --amortise: 100 plain gradient steps)",
     )
     parser.add_argument(
         "--seed", metavar="S", type=nonnegative_int, help="seed for the initial weights and the batches (default: 0)"

@@ -48,6 +48,23 @@ def test_amortise_fits_a_start_and_leaves_u_bit_for_bit(tmp_path):
     assert start_report(model) is None and "has no amortiser" in "\n".join(start_markdown(None))
 
 
+def test_the_fit_does_not_depend_on_the_dynamics_the_model_is_served_with(tmp_path):
+    """The targets settle with the paper's dynamics (TARGET_STEPS plain gradient steps from A's guess): a model
+    and its twin served with Nesterov at 7 steps get the same amortiser, bit for bit."""
+    model = pcmodel.create(TINY, seed=2)
+    fitted = []
+    for name, twin in (("paper", model), ("served", model.with_dynamics(steps=7, solver="nesterov"))):
+        path = tmp_path / f"{name}.safetensors"
+        twin.save(path)
+        out = tmp_path / f"fitted-{name}"
+        args = ["--amortise", str(path), "--updates", "2", "--batch-size", "4", "--eval-every", "2"]
+        assert main([*args, "--out", str(out), "--threads", "1"]) == 0
+        fitted.append(pcmodel.load(out / "model.safetensors").amortiser.params)
+    assert fitted[0].keys() == fitted[1].keys()
+    for key in fitted[0]:
+        assert fitted[0][key].numpy().tobytes() == fitted[1][key].numpy().tobytes(), key
+
+
 def test_the_benchmark_prints_both_starts_as_json(tmp_path, capsys):
     model = pcmodel.create(TINY, seed=2)
     model.amortiser = pcmodel.Amortiser.create(model.config, pcmodel.AmortiserConfig(hidden=4))
