@@ -24,6 +24,7 @@ import contextlib
 import json
 import logging
 import os
+import re
 import sys
 import traceback
 from collections.abc import Callable, Sequence
@@ -168,7 +169,8 @@ def run_ray(
                     progress.add(table)
                     report(progress)
             except ray.exceptions.RayError as exc:  # the cluster failed the job: one line, the shards stand
-                first = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else ""
+                text = re.sub(r"\x1b\[[0-9;]*m", "", str(exc)).strip()  # Ray colours its messages
+                first = text.splitlines()[0][:300] if text else ""
                 raise WorkerError(f"the Ray job failed ({type(exc).__name__}: {first})") from None
             deaths, split = ray.get(attempts.counts.remote())
             progress.restarts += deaths

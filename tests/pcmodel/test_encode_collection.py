@@ -491,7 +491,7 @@ def test_the_ray_engine_writes_the_local_engines_rows_bit_for_bit(folder, encode
 
 # Batches of one image, so that a Ray task (encode_ray.GROUPS_PER_TASK batches) is short and tasks remain
 # after the first shard.
-RAY_KILL = ["--model", "rao-ballard-1999", "--steps", "300", "--workers", "1", "--batch-size", "1"]
+RAY_KILL = ["--model", "rao-ballard-1999", "--steps", "1000", "--workers", "1", "--batch-size", "1"]
 
 
 @pytest.mark.slow
@@ -563,3 +563,34 @@ def test_the_readmes_read_example_runs_on_a_data_set(encoded, tmp_path, monkeypa
     printed = capsys.readouterr().out
     assert "good0.png [(" in printed and "zero.jpg bad_image" in printed
     assert "('too_large', 3)" in printed
+
+
+# pc-encode --engine ray whose actors cannot start (the model does not load in them).
+UNLOADABLE = """
+import sys
+from pcmodel import cli, encode_ray
+
+class Unloadable(encode_ray.RayEncoder):
+    def __init__(self, *args, **kwargs):
+        raise RuntimeError("the model did not load")
+
+encode_ray.RayEncoder = Unloadable  # defined in __main__: Ray sends its code to the actors
+sys.exit(cli.main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.slow
+def test_a_ray_job_whose_actors_cannot_start_fails_in_one_line(tmp_path):
+    pytest.importorskip("ray", reason="--engine ray needs the ray extra")
+    root = tmp_path / "photos"
+    for i in range(3):
+        photo(root / f"{i}.png", (40, 30), i)
+    out = tmp_path / "out"
+    args = [str(root), "--out", str(out), *MODEL, "--workers", "1", "--engine", "ray", "--json"]
+    command = [sys.executable, "-c", UNLOADABLE, *args]
+    run = subprocess.run(command, capture_output=True, text=True, env=ENV, timeout=150)
+    assert run.returncode == 1, run.stderr
+    last = run.stderr.strip().splitlines()[-1]
+    assert last.startswith("pc-encode: the Ray job failed (ActorDiedError") and "\x1b" not in last, last
+    assert json.loads(run.stdout)["status"] == "failed"
+    assert json.loads((out / "manifest.json").read_text())["status"] == "failed"
