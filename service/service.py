@@ -346,6 +346,10 @@ def _loaded_host() -> ModelHost | None:
     return _pipelines[0].loader.value if _pipelines else None
 
 
+def _still_loading() -> Response:
+    return JSONResponse({"error": "the model is still loading", "reason": "loading"}, status_code=503)
+
+
 @APP.get(
     "/model",
     summary="The model card",
@@ -357,7 +361,7 @@ def _loaded_host() -> ModelHost | None:
 async def _model_card() -> Response:
     host = _loaded_host()
     if host is None:
-        return JSONResponse({"error": "the model is still loading", "reason": "loading"}, status_code=503)
+        return _still_loading()
     return JSONResponse(host.card())
 
 
@@ -375,7 +379,7 @@ async def _model_card() -> Response:
 async def _basis() -> Response:
     host = _loaded_host()
     if host is None:
-        return JSONResponse({"error": "the model is still loading", "reason": "loading"}, status_code=503)
+        return _still_loading()
     png = await asyncio.to_thread(host.basis_png)
     return Response(png, media_type="image/png", headers={"Cache-Control": "no-cache"})
 
