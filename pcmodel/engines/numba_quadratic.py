@@ -10,7 +10,7 @@ as for the others.
 
 The energy of every step needs each step's state and drive; they are kept for one chunk of steps at a
 time (`settle`: ~256 KB per buffer, in cache), so memory does not grow with T (the full history of
-1,000 images x 5,000 steps was ~18 GB) and a chunk's log1p and energy run while it is in cache.
+1,000 images x 5,000 steps was ~18 GB) and a chunk's energy is computed while it is in cache.
 
 Bit-for-bit batch invariance: each element of a step's product is fma(s_k, M_kj, acc) for k = 0, 1, ...
 in order from acc = 0 (explicit FMAs, numba_kernels), then z = c + acc and the next state from z. Eight
@@ -160,8 +160,8 @@ def settle(
 ) -> tuple[np.ndarray, np.ndarray]:
     """The recurrence's T steps and the energy of each: (s_T (B, n), energy (T+1, B)).
 
-    Runs in chunks of steps, keeping only a chunk's states, drives and logs (memory does not grow with T):
-    per chunk the compiled steps, numpy's vectorised log1p, then the energy kernel; the last state
+    Runs in chunks of steps, keeping only a chunk's states and drives (memory does not grow with T):
+    per chunk the compiled steps, then the energy kernel; the last state
     carries over. Each step's arithmetic is the same whatever the chunking, so the result is too.
     """
     batch, n = c.shape
@@ -173,11 +173,10 @@ def settle(
     chunk = min(steps + 1, chunk_steps(batch, width))
     states = np.zeros((chunk + 1, batch, width), dtype=dtype)  # s_t0 .. s_t0+chunk
     drives = np.empty((chunk, batch, width), dtype=dtype)
-    logs = np.empty((chunk, batch, width), dtype=dtype) if p["has_cauchy"] else states
     energy = np.empty((steps + 1, batch), dtype=dtype)
     if s0 is not None:
         states[0, :, :n] = s0
-    buffers = (cp, base, states, drives, logs, energy, steps, chunk, _solver_args(solver, batch, width, dtype))
+    buffers = (cp, base, states, drives, energy, steps, chunk, _solver_args(solver, batch, width, dtype))
     _parallel(_settle_rows, batch, threads, p, *buffers, align=8)
     return states[(steps + 1 - 1) % chunk, :, :n].copy(), energy
 
@@ -188,7 +187,6 @@ def _settle_rows(
     base: np.ndarray,
     states: np.ndarray,
     drives: np.ndarray,
-    logs: np.ndarray,
     energy: np.ndarray,
     steps: int,
     chunk: int,
@@ -197,19 +195,15 @@ def _settle_rows(
     hi: int,
 ) -> None:
     """`settle` for rows lo..hi-1 (one thread's rows; rows do not depend on each other, so the threads
-    never wait for each other): per chunk the compiled steps, numpy's log1p, the energy kernel."""
+    never wait for each other): per chunk the compiled steps, then the energy kernel."""
     step_kernel, energy_kernel = _kernels()[1:3]
     rows = slice(lo, hi)
     for t0 in range(0, steps + 1, chunk):
         count = min(chunk, steps + 1 - t0)
         last = t0 + count == steps + 1
         step_kernel(p["step"], c, p["qinv"], count, last, states, drives, *moves, lo, hi)
-        if p["has_cauchy"]:  # log(1 + (s scale)^2), numpy's elementwise log1p (one code path for every entry)
-            part = logs[:count, rows]
-            np.multiply(np.square(states[:count, rows], out=part), p["scale2"], out=part)
-            np.log1p(part, out=part)
-        history = (states[:count], drives[:count], c, p["energy_weight"], logs[:count], p["prior_alpha"])
-        energy_kernel(*history, base, p["has_cauchy"], energy[t0 : t0 + count], lo, hi)
+        history = (states[:count], drives[:count], c, p["energy_weight"], p["scale2"], p["segments"])
+        energy_kernel(*history, base, energy[t0 : t0 + count], lo, hi)
         if not last:
             states[0, rows] = states[count, rows]
 
@@ -219,12 +213,21 @@ def _padded_arrays(t: dict[str, Any]) -> dict[str, Any]:
     M's columns and the weights with zeros, qinv with inf, as in `_step_args`)."""
     if "padded" not in t:
         m, _, qinv = _step_args(t["step"], t["step"][:0], t["qinv"])
-        p: dict[str, Any] = {"step": m, "qinv": qinv, "has_cauchy": bool(np.isfinite(t["qinv"]).any())}
-        for name in ("scale2", "energy_weight", "prior_alpha"):
+        p: dict[str, Any] = {"step": m, "qinv": qinv}
+        for name in ("scale2", "energy_weight"):
             p[name] = np.zeros(m.shape[1], dtype=m.dtype)
             p[name][: m.shape[0]] = t[name]
+        p["segments"] = _segments(t["prior_alpha"]) if np.isfinite(t["qinv"]).any() else np.zeros((0, 3))
         t["padded"] = p
     return t["padded"]
+
+
+def _segments(alpha: np.ndarray) -> np.ndarray:
+    """The runs of latents sharing one nonzero prior weight alpha: rows (start, end, alpha), float64 (the
+    energy kernel sums each run's log(1 + scale2 s^2) as one product)."""
+    edges = [0, *(np.flatnonzero(np.diff(alpha)) + 1).tolist(), len(alpha)]
+    runs = [(lo, hi, float(alpha[lo])) for lo, hi in itertools.pairwise(edges) if alpha[lo] != 0]
+    return np.array(runs, dtype=np.float64).reshape(-1, 3)
 
 
 def arrays(plan: QuadraticPlan) -> dict[str, np.ndarray]:

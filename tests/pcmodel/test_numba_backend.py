@@ -128,3 +128,39 @@ def test_memory_does_not_grow_with_the_steps() -> None:
     fused.run(plan, x, 2, threads=1, t=t)  # compiled before measuring
     short, long = (_peak_traced_bytes(plan, x, steps, t) for steps in (50, 2000))
     assert long < 2 * short, (short, long)
+
+
+@pytest.mark.parametrize("huge", [False, True])
+def test_the_energy_kernel_matches_float64(huge: bool) -> None:
+    """energy_rows: the quadratic part plus alpha log(1 + scale2 s^2) summed per run of equal alpha as the log
+    of a product (lanes, a tail shorter than 16, runs not aligned to 16), against numpy in float64; with
+    entries so large that a product overflows, the kernel falls back to the sum of log1p (same answer)."""
+    from pcmodel.engines.numba_kernels import energy_rows
+
+    rng = np.random.default_rng(7)
+    n, width, steps, batch = 250, 256, 3, 5
+    states = np.zeros((steps, batch, width), np.float32)
+    states[..., :n] = rng.standard_normal((steps, batch, n)) * 3
+    if huge:  # factors ~1e25, 14 to a lane: a lane's product passes 1e308 (the quadratic part stays finite)
+        states[1, 2, 20:245] = 2e12
+    drives = np.zeros_like(states)
+    drives[..., :n] = rng.standard_normal((steps, batch, n))
+    c = np.zeros((batch, width), np.float32)
+    c[:, :n] = rng.standard_normal((batch, n))
+    weight = np.zeros(width, np.float32)
+    weight[:n] = rng.uniform(0.1, 1, n) * (not huge)  # huge: the prior's part alone (the quadratic one is ~1e27)
+    scale2 = np.zeros(width, np.float32)
+    scale2[:n] = rng.uniform(0.5, 2, n)
+    alpha = np.zeros(n)
+    alpha[3:20], alpha[20:245] = 0.3, 0.05  # runs of 17 and 225 entries (tails of 1), the last 5 without a prior
+    segments = fused._segments(alpha.astype(np.float32))
+    np.testing.assert_allclose(segments, [[3, 20, 0.3], [20, 245, 0.05]], rtol=1e-7)
+    base = rng.standard_normal(batch).astype(np.float32)
+    out = np.empty((steps, batch), np.float32)
+    energy_rows(states, drives, c, weight, scale2, segments, base, out, 0, batch)
+    s, z, c64 = (a.astype(np.float64) for a in (states, drives, c))
+    quadratic = (weight * s * (s - z - c64)).sum(-1)
+    prior = (alpha * np.log1p(scale2[:n].astype(np.float64) * s[..., :n] ** 2)).sum(-1)
+    want = base + quadratic + prior
+    assert np.isfinite(out).all()
+    np.testing.assert_allclose(out, want, rtol=2e-6)
