@@ -137,6 +137,11 @@ class PCModel:
 
     def _inputs(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor], list[Level]]:
         """x on the model's device in float32 (float64 stays float64), the weights alike, and the levels."""
+        x, levels = self._input(x)
+        return x, [w.to(x.dtype) for w in self.weights], levels
+
+    def _input(self, x: torch.Tensor) -> tuple[torch.Tensor, list[Level]]:
+        """`_inputs` without the weights (the backends other than the loop take the parameters by name)."""
         if not isinstance(x, torch.Tensor) or x.dim() != 4:
             shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
             raise ValueError(f"x must be a float tensor (B, C, H, W), got {shape}")
@@ -144,8 +149,7 @@ class PCModel:
             raise ValueError(f"x has {x.shape[1]} channel(s); this model takes {self.config.input_shape[0]}")
         dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
         x = x.to(device=self.device, dtype=dtype)
-        weights = [w.to(dtype) for w in self.weights]
-        return x, weights, self.levels(x.shape[-2:])
+        return x, self.levels(x.shape[-2:])
 
     @property
     def name(self) -> str:
@@ -342,7 +346,7 @@ class PCModel:
             raise ValueError(f"tol must be a finite number >= 0, got {tol}")
         dynamics = self.solver(solver)
         with torch.inference_mode():
-            x, weights, levels = self._inputs(x)
+            x, levels = self._input(x)
             r0 = self._start(init, x, levels)
             key = params_key(self.params)
             choice = self.engines.choose(
@@ -356,6 +360,7 @@ class PCModel:
                 solver=dynamics,
             )
             if choice.backend == "loop":
+                weights = [w.to(x.dtype) for w in self.weights]
                 result = infer_loop(self.config, levels, weights, x, steps, tol, init=r0, solver=dynamics)
                 result.reason = choice.reason
                 if tol is not None and backend in (None, "auto"):

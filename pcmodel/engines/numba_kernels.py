@@ -378,6 +378,40 @@ def _rows8(s, m, c, z, b, j):  # pragma: no cover - compiled
 
 
 @jit
+def _row128(s, m, c, z, b, j):  # pragma: no cover - compiled
+    """Row b, columns j..j+127 of one step (each element as in `_rows8`): eight blocks in registers, so each
+    pass streams 512 contiguous bytes of M per k (a single row is bound by reading M from L2)."""
+    n = m.shape[1]
+    a0 = vzero()
+    a1 = vzero()
+    a2 = vzero()
+    a3 = vzero()
+    a4 = vzero()
+    a5 = vzero()
+    a6 = vzero()
+    a7 = vzero()
+    for k in range(m.shape[0]):
+        x = s[b, k]
+        o = k * n + j
+        a0 = vfma(x, vload(m, o), a0)
+        a1 = vfma(x, vload(m, o + W), a1)
+        a2 = vfma(x, vload(m, o + 2 * W), a2)
+        a3 = vfma(x, vload(m, o + 3 * W), a3)
+        a4 = vfma(x, vload(m, o + 4 * W), a4)
+        a5 = vfma(x, vload(m, o + 5 * W), a5)
+        a6 = vfma(x, vload(m, o + 6 * W), a6)
+        a7 = vfma(x, vload(m, o + 7 * W), a7)
+    _drive(c, z, b, j, n, a0)
+    _drive(c, z, b, j + W, n, a1)
+    _drive(c, z, b, j + 2 * W, n, a2)
+    _drive(c, z, b, j + 3 * W, n, a3)
+    _drive(c, z, b, j + 4 * W, n, a4)
+    _drive(c, z, b, j + 5 * W, n, a5)
+    _drive(c, z, b, j + 6 * W, n, a6)
+    _drive(c, z, b, j + 7 * W, n, a7)
+
+
+@jit
 def _row64(s, m, c, z, b, j):  # pragma: no cover - compiled
     """Row b, columns j..j+63 of one step (each element as in `_rows8`)."""
     n = m.shape[1]
@@ -421,7 +455,7 @@ def steps_rows(m, c, qinv, count, last, states, drives, vel, beta, mode, lo, hi)
     m (k, n): k the latents, n their count padded to a multiple of BLOCK with zero columns (c, qinv, states
     and drives padded alike: c 0, qinv inf, so the padding stays 0).
 
-    Rows in blocks of eight (`_rows8`), the rest one by one (`_row64`, `_row32`): the same bits either way.
+    Rows in blocks of eight (`_rows8`), the rest one by one (`_row128`, `_row64`, `_row32`): the same bits either way.
     """
     n = m.shape[1]
     for t in range(count):
@@ -435,6 +469,9 @@ def steps_rows(m, c, qinv, count, last, states, drives, vel, beta, mode, lo, hi)
                     _rows8(s, m, c, z, b, j)
             else:
                 j = 0
+                while j + 4 * BLOCK <= n:
+                    _row128(s, m, c, z, b, j)
+                    j += 4 * BLOCK
                 while j + 2 * BLOCK <= n:
                     _row64(s, m, c, z, b, j)
                     j += 2 * BLOCK
@@ -505,9 +542,111 @@ def energy_rows(states, drives, c, weight, scale2, segments, base, out, lo, hi):
 
 
 @jit
-def gather_rows(a, source, weight, out, lo, hi):  # pragma: no cover - compiled
-    """out[b, j] = a[b, source[j]] * weight[j] for rows lo..hi-1 (a target map with one entry per column)."""
+def _matmul_at(a, a0, m, out, o0, lo, hi):  # pragma: no cover - compiled
+    """out[b, o0:o0 + w] = a[b, a0:a0 + k] @ m for rows lo..hi-1 (m: k x w), each row as in `matmul_rows`.
+
+    Row slices of C arrays stay contiguous to numba (a[:, a0:a1] would not: no SIMD, ~4x slower)."""
+    k, w = m.shape
+    b = lo
+    while b + 4 <= hi:
+        a_ = (a[b, a0 : a0 + k], a[b + 1, a0 : a0 + k], a[b + 2, a0 : a0 + k], a[b + 3, a0 : a0 + k])
+        o_ = (out[b, o0 : o0 + w], out[b + 1, o0 : o0 + w], out[b + 2, o0 : o0 + w], out[b + 3, o0 : o0 + w])
+        four(a_[0], a_[1], a_[2], a_[3], m, o_[0], o_[1], o_[2], o_[3])
+        b += 4
+    while b < hi:
+        one(a[b, a0 : a0 + k], m, out[b, o0 : o0 + w])
+        b += 1
+
+
+@jit
+def program_rows(
+    xf,
+    inputs,
+    omega,
+    const,
+    m,
+    qinv,
+    weight,
+    scale2,
+    segments,
+    scale,
+    meta,
+    pblob,
+    tblob,
+    sblob,
+    reconstruct,
+    s0,
+    steps,
+    chunk,
+    vel,
+    beta,
+    mode,
+    driven,
+    c,
+    states,
+    drives,
+    squares,
+    base,
+    energy,
+    latent,
+    predictions,
+    errors,
+    recon,
+    lo,
+    hi,
+):  # pragma: no cover - compiled
+    """The whole quadratic program for rows lo..hi-1 in one compiled call (numba_quadratic.run): the drive
+    c = x inputs (and a feed-forward start), the energy's constant part, the T steps in chunks with each
+    chunk's energy, then the outputs from the final state. One call per thread, its arguments arrays and
+    numbers only (the dispatcher types a tuple in Python: ~90 us for the levels' maps as tuples).
+
+    meta: per level (offset, the level below's offset, size, width, its predict map's start in pblob, its
+    target's start in tblob, the target map's rows or 0 for a gather, the gather's start in sblob, its
+    columns' start in predictions and errors); a gather's weights are in tblob. s0: the given start
+    (rows, n) or an empty array; vel, beta, mode: the solver (`_advance`); driven, c, states, drives,
+    squares, base: work buffers; energy, latent, predictions, errors, recon: the outputs (predictions and
+    errors of all levels side by side).
+    """
+    n = scale.shape[0]
+    _matmul_at(xf, 0, inputs, driven, 0, lo, hi)  # c (and the feed-forward start's s_0)
     for b in range(lo, hi):
-        row, o = a[b], out[b]
-        for j in range(source.shape[0]):
-            o[j] = row[source[j]] * weight[j]
+        for j in range(n):
+            c[b, j] = driven[b, j]
+            states[0, b, j] = driven[b, n + j] if inputs.shape[1] > n else (s0[b, j] if s0.shape[0] > 0 else 0.0)
+        for j in range(n, c.shape[1]):  # the padding stays 0
+            c[b, j] = 0.0
+            states[0, b, j] = 0.0
+        for k in range(xf.shape[1]):
+            squares[b, k] = xf[b, k] * xf[b, k]
+    _matmul_at(squares, 0, omega, base, 0, lo, hi)
+    for b in range(lo, hi):
+        base[b, 0] = base[b, 0] + const[0]
+    for t0 in range(0, steps + 1, chunk):
+        count = min(chunk, steps + 1 - t0)
+        last = t0 + count == steps + 1
+        steps_rows(m, c, qinv, count, last, states, drives, vel, beta, mode, lo, hi)
+        energy_rows(
+            states[:count], drives[:count], c, weight, scale2, segments, base[:, 0], energy[t0 : t0 + count], lo, hi
+        )
+        if not last:
+            for b in range(lo, hi):
+                states[0, b, :] = states[count, b, :]
+    final = states[steps % chunk]
+    for b in range(lo, hi):
+        for j in range(n):
+            latent[b, j] = final[b, j] * scale[j]
+    _matmul_at(final, 0, reconstruct, recon, 0, lo, hi)
+    for i in range(meta.shape[0]):
+        offset, below, size, width, pstart, tstart, trows, sstart, at = meta[i]
+        predict = pblob[pstart : pstart + size * width].reshape(size, width)
+        lower, l0 = (xf, 0) if i == 0 else (latent, below)
+        _matmul_at(latent, offset, predict, predictions, at, lo, hi)
+        if trows == 0:  # the target a gather: one entry per column
+            for b in range(lo, hi):
+                for j in range(width):
+                    errors[b, at + j] = lower[b, l0 + sblob[sstart + j]] * tblob[tstart + j] - predictions[b, at + j]
+        else:
+            _matmul_at(lower, l0, tblob[tstart : tstart + trows * width].reshape(trows, width), errors, at, lo, hi)
+            for b in range(lo, hi):
+                for j in range(width):
+                    errors[b, at + j] = errors[b, at + j] - predictions[b, at + j]
