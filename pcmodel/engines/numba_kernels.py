@@ -169,27 +169,34 @@ def vlogparts(typingctx, acc):  # type: ignore[no-untyped-def]
 
 
 @jit
-def one(v, m, o):  # pragma: no cover - compiled
-    """o = v @ m for one row, summed over k in order, four k per pass."""
+def one(v, m, spans, o):  # pragma: no cover - compiled
+    """o = v @ m for one row, summed over k in order, four k per pass; pass g (rows 4g..4g+3 of m, the
+    last pass the rows left) touches only columns spans[g, 0]..spans[g, 1]-1, outside which those rows of m
+    are zero (`matmul_spans`): skipping exact zeros leaves every sum as it is (the maps are block-sparse:
+    a module's causes predict its own patch). The columns are sliced so that loops start at 0 (numba then
+    knows the index is not negative and vectorises)."""
     n, total = m.shape[1], m.shape[0]
     for j in range(n):
         o[j] = 0.0
     k = 0
     while k + 4 <= total:
+        j0, j1 = spans[k // 4, 0], spans[k // 4, 1]
         v0, v1, v2, v3 = v[k], v[k + 1], v[k + 2], v[k + 3]
-        m0, m1, m2, m3 = m[k], m[k + 1], m[k + 2], m[k + 3]
-        for j in range(n):
-            o[j] = (((o[j] + v0 * m0[j]) + v1 * m1[j]) + v2 * m2[j]) + v3 * m3[j]
+        m0, m1, m2, m3 = m[k, j0:j1], m[k + 1, j0:j1], m[k + 2, j0:j1], m[k + 3, j0:j1]
+        oo = o[j0:j1]
+        for j in range(j1 - j0):
+            oo[j] = (((oo[j] + v0 * m0[j]) + v1 * m1[j]) + v2 * m2[j]) + v3 * m3[j]
         k += 4
     while k < total:
-        v0, m0 = v[k], m[k]
-        for j in range(n):
-            o[j] = o[j] + v0 * m0[j]
+        j0, j1 = spans[k // 4, 0], spans[k // 4, 1]
+        v0, m0, oo = v[k], m[k, j0:j1], o[j0:j1]
+        for j in range(j1 - j0):
+            oo[j] = oo[j] + v0 * m0[j]
         k += 1
 
 
 @jit
-def four(a, b, c, d, m, oa, ob, oc, od):  # pragma: no cover - compiled
+def four(a, b, c, d, m, spans, oa, ob, oc, od):  # pragma: no cover - compiled
     """`one` for four rows at once: each row's expression exactly as alone; each row of m loaded once."""
     n, total = m.shape[1], m.shape[0]
     for j in range(n):
@@ -199,38 +206,54 @@ def four(a, b, c, d, m, oa, ob, oc, od):  # pragma: no cover - compiled
         od[j] = 0.0
     k = 0
     while k + 4 <= total:
-        m0, m1, m2, m3 = m[k], m[k + 1], m[k + 2], m[k + 3]
+        j0, j1 = spans[k // 4, 0], spans[k // 4, 1]
+        m0, m1, m2, m3 = m[k, j0:j1], m[k + 1, j0:j1], m[k + 2, j0:j1], m[k + 3, j0:j1]
+        pa, pb, pc, pd = oa[j0:j1], ob[j0:j1], oc[j0:j1], od[j0:j1]
         a0, a1, a2, a3 = a[k], a[k + 1], a[k + 2], a[k + 3]
         b0, b1, b2, b3 = b[k], b[k + 1], b[k + 2], b[k + 3]
         c0, c1, c2, c3 = c[k], c[k + 1], c[k + 2], c[k + 3]
         d0, d1, d2, d3 = d[k], d[k + 1], d[k + 2], d[k + 3]
-        for j in range(n):
+        for j in range(j1 - j0):
             x0, x1, x2, x3 = m0[j], m1[j], m2[j], m3[j]
-            oa[j] = (((oa[j] + a0 * x0) + a1 * x1) + a2 * x2) + a3 * x3
-            ob[j] = (((ob[j] + b0 * x0) + b1 * x1) + b2 * x2) + b3 * x3
-            oc[j] = (((oc[j] + c0 * x0) + c1 * x1) + c2 * x2) + c3 * x3
-            od[j] = (((od[j] + d0 * x0) + d1 * x1) + d2 * x2) + d3 * x3
+            pa[j] = (((pa[j] + a0 * x0) + a1 * x1) + a2 * x2) + a3 * x3
+            pb[j] = (((pb[j] + b0 * x0) + b1 * x1) + b2 * x2) + b3 * x3
+            pc[j] = (((pc[j] + c0 * x0) + c1 * x1) + c2 * x2) + c3 * x3
+            pd[j] = (((pd[j] + d0 * x0) + d1 * x1) + d2 * x2) + d3 * x3
         k += 4
     while k < total:
-        m0 = m[k]
+        j0, j1 = spans[k // 4, 0], spans[k // 4, 1]
+        m0 = m[k, j0:j1]
+        pa, pb, pc, pd = oa[j0:j1], ob[j0:j1], oc[j0:j1], od[j0:j1]
         a0, b0, c0, d0 = a[k], b[k], c[k], d[k]
-        for j in range(n):
-            oa[j] = oa[j] + a0 * m0[j]
-            ob[j] = ob[j] + b0 * m0[j]
-            oc[j] = oc[j] + c0 * m0[j]
-            od[j] = od[j] + d0 * m0[j]
+        for j in range(j1 - j0):
+            pa[j] = pa[j] + a0 * m0[j]
+            pb[j] = pb[j] + b0 * m0[j]
+            pc[j] = pc[j] + c0 * m0[j]
+            pd[j] = pd[j] + d0 * m0[j]
         k += 1
 
 
 @jit
-def matmul_rows(a, m, out, lo, hi):  # pragma: no cover - compiled
-    """out[b] = a[b] @ m for rows lo..hi-1."""
+def matmul_rows(a, m, spans, out, lo, hi):  # pragma: no cover - compiled
+    """out[b] = a[b] @ m for rows lo..hi-1 (`one`'s spans)."""
+    _matmul_at(a, 0, m, spans, out, 0, lo, hi)
+
+
+@jit
+def _matmul_at(a, a0, m, spans, out, o0, lo, hi):  # pragma: no cover - compiled
+    """out[b, o0:o0 + w] = a[b, a0:a0 + k] @ m for rows lo..hi-1 (m: k x w), four rows at a time (`four`),
+    the rest one by one (`one`): the same bits either way.
+
+    Row slices of C arrays stay contiguous to numba (a[:, a0:a1] would not: no SIMD, ~4x slower)."""
+    k, w = m.shape
     b = lo
     while b + 4 <= hi:
-        four(a[b], a[b + 1], a[b + 2], a[b + 3], m, out[b], out[b + 1], out[b + 2], out[b + 3])
+        a_ = (a[b, a0 : a0 + k], a[b + 1, a0 : a0 + k], a[b + 2, a0 : a0 + k], a[b + 3, a0 : a0 + k])
+        o_ = (out[b, o0 : o0 + w], out[b + 1, o0 : o0 + w], out[b + 2, o0 : o0 + w], out[b + 3, o0 : o0 + w])
+        four(a_[0], a_[1], a_[2], a_[3], m, spans, o_[0], o_[1], o_[2], o_[3])
         b += 4
     while b < hi:
-        one(a[b], m, out[b])
+        one(a[b, a0 : a0 + k], m, spans, out[b, o0 : o0 + w])
         b += 1
 
 
@@ -542,23 +565,6 @@ def energy_rows(states, drives, c, weight, scale2, segments, base, out, lo, hi):
 
 
 @jit
-def _matmul_at(a, a0, m, out, o0, lo, hi):  # pragma: no cover - compiled
-    """out[b, o0:o0 + w] = a[b, a0:a0 + k] @ m for rows lo..hi-1 (m: k x w), each row as in `matmul_rows`.
-
-    Row slices of C arrays stay contiguous to numba (a[:, a0:a1] would not: no SIMD, ~4x slower)."""
-    k, w = m.shape
-    b = lo
-    while b + 4 <= hi:
-        a_ = (a[b, a0 : a0 + k], a[b + 1, a0 : a0 + k], a[b + 2, a0 : a0 + k], a[b + 3, a0 : a0 + k])
-        o_ = (out[b, o0 : o0 + w], out[b + 1, o0 : o0 + w], out[b + 2, o0 : o0 + w], out[b + 3, o0 : o0 + w])
-        four(a_[0], a_[1], a_[2], a_[3], m, o_[0], o_[1], o_[2], o_[3])
-        b += 4
-    while b < hi:
-        one(a[b, a0 : a0 + k], m, out[b, o0 : o0 + w])
-        b += 1
-
-
-@jit
 def program_rows(
     xf,
     inputs,
@@ -575,6 +581,9 @@ def program_rows(
     tblob,
     sblob,
     reconstruct,
+    ispans,
+    ospans,
+    rspans,
     s0,
     steps,
     chunk,
@@ -602,13 +611,14 @@ def program_rows(
 
     meta: per level (offset, the level below's offset, size, width, its predict map's start in pblob, its
     target's start in tblob, the target map's rows or 0 for a gather, the gather's start in sblob, its
-    columns' start in predictions and errors); a gather's weights are in tblob. s0: the given start
-    (rows, n) or an empty array; vel, beta, mode: the solver (`_advance`); driven, c, states, drives,
-    squares, base: work buffers; energy, latent, predictions, errors, recon: the outputs (predictions and
-    errors of all levels side by side).
+    columns' start in predictions and errors, the starts of the predict and target maps' spans in sblob);
+    a gather's weights are in tblob. ispans, ospans, rspans: the spans of inputs, omega and reconstruct.
+    s0: the given start (rows, n) or an empty array; vel, beta, mode: the solver (`_advance`); driven, c,
+    states, drives, squares, base: work buffers; energy, latent, predictions, errors, recon: the outputs
+    (predictions and errors of all levels side by side).
     """
     n = scale.shape[0]
-    _matmul_at(xf, 0, inputs, driven, 0, lo, hi)  # c (and the feed-forward start's s_0)
+    _matmul_at(xf, 0, inputs, ispans, driven, 0, lo, hi)  # c (and the feed-forward start's s_0)
     for b in range(lo, hi):
         for j in range(n):
             c[b, j] = driven[b, j]
@@ -618,7 +628,7 @@ def program_rows(
             states[0, b, j] = 0.0
         for k in range(xf.shape[1]):
             squares[b, k] = xf[b, k] * xf[b, k]
-    _matmul_at(squares, 0, omega, base, 0, lo, hi)
+    _matmul_at(squares, 0, omega, ospans, base, 0, lo, hi)
     for b in range(lo, hi):
         base[b, 0] = base[b, 0] + const[0]
     for t0 in range(0, steps + 1, chunk):
@@ -635,18 +645,21 @@ def program_rows(
     for b in range(lo, hi):
         for j in range(n):
             latent[b, j] = final[b, j] * scale[j]
-    _matmul_at(final, 0, reconstruct, recon, 0, lo, hi)
+    _matmul_at(final, 0, reconstruct, rspans, recon, 0, lo, hi)
     for i in range(meta.shape[0]):
-        offset, below, size, width, pstart, tstart, trows, sstart, at = meta[i]
+        offset, below, size, width, pstart, tstart, trows, sstart, at, pspans, tspans = meta[i]
         predict = pblob[pstart : pstart + size * width].reshape(size, width)
+        spans = sblob[pspans : pspans + 2 * ((size + 3) // 4)].reshape(-1, 2)
         lower, l0 = (xf, 0) if i == 0 else (latent, below)
-        _matmul_at(latent, offset, predict, predictions, at, lo, hi)
+        _matmul_at(latent, offset, predict, spans, predictions, at, lo, hi)
         if trows == 0:  # the target a gather: one entry per column
             for b in range(lo, hi):
                 for j in range(width):
                     errors[b, at + j] = lower[b, l0 + sblob[sstart + j]] * tblob[tstart + j] - predictions[b, at + j]
         else:
-            _matmul_at(lower, l0, tblob[tstart : tstart + trows * width].reshape(trows, width), errors, at, lo, hi)
+            target = tblob[tstart : tstart + trows * width].reshape(trows, width)
+            spans = sblob[tspans : tspans + 2 * ((trows + 3) // 4)].reshape(-1, 2)
+            _matmul_at(lower, l0, target, spans, errors, at, lo, hi)
             for b in range(lo, hi):
                 for j in range(width):
                     errors[b, at + j] = errors[b, at + j] - predictions[b, at + j]
