@@ -332,7 +332,7 @@ def _advance(s, z, q, following, vel, beta, mode, lo, hi):  # pragma: no cover -
 
 
 @jit
-def _rows8(s, m, c, z, b, j):  # pragma: no cover - compiled
+def _rows8(s, m, c, z, b, j, runs, first, count):  # pragma: no cover - compiled
     """Rows b..b+7, columns j..j+31 of one step, the 16 blocks of the product held in registers over all k.
 
     Each element is fma(s[r, k], m[k, j'], acc) for k = 0, 1, ... from acc = 0, exactly as in `_row64` and
@@ -355,33 +355,34 @@ def _rows8(s, m, c, z, b, j):  # pragma: no cover - compiled
     a61 = vzero()
     a70 = vzero()
     a71 = vzero()
-    for k in range(m.shape[0]):
-        m0 = vload(m, k * n + j)
-        m1 = vload(m, k * n + j + W)
-        x = s[b, k]
-        a00 = vfma(x, m0, a00)
-        a01 = vfma(x, m1, a01)
-        x = s[b + 1, k]
-        a10 = vfma(x, m0, a10)
-        a11 = vfma(x, m1, a11)
-        x = s[b + 2, k]
-        a20 = vfma(x, m0, a20)
-        a21 = vfma(x, m1, a21)
-        x = s[b + 3, k]
-        a30 = vfma(x, m0, a30)
-        a31 = vfma(x, m1, a31)
-        x = s[b + 4, k]
-        a40 = vfma(x, m0, a40)
-        a41 = vfma(x, m1, a41)
-        x = s[b + 5, k]
-        a50 = vfma(x, m0, a50)
-        a51 = vfma(x, m1, a51)
-        x = s[b + 6, k]
-        a60 = vfma(x, m0, a60)
-        a61 = vfma(x, m1, a61)
-        x = s[b + 7, k]
-        a70 = vfma(x, m0, a70)
-        a71 = vfma(x, m1, a71)
+    for r in range(first, first + count):  # the runs of rows of M not all zero here (`step_runs`)
+        for k in range(runs[r, 0], runs[r, 1]):
+            m0 = vload(m, k * n + j)
+            m1 = vload(m, k * n + j + W)
+            x = s[b, k]
+            a00 = vfma(x, m0, a00)
+            a01 = vfma(x, m1, a01)
+            x = s[b + 1, k]
+            a10 = vfma(x, m0, a10)
+            a11 = vfma(x, m1, a11)
+            x = s[b + 2, k]
+            a20 = vfma(x, m0, a20)
+            a21 = vfma(x, m1, a21)
+            x = s[b + 3, k]
+            a30 = vfma(x, m0, a30)
+            a31 = vfma(x, m1, a31)
+            x = s[b + 4, k]
+            a40 = vfma(x, m0, a40)
+            a41 = vfma(x, m1, a41)
+            x = s[b + 5, k]
+            a50 = vfma(x, m0, a50)
+            a51 = vfma(x, m1, a51)
+            x = s[b + 6, k]
+            a60 = vfma(x, m0, a60)
+            a61 = vfma(x, m1, a61)
+            x = s[b + 7, k]
+            a70 = vfma(x, m0, a70)
+            a71 = vfma(x, m1, a71)
     _drive(c, z, b, j, n, a00)
     _drive(c, z, b, j + W, n, a01)
     _drive(c, z, b + 1, j, n, a10)
@@ -401,7 +402,7 @@ def _rows8(s, m, c, z, b, j):  # pragma: no cover - compiled
 
 
 @jit
-def _row128(s, m, c, z, b, j):  # pragma: no cover - compiled
+def _row128(s, m, c, z, b, j, runs, first, count):  # pragma: no cover - compiled
     """Row b, columns j..j+127 of one step (each element as in `_rows8`): eight blocks in registers, so each
     pass streams 512 contiguous bytes of M per k (a single row is bound by reading M from L2)."""
     n = m.shape[1]
@@ -413,17 +414,18 @@ def _row128(s, m, c, z, b, j):  # pragma: no cover - compiled
     a5 = vzero()
     a6 = vzero()
     a7 = vzero()
-    for k in range(m.shape[0]):
-        x = s[b, k]
-        o = k * n + j
-        a0 = vfma(x, vload(m, o), a0)
-        a1 = vfma(x, vload(m, o + W), a1)
-        a2 = vfma(x, vload(m, o + 2 * W), a2)
-        a3 = vfma(x, vload(m, o + 3 * W), a3)
-        a4 = vfma(x, vload(m, o + 4 * W), a4)
-        a5 = vfma(x, vload(m, o + 5 * W), a5)
-        a6 = vfma(x, vload(m, o + 6 * W), a6)
-        a7 = vfma(x, vload(m, o + 7 * W), a7)
+    for r in range(first, first + count):  # the runs of rows of M not all zero here (`step_runs`)
+        for k in range(runs[r, 0], runs[r, 1]):
+            x = s[b, k]
+            o = k * n + j
+            a0 = vfma(x, vload(m, o), a0)
+            a1 = vfma(x, vload(m, o + W), a1)
+            a2 = vfma(x, vload(m, o + 2 * W), a2)
+            a3 = vfma(x, vload(m, o + 3 * W), a3)
+            a4 = vfma(x, vload(m, o + 4 * W), a4)
+            a5 = vfma(x, vload(m, o + 5 * W), a5)
+            a6 = vfma(x, vload(m, o + 6 * W), a6)
+            a7 = vfma(x, vload(m, o + 7 * W), a7)
     _drive(c, z, b, j, n, a0)
     _drive(c, z, b, j + W, n, a1)
     _drive(c, z, b, j + 2 * W, n, a2)
@@ -435,20 +437,21 @@ def _row128(s, m, c, z, b, j):  # pragma: no cover - compiled
 
 
 @jit
-def _row64(s, m, c, z, b, j):  # pragma: no cover - compiled
+def _row64(s, m, c, z, b, j, runs, first, count):  # pragma: no cover - compiled
     """Row b, columns j..j+63 of one step (each element as in `_rows8`)."""
     n = m.shape[1]
     a0 = vzero()
     a1 = vzero()
     a2 = vzero()
     a3 = vzero()
-    for k in range(m.shape[0]):
-        x = s[b, k]
-        o = k * n + j
-        a0 = vfma(x, vload(m, o), a0)
-        a1 = vfma(x, vload(m, o + W), a1)
-        a2 = vfma(x, vload(m, o + 2 * W), a2)
-        a3 = vfma(x, vload(m, o + 3 * W), a3)
+    for r in range(first, first + count):  # the runs of rows of M not all zero here (`step_runs`)
+        for k in range(runs[r, 0], runs[r, 1]):
+            x = s[b, k]
+            o = k * n + j
+            a0 = vfma(x, vload(m, o), a0)
+            a1 = vfma(x, vload(m, o + W), a1)
+            a2 = vfma(x, vload(m, o + 2 * W), a2)
+            a3 = vfma(x, vload(m, o + 3 * W), a3)
     _drive(c, z, b, j, n, a0)
     _drive(c, z, b, j + W, n, a1)
     _drive(c, z, b, j + 2 * W, n, a2)
@@ -456,29 +459,35 @@ def _row64(s, m, c, z, b, j):  # pragma: no cover - compiled
 
 
 @jit
-def _row32(s, m, c, z, b, j):  # pragma: no cover - compiled
+def _row32(s, m, c, z, b, j, runs, first, count):  # pragma: no cover - compiled
     """Row b, columns j..j+31 of one step (each element as in `_rows8`)."""
     n = m.shape[1]
     a0 = vzero()
     a1 = vzero()
-    for k in range(m.shape[0]):
-        x = s[b, k]
-        o = k * n + j
-        a0 = vfma(x, vload(m, o), a0)
-        a1 = vfma(x, vload(m, o + W), a1)
+    for r in range(first, first + count):  # the runs of rows of M not all zero here (`step_runs`)
+        for k in range(runs[r, 0], runs[r, 1]):
+            x = s[b, k]
+            o = k * n + j
+            a0 = vfma(x, vload(m, o), a0)
+            a1 = vfma(x, vload(m, o + W), a1)
     _drive(c, z, b, j, n, a0)
     _drive(c, z, b, j + W, n, a1)
 
 
 @jit
-def steps_rows(m, c, qinv, count, last, states, drives, vel, beta, mode, lo, hi):  # pragma: no cover - compiled
+def steps_rows(
+    m, runs, blocks, singles, c, qinv, count, last, states, drives, vel, beta, mode, lo, hi
+):  # pragma: no cover
     """`count` steps of the recurrence for rows lo..hi-1 from states[0]: drives[t] = c + states[t] M, then
     states[t + 1] = drives[t] - states[t] / (qinv + states[t]^2); with `last` the final drive is step T's
     and no state follows it; `mode`, `vel` and `beta` (16 copies of beta): the solver (`_advance`).
     m (k, n): k the latents, n their count padded to a multiple of BLOCK with zero columns (c, qinv, states
     and drives padded alike: c 0, qinv inf, so the padding stays 0).
 
-    Rows in blocks of eight (`_rows8`), the rest one by one (`_row128`, `_row64`, `_row32`): the same bits either way.
+    Rows in blocks of eight (`_rows8`, per block of BLOCK columns), the rest one by one (`_row128`,
+    `_row64`, `_row32` as `singles` says: rows (columns in blocks, first column, first run, runs)): the same
+    bits either way. Each kernel reads only the runs of rows of M that are not all zero in its columns
+    (`runs`; `blocks`: (first run, runs) per block of columns): an exact zero skipped leaves the sum as it is.
     """
     n = m.shape[1]
     for t in range(count):
@@ -489,17 +498,16 @@ def steps_rows(m, c, qinv, count, last, states, drives, vel, beta, mode, lo, hi)
             rows = 8 if b + 8 <= hi else 1
             if rows == 8:
                 for j in range(0, n, BLOCK):
-                    _rows8(s, m, c, z, b, j)
+                    _rows8(s, m, c, z, b, j, runs, blocks[j // BLOCK, 0], blocks[j // BLOCK, 1])
             else:
-                j = 0
-                while j + 4 * BLOCK <= n:
-                    _row128(s, m, c, z, b, j)
-                    j += 4 * BLOCK
-                while j + 2 * BLOCK <= n:
-                    _row64(s, m, c, z, b, j)
-                    j += 2 * BLOCK
-                if j < n:
-                    _row32(s, m, c, z, b, j)
+                for i in range(singles.shape[0]):
+                    width, j, first, many = singles[i, 0], singles[i, 1], singles[i, 2], singles[i, 3]
+                    if width == 4:
+                        _row128(s, m, c, z, b, j, runs, first, many)
+                    elif width == 2:
+                        _row64(s, m, c, z, b, j, runs, first, many)
+                    else:
+                        _row32(s, m, c, z, b, j, runs, first, many)
             if step:
                 _advance(s, z, qinv, states[t + 1], vel, beta, mode, b, b + rows)
             b += rows
@@ -571,6 +579,10 @@ def program_rows(
     omega,
     const,
     m,
+    runs,
+    blocks,
+    singles,
+    order,
     qinv,
     weight,
     scale2,
@@ -613,9 +625,12 @@ def program_rows(
     target's start in tblob, the target map's rows or 0 for a gather, the gather's start in sblob, its
     columns' start in predictions and errors, the starts of the predict and target maps' spans in sblob);
     a gather's weights are in tblob. ispans, ospans, rspans: the spans of inputs, omega and reconstruct.
-    s0: the given start (rows, n) or an empty array; vel, beta, mode: the solver (`_advance`); driven, c,
-    states, drives, squares, base: work buffers; energy, latent, predictions, errors, recon: the outputs
-    (predictions and errors of all levels side by side).
+    runs, blocks, singles: M's runs of rows not all zero (`steps_rows`); order: the plan's index of each
+    latent of the kernels' order (level by level, a level's causes grouped by position, so that M's zeros
+    between positions form blocks). s0: the given start (rows, n, the kernels' order) or an empty array;
+    vel, beta, mode: the solver (`_advance`); driven, c, states, drives, squares, base: work buffers;
+    energy, latent, predictions, errors, recon: the outputs (predictions and errors of all levels side by
+    side).
     """
     n = scale.shape[0]
     _matmul_at(xf, 0, inputs, ispans, driven, 0, lo, hi)  # c (and the feed-forward start's s_0)
@@ -634,7 +649,7 @@ def program_rows(
     for t0 in range(0, steps + 1, chunk):
         count = min(chunk, steps + 1 - t0)
         last = t0 + count == steps + 1
-        steps_rows(m, c, qinv, count, last, states, drives, vel, beta, mode, lo, hi)
+        steps_rows(m, runs, blocks, singles, c, qinv, count, last, states, drives, vel, beta, mode, lo, hi)
         energy_rows(
             states[:count], drives[:count], c, weight, scale2, segments, base[:, 0], energy[t0 : t0 + count], lo, hi
         )
@@ -644,7 +659,7 @@ def program_rows(
     final = states[steps % chunk]
     for b in range(lo, hi):
         for j in range(n):
-            latent[b, j] = final[b, j] * scale[j]
+            latent[b, order[j]] = final[b, j] * scale[j]  # back in the plan's order
     _matmul_at(final, 0, reconstruct, rspans, recon, 0, lo, hi)
     for i in range(meta.shape[0]):
         offset, below, size, width, pstart, tstart, trows, sstart, at, pspans, tspans = meta[i]

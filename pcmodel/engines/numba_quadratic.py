@@ -162,8 +162,39 @@ def quadratic_steps(
     if s0 is not None:
         states[0, :, :n] = s0
     moves = _solver_args(solver, batch, m.shape[1], m.dtype)
-    _parallel(_kernels()[1], batch, threads, m, cp, qp, steps + 1, True, states, drives, *moves, align=8)
+    structure = step_runs(m)
+    _parallel(_kernels()[1], batch, threads, m, *structure, cp, qp, steps + 1, True, states, drives, *moves, align=8)
     return states[..., :n], drives[..., :n]
+
+
+def step_runs(m: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The step kernels' view of M's zeros (`steps_rows`): runs (first row, end) of rows of M not all zero
+    in a span of columns; blocks: (first run, runs) per block of BLOCK columns (the eight-row kernel);
+    singles: the one-row kernels' spans (blocks wide, first column, first run, runs), each as wide as it
+    can be without reading more rows than its blocks one by one would (a single row is bound by reading M).
+    """
+    block = 32  # numba_kernels.BLOCK
+    nonzero = np.abs(m).reshape(m.shape[0], -1, block).max(axis=2) != 0  # (rows, blocks)
+    runs: list[tuple[int, int]] = []
+
+    def add(rows: np.ndarray) -> tuple[int, int]:
+        first = len(runs)
+        edges = np.flatnonzero(np.diff(np.concatenate([[0], rows.astype(np.int8), [0]])))
+        runs.extend(zip(edges[::2].tolist(), edges[1::2].tolist()))
+        return first, len(runs) - first
+
+    count = nonzero.shape[1]
+    blocks = np.array([add(nonzero[:, jb]) for jb in range(count)], np.int64).reshape(-1, 2)
+    singles, jb = [], 0
+    while jb < count:
+        for width in (4, 2, 1):
+            union = nonzero[:, jb : jb + width].any(axis=1)
+            alone = nonzero[:, jb : jb + width].sum()
+            if jb + width <= count and (width == 1 or union.sum() * width <= alone):
+                singles.append((width, jb * block, *add(union)))
+                jb += width
+                break
+    return np.array(runs, np.int64).reshape(-1, 2), blocks, np.array(singles, np.int64)
 
 
 def _solver_args(solver: Solver, batch: int, width: int, dtype: np.dtype) -> tuple[np.ndarray, np.ndarray, int]:
@@ -196,7 +227,7 @@ def _padded_arrays(t: dict[str, Any]) -> dict[str, Any]:
     M's columns and the weights with zeros, qinv with inf, as in `_step_args`)."""
     if "padded" not in t:
         m, _, qinv = _step_args(t["step"], t["step"][:0], t["qinv"])
-        p: dict[str, Any] = {"step": m, "qinv": qinv}
+        p: dict[str, Any] = {"step": m, "qinv": qinv, "structure": step_runs(m)}
         for name in ("scale2", "energy_weight"):
             p[name] = aligned((m.shape[1],))
             p[name][: m.shape[0]] = t[name]
@@ -214,7 +245,9 @@ def _segments(alpha: np.ndarray) -> np.ndarray:
 
 
 def arrays(plan: QuadraticPlan) -> dict[str, np.ndarray]:
-    """The plan's tensors as numpy arrays, once per plan.
+    """The plan's tensors as numpy arrays, once per plan; the latents in the kernels' order (`kernel_order`)
+    in everything the steps read (M, the drive, qinv, scale, the energy's weights, level 1's reconstruction
+    rows), in the plan's in the predict and target maps and `unscale` (they meet the latents in plan order).
 
     A level's target map t_l (rows: the map below, columns: the target space) has at most one entry per
     column for every level kind (the map itself, or its windowed patches): it is kept as a gather
@@ -231,10 +264,32 @@ def arrays(plan: QuadraticPlan) -> dict[str, np.ndarray]:
     t["inputs"] = np.ascontiguousarray(
         t["drive"] if plan.start is None else np.concatenate([t["drive"], t["start"]], axis=1)
     )
+    # The kernels' order of the latents: level by level, a level's causes grouped by position (the plan's
+    # is cause-major), so that M's zeros (positions whose fields do not meet) form blocks the kernels skip.
+    order = kernel_order(plan.shapes)
+    t["order"] = order
+    t["step"] = np.ascontiguousarray(t["step"][np.ix_(order, order)])
+    t["inputs"] = np.ascontiguousarray(
+        t["inputs"][:, np.concatenate([order, order + plan.size])[: t["inputs"].shape[1]]]
+    )
+    t["drive"] = np.ascontiguousarray(t["drive"][:, order])
+    for name in ("qinv", "scale", "energy_weight", "prior_alpha"):
+        t[name] = np.ascontiguousarray(t[name][order])
     n1 = math.prod(plan.shapes[0])
-    t["reconstruct_1"] = np.ascontiguousarray(t["reconstruct"][:n1])  # only level 1 predicts the image
+    t["reconstruct_1"] = np.ascontiguousarray(t["reconstruct"][order[:n1]])  # only level 1 predicts the image
     t["scale2"] = np.square(t["scale"])
     return t
+
+
+def kernel_order(shapes: Sequence[tuple[int, ...]]) -> np.ndarray:
+    """The plan's index of each latent in the kernels' order: per level (C, H, W), position-major."""
+    parts, offset = [], 0
+    for causes, *where in shapes:
+        positions = math.prod(where)
+        index = np.arange(causes * positions).reshape(causes, positions)  # cause-major, as the plan
+        parts.append(offset + index.T.ravel())
+        offset += causes * positions
+    return np.concatenate(parts).astype(np.int64)
 
 
 def _program_arrays(t: dict[str, Any], plan: QuadraticPlan) -> dict[str, Any]:
@@ -305,7 +360,7 @@ def run(
     s0 = np.zeros((0, n), np.float32)
     if r0 is not None:  # s_0 = r_0 / k, as the program computes it
         flat = np.concatenate([r.detach().to(torch.float32).reshape(batch, -1).numpy() for r in r0], axis=1)
-        s0 = np.ascontiguousarray(flat * t["unscale"])
+        s0 = np.ascontiguousarray((flat * t["unscale"])[:, t["order"]])
         inputs, ispans = t["drive"], q["spans"]["drive"]  # a given start replaces a feed-forward one
     chunk = min(steps + 1, chunk_steps(batch, width))
     # driven, c, states s_t0 .. s_t0+chunk, drives, x^2, the energy's constant part (the kernel fills c's and
@@ -316,7 +371,8 @@ def run(
     )
     out = aligned_many((steps + 1, batch), (batch, n), (batch, sum(widths)), (batch, sum(widths)), xf.shape)
     spans = (ispans, q["spans"]["omega"], q["spans"]["reconstruct"])
-    constants = (xf, inputs, q["omega"], t["const"], p["step"], p["qinv"], p["energy_weight"], p["scale2"])
+    steps_in = (p["step"], *p["structure"], t["order"], p["qinv"])
+    constants = (xf, inputs, q["omega"], t["const"], *steps_in, p["energy_weight"], p["scale2"])
     levels = (p["segments"], t["scale"], q["meta"], q["pblob"], q["tblob"], q["sblob"], t["reconstruct_1"], *spans)
     solver_args = _solver_args(solver, batch, width, np.float32)
     _parallel(_kernels()[2], batch, threads, *constants, *levels, s0, steps, chunk, *solver_args, *work, *out, align=8)
