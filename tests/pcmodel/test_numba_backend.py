@@ -164,3 +164,58 @@ def test_the_energy_kernel_matches_float64(huge: bool) -> None:
     want = base + quadratic + prior
     assert np.isfinite(out).all()
     np.testing.assert_allclose(out, want, rtol=2e-6)
+
+
+def _block_sparse(rows: int, cols: int, seed: int) -> np.ndarray:
+    """A random matrix with all-zero blocks (rows and columns in groups that do not meet), like M or a
+    predict map between positions whose fields do not overlap."""
+    rng = np.random.default_rng(seed)
+    m = rng.standard_normal((rows, cols)).astype(np.float32) * 0.05
+    m[: rows // 3, cols // 3 : 2 * cols // 3] = 0
+    m[rows // 3 : 2 * rows // 3, : cols // 3] = 0
+    m[rows // 2 :, cols - 40 :] = 0
+    return m
+
+
+@pytest.mark.parametrize("batch", [1, 9])
+def test_skipping_the_zero_rows_of_M_gives_the_same_bits(batch: int) -> None:
+    """steps_rows reading only M's runs of nonzero rows (`step_runs`) equals it reading every row."""
+    from pcmodel.engines.numba_kernels import steps_rows
+
+    n = 160
+    m = _block_sparse(n, n, seed=3) + np.eye(n, dtype=np.float32) * 0.8
+    runs, blocks, singles = fused.step_runs(m)
+    assert sum(int(hi - lo) for lo, hi in runs[blocks[:, 0]]) < blocks.shape[0] * n  # some rows are skipped
+    assert singles[:, 0].tolist() != [4, 1]  # the one-row kernels narrowed where rows can be skipped
+    every = (np.array([[0, n]]), np.array([[0, 1]] * (n // 32)), np.array([[1, 32 * j, 0, 1] for j in range(n // 32)]))
+    rng = np.random.default_rng(4)
+    c = rng.standard_normal((batch, n)).astype(np.float32)
+    qinv = np.full(n, 4.0, np.float32)
+    results = []
+    for structure in ((runs, blocks, singles), every):
+        states, drives = np.zeros((21, batch, n), np.float32), np.empty((20, batch, n), np.float32)
+        velocity, beta = np.zeros((batch, n), np.float32), np.full(16, 0.7, np.float32)
+        steps_rows(m, *structure, c, qinv, 20, True, states, drives, velocity, beta, 2, 0, batch)
+        results.append((states, drives))
+    assert np.array_equal(results[0][0], results[1][0]) and np.array_equal(results[0][1], results[1][1])
+
+
+def test_the_matmul_skips_zero_columns_with_the_same_bits() -> None:
+    """matmul_rows over `matmul_spans` equals it over every column, bit for bit, and numpy within rounding."""
+    from pcmodel.engines.numba_kernels import matmul_rows
+
+    m = _block_sparse(96, 300, seed=5)
+    a = np.random.default_rng(6).standard_normal((7, 96)).astype(np.float32)
+    spans = fused.matmul_spans(m)
+    assert (spans[:, 1] - spans[:, 0]).sum() < spans.shape[0] * 300
+    every = np.array([[0, 300]] * spans.shape[0])
+    skipped, dense = np.empty((7, 300), np.float32), np.empty((7, 300), np.float32)
+    matmul_rows(a, m, spans, skipped, 0, 7)
+    matmul_rows(a, m, every, dense, 0, 7)
+    assert np.array_equal(skipped, dense)
+    np.testing.assert_allclose(skipped, a.astype(np.float64) @ m, atol=1e-5)
+
+
+def test_the_kernel_order_groups_causes_by_position() -> None:
+    order = fused.kernel_order([(2, 1, 3), (4, 1, 1)])  # 2 causes at 3 positions, then 4 causes at 1
+    assert order.tolist() == [0, 3, 1, 4, 2, 5, 6, 7, 8, 9]
