@@ -4,8 +4,8 @@ Cases (a) the notebook-style reference (benchmarks.reference: eager PyTorch, aut
 every step), (b) the torch backend, (c) onnxruntime, (d) CUDA graphs (when CUDA is available: float32,
 TF32 and bf16 operands, and the eager torch backend on the GPU for comparison) and (e) pcx, the same
 network written in pcx's idioms (when the optional `pcx` extra is importable), (f) an independent
-jax.jit of the network (benchmarks.jax_peer) and (g) the numba backend (quadratic plans, where the
-`fast` extra is installed). For each it prints the
+jax.jit of the network (benchmarks.jax_peer) and (g) the numba backend (quadratic plans). For each it
+prints the
 largest latent difference from (a), ms per batch, images/s, the speed-up over (a), the model's FLOPs per
 step (docs/MODEL.md section 6), the achieved GFLOP/s and its share of this machine's matmul peak (measured
 first, in the same run), and the one-off costs (graph build, session, capture, compile) apart. Where

@@ -88,7 +88,7 @@ def runners(model: pcmodel.PCModel, x: torch.Tensor, steps: int, names: list[str
                 out.append(runner)
         elif name == "numba":
             if plans.plan_kind(model.config, x.shape[-2:]) != "quadratic" or not numba_quadratic.available():
-                log.info("numba: not a quadratic plan here, or numba not installed (the fast extra); skipped")
+                log.info("numba: not a quadratic plan here, or numba not installed; skipped")
                 continue
             model.infer(x, steps=steps, backend="numba", solver="gradient")  # compiles (or loads the cached kernels)
             out.append(

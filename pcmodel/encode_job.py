@@ -22,10 +22,11 @@ import math
 import multiprocessing
 import os
 import signal
+import threading
 import time
 import traceback
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from multiprocessing.connection import wait
@@ -191,12 +192,28 @@ class ShardWriter:
             return
         import pyarrow as pa
 
-        try:
-            encodings.write_shard(self.folder, pa.concat_tables(self.tables))
-        except OSError as exc:
-            raise WriteError(exc.errno, exc.strerror or str(exc), str(self.folder / encodings.DATA)) from exc
-        self.tables, self.rows = [], 0
-        self.written += 1
+        # Written and forgotten as one step: an interrupt between the two (Ctrl-C as the shard's rename
+        # returned) left the rows to the final flush, which wrote them again (seen in the Ctrl-C test).
+        with signals_deferred():
+            try:
+                encodings.write_shard(self.folder, pa.concat_tables(self.tables))
+            except OSError as exc:
+                raise WriteError(exc.errno, exc.strerror or str(exc), str(self.folder / encodings.DATA)) from exc
+            self.tables, self.rows = [], 0
+            self.written += 1
+
+
+@contextlib.contextmanager
+def signals_deferred() -> Iterator[None]:
+    """SIGINT and SIGTERM held until the block ends (then delivered), where the platform and thread allow."""
+    if not hasattr(signal, "pthread_sigmask") or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    held = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, held)
 
 
 @dataclass

@@ -24,8 +24,9 @@ latents are padded to a multiple of 32 (zero columns of M; for n = 224 none). Wi
 batch is split into row ranges (multiples of 8 where the batch allows), each thread running its rows
 through the whole program on its own.
 
-numba is optional (the `fast` extra): nothing needs a compiler at build or install time (numba ships
-LLVM in its llvmlite wheel). The kernels compile on first use (~4 s; cached on disk afterwards).
+numba is in the core install (it used to be the `fast` extra): nothing needs a compiler at build or
+install time (numba ships LLVM in its llvmlite wheel). It is imported only when this backend first runs,
+and the kernels compile then (~7 s; cached on disk afterwards, in NUMBA_CACHE_DIR where it is set).
 """
 
 from __future__ import annotations
@@ -438,6 +439,6 @@ SPEC = BackendSpec(
     builds=True,
     available=available,
     priors=("cauchy",),  # the kernel writes the Cauchy prior's step (module docstring)
-    install="numba installed (pip install 'predictive-coding[fast]')",
+    install="numba installed (a core dependency: pip install numba)",
     plan_note="linear f, few latents",
 )

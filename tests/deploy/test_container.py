@@ -64,6 +64,7 @@ def test_image_config(image):
     env = dict(item.split("=", 1) for item in config["Env"])
     assert env["BENTOML_HOME"] == "/var/lib/bentoml" and env["BENTOML_DO_NOT_TRACK"] == "true"
     assert env["PC_PORT"] == "3000" and env["PC_HOST"] == "0.0.0.0"
+    assert env["NUMBA_CACHE_DIR"].startswith("/tmp/")  # the root filesystem may be read-only
     # Kept only in the Docker image format (--format docker), which container.sh builds.
     healthcheck = info.get("Healthcheck") or config.get("Healthcheck")
     assert healthcheck and "/readyz" in " ".join(healthcheck["Test"])
@@ -110,6 +111,9 @@ def test_a_mounted_checkpoint_is_served(image, tmp_path):
         wait_http(f"http://127.0.0.1:{port}/readyz", 300)
         card = httpx.get(f"http://127.0.0.1:{port}/model", timeout=30).json()
         assert card["sha256"] == pcmodel.load(checkpoint).sha256
+        # The paper's network runs on numba (a core dependency) in the read-only image: its kernels compile
+        # into NUMBA_CACHE_DIR on the tmpfs.
+        assert card["backend"] == "numba", card["backends"]
     finally:
         podman("rm", "--force", "--time", "10", name)
 

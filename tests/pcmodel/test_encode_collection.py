@@ -594,3 +594,25 @@ def test_a_ray_job_whose_actors_cannot_start_fails_in_one_line(tmp_path):
     assert last.startswith("pc-encode: the Ray job failed (ActorDiedError") and "\x1b" not in last, last
     assert json.loads(run.stdout)["status"] == "failed"
     assert json.loads((out / "manifest.json").read_text())["status"] == "failed"
+
+
+def test_an_interrupt_as_a_shard_is_written_never_writes_its_rows_twice(tmp_path, monkeypatch):
+    """Ctrl-C landing just as a shard's file is complete: the shard counts as written (the final flush of the
+    interrupted run does not write its rows again). Seen once in the Ctrl-C test above: rows twice."""
+    from pcmodel import encode_job
+
+    written = encodings.write_shard
+
+    def then_ctrl_c(folder, data):
+        path = written(folder, data)
+        os.kill(os.getpid(), signal.SIGINT)  # delivered at once unless held
+        return path
+
+    monkeypatch.setattr(encodings, "write_shard", then_ctrl_c)
+    writer = encode_job.ShardWriter(tmp_path, shard_rows=2)
+    with pytest.raises(KeyboardInterrupt):
+        writer.add(pa.table({"path": ["a.png", "b.png"]}))
+    monkeypatch.setattr(encodings, "write_shard", written)
+    writer.flush()  # what an interrupted run does on its way out
+    rows = pa.concat_tables([pq.read_table(p) for p in encodings.shards(tmp_path)]).column("path").to_pylist()
+    assert rows == ["a.png", "b.png"]
