@@ -523,7 +523,8 @@ def _log_product(s, o, scale2, lo, hi):  # pragma: no cover - compiled
     as mantissas and exponents in a fixed order (`vlogparts`), the tail (fewer than 16) in one product,
     and one or two logs taken. One log per row and step instead of one log1p per entry (numpy's log1p was
     ~0.5 ms of 4.3 at B = 32); every image's arithmetic is the same whatever the batch. Where a product
-    overflows (|s| past ~1e19), the entries' log1p are summed instead.
+    overflows (|s| past ~1e19), the entries' log1p are summed instead. (Float32 lanes were tried: 49
+    against 60 ns a row and step, not worth their 1e-6.)
     """
     acc = vones64()
     i = lo
@@ -608,6 +609,7 @@ def program_rows(
     drives,
     squares,
     base,
+    klat,
     energy,
     latent,
     predictions,
@@ -628,7 +630,8 @@ def program_rows(
     runs, blocks, singles: M's runs of rows not all zero (`steps_rows`); order: the plan's index of each
     latent of the kernels' order (level by level, a level's causes grouped by position, so that M's zeros
     between positions form blocks). s0: the given start (rows, n, the kernels' order) or an empty array;
-    vel, beta, mode: the solver (`_advance`); driven, c, states, drives, squares, base: work buffers;
+    vel, beta, mode: the solver (`_advance`); driven, c, states, drives, squares, base, klat (the latents in
+    the kernels' order, which the maps' rows are in: a module's rows then meet only its patch): work buffers;
     energy, latent, predictions, errors, recon: the outputs (predictions and errors of all levels side by
     side).
     """
@@ -659,14 +662,15 @@ def program_rows(
     final = states[steps % chunk]
     for b in range(lo, hi):
         for j in range(n):
-            latent[b, order[j]] = final[b, j] * scale[j]  # back in the plan's order
+            klat[b, j] = final[b, j] * scale[j]
+            latent[b, order[j]] = klat[b, j]  # back in the plan's order
     _matmul_at(final, 0, reconstruct, rspans, recon, 0, lo, hi)
     for i in range(meta.shape[0]):
         offset, below, size, width, pstart, tstart, trows, sstart, at, pspans, tspans = meta[i]
         predict = pblob[pstart : pstart + size * width].reshape(size, width)
         spans = sblob[pspans : pspans + 2 * ((size + 3) // 4)].reshape(-1, 2)
-        lower, l0 = (xf, 0) if i == 0 else (latent, below)
-        _matmul_at(latent, offset, predict, spans, predictions, at, lo, hi)
+        lower, l0 = (xf, 0) if i == 0 else (klat, below)
+        _matmul_at(klat, offset, predict, spans, predictions, at, lo, hi)
         if trows == 0:  # the target a gather: one entry per column
             for b in range(lo, hi):
                 for j in range(width):

@@ -311,17 +311,26 @@ def _program_arrays(t: dict[str, Any], plan: QuadraticPlan) -> dict[str, Any]:
             blob.append(a.ravel())
             return start
 
+        order = t["order"]
         for i, (size, width) in enumerate(zip(sizes, widths)):
-            predict = t[f"predict_map{i}"]
+            # Rows in the kernels' order, as program_rows' latents: a module's rows meet only its patch.
+            own = order[offsets[i] : offsets[i] + size] - offsets[i]
+            below = order[offsets[i - 1] : offsets[i]] - offsets[i - 1] if i else None
+            predict = np.ascontiguousarray(t[f"predict_map{i}"][own])
             gather = f"target_source{i}" in t
             target = t[f"target_weight{i}"] if gather else t[f"target_map{i}"]
+            if below is not None and not gather:
+                target = np.ascontiguousarray(target[below])
             trows = 0 if gather else target.shape[0]
             pstart, tstart = add(floats["p"], predict), add(floats["t"], target)
-            sstart = add(ints, t[f"target_source{i}"]) if gather else 0
+            source = t[f"target_source{i}"] if gather else None
+            if source is not None and below is not None:
+                source = np.argsort(below)[source]  # the kernels' index of each plan index below
+            sstart = add(ints, source) if source is not None else 0
             pspans = add(ints, matmul_spans(predict))
             tspans = 0 if gather else add(ints, matmul_spans(target))
-            below = offsets[max(i - 1, 0)]
-            meta.append([offsets[i], below, size, width, pstart, tstart, trows, sstart, outputs[i], pspans, tspans])
+            start = offsets[max(i - 1, 0)]
+            meta.append([offsets[i], start, size, width, pstart, tstart, trows, sstart, outputs[i], pspans, tspans])
         omega = np.ascontiguousarray(t["omega"][:, None])
         t["program"] = {
             "meta": np.array(meta, np.int64),
@@ -365,11 +374,10 @@ def run(
         inputs, ispans = t["drive"], q["spans"]["drive"]  # a given start replaces a feed-forward one
     chunk = min(steps + 1, chunk_steps(batch, width))
     # driven, c, states s_t0 .. s_t0+chunk, drives, x^2, the energy's constant part (the kernel fills c's and
-    # the first state's padding with zeros); then the outputs: energy, latents, predictions and errors (all
-    # levels side by side), the reconstruction.
-    work = aligned_many(
-        (batch, inputs.shape[1]), (batch, width), (chunk + 1, batch, width), (chunk, batch, width), xf.shape, (batch, 1)
-    )
+    # the first state's padding with zeros), the latents in the kernels' order; then the outputs: energy,
+    # latents, predictions and errors (all levels side by side), the reconstruction.
+    shapes = [(batch, inputs.shape[1]), (batch, width), (chunk + 1, batch, width), (chunk, batch, width), xf.shape]
+    work = aligned_many(*shapes, (batch, 1), (batch, n))
     out = aligned_many((steps + 1, batch), (batch, n), (batch, sum(widths)), (batch, sum(widths)), xf.shape)
     spans = (ispans, q["spans"]["omega"], q["spans"]["reconstruct"])
     steps_in = (p["step"], *p["structure"], t["order"], p["qinv"])
