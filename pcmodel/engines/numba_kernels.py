@@ -575,8 +575,6 @@ def energy_rows(states, drives, c, weight, scale2, segments, base, out, lo, hi):
 
 @jit
 def program_rows(
-    xf,
-    inputs,
     omega,
     const,
     m,
@@ -594,9 +592,11 @@ def program_rows(
     tblob,
     sblob,
     reconstruct,
-    ispans,
     ospans,
     rspans,
+    xf,
+    inputs,
+    ispans,
     s0,
     steps,
     chunk,

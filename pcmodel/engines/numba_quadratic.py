@@ -199,9 +199,18 @@ def step_runs(m: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 
 
 def _solver_args(solver: Solver, batch: int, width: int, dtype: np.dtype) -> tuple[np.ndarray, np.ndarray, int]:
-    """The step kernel's solver arguments: the velocity (zeros, rows like the states), beta in 16 lanes, the mode."""
-    velocity = aligned((batch, width), 0.0 if solver.kernel_mode else None)  # unread by the plain step
-    return velocity, np.full(16, solver.momentum, dtype=dtype), solver.kernel_mode
+    """The step kernel's solver arguments: the velocity (zeros, rows like the states; the plain step reads
+    none), beta in 16 lanes, the mode."""
+    velocity = aligned((batch, width)) if solver.kernel_mode else _NO_VELOCITY
+    return velocity, _lanes(float(solver.momentum)), solver.kernel_mode
+
+
+_NO_VELOCITY = np.zeros((1, 16), np.float32)
+
+
+@functools.cache
+def _lanes(value: float) -> np.ndarray:
+    return np.full(16, value, np.float32)  # the kernels only read it
 
 
 def padded(n: int) -> int:
@@ -375,16 +384,18 @@ def run(
     chunk = min(steps + 1, chunk_steps(batch, width))
     # driven, c, states s_t0 .. s_t0+chunk, drives, x^2, the energy's constant part (the kernel fills c's and
     # the first state's padding with zeros), the latents in the kernels' order; then the outputs: energy,
-    # latents, predictions and errors (all levels side by side), the reconstruction.
+    # latents, predictions and errors (all levels side by side), the reconstruction. One allocation.
     shapes = [(batch, inputs.shape[1]), (batch, width), (chunk + 1, batch, width), (chunk, batch, width), xf.shape]
-    work = aligned_many(*shapes, (batch, 1), (batch, n))
-    out = aligned_many((steps + 1, batch), (batch, n), (batch, sum(widths)), (batch, sum(widths)), xf.shape)
-    spans = (ispans, q["spans"]["omega"], q["spans"]["reconstruct"])
-    steps_in = (p["step"], *p["structure"], t["order"], p["qinv"])
-    constants = (xf, inputs, q["omega"], t["const"], *steps_in, p["energy_weight"], p["scale2"])
-    levels = (p["segments"], t["scale"], q["meta"], q["pblob"], q["tblob"], q["sblob"], t["reconstruct_1"], *spans)
+    outputs = [(steps + 1, batch), (batch, n), (batch, sum(widths)), (batch, sum(widths)), xf.shape]
+    buffers = aligned_many(*shapes, (batch, 1), (batch, n), *outputs)
+    out = buffers[7:]
+    if "fixed" not in q:  # the arguments that do not change from call to call
+        maps = (q["meta"], q["pblob"], q["tblob"], q["sblob"], t["reconstruct_1"], q["spans"]["omega"])
+        steps_in = (p["step"], *p["structure"], t["order"], p["qinv"], p["energy_weight"], p["scale2"])
+        q["fixed"] = (q["omega"], t["const"], *steps_in, p["segments"], t["scale"], *maps, q["spans"]["reconstruct"])
     solver_args = _solver_args(solver, batch, width, np.float32)
-    _parallel(_kernels()[2], batch, threads, *constants, *levels, s0, steps, chunk, *solver_args, *work, *out, align=8)
+    args = (*q["fixed"], xf, inputs, ispans, s0, steps, chunk, *solver_args, *buffers)
+    _parallel(_kernels()[2], batch, threads, *args, align=8)
     energy, latent, predictions, errors, recon = out
     return EngineRun(
         latents=_split(latent, plan.shapes),
