@@ -35,6 +35,7 @@ import functools
 import importlib.util
 import itertools
 import math
+import threading
 import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -108,6 +109,18 @@ def aligned_many(*shapes: tuple[int, ...]) -> list[np.ndarray]:
         out.append(raw[start : start + size].view(np.float32).reshape(shape))
         start += -(-size // 64) * 64
     return out
+
+
+_THREAD = threading.local()
+
+
+def _work(*shapes: tuple[int, ...]) -> list[np.ndarray]:
+    """A call's work buffers, `aligned_many`, kept per thread for the next call of the same shapes (only the
+    last shapes: memory stays that of one call). Outputs are never kept: the caller owns them."""
+    kept = getattr(_THREAD, "work", None)
+    if kept is None or kept[0] != shapes:
+        kept = _THREAD.work = (shapes, aligned_many(*shapes))
+    return kept[1]
 
 
 def matmul_spans(m: np.ndarray) -> np.ndarray:
@@ -387,7 +400,7 @@ def run(
     # latents, predictions and errors (all levels side by side), the reconstruction. One allocation.
     shapes = [(batch, inputs.shape[1]), (batch, width), (chunk + 1, batch, width), (chunk, batch, width), xf.shape]
     outputs = [(steps + 1, batch), (batch, n), (batch, sum(widths)), (batch, sum(widths)), xf.shape]
-    buffers = aligned_many(*shapes, (batch, 1), (batch, n), *outputs)
+    buffers = (*_work(*shapes, (batch, 1), (batch, n)), *aligned_many(*outputs))
     out = buffers[7:]
     if "fixed" not in q:  # the arguments that do not change from call to call
         maps = (q["meta"], q["pblob"], q["tblob"], q["sblob"], t["reconstruct_1"], q["spans"]["omega"])
