@@ -4,8 +4,10 @@ Run it from two checkouts in alternating processes to compare them side by side 
 "Issue 20: before and after"):
 
     for r in 1 2 3 4 5; do
-      for tree in OLD NEW; do (cd $tree && PYTHONPATH=$tree python -m benchmarks.before_after --threads 1); done
+      for tree in OLD NEW; do (cd $tree && PYTHONPATH=$tree python NEW/benchmarks/before_after.py --threads 1); done
     done
+
+(this file from the new tree for both, so that both run the same cases and steps).
 
 Only pcmodel's public API is used, so any checkout since the engines refactor runs it.
 """
@@ -24,6 +26,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.before_after", description=__doc__.split("\n\n")[0])
     parser.add_argument("--threads", type=int, default=1, help="torch (and so backend) threads (default: 1)")
     parser.add_argument("--min-time", type=float, default=0.5, help="seconds of calls per case (default: 0.5)")
+    parser.add_argument("--steps", type=int, default=100, help="inference steps T (default: 100, the issue's cases)")
     args = parser.parse_args(argv)
 
     import torch
@@ -34,7 +37,8 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     out = {}
     for name, size, batch in CASES:
-        model = pcmodel.load(name).with_dynamics(init="zero", solver="gradient")  # the paper's dynamics
+        # The paper's dynamics at T steps (the shipped configs serve 20 Nesterov steps from a learned start).
+        model = pcmodel.load(name).with_dynamics(steps=args.steps, init="zero", solver="gradient")
         if size == "photo":  # the bundled photo at 256x256, `batch` copies
             x, hw = model.preprocess([sample_photo()], size=(256, 256)).repeat(batch, 1, 1, 1), (256, 256)
         else:
