@@ -18,7 +18,8 @@ from packaging.requirements import Requirement
 ROOT = Path(__file__).resolve().parent.parent
 PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())
 
-CORE = {"torch", "numpy", "safetensors", "pillow", "onnx", "onnxruntime"}
+# numba is core (issue 20): the default install and the image run the paper's network compiled.
+CORE = {"torch", "numpy", "safetensors", "pillow", "onnx", "onnxruntime", "numba"}
 NOT_IN_PCMODEL = ("bentoml", "matplotlib", "sklearn", "skimage", "scipy", "rich")
 
 
@@ -94,8 +95,8 @@ def test_extras_exist_and_test_takes_the_others():
     assert {"httpx", "psutil", "jax"} <= names(extras["bench"])
     assert not CORE & (names(extras["serve"]) | names(extras["train"]))
     (self_reference,) = [Requirement(r) for r in extras["test"] if Requirement(r).name == "predictive-coding"]
-    assert self_reference.extras == {"serve", "train", "bench", "fast", "encode", "ray"}
-    assert names(extras["fast"]) == {"numba"}
+    assert self_reference.extras == {"serve", "train", "bench", "encode", "ray"}
+    assert extras["fast"] == []  # kept so that old install commands work: numba is core
     assert {"pyarrow", "rich"} <= names(extras["encode"]) and "ray" in names(extras["ray"])
     assert not CORE & {"pyarrow", "ray"}  # heavy: extras only
     assert {"pytest", "ruff"} <= names(extras["test"])
