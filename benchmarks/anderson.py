@@ -131,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     args = parser.parse_args(argv)
     torch.manual_seed(0)
-    reports = [measure(name, args.count, args.window or [2, 5]) for name in args.model or pcmodel.shipped_models()]
+    reports = [measure(name, args.count, args.window or [2, 5]) for name in args.model or sorted(pcmodel.PRESETS)]
     if args.json:
         print(json.dumps({"reports": reports}))
     else:
