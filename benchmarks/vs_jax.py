@@ -5,8 +5,8 @@
 
 Cases: conv-rgb 32x32 B=1 and B=32 and the bundled photo at 256x256, B=1 and B=4 (copies of it),
 rao-ballard-1999 16x26 B=1 and B=32 (inputs uniform in [-1, 1], seed 0 except the photo). Per round
-every runner is timed once (mean over calls lasting at least --min-time), in the same order, so the
-ratio of a round compares runs taken side by side; the median of the per-round ratios is the number
+every runner is timed once (mean over calls lasting at least --min-time), each round's order rotated by
+one, so the ratio of a round compares runs taken side by side; the median of the per-round ratios is the number
 to read. "ours" is `model.infer(x, steps=100, solver="gradient")` (the automatic backend: numba for
 the quadratic plan where numba is installed, else onnxruntime), called once first to prepare; beside it
 each CPU backend that applies, asked for by name ("onnxruntime", "numba"), the whole result as `infer`
@@ -81,9 +81,13 @@ def run_case(
         got = runner()
         diffs[key] = max(float((a - b).abs().max()) for a, b in zip(got, expected))
     samples: dict[str, list[float]] = {key: [] for key in runners}
-    for _ in range(rounds):
-        for key, runner in runners.items():
-            samples[key].append(1e3 * time_call(runner, min_time))  # ms
+    keys = list(runners)
+    for index in range(rounds):
+        # Each round starts one runner later: a runner's sample must not always follow the same neighbour
+        # (JAX's and onnxruntime's thread pools keep spinning for a while after a call, slowing whatever runs
+        # next: in a fixed order "ours", right after JAX, read 0.36 ms where the same call named "numba" read 0.32).
+        for key in keys[index % len(keys) :] + keys[: index % len(keys)]:
+            samples[key].append(1e3 * time_call(runners[key], min_time))  # ms
     ms = {k: statistics.median(v) for k, v in samples.items()}
     # The strongest JAX of this cell: the variant with the lowest median, measured in these same rounds.
     strongest = min((k for k in runners if k.startswith("jax-")), key=ms.__getitem__)
