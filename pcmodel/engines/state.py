@@ -16,7 +16,7 @@ from ..results import EngineRun
 from ..solvers import GRADIENT, Solver
 from .base import Backend
 from .plans import Plan, make_plan, nonquadratic_priors, plan_kind
-from .registry import SPECS, installed
+from .registry import BACKENDS, SPECS, installed
 from .select import Choice, select
 
 MAX_PREPARED_STEPS = 8  # step counts with fast programs: memory stays bounded
@@ -102,6 +102,8 @@ class EngineState:
         return choice.backend if SPECS[choice.backend].builds else None
 
     def _select(self, requested: str | None, *, device: torch.device, hw: tuple[int, int], **call: object) -> Choice:
+        if requested is not None and not isinstance(requested, str):  # select is memoised: its arguments hash
+            raise ValueError(f"unknown backend {requested!r}; choose auto or one of: {', '.join(BACKENDS)}")
         return select(
             requested, device=device.type, plan=self.plan_kind(hw), priors=self.priors, installed=installed(), **call
         )  # type: ignore[arg-type]

@@ -138,6 +138,8 @@ def test_automatic_rule_and_its_fallbacks(generator):
     assert chosen(steps=7) == ("torch", f"{automatic(model)}: not prepared for these steps and shape")
     with pytest.raises(ValueError, match=r"unknown backend 'jax'; choose auto or one of"):
         model.infer(x, backend="jax")
+    with pytest.raises(ValueError, match=r"unknown backend \['numba'\]; choose auto or one of"):
+        model.infer(x, backend=["numba"])  # not a name (and not hashable: the rule is memoised)
     with pytest.raises(ValueError, match=r"needs the model on a CUDA device"):
         model.infer(x, backend="cuda-graph")
 
