@@ -80,8 +80,8 @@ def image_arrays(prepared: Prepared, settled: Settled, outputs: tuple[str, ...])
 def encode_result(
     prepared: Prepared, settled: Settled, options: EncodeOptions, model_ref: dict, config: ModelConfig
 ) -> dict:
-    """The JSON object for one encoded image (see the module docstring and README)."""
-    check_finite(settled)
+    """The JSON object for one encoded image (see the module docstring and README); `settled` has passed
+    `check_finite` (Pipeline.settle checks every protocol's results once)."""
     arrays = image_arrays(prepared, settled, options.outputs)
     energy = arrays["energy"]
     out: dict = {
