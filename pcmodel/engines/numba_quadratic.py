@@ -1,4 +1,4 @@
-"""The numba backend: the quadratic program's T steps for each image in one compiled loop (CPU, optional).
+"""The numba backend: the quadratic program's T steps for each image in one compiled call (CPU).
 
 For the quadratic plan with the Cauchy prior (or none), a step is s <- s M_s + c_s - s / (qinv + s^2)
 (pcmodel.priors.Cauchy.quadratic_step, run by pcmodel.engines.program), written again in the kernel: one
@@ -440,12 +440,11 @@ class NumbaBackend:
     def prepare(
         self, plan: Plan, steps: int, shape: tuple[int, ...], key: tuple, init: bool = False, solver: Solver = GRADIENT
     ) -> None:
-        """Compile the kernels (once per process; from the disk cache after the first time)."""
+        """Compile the program's kernel (once per process; from the disk cache after the first time) and make
+        the plan's arrays: one step of a blank image, so that the first real call pays neither."""
         start = time.perf_counter()
-        _kernels()
-        m = np.eye(5, dtype=np.float32)
-        for rows in (1, 8):  # both kernels
-            quadratic_steps(m, np.ones((rows, 5), np.float32), None, np.full(5, 4.0, np.float32), 1)
+        if isinstance(plan, QuadraticPlan):
+            self.run(plan, torch.zeros((1, *plan.input_shape)), 1, key, None, solver)
         self.prepare_seconds.setdefault("numba compile", time.perf_counter() - start)
 
     def run(
