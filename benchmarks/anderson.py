@@ -20,8 +20,6 @@ from __future__ import annotations
 
 import itertools
 import json
-import statistics
-import sys
 from collections.abc import Callable
 from typing import Any
 
@@ -136,10 +134,6 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps({"reports": reports}))
     else:
         print("\n\n".join(table(r) for r in reports))
-    best = {
-        r["model"]: statistics.median(row["energy_gap_pct"] for row in r["rows"] if row["steps"] == 20) for r in reports
-    }
-    print(f"median gap at T = 20 over the methods: {best}", file=sys.stderr)
     return 0
 
 

@@ -83,9 +83,8 @@ def run_case(
     samples: dict[str, list[float]] = {key: [] for key in runners}
     keys = list(runners)
     for index in range(rounds):
-        # Each round starts one runner later: a runner's sample must not always follow the same neighbour
-        # (JAX's and onnxruntime's thread pools keep spinning for a while after a call, slowing whatever runs
-        # next: in a fixed order "ours", right after JAX, read 0.36 ms where the same call named "numba" read 0.32).
+        # Each round starts one runner later, so that no runner's sample always follows the same neighbour
+        # (JAX's and onnxruntime's thread pools may keep spinning for a while after a call).
         for key in keys[index % len(keys) :] + keys[: index % len(keys)]:
             samples[key].append(1e3 * time_call(runners[key], min_time))  # ms
     ms = {k: statistics.median(v) for k, v in samples.items()}

@@ -166,8 +166,7 @@ def quadratic_steps(
 ) -> tuple[np.ndarray, np.ndarray]:
     """`steps` steps of the recurrence: (states (T+1, B, n), drives (T+1, B, n)); s0 None starts at zeros.
 
-    The whole history, for the tests and the compile in `prepare`; `run` keeps one
-    chunk of steps at a time.
+    The whole history, for the tests; `run` keeps one chunk of steps at a time.
     """
     m, cp, qp = _step_args(step, c, qinv)
     batch, n = c.shape
