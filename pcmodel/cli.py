@@ -109,7 +109,7 @@ def build_parser() -> ArgumentParser:
         "--solver",
         choices=pcmodel.SOLVERS,
         default=None,
-        help="the dynamics: gradient (the paper's), momentum or nesterov (default: the model's)",
+        help="the dynamics: gradient (the paper's), momentum, nesterov or anderson (default: the model's)",
     )
     parser.add_argument(
         "--init",

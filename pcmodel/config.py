@@ -17,7 +17,7 @@ from typing import Any
 
 from .kinds import LEVEL_KINDS, LevelKind
 from .priors import PRIORS as PRIOR_OBJECTS
-from .solvers import DEFAULT_MOMENTUM, SOLVERS, Solver
+from .solvers import DEFAULT_MOMENTUM, DEFAULT_WINDOW, GRADIENT, MAX_WINDOW, SOLVERS, Solver, solver_for
 
 NONLINEARITIES = ("identity", "tanh")
 PRIORS = tuple(PRIOR_OBJECTS)  # pcmodel.priors: each prior's energy, gradient and step written once
@@ -30,7 +30,7 @@ K2_UNITS = ("inputs", "updates")
 # Level fields added after format 1, with the value that leaves a model as it was: a checkpoint that
 # lacks one reads as this value, and the canonical JSON leaves it out while it holds it (same hash).
 NEUTRAL_LEVEL_FIELDS = {"k1_scale": 1.0, "k2_scale": 1.0, "column_norm": None}
-NEUTRAL_MODEL_FIELDS = {"solver": "gradient", "momentum": DEFAULT_MOMENTUM}
+NEUTRAL_MODEL_FIELDS = {"solver": "gradient", "momentum": DEFAULT_MOMENTUM, "window": DEFAULT_WINDOW}
 
 
 class ConfigError(ValueError):
@@ -198,8 +198,9 @@ class ModelConfig:
     k1: float  # inference step: r_l <- r_l - (k1 k1_scale_l / 2) dE/dr_l, below the stability bound
     steps: int = 100  # default number of inference steps T
     initial_latents: str = "zeros"  # zeros | feedforward (r_l = U_l^T r_{l-1}, bottom up) | amortised (A_l)
-    solver: str = "gradient"  # the served dynamics: gradient (the paper's) | momentum | nesterov (pcmodel.solvers)
-    momentum: float = DEFAULT_MOMENTUM  # beta of the momentum and nesterov solvers
+    solver: str = "gradient"  # the served dynamics: gradient (the paper's) | momentum | nesterov | anderson
+    momentum: float = DEFAULT_MOMENTUM  # beta of the momentum and nesterov solvers (pcmodel.solvers)
+    window: int = DEFAULT_WINDOW  # m of the anderson solver
     preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
     learning: LearningConfig = field(default_factory=LearningConfig)
 
@@ -224,6 +225,8 @@ class ModelConfig:
         _choice(self.solver, SOLVERS, "solver")
         if isinstance(self.momentum, bool) or not isinstance(self.momentum, (int, float)) or not 0 <= self.momentum < 1:
             raise ConfigError(f"momentum must be a number in [0, 1), got {self.momentum!r}")
+        if isinstance(self.window, bool) or not isinstance(self.window, int) or not 1 <= self.window <= MAX_WINDOW:
+            raise ConfigError(f"window must be an int in [1, {MAX_WINDOW}], got {self.window!r}")
         if shape[0] != self.preprocess.channels:
             raise ConfigError(
                 f"input_shape has {shape[0]} channel(s) but preprocess.color={self.preprocess.color!r} "
@@ -237,7 +240,7 @@ class ModelConfig:
     @property
     def served_solver(self) -> Solver:
         """The dynamics `model.infer` runs when a call does not name one."""
-        return Solver(self.solver, 0.0 if self.solver == "gradient" else self.momentum)
+        return solver_for(self.solver, GRADIENT, self.momentum, self.window)
 
     def to_json(self) -> str:
         """Canonical JSON (stored in checkpoints and hashed into their identity). Fields added after

@@ -213,7 +213,8 @@ def infer_loop(
     steps each image took.
     """
     latents = initial_latents(config, levels, weights, x) if init is None else list(init)
-    velocity: list[torch.Tensor | None] = [None] * len(latents)
+    shapes = [tuple(r.shape[1:]) for r in latents]
+    carried = None  # the solver's state (pcmodel.solvers)
     rates = [lr.eta for lr in step_rates(config)]
     batch = x.shape[0]
     used = torch.zeros(batch, dtype=torch.int64, device=x.device)
@@ -230,13 +231,13 @@ def infer_loop(
             active = active & (norm >= tol)
             if not active.any():
                 break
-        moved = [solver.update(TENSOR_OPS, r, r - eta * g, v) for r, g, eta, v in zip(latents, grads, rates, velocity)]
-        velocity = [v for _, v in moved]
+        steps_plain = [r - eta * g for r, g, eta in zip(latents, grads, rates)]
+        moved, carried = solver.advance(TENSOR_OPS, latents, steps_plain, carried, shapes)
         if tol is None:
-            latents = [r for r, _ in moved]
+            latents = moved
             continue
         keep = active.view(-1, 1, 1, 1)
-        latents = [torch.where(keep, new, r) for (new, _), r in zip(moved, latents)]
+        latents = [torch.where(keep, new, r) for new, r in zip(moved, latents)]
         used += active
     if tol is None:
         used.fill_(steps)

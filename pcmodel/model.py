@@ -37,7 +37,7 @@ from .images import preprocess as preprocess_images
 from .levels import Level
 from .parameters import as_params, level_weights, params_key
 from .results import InferenceResult
-from .solvers import DEFAULT_MOMENTUM, Solver, solver_for
+from .solvers import DEFAULT_MOMENTUM, DEFAULT_WINDOW, Solver, solver_for
 
 
 @functools.lru_cache(maxsize=64)
@@ -292,9 +292,10 @@ class PCModel:
         if solver is not None:
             chosen = self.solver(solver)  # refuses an unstable one
             changes["solver"] = chosen.name
-            # The gradient solver has no momentum: the neutral value, so that the paper's dynamics of a
-            # model served faster give back the config (and the content hash) it had before.
-            changes["momentum"] = chosen.momentum if chosen.name != "gradient" else DEFAULT_MOMENTUM
+            # A solver without momentum or window leaves the neutral value, so that the paper's dynamics of
+            # a model served faster give back the config (and the content hash) it had before.
+            changes["momentum"] = chosen.momentum if chosen.name in ("momentum", "nesterov") else DEFAULT_MOMENTUM
+            changes["window"] = chosen.window or DEFAULT_WINDOW
         twin = copy.copy(self)
         twin.config = self.config.replace(**changes)
         twin.engines = EngineState(twin.config)
@@ -328,7 +329,8 @@ class PCModel:
 
         `solver`: the dynamics (pcmodel.solvers). None: the config's (`config.solver`); "gradient": the
         paper's plain gradient steps; "momentum" (heavy ball) or "nesterov" with the config's momentum;
-        or a `Solver("nesterov", 0.8)`. Every solver settles to the same fixed point; a solver whose
+        "anderson" with the config's window; or a `Solver("nesterov", 0.8)`, `Solver("anderson", window=3)`.
+        Every solver settles to the same fixed point; a solver whose
         largest stable step is below the model's k1 is refused (UnstableStepError).
 
         With `tol`, an image stops as soon as the norm of its gradient dE/dr (all levels) falls
@@ -441,7 +443,7 @@ class PCModel:
         """The dynamics a call runs (`infer`'s `solver`), refused when the model's k1 is at or above its
         largest stable step (the gradient solver's bound at the last stability check times the solver's
         factor, pcmodel.solvers) unless the model was loaded with allow_unstable."""
-        chosen = solver_for(solver, self.config.served_solver, self.config.momentum)
+        chosen = self._solver_for(solver)
         bound = self.gradient_bound * chosen.bound_factor
         if self.config.k1 >= bound and not self.allow_unstable:
             raise UnstableStepError(
@@ -449,6 +451,10 @@ class PCModel:
                 f"{chosen.label}: inference would diverge. Use a smaller momentum or the gradient solver."
             )
         return chosen
+
+    def _solver_for(self, solver: str | Solver | None) -> Solver:
+        config = self.config
+        return solver_for(solver, config.served_solver, config.momentum, config.window)
 
     def stability_bound(
         self, input_hw: Sequence[int] | None = None, method: str = "auto", solver: str | Solver | None = None
@@ -502,7 +508,7 @@ class PCModel:
                 top = _power_iteration(hessian_times, n, self.device)
         if input_hw is None:
             self.gradient_bound = 4.0 / top
-        return 4.0 / top * solver_for(solver, self.config.served_solver, self.config.momentum).bound_factor
+        return 4.0 / top * self._solver_for(solver).bound_factor
 
     def check_stability(self, allow_unstable: bool = False) -> float:
         """Raise UnstableStepError when k1 is at or above the stability bound at the native size."""

@@ -1,39 +1,56 @@
 """The inference dynamics: how the latents move from one step to the next, for the same energy.
 
 Every solver takes the paper's plain gradient step d = -eta dE/dr (per-level eta from
-pcmodel.energy.step_rates) at the state it holds, and only the way d moves the state differs:
+pcmodel.energy.step_rates) at the state it holds, u = r + d, and only the way it moves the state differs:
 
-    gradient (the paper, the definition):  r <- r + d
+    gradient (the paper, the definition):  r <- u
     momentum (Polyak's heavy ball):        v <- beta v + d;  r <- r + v
-    nesterov (Nesterov's accelerated):     v <- beta v + d;  r <- r + d + beta v
+    nesterov (Nesterov's accelerated):     v <- beta v + d;  r <- u + beta v
+    anderson (Anderson acceleration, window m):  r <- u - sum_j gamma_j (u_{j+1} - u_j) over the last m
+        steps, gamma the least-squares fit of the latest residual f = u - r by the residuals' differences
 
 with v = 0 at the start. The Nesterov form is the one whose held state is the look-ahead point (as in
-torch.optim.SGD): one gradient per step, at the state whose energy the trace records. All three have the
-same fixed points (v = 0 and d = 0 there). `Solver.update` is the one place this is written; the plain loop
-(pcmodel.energy.infer_loop), the program every backend runs (pcmodel.engines.program) and the numba kernel
-(which takes `Solver.kernel_mode`) all take it from here.
+torch.optim.SGD). All of them take one gradient per step and have the same fixed points (d = 0 there).
+Anderson (type II, Walker & Ni 2011) couples the levels: gamma solves (A + lambda I) gamma = b per image,
+A_ij = <df_i, df_j> and b_i = <df_i, f> over all levels (df_i = f_{i+1} - f_i), with a ridge lambda =
+RIDGE tr(A): small enough not to slow it, large enough that float32 rounding of nearly parallel residuals
+does not swing gamma (measured: docs/PERFORMANCE.md). Its inner product is r-space's: a backend that moves
+scaled latents s = r / k passes k^2 as the `metric`. `Solver.advance` is
+the one place this is written; the plain loop (pcmodel.energy.infer_loop) and the program every backend
+runs (pcmodel.engines.program) take it from here with their ops (the small solve is an ops primitive:
+ONNX has no solve), and the numba kernel restates it per row (its `kernel_mode`; tested against the loop).
 
 Stability on a quadratic energy with curvature lambda along some direction (eta lambda = h): gradient
 needs h < 2; heavy ball needs h < 2 (1 + beta); Nesterov needs h < 2 (1 + beta) / (1 + 2 beta) (the
 roots of z^2 - (1 - h)(1 + beta) z + (1 - h) beta inside the unit circle). So a solver's largest stable
 k1 is the gradient's times `Solver.bound_factor` (PCModel.stability_bound; docs/MODEL.md section 2).
+Anderson has no such bound of its own; it mixes the plain step's images and is held to the plain step's
+bound (factor 1): on a quadratic energy and with an unbounded window it is GMRES on the step's linear map.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-SOLVERS = ("gradient", "momentum", "nesterov")
+import torch
+
+SOLVERS = ("gradient", "momentum", "nesterov", "anderson")
 DEFAULT_MOMENTUM = 0.7  # beta where a config does not say: measured best at 10-20 steps (docs/PERFORMANCE.md)
+DEFAULT_WINDOW = 5  # Anderson's m where a config does not say: measured best at 10-14 steps (docs/PERFORMANCE.md)
+MAX_WINDOW = 8  # m + 1 residuals a step: the small solve is unrolled in the ONNX graph
+RIDGE = 1e-4  # lambda / tr(A) (module docstring; measured: docs/PERFORMANCE.md)
+TINY = 1e-30  # lambda's floor, so that an image whose residuals stop changing (A = 0) takes the plain step
 
 
 @dataclass(frozen=True)
 class Solver:
-    """One inference dynamics: its name and, for momentum and nesterov, beta in [0, 1)."""
+    """One inference dynamics: its name; for momentum and nesterov beta in [0, 1); for anderson its window m."""
 
     name: str = "gradient"
     momentum: float = 0.0
+    window: int = 0
 
     def __post_init__(self) -> None:
         if self.name not in SOLVERS:
@@ -41,14 +58,19 @@ class Solver:
         beta = self.momentum
         if isinstance(beta, bool) or not isinstance(beta, (int, float)) or not 0 <= beta < 1:
             raise ValueError(f"momentum must be a number in [0, 1), got {beta!r}")
-        if self.name == "gradient" and beta != 0:
-            raise ValueError("the gradient solver has no momentum; use solver 'momentum' or 'nesterov'")
+        if self.name in ("gradient", "anderson") and beta != 0:
+            raise ValueError(f"the {self.name} solver has no momentum; use solver 'momentum' or 'nesterov'")
+        m = self.window
+        if isinstance(m, bool) or not isinstance(m, int) or not 0 <= m <= MAX_WINDOW:
+            raise ValueError(f"window must be an int in [1, {MAX_WINDOW}], got {m!r}")
+        if (self.name == "anderson") != (m > 0):
+            raise ValueError("only the anderson solver has a window, and it needs one of at least 1")
         object.__setattr__(self, "momentum", float(beta))
 
     @property
     def plain(self) -> bool:
-        """Whether a step is the paper's plain gradient step (no velocity to carry)."""
-        return self.name == "gradient" or self.momentum == 0
+        """Whether a step is the paper's plain gradient step (nothing to carry between steps)."""
+        return self.name == "gradient" or (self.name != "anderson" and self.momentum == 0)
 
     @property
     def bound_factor(self) -> float:
@@ -62,45 +84,105 @@ class Solver:
 
     @property
     def kernel_mode(self) -> int:
-        """0 plain, 1 heavy ball, 2 Nesterov: the compiled kernel's switch (pcmodel.engines.numba_kernels)."""
+        """0 plain, 1 heavy ball, 2 Nesterov, 3 Anderson: the compiled kernel's switch
+        (pcmodel.engines.numba_kernels)."""
         return 0 if self.plain else SOLVERS.index(self.name)
 
     @property
     def label(self) -> str:
-        return self.name if self.name == "gradient" else f"{self.name}({self.momentum:g})"
+        if self.name == "gradient":
+            return self.name
+        return f"{self.name}({self.window if self.name == 'anderson' else f'{self.momentum:g}'})"
 
-    def update(self, ops: Any, r: Any, u: Any, v: Any | None) -> tuple[Any, Any | None]:
-        """(r', v') from the state r, the plain step's result u = r + d and the velocity v (None at the start).
+    def advance(
+        self,
+        ops: Any,
+        rs: Sequence[Any],
+        us: Sequence[Any],
+        state: Any,
+        shapes: Sequence[Sequence[int]],
+        metric: Any | None = None,
+    ) -> tuple[list[Any], Any]:
+        """(the next state, the solver's carried state) from the state rs (one value per level, shaped
+        (B, *shapes[l])), the plain step's results us = rs + d and the carried state (None at the start).
 
         `ops` is any pcmodel.engines.ops implementation (torch eager, ONNX nodes) or plain tensors through
-        `TENSOR_OPS`. Neither r nor u is written to (r may be the caller's tensor, u a value kept elsewhere).
+        `TENSOR_OPS`; `metric` (Anderson only): per-latent weights of the inner product, over the levels'
+        flattened latents side by side, where rs are scaled latents (None: rs are r). Neither rs nor us is
+        written to (rs may be the caller's tensors, us values kept elsewhere).
         """
         if self.plain:
-            return u, None
+            return list(us), None
+        if self.name == "anderson":
+            return self._anderson(ops, rs, us, state, shapes, metric)
+        velocity = [None] * len(rs) if state is None else state
+        moved = [self._momentum(ops, r, u, v) for r, u, v in zip(rs, us, velocity)]
+        return [r for r, _ in moved], [v for _, v in moved]
+
+    def _momentum(self, ops: Any, r: Any, u: Any, v: Any | None) -> tuple[Any, Any]:
         d = ops.sub(u, r)
         v = d if v is None else ops.add_scaled_(d, v, self.momentum)  # beta v + d, in d's storage
         if self.name == "momentum":
             return ops.add(r, v), v
         return ops.add(u, ops.scale(v, self.momentum)), v  # r + d + beta v
 
+    def _anderson(
+        self, ops: Any, rs: Sequence[Any], us: Sequence[Any], state: Any, shapes: Sequence[Sequence[int]], metric: Any
+    ) -> tuple[list[Any], Any]:
+        flat = len(shapes) == 1 and len(shapes[0]) == 1  # one level already (B, n): no copies
+        r = rs[0] if flat else ops.concat_rows([ops.flatten(v) for v in rs])
+        u = us[0] if flat else ops.concat_rows([ops.flatten(v) for v in us])
+        f = ops.sub(u, r)
+        if state is None:
+            return list(us), (u, f, (), ())
+        last_u, last_f, du, df = state
+        du, df = (*du, ops.sub(u, last_u))[-self.window :], (*df, ops.sub(f, last_f))[-self.window :]
+        gamma = ops.ridge_solve(ops.gram([*df, f], metric), RIDGE, TINY)  # (B, k): the least-squares fit
+        mixed = ops.sub_combination(u, gamma, du)
+        return ([mixed] if flat else ops.split_latents(mixed, shapes)), (u, f, du, df)
+
 
 GRADIENT = Solver()
 
 
-def solver_for(name: str | Solver | None, default: Solver, momentum: float) -> Solver:
+def solver_for(name: str | Solver | None, default: Solver, momentum: float, window: int = DEFAULT_WINDOW) -> Solver:
     """The solver a call asks for: None the model's own (`default`), a name with the model's momentum
-    (DEFAULT_MOMENTUM where the model's own solver is the gradient), or a Solver as given."""
+    (DEFAULT_MOMENTUM where the model's own solver is not a momentum one) or window, or a Solver as given."""
     if name is None:
         return default
     if isinstance(name, Solver):
         return name
     if not isinstance(name, str) or name not in SOLVERS:
         raise ValueError(f"unknown solver {name!r}; choose one of: {', '.join(SOLVERS)}")
+    if name == "anderson":
+        return Solver(name, window=window)
     return Solver(name, 0.0 if name == "gradient" else momentum)
 
 
+def gram(rows: Sequence[torch.Tensor], metric: torch.Tensor | None) -> torch.Tensor:
+    """(B, k, k): <rows_i, rows_j> per image, weighted by `metric` per column where given."""
+    stacked = torch.stack(list(rows), 1)  # (B, k, n)
+    weighted = stacked if metric is None else stacked * metric
+    return weighted @ stacked.transpose(1, 2)
+
+
+def ridge_solve(g: torch.Tensor, ridge: float, tiny: float) -> torch.Tensor:
+    """(B, k - 1): gamma with (A + lambda I) gamma = b, A the leading (k - 1) x (k - 1) block of g (B, k, k)
+    and b its last column above the diagonal, lambda = ridge tr(A) + tiny."""
+    k = g.shape[-1] - 1
+    a, b = g[:, :k, :k], g[:, :k, k]
+    lam = a.diagonal(dim1=1, dim2=2).sum(1) * ridge + tiny
+    system = a + lam[:, None, None] * torch.eye(k, dtype=g.dtype, device=g.device)
+    return torch.linalg.solve_ex(system, b)[0]  # _ex: no sync, so that a CUDA graph captures it
+
+
+def sub_combination(base: torch.Tensor, coefficients: torch.Tensor, rows: Sequence[torch.Tensor]) -> torch.Tensor:
+    """(B, n): base - sum_j coefficients_j rows_j per image."""
+    return base - (coefficients[:, None, :] @ torch.stack(list(rows), 1))[:, 0]
+
+
 class TensorOps:
-    """The few ops `Solver.update` uses, on plain torch tensors (for the plain loop)."""
+    """The ops `Solver.advance` uses, on plain torch tensors (for the plain loop)."""
 
     @staticmethod
     def sub(a: Any, b: Any) -> Any:
@@ -117,6 +199,23 @@ class TensorOps:
     @staticmethod
     def add_scaled_(a: Any, b: Any, alpha: float) -> Any:
         return a.add_(b, alpha=alpha)
+
+    @staticmethod
+    def flatten(x: torch.Tensor) -> torch.Tensor:
+        return x.reshape(x.shape[0], -1)
+
+    @staticmethod
+    def concat_rows(values: Sequence[torch.Tensor]) -> torch.Tensor:
+        return torch.cat(list(values), dim=1)
+
+    @staticmethod
+    def split_latents(flat: torch.Tensor, shapes: Sequence[Sequence[int]]) -> list[torch.Tensor]:
+        sizes = [int(torch.Size(s).numel()) for s in shapes]
+        return [p.reshape(flat.shape[0], *s).contiguous() for p, s in zip(torch.split(flat, sizes, 1), shapes)]
+
+    gram = staticmethod(gram)
+    ridge_solve = staticmethod(ridge_solve)
+    sub_combination = staticmethod(sub_combination)
 
 
 TENSOR_OPS = TensorOps()

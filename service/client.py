@@ -54,7 +54,7 @@ class Encoding:
     tile_grid: dict[str, Any] | None = None
     padded: list[int] | None = None  # full mode: [top, bottom, left, right] around the scaled image
     timing: dict[str, float] = field(default_factory=dict)  # /encode's Server-Timing: queue, model, total (ms)
-    solver: str = ""  # the dynamics that ran, e.g. "gradient" (the paper's) or "nesterov(0.7)"
+    solver: str = ""  # the dynamics that ran, e.g. "gradient" (the paper's), "nesterov(0.7)" or "anderson(5)"
     init: str = ""  # where inference started: zero, amortised, feedforward
     raw: dict[str, Any] = field(default_factory=dict, repr=False)  # the JSON as received
 
@@ -155,9 +155,10 @@ class EncoderClient:
         """Encode one image (a path, bytes, a PIL image or a uint8 array). Raises ServiceError on 4xx/5xx.
 
         size_mode: resize, tile or full; outputs: a subset of latents, reconstruction, error_map, input, trace,
-        level_errors; arrays: float32, float16 or none; solver: gradient (the paper's dynamics), momentum or
-        nesterov; init: zero or amortised (the service's defaults where None); start: a previous Encoding (or
-        its latents, level 1 first) to start from, e.g. the previous frame of a video (a warm start)."""
+        level_errors; arrays: float32, float16 or none; solver: gradient (the paper's dynamics), momentum,
+        nesterov or anderson; init: zero or amortised (the service's defaults where None); start: a previous
+        Encoding (or its latents, level 1 first) to start from, e.g. the previous frame of a video (a warm
+        start)."""
         options = _options(steps, size_mode, outputs, arrays, solver, init)
         files = {"image": _file(image, "image.png")}
         if start is not None:

@@ -111,7 +111,7 @@ def _text(part: Part) -> str:
 
 def parse_options(values: dict[str, str], config: ModelConfig, settings: Settings) -> EncodeOptions:
     """steps (1..max_steps), size_mode (resize|tile|full), outputs (a comma-separated subset), arrays
-    (float32|float16|none), solver (gradient|momentum|nesterov) and init (zero|amortised) from text."""
+    (float32|float16|none), solver (gradient|momentum|nesterov|anderson) and init (zero|amortised) from text."""
     steps = config.steps
     if "steps" in values:
         text = values["steps"]

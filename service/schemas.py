@@ -83,7 +83,7 @@ class PCEncodeResult(BaseModel):
     model: PCModelRef
     steps: int = Field(description="inference steps used")
     size_mode: Literal[SIZE_MODES]  # type: ignore[valid-type]
-    solver: str | None = Field(None, description="the dynamics that ran, e.g. gradient or nesterov(0.7)")
+    solver: str | None = Field(None, description="the dynamics that ran, e.g. gradient, nesterov(0.7) or anderson(5)")
     init: str | None = Field(None, description="where inference started: zero, amortised or given")
     energy: PCEnergy
     latents: list[PCArray] | None = Field(
@@ -178,7 +178,8 @@ class EncodeOptionsForm(BaseModel):
         None, description=f"comma-separated subset of {','.join(OUTPUTS)} (default: all but trace)"
     )
     solver: Literal[SOLVERS] | None = Field(  # type: ignore[valid-type]
-        None, description="the dynamics: gradient (the paper's), momentum or nesterov (default: the model's)"
+        None,
+        description="the dynamics: gradient (the paper's), momentum, nesterov or anderson (default: the model's)",
     )
     init: Literal[INITS] | None = Field(  # type: ignore[valid-type]
         None, description="where inference starts: zero or amortised (default: the model's)"

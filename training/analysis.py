@@ -158,7 +158,8 @@ def main(argv: list[str] | None = None) -> int:
         "--solver",
         choices=pcmodel.SOLVERS,
         help="the dynamics of every measurement but the time courses (always the paper's): gradient (the "
-        "paper's), momentum or nesterov with the model's momentum (default: the model's served dynamics)",
+        "paper's), momentum, nesterov or anderson with the model's momentum or window (default: the model's served "
+        "dynamics)",
     )
     parser.add_argument(
         "--init",

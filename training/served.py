@@ -3,8 +3,8 @@
     python -m training.served pcmodel/weights/conv-rgb.safetensors --steps 20 --init amortised \\
         --solver nesterov --momentum 0.8 --out pcmodel/weights/conv-rgb.safetensors
 
-The served defaults are part of the config (`steps`, `initial_latents`, `solver`, `momentum`), so the
-content hash changes with them while the weights stay bit for bit; the file's provenance keeps the
+The served defaults are part of the config (`steps`, `initial_latents`, `solver`, `momentum`, `window`), so
+the content hash changes with them while the weights stay bit for bit; the file's provenance keeps the
 command under "served" beside the training's own. The measurements that choose them: docs/PERFORMANCE.md
 ("Issue 21: the served defaults") and docs/TRAINING.md.
 """
@@ -19,6 +19,7 @@ import torch
 
 import pcmodel
 from pcmodel.cliargs import ArgumentParser, fail, model_source, positive_int
+from pcmodel.solvers import solver_for
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -30,17 +31,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--init", choices=("zero", "amortised"), help="the start (default: unchanged)")
     parser.add_argument("--solver", choices=pcmodel.SOLVERS, help="the dynamics (default: unchanged)")
     parser.add_argument("--momentum", type=float, help="beta of momentum and nesterov, in [0, 1)")
+    parser.add_argument("--window", type=positive_int, help="m of anderson (default: the model's)")
     args = parser.parse_args(argv)
     if args.momentum is not None and not 0 <= args.momentum < 1:
         parser.error(f"--momentum must be in [0, 1), got {args.momentum}")
     try:
         model = pcmodel.load(args.checkpoint)
-        solver = None
-        if args.solver is not None:
-            beta = model.config.momentum if args.momentum is None else args.momentum
-            solver = pcmodel.Solver(args.solver, 0.0 if args.solver == "gradient" else beta)
-        elif args.momentum is not None:
-            solver = pcmodel.Solver(model.config.solver, args.momentum)
+        name = model.config.solver if args.solver is None else args.solver
+        beta = model.config.momentum if args.momentum is None else args.momentum
+        window = model.config.window if args.window is None else args.window
+        changed = (args.solver, args.momentum, args.window) != (None, None, None)
+        solver = solver_for(name, pcmodel.Solver(), beta, window) if changed else None
         weights = [w.clone() for w in model.weights]
         served = model.with_dynamics(steps=args.steps, init=args.init, solver=solver)
     except (pcmodel.CheckpointError, pcmodel.UnstableStepError, ValueError) as exc:

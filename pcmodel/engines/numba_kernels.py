@@ -331,6 +331,77 @@ def _advance(s, z, q, following, vel, beta, mode, lo, hi):  # pragma: no cover -
                 vstore(following, o, vadd(sv, v) if mode == 1 else vfmav(bv, v, nxt))
 
 
+RIDGE, TINY = 1e-4, 1e-30  # pcmodel.solvers.RIDGE and TINY (a compiled kernel reads module constants)
+
+
+@jit
+def _mix(s, u, hist, gram, metric, t, lo, hi):  # pragma: no cover - compiled
+    """Anderson (pcmodel.solvers.Solver._anderson) for rows lo..hi-1 at step t: u (the plain step's result)
+    replaced by u - sum_j gamma_j du_j over the last k = min(t, m) differences, gamma solving
+    (A + lambda I) gamma = b with A_ij = <df_i, df_j>, b_i = <df_i, f> (f = u - s; the inner product
+    `metric`: scale^2, r-space's) and lambda = RIDGE tr(A) + TINY.
+
+    hist ((2 + 2 m) batch rows, n): the previous u and f (slots 0, 1), then the differences du (slots 2..m+1)
+    and df (m+2..2m+1), difference d (made at step d + 1) in slot d mod m; gram (batch, m, 2 m + 2): each
+    row's Gram matrix of the held df by slot (float64, one new row a step) and the scratch of its system
+    [A + lambda I | b], solved by Gauss-Jordan elimination without pivoting in float64 (symmetric positive
+    definite), oldest difference first, as the ONNX graph does.
+    """
+    n = s.shape[1]
+    batch = s.shape[0]
+    m = gram.shape[1]
+    for b in range(lo, hi):
+        last_u, last_f = b * n, (batch + b) * n
+        if t == 0:
+            for j in range(0, n, W):
+                uv = vload(u, b * n + j)
+                vstore(hist, last_u + j, uv)
+                vstore(hist, last_f + j, vsub(uv, vload(s, b * n + j)))
+            continue  # the plain step
+        slot = (t - 1) % m
+        du, df = ((2 + slot) * batch + b) * n, ((2 + m + slot) * batch + b) * n
+        for j in range(0, n, W):
+            uv = vload(u, b * n + j)
+            fv = vsub(uv, vload(s, b * n + j))
+            vstore(hist, du + j, vsub(uv, vload(hist, last_u + j)))
+            vstore(hist, df + j, vsub(fv, vload(hist, last_f + j)))
+            vstore(hist, last_u + j, uv)
+            vstore(hist, last_f + j, fv)
+        k = min(t, m)
+        a = gram[b, :, m:]
+        for p in range(k):
+            held = ((2 + m + (t - k + p) % m) * batch + b) * n
+            pair, rhs = vzero(), vzero()
+            for j in range(0, n, W):
+                weighted = vmul(vload(metric, j), vload(hist, held + j))
+                pair = vfmav(weighted, vload(hist, df + j), pair)
+                rhs = vfmav(weighted, vload(hist, last_f + j), rhs)
+            gram[b, slot, (t - k + p) % m] = gram[b, (t - k + p) % m, slot] = np.float64(vsum(pair))
+            a[p, k] = np.float64(vsum(rhs))
+        trace = 0.0
+        for p in range(k):
+            trace += gram[b, (t - k + p) % m, (t - k + p) % m]
+        lam = trace * RIDGE + TINY
+        for p in range(k):
+            for q in range(k):
+                a[p, q] = gram[b, (t - k + p) % m, (t - k + q) % m]
+            a[p, p] += lam
+        for p in range(k):
+            pivot = a[p, p]
+            for col in range(k + 1):
+                a[p, col] /= pivot
+            for i in range(k):
+                if i != p:
+                    factor = a[i, p]
+                    for col in range(k + 1):
+                        a[i, col] -= factor * a[p, col]
+        for j in range(0, n, W):
+            acc = vload(u, b * n + j)
+            for p in range(k):
+                acc = vfma(np.float32(-a[p, k]), vload(hist, ((2 + (t - k + p) % m) * batch + b) * n + j), acc)
+            vstore(u, b * n + j, acc)
+
+
 @jit
 def _rows8(s, m, c, z, b, j, runs, first, count):  # pragma: no cover - compiled
     """Rows b..b+7, columns j..j+31 of one step, the 16 blocks of the product held in registers over all k.
@@ -476,11 +547,13 @@ def _row32(s, m, c, z, b, j, runs, first, count):  # pragma: no cover - compiled
 
 @jit
 def steps_rows(
-    m, runs, blocks, singles, c, qinv, count, last, states, drives, vel, beta, mode, lo, hi
+    m, runs, blocks, singles, c, qinv, count, last, states, drives, vel, beta, mode, gram, metric, t0, lo, hi
 ):  # pragma: no cover
     """`count` steps of the recurrence for rows lo..hi-1 from states[0]: drives[t] = c + states[t] M, then
     states[t + 1] = drives[t] - states[t] / (qinv + states[t]^2); with `last` the final drive is step T's
-    and no state follows it; `mode`, `vel` and `beta` (16 copies of beta): the solver (`_advance`).
+    and no state follows it; `mode`, `vel` and `beta` (16 copies of beta): the solver (`_advance`; mode 3:
+    `_mix` after the plain step, vel its history, gram its systems, metric its inner product; t0 the step
+    number of states[0]).
     m (k, n): k the latents, n their count padded to a multiple of BLOCK with zero columns (c, qinv, states
     and drives padded alike: c 0, qinv inf, so the padding stays 0).
 
@@ -509,7 +582,9 @@ def steps_rows(
                     else:
                         _row32(s, m, c, z, b, j, runs, first, many)
             if step:
-                _advance(s, z, qinv, states[t + 1], vel, beta, mode, b, b + rows)
+                _advance(s, z, qinv, states[t + 1], vel, beta, mode if mode < 3 else 0, b, b + rows)
+                if mode == 3:
+                    _mix(s, states[t + 1], vel, gram, metric, t0 + t, b, b + rows)
             b += rows
 
 
@@ -603,6 +678,7 @@ def program_rows(
     vel,
     beta,
     mode,
+    gram,
     driven,
     c,
     states,
@@ -630,7 +706,7 @@ def program_rows(
     runs, blocks, singles: M's runs of rows not all zero (`steps_rows`); order: the plan's index of each
     latent of the kernels' order (level by level, a level's causes grouped by position, so that M's zeros
     between positions form blocks). s0: the given start (rows, n, the kernels' order) or an empty array;
-    vel, beta, mode: the solver (`_advance`); driven, c, states, drives, squares, base, klat (the latents in
+    vel, beta, mode, gram: the solver (`steps_rows`); driven, c, states, drives, squares, base, klat (the latents in
     the kernels' order, which the maps' rows are in: a module's rows then meet only its patch): work buffers;
     energy, latent, predictions, errors, recon: the outputs (predictions and errors of all levels side by
     side).
@@ -652,7 +728,9 @@ def program_rows(
     for t0 in range(0, steps + 1, chunk):
         count = min(chunk, steps + 1 - t0)
         last = t0 + count == steps + 1
-        steps_rows(m, runs, blocks, singles, c, qinv, count, last, states, drives, vel, beta, mode, lo, hi)
+        steps_rows(
+            m, runs, blocks, singles, c, qinv, count, last, states, drives, vel, beta, mode, gram, scale2, t0, lo, hi
+        )
         energy_rows(
             states[:count], drives[:count], c, weight, scale2, segments, base[:, 0], energy[t0 : t0 + count], lo, hi
         )

@@ -163,8 +163,10 @@ def quadratic_steps(
     steps: int,
     threads: int = 1,
     solver: Solver = GRADIENT,
+    metric: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """`steps` steps of the recurrence: (states (T+1, B, n), drives (T+1, B, n)); s0 None starts at zeros.
+    """`steps` steps of the recurrence: (states (T+1, B, n), drives (T+1, B, n)); s0 None starts at zeros;
+    `metric`: Anderson's per-latent inner-product weights (None: all ones).
 
     The whole history, for the tests; `run` keeps one chunk of steps at a time.
     """
@@ -176,7 +178,10 @@ def quadratic_steps(
         states[0, :, :n] = s0
     moves = _solver_args(solver, batch, m.shape[1], m.dtype)
     structure = step_runs(m)
-    _parallel(_kernels()[1], batch, threads, m, *structure, cp, qp, steps + 1, True, states, drives, *moves, align=8)
+    weights = aligned((m.shape[1],))  # Anderson's inner product: the plain one where none is given
+    weights[:n] = 1.0 if metric is None else metric
+    args = (m, *structure, cp, qp, steps + 1, True, states, drives, *moves, weights, 0)
+    _parallel(_kernels()[1], batch, threads, *args, align=8)
     return states[..., :n], drives[..., :n]
 
 
@@ -210,14 +215,22 @@ def step_runs(m: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return np.array(runs, np.int64).reshape(-1, 2), blocks, np.array(singles, np.int64)
 
 
-def _solver_args(solver: Solver, batch: int, width: int, dtype: np.dtype) -> tuple[np.ndarray, np.ndarray, int]:
-    """The step kernel's solver arguments: the velocity (zeros, rows like the states; the plain step reads
-    none), beta in 16 lanes, the mode."""
-    velocity = aligned((batch, width)) if solver.kernel_mode else _NO_VELOCITY
-    return velocity, _lanes(float(solver.momentum)), solver.kernel_mode
+def _solver_args(
+    solver: Solver, batch: int, width: int, dtype: np.dtype
+) -> tuple[np.ndarray, np.ndarray, int, np.ndarray]:
+    """The step kernel's solver arguments (`steps_rows`): the velocity (zeros, rows like the states) or
+    Anderson's history (the last u and f and m differences of each per row), beta in 16 lanes, the mode, Anderson's
+    systems (float64); the plain step reads none of them."""
+    mode = solver.kernel_mode
+    if mode == 3:
+        m = solver.window
+        return aligned(((2 + 2 * m) * batch, width)), _lanes(0.0), mode, np.zeros((batch, m, 2 * m + 2))
+    velocity = aligned((batch, width)) if mode else _NO_VELOCITY
+    return velocity, _lanes(float(solver.momentum)), mode, _NO_SYSTEMS
 
 
 _NO_VELOCITY = np.zeros((1, 16), np.float32)
+_NO_SYSTEMS = np.zeros((1, 1, 3))
 
 
 @functools.cache

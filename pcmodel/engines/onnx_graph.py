@@ -95,6 +95,7 @@ class OnnxOps:
         self.constants: dict[tuple, str] = {}
         self.weights: dict[str, str] = {}
         self.swapped: dict[str, str] = {}
+        self.gram_rows: dict[str, int] = {}  # k of each Gram matrix built (the unrolled solve's size)
 
     # ---- graph building --------------------------------------------------------------------------
 
@@ -250,6 +251,39 @@ class OnnxOps:
 
     def sum_log(self, a: str) -> str:
         return self._rank_sum("ReduceSum", self.op("Log", a))
+
+    def _stack_rows(self, rows: Sequence[str]) -> str:  # k x (B, n) -> (B, k, n)
+        return self.op("Concat", *(self.op("Unsqueeze", r, self.shape(1)) for r in rows), axis=1)
+
+    def gram(self, rows: Sequence[str], metric: str | None) -> str:
+        stacked = self._stack_rows(rows)
+        weighted = stacked if metric is None else self.op("Mul", stacked, metric)
+        out = self.op("MatMul", weighted, self.op("Transpose", stacked, perm=[0, 2, 1]))
+        self.gram_rows[out] = len(rows)
+        return out
+
+    def ridge_solve(self, g: str, ridge: float, tiny: float) -> str:
+        """pcmodel.solvers.ridge_solve unrolled (ONNX has no solve): Gauss-Jordan elimination of
+        [A + lambda I | b] without pivoting (A + lambda I is symmetric positive definite); k is known when the
+        graph is built."""
+        k = self.gram_rows[g] - 1
+        eye = np.eye(k, dtype=np.float32)
+        a = self.op("Slice", g, self.shape(0, 0), self.shape(k, k), self.shape(1, 2))
+        b = self.op("Slice", g, self.shape(0, k), self.shape(k, k + 1), self.shape(1, 2))  # (B, k, 1)
+        trace = self.op("ReduceSum", self.op("Mul", a, self.const(eye)), self.shape(1, 2), keepdims=1)  # (B, 1, 1)
+        lam = self.op("Add", self.op("Mul", trace, self.const(ridge)), self.const(tiny))
+        system = self.op("Concat", self.op("Add", a, self.op("Mul", lam, self.const(eye))), b, axis=2)
+        for j in range(k):
+            row = self.op("Gather", system, self.const([j], np.int64), axis=1)  # (B, 1, k + 1)
+            row = self.op("Div", row, self.op("Gather", row, self.const([j], np.int64), axis=2))
+            column = self.op("Gather", system, self.const([j], np.int64), axis=2)  # (B, k, 1)
+            column = self.op("Sub", column, self.const(eye[:, j : j + 1]))  # so that row j becomes the scaled row
+            system = self.op("Sub", system, self.op("Mul", column, row))
+        return self.op("Squeeze", self.op("Gather", system, self.const([k], np.int64), axis=2), self.shape(2))
+
+    def sub_combination(self, base: str, coefficients: str, rows: Sequence[str]) -> str:
+        mixed = self.op("MatMul", self.op("Unsqueeze", coefficients, self.shape(1)), self._stack_rows(rows))
+        return self.op("Sub", base, self.op("Squeeze", mixed, self.shape(1)))  # base - sum_j c_j rows_j
 
     def conv(
         self,

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from ..kinds import phase_merge, phase_split
+from ..solvers import gram, ridge_solve, sub_combination
 from .plans import PlanLevel
 
 
@@ -55,6 +56,10 @@ class Ops(Protocol):
     def slope_error_(self, p: Any, e: Any) -> Any: ...
     def sum_squares(self, a: Any) -> Any: ...
     def sum_log(self, a: Any) -> Any: ...
+    # Anderson's small linear algebra (pcmodel.solvers: the definitions, and the torch implementation).
+    def gram(self, rows: Sequence[Any], metric: Any | None) -> Any: ...
+    def ridge_solve(self, g: Any, ridge: float, tiny: float) -> Any: ...
+    def sub_combination(self, base: Any, coefficients: Any, rows: Sequence[Any]) -> Any: ...
     # The primitives the level kinds' maps are written with (pcmodel.kinds: run_predict, ...).
     def conv(
         self, x: Any, weight: Any, stride: tuple[int, int] = ..., pads: tuple[int, int] = ..., taps: Any = ...
@@ -182,6 +187,10 @@ class TorchOps:
 
     def sum_log(self, a: torch.Tensor) -> torch.Tensor:
         return torch.log(a).reshape(a.shape[0], -1).sum(1)
+
+    gram = staticmethod(gram)
+    ridge_solve = staticmethod(ridge_solve)
+    sub_combination = staticmethod(sub_combination)
 
     def conv(
         self,

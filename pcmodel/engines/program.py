@@ -37,7 +37,8 @@ def quadratic_program(
 ) -> EngineRun:
     """s <- s M_s + c_s - (the prior's step) for T steps, then the energy of every step from the history.
 
-    The solver moves the scaled state s as it would r (s = r / scale per latent: the update is linear).
+    The solver moves the scaled state s as it would r (s = r / scale per latent: the momentum updates are
+    linear; Anderson's inner product is weighted by scale^2, r-space's).
     """
     flat = ops.flatten(x)  # (B, n_x)
     step = ops.weight("step", plan.step)
@@ -50,18 +51,19 @@ def quadratic_program(
         s = ops.matmul(flat, ops.weight("start", plan.start))
     prior = plan.prior
     coefficients = {k: ops.weight(f"prior_{k}", v) for k, v in plan.coefficients.items()}
-    states, drives, v = [s], [], None
+    scale = ops.weight("scale", plan.scale)
+    metric = None if solver.plain else ops.mul(scale, scale)  # Anderson's inner product: r-space's
+    states, drives, carried = [s], [], None
     for t in range(steps + 1):
         z = ops.affine(s, step, c)  # s M_s + c_s
         drives.append(z)
         if t == steps:
             break
         u = z if prior is None else prior.quadratic_step(ops, z, s, coefficients)
-        s, v = solver.update(ops, s, u, v)
+        (s,), carried = solver.advance(ops, [s], [u], carried, [tuple(plan.scale.shape)], metric)
         states.append(s)
     history = ops.stack(states)  # (T+1, B, n)
     zs = ops.exact_affine(history, step, c) if not ops.exact else ops.stack(drives)
-    scale = ops.weight("scale", plan.scale)
     gap = ops.sub(ops.sub(history, zs), c)  # s - z - c
     energy = ops.matvec(ops.mul(history, gap), ops.weight("energy_weight", plan.energy_weight))  # (T+1, B)
     base = ops.matvec(ops.mul(flat, flat), ops.weight("omega", plan.omega))  # (B,)
@@ -107,7 +109,7 @@ def levelwise_program(
             r = lv.kind.run_adjoint(ops, lv, lower, ops.weight(f"feedforward{i}", lv.feedforward))
         latents.append(r)
 
-    velocity: list[Any] = [None] * count
+    carried = None  # the solver's state (pcmodel.solvers)
     squared: list[list[Any]] = [[] for _ in levels]  # |e_l|^2 per image, per step
     priors: list[list[Any]] = [[] for _ in levels]  # sum psi(r) per image, per step (pcmodel.priors)
     for t in range(steps + 1):
@@ -137,8 +139,7 @@ def levelwise_program(
                 above = levels[i + 1]
                 u = ops.add_scaled_(u, above.kind.run_target_adjoint(ops, above, errors[i + 1]), -lv.rates.above)
             updated.append(u)
-        moved = [solver.update(ops, r, u, v) for r, u, v in zip(latents, updated, velocity)]
-        latents, velocity = [r for r, _ in moved], [v for _, v in moved]
+        latents, carried = solver.advance(ops, latents, updated, carried, plan.shapes)
 
     energy = ops.weight("const", plan.const)
     for i, lv in enumerate(levels):

@@ -199,7 +199,8 @@ def test_skipping_the_zero_rows_of_M_gives_the_same_bits(batch: int) -> None:
     for structure in ((runs, blocks, singles), every):
         states, drives = np.zeros((21, batch, n), np.float32), np.empty((20, batch, n), np.float32)
         velocity, beta = np.zeros((batch, n), np.float32), np.full(16, 0.7, np.float32)
-        steps_rows(m, *structure, c, qinv, 20, True, states, drives, velocity, beta, 2, 0, batch)
+        systems, metric = np.zeros((1, 1, 3)), np.ones(n, np.float32)
+        steps_rows(m, *structure, c, qinv, 20, True, states, drives, velocity, beta, 2, systems, metric, 0, 0, batch)
         results.append((states, drives))
     assert np.array_equal(results[0][0], results[1][0]) and np.array_equal(results[0][1], results[1][1])
 

@@ -297,7 +297,7 @@ def test_solver_and_init_fields(server, client, astronaut64):
     x = preprocess([decode(astronaut64)], model.config, size=(32, 32))
     served = client.encode(astronaut64, size_mode="resize", steps=20)
     assert (served.solver, served.init) == (model.solver().label, "amortised")  # the model's own (its config)
-    for solver in ("nesterov", "momentum", "gradient"):
+    for solver in ("nesterov", "momentum", "gradient", "anderson"):
         result = client.encode(astronaut64, size_mode="resize", steps=20, solver=solver, init="zero")
         local = model.infer(x, steps=20, solver=solver, init="zero")
         assert result.solver == model.solver(solver).label and result.init == "zero"
@@ -307,7 +307,7 @@ def test_solver_and_init_fields(server, client, astronaut64):
     assert served.energy_final < paper.energy_final  # the served dynamics get further in the same steps
     card = client.model()
     assert card["solver"]["default"] in (model.config.solver, model.solver().label)
-    assert card["solver"]["choices"] == ["gradient", "momentum", "nesterov"]
+    assert card["solver"]["choices"] == ["gradient", "momentum", "nesterov", "anderson"]
     assert card["init"]["default"] == "amortised" and "zero" in card["init"]["choices"]
     before = server.metrics()
     for fields in ({"solver": "adam"}, {"init": "random"}, {"solver": ""}):
