@@ -51,8 +51,8 @@ def export(
 
     `init`: the file takes the starting latents as inputs `r0_1`..`r0_L`. `solver`: the dynamics unrolled
     (pcmodel.solvers; None: the model's own). With `check`, onnxruntime runs
-    the file on a random batch and its latents must match the torch backend's within 1e-4 (raises
-    ValueError otherwise).
+    the file on a random batch and its latents must match the torch backend's within 1e-4 (Anderson: 1e-4 of
+    the latents' largest magnitude; raises ValueError otherwise).
     """
     hw = tuple(model.config.input_shape[1:] if input_hw is None else input_hw)
     start = time.perf_counter()
@@ -125,8 +125,12 @@ def check_file(
     values = dict(zip([o.name for o in session.get_outputs()], session.run(None, feed)))
     expected = model.infer(x, steps=steps, backend="torch", init=r0, solver=solver)
     worst = max(float(np.abs(values[f"latent_{i + 1}"] - r.numpy()).max()) for i, r in enumerate(expected.latents))
-    if not worst <= 1e-4:
-        raise ValueError(f"{path}: onnxruntime's latents differ from the torch backend's by {worst:.3g} (> 1e-4)")
+    # Anderson's float32 results agree to 1e-4 of the latents' scale (docs/MODEL.md), the other solvers' to 1e-4
+    scale = max(1.0, *(float(r.abs().max()) for r in expected.latents)) if solver and solver.name == "anderson" else 1
+    if not worst <= 1e-4 * scale:
+        raise ValueError(
+            f"{path}: onnxruntime's latents differ from the torch backend's by {worst:.3g} (> {1e-4 * scale:.3g})"
+        )
     return worst
 
 

@@ -57,7 +57,7 @@ class OrtProgram:
         self.threads = threads or torch.get_num_threads()
         self.optimization = ort_optimization(plan.kind)
         self.init = init  # the graph takes r0_1..r0_L
-        graph = build_graph(plan, steps, outputs=FULL_OUTPUTS, init=init, solver=solver)
+        graph = build_graph(plan, steps, outputs=FULL_OUTPUTS, init=init, solver=solver, portable=False)
         self.graph = graph.SerializeToString()
         self.outputs = [o.name for o in graph.graph.output]
         self.sessions: dict[int, Any] = {}  # intra-op threads -> InferenceSession

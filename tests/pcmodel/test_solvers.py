@@ -157,18 +157,25 @@ def test_the_config_serves_its_solver_and_keeps_old_hashes(generator):
             model.config.replace(**bad)
 
 
-def test_export_with_a_solver_runs_it(tmp_path, generator):
+@pytest.mark.parametrize("solver", ["nesterov", "anderson"])
+def test_export_with_a_solver_runs_it_in_standard_onnx(solver, tmp_path, generator):
+    """pc-export's graph uses standard ONNX ops only (the onnxruntime backend's may use onnxruntime's own:
+    Anderson's small solve as com.microsoft Inverse) and runs the solver as the loop does."""
     model = pcmodel.load("rao-ballard-1999")
     out = tmp_path / "m.onnx"
-    code = export_main(["rao-ballard-1999", "--steps", "15", "--solver", "nesterov", "-o", str(out)])
+    code = export_main(["rao-ballard-1999", "--steps", "15", "--solver", solver, "-o", str(out)])
     assert code in (0, None)
     graph = onnx.load(str(out))
-    assert {p.key: p.value for p in graph.metadata_props}["solver"] == model.solver("nesterov").label
+    assert {p.key: p.value for p in graph.metadata_props}["solver"] == model.solver(solver).label
+    assert {node.domain for node in graph.graph.node} == {""} and [o.domain for o in graph.opset_import] == [""]
     x = torch.rand((2, *model.config.input_shape), generator=generator)
     session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
-    latent = session.run(["latent_1"], {"x": x.numpy()})[0]
-    expected = model.infer(x, steps=15, backend="loop", solver="nesterov")
-    assert float(abs(torch.from_numpy(latent) - expected.latents[0]).max()) <= 1e-4
+    latent = torch.from_numpy(session.run(["latent_1"], {"x": x.numpy()})[0])
+    expected = model.infer(x, steps=15, backend="loop", solver=solver).latents[0]
+    assert float(abs(latent - expected).max()) <= 1e-4 * max(1.0, float(expected.abs().max()))
+    if solver == "anderson":  # the backend's graph: onnxruntime's Inverse, the same result
+        backend = model.infer(x, steps=15, backend="onnxruntime", solver=solver).latents[0]
+        assert float(abs(backend - latent).max()) <= 1e-4 * max(1.0, float(expected.abs().max()))
 
 
 def test_with_dynamics_serves_the_same_weights_with_other_defaults(generator):
