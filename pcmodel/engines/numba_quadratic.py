@@ -77,7 +77,7 @@ def _parallel(fn: Any, batch: int, threads: int, *args: Any, align: int = 1) -> 
         return
     parts = min(threads, batch)
     align = align if batch >= align * parts else 1
-    edges = [min(batch, align * round(i * batch / parts / align)) for i in range(parts + 1)]
+    edges = [min(batch, align * round(i * batch / parts / align)) for i in range(parts)] + [batch]
     ranges = [(lo, hi) for lo, hi in itertools.pairwise(edges) if hi > lo]
     if len(ranges) == 1:
         fn(*args, 0, batch)
