@@ -40,7 +40,7 @@ SOLVERS = ("gradient", "momentum", "nesterov", "anderson")
 DEFAULT_MOMENTUM = 0.7  # beta where a config does not say: measured best at 10-20 steps (docs/PERFORMANCE.md)
 DEFAULT_WINDOW = 5  # Anderson's m where a config does not say: measured best at 10-14 steps (docs/PERFORMANCE.md)
 MAX_WINDOW = 8  # m + 1 residuals a step: the small solve is unrolled in the ONNX graph
-RIDGE = 1e-4  # lambda / tr(A) (module docstring; measured: docs/PERFORMANCE.md)
+RIDGE = 1e-3  # lambda / tr(A) (module docstring; measured: docs/PERFORMANCE.md)
 TINY = 1e-30  # lambda's floor, so that an image whose residuals stop changing (A = 0) takes the plain step
 
 
@@ -143,6 +143,14 @@ class Solver:
 
 
 GRADIENT = Solver()
+
+
+def float32_tolerance(solver: Solver, scale: float) -> float:
+    """How closely two float32 backends' latents agree under `solver` (largest absolute difference): 1e-4,
+    and for Anderson 1e-3 of the latents' largest magnitude `scale` (at least 1): its least squares amplify
+    rounding on hard images, where the float32 loop itself is that far from the float64 one (measured on
+    held-out windows: docs/PERFORMANCE.md)."""
+    return 1e-3 * max(1.0, scale) if solver.name == "anderson" else 1e-4
 
 
 def solver_for(name: str | Solver | None, default: Solver, momentum: float, window: int = DEFAULT_WINDOW) -> Solver:

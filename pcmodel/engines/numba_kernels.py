@@ -331,7 +331,7 @@ def _advance(s, z, q, following, vel, beta, mode, lo, hi):  # pragma: no cover -
                 vstore(following, o, vadd(sv, v) if mode == 1 else vfmav(bv, v, nxt))
 
 
-RIDGE, TINY = 1e-4, 1e-30  # pcmodel.solvers.RIDGE and TINY (a compiled kernel reads module constants)
+RIDGE, TINY = 1e-3, 1e-30  # pcmodel.solvers.RIDGE and TINY (a compiled kernel reads module constants)
 
 
 @jit

@@ -238,3 +238,10 @@ def test_the_matmul_skips_zero_columns_with_the_same_bits() -> None:
 def test_the_kernel_order_groups_causes_by_position() -> None:
     order = fused.kernel_order([(2, 1, 3), (4, 1, 1)])  # 2 causes at 3 positions, then 4 causes at 1
     assert order.tolist() == [0, 3, 1, 4, 2, 5, 6, 7, 8, 9]
+
+
+def test_the_kernels_anderson_constants_are_the_solvers() -> None:
+    from pcmodel import solvers
+    from pcmodel.engines import numba_kernels
+
+    assert (numba_kernels.RIDGE, numba_kernels.TINY) == (solvers.RIDGE, solvers.TINY)

@@ -22,7 +22,7 @@ from pcmodel import PCModel, Solver, UnstableStepError
 from pcmodel.config import ConfigError
 from pcmodel.energy import step_rates
 from pcmodel.export import main as export_main
-from pcmodel.solvers import RIDGE, TINY
+from pcmodel.solvers import RIDGE, TINY, float32_tolerance
 
 from .conftest import KINDS, tiny_config
 from .test_backends import assert_same_inference, fast_backends, stable_model
@@ -44,7 +44,8 @@ def test_every_backend_runs_each_solver_as_the_loop_does(kind, f, solver, genera
         for backend in fast_backends(model):
             result = model.infer(x, backend=backend, init=init, solver=solver)
             assert result.backend == backend
-            assert_same_inference(result, expected)
+            scale = max(float(r.abs().max()) for r in expected.latents)
+            assert_same_inference(result, expected, atol=float32_tolerance(solver, scale))
 
 
 @pytest.mark.parametrize("preset", sorted(pcmodel.PRESETS))
@@ -172,10 +173,11 @@ def test_export_with_a_solver_runs_it_in_standard_onnx(solver, tmp_path, generat
     session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
     latent = torch.from_numpy(session.run(["latent_1"], {"x": x.numpy()})[0])
     expected = model.infer(x, steps=15, backend="loop", solver=solver).latents[0]
-    assert float(abs(latent - expected).max()) <= 1e-4 * max(1.0, float(expected.abs().max()))
+    tolerance = float32_tolerance(model.solver(solver), float(expected.abs().max()))
+    assert float(abs(latent - expected).max()) <= tolerance
     if solver == "anderson":  # the backend's graph: onnxruntime's Inverse, the same result
         backend = model.infer(x, steps=15, backend="onnxruntime", solver=solver).latents[0]
-        assert float(abs(backend - latent).max()) <= 1e-4 * max(1.0, float(expected.abs().max()))
+        assert float(abs(backend - latent).max()) <= tolerance
 
 
 def test_with_dynamics_serves_the_same_weights_with_other_defaults(generator):
@@ -247,8 +249,8 @@ def test_the_loops_anderson_is_anderson_acceleration(kind, generator):
 
 @pytest.mark.parametrize("preset", sorted(pcmodel.PRESETS))
 def test_the_presets_run_anderson_on_every_backend_batch_invariant(preset, generator):
-    """Within 1e-4 of the latents' scale of the loop (Anderson fits nearly parallel residuals: the float32
-    loop itself is only that close to the float64 one, docs/PERFORMANCE.md), the same bits alone and in a
+    """Within float32_tolerance of the loop (1e-3 of the latents' scale: Anderson's least squares amplify
+    rounding, and the float32 loop itself is only that close to the float64 one), the same bits alone and in a
     batch on the fast backend and the row-by-row torch backend; a blank image stays at zero, no NaN."""
     model = pcmodel.load(preset)
     x = torch.rand((5, *model.config.input_shape), generator=generator) * 2 - 1
@@ -257,9 +259,10 @@ def test_the_presets_run_anderson_on_every_backend_batch_invariant(preset, gener
     scale = max(float(r.abs().max()) for r in expected.latents)
     exact = model.infer(x.double(), backend="loop", steps=12, solver=solver)
     drift = max(float((a - b).abs().max()) for a, b in zip(expected.latents, exact.latents))
-    assert drift <= 1e-4 * scale
+    assert drift <= float32_tolerance(solver, scale)
     for backend in fast_backends(model):
-        assert_same_inference(model.infer(x, backend=backend, steps=12, solver=solver), expected, atol=1e-4 * scale)
+        result = model.infer(x, backend=backend, steps=12, solver=solver)
+        assert_same_inference(result, expected, atol=float32_tolerance(solver, scale))
         blank = model.infer(torch.zeros_like(x[:2]), backend=backend, steps=12, solver=solver, init="zero")
         assert all(float(r.abs().max()) == 0 for r in blank.latents) and bool(torch.isfinite(blank.energy).all())
     model.prepare(steps=[12], shapes=[x.shape[1:]], solvers=[solver])
