@@ -16,6 +16,7 @@ import pcmodel
 from pcmodel import PCModel, kinds
 from pcmodel.engines import SPECS, plans
 from pcmodel.engines import onnxruntime as ort_engine
+from pcmodel.solvers import float32_tolerance
 
 from .conftest import KINDS, tiny_config
 
@@ -74,8 +75,9 @@ def test_fast_paths_equal_the_loop_on_the_presets(preset, generator):
     model = pcmodel.load(preset)
     x = torch.rand((5, *model.config.input_shape), generator=generator) * 2 - 1
     expected = model.infer(x, backend="loop")
-    for backend in fast_backends(model):
-        assert_same_inference(model.infer(x, backend=backend), expected)
+    tolerance = float32_tolerance(model.solver(), max(float(r.abs().max()) for r in expected.latents))
+    for backend in fast_backends(model):  # at the served dynamics (rao-ballard-1999: Anderson)
+        assert_same_inference(model.infer(x, backend=backend), expected, atol=tolerance)
     model.prepare(shapes=[x.shape[1:]])
     auto = model.infer(x)  # the automatic rule on a CPU, float32, default steps, prepared shape
     assert (auto.backend, auto.reason) == (automatic(model), "")

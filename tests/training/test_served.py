@@ -29,9 +29,30 @@ def test_served_sets_the_dynamics_and_keeps_the_weights(tmp_path, capsys):
     assert served.infer(torch.zeros(1, *TINY.input_shape)).latents[0].abs().max() == 0  # runs: zero in, zero out
 
 
+def test_served_sets_anderson_with_its_window(tmp_path, capsys):
+    path = tmp_path / "tiny.safetensors"
+    pcmodel.create(TINY, seed=3).save(path)
+    out = tmp_path / "served.safetensors"
+    assert main([str(path), "--solver", "anderson", "--window", "3", "--out", str(out)]) == 0
+    assert "anderson(3)" in capsys.readouterr().out
+    served = pcmodel.load(out)
+    assert (served.config.solver, served.config.window) == ("anderson", 3)
+    assert served.solver() == pcmodel.Solver("anderson", window=3)
+    back = tmp_path / "back.safetensors"  # and back to the paper's dynamics: the window's neutral value again
+    assert main([str(out), "--solver", "gradient", "--out", str(back)]) == 0
+    assert pcmodel.load(back).config == pcmodel.load(path).config
+
+
 @pytest.mark.parametrize(
     "argv",
-    [["--init", "amortised"], ["--momentum", "1.5"], ["--solver", "newton"], ["--steps", "0"]],
+    [
+        ["--init", "amortised"],
+        ["--momentum", "1.5"],
+        ["--solver", "newton"],
+        ["--steps", "0"],
+        ["--window", "0"],
+        ["--solver", "anderson", "--window", "9"],
+    ],
 )
 def test_served_refuses_a_bad_setting_in_one_line(tmp_path, capsys, argv):
     path = tmp_path / "tiny.safetensors"
