@@ -219,8 +219,8 @@ def _solver_args(
     solver: Solver, batch: int, width: int, dtype: np.dtype
 ) -> tuple[np.ndarray, np.ndarray, int, np.ndarray]:
     """The step kernel's solver arguments (`steps_rows`): the velocity (zeros, rows like the states) or
-    Anderson's history (the last u and f and m differences of each per row), beta in 16 lanes, the mode, Anderson's
-    systems (float64); the plain step reads none of them."""
+    Anderson's history (per row the last u and f and m differences of each), beta in 16 lanes, the mode,
+    Anderson's systems (float64); the plain step reads none of them."""
     mode = solver.kernel_mode
     if mode == 3:
         m = solver.window

@@ -52,7 +52,7 @@ def quadratic_program(
     prior = plan.prior
     coefficients = {k: ops.weight(f"prior_{k}", v) for k, v in plan.coefficients.items()}
     scale = ops.weight("scale", plan.scale)
-    metric = None if solver.plain else ops.mul(scale, scale)  # Anderson's inner product: r-space's
+    metric = ops.mul(scale, scale) if solver.name == "anderson" else None  # its inner product: r-space's
     states, drives, carried = [s], [], None
     for t in range(steps + 1):
         z = ops.affine(s, step, c)  # s M_s + c_s
