@@ -13,7 +13,9 @@ than one gradient a step.) On held-out crops (scikit-learn's two photos), agains
 paper's steps from zero), after T gradient evaluations: the median energy gap (E_T - E*) / |E*| and the
 per-level latent distance, in percent, for the paper's gradient step, the served Nesterov and Anderson with
 each window, each from zero and from the amortised start. Computed in float64 with the definition's gradient
-(`model.gradients`), so the numbers are the methods', not a backend's. A research tool: nothing here is served.
+(`model.gradients`), so the numbers are the methods', not a backend's. A research tool, kept as the measurement
+that chose the solver: the served one is pcmodel.solvers' `anderson` (the same type-II iteration with a ridge
+of 1e-3 tr(A) instead of 1e-10, for float32; docs/PERFORMANCE.md "Issue 21: Anderson as a solver").
 """
 
 from __future__ import annotations
