@@ -312,7 +312,9 @@ def test_cuda_graph_equals_the_loop(preset, generator):
         x = (torch.rand((batch, *model.config.input_shape), generator=generator) * 2 - 1).cuda()
         result = model.infer(x)
         assert result.backend == "cuda-graph"
-        assert_same_inference(result, model.infer(x, backend="loop"))
+        expected = model.infer(x, backend="loop")  # the served dynamics (rao-ballard-1999: Anderson's solve_ex)
+        tolerance = float32_tolerance(model.solver(), max(float(r.abs().max()) for r in expected.latents))
+        assert_same_inference(result, expected, atol=tolerance)
     assert {key[2] for key in model.engines.backend("cuda-graph").programs} == {1, 4, 8}
 
 
