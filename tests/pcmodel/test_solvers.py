@@ -87,6 +87,17 @@ def test_each_solvers_bound_is_where_divergence_starts(solver, generator):
     )
 
 
+def test_anderson_below_the_gradient_bound_stays_bounded_on_long_runs(generator):
+    """Anderson is held to the plain step's bound (factor 1): just below it, 2,000 steps on a linear network
+    stay finite and end lower than they start (above it Anderson may still converge: it extrapolates, so no
+    divergence is asserted there)."""
+    x = torch.randn((2, 3, 12, 12), generator=generator, dtype=torch.float64)
+    for window in (1, 5):
+        solver = Solver("anderson", window=window)
+        result = _linear_model(generator, solver, 0.97).infer(x, steps=2000, backend="loop", solver=solver)
+        assert torch.isfinite(result.energy).all() and (result.energy[-1] <= result.energy[0]).all()
+
+
 def test_factors_of_the_bounds():
     assert Solver().bound_factor == 1
     assert Solver("momentum", 0.7).bound_factor == pytest.approx(1.7)
