@@ -38,7 +38,7 @@ import torch
 
 SOLVERS = ("gradient", "momentum", "nesterov", "anderson")
 DEFAULT_MOMENTUM = 0.7  # beta where a config does not say: measured best at 10-20 steps (docs/PERFORMANCE.md)
-DEFAULT_WINDOW = 5  # Anderson's m where a config does not say: measured best at 10-14 steps (docs/PERFORMANCE.md)
+DEFAULT_WINDOW = 5  # Anderson's m where a config does not say: near the best of 3 to 8 at 10-20 steps (measured)
 MAX_WINDOW = 8  # m + 1 residuals a step: the small solve is unrolled in the ONNX graph
 RIDGE = 1e-3  # lambda / tr(A) (module docstring; measured: docs/PERFORMANCE.md)
 TINY = 1e-30  # lambda's floor, so that an image whose residuals stop changing (A = 0) takes the plain step

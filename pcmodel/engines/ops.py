@@ -9,7 +9,6 @@ level 1. Methods ending in `_` may overwrite their first argument.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from typing import Any, Protocol
 
@@ -17,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from ..kinds import phase_merge, phase_split
-from ..solvers import gram, ridge_solve, sub_combination
+from ..solvers import TensorOps
 from .plans import PlanLevel
 
 
@@ -72,8 +71,10 @@ class Ops(Protocol):
     def patches_to_map(self, patches: Any, lv: PlanLevel) -> Any: ...
 
 
-class TorchOps:
-    """Eager torch. `operand` (CUDA only): the dtype of matmul and convolution operands (bf16)."""
+class TorchOps(TensorOps):
+    """Eager torch. `operand` (CUDA only): the dtype of matmul and convolution operands (bf16). The
+    elementwise algebra, the rows' reshaping and Anderson's linear algebra are the plain loop's own
+    (pcmodel.solvers.TensorOps), written once."""
 
     math = torch
 
@@ -100,21 +101,11 @@ class TorchOps:
     def sum_rows(self, a: torch.Tensor) -> torch.Tensor:
         return a.reshape(a.shape[0], -1).sum(1)
 
-    def concat_rows(self, values: Sequence[torch.Tensor]) -> torch.Tensor:
-        return torch.cat(list(values), dim=1)
-
     def one(self) -> torch.Tensor:
         return self._one
 
-    def flatten(self, x: torch.Tensor) -> torch.Tensor:
-        return x.reshape(x.shape[0], -1)
-
     def reshape_rows(self, x: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
         return x.reshape(x.shape[0], *shape)
-
-    def split_latents(self, flat: torch.Tensor, shapes: Sequence[Sequence[int]]) -> list[torch.Tensor]:
-        parts = torch.split(flat, [math.prod(s) for s in shapes], 1)
-        return [p.reshape(flat.shape[0], *s).contiguous() for p, s in zip(parts, shapes)]
 
     def zeros_like_rows(self, x: torch.Tensor) -> torch.Tensor:
         return torch.zeros_like(x)
@@ -145,17 +136,8 @@ class TorchOps:
         finally:
             torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
 
-    def add(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-        return a + b
-
-    def sub(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-        return a - b
-
     def mul(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         return a * b
-
-    def scale(self, a: torch.Tensor, factor: float) -> torch.Tensor:
-        return a * factor
 
     def log1p(self, a: torch.Tensor) -> torch.Tensor:
         return torch.log1p(a)
@@ -168,9 +150,6 @@ class TorchOps:
 
     def add_(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         return a.add_(b)
-
-    def add_scaled_(self, a: torch.Tensor, b: torch.Tensor, alpha: float) -> torch.Tensor:
-        return a.add_(b, alpha=alpha)
 
     def addcdiv_(self, a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, value: float) -> torch.Tensor:
         return a.addcdiv_(b, c, value=value)
@@ -187,10 +166,6 @@ class TorchOps:
 
     def sum_log(self, a: torch.Tensor) -> torch.Tensor:
         return torch.log(a).reshape(a.shape[0], -1).sum(1)
-
-    gram = staticmethod(gram)
-    ridge_solve = staticmethod(ridge_solve)
-    sub_combination = staticmethod(sub_combination)
 
     def conv(
         self,
