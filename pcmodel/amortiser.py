@@ -21,9 +21,11 @@ zero, so a fresh amortiser starts the latents at zero.
 
 The parameters are named `level{l}.A.{in,mid,out}.{weight,bias}` (pcmodel.parameters.amortiser_specs)
 and stored in the checkpoint next to U; the model's content hash covers U and the config only, so fitting
-an amortiser leaves a model's identity alone (pcmodel.checkpoint). Computed once per image, in torch,
-before any backend refines it from there (`model.infer(x, init="amortised")`), or inside an exported ONNX
-file (pc-export of a model served from its amortised start).
+an amortiser leaves a model's identity alone (pcmodel.checkpoint). Computed once per image before any
+backend refines it from there (`model.infer(x, init="amortised")`): in torch, or, for calls a backend that
+builds programs serves on a CPU, by onnxruntime from this same definition (a graph of its own:
+pcmodel.engines.onnxruntime.OrtGuess, 5-10x faster); and inside an exported ONNX file (pc-export of a model
+served from its amortised start).
 """
 
 from __future__ import annotations

@@ -32,7 +32,7 @@ from .energy import (
     weight_gradients,
 )
 from .energy import energy as energy_of
-from .engines import EngineState
+from .engines import Choice, EngineState
 from .images import preprocess as preprocess_images
 from .levels import Level
 from .parameters import as_params, level_weights, params_key
@@ -266,7 +266,8 @@ class PCModel:
             level_shapes(self.config, shape[1:])  # raises ConfigError for a size the hierarchy does not tile
         self.engines.set_prepared(steps, full, None if solvers is None else [self.solver(s) for s in solvers])
         if build and self.device.type == "cpu":
-            self.engines.build(self.params, params_key(self.params), self.device)
+            amortiser = None if self._amortiser is None else self._amortiser.params
+            self.engines.build(self.params, params_key(self.params), self.device, amortiser)
 
     def with_dynamics(
         self, steps: int | None = None, init: str | None = None, solver: str | Solver | None = None
@@ -323,8 +324,9 @@ class PCModel:
 
         `init`: where the latents start. None: the config's start (`initial_latents`: zeros,
         feed-forward or amortised); "zero": zeros; "amortised": the amortiser's guess
-        (`amortised_latents`, computed here in torch and handed to the backend as its start; ValueError
-        for a model without an amortiser); or a list of tensors shaped like `result.latents` (one per
+        (`amortised_latents`, handed to the backend as its start; computed in onnxruntime where a backend
+        that builds programs serves the call on a CPU, equal to torch's within float32 rounding, else in
+        torch; ValueError for a model without an amortiser); or a list of tensors shaped like `result.latents` (one per
         level, level 1 first, batch first: e.g. a previous result's latents, a warm start).
 
         `solver`: the dynamics (pcmodel.solvers). None: the config's (`config.solver`); "gradient": the
@@ -349,7 +351,6 @@ class PCModel:
         dynamics = self.solver(solver)
         with torch.inference_mode():
             x, levels = self._input(x)
-            r0 = self._start(init, x, levels)
             key = params_key(self.params)
             choice = self.engines.choose(
                 backend,
@@ -361,6 +362,7 @@ class PCModel:
                 key=key,
                 solver=dynamics,
             )
+            r0 = self._start(init, x, levels, choice)
             if choice.backend == "loop":
                 weights = [w.to(x.dtype) for w in self.weights]
                 result = infer_loop(self.config, levels, weights, x, steps, tol, init=r0, solver=dynamics)
@@ -385,9 +387,15 @@ class PCModel:
             )
 
     def _start(
-        self, init: str | Sequence[torch.Tensor] | None, x: torch.Tensor, levels: Sequence[Level]
+        self,
+        init: str | Sequence[torch.Tensor] | None,
+        x: torch.Tensor,
+        levels: Sequence[Level],
+        choice: Choice | None = None,
     ) -> list[torch.Tensor] | None:
-        """The starting latents a call gives (None: the config's own start), checked and in x's dtype."""
+        """The starting latents a call gives (None: the config's own start), checked and in x's dtype. The
+        amortised one comes from the engines where the `choice`'s backend has them compute it (onnxruntime
+        on a CPU: EngineState.guess), else from torch (`amortised_latents`)."""
         if init is None and self.config.initial_latents == "amortised":
             init = "amortised"
         if init is None or (init in ("zero", "zeros") and self.config.initial_latents == "zeros"):
@@ -395,7 +403,10 @@ class PCModel:
         shapes = [(x.shape[0], *lv.geometry.latent) for lv in levels]
         if isinstance(init, str):
             if init == "amortised":
-                return self.amortised_latents(x)
+                guessed = None
+                if choice is not None and self._amortiser is not None:
+                    guessed = self.engines.guess(choice, self._amortiser.params, x)
+                return self.amortised_latents(x) if guessed is None else guessed
             if init not in ("zero", "zeros"):
                 raise ValueError(f"init must be 'zero', 'amortised', a list of latents or None, got {init!r}")
             return [x.new_zeros(s) for s in shapes]

@@ -371,6 +371,22 @@ class OnnxOps:
         return self.op("Div", self.fold_patches(patches, lv), self.const(weight))
 
 
+def build_guess_graph(levels: Sequence[Level], params: Mapping[str, torch.Tensor]) -> onnx.ModelProto:
+    """The amortised start alone (pcmodel.amortiser, the same definition as in torch): input `x` (batch,
+    C, H, W) at the levels' size, outputs `guess_1` ... `guess_L` (batch, causes_l, H_l, W_l)."""
+    ops = OnnxOps(portable=True)
+    guesses = amortised_latents(levels, params, "x", ops)
+    outputs = []
+    for i, (value, level) in enumerate(zip(guesses, levels), 1):
+        ops.nodes.append(helper.make_node("Identity", [value], [f"guess_{i}"]))
+        outputs.append(helper.make_tensor_value_info(f"guess_{i}", TensorProto.FLOAT, ["batch", *level.geometry.latent]))
+    inputs = [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", *levels[0].geometry.lower])]
+    graph = helper.make_graph(ops.nodes, "pcmodel-amortised-start", inputs, outputs, ops.initializers)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], producer_name="pcmodel")
+    model.ir_version = 8
+    return model
+
+
 def build_graph(
     plan: Plan,
     steps: int,

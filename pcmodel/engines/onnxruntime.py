@@ -15,12 +15,14 @@ import importlib.util
 import itertools
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
+import numpy as np
 import torch
 
+from ..levels import Level
 from ..results import EngineRun, join
 from ..solvers import GRADIENT, Solver
 from .base import BackendSpec
@@ -37,29 +39,16 @@ def available_cores() -> int:
         return os.cpu_count() or 1
 
 
-class OrtProgram:
-    """onnxruntime sessions for (model weights, T, input size) with a dynamic batch axis.
+class OrtSessions:
+    """One graph's onnxruntime sessions, made on first use (at most two: all threads, one thread), and its
+    run on a batch: on the session with all threads, or split into `ort_shards` shards that run at once,
+    each on one thread, through the single-threaded session (its run() is thread-safe and releases the
+    GIL). Images are independent, so every image gets the same arithmetic either way."""
 
-    The weights are baked into the graph as initializers, as in a pc-export file: onnxruntime prepacks
-    constant matrices (the measured gain at batch 1: docs/PERFORMANCE.md).
-    A batch runs on one session with all threads, or split into `ort_shards` shards that run at once,
-    each on one thread, through one single-threaded session (its run() is thread-safe and releases the
-    GIL). Images are independent, so every image gets the same arithmetic either way. Sessions are made
-    on first use: at most two (all threads, one thread) per program.
-    """
-
-    def __init__(
-        self, plan: Plan, steps: int, threads: int | None = None, init: bool = False, solver: Solver = GRADIENT
-    ) -> None:
-        from .onnx_graph import FULL_OUTPUTS, build_graph  # onnx is imported when a graph is first built
-
-        self.steps = steps
-        self.threads = threads or torch.get_num_threads()
-        self.optimization = ort_optimization(plan.kind)
-        self.init = init  # the graph takes r0_1..r0_L
-        graph = build_graph(plan, steps, outputs=FULL_OUTPUTS, init=init, solver=solver, portable=False)
-        self.graph = graph.SerializeToString()
-        self.outputs = [o.name for o in graph.graph.output]
+    def __init__(self, graph: bytes, optimization: Any, threads: int) -> None:
+        self.graph = graph
+        self.optimization = optimization
+        self.threads = threads
         self.sessions: dict[int, Any] = {}  # intra-op threads -> InferenceSession
 
     def session(self, threads: int) -> Any:
@@ -78,21 +67,49 @@ class OrtProgram:
             self.sessions[threads] = found
         return found
 
+    def run(self, outputs: Sequence[str], feed: dict[str, Any], shard: bool = True) -> list[list[Any]]:
+        """Each shard's output arrays (one shard: the whole batch), in batch order."""
+        batch = next(iter(feed.values())).shape[0]
+        shards = ort_shards(batch, self.threads) if shard else 1
+        if shards == 1:
+            return [self.session(self.threads).run(outputs, feed)]
+        edges = [round(i * batch / shards) for i in range(shards + 1)]
+        parts = [{k: v[a:b] for k, v in feed.items()} for a, b in itertools.pairwise(edges)]
+        session = self.session(1)
+        pending = [_shard_pool(shards - 1).submit(session.run, outputs, p) for p in parts[1:]]
+        return [session.run(outputs, parts[0]), *(f.result() for f in pending)]  # first shard here
+
+
+class OrtProgram:
+    """The inference program for (model weights, T, input size) with a dynamic batch axis (OrtSessions).
+
+    The weights are baked into the graph as initializers, as in a pc-export file: onnxruntime prepacks
+    constant matrices (the measured gain at batch 1: docs/PERFORMANCE.md).
+    """
+
+    def __init__(
+        self, plan: Plan, steps: int, threads: int | None = None, init: bool = False, solver: Solver = GRADIENT
+    ) -> None:
+        from .onnx_graph import FULL_OUTPUTS, build_graph  # onnx is imported when a graph is first built
+
+        self.steps = steps
+        self.init = init  # the graph takes r0_1..r0_L
+        graph = build_graph(plan, steps, outputs=FULL_OUTPUTS, init=init, solver=solver, portable=False)
+        self.outputs = [o.name for o in graph.graph.output]
+        threads = threads or torch.get_num_threads()
+        self.sessions = OrtSessions(graph.SerializeToString(), ort_optimization(plan.kind), threads)
+
+    @property
+    def threads(self) -> int:
+        return self.sessions.threads
+
     def run(self, x: torch.Tensor, r0: Sequence[torch.Tensor] | None = None, shard: bool = True) -> EngineRun:
         """Run the T steps on x (B, C, H, W) from r0, sharded by `ort_shards` unless `shard` is False."""
         assert (r0 is not None) == self.init, "a program takes r0 exactly when it was built for it"
         feed = {"x": x.detach().contiguous().numpy()}
         for i, r in enumerate(r0 or (), 1):
             feed[f"r0_{i}"] = r.detach().to(torch.float32).contiguous().numpy()
-        shards = ort_shards(x.shape[0], self.threads) if shard else 1
-        if shards == 1:
-            return self._result(self.session(self.threads).run(self.outputs, feed))
-        edges = [round(i * x.shape[0] / shards) for i in range(shards + 1)]
-        parts = [{k: v[a:b] for k, v in feed.items()} for a, b in itertools.pairwise(edges)]
-        session = self.session(1)
-        pending = [_shard_pool(shards - 1).submit(session.run, self.outputs, p) for p in parts[1:]]
-        done = [session.run(self.outputs, parts[0]), *(f.result() for f in pending)]  # first shard here
-        return join([self._result(d) for d in done])
+        return join([self._result(d) for d in self.sessions.run(self.outputs, feed, shard)])
 
     def _result(self, values: list[Any]) -> EngineRun:
         named = {k: torch.from_numpy(v) for k, v in zip(self.outputs, values)}
@@ -104,6 +121,29 @@ class OrtProgram:
             errors=[named[f"error_{i + 1}"] for i in range(count)],
             reconstruction=named["reconstruction"],
         )
+
+
+class OrtGuess:
+    """The amortised start (pcmodel.amortiser) for one input size as an onnxruntime graph (OrtSessions).
+
+    torch's convolutions round differently with the batch size, so `PCModel.amortised_latents` runs them
+    row by row on a CPU (0.22 ms a row for rao-ballard-1999's maps, 2.3 ms for a 256 x 256 photo of
+    conv-rgb); onnxruntime's with every optimisation on (its blocked NCHWc convolutions) give each image
+    the same bits alone, in a batch and on one or two threads (tested), and take 0.02 and 1.2 ms.
+    """
+
+    def __init__(self, levels: Sequence[Level], params: Mapping[str, torch.Tensor], threads: int) -> None:
+        import onnxruntime as ort
+
+        from .onnx_graph import build_guess_graph
+
+        graph = build_guess_graph(levels, {k: t.detach().cpu() for k, t in params.items()})
+        self.outputs = [o.name for o in graph.graph.output]
+        self.sessions = OrtSessions(graph.SerializeToString(), ort.GraphOptimizationLevel.ORT_ENABLE_ALL, threads)
+
+    def run(self, x: torch.Tensor) -> list[torch.Tensor]:
+        done = self.sessions.run(self.outputs, {"x": x.detach().contiguous().numpy()})
+        return [torch.from_numpy(np.concatenate(parts) if len(parts) > 1 else parts[0]) for parts in zip(*done)]
 
 
 def ort_shards(batch: int, threads: int) -> int:
@@ -141,6 +181,7 @@ class OrtBackend:
 
     def __init__(self) -> None:
         self.programs: dict[tuple, tuple[tuple, OrtProgram]] = {}
+        self.guesses: dict[tuple, tuple[tuple, OrtGuess]] = {}  # by input shape: (amortiser key, guess)
         self.sharding = True  # False: every batch on one session with all threads (pc-bench's "unsharded")
         self.prepare_seconds: dict[str, float] = {}  # one-off costs, for pc-bench
 
@@ -171,6 +212,23 @@ class OrtBackend:
         self, plan: Plan, steps: int, shape: tuple[int, ...], key: tuple, init: bool = False, solver: Solver = GRADIENT
     ) -> None:
         self.program(plan, steps, shape, key, init, solver)
+
+    def guess(
+        self, levels: Sequence[Level], params: Mapping[str, torch.Tensor], key: tuple, x: torch.Tensor
+    ) -> list[torch.Tensor]:
+        """The amortised start for x (B, C, H, W) from the amortiser's `params`, whose key is `key` (OrtGuess,
+        built for x's size on first use and rebuilt after the parameters changed)."""
+        shape = tuple(x.shape[1:])
+        cached = self.guesses.get(shape)
+        if cached is None or cached[0] != key or cached[1].sessions.threads != torch.get_num_threads():
+            start = time.perf_counter()
+            cached = (key, OrtGuess(levels, params, torch.get_num_threads()))
+            self.prepare_seconds[f"onnxruntime amortised start {'x'.join(map(str, shape))}"] = time.perf_counter() - start
+            self.guesses.pop(shape, None)
+            self.guesses[shape] = cached
+            while len(self.guesses) > MAX_PROGRAMS:
+                del self.guesses[next(iter(self.guesses))]
+        return cached[1].run(x)
 
     def run(
         self,

@@ -170,3 +170,58 @@ def test_an_image_gets_the_same_bits_alone_and_in_a_batch_from_the_amortised_sta
         for a, b, g, h in zip(alone.latents, batch.latents, model.amortised_latents(x[i : i + 1]), guess):
             assert a[0].numpy().tobytes() == b[i].numpy().tobytes()
             assert g[0].numpy().tobytes() == h[i].numpy().tobytes()
+
+
+def _model_with_amortiser(name, generator):
+    if name in pcmodel.PRESETS:
+        model = pcmodel.load(name)
+        model.amortiser = Amortiser.create(model.config, seed=2)
+        for t in model.amortiser.params.values():
+            t.normal_(std=0.2, generator=generator)
+        return model
+    return with_amortiser(stable_model(tiny_config(name, "tanh", "cauchy"), generator), generator)
+
+
+@pytest.mark.parametrize("name", [*KINDS, *sorted(pcmodel.PRESETS)])
+def test_onnxruntime_computes_the_amortised_start_as_torch_does_with_the_same_bits_alone_and_in_a_batch(
+    name, generator
+):
+    """A call a built backend serves takes its amortised start from onnxruntime (EngineState.guess): torch's
+    guess within float32 rounding, and each image's bits the same alone, in any batch, on one or two threads."""
+    model = _model_with_amortiser(name, generator)
+    x = torch.rand((7, *model.config.input_shape), generator=generator) * 2 - 1
+    choice = pcmodel.engines.Choice(fast_backends(model)[-1])
+    threads = torch.get_num_threads()
+    try:
+        runs = {}
+        for count in (1, 2):
+            torch.set_num_threads(count)
+            runs[count] = [model.engines.guess(choice, model.amortiser.params, x[a:b]) for a, b in ((0, 7), (0, 4), (4, 7))]
+            runs[count].append([model.engines.guess(choice, model.amortiser.params, x[i : i + 1]) for i in range(7)])
+    finally:
+        torch.set_num_threads(threads)
+    torch_guess = model.amortised_latents(x)
+    for level, expected in enumerate(torch_guess):
+        whole = runs[1][0][level]
+        assert whole.shape == expected.shape
+        assert float((whole - expected).abs().max()) <= 1e-5 * max(1.0, float(expected.abs().max()))
+        for count in (1, 2):
+            batch, first, last, alone = runs[count]
+            assert torch.cat([first[level], last[level]]).numpy().tobytes() == whole.numpy().tobytes()
+            assert batch[level].numpy().tobytes() == whole.numpy().tobytes()
+            assert torch.cat([a[level] for a in alone]).numpy().tobytes() == whole.numpy().tobytes()
+
+
+def test_the_onnxruntime_start_follows_the_amortiser_and_serves_prepared_calls(generator):
+    model = _model_with_amortiser("convolutional", generator)
+    x = torch.rand((3, *model.config.input_shape), generator=generator) * 2 - 1
+    result = model.infer(x, backend="onnxruntime", init="amortised")
+    guesses = model.engines.backend("onnxruntime").guesses
+    assert list(guesses) == [tuple(x.shape[1:])]  # the call's start came from onnxruntime
+    assert_same_inference(result, model.infer(x, backend="loop", init=model.amortised_latents(x)))
+    for t in model.amortiser.params.values():
+        t.mul_(0.5)  # fitting the amortiser changes its parameters in place: the session is rebuilt
+    again = model.infer(x, backend="onnxruntime", init="amortised")
+    assert_same_inference(again, model.infer(x, backend="loop", init=model.amortised_latents(x)))
+    assert float((again.latents[0] - result.latents[0]).abs().max()) > 1e-3
+    assert model.infer(x, backend="torch", init="amortised").backend == "torch"  # torch computes its own

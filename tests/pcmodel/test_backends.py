@@ -262,7 +262,7 @@ def test_sharded_onnxruntime_equals_the_loop_and_each_image_alone(kind, f, gener
     assert plan.kind == ("quadratic" if f == "identity" else "levelwise")  # both graph builders
     program = ort_engine.OrtProgram(plan, model.config.steps, threads=3)
     sharded = program.run(x)
-    assert set(program.sessions) == {1}  # the sharded path ran, and only it
+    assert set(program.sessions.sessions) == {1}  # the sharded path ran, and only it
     expected = model.infer(x, backend="loop")
     for a, b in zip(sharded.latents, expected.latents):
         assert a.shape == b.shape and float((a - b).abs().max()) <= 1e-4
@@ -275,7 +275,7 @@ def test_sharded_onnxruntime_equals_the_loop_and_each_image_alone(kind, f, gener
         torch.testing.assert_close(alone.energy[:, 0], sharded.energy[:, i], rtol=1e-4, atol=1e-4)
         for a, b in zip(alone.errors, sharded.errors):
             assert float((a[0] - b[i]).abs().max()) <= 1e-4
-    assert set(program.sessions) == {1, 3}
+    assert set(program.sessions.sessions) == {1, 3}
 
 
 def test_automatic_rule_shards_large_batches_and_reports_onnxruntime(generator):
@@ -290,11 +290,11 @@ def test_automatic_rule_shards_large_batches_and_reports_onnxruntime(generator):
     assert result.backend == "onnxruntime"
     index = (model.config.steps, tuple(x.shape[1:]), False, pcmodel.Solver())
     program = model.engines.backend("onnxruntime").programs[index][1]
-    assert program.threads == 2 and set(program.sessions) == {1}
+    assert program.threads == 2 and set(program.sessions.sessions) == {1}
     assert_same_inference(result, model.infer(x, backend="loop"))
     model.engines.backend("onnxruntime").sharding = False  # pc-bench's "onnxruntime-unsharded"
     whole = model.infer(x)
-    assert whole.backend == "onnxruntime" and set(program.sessions) == {1, 2}
+    assert whole.backend == "onnxruntime" and set(program.sessions.sessions) == {1, 2}
     assert_same_inference(whole, result, atol=1e-5, energy_rtol=1e-5)
 
 

@@ -129,9 +129,11 @@ def test_rows_match_pc_encode_on_one_file(folder, encoded, tmp_path):
         assert len(row.latents) == 2
         for i, latent in enumerate(row.latents):
             assert latent.shape == npz[f"latent_{i + 1}"].shape  # (tiles, causes, H_l, W_l)
-            np.testing.assert_allclose(latent, npz[f"latent_{i + 1}"], rtol=1e-5, atol=1e-5)
-        assert row.energy == pytest.approx(float(npz["energy"][-1].sum()), rel=1e-5)
-        assert row.energy_initial == pytest.approx(float(npz["energy"][0].sum()), rel=1e-5)
+            # Two backends: the collection is prepared for its steps (numba, the amortised start in
+            # onnxruntime), one pc-encode call at these steps is not (torch): they agree as backends do.
+            np.testing.assert_allclose(latent, npz[f"latent_{i + 1}"], rtol=1e-4, atol=1e-4)
+        assert row.energy == pytest.approx(float(npz["energy"][-1].sum()), rel=1e-4)
+        assert row.energy_initial == pytest.approx(float(npz["energy"][0].sum()), rel=1e-4)
         assert row.sha256 == __import__("hashlib").sha256((folder / path).read_bytes()).hexdigest()
         image = Image.open(folder / path)
         assert (row.width, row.height) == image.size
@@ -605,7 +607,7 @@ def test_an_interrupt_as_a_shard_is_written_never_writes_its_rows_twice(tmp_path
 
     def then_ctrl_c(folder, data):
         path = written(folder, data)
-        os.kill(os.getpid(), signal.SIGINT)  # delivered at once unless held
+        signal.raise_signal(signal.SIGINT)  # to this thread (os.kill may pick another of the process's threads)
         return path
 
     monkeypatch.setattr(encodings, "write_shard", then_ctrl_c)
