@@ -115,16 +115,21 @@ class Solver:
             return list(us), None
         if self.name == "anderson":
             return self._anderson(ops, rs, us, state, shapes, metric)
-        velocity = [None] * len(rs) if state is None else state
-        moved = [self._momentum(ops, r, u, v) for r, u, v in zip(rs, us, velocity)]
-        return [r for r, _ in moved], [v for _, v in moved]
+        previous = [None] * len(rs) if state is None else state
+        moved = [self._momentum(ops, r, u, p) for r, u, p in zip(rs, us, previous)]
+        return [r for r, _ in moved], [p for _, p in moved]
 
-    def _momentum(self, ops: Any, r: Any, u: Any, v: Any | None) -> tuple[Any, Any]:
-        d = ops.sub(u, r)
-        v = d if v is None else ops.add_scaled_(d, v, self.momentum)  # beta v + d, in d's storage
-        if self.name == "momentum":
-            return ops.add(r, v), v
-        return ops.add(u, ops.scale(v, self.momentum)), v  # r + d + beta v
+    def _momentum(self, ops: Any, r: Any, u: Any, previous: Any | None) -> tuple[Any, Any]:
+        """The velocity forms above as two-term recurrences on values at hand, three elementwise operations a
+        level where the velocity takes five (a graph node or kernel each): with beta v = r' - u,
+        nesterov r' = u + beta (u - u_prev), carrying the previous step's u (r_0 before the first step), and
+        momentum r' = u + beta (r - r_prev), carrying the previous state (none before the first step: v = d)."""
+        if self.name == "nesterov":
+            before = r if previous is None else previous
+            return ops.add(ops.scale(ops.sub(u, before), self.momentum), u), u
+        if previous is None:
+            return u, r
+        return ops.add(ops.scale(ops.sub(r, previous), self.momentum), u), r
 
     def _anderson(
         self, ops: Any, rs: Sequence[Any], us: Sequence[Any], state: Any, shapes: Sequence[Sequence[int]], metric: Any
