@@ -362,6 +362,8 @@ class OnnxOps:
             merged = self.op("Reshape", phases, self.shape(0, c0, sh, sw, ph, pw))
             merged = self.op("Transpose", merged, perm=[0, 1, 4, 2, 5, 3])
             merged = self.op("Reshape", merged, self.shape(0, c0, ph * sh, pw * sw))
+        if (ph * sh, pw * sw) == (h, w):
+            return merged  # nothing to crop (a Slice would still copy)
         return self.op("Slice", merged, self.shape(0, 0), self.shape(h, w), self.shape(2, 3))
 
     def patches_to_map(self, patches: str, lv: PlanLevel) -> str:

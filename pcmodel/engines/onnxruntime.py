@@ -45,10 +45,11 @@ class OrtSessions:
     each on one thread, through the single-threaded session (its run() is thread-safe and releases the
     GIL). Images are independent, so every image gets the same arithmetic either way."""
 
-    def __init__(self, graph: bytes, optimization: Any, threads: int) -> None:
+    def __init__(self, graph: bytes, optimization: Any, threads: int, spinning: bool = bool(int(os.environ.get("SPIN", "1")))) -> None:
         self.graph = graph
         self.optimization = optimization
         self.threads = threads
+        self.spinning = spinning  # False: the threads sleep as soon as a run ends (OrtGuess)
         self.sessions: dict[int, Any] = {}  # intra-op threads -> InferenceSession
 
     def session(self, threads: int) -> Any:
@@ -63,6 +64,8 @@ class OrtSessions:
             options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
             options.graph_optimization_level = self.optimization
             options.log_severity_level = 3  # no warnings about initializers folded away
+            if not self.spinning:
+                options.add_session_config_entry("session.intra_op.allow_spinning", "0")
             found = ort.InferenceSession(self.graph, options, providers=["CPUExecutionProvider"])
             self.sessions[threads] = found
         return found
@@ -130,6 +133,9 @@ class OrtGuess:
     row by row on a CPU (0.22 ms a row for rao-ballard-1999's maps, 2.3 ms for a 256 x 256 photo of
     conv-rgb); onnxruntime's with every optimisation on (its blocked NCHWc convolutions) give each image
     the same bits alone, in a batch and on one or two threads (tested), and take 0.02 and 1.2 ms.
+    Its threads do not spin after a run: the program runs next, on other threads, and a session's
+    spinning threads took the cores from it (256 x 256: the program 12.5 ms after a guess that sleeps,
+    25-29 ms after one that spins; measured).
     """
 
     def __init__(self, levels: Sequence[Level], params: Mapping[str, torch.Tensor], threads: int) -> None:
@@ -139,7 +145,8 @@ class OrtGuess:
 
         graph = build_guess_graph(levels, {k: t.detach().cpu() for k, t in params.items()})
         self.outputs = [o.name for o in graph.graph.output]
-        self.sessions = OrtSessions(graph.SerializeToString(), ort.GraphOptimizationLevel.ORT_ENABLE_ALL, threads)
+        optimization = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        self.sessions = OrtSessions(graph.SerializeToString(), optimization, threads, spinning=False)
 
     def run(self, x: torch.Tensor) -> list[torch.Tensor]:
         done = self.sessions.run(self.outputs, {"x": x.detach().contiguous().numpy()})

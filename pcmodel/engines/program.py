@@ -147,6 +147,6 @@ def levelwise_program(
         if priors[i]:
             energy = ops.add(energy, ops.scale(ops.stack(priors[i]), lv.alpha))
     predictions[0] = first.kind.run_layout(ops, first, predictions[0])
-    errors[0] = first.kind.run_layout(ops, first, errors[0])
+    errors[0] = first.kind.run_error_layout(ops, first, x, predictions[0], errors[0])
     reconstruction = first.kind.run_reconstruction(ops, first, predictions[0])
     return EngineRun(latents, energy, predictions, errors, reconstruction)
