@@ -12,10 +12,8 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from PIL import Image
-
 from pcmodel import ModelConfig
-from pcmodel.images import display_scale, to_display
+from pcmodel.images import display_pixels, display_scale
 
 from .batching import Settled
 from .errors import NotFinite
@@ -46,10 +44,10 @@ def array_payload(t: torch.Tensor, dtype: str = "float32") -> dict:
 MAPS = ("input", "reconstruction", "error_map")
 
 
-def png_payload(image: Image.Image, compress: bool = True) -> Base64:
-    """A picture as base64 PNG; uncompressed (`compress=False`) where the response carries its array too,
-    so that the PNG is a small part of it (service/png.py)."""
-    return Base64.of(png_bytes(np.asarray(image), compress))
+def png_payload(pixels: np.ndarray, compress: bool = True) -> Base64:
+    """A picture ((H, W, 3) or (H, W) uint8) as base64 PNG; uncompressed (`compress=False`) where the response
+    carries its array too, so that the PNG is a small part of it (service/png.py)."""
+    return Base64.of(png_bytes(pixels, compress))
 
 
 def image_arrays(prepared: Prepared, settled: Settled, outputs: tuple[str, ...]) -> dict:
@@ -118,7 +116,7 @@ def encode_result(
     return out
 
 
-def map_pictures(arrays: dict, prepared: Prepared, config: ModelConfig, names: list[str]) -> dict[str, Image.Image]:
+def map_pictures(arrays: dict, prepared: Prepared, config: ModelConfig, names: list[str]) -> dict[str, np.ndarray]:
     """The pictures of an image's maps (`arrays` from image_arrays), all on the input's scale, so that every map
     of an image is comparable; the error map centred."""
     if not names:
@@ -126,12 +124,12 @@ def map_pictures(arrays: dict, prepared: Prepared, config: ModelConfig, names: l
     pre = config.preprocess
     scale = display_scale(prepared.shown.to("cpu", torch.float32), pre)
     centred = not (pre.filter == "none" and pre.normalize == "none")
-    return {n: to_display(arrays[n], pre, scale, centred=centred or n == "error_map") for n in names}
+    return {n: display_pixels(arrays[n], pre, scale, centred=centred or n == "error_map") for n in names}
 
 
 def image_maps(
     prepared: Prepared, settled: Settled, config: ModelConfig, names: list[str]
-) -> dict[str, tuple[torch.Tensor, Image.Image]]:
+) -> dict[str, tuple[torch.Tensor, np.ndarray]]:
     """The maps on the image's grid, each as its tensor (C, H, W) and its picture: input (as the model saw
     it), reconstruction, and error_map = input - reconstruction (exactly, in float32)."""
     if not names:
