@@ -267,12 +267,14 @@ def make_result(
 
     if reconstruction is None:
         reconstruction = levels[0].to_lower_map(predictions[0])
+    # A convolutional level 1 predicts the input grid itself: its error is x - reconstruction already.
+    whole = not levels[0].patchwise and errors[0].shape == x.shape
     return InferenceResult(
         latents=latents,
         predictions=[layout(lv, p) for lv, p in zip(levels, predictions)],
         errors=[layout(lv, e) for lv, e in zip(levels, errors)],
         reconstruction=reconstruction,
-        error=x - reconstruction,
+        error=errors[0] if whole else x - reconstruction,
         energy=trace,
         steps=used,
         backend=backend,

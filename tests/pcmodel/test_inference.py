@@ -174,6 +174,10 @@ def test_result_for_the_convolutional_preset_at_another_size():
     assert [tuple(r.shape) for r in result.latents] == [(1, 8, 15, 11), (1, 10, 7, 5)]
     assert tuple(result.reconstruction.shape) == (1, 3, 64, 48)
     torch.testing.assert_close(result.errors[0], result.error, rtol=0, atol=0)
+    for backend in ("loop", "torch", "onnxruntime"):  # level 1's error is the input minus the reconstruction
+        run = model.infer(x, steps=3, backend=backend)
+        assert run.error.numpy().tobytes() == (x - run.reconstruction).numpy().tobytes()
+        assert run.errors[0].numpy().tobytes() == run.error.numpy().tobytes()
     # The reconstruction is f(U_1 r_1), computed here independently.
     expected = torch.tanh(torch.nn.functional.conv_transpose2d(result.latents[0], model.weights[0], stride=4))
     torch.testing.assert_close(result.reconstruction, expected)
