@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+
 from pcmodel import ModelConfig
 from pcmodel.images import display_pixels, display_scale
 

@@ -394,7 +394,9 @@ def build_guess_graph(levels: Sequence[Level], params: Mapping[str, torch.Tensor
     C, H, W) at the levels' size, outputs `guess_1` ... `guess_L` (batch, causes_l, H_l, W_l)."""
     ops = OnnxOps(portable=True)
     guesses = amortised_latents(levels, params, "x", ops)
-    named = [(value, f"guess_{i}", ["batch", *lv.geometry.latent]) for i, (value, lv) in enumerate(zip(guesses, levels), 1)]
+    named = [
+        (value, f"guess_{i}", ["batch", *lv.geometry.latent]) for i, (value, lv) in enumerate(zip(guesses, levels), 1)
+    ]
     outputs = _name_outputs(ops, named)
     inputs = [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", *levels[0].geometry.lower])]
     graph = helper.make_graph(ops.nodes, "pcmodel-amortised-start", inputs, outputs, ops.initializers)

@@ -45,7 +45,7 @@ class OrtSessions:
     each on one thread, through the single-threaded session (its run() is thread-safe and releases the
     GIL). Images are independent, so every image gets the same arithmetic either way."""
 
-    def __init__(self, graph: bytes, optimization: Any, threads: int, spinning: bool = bool(int(os.environ.get("SPIN", "1")))) -> None:
+    def __init__(self, graph: bytes, optimization: Any, threads: int, spinning: bool = True) -> None:
         self.graph = graph
         self.optimization = optimization
         self.threads = threads
@@ -230,7 +230,9 @@ class OrtBackend:
         if cached is None or cached[0] != key or cached[1].sessions.threads != torch.get_num_threads():
             start = time.perf_counter()
             cached = (key, OrtGuess(levels, params, torch.get_num_threads()))
-            self.prepare_seconds[f"onnxruntime amortised start {'x'.join(map(str, shape))}"] = time.perf_counter() - start
+            self.prepare_seconds[f"onnxruntime amortised start {'x'.join(map(str, shape))}"] = (
+                time.perf_counter() - start
+            )
             self.guesses.pop(shape, None)
             self.guesses[shape] = cached
             while len(self.guesses) > MAX_PROGRAMS:

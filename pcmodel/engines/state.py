@@ -12,10 +12,10 @@ from collections.abc import Mapping, Sequence
 import torch
 
 from ..config import ModelConfig
+from ..parameters import params_key
 from ..results import EngineRun
 from ..solvers import GRADIENT, Solver
 from .base import Backend
-from ..parameters import params_key
 from .plans import Plan, geometry, make_plan, nonquadratic_priors, plan_kind
 from .registry import BACKENDS, SPECS, installed
 from .select import Choice, select

@@ -196,7 +196,9 @@ def test_onnxruntime_computes_the_amortised_start_as_torch_does_with_the_same_bi
         runs = {}
         for count in (1, 2):
             torch.set_num_threads(count)
-            runs[count] = [model.engines.guess(choice, model.amortiser.params, x[a:b]) for a, b in ((0, 7), (0, 4), (4, 7))]
+            runs[count] = [
+                model.engines.guess(choice, model.amortiser.params, x[a:b]) for a, b in ((0, 7), (0, 4), (4, 7))
+            ]
             runs[count].append([model.engines.guess(choice, model.amortiser.params, x[i : i + 1]) for i in range(7)])
     finally:
         torch.set_num_threads(threads)
