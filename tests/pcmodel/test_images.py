@@ -14,6 +14,7 @@ import pcmodel
 from pcmodel import ImageError
 from pcmodel.images import (
     decode,
+    display_pixels,
     filter_images,
     fit,
     fit_size,
@@ -230,3 +231,24 @@ def test_overlapping_tiles_leave_no_seams_on_a_photo():
     # Measured on the 256x256 photo (docs/PERFORMANCE.md): 1.62 without overlap, 1.01 with it.
     assert seam_ratio(model, photo, (32, 32)) > 1.3
     assert seam_ratio(model, photo, tile_stride(model.config)) <= 1.2
+
+
+@pytest.mark.parametrize("channels", [1, 3])
+def test_display_pixels_are_the_plain_mapping_in_pixel_order(channels):
+    """The in-place fast path against the definition written plainly: [-scale, scale] (centred) or the config's
+    value range onto 0..255, rounded half to even, clipped; (H, W, 3) or (H, W)."""
+    config = pcmodel.load("conv-rgb").config.preprocess
+    generator = torch.Generator().manual_seed(7)
+    x = torch.randn((channels, 21, 34), generator=generator) * 0.8
+    x[0, 0, :4] = torch.tensor([-50.0, 50.0, 0.0, 1.0])  # clipped at both ends, mid-grey, the range's top
+    lo, hi = config.value_range
+    for centred, plain in (
+        (True, (x.numpy().astype(np.float64) / 1.3 + 1) * 127.5),
+        (False, (x.numpy().astype(np.float64) - lo) * 255 / (hi - lo)),
+    ):
+        expected = np.rint(np.clip(plain, 0, 255)).astype(np.uint8).transpose(1, 2, 0)
+        got = display_pixels(x, config, 1.3, centred)
+        assert got.dtype == np.uint8 and got.shape == ((21, 34, 3) if channels == 3 else (21, 34))
+        assert got.flags.c_contiguous
+        difference = np.abs(got.astype(int) - (expected if channels == 3 else expected[:, :, 0]).astype(int))
+        assert difference.max() <= 1 and (difference == 0).mean() > 0.999  # float32 against float64 rounding
