@@ -125,10 +125,13 @@ def to_uint8(image: ImageLike, color: str) -> np.ndarray:
     """Any PIL image or array as an 8-bit (H, W) gray or (H, W, 3) RGB array.
 
     16-bit and 32-bit integer images are scaled (not clipped) to 8 bits; float arrays are taken
-    as [0, 1]; alpha is composited onto white; palette, CMYK and other modes are converted.
+    as [0, 1]; alpha is composited onto white; palette, CMYK and other modes are converted. A contiguous
+    uint8 array already in the asked layout is returned as it is (not copied).
     """
     if isinstance(image, np.ndarray):
         array = _array_to_uint8(image)
+        if array.ndim == (2 if color == "gray" else 3) and (array.ndim == 2 or array.shape[2] == 3):
+            return array  # already the result: no round trip through PIL (two copies of the pixels)
         image = Image.fromarray(array)
     image = to_8bit(image)
     if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
@@ -159,10 +162,11 @@ def _array_to_uint8(array: np.ndarray) -> np.ndarray:
 
 def to_tensor(array: np.ndarray, config: PreprocessConfig) -> torch.Tensor:
     """An 8-bit array (H, W) or (H, W, 3) as a float tensor (C, H, W) in the config's value range."""
-    t = torch.from_numpy(np.array(array, dtype=np.float32))  # a copy: PIL arrays are read-only
-    t = t.unsqueeze(0) if t.dim() == 2 else t.permute(2, 0, 1)
+    planes = array[None] if array.ndim == 2 else array.transpose(2, 0, 1)  # (C, H, W) view
+    t = torch.empty(planes.shape, dtype=torch.float32)
+    t.numpy()[...] = planes  # one pass from uint8 to float32 in channel order (PIL arrays are read-only)
     lo, hi = config.value_range
-    return t * ((hi - lo) / 255.0) + lo
+    return t.mul_((hi - lo) / 255.0).add_(lo)
 
 
 def _gaussian_blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
@@ -225,7 +229,7 @@ def preprocess(
     shapes = {tuple(t.shape) for t in tensors}
     if len(shapes) > 1:
         raise ValueError(f"images have different sizes {sorted(shapes)}; pass size=(H, W) to resize them")
-    return filter_images(torch.stack(tensors), pre)
+    return filter_images(tensors[0][None] if len(tensors) == 1 else torch.stack(tensors), pre)
 
 
 # ---- sizes: fitting a convolutional hierarchy, and tiling -------------------------------------
