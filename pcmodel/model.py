@@ -251,7 +251,6 @@ class PCModel:
         shapes: Sequence[Sequence[int]] | None = None,
         build: bool = True,
         solvers: Sequence[str | Solver] | None = None,
-        start_threads: int | None = None,
     ) -> None:
         """Say which step counts, input shapes (C, H, W) or (H, W) and solvers the fast backends serve.
 
@@ -259,13 +258,7 @@ class PCModel:
         `solvers` e.g. ["nesterov", "gradient"], at most three). With `build`, the
         onnxruntime sessions are built now (CUDA graphs are captured per batch size on first use).
         Calls outside the set run on the torch backend, so memory stays bounded whatever callers ask for.
-        `start_threads`: the threads onnxruntime computes the amortised start on (None: torch's intra-op
-        threads, like every program); its threads sleep as soon as it is done, so a server that keeps a core
-        for its event loop may give this short, dense pass that core too (service.host does).
         """
-        if start_threads is not None and (isinstance(start_threads, bool) or int(start_threads) < 1):
-            raise ValueError(f"start_threads must be a positive int or None, got {start_threads!r}")
-        self.engines.start_threads = None if start_threads is None else int(start_threads)
         steps = [self.config.steps] if steps is None else [int(t) for t in steps]
         native = tuple(self.config.input_shape)
         full = [native] if shapes is None else [self._full_shape(s) for s in shapes]

@@ -50,19 +50,8 @@ def default_threads(workers: int) -> int:
     The event loop decodes, encodes and answers while the model runs; on 2 cores, onnxruntime
     with 2 threads ran conv-rgb slower than with 1 (measured in docs/PERFORMANCE.md).
     """
-    return max(1, _cores() // workers - 1)
-
-
-def start_threads(workers: int) -> int:
-    """The amortised start's threads per worker: its whole share of the cores, the event loop's included.
-    A few dense convolutions whose threads sleep as soon as they are done: 1.2 against 1.8 ms for a 256 px
-    photo on 2 cores, no loss of throughput at 8 clients (docs/PERFORMANCE.md)."""
-    return max(1, _cores() // workers)
-
-
-def _cores() -> int:
-    """The cores this process may use (its affinity)."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, cores // workers - 1)
 
 
 def model_source(setting: str) -> str:
@@ -164,8 +153,7 @@ class ModelHost:
         # The model's own dynamics and the paper's (solver=gradient), each with its fast programs.
         solvers = list(dict.fromkeys([self.model.solver(), self.model.solver("gradient")]))
         shapes = [(h, w), *[b for b in self.buckets if b != (h, w)]]
-        threads = self.settings.torch_threads or start_threads(self.settings.workers)  # as set, when set
-        self.model.prepare(steps=warmed, shapes=shapes, solvers=solvers, start_threads=threads)
+        self.model.prepare(steps=warmed, shapes=shapes, solvers=solvers)
         sizes = sorted({min(2**k, self.settings.max_batch_size) for k in range(11)})  # 1, 2, 4, ... max
         generator = torch.Generator().manual_seed(0)
         lo, hi = self.config.preprocess.value_range

@@ -221,22 +221,15 @@ class OrtBackend:
         self.program(plan, steps, shape, key, init, solver)
 
     def guess(
-        self,
-        levels: Sequence[Level],
-        params: Mapping[str, torch.Tensor],
-        key: tuple,
-        x: torch.Tensor,
-        threads: int | None = None,
+        self, levels: Sequence[Level], params: Mapping[str, torch.Tensor], key: tuple, x: torch.Tensor
     ) -> list[torch.Tensor]:
-        """The amortised start for x (B, C, H, W) from the amortiser's `params`, whose key is `key` (OrtGuess
-        on `threads`, torch's intra-op threads by default; built for x's size on first use and rebuilt after
-        the parameters changed)."""
+        """The amortised start for x (B, C, H, W) from the amortiser's `params`, whose key is `key` (OrtGuess,
+        built for x's size on first use and rebuilt after the parameters changed)."""
         shape = tuple(x.shape[1:])
-        threads = threads or torch.get_num_threads()
         cached = self.guesses.get(shape)
-        if cached is None or cached[0] != key or cached[1].sessions.threads != threads:
+        if cached is None or cached[0] != key or cached[1].sessions.threads != torch.get_num_threads():
             start = time.perf_counter()
-            cached = (key, OrtGuess(levels, params, threads))
+            cached = (key, OrtGuess(levels, params, torch.get_num_threads()))
             self.prepare_seconds[f"onnxruntime amortised start {'x'.join(map(str, shape))}"] = (
                 time.perf_counter() - start
             )

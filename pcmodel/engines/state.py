@@ -35,7 +35,6 @@ class EngineState:
         self.plan_kinds: dict[tuple[int, int], str] = {}  # by input size
         self.priors = frozenset(nonquadratic_priors(config))
         self.last_key: tuple | None = None  # the parameters key of the previous call
-        self.start_threads: int | None = None  # the amortised start's onnxruntime threads (None: torch's)
 
     def set_prepared(
         self, steps: Sequence[int], shapes: Sequence[tuple[int, ...]], solvers: Sequence[Solver] | None = None
@@ -178,5 +177,4 @@ class EngineState:
         if x.device.type != "cpu" or x.dtype != torch.float32 or "onnxruntime" not in installed():
             return None
         levels = geometry(self.config, (int(x.shape[-2]), int(x.shape[-1])))
-        backend = self.backend("onnxruntime")
-        return backend.guess(levels, amortiser, params_key(amortiser), x, self.start_threads)  # type: ignore[attr-defined]
+        return self.backend("onnxruntime").guess(levels, amortiser, params_key(amortiser), x)  # type: ignore[attr-defined]

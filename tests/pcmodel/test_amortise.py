@@ -227,18 +227,3 @@ def test_the_onnxruntime_start_follows_the_amortiser_and_serves_prepared_calls(g
     assert_same_inference(again, model.infer(x, backend="loop", init=model.amortised_latents(x)))
     assert float((again.latents[0] - result.latents[0]).abs().max()) > 1e-3
     assert model.infer(x, backend="torch", init="amortised").backend == "torch"  # torch computes its own
-
-
-def test_prepare_sets_the_threads_of_the_onnxruntime_start(generator):
-    model = _model_with_amortiser("conv-rgb", generator)
-    for bad in (0, -1, True):
-        with pytest.raises(ValueError, match="start_threads"):
-            model.prepare(start_threads=bad)
-    x = torch.rand((2, *model.config.input_shape), generator=generator) * 2 - 1
-    expected = model.infer(x, init="amortised")
-    model.prepare(start_threads=1)
-    again = model.infer(x, init="amortised")
-    [(_, guess)] = model.engines.backend("onnxruntime").guesses.values()
-    assert guess.sessions.threads == 1
-    for a, b in zip(again.latents, expected.latents):  # one or more threads: the same bits
-        assert a.numpy().tobytes() == b.numpy().tobytes()

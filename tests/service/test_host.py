@@ -217,15 +217,3 @@ def test_a_model_without_an_amortised_start_refuses_init_amortised(host):
     finally:
         host.model = saved
     host.check_dynamics(None, "amortised")  # with it back, accepted
-
-
-def test_the_amortised_start_runs_on_the_workers_whole_share_of_the_cores(host):
-    """The model's programs leave a core to the event loop; the start (dense, its threads sleep when done) does not."""
-    import os
-
-    cores = len(os.sched_getaffinity(0))
-    assert host.model.engines.start_threads == max(1, cores // host.settings.workers)
-    guesses = host.model.engines.backend("onnxruntime").guesses
-    assert guesses, "warming up built the amortised start's sessions"
-    assert {guess.sessions.threads for _, guess in guesses.values()} == {host.model.engines.start_threads}
-    assert all(not guess.sessions.spinning for _, guess in guesses.values())
