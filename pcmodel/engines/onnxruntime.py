@@ -5,7 +5,8 @@ the graph (onnxruntime prepacks constants; docs/PERFORMANCE.md measures the gain
 keyed on the weights it was made from and never runs with other weights. float32 only.
 A batch of B > 1 is split into min(threads, B) shards that run at once on one single-threaded session
 (`ort_shards`): images are independent, so results are the same per image, bit for bit, and no thread
-waits at a barrier after every small kernel.
+waits at a barrier after every small kernel. The amortised start of the calls a built backend serves (this
+one or numba) is a graph of its own (`OrtGuess`), keyed on the amortiser's parameters the same way.
 """
 
 from __future__ import annotations
