@@ -405,7 +405,7 @@ class PCModel:
             if init == "amortised":
                 guessed = None
                 if choice is not None and self._amortiser is not None:
-                    guessed = self.engines.guess(choice, self._amortiser.params, x)
+                    guessed = self.engines.guess(choice, levels, self._amortiser.params, x)
                 return self.amortised_latents(x) if guessed is None else guessed
             if init not in ("zero", "zeros"):
                 raise ValueError(f"init must be 'zero', 'amortised', a list of latents or None, got {init!r}")

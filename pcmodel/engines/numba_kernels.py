@@ -310,8 +310,9 @@ def _drive(c, z, b, j, n, acc):  # pragma: no cover - compiled
 @jit
 def _advance(s, z, q, following, vel, beta, mode, lo, hi):  # pragma: no cover - compiled
     """Rows lo..hi-1 of the next state from their drives z: the plain step's u = z - s / (q + s^2) (mode 0),
-    or u moved by the solver (pcmodel.solvers.Solver.advance: d = u - s, v = beta v + d; mode 1 heavy ball
-    s + v, mode 2 Nesterov u + beta v), v kept in `vel` (rows like s).
+    or u moved by the solver in the velocity form of pcmodel.solvers (d = u - s, v = beta v + d; mode 1 heavy
+    ball s + v, mode 2 Nesterov u + beta v; Solver.advance computes the same as two-term recurrences), v kept
+    in `vel` (rows like s).
 
     Apart from the product so that the register-blocked kernels carry no branch on the solver (one there
     cost ~40% of the steps at B = 32); the rows are in L1 here.

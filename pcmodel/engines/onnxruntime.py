@@ -133,7 +133,8 @@ class OrtGuess:
     torch's convolutions round differently with the batch size, so `PCModel.amortised_latents` runs them
     row by row on a CPU (0.22 ms a row for rao-ballard-1999's maps, 2.3 ms for a 256 x 256 photo of
     conv-rgb); onnxruntime's with every optimisation on (its blocked NCHWc convolutions) give each image
-    the same bits alone, in a batch and on one or two threads (tested), and take 0.02 and 1.2 ms.
+    the same bits alone, in a batch and on one or two threads (tested), and take 0.02 ms and 1.8 ms (one
+    thread; 1.2 on two).
     Its threads do not spin after a run: the program runs next, on other threads, and a session's
     spinning threads took the cores from it (256 x 256: the program 12.5 ms after a guess that sleeps,
     25-29 ms after one that spins; measured).

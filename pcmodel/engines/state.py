@@ -12,6 +12,7 @@ from collections.abc import Mapping, Sequence
 import torch
 
 from ..config import ModelConfig
+from ..levels import Level
 from ..parameters import params_key
 from ..results import EngineRun
 from ..solvers import GRADIENT, Solver
@@ -164,17 +165,18 @@ class EngineState:
                     for solver in self.solvers:
                         self.backend(name).prepare(plan, steps, shape, key, init, solver)
                     if init and amortiser is not None:
-                        self.guess(Choice(name), amortiser, torch.zeros((1, *shape), device=device))
+                        levels = geometry(self.config, hw)
+                        self.guess(Choice(name), levels, amortiser, torch.zeros((1, *shape), device=device))
 
     def guess(
-        self, choice: Choice, amortiser: Mapping[str, torch.Tensor], x: torch.Tensor
+        self, choice: Choice, levels: Sequence[Level], amortiser: Mapping[str, torch.Tensor], x: torch.Tensor
     ) -> list[torch.Tensor] | None:
         """The amortised start of a call the rule gave to a backend that builds programs, computed by
-        onnxruntime (OrtGuess: the same bits alone and in a batch, 5-10x faster than torch row by row) on a
-        CPU in float32; None elsewhere: the caller computes it in torch."""
+        onnxruntime (OrtGuess: the same bits alone and in a batch; faster than torch row by row) on a
+        CPU in float32, for x at the size of `levels` (the caller has them); None elsewhere: the caller
+        computes it in torch."""
         if choice.backend not in SPECS or not SPECS[choice.backend].builds:
             return None
         if x.device.type != "cpu" or x.dtype != torch.float32 or "onnxruntime" not in installed():
             return None
-        levels = geometry(self.config, (int(x.shape[-2]), int(x.shape[-1])))
         return self.backend("onnxruntime").guess(levels, amortiser, params_key(amortiser), x)  # type: ignore[attr-defined]

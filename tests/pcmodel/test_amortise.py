@@ -191,15 +191,17 @@ def test_onnxruntime_computes_the_amortised_start_as_torch_does_with_the_same_bi
     model = _model_with_amortiser(name, generator)
     x = torch.rand((7, *model.config.input_shape), generator=generator) * 2 - 1
     choice = pcmodel.engines.Choice(fast_backends(model)[-1])
+    levels = model.levels()
     threads = torch.get_num_threads()
     try:
         runs = {}
         for count in (1, 2):
             torch.set_num_threads(count)
             runs[count] = [
-                model.engines.guess(choice, model.amortiser.params, x[a:b]) for a, b in ((0, 7), (0, 4), (4, 7))
+                model.engines.guess(choice, levels, model.amortiser.params, x[a:b]) for a, b in ((0, 7), (0, 4), (4, 7))
             ]
-            runs[count].append([model.engines.guess(choice, model.amortiser.params, x[i : i + 1]) for i in range(7)])
+            alone = [model.engines.guess(choice, levels, model.amortiser.params, x[i : i + 1]) for i in range(7)]
+            runs[count].append(alone)
     finally:
         torch.set_num_threads(threads)
     torch_guess = model.amortised_latents(x)
@@ -220,6 +222,7 @@ def test_the_onnxruntime_start_follows_the_amortiser_and_serves_prepared_calls(g
     result = model.infer(x, backend="onnxruntime", init="amortised")
     guesses = model.engines.backend("onnxruntime").guesses
     assert list(guesses) == [tuple(x.shape[1:])]  # the call's start came from onnxruntime
+    assert not guesses[tuple(x.shape[1:])][1].sessions.spinning  # its threads would take the program's cores
     assert_same_inference(result, model.infer(x, backend="loop", init=model.amortised_latents(x)))
     for t in model.amortiser.params.values():
         t.mul_(0.5)  # fitting the amortiser changes its parameters in place: the session is rebuilt

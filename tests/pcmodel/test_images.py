@@ -26,6 +26,7 @@ from pcmodel.images import (
     tile_count,
     tile_stride,
     tile_window,
+    to_tensor,
     to_uint8,
 )
 
@@ -252,3 +253,20 @@ def test_display_pixels_are_the_plain_mapping_in_pixel_order(channels):
         assert got.flags.c_contiguous
         difference = np.abs(got.astype(int) - (expected if channels == 3 else expected[:, :, 0]).astype(int))
         assert difference.max() <= 1 and (difference == 0).mean() > 0.999  # float32 against float64 rounding
+
+
+@pytest.mark.parametrize("shape", [(9, 13), (9, 13, 3)])
+def test_to_tensor_and_to_uint8_keep_the_plain_definitions_bits(shape):
+    """The one-pass conversion against the plain one (float copy, channels first, scale, shift), and a uint8
+    array already in the asked layout comes back from to_uint8 as it is."""
+    config = pcmodel.load("conv-rgb").config.preprocess
+    pixels = np.random.default_rng(3).integers(0, 256, shape, dtype=np.uint8)
+    lo, hi = config.value_range
+    plain = torch.from_numpy(pixels.astype(np.float32))
+    plain = (plain[None] if plain.dim() == 2 else plain.permute(2, 0, 1)) * ((hi - lo) / 255.0) + lo
+    got = to_tensor(pixels, config)
+    assert got.is_contiguous() and got.numpy().tobytes() == plain.contiguous().numpy().tobytes()
+    color = "gray" if len(shape) == 2 else "rgb"
+    assert to_uint8(pixels, color) is pixels
+    other = to_uint8(pixels, "rgb" if color == "gray" else "gray")  # converted, through PIL as before
+    assert other.shape == ((9, 13, 3) if color == "gray" else (9, 13))
