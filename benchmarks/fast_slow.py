@@ -4,10 +4,12 @@
     python -m benchmarks.fast_slow --count 256 --json   # the numbers of docs/PERFORMANCE.md
     python -m benchmarks.fast_slow --photos --steps 10,20,100 --momentum 0.7 --momentum 0.8
     python -m benchmarks.fast_slow --kinds anderson --window 3 --window 5 --steps 10,14,20
+    python -m benchmarks.fast_slow --model conv-rgb --kinds nesterov --momentum 0.85 --level-steps 1 2
 
 On held-out crops of the model's native size (scikit-learn's two sample photos, never seen in training),
 the fixed point is 3,000 steps of the paper's dynamics (gradient, from zero). For each solver (gradient,
-momentum, nesterov at the given momenta, anderson at the given windows) and start (zero, and the amortised
+momentum, nesterov at the given momenta, anderson at the given windows; each but gradient with the plain
+step lengthened per level where --level-steps says) and start (zero, and the amortised
 start where the model has one), after T steps: the energy gap (E_T - E*) / |E*| in percent (median, 75th and
 90th percentiles over the crops, and the gap of the mean energy), the median per-level latent distance
 |r_T - r*| / |r*| in percent, and the wall time of the call per image (batch --batch, the automatic fast
@@ -33,7 +35,7 @@ from typing import Any
 import torch
 
 import pcmodel
-from pcmodel.cliargs import ArgumentParser, model_source, positive_int
+from pcmodel.cliargs import ArgumentParser, model_source, positive_float, positive_int
 from pcmodel.images import has_whole_map_level, prepare_image
 from pcmodel.solvers import DEFAULT_WINDOW, MAX_WINDOW, Solver
 from training.amortise import energy_gap, latent_distance
@@ -87,11 +89,17 @@ def wall_ms(model: pcmodel.PCModel, x: torch.Tensor, steps: int, solver: str, in
     return 1000 * statistics.median(times) / x.shape[0]
 
 
-def solvers_of(momenta: Sequence[float], kinds: Sequence[str], windows: Sequence[int]) -> list[Solver]:
-    """The gradient solver, then each kind at each momentum (anderson: at each window)."""
+def solvers_of(
+    momenta: Sequence[float], kinds: Sequence[str], windows: Sequence[int], level_steps: Sequence[float] = ()
+) -> list[Solver]:
+    """The gradient solver, then each kind at each momentum (anderson: at each window), with level_steps."""
     out = [Solver()]
+    lengths = tuple(level_steps)
     for kind in kinds:
-        out += [Solver(kind, window=m) for m in windows] if kind == "anderson" else [Solver(kind, b) for b in momenta]
+        if kind == "anderson":
+            out += [Solver(kind, window=m, level_steps=lengths) for m in windows]
+        else:
+            out += [Solver(kind, b, level_steps=lengths) for b in momenta]
     return out
 
 
@@ -202,6 +210,14 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--window", type=positive_int, action="append", help="windows of anderson (default: 5)")
     parser.add_argument(
+        "--level-steps",
+        type=positive_float,
+        nargs="+",
+        default=(),
+        metavar="M",
+        help="each solver but gradient: the plain step's multiplier per level (default: none)",
+    )
+    parser.add_argument(
         "--steps", default=",".join(map(str, STEPS)), help="step counts, comma-separated (default: %(default)s)"
     )
     parser.add_argument("--photos", action="store_true", help="whole held-out photos in each size mode, not crops")
@@ -225,7 +241,7 @@ def main(argv: list[str] | None = None) -> int:
     windows = args.window or [DEFAULT_WINDOW]
     if max(windows) > MAX_WINDOW:
         parser.error(f"--window must be at most {MAX_WINDOW}")
-    solvers = solvers_of(momenta, kinds, windows)
+    solvers = solvers_of(momenta, kinds, windows, args.level_steps)
     try:
         steps_list = sorted({int(v) for v in args.steps.split(",")})
     except ValueError:

@@ -17,7 +17,16 @@ from typing import Any
 
 from .kinds import LEVEL_KINDS, LevelKind
 from .priors import PRIORS as PRIOR_OBJECTS
-from .solvers import DEFAULT_MOMENTUM, DEFAULT_WINDOW, GRADIENT, MAX_WINDOW, SOLVERS, Solver, solver_for
+from .solvers import (
+    DEFAULT_MOMENTUM,
+    DEFAULT_WINDOW,
+    GRADIENT,
+    MAX_WINDOW,
+    SOLVERS,
+    Solver,
+    checked_level_steps,
+    solver_for,
+)
 
 NONLINEARITIES = ("identity", "tanh")
 PRIORS = tuple(PRIOR_OBJECTS)  # pcmodel.priors: each prior's energy, gradient and step written once
@@ -30,7 +39,7 @@ K2_UNITS = ("inputs", "updates")
 # Level fields added after format 1, with the value that leaves a model as it was: a checkpoint that
 # lacks one reads as this value, and the canonical JSON leaves it out while it holds it (same hash).
 NEUTRAL_LEVEL_FIELDS = {"k1_scale": 1.0, "k2_scale": 1.0, "column_norm": None}
-NEUTRAL_MODEL_FIELDS = {"solver": "gradient", "momentum": DEFAULT_MOMENTUM, "window": DEFAULT_WINDOW}
+NEUTRAL_MODEL_FIELDS = {"solver": "gradient", "momentum": DEFAULT_MOMENTUM, "window": DEFAULT_WINDOW, "level_steps": ()}
 
 
 class ConfigError(ValueError):
@@ -201,6 +210,7 @@ class ModelConfig:
     solver: str = "gradient"  # the served dynamics: gradient (the paper's) | momentum | nesterov | anderson
     momentum: float = DEFAULT_MOMENTUM  # beta of the momentum and nesterov solvers (pcmodel.solvers)
     window: int = DEFAULT_WINDOW  # m of the anderson solver
+    level_steps: tuple[float, ...] = ()  # the served solver's plain-step multiplier per level, () for 1 (not gradient)
     preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
     learning: LearningConfig = field(default_factory=LearningConfig)
 
@@ -227,6 +237,15 @@ class ModelConfig:
             raise ConfigError(f"momentum must be a number in [0, 1), got {self.momentum!r}")
         if isinstance(self.window, bool) or not isinstance(self.window, int) or not 1 <= self.window <= MAX_WINDOW:
             raise ConfigError(f"window must be an int in [1, {MAX_WINDOW}], got {self.window!r}")
+        try:
+            level_steps = checked_level_steps(self.level_steps)
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
+        if level_steps and len(level_steps) != len(levels):
+            raise ConfigError(f"level_steps needs one multiplier per level ({len(levels)}), got {self.level_steps!r}")
+        if level_steps and self.solver == "gradient":
+            raise ConfigError("the gradient solver is the paper's dynamics: it takes no level_steps")
+        object.__setattr__(self, "level_steps", level_steps)
         if shape[0] != self.preprocess.channels:
             raise ConfigError(
                 f"input_shape has {shape[0]} channel(s) but preprocess.color={self.preprocess.color!r} "
@@ -240,7 +259,7 @@ class ModelConfig:
     @property
     def served_solver(self) -> Solver:
         """The dynamics `model.infer` runs when a call does not name one."""
-        return solver_for(self.solver, GRADIENT, self.momentum, self.window)
+        return solver_for(self.solver, GRADIENT, self.momentum, self.window, self.level_steps)
 
     def to_json(self) -> str:
         """Canonical JSON (stored in checkpoints and hashed into their identity). Fields added after

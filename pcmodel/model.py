@@ -75,6 +75,7 @@ class PCModel:
         self.engines = EngineState(config)
         self.allow_unstable = allow_unstable
         self.gradient_bound = math.inf  # the gradient solver's bound at the native size, from the last check
+        self.level_step_bounds: dict[tuple[float, ...], float] = {}  # the same with steps lengthened per level
         self.check_stability(allow_unstable=allow_unstable)
 
     # ---- structure -------------------------------------------------------------------------
@@ -273,7 +274,8 @@ class PCModel:
         self, steps: int | None = None, init: str | None = None, solver: str | Solver | None = None
     ) -> PCModel:
         """The same model served with other dynamics: a twin sharing the parameters and the amortiser whose
-        config says `steps`, `init` ("zero" or "amortised") and `solver` (and its momentum) where given.
+        config says `steps`, `init` ("zero" or "amortised") and `solver` (and its momentum, window and level
+        steps) where given.
 
         E.g. the paper's dynamics of a model served faster:
         `model.with_dynamics(steps=100, init="zero", solver="gradient")`. The twin has its own prepared
@@ -297,6 +299,7 @@ class PCModel:
             # a model served faster give back the config (and the content hash) it had before.
             changes["momentum"] = chosen.momentum if chosen.name in ("momentum", "nesterov") else DEFAULT_MOMENTUM
             changes["window"] = chosen.window or DEFAULT_WINDOW
+            changes["level_steps"] = chosen.level_steps
         twin = copy.copy(self)
         twin.config = self.config.replace(**changes)
         twin.engines = EngineState(twin.config)
@@ -455,7 +458,7 @@ class PCModel:
         largest stable step (the gradient solver's bound at the last stability check times the solver's
         factor, pcmodel.solvers) unless the model was loaded with allow_unstable."""
         chosen = self._solver_for(solver)
-        bound = self.gradient_bound * chosen.bound_factor
+        bound = self._plain_bound(chosen.level_steps) * chosen.bound_factor
         if self.config.k1 >= bound and not self.allow_unstable:
             raise UnstableStepError(
                 f"k1 = {self.config.k1:g} is at or above the largest stable step {bound:.4g} of solver "
@@ -465,7 +468,20 @@ class PCModel:
 
     def _solver_for(self, solver: str | Solver | None) -> Solver:
         config = self.config
-        return solver_for(solver, config.served_solver, config.momentum, config.window)
+        chosen = solver_for(solver, config.served_solver, config.momentum, config.window, config.level_steps)
+        if chosen.level_steps and len(chosen.level_steps) != self.num_levels:
+            raise ValueError(f"level_steps needs one multiplier per level ({self.num_levels}), got {chosen.level_steps}")
+        return chosen
+
+    def _plain_bound(self, level_steps: tuple[float, ...]) -> float:
+        """The plain step's largest stable k1 at the native size with each level's step multiplied by
+        level_steps (the gradient solver's where empty), kept until the next stability check."""
+        if not level_steps:
+            return self.gradient_bound
+        if level_steps not in self.level_step_bounds:
+            hw = tuple(self.config.input_shape[1:])
+            self.level_step_bounds[level_steps] = 4.0 / self._top_curvature(hw, "auto", level_steps)
+        return self.level_step_bounds[level_steps]
 
     def stability_bound(
         self, input_hw: Sequence[int] | None = None, method: str = "auto", solver: str | Solver | None = None
@@ -487,16 +503,30 @@ class PCModel:
         (exact up to 1024 latents, else power iteration).
         """
         hw = tuple(self.config.input_shape[1:] if input_hw is None else input_hw)
+        if method not in ("auto", "exact", "power", "lanczos"):
+            raise ValueError(f"unknown method {method!r}; choose auto, exact, power or lanczos")
+        chosen = self._solver_for(solver)
+        plain = 4.0 / self._top_curvature(hw, method, ())
+        if input_hw is None:
+            self.gradient_bound, self.level_step_bounds = plain, {}
+        if chosen.level_steps:  # each level's step lengthened: the curvature its step sees grows with it
+            plain = 4.0 / self._top_curvature(hw, method, chosen.level_steps)
+            if input_hw is None:
+                self.level_step_bounds[chosen.level_steps] = plain
+        return plain * chosen.bound_factor
+
+    def _top_curvature(self, hw: tuple[int, ...], method: str, level_steps: tuple[float, ...]) -> float:
+        """lambda_max(S^1/2 H S^1/2) of the linear Gaussian twin at input size hw (stability_bound), S the
+        per-level k1_scale times level_steps (1 where empty)."""
         levels = self.levels(hw)
         weights = [w.detach().to(device=self.device, dtype=torch.float64) for w in self.weights]
         shapes = [lv.geometry.latent for lv in levels]
         sizes = [math.prod(s) for s in shapes]
-        if method not in ("auto", "exact", "power", "lanczos"):
-            raise ValueError(f"unknown method {method!r}; choose auto, exact, power or lanczos")
+        multipliers = level_steps or (1.0,) * len(levels)
 
-        # The preconditioned step r <- r - (k1/2) S H r (S = diag(k1_scale_l)) is stable iff
+        # The preconditioned step r <- r - (k1/2) S H r (S = diag(k1_scale_l m_l)) is stable iff
         # k1 < 4 / lambda_max(S^1/2 H S^1/2): the symmetric form has the same spectrum as S H.
-        roots = [math.sqrt(lc.k1_scale) for lc in self.config.levels]
+        roots = [math.sqrt(lc.k1_scale * m) for lc, m in zip(self.config.levels, multipliers)]
 
         def hessian_times(v: torch.Tensor) -> torch.Tensor:  # (N, n) -> (N, n), rows are vectors
             parts = [
@@ -512,14 +542,10 @@ class PCModel:
             if method == "exact" or (method == "auto" and n <= 1024):
                 eye = torch.eye(n, dtype=torch.float64, device=self.device)
                 hessian = hessian_times(eye)
-                top = float(torch.linalg.eigvalsh((hessian + hessian.T) / 2)[-1])
-            elif method == "lanczos":
-                top = _lanczos(hessian_times, n, self.device)
-            else:
-                top = _power_iteration(hessian_times, n, self.device)
-        if input_hw is None:
-            self.gradient_bound = 4.0 / top
-        return 4.0 / top * self._solver_for(solver).bound_factor
+                return float(torch.linalg.eigvalsh((hessian + hessian.T) / 2)[-1])
+            if method == "lanczos":
+                return _lanczos(hessian_times, n, self.device)
+            return _power_iteration(hessian_times, n, self.device)
 
     def check_stability(self, allow_unstable: bool = False) -> float:
         """Raise UnstableStepError when k1 is at or above the stability bound at the native size."""

@@ -9,7 +9,10 @@ pcmodel.energy.step_rates) at the state it holds, u = r + d, and only the way it
     anderson (Anderson acceleration, window m):  r <- u - sum_j gamma_j (u_{j+1} - u_j) over the last m
         steps, gamma the least-squares fit of the latest residual f = u - r by the residuals' differences
 
-with v = 0 at the start. The Nesterov form is the one whose held state is the look-ahead point (as in
+with v = 0 at the start. A solver other than the paper's may also lengthen the plain step per level
+(`level_steps`, m_l: d_l = -m_l eta_l dE/dr_l, a diagonal preconditioner with the same fixed points): the
+slowest mode of a network can be one level's (conv-rgb's level 2: docs/PERFORMANCE.md), and a longer step
+there costs nothing. The Nesterov form is the one whose held state is the look-ahead point (as in
 torch.optim.SGD). All of them take one gradient per step and have the same fixed points (d = 0 there).
 Anderson (type II, Walker & Ni 2011) couples the levels: gamma solves (A + lambda I) gamma = b per image,
 A_ij = <df_i, df_j> and b_i = <df_i, f> over all levels (df_i = f_{i+1} - f_i), with a ridge lambda =
@@ -23,13 +26,15 @@ ONNX has no solve), and the numba kernel restates it per row (its `kernel_mode`;
 Stability on a quadratic energy with curvature lambda along some direction (eta lambda = h): gradient
 needs h < 2; heavy ball needs h < 2 (1 + beta); Nesterov needs h < 2 (1 + beta) / (1 + 2 beta) (the
 roots of z^2 - (1 - h)(1 + beta) z + (1 - h) beta inside the unit circle). So a solver's largest stable
-k1 is the gradient's times `Solver.bound_factor` (PCModel.stability_bound; docs/MODEL.md section 2).
+k1 is the gradient's times `Solver.bound_factor` (PCModel.stability_bound; docs/MODEL.md section 2), the
+gradient's taken with each level's step multiplied by m_l (the curvature the step sees is m_l eta_l lambda).
 Anderson has no such bound of its own; it mixes the plain step's images and is held to the plain step's
 bound (factor 1): on a quadratic energy and with an unbounded window it is GMRES on the step's linear map.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -44,13 +49,27 @@ RIDGE = 1e-3  # lambda / tr(A) (module docstring; measured: docs/PERFORMANCE.md)
 TINY = 1e-30  # lambda's floor, so that an image whose residuals stop changing (A = 0) takes the plain step
 
 
+def checked_level_steps(values: Any) -> tuple[float, ...]:
+    """Per-level step multipliers as a tuple of positive finite floats, () where every one is 1."""
+    if isinstance(values, (str, bytes)) or not isinstance(values, Sequence):
+        raise ValueError(f"level_steps must be a sequence of positive numbers, got {values!r}")
+    steps = []
+    for m in values:
+        if isinstance(m, bool) or not isinstance(m, (int, float)) or not 0 < m < math.inf:
+            raise ValueError(f"level_steps must be positive finite numbers, got {m!r}")
+        steps.append(float(m))
+    return () if all(m == 1 for m in steps) else tuple(steps)
+
+
 @dataclass(frozen=True)
 class Solver:
-    """One inference dynamics: its name; for momentum and nesterov beta in [0, 1); for anderson its window m."""
+    """One inference dynamics: its name; for momentum and nesterov beta in [0, 1); for anderson its window m;
+    for any but the paper's gradient solver the plain step's multiplier per level (empty: 1 at every level)."""
 
     name: str = "gradient"
     momentum: float = 0.0
     window: int = 0
+    level_steps: tuple[float, ...] = ()
 
     def __post_init__(self) -> None:
         if self.name not in SOLVERS:
@@ -66,6 +85,9 @@ class Solver:
         if (self.name == "anderson") != (m > 0):
             raise ValueError("only the anderson solver has a window, and it needs one of at least 1")
         object.__setattr__(self, "momentum", float(beta))
+        object.__setattr__(self, "level_steps", checked_level_steps(self.level_steps))
+        if self.name == "gradient" and self.level_steps:
+            raise ValueError("the gradient solver is the paper's dynamics: it takes no level_steps")
 
     @property
     def plain(self) -> bool:
@@ -82,6 +104,10 @@ class Solver:
             return (1 + beta) / (1 + 2 * beta)
         return 1.0
 
+    def entry_steps(self, sizes: Sequence[int]) -> torch.Tensor:
+        """The level steps per entry of a state holding levels of `sizes` entries side by side (float64)."""
+        return torch.cat([torch.full((n,), m, dtype=torch.float64) for n, m in zip(sizes, self.level_steps)])
+
     @property
     def kernel_mode(self) -> int:
         """0 plain, 1 heavy ball, 2 Nesterov, 3 Anderson: the compiled kernel's switch
@@ -92,7 +118,8 @@ class Solver:
     def label(self) -> str:
         if self.name == "gradient":
             return self.name
-        return f"{self.name}({self.window if self.name == 'anderson' else f'{self.momentum:g}'})"
+        steps = f"; level steps {'/'.join(f'{m:g}' for m in self.level_steps)}" if self.level_steps else ""
+        return f"{self.name}({self.window if self.name == 'anderson' else f'{self.momentum:g}'}{steps})"
 
     def advance(
         self,
@@ -102,6 +129,7 @@ class Solver:
         state: Any,
         shapes: Sequence[Sequence[int]],
         metric: Any | None = None,
+        lengths: Sequence[Any] | None = None,
     ) -> tuple[list[Any], Any]:
         """(the next state, the solver's carried state) from the state rs (one value per level, shaped
         (B, *shapes[l])), the plain step's results us = rs + d and the carried state (None at the start).
@@ -109,8 +137,17 @@ class Solver:
         `ops` is any pcmodel.engines.ops implementation (torch eager, ONNX nodes) or plain tensors through
         `TENSOR_OPS`; `metric` (Anderson only): per-latent weights of the inner product, over the levels'
         flattened latents side by side, where rs are scaled latents (None: rs are r). Neither rs nor us is
-        written to (rs may be the caller's tensors, us values kept elsewhere).
+        written to (rs may be the caller's tensors, us values kept elsewhere). `lengths`: where rs holds
+        several levels side by side (a flattened state), the level steps as one value of per-entry
+        multipliers per rs entry (None: rs holds one value per level).
         """
+        if self.level_steps:  # u_l = r_l + m_l (u_l - r_l): the plain step lengthened per level
+            if lengths is None:
+                if len(rs) != len(self.level_steps):
+                    raise ValueError(f"level_steps has {len(self.level_steps)} multipliers for {len(rs)} levels")
+                us = [u if m == 1 else ops.add(ops.scale(ops.sub(u, r), m), r) for r, u, m in zip(rs, us, self.level_steps)]
+            else:
+                us = [ops.add(ops.mul(ops.sub(u, r), m), r) for r, u, m in zip(rs, us, lengths)]
         if self.plain:
             return list(us), None
         if self.name == "anderson":
@@ -158,18 +195,27 @@ def float32_tolerance(solver: Solver, scale: float) -> float:
     return 1e-3 * max(1.0, scale) if solver.name == "anderson" else 1e-4
 
 
-def solver_for(name: str | Solver | None, default: Solver, momentum: float, window: int = DEFAULT_WINDOW) -> Solver:
+def solver_for(
+    name: str | Solver | None,
+    default: Solver,
+    momentum: float,
+    window: int = DEFAULT_WINDOW,
+    level_steps: Sequence[float] = (),
+) -> Solver:
     """The solver a call asks for: None the model's own (`default`), a name with the model's momentum
-    (DEFAULT_MOMENTUM where the model's own solver is not a momentum one) or window, or a Solver as given."""
+    (DEFAULT_MOMENTUM where the model's own solver is not a momentum one), window and level steps (never for
+    the paper's gradient solver), or a Solver as given."""
     if name is None:
         return default
     if isinstance(name, Solver):
         return name
     if not isinstance(name, str) or name not in SOLVERS:
         raise ValueError(f"unknown solver {name!r}; choose one of: {', '.join(SOLVERS)}")
+    if name == "gradient":
+        return GRADIENT
     if name == "anderson":
-        return Solver(name, window=window)
-    return Solver(name, 0.0 if name == "gradient" else momentum)
+        return Solver(name, window=window, level_steps=tuple(level_steps))
+    return Solver(name, momentum, level_steps=tuple(level_steps))
 
 
 def gram(rows: Sequence[torch.Tensor], metric: torch.Tensor | None) -> torch.Tensor:

@@ -1,9 +1,10 @@
 """Set the dynamics a checkpoint is served with: its steps, start and solver (U and the amortiser unchanged).
 
     python -m training.served pcmodel/weights/conv-rgb.safetensors --steps 20 --init amortised \\
-        --solver nesterov --momentum 0.8 --out pcmodel/weights/conv-rgb.safetensors
+        --solver nesterov --momentum 0.85 --level-steps 1 2 --out pcmodel/weights/conv-rgb.safetensors
 
-The served defaults are part of the config (`steps`, `initial_latents`, `solver`, `momentum`, `window`), so
+The served defaults are part of the config (`steps`, `initial_latents`, `solver`, `momentum`, `window`,
+`level_steps`), so
 the content hash changes with them while the weights stay bit for bit; the file's provenance keeps the
 command under "served" beside the training's own. The measurements that choose them: docs/PERFORMANCE.md
 ("Issue 21: the served defaults") and docs/TRAINING.md.
@@ -18,7 +19,7 @@ from pathlib import Path
 import torch
 
 import pcmodel
-from pcmodel.cliargs import ArgumentParser, fail, model_source, positive_int
+from pcmodel.cliargs import ArgumentParser, fail, model_source, positive_float, positive_int
 from pcmodel.solvers import solver_for
 
 
@@ -32,6 +33,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--solver", choices=pcmodel.SOLVERS, help="the dynamics (default: unchanged)")
     parser.add_argument("--momentum", type=float, help="beta of momentum and nesterov, in [0, 1)")
     parser.add_argument("--window", type=positive_int, help="m of anderson (default: the model's)")
+    parser.add_argument(
+        "--level-steps",
+        type=positive_float,
+        nargs="+",
+        metavar="M",
+        help="the plain step's multiplier per level, one per level (1 ... 1: none; not for gradient)",
+    )
     args = parser.parse_args(argv)
     if args.momentum is not None and not 0 <= args.momentum < 1:
         parser.error(f"--momentum must be in [0, 1), got {args.momentum}")
@@ -40,8 +48,11 @@ def main(argv: list[str] | None = None) -> int:
         name = model.config.solver if args.solver is None else args.solver
         beta = model.config.momentum if args.momentum is None else args.momentum
         window = model.config.window if args.window is None else args.window
-        changed = (args.solver, args.momentum, args.window) != (None, None, None)
-        solver = solver_for(name, pcmodel.Solver(), beta, window) if changed else None
+        level_steps = model.config.level_steps if args.level_steps is None else tuple(args.level_steps)
+        if name == "gradient" and args.level_steps is not None and any(m != 1 for m in level_steps):
+            raise ValueError("--level-steps: the gradient solver is the paper's dynamics, it takes none")
+        changed = (args.solver, args.momentum, args.window, args.level_steps) != (None, None, None, None)
+        solver = solver_for(name, pcmodel.Solver(), beta, window, level_steps) if changed else None
         weights = [w.clone() for w in model.weights]
         served = model.with_dynamics(steps=args.steps, init=args.init, solver=solver)
     except (pcmodel.CheckpointError, pcmodel.UnstableStepError, ValueError) as exc:

@@ -308,9 +308,10 @@ def _drive(c, z, b, j, n, acc):  # pragma: no cover - compiled
 
 
 @jit
-def _advance(s, z, q, following, vel, beta, mode, lo, hi):  # pragma: no cover - compiled
-    """Rows lo..hi-1 of the next state from their drives z: the plain step's u = z - s / (q + s^2) (mode 0),
-    or u moved by the solver in the velocity form of pcmodel.solvers (d = u - s, v = beta v + d; mode 1 heavy
+def _advance(s, z, q, following, vel, beta, mode, mult, lo, hi):  # pragma: no cover - compiled
+    """Rows lo..hi-1 of the next state from their drives z: the plain step's u = z - s / (q + s^2), lengthened
+    per level where `mult` (per column; empty: none) is given (u = s + mult (u - s), as Solver.advance), kept
+    (mode 0) or moved by the solver in the velocity form of pcmodel.solvers (d = u - s, v = beta v + d; mode 1 heavy
     ball s + v, mode 2 Nesterov u + beta v; Solver.advance computes the same as two-term recurrences), v kept
     in `vel` (rows like s).
 
@@ -319,11 +320,14 @@ def _advance(s, z, q, following, vel, beta, mode, lo, hi):  # pragma: no cover -
     """
     n = s.shape[1]
     bv = vload(beta, 0)
+    scaled = mult.shape[0] > 0
     for b in range(lo, hi):
         for j in range(0, n, W):
             o = b * n + j
             sv = vload(s, o)
             nxt = vnext(vload(z, o), sv, vload(q, j))
+            if scaled:
+                nxt = vadd(vmul(vsub(nxt, sv), vload(mult, j)), sv)
             if mode == 0:
                 vstore(following, o, nxt)
             else:
@@ -548,13 +552,13 @@ def _row32(s, m, c, z, b, j, runs, first, count):  # pragma: no cover - compiled
 
 @jit
 def steps_rows(
-    m, runs, blocks, singles, c, qinv, count, last, states, drives, vel, beta, mode, gram, metric, t0, lo, hi
+    m, runs, blocks, singles, c, qinv, count, last, states, drives, vel, beta, mode, gram, mult, metric, t0, lo, hi
 ):  # pragma: no cover
     """`count` steps of the recurrence for rows lo..hi-1 from states[0]: drives[t] = c + states[t] M, then
     states[t + 1] = drives[t] - states[t] / (qinv + states[t]^2); with `last` the final drive is step T's
-    and no state follows it; `mode`, `vel` and `beta` (16 copies of beta): the solver (`_advance`; mode 3:
-    `_mix` after the plain step, vel its history, gram its systems, metric its inner product; t0 the step
-    number of states[0]).
+    and no state follows it; `mode`, `vel`, `beta` (16 copies of beta) and `mult`: the solver (`_advance`;
+    mode 3: `_mix` after the plain step, vel its history, gram its systems, metric its inner product; t0 the
+    step number of states[0]).
     m (k, n): k the latents, n their count padded to a multiple of BLOCK with zero columns (c, qinv, states
     and drives padded alike: c 0, qinv inf, so the padding stays 0).
 
@@ -583,7 +587,7 @@ def steps_rows(
                     else:
                         _row32(s, m, c, z, b, j, runs, first, many)
             if step:
-                _advance(s, z, qinv, states[t + 1], vel, beta, mode if mode < 3 else 0, b, b + rows)
+                _advance(s, z, qinv, states[t + 1], vel, beta, mode if mode < 3 else 0, mult, b, b + rows)
                 if mode == 3:
                     _mix(s, states[t + 1], vel, gram, metric, t0 + t, b, b + rows)
             b += rows
@@ -680,6 +684,7 @@ def program_rows(
     beta,
     mode,
     gram,
+    mult,
     driven,
     c,
     states,
@@ -707,7 +712,7 @@ def program_rows(
     runs, blocks, singles: M's runs of rows not all zero (`steps_rows`); order: the plan's index of each
     latent of the kernels' order (level by level, a level's causes grouped by position, so that M's zeros
     between positions form blocks). s0: the given start (rows, n, the kernels' order) or an empty array;
-    vel, beta, mode, gram: the solver (`steps_rows`); driven, c, states, drives, squares, base, klat (the latents in
+    vel, beta, mode, gram, mult: the solver (`steps_rows`); driven, c, states, drives, squares, base, klat (the latents in
     the kernels' order, which the maps' rows are in: a module's rows then meet only its patch): work buffers;
     energy, latent, predictions, errors, recon: the outputs (predictions and errors of all levels side by
     side).
@@ -730,7 +735,7 @@ def program_rows(
         count = min(chunk, steps + 1 - t0)
         last = t0 + count == steps + 1
         steps_rows(
-            m, runs, blocks, singles, c, qinv, count, last, states, drives, vel, beta, mode, gram, scale2, t0, lo, hi
+            m, runs, blocks, singles, c, qinv, count, last, states, drives, vel, beta, mode, gram, mult, scale2, t0, lo, hi
         )
         energy_rows(
             states[:count], drives[:count], c, weight, scale2, segments, base[:, 0], energy[t0 : t0 + count], lo, hi

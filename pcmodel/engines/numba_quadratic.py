@@ -164,9 +164,11 @@ def quadratic_steps(
     threads: int = 1,
     solver: Solver = GRADIENT,
     metric: np.ndarray | None = None,
+    sizes: Sequence[int] | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """`steps` steps of the recurrence: (states (T+1, B, n), drives (T+1, B, n)); s0 None starts at zeros;
-    `metric`: Anderson's per-latent inner-product weights (None: all ones).
+    `metric`: Anderson's per-latent inner-product weights (None: all ones); `sizes`: the levels' latent
+    counts, where the solver lengthens the step per level (None: one level).
 
     The whole history, for the tests; `run` keeps one chunk of steps at a time.
     """
@@ -176,7 +178,7 @@ def quadratic_steps(
     drives = aligned((steps + 1, batch, m.shape[1]), None)
     if s0 is not None:
         states[0, :, :n] = s0
-    moves = _solver_args(solver, batch, m.shape[1], m.dtype)
+    moves = _solver_args(solver, batch, m.shape[1], [n] if sizes is None else sizes)
     structure = step_runs(m)
     weights = aligned((m.shape[1],))  # Anderson's inner product: the plain one where none is given
     weights[:n] = 1.0 if metric is None else metric
@@ -216,21 +218,27 @@ def step_runs(m: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 
 
 def _solver_args(
-    solver: Solver, batch: int, width: int, dtype: np.dtype
-) -> tuple[np.ndarray, np.ndarray, int, np.ndarray]:
+    solver: Solver, batch: int, width: int, sizes: Sequence[int]
+) -> tuple[np.ndarray, np.ndarray, int, np.ndarray, np.ndarray]:
     """The step kernel's solver arguments (`steps_rows`): the velocity (zeros, rows like the states) or
     Anderson's history (per row the last u and f and m differences of each), beta in 16 lanes, the mode,
-    Anderson's systems (float64); the plain step reads none of them."""
+    Anderson's systems (float64), the plain step's multiplier per column (levels of `sizes` latents side by
+    side, as in the kernels' order; padded with 1; empty where the solver has none)."""
     mode = solver.kernel_mode
+    mult = _NO_MULTIPLIERS
+    if solver.level_steps:
+        mult = aligned((width,), 1.0)
+        mult[: sum(sizes)] = solver.entry_steps(sizes).numpy()
     if mode == 3:
         m = solver.window
-        return aligned(((2 + 2 * m) * batch, width)), _lanes(0.0), mode, np.zeros((batch, m, 2 * m + 2))
+        return aligned(((2 + 2 * m) * batch, width)), _lanes(0.0), mode, np.zeros((batch, m, 2 * m + 2)), mult
     velocity = aligned((batch, width)) if mode else _NO_VELOCITY
-    return velocity, _lanes(float(solver.momentum)), mode, _NO_SYSTEMS
+    return velocity, _lanes(float(solver.momentum)), mode, _NO_SYSTEMS, mult
 
 
 _NO_VELOCITY = np.zeros((1, 16), np.float32)
 _NO_SYSTEMS = np.zeros((1, 1, 3))
+_NO_MULTIPLIERS = np.zeros(0, np.float32)
 
 
 @functools.cache
@@ -418,7 +426,7 @@ def run(
         maps = (q["meta"], q["pblob"], q["tblob"], q["sblob"], t["reconstruct_1"], q["spans"]["omega"])
         steps_in = (p["step"], *p["structure"], t["order"], p["qinv"], p["energy_weight"], p["scale2"])
         q["fixed"] = (q["omega"], t["const"], *steps_in, p["segments"], t["scale"], *maps, q["spans"]["reconstruct"])
-    solver_args = _solver_args(solver, batch, width, np.float32)
+    solver_args = _solver_args(solver, batch, width, [math.prod(shape) for shape in plan.shapes])
     args = (*q["fixed"], xf, inputs, ispans, s0, steps, chunk, *solver_args, *buffers)
     _parallel(_kernels()[2], batch, threads, *args, align=8)
     energy, latent, predictions, errors, recon = out

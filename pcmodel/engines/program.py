@@ -13,6 +13,7 @@ that are dead afterwards.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -53,6 +54,10 @@ def quadratic_program(
     coefficients = {k: ops.weight(f"prior_{k}", v) for k, v in plan.coefficients.items()}
     scale = ops.weight("scale", plan.scale)
     metric = ops.mul(scale, scale) if solver.name == "anderson" else None  # its inner product: r-space's
+    lengths = None  # the levels side by side in s: their step multipliers per entry
+    if solver.level_steps:
+        per_entry = solver.entry_steps([math.prod(shape) for shape in plan.shapes]).to(plan.scale)
+        lengths = [ops.weight("level_steps", per_entry)]
     states, drives, carried = [s], [], None
     for t in range(steps + 1):
         z = ops.affine(s, step, c)  # s M_s + c_s
@@ -60,7 +65,7 @@ def quadratic_program(
         if t == steps:
             break
         u = z if prior is None else prior.quadratic_step(ops, z, s, coefficients)
-        (s,), carried = solver.advance(ops, [s], [u], carried, [tuple(plan.scale.shape)], metric)
+        (s,), carried = solver.advance(ops, [s], [u], carried, [tuple(plan.scale.shape)], metric, lengths)
         states.append(s)
     history = ops.stack(states)  # (T+1, B, n)
     zs = ops.exact_affine(history, step, c) if not ops.exact else ops.stack(drives)

@@ -214,7 +214,9 @@ def test_skipping_the_zero_rows_of_M_gives_the_same_bits(batch: int) -> None:
         states, drives = np.zeros((21, batch, n), np.float32), np.empty((20, batch, n), np.float32)
         velocity, beta = np.zeros((batch, n), np.float32), np.full(16, 0.7, np.float32)
         systems, metric = np.zeros((1, 1, 3)), np.ones(n, np.float32)
-        steps_rows(m, *structure, c, qinv, 20, True, states, drives, velocity, beta, 2, systems, metric, 0, 0, batch)
+        mult = np.repeat(np.array([1.0, 1.5], np.float32), n // 2)  # two levels' step multipliers
+        args = (states, drives, velocity, beta, 2, systems, mult, metric, 0, 0, batch)
+        steps_rows(m, *structure, c, qinv, 20, True, *args)
         results.append((states, drives))
     assert np.array_equal(results[0][0], results[1][0]) and np.array_equal(results[0][1], results[1][1])
 

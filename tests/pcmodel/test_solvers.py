@@ -8,6 +8,7 @@ bounds against long runs of the loop in float64 just below and just above them.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import json
 
@@ -29,7 +30,9 @@ from .test_backends import assert_same_inference, fast_backends, stable_model
 from .test_init import random_start
 
 ANDERSON = Solver("anderson", window=3)
-MOVING = (Solver("momentum", 0.6), Solver("nesterov", 0.8), ANDERSON)
+# Solvers that lengthen the plain step per level too (a preconditioner: the same fixed points).
+LENGTHENED = (Solver("nesterov", 0.7, level_steps=(0.8, 1.6)), Solver("anderson", window=3, level_steps=(1.0, 1.5)))
+MOVING = (Solver("momentum", 0.6), Solver("nesterov", 0.8), ANDERSON, *LENGTHENED)
 
 
 @pytest.mark.parametrize(("kind", "f", "solver"), list(itertools.product(KINDS, ("identity", "tanh"), MOVING)))
@@ -74,7 +77,15 @@ def _linear_model(generator, solver: Solver, factor: float) -> PCModel:
 
 
 @pytest.mark.parametrize(
-    "solver", [Solver(), Solver("momentum", 0.5), Solver("nesterov", 0.5), Solver("nesterov", 0.9)]
+    "solver",
+    [
+        Solver(),
+        Solver("momentum", 0.5),
+        Solver("nesterov", 0.5),
+        Solver("nesterov", 0.9),
+        Solver("nesterov", 0.5, level_steps=(1.0, 4.0)),  # level 2's step long enough to be the top mode
+        Solver("momentum", 0.0, level_steps=(3.0, 0.5)),
+    ],
 )
 def test_each_solvers_bound_is_where_divergence_starts(solver, generator):
     """Just below the bound 2,000 steps stay bounded; just above, the top mode grows without limit."""
@@ -96,6 +107,48 @@ def test_anderson_below_the_gradient_bound_stays_bounded_on_long_runs(generator)
         solver = Solver("anderson", window=window)
         result = _linear_model(generator, solver, 0.97).infer(x, steps=2000, backend="loop", solver=solver)
         assert torch.isfinite(result.energy).all() and (result.energy[-1] <= result.energy[0]).all()
+
+
+def test_level_steps_are_the_plain_step_lengthened_per_level(generator):
+    """The definition: with no momentum, level_steps m is the gradient step with level l's rate times m_l
+    (k1_scale_l m_l); the loop and every backend run it alike (test above)."""
+    model = stable_model(tiny_config("convolutional", "tanh", "cauchy"), generator, factor=0.3)
+    x = torch.randn((2, *model.config.input_shape), generator=generator, dtype=torch.float64)
+    lengthened = model.infer(x, steps=12, backend="loop", solver=Solver("momentum", 0.0, level_steps=(0.5, 2.0)))
+    levels = [dataclasses.replace(lc, k1_scale=lc.k1_scale * m) for lc, m in zip(model.config.levels, (0.5, 2.0))]
+    rated = PCModel(model.config.replace(levels=tuple(levels)), model.params, allow_unstable=True)
+    expected = rated.infer(x, steps=12, backend="loop", solver="gradient")
+    for a, b in zip(lengthened.latents, expected.latents):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
+
+
+def test_level_steps_are_checked_labelled_and_served(generator):
+    assert Solver("nesterov", 0.85, level_steps=(1, 2)).label == "nesterov(0.85; level steps 1/2)"
+    assert Solver("nesterov", 0.85, level_steps=(1, 1)) == Solver("nesterov", 0.85)  # all ones: none
+    for bad in ((0.0, 1.0), (1.0, float("inf")), "12", (True, 1.0), 2.0):
+        with pytest.raises(ValueError, match="level_steps"):
+            Solver("nesterov", 0.5, level_steps=bad)
+    with pytest.raises(ValueError, match="paper's dynamics"):
+        Solver("gradient", level_steps=(1.0, 2.0))
+    model = stable_model(tiny_config("convolutional"), generator, factor=0.3)
+    with pytest.raises(ValueError, match="one multiplier per level"):
+        model.solver(Solver("nesterov", 0.5, level_steps=(1.0, 2.0, 1.0)))
+    # The config serves them with its solver (a named solver takes them, the gradient never); neutral: old hashes.
+    config = pcmodel.load("conv-rgb").with_dynamics(steps=100, init="zero", solver="gradient").config
+    assert "level_steps" not in json.loads(config.to_json())
+    served = config.replace(solver="nesterov", momentum=0.8, level_steps=(1, 2))
+    assert pcmodel.ModelConfig.from_json(served.to_json()) == served and served.level_steps == (1.0, 2.0)
+    assert served.served_solver == Solver("nesterov", 0.8, level_steps=(1.0, 2.0))
+    fast = PCModel(served, pcmodel.load("conv-rgb").params)
+    assert fast.solver("anderson").level_steps == (1.0, 2.0) and fast.solver("gradient") == Solver()
+    for bad in ({"level_steps": (1.0, 2.0, 1.0)}, {"level_steps": (1.0, -2.0)}, {"solver": "gradient"}):
+        with pytest.raises(ConfigError):
+            served.replace(**bad)
+    # A step lengthened past the bound is refused like any unstable solver.
+    checked = PCModel(model.config, model.weights)
+    checked.solver(Solver("nesterov", 0.5, level_steps=(1.0, 1.5)))
+    with pytest.raises(UnstableStepError, match="level steps"):
+        checked.solver(Solver("nesterov", 0.5, level_steps=(1.0, 50.0)))
 
 
 def test_factors_of_the_bounds():
@@ -240,7 +293,9 @@ def test_the_loops_anderson_is_anderson_acceleration(kind, generator):
             torch.testing.assert_close(a, b, rtol=0, atol=1e-10)
 
 
-@pytest.mark.parametrize("solver", [Solver("nesterov", 0.7), Solver("anderson", window=5)])
+@pytest.mark.parametrize(
+    "solver", [Solver("nesterov", 0.7), Solver("anderson", window=5), Solver("nesterov", 0.85, level_steps=(1, 2))]
+)
 @pytest.mark.parametrize("preset", sorted(pcmodel.PRESETS))
 def test_the_presets_run_each_solver_on_every_backend_batch_invariant(preset, solver, generator):
     """Within float32_tolerance of the loop (Anderson: 1e-3 of the latents' scale, its least squares amplify

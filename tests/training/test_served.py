@@ -43,9 +43,26 @@ def test_served_sets_anderson_with_its_window(tmp_path, capsys):
     assert pcmodel.load(back).config == pcmodel.load(path).config
 
 
+def test_served_sets_level_steps_and_the_gradient_clears_them(tmp_path, capsys):
+    path = tmp_path / "tiny.safetensors"
+    pcmodel.create(TINY, seed=3).save(path)
+    out = tmp_path / "served.safetensors"
+    argv = [str(path), "--solver", "nesterov", "--momentum", "0.5", "--level-steps", "1", "1.5", "--out", str(out)]
+    assert main(argv) == 0
+    assert "nesterov(0.5; level steps 1/1.5)" in capsys.readouterr().out
+    served = pcmodel.load(out)
+    assert served.config.level_steps == (1.0, 1.5) and served.solver() == pcmodel.Solver("nesterov", 0.5, 0, (1, 1.5))
+    back = tmp_path / "back.safetensors"
+    assert main([str(out), "--solver", "gradient", "--out", str(back)]) == 0
+    assert pcmodel.load(back).config == pcmodel.load(path).config  # the neutral value again: the old hash
+
+
 @pytest.mark.parametrize(
     "argv",
     [
+        ["--solver", "nesterov", "--level-steps", "1", "0"],
+        ["--solver", "nesterov", "--level-steps", "1", "2", "3"],
+        ["--solver", "gradient", "--level-steps", "1", "2"],
         ["--init", "amortised"],
         ["--momentum", "1.5"],
         ["--solver", "newton"],
