@@ -470,7 +470,9 @@ class PCModel:
         config = self.config
         chosen = solver_for(solver, config.served_solver, config.momentum, config.window, config.level_steps)
         if chosen.level_steps and len(chosen.level_steps) != self.num_levels:
-            raise ValueError(f"level_steps needs one multiplier per level ({self.num_levels}), got {chosen.level_steps}")
+            raise ValueError(
+                f"level_steps needs one multiplier per level ({self.num_levels}), got {chosen.level_steps}"
+            )
         return chosen
 
     def _plain_bound(self, level_steps: tuple[float, ...]) -> float:

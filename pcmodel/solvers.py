@@ -145,7 +145,8 @@ class Solver:
             if lengths is None:
                 if len(rs) != len(self.level_steps):
                     raise ValueError(f"level_steps has {len(self.level_steps)} multipliers for {len(rs)} levels")
-                us = [u if m == 1 else ops.add(ops.scale(ops.sub(u, r), m), r) for r, u, m in zip(rs, us, self.level_steps)]
+                pairs = zip(rs, us, self.level_steps)
+                us = [u if m == 1 else ops.add(ops.scale(ops.sub(u, r), m), r) for r, u, m in pairs]
             else:
                 us = [ops.add(ops.mul(ops.sub(u, r), m), r) for r, u, m in zip(rs, us, lengths)]
         if self.plain:

@@ -712,8 +712,9 @@ def program_rows(
     runs, blocks, singles: M's runs of rows not all zero (`steps_rows`); order: the plan's index of each
     latent of the kernels' order (level by level, a level's causes grouped by position, so that M's zeros
     between positions form blocks). s0: the given start (rows, n, the kernels' order) or an empty array;
-    vel, beta, mode, gram, mult: the solver (`steps_rows`); driven, c, states, drives, squares, base, klat (the latents in
-    the kernels' order, which the maps' rows are in: a module's rows then meet only its patch): work buffers;
+    vel, beta, mode, gram, mult: the solver (`steps_rows`); driven, c, states, drives, squares, base, klat (the
+    latents in the kernels' order, which the maps' rows are in: a module's rows then meet only its patch): work
+    buffers;
     energy, latent, predictions, errors, recon: the outputs (predictions and errors of all levels side by
     side).
     """
@@ -734,9 +735,8 @@ def program_rows(
     for t0 in range(0, steps + 1, chunk):
         count = min(chunk, steps + 1 - t0)
         last = t0 + count == steps + 1
-        steps_rows(
-            m, runs, blocks, singles, c, qinv, count, last, states, drives, vel, beta, mode, gram, mult, scale2, t0, lo, hi
-        )
+        solver = (vel, beta, mode, gram, mult)
+        steps_rows(m, runs, blocks, singles, c, qinv, count, last, states, drives, *solver, scale2, t0, lo, hi)
         energy_rows(
             states[:count], drives[:count], c, weight, scale2, segments, base[:, 0], energy[t0 : t0 + count], lo, hi
         )
