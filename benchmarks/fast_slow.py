@@ -166,16 +166,21 @@ def _config_init(init: str) -> str:
     return "zeros" if init == "zero" else init
 
 
+def _solver_width(report: dict[str, Any]) -> int:
+    return max([15, *(len(row["solver"]) for row in report["rows"])])
+
+
 def photo_table(report: dict[str, Any]) -> str:
     lines = [f"{report['model']} (whole held-out photos; * the served defaults)"]
+    w = _solver_width(report)
     lines.append(
-        f"{'photo':<11} {'mode':<5} {'init':<10} {'solver':<15} {'T':>4} {'energy gap %':>13} {'latent dist %':>20}"
+        f"{'photo':<11} {'mode':<5} {'init':<10} {'solver':<{w}} {'T':>4} {'energy gap %':>13} {'latent dist %':>20}"
     )
     for row in report["rows"]:
         levels = ", ".join(f"{v:.3g}" for v in row["latent_distance_pct"])
         mark = "*" if row["served"] else " "
         lines.append(
-            f"{row['photo']:<11} {row['size_mode']:<5} {row['init']:<10} {row['solver']:<15} {row['steps']:>4}"
+            f"{row['photo']:<11} {row['size_mode']:<5} {row['init']:<10} {row['solver']:<{w}} {row['steps']:>4}"
             f"{mark}{row['energy_gap_pct']:>12.4g} {levels:>20}"
         )
     return "\n".join(lines)
@@ -185,13 +190,14 @@ def table(report: dict[str, Any]) -> str:
     if report.get("photos"):
         return photo_table(report)
     lines = [f"{report['model']} ({report['crops']} held-out crops; wall time at batch {report['batch']})"]
-    head = f"{'init':<10} {'solver':<15} {'T':>4} {'energy gap % q50 / q75 / q90 / of the mean':>44}"
+    w = _solver_width(report)
+    head = f"{'init':<10} {'solver':<{w}} {'T':>4} {'energy gap % q50 / q75 / q90 / of the mean':>44}"
     lines.append(f"{head} {'latent dist % per level':>26} {'ms/img':>8}")
     for row in report["rows"]:
         levels = ", ".join(f"{v:.3g}" for v in row["latent_distance_pct"])
         keys = ("energy_gap_pct", "energy_gap_q75_pct", "energy_gap_q90_pct", "mean_energy_gap_pct")
         energy = " / ".join(f"{row[k]:.3g}" for k in keys)
-        run = f"{row['init']:<10} {row['solver']:<15} {row['steps']:>4}"
+        run = f"{row['init']:<10} {row['solver']:<{w}} {row['steps']:>4}"
         lines.append(f"{run} {energy:>44} {levels:>26} {row['ms_per_image']:>8.3f}")
     return "\n".join(lines)
 
