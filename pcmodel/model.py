@@ -74,8 +74,9 @@ class PCModel:
         self.amortiser = amortiser
         self.engines = EngineState(config)
         self.allow_unstable = allow_unstable
-        self.gradient_bound = math.inf  # the gradient solver's bound at the native size, from the last check
-        self.level_step_bounds: dict[tuple[float, ...], float] = {}  # the same with steps lengthened per level
+        # The plain step's largest stable k1 at the native size per set of level steps (() the gradient's),
+        # each computed when first needed and dropped at the next stability check.
+        self.plain_bounds: dict[tuple[float, ...], float] = {}
         self.check_stability(allow_unstable=allow_unstable)
 
     # ---- structure -------------------------------------------------------------------------
@@ -475,15 +476,19 @@ class PCModel:
             )
         return chosen
 
+    @property
+    def gradient_bound(self) -> float:
+        """The gradient solver's largest stable k1 at the native size (as of the last stability check)."""
+        return self._plain_bound(())
+
     def _plain_bound(self, level_steps: tuple[float, ...]) -> float:
         """The plain step's largest stable k1 at the native size with each level's step multiplied by
-        level_steps (the gradient solver's where empty), kept until the next stability check."""
-        if not level_steps:
-            return self.gradient_bound
-        if level_steps not in self.level_step_bounds:
+        level_steps (the gradient solver's where empty): one eigenvalue problem the first time it is asked
+        (~60 ms for conv-rgb), kept until the next stability check."""
+        if level_steps not in self.plain_bounds:
             hw = tuple(self.config.input_shape[1:])
-            self.level_step_bounds[level_steps] = 4.0 / self._top_curvature(hw, "auto", level_steps)
-        return self.level_step_bounds[level_steps]
+            self.plain_bounds[level_steps] = 4.0 / self._top_curvature(hw, "auto", level_steps)
+        return self.plain_bounds[level_steps]
 
     def stability_bound(
         self, input_hw: Sequence[int] | None = None, method: str = "auto", solver: str | Solver | None = None
@@ -508,13 +513,10 @@ class PCModel:
         if method not in ("auto", "exact", "power", "lanczos"):
             raise ValueError(f"unknown method {method!r}; choose auto, exact, power or lanczos")
         chosen = self._solver_for(solver)
-        plain = 4.0 / self._top_curvature(hw, method, ())
-        if input_hw is None:
-            self.gradient_bound, self.level_step_bounds = plain, {}
-        if chosen.level_steps:  # each level's step lengthened: the curvature its step sees grows with it
-            plain = 4.0 / self._top_curvature(hw, method, chosen.level_steps)
-            if input_hw is None:
-                self.level_step_bounds[chosen.level_steps] = plain
+        # With level steps the curvature each level's step sees grows with its multiplier.
+        plain = 4.0 / self._top_curvature(hw, method, chosen.level_steps)
+        if input_hw is None:  # a fresh check at the native size: the other solvers' bounds follow when asked
+            self.plain_bounds = {chosen.level_steps: plain}
         return plain * chosen.bound_factor
 
     def _top_curvature(self, hw: tuple[int, ...], method: str, level_steps: tuple[float, ...]) -> float:
