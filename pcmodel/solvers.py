@@ -91,7 +91,7 @@ class Solver:
 
     @property
     def plain(self) -> bool:
-        """Whether a step is the paper's plain gradient step (nothing to carry between steps)."""
+        """Whether a step is a plain gradient step, lengthened per level or not (nothing to carry between steps)."""
         return self.name == "gradient" or (self.name != "anderson" and self.momentum == 0)
 
     @property
@@ -106,6 +106,8 @@ class Solver:
 
     def entry_steps(self, sizes: Sequence[int]) -> torch.Tensor:
         """The level steps per entry of a state holding levels of `sizes` entries side by side (float64)."""
+        if len(sizes) != len(self.level_steps):
+            raise ValueError(f"level_steps has {len(self.level_steps)} multipliers for {len(sizes)} levels")
         return torch.cat([torch.full((n,), m, dtype=torch.float64) for n, m in zip(sizes, self.level_steps)])
 
     @property
