@@ -111,10 +111,11 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps({"machine": machine(), "gap_pct": args.gap, "reports": reports}, indent=2))
         return 0
     print(f"steps to a {args.gap:g}% energy gap per frame (median / p90; {args.frames} frames, {args.shift} px/frame)")
-    print(f"{'model':<18} {'sequence':<8} {'solver':<14} {'cold':>12} {'warm':>12}")
+    w = max([14, *(len(r["solver"]) for r in reports)])
+    print(f"{'model':<18} {'sequence':<8} {'solver':<{w}} {'cold':>12} {'warm':>12}")
     for r in reports:
         cold, warm = f"{r['cold_median']:g} / {r['cold_p90']:g}", f"{r['warm_median']:g} / {r['warm_p90']:g}"
-        print(f"{r['model']:<18} {r['sequence']:<8} {r['solver']:<14} {cold:>12} {warm:>12}")
+        print(f"{r['model']:<18} {r['sequence']:<8} {r['solver']:<{w}} {cold:>12} {warm:>12}")
     return 0
 
 
