@@ -21,6 +21,12 @@ The variants (`VARIANTS`), each a formulation a JAX user could reasonably write:
   (B, n) x (n, n) product per step. A peer that knows the network is linear may do this; pcmodel does
   (pcmodel/engines/plans.py, QuadraticPlan). H and b's map come from the torch reference energy by
   autograd in float64, not from pcmodel's plans.
+- "hybrid": where "quadratic" applies and there are levels above the first: level 1's data term (and its
+  Gaussian prior) as its Gram block, block by block where its positions do not interact (an einsum over
+  the three 32 x 32 module blocks of rao-ballard-1999), the levels above through their own maps by hand
+  (e_l = t_l(r_{l-1}) - U_l r_l and its adjoints: for rao-ballard-1999 2 x 96 x 128 multiply-adds a row
+  instead of level 2's 224-wide rows of H, whose level-2 block has rank 96). The fewest multiply-adds a
+  step of the five.
 
 `jax_runner` compiles the applicable variants, times them interleaved and keeps the fastest
 (`info["variant"]`): "the strongest JAX" of a cell is the fastest variant at that batch and thread count.
@@ -48,7 +54,7 @@ from benchmarks.reference import reference_energy
 from benchmarks.timing import time_call
 from pcmodel.config import ModelConfig, level_shapes
 
-VARIANTS = ("grad", "hand", "vmap", "quadratic")
+VARIANTS = ("grad", "hand", "vmap", "quadratic", "hybrid")
 QUADRATIC_MAX_SIZE = 4096  # latents + inputs: above this the dense Hessian (and its float64 build) costs too much
 
 JaxFn = Callable[[Any], tuple[list[Any], Any]]
@@ -79,9 +85,15 @@ def quadratic_applies(config: ModelConfig, input_hw: Sequence[int]) -> bool:
     return inputs + sum(int(np.prod(g.latent)) for g in geoms) <= QUADRATIC_MAX_SIZE
 
 
+def hybrid_applies(config: ModelConfig, input_hw: Sequence[int]) -> bool:
+    """Whether the "hybrid" variant can run: the quadratic one can and there are levels above the first."""
+    return len(config.levels) > 1 and quadratic_applies(config, input_hw)
+
+
 def variants_for(config: ModelConfig, input_hw: Sequence[int]) -> tuple[str, ...]:
     """The variants that apply to this network at this size."""
-    return tuple(v for v in VARIANTS if v != "quadratic" or quadratic_applies(config, input_hw))
+    checks = {"quadratic": quadratic_applies, "hybrid": hybrid_applies}
+    return tuple(v for v in VARIANTS if v not in checks or checks[v](config, input_hw))
 
 
 def _window(kernel: Sequence[int], sigma: float, channels: int) -> np.ndarray:
@@ -113,6 +125,8 @@ def build_inference(
     hw = (int(input_hw[0]), int(input_hw[1]))
     if variant == "quadratic" and not quadratic_applies(config, hw):
         raise ValueError("the quadratic variant needs every f the identity and a small network")
+    if variant == "hybrid" and not hybrid_applies(config, hw):
+        raise ValueError("the hybrid variant needs every f the identity, a small network and two levels or more")
     unknown = sorted({lc.prior for lc in config.levels} - set(PEER_PRIORS))
     if unknown:
         raise ValueError(f"the JAX peer writes the {' and '.join(PEER_PRIORS)} priors only, not {', '.join(unknown)}")
@@ -234,6 +248,9 @@ def build_inference(
     if variant == "quadratic":
         return _quadratic_inference(config, weights, hw, steps, unroll, initial, target, decay, rates)
 
+    if variant == "hybrid":
+        return _hybrid_inference(config, weights, hw, steps, unroll, initial, target, predict, decay, rates)
+
     if variant == "grad":
 
         def value_grad(first_target: Any, latents: list[Any]) -> tuple[Any, list[Any]]:
@@ -303,6 +320,118 @@ def quadratic_forms(
     z0 = torch.zeros(n + int(np.prod(x_shape)), dtype=torch.float64)
     hzz = torch.autograd.functional.hessian(e_of, z0, vectorize=True).numpy()  # one vmapped pass, not n
     return hzz[:n, :n], hzz
+
+
+def _hybrid_inference(
+    config: ModelConfig,
+    weights: Sequence[torch.Tensor],
+    hw: tuple[int, int],
+    steps: int,
+    unroll: int,
+    initial: Callable[[Any, Any], list[Any]],
+    target: Callable[[int, Any], Any],
+    predict: Callable[[int, Any], Any],
+    decay: float,
+    rates: Sequence[float],
+) -> JaxFn:
+    """The "hybrid" variant, on flat latents (B, n_l): level 1's data term as 1/2 r1 H1 r1 - b1 r1 + E(0) (its
+    Gram block, `_first_level_gram`), each level above through its own maps as matrices, P_l (n_l, n_t) and
+    t_l as a per-entry weight where it is a weighted identity (a dense level over the whole map below) or a
+    matrix T_l: e_l = r_{l-1} T_l - r_l P_l, dE/dr_l -= (2/sigma_l^2) e_l P_l^T, dE/dr_{l-1} += (2/sigma_l^2)
+    e_l T_l^T. The Cauchy priors' gradients per step, as in "quadratic"."""
+    import jax
+    import jax.numpy as jnp
+    from jax import lax
+
+    gram, to_b, half_xx = _first_level_gram(config, weights, hw)
+    geoms = level_shapes(config, hw)
+    shapes = [tuple(g.latent) for g in geoms]
+    sizes = [int(np.prod(sh)) for sh in shapes]
+    maps = []  # per level above the first: (P_l, t_l as a vector or None, T_l or None, 2 / sigma_l^2)
+    for i in range(1, len(shapes)):
+        P = np.asarray(predict(i, jnp.eye(sizes[i], dtype=jnp.float32).reshape(sizes[i], *shapes[i])))
+        T = np.asarray(target(i, jnp.eye(sizes[i - 1], dtype=jnp.float32).reshape(sizes[i - 1], *shapes[i - 1])))
+        P, T = P.reshape(sizes[i], -1), T.reshape(sizes[i - 1], -1)
+        weighted_identity = T.shape[0] == T.shape[1] and not (T - np.diag(np.diag(T))).any()
+        tvec = jnp.asarray(np.diag(T).copy()) if weighted_identity else None
+        maps.append((jnp.asarray(P), tvec, None if weighted_identity else jnp.asarray(T), 2 / config.levels[i].sigma2))
+    cauchy = [lc.alpha if lc.prior == "cauchy" else 0.0 for lc in config.levels]
+    gaussian = [lc.alpha if lc.prior == "gaussian" and i > 0 else 0.0 for i, lc in enumerate(config.levels)]
+
+    def value_grad(b1: Any, base: Any, rs: Sequence[Any]) -> tuple[Any, list[Any]]:
+        h1 = gram(rs[0])
+        grads = [h1 - b1, *(jnp.zeros_like(r) for r in rs[1:])]
+        total = base + jnp.sum(rs[0] * (0.5 * h1 - b1), axis=1)
+        for i, (P, tvec, T, w) in enumerate(maps, 1):
+            lower = rs[i - 1] * tvec if T is None else rs[i - 1] @ T
+            e = lower - rs[i] @ P
+            grads[i] = grads[i] - w * (e @ P.T)
+            grads[i - 1] = grads[i - 1] + w * (e * tvec if T is None else e @ T.T)
+            total = total + 0.5 * w * jnp.sum(e * e, axis=1)
+        for i, r in enumerate(rs):
+            if cauchy[i]:
+                grads[i] = grads[i] + (2 * cauchy[i]) * r / (1 + r * r)
+                total = total + cauchy[i] * jnp.sum(jnp.log1p(r * r), axis=1)
+            if gaussian[i]:  # level 1's is in H1
+                grads[i] = grads[i] + (2 * gaussian[i]) * r
+                total = total + gaussian[i] * jnp.sum(r * r, axis=1)
+        return total + decay, grads
+
+    @jax.jit
+    def run(x: Any) -> tuple[list[Any], Any]:
+        batch = x.shape[0]
+        xf = x.reshape(batch, -1)
+        b1 = xf @ to_b
+        base = jnp.sum((xf @ half_xx) * xf, axis=1)
+        rs = [r.reshape(batch, -1) for r in initial(x, target(0, x))]
+        trace = jnp.zeros((steps + 1, batch), dtype=jnp.float32)
+
+        def body(t: Any, carry: tuple[list[Any], Any]) -> tuple[list[Any], Any]:
+            rs, tr = carry
+            e, grads = value_grad(b1, base, rs)
+            return [r - rate * g for r, rate, g in zip(rs, rates, grads)], tr.at[t].set(e)
+
+        rs, trace = lax.fori_loop(0, steps, body, (rs, trace), unroll=unroll)
+        last, _ = value_grad(b1, base, rs)
+        return [r.reshape(batch, *sh) for r, sh in zip(rs, shapes)], trace.at[steps].set(last)
+
+    return run
+
+
+def _first_level_gram(
+    config: ModelConfig, weights: Sequence[torch.Tensor], hw: tuple[int, int]
+) -> tuple[Callable[[Any], Any], Any, Any]:
+    """(r1 -> r1 H1 on flat r1, b's map (n_x, n1), E(0)'s form (n_x, n_x)) for level 1's data term and Gaussian prior
+    alone, H1 by autograd from the torch reference energy of the one-level network (`quadratic_forms`).
+    Where H1 couples no two positions of level 1's map (modules that do not overlap in what they predict),
+    the product runs block by block: an einsum over positions of (causes x causes) blocks."""
+    import jax.numpy as jnp
+
+    first = dataclasses.replace(config, levels=config.levels[:1])
+    H64, hzz = quadratic_forms(first, weights[:1], hw)
+    n1 = H64.shape[0]
+    causes, *grid = level_shapes(config, hw)[0].latent
+    positions = int(np.prod(grid))
+    blocks = H64.reshape(causes, positions, causes, positions)  # the latents are cause-major
+    across = blocks.copy()
+    for p in range(positions):
+        across[:, p, :, p] = 0
+    to_b = jnp.asarray((-hzz[n1:, :n1]).astype(np.float32))
+    half_xx = jnp.asarray((0.5 * hzz[n1:, n1:]).astype(np.float32))
+    if positions > 1 and not across.any():
+        per_position = jnp.asarray(np.stack([blocks[:, p, :, p] for p in range(positions)]).astype(np.float32))
+
+        def gram(r1: Any) -> Any:  # r1 flat (B, n1), cause-major
+            blocked = r1.reshape(r1.shape[0], causes, positions)
+            return jnp.einsum("bcp,pcd->bdp", blocked, per_position).reshape(r1.shape)
+
+    else:
+        dense = jnp.asarray(H64.astype(np.float32))
+
+        def gram(r1: Any) -> Any:
+            return r1 @ dense
+
+    return gram, to_b, half_xx
 
 
 def _quadratic_inference(

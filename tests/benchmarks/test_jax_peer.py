@@ -10,9 +10,9 @@ from tests.pcmodel.conftest import KINDS, tiny_config
 
 pytest.importorskip("jax")
 
-from benchmarks.jax_peer import VARIANTS, jax_infer, jax_runner, quadratic_applies, variants_for
+from benchmarks.jax_peer import VARIANTS, hybrid_applies, jax_infer, jax_runner, quadratic_applies, variants_for
 
-BATCHED = [v for v in VARIANTS if v != "quadratic"]  # the variants that run every network
+BATCHED = [v for v in VARIANTS if v not in ("quadratic", "hybrid")]  # the variants that run every network
 
 
 def _check(model: pcmodel.PCModel, x: torch.Tensor, steps: int, variant: str) -> None:
@@ -35,7 +35,8 @@ CONFIGS = [("identity", "gaussian", "zeros"), ("tanh", "cauchy", "feedforward")]
 def test_tiny_configs_match_the_loop(kind: str, f: str, prior: str, start: str, variant: str) -> None:
     model = pcmodel.create(tiny_config(kind, f=f, prior=prior, initial_latents=start), seed=3)
     c, h, w = model.config.input_shape
-    if variant == "quadratic" and not quadratic_applies(model.config, (h, w)):
+    applies = {"quadratic": quadratic_applies, "hybrid": hybrid_applies}.get(variant)
+    if applies is not None and not applies(model.config, (h, w)):
         with pytest.raises(ValueError, match="identity"):
             jax_infer(model, torch.zeros((1, c, h, w)), 1, variant)
         return
@@ -43,12 +44,13 @@ def test_tiny_configs_match_the_loop(kind: str, f: str, prior: str, start: str, 
     _check(model, x, 7, variant)
 
 
+@pytest.mark.parametrize("variant", ["quadratic", "hybrid"])
 @pytest.mark.parametrize("kind", KINDS)
-def test_quadratic_with_cauchy_priors_and_feedforward_start(kind: str) -> None:
+def test_quadratic_with_cauchy_priors_and_feedforward_start(kind: str, variant: str) -> None:
     """The Cauchy prior stays outside H (its gradient per step); the feed-forward start is linear in x."""
     model = pcmodel.create(tiny_config(kind, f="identity", prior="cauchy", initial_latents="feedforward"), seed=3)
     x = torch.randn((3, *model.config.input_shape), generator=torch.Generator().manual_seed(7))
-    _check(model, x, 7, "quadratic")
+    _check(model, x, 7, variant)
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
@@ -63,7 +65,7 @@ def test_the_paper_network_at_its_default_steps(variant: str) -> None:
 @pytest.mark.parametrize("variant", BATCHED)
 def test_conv_rgb_matches_the_loop(variant: str) -> None:
     model = pcmodel.load("conv-rgb").with_dynamics(init="zero", solver="gradient")  # as the peer runs
-    assert "quadratic" not in variants_for(model.config, model.config.input_shape[1:])  # tanh: not linear
+    assert not {"quadratic", "hybrid"} & set(variants_for(model.config, model.config.input_shape[1:]))  # tanh
     x = torch.rand((2, *model.config.input_shape), generator=torch.Generator().manual_seed(0)) * 2 - 1
     _check(model, x, 10, variant)
 
