@@ -13,6 +13,7 @@ from numba.core.extending import intrinsic, models, register_model
 from numba.np.arrayobj import make_array
 
 jit = njit(cache=True, fastmath={"contract"}, nogil=True, boundscheck=False)  # contract: a*b + c may be one FMA
+inlined = njit(cache=True, fastmath={"contract"}, nogil=True, boundscheck=False, inline="always")  # into its caller
 
 # The step kernel's blocks of 16 float32 (one 512-bit register; LLVM splits it in two 256-bit halves where
 # the CPU has no AVX-512): numba has no vector type, so one is declared here with the few operations the
@@ -550,6 +551,35 @@ def _row32(s, m, c, z, b, j, runs, first, count):  # pragma: no cover - compiled
     _drive(c, z, b, j + W, n, a1)
 
 
+@inlined
+def _product(s, m, c, z, b, rows, runs, blocks, singles):  # pragma: no cover - compiled
+    """Rows b..b+rows-1 (rows 8 or 1) of z = c + s m, m read only in its runs of rows not all zero: the
+    eight-row kernel per block of BLOCK columns, or the one-row kernels as `singles` says."""
+    n = m.shape[1]
+    if rows == 8:
+        for j in range(0, n, BLOCK):
+            _rows8(s, m, c, z, b, j, runs, blocks[j // BLOCK, 0], blocks[j // BLOCK, 1])
+    else:
+        for i in range(singles.shape[0]):
+            width, j, first, many = singles[i, 0], singles[i, 1], singles[i, 2], singles[i, 3]
+            if width == 4:
+                _row128(s, m, c, z, b, j, runs, first, many)
+            elif width == 2:
+                _row64(s, m, c, z, b, j, runs, first, many)
+            else:
+                _row32(s, m, c, z, b, j, runs, first, many)
+
+
+@jit
+def _scaled_add(out, d, x, y, lo, hi):  # pragma: no cover - compiled
+    """out = out + y + d x for rows lo..hi-1 (y may be out's zeros: `zero`), each one rounding per operation."""
+    n = out.shape[1]
+    for b in range(lo, hi):
+        for j in range(0, n, W):
+            o = b * n + j
+            vstore(out, o, vfmav(vload(d, j), vload(x, o), vadd(vload(out, o), vload(y, o))))
+
+
 @jit
 def steps_rows(
     m, runs, blocks, singles, c, qinv, count, last, states, drives, vel, beta, mode, gram, mult, metric, t0, lo, hi
@@ -567,29 +597,72 @@ def steps_rows(
     bits either way. Each kernel reads only the runs of rows of M that are not all zero in its columns
     (`runs`; `blocks`: (first run, runs) per block of columns): an exact zero skipped leaves the sum as it is.
     """
-    n = m.shape[1]
-    for t in range(count):
-        step = not (last and t == count - 1)
-        s, z = states[t], drives[t]
+    for step_index in range(count):
+        step = not (last and step_index == count - 1)
+        s, z = states[step_index], drives[step_index]
         b = lo
         while b < hi:
             rows = 8 if b + 8 <= hi else 1
-            if rows == 8:
-                for j in range(0, n, BLOCK):
-                    _rows8(s, m, c, z, b, j, runs, blocks[j // BLOCK, 0], blocks[j // BLOCK, 1])
-            else:
-                for i in range(singles.shape[0]):
-                    width, j, first, many = singles[i, 0], singles[i, 1], singles[i, 2], singles[i, 3]
-                    if width == 4:
-                        _row128(s, m, c, z, b, j, runs, first, many)
-                    elif width == 2:
-                        _row64(s, m, c, z, b, j, runs, first, many)
-                    else:
-                        _row32(s, m, c, z, b, j, runs, first, many)
+            _product(s, m, c, z, b, rows, runs, blocks, singles)
             if step:
-                _advance(s, z, qinv, states[t + 1], vel, beta, mode if mode < 3 else 0, mult, b, b + rows)
+                _advance(s, z, qinv, states[step_index + 1], vel, beta, mode if mode < 3 else 0, mult, b, b + rows)
                 if mode == 3:
-                    _mix(s, states[t + 1], vel, gram, metric, t0 + t, b, b + rows)
+                    _mix(s, states[step_index + 1], vel, gram, metric, t0 + step_index, b, b + rows)
+            b += rows
+
+
+@jit
+def factored_steps_rows(
+    m,
+    runs,
+    blocks,
+    singles,
+    c,
+    qinv,
+    count,
+    last,
+    states,
+    drives,
+    vel,
+    beta,
+    mode,
+    gram,
+    mult,
+    left,
+    lruns,
+    lblocks,
+    lsingles,
+    right,
+    rruns,
+    rblocks,
+    rsingles,
+    d_left,
+    d_right,
+    t,
+    zero,
+    metric,
+    t0,
+    lo,
+    hi,
+):  # pragma: no cover
+    """`steps_rows` with M = I + m + (diag(d_left) + left)(diag(d_right) + right) (numba_quadratic.factored_step):
+    a step is t = s left + d_left s, z = c + s m, z += t right, z += s + d_right t (t and zero: work rows like
+    the states, zero all zeros), each product reading only its matrix's runs of rows not all zero."""
+    for step_index in range(count):
+        step = not (last and step_index == count - 1)
+        s, z = states[step_index], drives[step_index]
+        b = lo
+        while b < hi:
+            rows = 8 if b + 8 <= hi else 1
+            _product(s, left, zero, t, b, rows, lruns, lblocks, lsingles)
+            _scaled_add(t, d_left, s, zero, b, b + rows)
+            _product(s, m, c, z, b, rows, runs, blocks, singles)
+            _product(t, right, z, z, b, rows, rruns, rblocks, rsingles)
+            _scaled_add(z, d_right, t, s, b, b + rows)
+            if step:
+                _advance(s, z, qinv, states[step_index + 1], vel, beta, mode if mode < 3 else 0, mult, b, b + rows)
+                if mode == 3:
+                    _mix(s, states[step_index + 1], vel, gram, metric, t0 + step_index, b, b + rows)
             b += rows
 
 
@@ -685,6 +758,19 @@ def program_rows(
     mode,
     gram,
     mult,
+    factored,
+    left,
+    lruns,
+    lblocks,
+    lsingles,
+    right,
+    rruns,
+    rblocks,
+    rsingles,
+    d_left,
+    d_right,
+    t,
+    zero,
     driven,
     c,
     states,
@@ -712,9 +798,9 @@ def program_rows(
     runs, blocks, singles: M's runs of rows not all zero (`steps_rows`); order: the plan's index of each
     latent of the kernels' order (level by level, a level's causes grouped by position, so that M's zeros
     between positions form blocks). s0: the given start (rows, n, the kernels' order) or an empty array;
-    vel, beta, mode, gram, mult: the solver (`steps_rows`); driven, c, states, drives, squares, base, klat (the
-    latents in the kernels' order, which the maps' rows are in: a module's rows then meet only its patch): work
-    buffers;
+    vel, beta, mode, gram, mult: the solver (`steps_rows`); factored .. zero: M's factors (`steps_rows`);
+    driven, c, states, drives, squares, base, klat (the latents in the kernels' order, which the maps' rows are
+    in: a module's rows then meet only its patch): work buffers;
     energy, latent, predictions, errors, recon: the outputs (predictions and errors of all levels side by
     side).
     """
@@ -736,7 +822,13 @@ def program_rows(
         count = min(chunk, steps + 1 - t0)
         last = t0 + count == steps + 1
         solver = (vel, beta, mode, gram, mult)
-        steps_rows(m, runs, blocks, singles, c, qinv, count, last, states, drives, *solver, scale2, t0, lo, hi)
+        if factored:
+            fac = (left, lruns, lblocks, lsingles, right, rruns, rblocks, rsingles, d_left, d_right, t, zero)
+            factored_steps_rows(
+                m, runs, blocks, singles, c, qinv, count, last, states, drives, *solver, *fac, scale2, t0, lo, hi
+            )
+        else:
+            steps_rows(m, runs, blocks, singles, c, qinv, count, last, states, drives, *solver, scale2, t0, lo, hi)
         energy_rows(
             states[:count], drives[:count], c, weight, scale2, segments, base[:, 0], energy[t0 : t0 + count], lo, hi
         )

@@ -239,6 +239,14 @@ def _solver_args(
 _NO_VELOCITY = np.zeros((1, 16), np.float32)
 _NO_SYSTEMS = np.zeros((1, 1, 3))
 _NO_MULTIPLIERS = np.zeros(0, np.float32)
+_NO_MATRIX = (
+    np.zeros((1, 32), np.float32),
+    np.zeros((0, 2), np.int64),
+    np.zeros((1, 2), np.int64),
+    np.zeros((0, 4), np.int64),
+)
+_NO_WORK = (np.zeros((1, 32), np.float32), np.zeros((1, 32), np.float32))
+_NO_FACTORS = (0, *_NO_MATRIX, *_NO_MATRIX, np.zeros(32, np.float32), np.zeros(32, np.float32))
 
 
 @functools.cache
@@ -265,12 +273,90 @@ def _step_args(step: np.ndarray, c: np.ndarray, qinv: np.ndarray) -> tuple[np.nd
     return m, cp, qp
 
 
-def _padded_arrays(t: dict[str, Any]) -> dict[str, Any]:
+def _factor_work(factored: int, batch: int, width: int) -> tuple[np.ndarray, np.ndarray]:
+    """The factored step's work rows t and a row block of zeros (`steps_rows`); none where M is not factored."""
+    if not factored:
+        return _NO_WORK
+    return aligned((batch, width)), aligned((batch, width))
+
+
+def _reads(structure: tuple[np.ndarray, np.ndarray, np.ndarray]) -> int:
+    """Rows of M the eight-row kernel reads for one block of rows, over all blocks of columns (its work)."""
+    runs, blocks, _ = structure
+    return sum(int((runs[f : f + c, 1] - runs[f : f + c, 0]).sum()) for f, c in blocks)
+
+
+FACTORED_STEPS = True  # False: M dense in every plan made after (the tests and benchmarks compare the two)
+
+
+def step_factors(t: dict[str, Any], plan: QuadraticPlan) -> dict[str, np.ndarray] | None:
+    """M in the kernels' order as I + M1 + (diag(dL) + L)(diag(dR) + R), padded like M (`_step_args`); None
+    where no level's term can be factored (`factored_step` uses it where it is less work than M).
+
+    Level l's term of H is w_l V_l V_l^T with V_l = [t_l; -P_l] on levels l-1 and l (plans.py), so its part of
+    M = I - diag(k) H diag(eta / k) is (diag(k) V_l)(-w_l V_l^T diag(eta / k)). Where t_l is a weighted
+    identity (`plan.factored_levels`: target entry j is latent j below), that part goes through
+    t = s (diag(dL) + L), one column per latent below (t's column is that latent's), L from level l's rows,
+    and z gains t (diag(dR) + R), R onto level l's columns: 2 n_{l-1} n_l multiply-adds a row instead of M's
+    (n_{l-1} + n_l)-wide rows there (level 2 of rao-ballard-1999: rank 96, not 128). M1 is the plan's
+    `step_rest` (the other terms; exact zeros where only factored terms were).
+    """
+    if plan.step_rest is None:
+        return None
+    n = t["step"].shape[0]
+    where = np.argsort(t["order"])  # the kernels' index of each plan index
+    scale = t["scale"].astype(np.float64)
+    eta = scale * scale / (2 * t["energy_weight"].astype(np.float64))
+    offsets = np.cumsum([0, *(math.prod(shape) for shape in plan.shapes)])
+    left, right = np.zeros((n, n)), np.zeros((n, n))
+    d_left, d_right = np.zeros(n), np.zeros(n)
+    for i in plan.factored_levels:
+        tau = np.diag(t[f"target_map{i}"]).astype(np.float64)
+        predict = t[f"predict_map{i}"].astype(np.float64)
+        w = plan.data_weights[i]
+        below, above = where[offsets[i - 1] : offsets[i]], where[offsets[i] : offsets[i + 1]]
+        d_left[below] = scale[below] * tau
+        d_right[below] = -w * tau * eta[below] / scale[below]
+        left[np.ix_(above, below)] = -scale[above, None] * predict
+        right[np.ix_(below, above)] = w * predict.T * (eta[above] / scale[above])[None, :]
+    rest = plan.step_rest.detach().cpu().numpy()[np.ix_(t["order"], t["order"])]
+    width = padded(n)
+    out = {}
+    for name, a in (("step", rest), ("left", left), ("right", right)):
+        out[name] = aligned((n, width))
+        out[name][:, :n] = a
+    for name, d in (("d_left", d_left), ("d_right", d_right)):
+        out[name] = aligned((width,))
+        out[name][:n] = d
+    return out
+
+
+def factored_step(t: dict[str, Any], plan: QuadraticPlan) -> dict[str, np.ndarray] | None:
+    """`step_factors` where reading them is at most 0.8x the rows of M the kernels read (else None), and
+    FACTORED_STEPS is on."""
+    factors = step_factors(t, plan) if FACTORED_STEPS else None
+    if factors is None:
+        return None
+    dense, _, _ = _step_args(t["step"], t["step"][:0], t["qinv"])
+    work = sum(_reads(step_runs(factors[k])) for k in ("step", "left", "right"))
+    return factors if work <= 0.8 * _reads(step_runs(dense)) else None
+
+
+def _padded_arrays(t: dict[str, Any], plan: QuadraticPlan | None = None) -> dict[str, Any]:
     """The step and energy kernels' arrays, their latents padded to `padded(n)` (made once per plan's arrays:
-    M's columns and the weights with zeros, qinv with inf, as in `_step_args`)."""
+    M's columns and the weights with zeros, qinv with inf, as in `_step_args`); M factored where that is less
+    work (`factored_step`, given the plan)."""
     if "padded" not in t:
         m, _, qinv = _step_args(t["step"], t["step"][:0], t["qinv"])
-        p: dict[str, Any] = {"step": m, "qinv": qinv, "structure": step_runs(m)}
+        factors = None if plan is None else factored_step(t, plan)
+        p: dict[str, Any] = {"qinv": qinv}
+        if factors is None:
+            p["step"], p["factors"] = m, _NO_FACTORS
+        else:
+            left, right = factors["left"], factors["right"]
+            p["step"] = factors["step"]
+            p["factors"] = (1, left, *step_runs(left), right, *step_runs(right), factors["d_left"], factors["d_right"])
+        p["structure"] = step_runs(p["step"])
         for name in ("scale2", "energy_weight"):
             p[name] = aligned((m.shape[1],))
             p[name][: m.shape[0]] = t[name]
@@ -405,7 +491,7 @@ def run(
     batch = x.shape[0]
     xf = x.detach().reshape(batch, -1).to(torch.float32).contiguous().numpy()
     t = arrays(plan) if t is None else t
-    p = _padded_arrays(t)
+    p = _padded_arrays(t, plan)
     q = _program_arrays(t, plan)
     inputs, ispans, widths = t["inputs"], q["spans"]["inputs"], q["widths"]
     n, width = t["step"].shape[0], p["step"].shape[1]
@@ -427,7 +513,8 @@ def run(
         steps_in = (p["step"], *p["structure"], t["order"], p["qinv"], p["energy_weight"], p["scale2"])
         q["fixed"] = (q["omega"], t["const"], *steps_in, p["segments"], t["scale"], *maps, q["spans"]["reconstruct"])
     solver_args = _solver_args(solver, batch, width, [math.prod(shape) for shape in plan.shapes])
-    args = (*q["fixed"], xf, inputs, ispans, s0, steps, chunk, *solver_args, *buffers)
+    factors = (*p["factors"], *_factor_work(p["factors"][0], batch, width))
+    args = (*q["fixed"], xf, inputs, ispans, s0, steps, chunk, *solver_args, *factors, *buffers)
     _parallel(_kernels()[2], batch, threads, *args, align=8)
     energy, latent, predictions, errors, recon = out
     return EngineRun(

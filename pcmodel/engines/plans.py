@@ -73,6 +73,11 @@ class QuadraticPlan:
     predict_maps: list[torch.Tensor] = field(default_factory=list)  # P_l (n_l, n_t): prediction = r_l P_l
     target_maps: list[torch.Tensor] = field(default_factory=list)  # T_l (n_{l-1} or n_x, n_t): target = lower T_l
     target_shapes: list[tuple[int, ...]] = field(default_factory=list)  # target space per level, without batch
+    data_weights: list[float] = field(default_factory=list)  # 2 / sigma_l^2: level l's term of H is w V V^T
+    # Levels whose t_l is a weighted identity: their term w V V^T (V = [t_l; -P_l]) can go through their own
+    # maps instead of M (the numba kernel does where it is less work); step_rest is M - I without those terms.
+    factored_levels: list[int] = field(default_factory=list)
+    step_rest: torch.Tensor | None = None
     kind: str = "quadratic"
 
     @property
@@ -204,15 +209,18 @@ def _quadratic_plan(
     lowers = [(channels, *hw), *shapes[:-1]]
     targets = [_target_matrix(lv, low) for lv, low in zip(levels, lowers)]  # T_l (n_{l-1}, n_t)
     hessian = torch.zeros((n, n), dtype=torch.float64)
+    rest = torch.zeros((n, n), dtype=torch.float64)  # H without the terms that can go through their own maps
+    factored = [i for i, T in enumerate(targets) if i > 0 and _weighted_identity(T)]
     for i, (lc, P, T) in enumerate(zip(config.levels, predicts, targets)):
         w = 2 / lc.sigma2
         a, b = offsets[i], offsets[i + 1]
-        hessian[a:b, a:b] += w * P @ P.T
-        if i > 0:
-            lo, hi = offsets[i - 1], offsets[i]
-            hessian[lo:hi, lo:hi] += w * T @ T.T
-            hessian[a:b, lo:hi] -= w * P @ T.T
-            hessian[lo:hi, a:b] -= w * T @ P.T
+        for h in (hessian,) if i in factored else (hessian, rest):
+            h[a:b, a:b] += w * P @ P.T
+            if i > 0:
+                lo, hi = offsets[i - 1], offsets[i]
+                h[lo:hi, lo:hi] += w * T @ T.T
+                h[a:b, lo:hi] -= w * P @ T.T
+                h[lo:hi, a:b] -= w * T @ P.T
     drive = torch.zeros((n_x, n), dtype=torch.float64)
     drive[:, : sizes[0]] = (2 / config.levels[0].sigma2) * targets[0] @ predicts[0].T
 
@@ -220,7 +228,8 @@ def _quadratic_plan(
         return torch.cat([torch.full((s,), v, dtype=torch.float64) for s, v in zip(sizes, values)])
 
     quadratic = [PRIORS[lc.prior].quadratic for lc in config.levels]
-    hessian = hessian + torch.diag(per_entry([2 * lc.alpha if q else 0.0 for lc, q in zip(config.levels, quadratic)]))
+    gaussian = torch.diag(per_entry([2 * lc.alpha if q else 0.0 for lc, q in zip(config.levels, quadratic)]))
+    hessian, rest = hessian + gaussian, rest + gaussian
     alpha = per_entry([0.0 if q else lc.alpha for lc, q in zip(config.levels, quadratic)])
     eta = per_entry([lr.eta for lr in step_rates(config)])
     names = nonquadratic_priors(config)
@@ -229,6 +238,7 @@ def _quadratic_plan(
     scale = coefficients.pop("scale", torch.ones_like(eta))
     step = torch.eye(n, dtype=torch.float64) - hessian * eta[None, :]  # r <- r M (+ c): r - (r H) diag(eta)
     step = scale[:, None] * step / scale[None, :]
+    step_rest = -scale[:, None] * rest * (eta / scale)[None, :]  # M - I without the factored levels' terms
     start = None
     if config.initial_latents == "feedforward":  # r_l = U_l^T t_l(r_{l-1}): lower T_l P_l^T, bottom up
         start = torch.zeros((n_x, n), dtype=torch.float64)
@@ -264,7 +274,16 @@ def _quadratic_plan(
         predict_maps=[cast(P) for P in predicts],
         target_maps=[cast(T) for T in targets],
         target_shapes=target_shapes,
+        data_weights=[2 / lc.sigma2 for lc in config.levels],
+        factored_levels=factored,
+        step_rest=cast(step_rest) if factored else None,
     )
+
+
+def _weighted_identity(target: torch.Tensor) -> bool:
+    """Whether t_l maps latent j below to target entry j alone (a dense level over the whole map below)."""
+    square = target.shape[0] == target.shape[1]
+    return square and not bool((target - torch.diag(torch.diagonal(target))).any())
 
 
 @functools.lru_cache(maxsize=32)

@@ -17,6 +17,8 @@ pytest.importorskip("numba")
 
 from pcmodel.engines import numba_quadratic as fused
 
+from .conftest import tiny_config
+
 
 def _random_plan(n: int, seed: int, cauchy: bool = True) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     rng = np.random.default_rng(seed)
@@ -215,7 +217,19 @@ def test_skipping_the_zero_rows_of_M_gives_the_same_bits(batch: int) -> None:
         velocity, beta = np.zeros((batch, n), np.float32), np.full(16, 0.7, np.float32)
         systems, metric = np.zeros((1, 1, 3)), np.ones(n, np.float32)
         mult = np.repeat(np.array([1.0, 1.5], np.float32), n // 2)  # two levels' step multipliers
-        args = (states, drives, velocity, beta, 2, systems, mult, metric, 0, 0, batch)
+        args = (
+            states,
+            drives,
+            velocity,
+            beta,
+            2,
+            systems,
+            mult,
+            metric,
+            0,
+            0,
+            batch,
+        )
         steps_rows(m, *structure, c, qinv, 20, True, *args)
         results.append((states, drives))
     assert np.array_equal(results[0][0], results[1][0]) and np.array_equal(results[0][1], results[1][1])
@@ -247,3 +261,52 @@ def test_the_kernels_anderson_constants_are_the_solvers() -> None:
     from pcmodel.engines import numba_kernels
 
     assert (numba_kernels.RIDGE, numba_kernels.TINY) == (solvers.RIDGE, solvers.TINY)
+
+
+@pytest.mark.parametrize("preset", ["rao-ballard-1999", None])
+def test_the_factored_step_is_M(preset: str | None) -> None:
+    """M = I + m + (diag(d_left) + left)(diag(d_right) + right) in the kernels' order (float64 from the
+    float32 factors), for the paper's network and a random network with a dense level 2 (its kernels may keep
+    M: the factors are not less work there); the paper's network's kernels use them (level 2 has rank 96)."""
+    if preset is None:
+        config = tiny_config("dense", "identity", "cauchy")
+        model = pcmodel.PCModel(config, [torch.randn(s) * 0.3 for s in pcmodel.PCModel.weight_shapes(config)])
+        model = pcmodel.PCModel(config.replace(k1=0.5 * model.stability_bound()), model.weights)
+    else:
+        model = pcmodel.load(preset)
+    hw = model.config.input_shape[1:]
+    plan = plans.make_plan(model.config, model.params, hw, torch.float32, torch.device("cpu"))
+    assert plan.factored_levels == [1] and plan.step_rest is not None  # level 2 dense over level 1's map
+    t = fused.arrays(plan)
+    factors = fused.step_factors(t, plan)
+    if preset is not None:
+        assert fused._padded_arrays(t, plan)["factors"][0] == 1
+    n = t["step"].shape[0]
+    f = {k: v.astype(np.float64) for k, v in factors.items()}
+    left = np.diag(f["d_left"][:n]) + f["left"][:, :n]
+    right = np.diag(f["d_right"][:n]) + f["right"][:, :n]
+    rebuilt = np.eye(n) + f["step"][:, :n] + left @ right
+    np.testing.assert_allclose(rebuilt, t["step"], rtol=0, atol=1e-6 * np.abs(t["step"]).max())
+
+
+def test_the_factored_steps_run_as_the_dense_ones() -> None:
+    """The paper's network with M factored and with M dense: the same latents within float32 rounding, at
+    batches 1, 5 and 32 (every kernel: eight-row blocks and single rows), under the plain step and a solver."""
+    model = pcmodel.load("rao-ballard-1999")
+    plan = plans.make_plan(model.config, model.params, (16, 26), torch.float32, torch.device("cpu"))
+    factored = fused.arrays(plan)
+    fused.FACTORED_STEPS = False
+    try:
+        dense = fused.arrays(plan)
+        fused._padded_arrays(dense, plan)
+    finally:
+        fused.FACTORED_STEPS = True
+    assert fused._padded_arrays(factored, plan)["factors"][0] == 1 and dense["padded"]["factors"][0] == 0
+    x = torch.rand((32, *model.config.input_shape), generator=torch.Generator().manual_seed(5)) * 2 - 1
+    for solver in (Solver(), Solver("nesterov", 0.7, level_steps=(1.0, 2.0))):
+        for batch in (1, 5, 32):
+            a = fused.run(plan, x[:batch], 100, 1, t=factored, solver=solver)
+            b = fused.run(plan, x[:batch], 100, 1, t=dense, solver=solver)
+            for u, v in zip(a.latents, b.latents):
+                assert float((u - v).abs().max()) <= 1e-4
+            torch.testing.assert_close(a.energy, b.energy, rtol=1e-5, atol=1e-3)
