@@ -413,8 +413,16 @@ def _rows8(s, m, c, z, b, j, runs, first, count):  # pragma: no cover - compiled
     """Rows b..b+7, columns j..j+31 of one step, the 16 blocks of the product held in registers over all k.
 
     Each element is fma(s[r, k], m[k, j'], acc) for k = 0, 1, ... from acc = 0, exactly as in `_row64` and
-    `_row32`: the same bits whichever kernel (and so whatever batch) computes a row.
+    `_row32`: the same bits whichever kernel (and so whatever batch) computes a row. (`_rows8_pair` with no
+    second product.)
     """
+    _rows8_pair(s, m, runs, first, count, s, m, runs, 0, 0, c, z, b, j)
+
+
+@jit
+def _rows8_pair(s, m, runs, first, count, t, r, rruns, rfirst, rcount, c, z, b, j):  # pragma: no cover
+    """Rows b..b+7, columns j..j+31 of z = c + s m + t r, the 16 blocks held in registers over all k of both
+    products (each over its runs of rows not all zero, `step_runs`; s m's terms first)."""
     n = m.shape[1]
     a00 = vzero()
     a01 = vzero()
@@ -432,8 +440,8 @@ def _rows8(s, m, c, z, b, j, runs, first, count):  # pragma: no cover - compiled
     a61 = vzero()
     a70 = vzero()
     a71 = vzero()
-    for r in range(first, first + count):  # the runs of rows of M not all zero here (`step_runs`)
-        for k in range(runs[r, 0], runs[r, 1]):
+    for i in range(first, first + count):
+        for k in range(runs[i, 0], runs[i, 1]):
             m0 = vload(m, k * n + j)
             m1 = vload(m, k * n + j + W)
             x = s[b, k]
@@ -458,6 +466,34 @@ def _rows8(s, m, c, z, b, j, runs, first, count):  # pragma: no cover - compiled
             a60 = vfma(x, m0, a60)
             a61 = vfma(x, m1, a61)
             x = s[b + 7, k]
+            a70 = vfma(x, m0, a70)
+            a71 = vfma(x, m1, a71)
+    for i in range(rfirst, rfirst + rcount):
+        for k in range(rruns[i, 0], rruns[i, 1]):
+            m0 = vload(r, k * n + j)
+            m1 = vload(r, k * n + j + W)
+            x = t[b, k]
+            a00 = vfma(x, m0, a00)
+            a01 = vfma(x, m1, a01)
+            x = t[b + 1, k]
+            a10 = vfma(x, m0, a10)
+            a11 = vfma(x, m1, a11)
+            x = t[b + 2, k]
+            a20 = vfma(x, m0, a20)
+            a21 = vfma(x, m1, a21)
+            x = t[b + 3, k]
+            a30 = vfma(x, m0, a30)
+            a31 = vfma(x, m1, a31)
+            x = t[b + 4, k]
+            a40 = vfma(x, m0, a40)
+            a41 = vfma(x, m1, a41)
+            x = t[b + 5, k]
+            a50 = vfma(x, m0, a50)
+            a51 = vfma(x, m1, a51)
+            x = t[b + 6, k]
+            a60 = vfma(x, m0, a60)
+            a61 = vfma(x, m1, a61)
+            x = t[b + 7, k]
             a70 = vfma(x, m0, a70)
             a71 = vfma(x, m1, a71)
     _drive(c, z, b, j, n, a00)
@@ -549,6 +585,24 @@ def _row32(s, m, c, z, b, j, runs, first, count):  # pragma: no cover - compiled
             a1 = vfma(x, vload(m, o + W), a1)
     _drive(c, z, b, j, n, a0)
     _drive(c, z, b, j + W, n, a1)
+
+
+@inlined
+def _product_pair(s, m, runs, blocks, t, r, rruns, rblocks, c, z, b, rows):  # pragma: no cover - compiled
+    """Rows b..b+7 of z = c + s m + t r, per block of BLOCK columns."""
+    for j in range(0, m.shape[1], BLOCK):
+        jb = j // BLOCK
+        _rows8_pair(s, m, runs, blocks[jb, 0], blocks[jb, 1], t, r, rruns, rblocks[jb, 0], rblocks[jb, 1], c, z, b, j)
+
+
+@inlined
+def _product_nonzero(s, m, c, z, b, rows, runs, blocks):  # pragma: no cover - compiled
+    """Rows b..b+7 of z = c + s m in the blocks of BLOCK columns where m has rows not all zero; the others of z
+    are left as they are."""
+    for j in range(0, m.shape[1], BLOCK):
+        first, count = blocks[j // BLOCK, 0], blocks[j // BLOCK, 1]
+        if count > 0:
+            _rows8(s, m, c, z, b, j, runs, first, count)
 
 
 @inlined
@@ -646,18 +700,24 @@ def factored_steps_rows(
     hi,
 ):  # pragma: no cover
     """`steps_rows` with M = I + m + (diag(d_left) + left)(diag(d_right) + right) (numba_quadratic.factored_step):
-    a step is t = s left + d_left s, z = c + s m, z += t right, z += s + d_right t (t and zero: work rows like
-    the states, zero all zeros), each product reading only its matrix's runs of rows not all zero."""
+    a step is t = s left + d_left s, z = c + s m + t right, z += s + d_right t (t and zero: work rows like the
+    states, t's columns where left has no rows staying 0; zero all zeros), each product reading only its
+    matrix's runs of rows not all zero, in blocks of BLOCK columns (single rows too: `_row32`)."""
     for step_index in range(count):
         step = not (last and step_index == count - 1)
         s, z = states[step_index], drives[step_index]
         b = lo
         while b < hi:
             rows = 8 if b + 8 <= hi else 1
-            _product(s, left, zero, t, b, rows, lruns, lblocks, lsingles)
-            _scaled_add(t, d_left, s, zero, b, b + rows)
-            _product(s, m, c, z, b, rows, runs, blocks, singles)
-            _product(t, right, z, z, b, rows, rruns, rblocks, rsingles)
+            if rows == 8:  # compute-bound: each block of z in one pass over both products
+                _product_nonzero(s, left, zero, t, b, rows, lruns, lblocks)  # t's other columns stay 0
+                _scaled_add(t, d_left, s, zero, b, b + rows)
+                _product_pair(s, m, runs, blocks, t, right, rruns, rblocks, c, z, b, rows)
+            else:  # bound by reading the matrices: the wide one-row kernels, one product at a time
+                _product(s, left, zero, t, b, rows, lruns, lblocks, lsingles)
+                _scaled_add(t, d_left, s, zero, b, b + rows)
+                _product(s, m, c, z, b, rows, runs, blocks, singles)
+                _product(t, right, z, z, b, rows, rruns, rblocks, rsingles)
             _scaled_add(z, d_right, t, s, b, b + rows)
             if step:
                 _advance(s, z, qinv, states[step_index + 1], vel, beta, mode if mode < 3 else 0, mult, b, b + rows)
