@@ -147,7 +147,7 @@ def prepare(
         pixels = load_uint8(image, config.preprocess.color, scaled.get(size_mode))
     finally:
         image.close()
-    if size_mode == "full" and pixels.shape[:2] != tuple(scaled["full"]):  # the size from the original image:
-        # a JPEG's draft must not change it
+    # Full mode's size comes from the original image (a JPEG's draft must not change it); resized only if it did.
+    if size_mode == "full" and pixels.shape[:2] != tuple(scaled["full"]):
         pixels = np.asarray(Image.fromarray(pixels).resize(scaled["full"][::-1], Image.Resampling.BICUBIC))
     return prepare_image(pixels, config, size_mode, max_side)

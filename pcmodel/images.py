@@ -125,8 +125,8 @@ def to_uint8(image: ImageLike, color: str) -> np.ndarray:
     """Any PIL image or array as an 8-bit (H, W) gray or (H, W, 3) RGB array.
 
     16-bit and 32-bit integer images are scaled (not clipped) to 8 bits; float arrays are taken
-    as [0, 1]; alpha is composited onto white; palette, CMYK and other modes are converted. A contiguous
-    uint8 array already in the asked layout is returned as it is (not copied).
+    as [0, 1]; alpha is composited onto white; palette, CMYK and other modes are converted. A uint8 array
+    already in the asked layout ((H, W) gray, (H, W, 3) RGB) is returned as it is (not copied).
     """
     if isinstance(image, np.ndarray):
         array = _array_to_uint8(image)

@@ -456,8 +456,8 @@ class PCModel:
 
     def solver(self, solver: str | Solver | None = None) -> Solver:
         """The dynamics a call runs (`infer`'s `solver`), refused when the model's k1 is at or above its
-        largest stable step (the gradient solver's bound at the last stability check times the solver's
-        factor, pcmodel.solvers) unless the model was loaded with allow_unstable."""
+        largest stable step (the plain step's bound at the native size with the solver's level steps, times
+        its factor: pcmodel.solvers) unless the model was loaded with allow_unstable."""
         chosen = self._solver_for(solver)
         bound = self._plain_bound(chosen.level_steps) * chosen.bound_factor
         if self.config.k1 >= bound and not self.allow_unstable:
@@ -495,8 +495,9 @@ class PCModel:
     ) -> float:
         """Largest stable k1 (docs/MODEL.md section 2), from the top eigenvalue of the Hessian in float64.
 
-        For `solver` (None: the config's own, pcmodel.solvers): the gradient solver's bound times the
-        solver's factor (1 + beta for heavy ball, (1 + beta) / (1 + 2 beta) for Nesterov).
+        For `solver` (None: the config's own, pcmodel.solvers): the plain step's bound, with each level's step
+        times the solver's level steps where it has them, times the solver's factor (1 + beta for heavy ball,
+        (1 + beta) / (1 + 2 beta) for Nesterov).
 
         For linear f and a Gaussian prior E is quadratic in r with Hessian H = 2A, and the step
         r <- r - (k1/2) S H r (S: the per-level k1_scale) is stable iff k1 < 4 / lambda_max(S^1/2 H S^1/2).

@@ -331,32 +331,31 @@ def step_factors(t: dict[str, Any], plan: QuadraticPlan) -> dict[str, np.ndarray
     return out
 
 
-def factored_step(t: dict[str, Any], plan: QuadraticPlan) -> dict[str, np.ndarray] | None:
-    """`step_factors` where reading them is at most 0.8x the rows of M the kernels read (else None), and
-    FACTORED_STEPS is on."""
+def factored_step(t: dict[str, Any], plan: QuadraticPlan, dense_runs: tuple) -> dict[str, np.ndarray] | None:
+    """`step_factors` where reading them is at most 0.8x the rows of M the kernels read (M's `step_runs`:
+    `dense_runs`), and FACTORED_STEPS is on; else None."""
     factors = step_factors(t, plan) if FACTORED_STEPS else None
     if factors is None:
         return None
-    dense, _, _ = _step_args(t["step"], t["step"][:0], t["qinv"])
     work = sum(_reads(step_runs(factors[k])) for k in ("step", "left", "right"))
-    return factors if work <= 0.8 * _reads(step_runs(dense)) else None
+    return factors if work <= 0.8 * _reads(dense_runs) else None
 
 
-def _padded_arrays(t: dict[str, Any], plan: QuadraticPlan | None = None) -> dict[str, Any]:
+def _padded_arrays(t: dict[str, Any], plan: QuadraticPlan) -> dict[str, Any]:
     """The step and energy kernels' arrays, their latents padded to `padded(n)` (made once per plan's arrays:
     M's columns and the weights with zeros, qinv with inf, as in `_step_args`); M factored where that is less
-    work (`factored_step`, given the plan)."""
+    work (`factored_step`)."""
     if "padded" not in t:
         m, _, qinv = _step_args(t["step"], t["step"][:0], t["qinv"])
-        factors = None if plan is None else factored_step(t, plan)
+        dense_runs = step_runs(m)
+        factors = factored_step(t, plan, dense_runs)
         p: dict[str, Any] = {"qinv": qinv}
         if factors is None:
-            p["step"], p["factors"] = m, _NO_FACTORS
+            p["step"], p["factors"], p["structure"] = m, _NO_FACTORS, dense_runs
         else:
             left, right = factors["left"], factors["right"]
-            p["step"] = factors["step"]
+            p["step"], p["structure"] = factors["step"], step_runs(factors["step"])
             p["factors"] = (1, left, *step_runs(left), right, *step_runs(right), factors["d_left"], factors["d_right"])
-        p["structure"] = step_runs(p["step"])
         for name in ("scale2", "energy_weight"):
             p[name] = aligned((m.shape[1],))
             p[name][: m.shape[0]] = t[name]
