@@ -218,22 +218,40 @@ def step_runs(m: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 
 
 def _solver_args(
-    solver: Solver, batch: int, width: int, sizes: Sequence[int]
+    solver: Solver, batch: int, width: int, sizes: Sequence[int], work: np.ndarray | None = None
 ) -> tuple[np.ndarray, np.ndarray, int, np.ndarray, np.ndarray]:
     """The step kernel's solver arguments (`steps_rows`): the velocity (zeros, rows like the states) or
     Anderson's history (per row the last u and f and m differences of each), beta in 16 lanes, the mode,
     Anderson's systems (float64), the plain step's multiplier per column (levels of `sizes` latents side by
-    side, as in the kernels' order; padded with 1; empty where the solver has none)."""
+    side, as in the kernels' order; padded with 1; empty where the solver has none). `work`: the velocity's or
+    history's buffer (`_solver_rows` rows, `width` columns) where the caller keeps one (made here otherwise)."""
+    beta, mode, mult = _solver_constants(solver, width, tuple(sizes))
+    rows = _solver_rows(solver, batch)
+    if rows == 0:
+        return _NO_VELOCITY, beta, mode, _NO_SYSTEMS, mult
+    history = aligned((rows, width)) if work is None else work
+    if mode == 3:  # each entry of the history and the systems is written before it is read
+        return history, beta, mode, np.empty((batch, solver.window, 2 * solver.window + 2)), mult
+    history.fill(0.0)  # the velocity starts at 0
+    return history, beta, mode, _NO_SYSTEMS, mult
+
+
+def _solver_rows(solver: Solver, batch: int) -> int:
+    """Rows of the solver's work buffer: the velocity's (rows like the states), Anderson's history, or none."""
+    mode = solver.kernel_mode
+    return (2 + 2 * solver.window) * batch if mode == 3 else batch if mode else 0
+
+
+@functools.lru_cache(maxsize=64)
+def _solver_constants(solver: Solver, width: int, sizes: tuple[int, ...]) -> tuple[np.ndarray, int, np.ndarray]:
+    """beta in 16 lanes, the kernel's mode and the per-column multipliers (`_solver_args`; the kernels only
+    read them, so calls share them)."""
     mode = solver.kernel_mode
     mult = _NO_MULTIPLIERS
     if solver.level_steps:
         mult = aligned((width,), 1.0)
         mult[: sum(sizes)] = solver.entry_steps(sizes).numpy()
-    if mode == 3:
-        m = solver.window
-        return aligned(((2 + 2 * m) * batch, width)), _lanes(0.0), mode, np.zeros((batch, m, 2 * m + 2)), mult
-    velocity = aligned((batch, width)) if mode else _NO_VELOCITY
-    return velocity, _lanes(float(solver.momentum)), mode, _NO_SYSTEMS, mult
+    return _lanes(0.0 if mode == 3 else float(solver.momentum)), mode, mult
 
 
 _NO_VELOCITY = np.zeros((1, 16), np.float32)
@@ -245,7 +263,7 @@ _NO_MATRIX = (
     np.zeros((1, 2), np.int64),
     np.zeros((0, 4), np.int64),
 )
-_NO_WORK = (np.zeros((1, 32), np.float32), np.zeros((1, 32), np.float32))
+_NO_WORK = (np.zeros((1, 32), np.float32), np.zeros((1, 32), np.float32))  # the factored step's t, zero
 _NO_FACTORS = (0, *_NO_MATRIX, *_NO_MATRIX, np.zeros(32, np.float32), np.zeros(32, np.float32))
 
 
@@ -271,13 +289,6 @@ def _step_args(step: np.ndarray, c: np.ndarray, qinv: np.ndarray) -> tuple[np.nd
     qp = aligned((width,), np.inf)
     qp[:n] = qinv
     return m, cp, qp
-
-
-def _factor_work(factored: int, batch: int, width: int) -> tuple[np.ndarray, np.ndarray]:
-    """The factored step's work rows t and a row block of zeros (`steps_rows`); none where M is not factored."""
-    if not factored:
-        return _NO_WORK
-    return aligned((batch, width)), aligned((batch, width))
 
 
 def _reads(structure: tuple[np.ndarray, np.ndarray, np.ndarray]) -> int:
@@ -500,19 +511,31 @@ def run(
         s0 = np.ascontiguousarray((flat * t["unscale"])[:, t["order"]])
         inputs, ispans = t["drive"], q["spans"]["drive"]  # a given start replaces a feed-forward one
     chunk = min(steps + 1, chunk_steps(batch, width))
+    sizes = [math.prod(shape) for shape in plan.shapes]
     # driven, c, states s_t0 .. s_t0+chunk, drives, x^2, the energy's constant part (the kernel fills c's and
-    # the first state's padding with zeros), the latents in the kernels' order; then the outputs: energy,
-    # latents, predictions and errors (all levels side by side), the reconstruction. One allocation.
+    # the first state's padding with zeros), the latents in the kernels' order, then the solver's velocity or
+    # history and the factored step's t and zero rows where they have any: kept for the next call of the same
+    # shapes (`_work`). Then the outputs: energy, latents, predictions and errors (all levels side by side),
+    # the reconstruction, each its own array (written once, by unaligned stores: `aligned_many`'s carving
+    # cost 5 us a call, a fifth of the Python around a batch of one).
     shapes = [(batch, inputs.shape[1]), (batch, width), (chunk + 1, batch, width), (chunk, batch, width), xf.shape]
+    shapes += [(batch, 1), (batch, n)]
+    rows, factored = _solver_rows(solver, batch), p["factors"][0]
+    work = _work(*shapes, *([(rows, width)] if rows else []), *([(batch, width)] * 2 if factored else []))
+    solver_args = _solver_args(solver, batch, width, sizes, work[7] if rows else None)
+    factor_work = _NO_WORK
+    if factored:  # t's columns that no row of the left factor reaches stay 0, and zero is all zeros
+        factor_work = work[-2], work[-1]
+        factor_work[0].fill(0.0)
+        factor_work[1].fill(0.0)
     outputs = [(steps + 1, batch), (batch, n), (batch, sum(widths)), (batch, sum(widths)), xf.shape]
-    buffers = (*_work(*shapes, (batch, 1), (batch, n)), *aligned_many(*outputs))
-    out = buffers[7:]
+    out = [np.empty(shape, np.float32) for shape in outputs]
+    buffers = (*work[:7], *out)
     if "fixed" not in q:  # the arguments that do not change from call to call
         maps = (q["meta"], q["pblob"], q["tblob"], q["sblob"], t["reconstruct_1"], q["spans"]["omega"])
         steps_in = (p["step"], *p["structure"], t["order"], p["qinv"], p["energy_weight"], p["scale2"])
         q["fixed"] = (q["omega"], t["const"], *steps_in, p["segments"], t["scale"], *maps, q["spans"]["reconstruct"])
-    solver_args = _solver_args(solver, batch, width, [math.prod(shape) for shape in plan.shapes])
-    factors = (*p["factors"], *_factor_work(p["factors"][0], batch, width))
+    factors = (*p["factors"], *factor_work)
     args = (*q["fixed"], xf, inputs, ispans, s0, steps, chunk, *solver_args, *factors, *buffers)
     _parallel(_kernels()[2], batch, threads, *args, align=8)
     energy, latent, predictions, errors, recon = out

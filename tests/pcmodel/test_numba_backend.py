@@ -310,3 +310,25 @@ def test_the_factored_steps_run_as_the_dense_ones() -> None:
             for u, v in zip(a.latents, b.latents):
                 assert float((u - v).abs().max()) <= 1e-4
             torch.testing.assert_close(a.energy, b.energy, rtol=1e-5, atol=1e-3)
+
+
+def test_kept_work_buffers_carry_nothing_from_one_call_to_the_next() -> None:
+    """`run` keeps a call's work buffers (the solver's velocity or history, the factored step's rows) for the
+    next call of the same shapes: every solver, with whatever a previous call left there (NaN here), gives the
+    bits of its first call on fresh buffers."""
+    model = pcmodel.load("rao-ballard-1999")
+    plan = plans.make_plan(model.config, model.params, (16, 26), torch.float32, torch.device("cpu"))
+    t = fused.arrays(plan)
+    x = torch.rand((9, *model.config.input_shape), generator=torch.Generator().manual_seed(3)) * 2 - 1
+    solvers = [Solver(), Solver("nesterov", 0.8), Solver("momentum", 0.5), Solver("anderson", window=5)]
+    first = {}
+    for solver in solvers:
+        fused._THREAD.__dict__.pop("work", None)  # fresh buffers for this solver's first call
+        first[solver] = fused.run(plan, x, 30, 1, t=t, solver=solver)
+    for solver in [*solvers, *reversed(solvers)]:  # each after every other one, buffers kept
+        for kept in fused._THREAD.work[1]:  # as another plan of the same shapes could leave them
+            kept.fill(np.nan)
+        again = fused.run(plan, x, 30, 1, t=t, solver=solver)
+        for field in ("latents", "predictions", "errors"):
+            assert all(torch.equal(a, b) for a, b in zip(getattr(again, field), getattr(first[solver], field)))
+        assert torch.equal(again.energy, first[solver].energy)
