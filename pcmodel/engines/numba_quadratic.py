@@ -114,13 +114,14 @@ def aligned_many(*shapes: tuple[int, ...]) -> list[np.ndarray]:
 _THREAD = threading.local()
 
 
-def _work(*shapes: tuple[int, ...]) -> list[np.ndarray]:
-    """A call's work buffers, `aligned_many`, kept per thread for the next call of the same shapes (only the
-    last shapes: memory stays that of one call). Outputs are never kept: the caller owns them."""
-    kept = getattr(_THREAD, "work", None)
-    if kept is None or kept[0] != shapes:
-        kept = _THREAD.work = (shapes, aligned_many(*shapes))
-    return kept[1]
+def _work(use: str, *shapes: tuple[int, ...]) -> list[np.ndarray]:
+    """Work buffers for one `use`, `aligned_many`, kept per thread for the next call of the same shapes (only
+    the last shapes of each use: memory stays that of one call; the uses keep a call with another solver from
+    making the program's buffers again). Outputs are never kept: the caller owns them."""
+    kept = _THREAD.__dict__.setdefault("work", {})
+    if use not in kept or kept[use][0] != shapes:
+        kept[use] = (shapes, aligned_many(*shapes))
+    return kept[use][1]
 
 
 def matmul_spans(m: np.ndarray) -> np.ndarray:
@@ -514,23 +515,22 @@ def run(
     sizes = [math.prod(shape) for shape in plan.shapes]
     # driven, c, states s_t0 .. s_t0+chunk, drives, x^2, the energy's constant part (the kernel fills c's and
     # the first state's padding with zeros), the latents in the kernels' order, then the solver's velocity or
-    # history and the factored step's t and zero rows where they have any: kept for the next call of the same
-    # shapes (`_work`). Then the outputs: energy, latents, predictions and errors (all levels side by side),
+    # history and the factored step's t and zero rows where they have any: each kept for the next call of the
+    # same shapes (`_work`). Then the outputs: energy, latents, predictions and errors (all levels side by side),
     # the reconstruction, each its own array (written once, by unaligned stores: `aligned_many`'s carving
     # cost 5 us a call, a fifth of the Python around a batch of one).
     shapes = [(batch, inputs.shape[1]), (batch, width), (chunk + 1, batch, width), (chunk, batch, width), xf.shape]
-    shapes += [(batch, 1), (batch, n)]
-    rows, factored = _solver_rows(solver, batch), p["factors"][0]
-    work = _work(*shapes, *([(rows, width)] if rows else []), *([(batch, width)] * 2 if factored else []))
-    solver_args = _solver_args(solver, batch, width, sizes, work[7] if rows else None)
+    work = _work("program", *shapes, (batch, 1), (batch, n))
+    rows = _solver_rows(solver, batch)
+    solver_args = _solver_args(solver, batch, width, sizes, _work("solver", (rows, width))[0] if rows else None)
     factor_work = _NO_WORK
-    if factored:  # t's columns that no row of the left factor reaches stay 0, and zero is all zeros
-        factor_work = work[-2], work[-1]
+    if p["factors"][0]:  # t's columns that no row of the left factor reaches stay 0, and zero is all zeros
+        factor_work = tuple(_work("factors", (batch, width), (batch, width)))
         factor_work[0].fill(0.0)
         factor_work[1].fill(0.0)
     outputs = [(steps + 1, batch), (batch, n), (batch, sum(widths)), (batch, sum(widths)), xf.shape]
     out = [np.empty(shape, np.float32) for shape in outputs]
-    buffers = (*work[:7], *out)
+    buffers = (*work, *out)
     if "fixed" not in q:  # the arguments that do not change from call to call
         maps = (q["meta"], q["pblob"], q["tblob"], q["sblob"], t["reconstruct_1"], q["spans"]["omega"])
         steps_in = (p["step"], *p["structure"], t["order"], p["qinv"], p["energy_weight"], p["scale2"])

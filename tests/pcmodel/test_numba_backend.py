@@ -326,8 +326,9 @@ def test_kept_work_buffers_carry_nothing_from_one_call_to_the_next() -> None:
         fused._THREAD.__dict__.pop("work", None)  # fresh buffers for this solver's first call
         first[solver] = fused.run(plan, x, 30, 1, t=t, solver=solver)
     for solver in [*solvers, *reversed(solvers)]:  # each after every other one, buffers kept
-        for kept in fused._THREAD.work[1]:  # as another plan of the same shapes could leave them
-            kept.fill(np.nan)
+        for _, kept in fused._THREAD.work.values():  # as another plan of the same shapes could leave them
+            for buffer in kept:
+                buffer.fill(np.nan)
         again = fused.run(plan, x, 30, 1, t=t, solver=solver)
         for field in ("latents", "predictions", "errors"):
             assert all(torch.equal(a, b) for a, b in zip(getattr(again, field), getattr(first[solver], field)))
