@@ -58,7 +58,10 @@ class LocalServer:
         self.probes: list[tuple[str, int]] = []  # (path, status) of every /readyz and /livez answer while starting
 
     def start(self) -> LocalServer:
-        """Start and wait until /readyz answers 200 (model loaded and warmed up)."""
+        """Start and wait until /readyz answers 200 (model loaded and warmed up); a server already running is
+        left as it is (`with LocalServer(...).start()` must not start a second one and stop only that)."""
+        if self.process is not None and self.process.poll() is None:
+            return self
         (self.home / "tmp").mkdir(parents=True, exist_ok=True)
         env = {
             **{k: v for k, v in os.environ.items() if not k.startswith("PC_")},

@@ -110,3 +110,11 @@ def test_a_client_that_vanishes_mid_body_does_not_hold_the_drain(tmp_path, astro
         client.close()
         log = s.log.read_text()
         assert "status=5" not in log and "Traceback" not in log
+
+
+def test_starting_a_running_server_again_starts_no_second_one(server):
+    """`with LocalServer(...).start() as s` calls start twice: the second call keeps the running process (a
+    second would be left running when the first is stopped: such leftovers skewed a benchmark session)."""
+    process = server.process
+    assert server.start() is server and server.process is process and process.poll() is None
+    assert server.get("/readyz").status_code == 200
