@@ -206,11 +206,17 @@ class Batcher:
         live = [(job, a, b) for job, a, b in chunks if not job.future.done()]  # skip cancelled requests
         if not live:
             return
-        x = torch.cat([job.x[a:b] for job, a, b in live])  # (rows, C, H, W)
-        starts = None
-        if live[0][0].start is not None:  # jobs of one key all give starts, or none does
-            levels = range(len(live[0][0].start))
-            starts = [torch.cat([job.start[i][a:b] for job, a, b in live]) for i in levels]  # type: ignore[index]
+        # One job's rows, all of them (one client's request, the common case when the load is light): its own
+        # tensors go in and the result comes back whole, without the copies and slices of a shared batch.
+        whole = len(live) == 1 and live[0][1] == 0 and live[0][2] == live[0][0].rows
+        starts: list[torch.Tensor] | None = None
+        if whole:
+            x, starts = live[0][0].x.contiguous(), live[0][0].start
+        else:
+            x = torch.cat([job.x[a:b] for job, a, b in live])  # (rows, C, H, W)
+            if live[0][0].start is not None:  # jobs of one key all give starts, or none does
+                levels = range(len(live[0][0].start))
+                starts = [torch.cat([job.start[i][a:b] for job, a, b in live]) for i in levels]  # type: ignore[index]
         start = time.perf_counter()
         for job, _, _ in live:
             job.started = start if job.started is None else job.started
@@ -230,7 +236,8 @@ class Batcher:
         offset = 0
         for job, a, b in live:
             n = b - a
-            job.parts[a] = dataclasses.replace(rows(result, offset, offset + n), model_seconds=seconds)
+            part = result if whole else rows(result, offset, offset + n)
+            job.parts[a] = dataclasses.replace(part, model_seconds=seconds)
             job.done_rows += n
             offset += n
             if job.done_rows == job.rows and not job.future.done():

@@ -113,9 +113,11 @@ class ModelHost:
             self.backend,
             time.perf_counter() - started,
         )
+        self._stability: threading.Thread | None = None
         if self.buckets:
             # Seconds of float64 work at 256x256 (docs/PERFORMANCE.md): checked beside the service, not before it.
-            threading.Thread(target=self._check_full_stability, name="pc-stability", daemon=True).start()
+            self._stability = threading.Thread(target=self._check_full_stability, name="pc-stability", daemon=True)
+            self._stability.start()
 
     def _check_full_stability(self) -> None:
         """Warn when k1 is at or above the stability bound at full mode's largest bucket.
@@ -288,6 +290,10 @@ class ModelHost:
 
     def close(self) -> None:
         self.batcher.close()
+        # The stability check runs in torch's C++ threads: a process that exits under it aborts ("terminate
+        # called without an active exception", exit 134), so a closing host waits for it (about a second).
+        if self._stability is not None:
+            self._stability.join(timeout=60)
 
 
 def basis_grid(fields: torch.Tensor, gap: int = 1) -> np.ndarray:

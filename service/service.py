@@ -113,7 +113,7 @@ class PCEncoder:
         if self.grpc is not None:
             await self.grpc.stop()
         if self.pipeline.loader.loaded:
-            self.host.close()
+            await asyncio.to_thread(self.host.close)  # it may wait a second for the stability check
 
     async def encode(self, request: Request) -> Response:
         """POST /encode."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Iterator
 
 import numpy as np
 import pytest
@@ -24,8 +25,10 @@ TOL = 1e-4
 
 
 @pytest.fixture(scope="module")
-def host() -> ModelHost:
-    return ModelHost(Settings(max_batch_size=3, warmup_steps=(5,)))
+def host() -> Iterator[ModelHost]:
+    host = ModelHost(Settings(max_batch_size=3, warmup_steps=(5,)))
+    yield host
+    host.close()  # waits for its stability check: a process exiting under it aborts
 
 
 def rows(n: int, size: int = 32, seed: int = 0) -> torch.Tensor:
@@ -68,6 +71,42 @@ def test_batches_group_by_steps_solver_and_shape_and_split_large_jobs(host):
         for a, b in zip(got.latents, want.latents):
             torch.testing.assert_close(a, b.cpu(), atol=TOL, rtol=TOL)
         torch.testing.assert_close(got.reconstruction, want.reconstruction.cpu(), atol=TOL, rtol=TOL)
+
+
+def test_a_lone_job_gets_the_bits_it_gets_in_a_shared_batch(host):
+    """A job alone in its model call goes in and comes back whole (no copy, no slices); the same rows sharing a
+    call with another job, with and without given starts, give the same bits."""
+    x, other = rows(2, seed=7).to(host.device), rows(1, seed=8).to(host.device)
+    start = [r.to(host.device) for r in host.model.infer(x, steps=3).latents]
+    other_start = [r[:1].clone() for r in start]
+    given = ("nesterov", "given")
+    sizes: list[int] = []
+
+    def recording_infer(x, steps, how, start):
+        sizes.append(x.shape[0])
+        return host._infer(x, steps, how, start)
+
+    async def run():
+        batcher = Batcher(recording_infer, max_batch_size=3, max_queue=100)
+        try:
+            alone = [await batcher.submit(x, 5), await batcher.submit(x, 5, given, start)]
+            # Queued together: each of x's calls also carries the other job's row.
+            shared = await asyncio.gather(
+                batcher.submit(other, 5),
+                batcher.submit(x, 5),
+                batcher.submit(other, 5, given, other_start),
+                batcher.submit(x, 5, given, start),
+            )
+            return alone, [shared[1], shared[3]]
+        finally:
+            batcher.close()
+
+    alone, shared = asyncio.run(run())
+    assert sizes == [2, 2, 3, 3]
+    for a, b in zip(alone, shared):
+        assert all(torch.equal(u, v) for u, v in zip(a.latents, b.latents))
+        assert all(torch.equal(u, v) for u, v in zip(a.errors, b.errors))
+        assert torch.equal(a.reconstruction, b.reconstruction) and torch.equal(a.energy, b.energy)
 
 
 def test_a_failing_batch_fails_only_its_own_jobs(host):
