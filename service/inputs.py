@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import io
 from dataclasses import dataclass
 
 import torch
@@ -33,22 +32,13 @@ _URL_PREFIXES = (b"http://", b"https://", b"ftp://", b"file://", b"data:", b"s3:
 SMALL_PIXELS = 256 * 256  # images up to this size are decoded and encoded on the event loop (< ~1 ms)
 
 
-def is_small(part: Part) -> bool:
-    """Whether the image header says at most SMALL_PIXELS pixels (reads the header only)."""
-    try:
-        with Image.open(io.BytesIO(part.data)) as image:
-            width, height = image.size
-    except Exception:  # not an image, or a bomb: prepare() says which, quickly
-        return len(part.data) <= 1 << 20
-    return width * height <= SMALL_PIXELS
-
-
 @dataclass(frozen=True)
 class Planned:
     """An image opened and checked from its header, not yet decoded, and what decoding it will cost."""
 
     image: Image.Image  # lazy: no pixel decoded yet (a JPEG already set to decode reduced, in resize mode)
     cost: int  # bytes its decoding and preprocessing may hold at once (the decoding budget's charge)
+    small: bool  # at most SMALL_PIXELS pixels in its header: decoded and encoded on the event loop
 
 
 def plan(part: Part, options: EncodeOptions, config: ModelConfig, settings: Settings) -> Planned:
@@ -61,6 +51,7 @@ def plan(part: Part, options: EncodeOptions, config: ModelConfig, settings: Sett
             f"(curl -F {part.name}=@photo.jpg)",
         )
     image = open_image(part.data, max_pixels=settings.max_pixels, min_side=settings.min_side)
+    small = image.size[0] * image.size[1] <= SMALL_PIXELS  # the header's size, before a JPEG's draft
     # The batcher queues at most max_queue rows: an image with more tiles could never be admitted.
     limits = Limits(
         max_pixels=settings.max_pixels,
@@ -69,7 +60,7 @@ def plan(part: Part, options: EncodeOptions, config: ModelConfig, settings: Sett
         max_tiles=min(settings.max_tiles, settings.max_queue),
     )
     cost = decoding.plan(image, config, options.size_mode, limits, options.full_max_side)  # ImageError: 413
-    return Planned(image=image, cost=cost)
+    return Planned(image=image, cost=cost, small=small)
 
 
 def prepare(planned: Planned, options: EncodeOptions, config: ModelConfig) -> Prepared:

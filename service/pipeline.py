@@ -21,7 +21,7 @@ from .errors import RequestError
 from .forms import Part
 from .health import ModelLoader, NotLoaded
 from .host import ModelHost
-from .inputs import Prepared, is_small, plan, prepare
+from .inputs import Prepared, plan, prepare
 from .options import EncodeOptions
 from .responses import check_finite
 from .settings import Settings
@@ -69,13 +69,13 @@ class Pipeline:
     async def decode(self, part: Part, options: EncodeOptions) -> Decoded:
         """Check the image from its header, then decode and preprocess it within the decoding budget."""
         config = self.host.config
-        # A small image is decoded right here (well under a millisecond); a large one on a thread, so that
-        # it never stalls the other requests on the event loop.
-        small = is_small(part)
-        planned = await run(small, plan, part, options, config, self.settings)
+        # The header is read right here (no pixel is decoded: a bomb costs nothing). A small image is then decoded
+        # here too (well under a millisecond); a large one on a thread, so that it never stalls the other requests
+        # on the event loop.
+        planned = plan(part, options, config, self.settings)
         async with self.decoding.hold(planned.cost, "decoding this image"):  # bounds decode memory across requests
-            prepared = await run(small, prepare, planned, options, config)
-        return Decoded(prepared, small)
+            prepared = await run(planned.small, prepare, planned, options, config)
+        return Decoded(prepared, planned.small)
 
     async def settle(
         self, rows: torch.Tensor, options: EncodeOptions, start: list[torch.Tensor] | None = None
