@@ -10,6 +10,8 @@ goes out: `check_finite` raises NotFinite (500 not_finite) instead.
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import torch
 
@@ -28,8 +30,8 @@ def check_finite(settled: Settled) -> None:
     """Raise NotFinite unless every number a response would carry is finite."""
     tensors = [*settled.latents, settled.reconstruction, settled.energy]
     # A float64 sum of float32 values cannot overflow, and any NaN or Inf makes it NaN or Inf: the same test as
-    # isfinite(t).all(), in one pass with no mask (0.45 -> 0.08 ms for a 256 px photo).
-    if not all(bool(torch.isfinite(t.sum(dtype=torch.float64))) for t in tensors):
+    # isfinite(t).all(), in one pass with no mask (0.45 -> 0.08 ms for a 256 px photo), tested as a Python float.
+    if not all(math.isfinite(t.sum(dtype=torch.float64)) for t in tensors):
         raise NotFinite(
             "inference diverged (NaN or Inf) for this image: the model's step size k1 is unstable. The operator "
             "serves it with PC_ALLOW_UNSTABLE; serve a stable checkpoint instead"
