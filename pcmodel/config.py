@@ -10,6 +10,7 @@ prepares images exactly as training did. Shapes follow docs/MODEL.md: level l pr
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 from dataclasses import dataclass, field
@@ -256,7 +257,7 @@ class ModelConfig:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
-    @property
+    @functools.cached_property  # every call that names no solver asks (a frozen config: made once)
     def served_solver(self) -> Solver:
         """The dynamics `model.infer` runs when a call does not name one."""
         return solver_for(self.solver, GRADIENT, self.momentum, self.window, self.level_steps)
