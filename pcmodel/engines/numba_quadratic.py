@@ -230,7 +230,7 @@ def _solver_args(
     rows = _solver_rows(solver, batch)
     if rows == 0:
         return _NO_VELOCITY, beta, mode, _NO_SYSTEMS, mult
-    history = aligned((rows, width)) if work is None else work
+    history = aligned((rows, width), None) if work is None else work  # zeroed below where it must be
     if mode == 3:  # each entry of the history and the systems is written before it is read
         return history, beta, mode, np.empty((batch, solver.window, 2 * solver.window + 2)), mult
     history.fill(0.0)  # the velocity starts at 0
