@@ -113,7 +113,9 @@ class PCEncoder:
         if self.grpc is not None:
             await self.grpc.stop()
         if self.pipeline.loader.loaded:
-            await asyncio.to_thread(self.host.close)  # it may wait a second for the stability check
+            # On the loop (the batcher's task is cancelled from its own loop); it may wait for the stability check,
+            # a second at most after start, when nothing is served any more.
+            self.host.close()
 
     async def encode(self, request: Request) -> Response:
         """POST /encode."""

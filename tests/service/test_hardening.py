@@ -51,8 +51,18 @@ def hardened(tmp_path_factory) -> Iterator[Server]:
 
 
 def all_ready(server: Server, timeout_s: float = 120) -> None:
-    """Until every worker is ready: /readyz answers for one worker (each has its own socket)."""
+    """Until every worker is ready: each live worker has reported its model loaded (the `ready-PID` file it writes
+    for pc-serve's supervisor, under the server's TMPDIR), then /readyz answers 200 twelve times in a row. /readyz
+    alone is not enough: a restarted worker accepts no connection until its imports are done, so a streak can
+    reach only the old worker and end before the new one answers 503 `loading`."""
     deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        reported = {f.name.removeprefix("ready-") for f in (server.home / "tmp").glob("pc-serve-state-*/ready-*")}
+        live = {str(p.pid) for p in workers(server)}
+        if live and live <= reported:
+            break
+        time.sleep(0.2)
+    assert live and live <= reported, f"workers {sorted(live - reported)} never reported their model loaded"
     streak = 0
     while streak < 12 and time.monotonic() < deadline:
         streak = streak + 1 if server.get("/readyz").status_code == 200 else 0
@@ -198,7 +208,7 @@ def test_a_killed_worker_leaves_no_requests_in_progress(hardened, astronaut):
         time.sleep(0.5)
     assert len(current) == 2 and victim.pid not in current
     assert in_progress(hardened) == 0
-    all_ready(hardened)  # the new worker loads its model (requests sent to it meanwhile wait)
+    all_ready(hardened)  # the new worker loads its model (requests sent to it meanwhile get 503 `loading`)
     assert hardened.post("/encode", files={"image": ("a.png", image)}).status_code == 200
     assert _v2_infer(hardened, image, 5).status_code == 200
     assert in_progress(hardened) == 0
@@ -215,6 +225,7 @@ def test_sigterm_drains_and_refuses_new_connections_at_once(hardened, astronaut)
     """Item 6 (stops the server): requests in flight (/encode_batch and a v2 infer) finish; a new connection is
     refused at once."""
     assert hardened.process is not None
+    all_ready(hardened)  # a worker still loading would answer 503 `loading` instead of taking a request
     image = png(astronaut[:96, :96])
     results: list[int] = []
     batch = threading.Thread(
