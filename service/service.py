@@ -50,6 +50,10 @@ logger = logging.getLogger(__name__)
 # configured; with the SDK off they cost nothing (~0.5 ms less per request on 2 cores). The SDK reads
 # this when the app builds its tracers, after this import. Set OTEL_SDK_DISABLED=false to trace.
 os.environ.setdefault("OTEL_SDK_DISABLED", "true")
+# With the SDK off, BentoML's tracing middleware still reads every request's URL, headers and attributes
+# for spans that go nowhere (~0.15 ms a request, measured side by side): a URL it excludes skips all that.
+# A default only: an operator's own BentoML tracing config, or OTEL_SDK_DISABLED=false, keeps it tracing.
+TRACING = {"excluded_urls": [".*"]} if os.environ["OTEL_SDK_DISABLED"].strip().lower() == "true" else {}
 
 SETTINGS = Settings.from_env()
 API_ROUTES = ("/encode", "/encode_batch")
@@ -80,6 +84,7 @@ async def _router_error(request: Request, exc: StarletteHTTPException) -> Respon
     name="PCEncoder",
     workers=SETTINGS.workers,
     traffic={"timeout": SETTINGS.request_timeout_s, "max_concurrency": SETTINGS.max_concurrency or None},
+    tracing=TRACING,
 )
 class PCEncoder:
     """Encodes images with a Rao & Ballard predictive-coding network: latents, reconstruction, error map."""

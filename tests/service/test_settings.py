@@ -107,3 +107,30 @@ def test_api_key_from_the_variable_or_a_file_and_never_in_repr(tmp_path):
     (tmp_path / "empty").write_text("\n")
     with pytest.raises(SettingsError, match="is empty"):
         Settings.from_env({"PC_API_KEY_FILE": str(tmp_path / "empty")}).secret()
+
+
+_TRACING = """
+import json
+import service.service as s
+s.PCEncoder.inject_config()  # what a worker does when it builds the app
+from bentoml._internal.configuration.containers import BentoMLContainer
+excluded = BentoMLContainer.tracing_excluded_urls.get()
+print(json.dumps(bool(excluded and excluded.url_disabled("http://127.0.0.1:3000/encode"))))
+"""
+
+
+@pytest.mark.parametrize(("otel_sdk_disabled", "skipped"), [(None, True), ("TRUE", True), ("false", False)])
+def test_tracing_middleware_is_skipped_only_while_the_sdk_is_off(otel_sdk_disabled, skipped, tmp_path):
+    """With the OpenTelemetry SDK off (the default) BentoML's tracing middleware excludes every URL (it would
+    parse each request for spans that go nowhere); with OTEL_SDK_DISABLED=false it traces /encode. Read from
+    BentoML's own configuration container, in a fresh process as a worker would build it."""
+    import json
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "OTEL_SDK_DISABLED"}
+    env.update(BENTOML_HOME=str(tmp_path), BENTOML_DO_NOT_TRACK="true")
+    if otel_sdk_disabled is not None:
+        env["OTEL_SDK_DISABLED"] = otel_sdk_disabled
+    run = subprocess.run([sys.executable, "-c", _TRACING], capture_output=True, text=True, env=env, check=True)
+    assert json.loads(run.stdout.splitlines()[-1]) is skipped
