@@ -219,6 +219,7 @@ def main(argv: list[str] | None = None) -> int:
     options = parse_options(spec.form(), model.config, Settings())
     planned = plan(Part("image", "x.png", image), options, model.config, Settings())
     rows = prepare(planned, options, model.config).rows.to(device)
+    prepare_local(model, rows, args.steps)
     model.infer(rows, steps=args.steps)  # warm-up (and the fast backends' export)
     if args.versus_paper:
         return versus_paper(args, model, rows, specs, device)
@@ -271,11 +272,19 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def prepare_local(model, rows, steps: int) -> None:
+    """The local model's fast programs for what the server runs: the served and the paper's solver at the
+    model's steps and at `steps`, at the rows' shape (as the server warms them). Unprepared, a call would run on
+    the torch backend and the local model column would not time the server's path."""
+    solvers = list(dict.fromkeys([model.solver(), model.solver("gradient")]))
+    model.prepare(steps=sorted({model.config.steps, steps}), shapes=[tuple(rows.shape[1:])], solvers=solvers)
+
+
 def versus_paper(args: argparse.Namespace, model, rows, specs: dict, device) -> int:
     """--versus-paper: one server, the served defaults and the paper's dynamics in alternating rounds."""
     from .launch import LocalServer
 
-    for spec, steps in specs.values():  # the local model's fast programs for both
+    for spec, steps in specs.values():  # warm the local model's programs for both
         model.infer(rows, steps=steps, solver=spec.solver, init=spec.init)
     common = dict(model=args.model, device=args.device, torch_threads=args.torch_threads, workers=args.workers)
     rounds = []

@@ -209,7 +209,7 @@ def table(report: dict[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = ArgumentParser(prog="pc-soft-directions", description=__doc__.split("\n\n")[0])
+    parser = ArgumentParser(prog="python -m benchmarks.soft_directions", description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", type=model_source, default="rao-ballard-1999", help="(default: %(default)s)")
     parser.add_argument(
         "--photo", action="append", choices=("china.jpg", "flower.jpg"), help="a held-out photo (default: both)"
