@@ -27,6 +27,7 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
+import numpy as np
 import torch
 
 import pcmodel
@@ -96,7 +97,10 @@ def damped_newton(
         latents = _levels_of(model, r, hw)
         energy = model.energy(x, latents)
         system = hessian + torch.diag_embed(prior_curvature(model, latents).clamp_min(floor))
-        move = torch.linalg.solve(system, _flat(model.gradients(x, latents)).unsqueeze(2)).squeeze(2)
+        # numpy's LAPACK: torch 2.13's batched solve of systems this large fails (MKL: "Parameter 6 was incorrect
+        # on entry to DLASWP") once torch.set_num_threads has gone from 1 to 2 in the process (as some tests do).
+        rhs = _flat(model.gradients(x, latents)).unsqueeze(2)
+        move = torch.from_numpy(np.linalg.solve(system.numpy(), rhs.numpy())).squeeze(2)
         length = torch.ones(r.shape[0], 1, dtype=r.dtype)
         for _ in range(8):
             trial = r - length * move
