@@ -85,6 +85,7 @@ async def _router_error(request: Request, exc: StarletteHTTPException) -> Respon
     workers=SETTINGS.workers,
     traffic={"timeout": SETTINGS.request_timeout_s, "max_concurrency": SETTINGS.max_concurrency or None},
     tracing=TRACING,
+    logging={"access": {"enabled": SETTINGS.access_log}},
 )
 class PCEncoder:
     """Encodes images with a Rao & Ballard predictive-coding network: latents, reconstruction, error map."""
