@@ -78,7 +78,7 @@ class PCSnapshot(BaseModel):
 class PCEncodeResult(BaseModel):
     """One encoded image. `input` is the image as the model saw it after preprocessing, so
     input.array - reconstruction.array = error_map.array exactly. Maps and latents appear when `outputs` asks
-    for them (default: all but trace)."""
+    for them (default: latents, reconstruction, error_map and input)."""
 
     model: PCModelRef
     steps: int = Field(description="inference steps used")

@@ -75,3 +75,51 @@ def test_triton_example_runs(server, tmp_path, monkeypatch, capsys):
         "True",
         "True",
     ]
+
+
+def _section(title: str) -> str:
+    text = README.read_text()
+    start = text.index(f"\n### {title}\n")
+    end = text.find("\n### ", start + 1)
+    return text[start:end]
+
+
+def test_every_setting_is_in_the_readme_table_with_its_default():
+    from dataclasses import MISSING, fields
+
+    from service.settings import Settings, env_name
+
+    rows = {}
+    for line in _section("Settings").splitlines():
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        if line.startswith("| `PC_"):
+            rows[cells[0].strip("`")] = cells[2]
+    defaults = Settings().to_env()
+    for f in fields(Settings):
+        name = env_name(f.name)
+        assert name in rows, f"{name} has no row in the README's settings table"
+        if f.default is MISSING or name in ("PC_API_KEY", "PC_API_KEY_FILE", "PC_WARMUP_STEPS"):
+            continue  # no default to show: (none)
+        shown = re.match(r"`([^`]*)`", rows[name])
+        assert shown, f"{name}: the README shows no default"
+        value, documented = defaults[name], shown.group(1)
+        if isinstance(f.default, float):
+            assert float(documented) == float(value), f"{name}: README {documented}, code {value}"
+        else:
+            assert documented == value, f"{name}: README {documented}, code {value}"
+    assert set(rows) <= {env_name(f.name) for f in fields(Settings)}, "the README documents a setting that is gone"
+
+
+def test_every_error_reason_and_metric_is_in_the_readme():
+    from prometheus_client import Counter, Gauge, Histogram
+
+    from service import metrics
+
+    errors = _section("Errors")
+    for reason in metrics.REASONS:
+        assert f"`{reason}`" in errors, f"reason {reason} is not in the README's errors section"
+    table = _section("Metrics")
+    for value in vars(metrics).values():
+        if isinstance(value, Counter | Gauge | Histogram):
+            name = value._name + ("_total" if isinstance(value, Counter) else "")
+            assert f"`{name}" in table, f"metric {name} is not in the README's metrics table"
