@@ -29,6 +29,7 @@ from .images import (
     tile_count,
     to_8bit,
     to_uint8,
+    upright_size,
 )
 
 # Bytes per pixel of PIL's modes as decoders produce them ("1" and "P" are stored a byte per pixel).
@@ -101,7 +102,7 @@ def plan(
 
     Raises ImageError("too_large") for an image over a limit, before any pixel is decoded.
     """
-    width, height = image.size
+    width, height = upright_size(image)
     channels = config.input_shape[0]
     if size_mode == "tile":
         tiles = tile_count(config, height, width)
@@ -141,12 +142,15 @@ def prepare(
 
     The image is closed afterwards: its decoded pixels are freed now, not when the last reference goes.
     """
-    width, height = image.size
+    width, height = upright_size(image)
     scaled = {"resize": config.input_shape[1:], "full": full_size(height, width, max_side)}
     try:
         pixels = load_uint8(image, config.preprocess.color, scaled.get(size_mode))
     finally:
         image.close()
+    if image.format != "JPEG":  # decoded whole, EXIF orientation applied: the size to scale from, exactly
+        width, height = image.size  # (a PNG's late eXIf chunk included; a JPEG's draft would change it)
+        scaled["full"] = full_size(height, width, max_side)
     # Full mode's size comes from the original image (a JPEG's draft must not change it); resized only if it did.
     if size_mode == "full" and pixels.shape[:2] != tuple(scaled["full"]):
         pixels = np.asarray(Image.fromarray(pixels).resize(scaled["full"][::-1], Image.Resampling.BICUBIC))

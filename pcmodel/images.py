@@ -18,7 +18,7 @@ from importlib import resources
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
 
 from .config import ModelConfig, PreprocessConfig, has_whole_map_level, valid_sizes
 
@@ -68,6 +68,19 @@ def open_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS, min_side: int 
             f"the image is {width}x{height}; each side must be at least {max(min_side, 1)} pixels", "too_small"
         )
     return image
+
+
+_TURNED = {5, 6, 7, 8}  # EXIF orientations that turn the image by 90 degrees: its sides swap
+
+
+def upright_size(image: Image.Image) -> tuple[int, int]:
+    """(width, height) of an opened image once `load` applies its EXIF orientation, from its header alone. A PNG
+    whose eXIf chunk follows its pixels counts as upright here: reading that chunk would decode them."""
+    width, height = image.size
+    if image.format == "PNG" and "exif" not in image.info:
+        return width, height
+    turned = image.getexif().get(ExifTags.Base.Orientation, 1) in _TURNED
+    return (height, width) if turned else (width, height)
 
 
 def load(image: Image.Image) -> Image.Image:

@@ -12,9 +12,10 @@ oldest job's key (steps, solver and start, shape) and gathers rows of queued job
 `max_batch_size` rows (a large job is split across batches), then runs `model.infer` on a
 dedicated thread. While the model runs, new requests queue, so the next batch is as large as the
 load: one client pays no waiting, many clients get large batches. No request is cancelled by a
-deadline; only a full queue is refused, with 503. The queue counts pixels, in units of the model's
-native input size (`unit_pixels`): a row of a 256x256 full-mode image weighs 64 rows of 32x32, what it
-costs the model. `max_queue` is in those units.
+deadline; only a full queue is refused, with 503. A model call that fails on a shared batch is run again
+for each request's rows alone, so one request's bad rows fail that request only. The queue counts pixels,
+in units of the model's native input size (`unit_pixels`): a row of a 256x256 full-mode image weighs 64 rows
+of 32x32, what it costs the model. `max_queue` is in those units.
 """
 
 from __future__ import annotations
@@ -204,8 +205,11 @@ class Batcher:
     async def _run_batch(self) -> None:
         (steps, how, _), chunks = self._gather()
         live = [(job, a, b) for job, a, b in chunks if not job.future.done()]  # skip cancelled requests
-        if not live:
-            return
+        if live:
+            await self._settle(live, steps, how)
+
+    async def _settle(self, live: list[tuple[_Job, int, int]], steps: int, how: Hashable) -> None:
+        """One model call on these jobs' rows; each job gets its rows' results (or the call's error)."""
         # One job's rows, all of them (one client's request, the common case when the load is light): its own
         # tensors go in and the result comes back whole, without the copies and slices of a shared batch.
         whole = len(live) == 1 and live[0][1] == 0 and live[0][2] == live[0][0].rows
@@ -224,11 +228,17 @@ class Batcher:
             result = await asyncio.get_running_loop().run_in_executor(
                 self._executor, self._infer, x, steps, how, starts
             )
-        except Exception as exc:  # the model failed on this batch: every job in it gets the error
+        except Exception as exc:
+            if len(live) > 1:
+                # One request's rows can fail a shared call (e.g. a start the model refuses): run each request's
+                # rows alone, so that only the requests whose own rows fail get the error.
+                logger.warning("inference failed on a batch of %d requests (%s); running each alone", len(live), exc)
+                for chunk in live:
+                    await self._settle([chunk], steps, how)
+                return
             logger.exception("inference failed on a batch of %d", x.shape[0])
-            for job, _, _ in live:
-                if not job.future.done():
-                    job.future.set_exception(exc)
+            if not live[0][0].future.done():
+                live[0][0].future.set_exception(exc)
             return
         seconds = time.perf_counter() - start
         if self._on_batch is not None:

@@ -2,15 +2,21 @@
 
 Every client mistake becomes a RequestError: an HTTP status, a reason (one of service.metrics.REASONS)
 and a message that says what to send instead. `rejection` maps the other exceptions a request can
-raise (a bad image, a full queue or budget, a diverged inference) to theirs; anything else is a bug.
+raise (a bad image, a full queue or budget, a diverged inference) to theirs; anything else is a bug, which
+`refusal` turns into a 500 with reason `internal` (its traceback logged, never sent) so that a client still
+gets a JSON answer and the metric still counts it.
 """
 
 from __future__ import annotations
+
+import logging
 
 from pcmodel import ImageError
 
 from .batching import Overloaded
 from .budget import NeverFits, OverBudget
+
+logger = logging.getLogger(__name__)
 
 # An unusable image is the client's mistake: too many pixels is 413, a format the service does not read 415.
 IMAGE_STATUS = {"bad_image": 400, "too_small": 400, "too_large": 413, "unsupported_format": 415}
@@ -45,3 +51,14 @@ def rejection(exc: BaseException) -> RequestError | None:
     if isinstance(exc, NotFinite):
         return RequestError(500, "not_finite", str(exc))
     return None
+
+
+def refusal(exc: BaseException) -> RequestError:
+    """rejection(exc), or for a bug a 500 `internal`: the traceback goes to the log, a plain message to the client."""
+    error = rejection(exc)
+    if error is None:
+        logger.error("a request failed on an unexpected error (a bug)", exc_info=exc)
+        error = RequestError(
+            500, "internal", "the service failed on this request (an internal error, logged on the server)"
+        )
+    return error

@@ -37,6 +37,7 @@ REASONS = (
     "not_found",  # /v2: a model name or version this server does not serve (404)
     "header_too_large",  # a request head over PC_MAX_HEADER_BYTES or 100 fields (431)
     "disconnected",  # the client closed the connection before its request body arrived (no answer: 499 in the log)
+    "internal",  # a bug: the service failed on a request (500; the traceback is in the log)
     "unauthorized",  # PC_API_KEY is set and the request has no key or another one (401; gRPC UNAUTHENTICATED)
 )
 BUDGETS = ("bodies", "decoding")  # service.budget: request bodies held, images being decoded

@@ -73,7 +73,7 @@ class BodyGate:
             return
         headers = dict(scope["headers"])
         length = headers.get(b"content-length")
-        if length is not None and (not length.isdigit() or int(length) > self.max_bytes):
+        if length is not None and (not (length.isdigit() and len(length) <= 18) or int(length) > self.max_bytes):
             await self._too_large(send)
             return
         held = 0  # bytes charged to the budget for this request

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import io
+import math
 import zipfile
 from dataclasses import dataclass
 
@@ -24,6 +25,9 @@ ARRAYS = ("float32", "float16", "none")
 OPTION_FIELDS = ("steps", "size_mode", "outputs", "arrays", "solver", "init")
 START_FIELD = "start"  # /encode: a previous result's latents as an .npz (latent_1..latent_L), a warm start
 INITS = ("zero", "amortised")  # where inference starts when a request names it (pcmodel's model.infer `init`)
+# The largest |value| of latents or inputs a client may give (a warm start, v2's `x`): settled latents and
+# preprocessed images are of order 1-10; far beyond, the energy overflows float32 and the answer would be Inf.
+MAX_GIVEN_VALUE = 1e4
 
 
 @dataclass(frozen=True)
@@ -77,29 +81,69 @@ def read_request(
     if starts:
         if options.init is not None:
             raise RequestError(422, "bad_parameter", "send either `init` or a `start`, not both")
-        options = dataclasses.replace(options, start=read_start(starts[0].data, len(config.levels)))
+        start = read_start(starts[0].data, len(config.levels), settings.max_body_bytes)
+        options = dataclasses.replace(options, start=start)
     return images, options
 
 
-def read_start(data: bytes, levels: int) -> tuple[np.ndarray, ...]:
+def read_start(data: bytes, levels: int, max_bytes: int) -> tuple[np.ndarray, ...]:
     """A `start` part: an .npz (no pickle) holding latent_1..latent_L float arrays, as a previous response
-    (or pc-encode's encoding.npz) has them; their shapes are checked against the image's later."""
+    (or pc-encode's encoding.npz) has them; their shapes are checked against the image's later. The archive
+    is untrusted: its arrays may hold at most `max_bytes` in all (the body limit), counted from the zip's
+    and each array's own header before anything is unpacked."""
     try:
         if not data.startswith(b"PK"):  # an .npz is a zip file; np.load would read a bare .npy too
             raise ValueError("it is not an .npz (zip) file")
-        with np.load(io.BytesIO(data), allow_pickle=False) as saved:
+        with zipfile.ZipFile(io.BytesIO(data)) as archive:
+            members = {name.removesuffix(".npy"): name for name in archive.namelist() if name.endswith(".npy")}
             names = [f"latent_{i}" for i in range(1, levels + 1)]
-            missing = [n for n in names if n not in saved.files]
+            missing = [n for n in names if n not in members]
             if missing:
                 raise ValueError(f"it has no {', '.join(missing)}")
-            arrays = tuple(np.asarray(saved[n]) for n in names)
+            left, arrays = max_bytes, []
+            for name in names:
+                info = archive.getinfo(members[name])
+                if info.file_size > left:  # zipfile unpacks no more than this, whatever the stream holds
+                    raise ValueError(f"its arrays unpack to more than {max_bytes} bytes")
+                left -= info.file_size
+                arrays.append(_npy(archive.read(info), name))
     except (ValueError, OSError, EOFError, KeyError, zipfile.BadZipFile, NotImplementedError) as exc:
         raise RequestError(
-            422, "bad_parameter", f"`{START_FIELD}` must be an .npz of latent_1..latent_{levels}: {exc}"
+            422, "bad_parameter", f"`{START_FIELD}` must be an .npz of latent_1..latent_{levels}: {exc}"[:400]
         ) from None
-    if not all(a.dtype.kind == "f" and np.isfinite(a).all() for a in arrays):
-        raise RequestError(422, "bad_parameter", f"`{START_FIELD}`'s latents must be finite floats")
-    return tuple(a.astype(np.float32) for a in arrays)
+    return tuple(given_floats(a, f"`{START_FIELD}`'s {name}", 422) for a, name in zip(arrays, names))
+
+
+def _npy(raw: bytes, name: str) -> np.ndarray:
+    """One .npy's array, its header checked first: floats, and no more values than the bytes hold (numpy
+    allocates what the header claims before it reads)."""
+    stream = io.BytesIO(raw)
+    version = np.lib.format.read_magic(stream)
+    if version not in ((1, 0), (2, 0)):
+        raise ValueError(f"{name} is a .npy of version {version[0]}.{version[1]}; save it with numpy's savez")
+    read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+    shape, _, dtype = read_header(stream)
+    if dtype.kind != "f":
+        raise ValueError(f"{name} holds {dtype}, not floats")
+    if math.prod(shape) * dtype.itemsize > len(raw) - stream.tell():
+        raise ValueError(f"{name}'s header claims more values than it holds")
+    stream.seek(0)
+    return np.lib.format.read_array(stream, allow_pickle=False)
+
+
+def given_floats(values: np.ndarray, what: str, status: int) -> np.ndarray:
+    """A client's float array as float32 (a copy the service owns), refused with `status` bad_parameter unless
+    every value is finite and within +-MAX_GIVEN_VALUE once in float32."""
+    with np.errstate(over="ignore", invalid="ignore"):  # float64 beyond float32 becomes Inf: refused below
+        out = np.array(values, dtype=np.float32)
+    if not (np.abs(out) <= MAX_GIVEN_VALUE).all():  # NaN compares False too
+        raise RequestError(
+            status,
+            "bad_parameter",
+            f"{what} must be finite numbers within +-{MAX_GIVEN_VALUE:g} in float32 (latents and preprocessed "
+            "inputs are of order 1)",
+        )
+    return out
 
 
 def _text(part: Part) -> str:
@@ -115,7 +159,8 @@ def parse_options(values: dict[str, str], config: ModelConfig, settings: Setting
     steps = config.steps
     if "steps" in values:
         text = values["steps"]
-        if not (text.isascii() and text.isdigit()) or not 1 <= int(text) <= settings.max_steps:
+        # The length first: int() of a long string is slow, and Python refuses one over 4,300 digits.
+        if not (text.isascii() and text.isdigit() and len(text) <= 9) or not 1 <= int(text) <= settings.max_steps:
             raise RequestError(
                 422, "bad_parameter", f"steps must be an integer from 1 to {settings.max_steps}, got {text[:40]!r}"
             )

@@ -32,7 +32,7 @@ from starlette.responses import JSONResponse, Response
 from . import jsonbody, metrics, openapi, schemas, v2_rest
 from .batching import Settled
 from .budget import Budget
-from .errors import RequestError, rejection
+from .errors import refusal
 from .forms import Part
 from .health import ModelLoader, NotLoaded
 from .host import ModelHost
@@ -177,7 +177,7 @@ class PCEncoder:
         try:
             return (await self._encode(part, options))[0]
         except Exception as exc:
-            error = _rejection_or_raise(exc)
+            error = refusal(exc)
             metrics.count_error(error.reason)
             return {"error": error.message, "status": error.status, "reason": error.reason}
 
@@ -233,18 +233,11 @@ def _body(request: Request) -> tuple[bytes, str]:
     return scope.get(BODY_KEY, b""), scope.get(CONTENT_TYPE_KEY, "")
 
 
-def _rejection_or_raise(exc: Exception) -> RequestError:
-    error = rejection(exc)
-    if error is None:
-        raise exc  # a bug, not the client's mistake: the server logs it and answers 500
-    return error
-
-
 def _error_response(exc: Exception) -> Response:
     """A flat {"error": ..., "reason": ...} body with the error's status, counted by reason."""
     if isinstance(exc, NotLoaded):  # /livez fails too: not a request error, the pod is restarted
         return JSONResponse({"error": str(exc), "reason": "load_failed"}, status_code=503)
-    error = _rejection_or_raise(exc)
+    error = refusal(exc)
     metrics.count_error(error.reason)
     if error.status >= 500:
         _warn_limited(error.reason, error.message)

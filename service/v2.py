@@ -40,7 +40,7 @@ from .errors import RequestError, rejection
 from .forms import Part
 from .host import ModelHost
 from .inputs import Prepared
-from .options import OPTION_FIELDS, parse_options
+from .options import OPTION_FIELDS, given_floats, parse_options
 from .pipeline import Decoded, Pipeline
 from .responses import MAPS, image_arrays
 
@@ -191,7 +191,10 @@ def fp32_from_list(values: list, name: str) -> np.ndarray:
     flat = list(_flatten(values))
     if not all(isinstance(v, int | float) and not isinstance(v, bool) for v in flat):
         raise bad(f"input {name!r}: FP32 data must be numbers")
-    return np.asarray(flat, dtype=np.float32)
+    try:
+        return np.asarray(flat, dtype=np.float32)
+    except OverflowError:  # an integer beyond any float (a float beyond float32 becomes Inf, refused later)
+        raise bad(f"input {name!r}: FP32 data holds a number too large for a float") from None
 
 
 def _flatten(values: object):
@@ -306,9 +309,7 @@ def _starts(tensors: list[InputTensor], images: list[Prepared], host: ModelHost)
                 f"input {t.name!r} has shape {list(t.shape)} and {t.data.size} values; for these images it is "
                 f"FP32 {expected}, as latent_{t.name.removeprefix(START_PREFIX)} of their response",
             )
-        if not np.isfinite(t.data).all():
-            raise RequestError(400, "bad_parameter", f"input {t.name!r} holds NaN or Inf")
-        array = t.data.astype(np.float32).reshape(expected)  # a copy we own
+        array = given_floats(t.data, f"input {t.name!r}", 400).reshape(expected)
         for i in range(n):
             out[i].append(torch.from_numpy(array[i] if tiled else array[i][None]))  # (rows, causes, h, w)
     return out
@@ -360,7 +361,5 @@ async def _from_rows(tensor: InputTensor, host: ModelHost) -> list[Prepared]:
     data = tensor.data
     if not isinstance(data, np.ndarray) or data.size != n * c * tensor.shape[2] * tensor.shape[3]:
         raise bad(f"input 'x' has shape {list(tensor.shape)} but {getattr(data, 'size', 0)} values")
-    if not np.isfinite(data).all():
-        raise bad("input 'x' holds NaN or Inf")
-    x = torch.from_numpy(data.astype(np.float32).reshape(tensor.shape))  # (N, C, H, W), a copy we own
+    x = torch.from_numpy(given_floats(data, "input 'x'", 400).reshape(tensor.shape))  # (N, C, H, W)
     return [Prepared(rows=x[i : i + 1], shown=x[i], grid=None) for i in range(n)]

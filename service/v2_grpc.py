@@ -35,7 +35,7 @@ import numpy as np
 
 from . import metrics, v2
 from .budget import Budget
-from .errors import RequestError, rejection
+from .errors import RequestError, refusal
 from .health import NotLoaded
 from .middleware import bearer_matches
 from .pipeline import Pipeline
@@ -138,9 +138,7 @@ class Servicer(pb_grpc.GRPCInferenceServiceServicer):
         """Abort with the protocol's code; counted unless a `probe` (metadata) meets a loading model."""
         if isinstance(exc, NotLoaded):
             await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
-        error = rejection(exc)
-        if error is None:
-            raise exc  # a bug: gRPC answers UNKNOWN and logs it
+        error = refusal(exc)  # a bug: INTERNAL, its traceback logged
         if not (probe and error.reason == "loading"):
             metrics.count_error(error.reason)
         status = v2.protocol_status(error)

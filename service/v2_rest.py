@@ -22,7 +22,7 @@ from fastapi import FastAPI, Request
 from starlette.responses import JSONResponse, Response
 
 from . import metrics, openapi, schemas, v2
-from .errors import RequestError, rejection
+from .errors import RequestError, refusal
 from .health import NotLoaded
 from .middleware import BODY_KEY
 from .pipeline import Pipeline, run
@@ -64,13 +64,11 @@ def measured(method: str) -> Callable[[Handler], Handler]:
 
 
 def error_response(exc: BaseException, probe: bool = False) -> Response:
-    """The protocol's error answer for an exception a request raised (re-raised when it is a bug). A `probe`
+    """The protocol's error answer for an exception a request raised (a bug: 500 `internal`). A `probe`
     (metadata, model ready) answered 503 while the model loads is not a request error, as GET /model's is not."""
     if isinstance(exc, NotLoaded):  # /livez fails too: the pod is restarted; not a request error
         return JSONResponse({"error": str(exc), "reason": "load_failed"}, status_code=503, headers={"Retry-After": "1"})
-    error = rejection(exc)
-    if error is None:
-        raise exc
+    error = refusal(exc)
     if not (probe and error.reason == "loading"):
         metrics.count_error(error.reason)
     status = v2.protocol_status(error)
@@ -253,7 +251,8 @@ def parse_request(body: bytes, headers) -> tuple[dict, list[v2.InputTensor], lis
     if length_text is None:
         header_bytes, binary = body, b""
     else:
-        if not length_text.isdigit() or int(length_text) > len(body):
+        digits = length_text.isascii() and length_text.isdigit() and len(length_text) <= 18
+        if not digits or int(length_text) > len(body):
             raise v2.bad(f"Inference-Header-Content-Length {length_text[:20]!r} is not a length within the body")
         header_bytes, binary = body[: int(length_text)], body[int(length_text) :]
     if not header_bytes:
@@ -273,16 +272,30 @@ def parse_request(body: bytes, headers) -> tuple[dict, list[v2.InputTensor], lis
         at += used
     if at != len(binary):
         raise v2.bad(f"the binary data has {len(binary) - at} bytes beyond the inputs' binary_data_size")
-    default = bool((header.get("parameters") or {}).get("binary_data_output", False))
+    default = _flag(header.get("parameters") or {}, "binary_data_output", False)
     wanted, binary_outputs = None, {}
     if header.get("outputs") is not None:
         if not isinstance(header["outputs"], list) or not all(isinstance(o, dict) for o in header["outputs"]):
             raise v2.bad('"outputs" must be a list of objects with a "name"')
         wanted = [str(o.get("name")) for o in header["outputs"]]
         for o in header["outputs"]:
-            parameters = o.get("parameters") or {}
-            binary_outputs[str(o.get("name"))] = bool(parameters.get("binary_data", default))
+            parameters = _parameters(o, f"output {str(o.get('name'))[:40]!r}")
+            binary_outputs[str(o.get("name"))] = _flag(parameters, "binary_data", default)
     return header, inputs, wanted, _Default(binary_outputs, default)
+
+
+def _parameters(item: dict, what: str) -> dict:
+    parameters = item.get("parameters") or {}
+    if not isinstance(parameters, dict):
+        raise v2.bad(f'{what}: "parameters" must be an object')
+    return parameters
+
+
+def _flag(parameters: dict, name: str, default: bool) -> bool:
+    value = parameters.get(name, default)
+    if not isinstance(value, bool):
+        raise v2.bad(f"parameter {name!r} must be true or false, got {str(value)[:40]!r}")
+    return value
 
 
 class _Default(dict):
@@ -306,7 +319,7 @@ def _input(item: object, binary: bytes, at: int) -> tuple[v2.InputTensor, int]:
     datatype = item.get("datatype")
     if not isinstance(datatype, str):
         raise v2.bad(f"input {name!r}: datatype must be a string (BYTES or FP32)")
-    size = (item.get("parameters") or {}).get("binary_data_size")
+    size = _parameters(item, f"input {name!r}").get("binary_data_size")
     if size is not None:
         if not isinstance(size, int) or isinstance(size, bool) or size < 0 or at + size > len(binary):
             raise v2.bad(f"input {name!r}: binary_data_size {size!r} is not within the binary data")

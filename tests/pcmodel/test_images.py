@@ -270,3 +270,27 @@ def test_to_tensor_and_to_uint8_keep_the_plain_definitions_bits(shape):
     assert to_uint8(pixels, color) is pixels
     other = to_uint8(pixels, "rgb" if color == "gray" else "gray")  # converted, through PIL as before
     assert other.shape == ((9, 13, 3) if color == "gray" else (9, 13))
+
+
+@pytest.mark.parametrize("fmt", ["PNG", "JPEG", "WEBP", "TIFF"])
+@pytest.mark.parametrize("orientation", [3, 6, 8])
+@pytest.mark.parametrize("mode", ["full", "tile", "resize"])
+def test_header_only_decoding_turns_the_image_as_its_exif_says(fmt, orientation, mode):
+    """pcmodel.decoding (the service's and pc-encode's path: plan from the header, then prepare) gives exactly
+    what decoding the whole image and preprocessing it gives, EXIF orientation included: a wide file shown
+    tall stays tall in full mode (it was squashed to the file's own aspect)."""
+    from pcmodel import decoding
+    from pcmodel.images import open_image
+
+    config = pcmodel.load("default").config
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    data = encode(photo((80, 40)), fmt, exif=exif)
+    upright = (40, 80) if orientation in (6, 8) else (80, 40)  # (width, height) as shown
+    image = open_image(data)
+    assert decoding.plan(image, config, mode, decoding.Limits()) > 0
+    rows, shown, _ = decoding.prepare(image, config, mode)
+    want_rows, want_shown, _ = prepare_image(to_uint8(decode(data), "rgb"), config, mode)
+    assert torch.equal(rows, want_rows) and torch.equal(shown, want_shown)
+    if mode == "full":
+        assert shown.shape[1:] == (upright[1], upright[0])

@@ -4,7 +4,9 @@ counter up by exactly one for the right reason, and the server still serving. Od
 
 from __future__ import annotations
 
+import io
 import struct
+import zipfile
 import zlib
 from collections.abc import Callable
 
@@ -45,6 +47,38 @@ def chunked(data: bytes):
 
 
 # (id, path, request kwargs for httpx, expected status, expected reason)
+def start_file(data: bytes) -> dict:
+    return {"files": {**image_file(GOOD), "start": ("start.npz", data, "application/octet-stream")}}
+
+
+def npz(value: float, dtype) -> bytes:
+    buffer = io.BytesIO()
+    np.savez(buffer, latent_1=np.full((1, 8, 7, 7), value, dtype), latent_2=np.full((1, 10, 3, 3), value, dtype))
+    return buffer.getvalue()
+
+
+def npz_claiming_too_much() -> bytes:
+    """latent_1.npy's header says (10^6, 10^6) float32 (3.6 TiB), followed by 16 bytes."""
+    member = io.BytesIO()
+    header = {"descr": "<f4", "fortran_order": False, "shape": (10**6, 10**6)}
+    np.lib.format.write_array_header_1_0(member, header)
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w") as archive:
+        archive.writestr("latent_1.npy", member.getvalue() + b"\0" * 16)
+        archive.writestr("latent_2.npy", member.getvalue() + b"\0" * 16)
+    return buffer.getvalue()
+
+
+def npz_bomb() -> bytes:
+    """64 MiB of zeros per level, deflated to ~64 KiB each: more than a body may hold (20 MiB)."""
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w", zipfile.ZIP_DEFLATED) as archive:
+        for name in ("latent_1.npy", "latent_2.npy"):
+            with archive.open(name, "w", force_zip64=True) as member:
+                np.lib.format.write_array(member, np.zeros(16 << 20, np.float32))
+    return buffer.getvalue()
+
+
 Case = tuple[str, str, Callable[[], dict], int, str]
 CASES: list[Case] = [
     ("not an image", "/encode", lambda: {"files": image_file(b"hello, this is text, not pixels")}, 400, "bad_image"),
@@ -103,6 +137,23 @@ CASES: list[Case] = [
         422,
         "bad_parameter",
     ),
+    (
+        "steps of 5,000 digits",
+        "/encode",
+        lambda: {"files": image_file(GOOD), "data": {"steps": "9" * 5000}},
+        422,
+        "bad_parameter",
+    ),
+    (
+        "start: a header claiming 10^12 floats",
+        "/encode",
+        lambda: start_file(npz_claiming_too_much()),
+        422,
+        "bad_parameter",
+    ),
+    ("start: a zip bomb", "/encode", lambda: start_file(npz_bomb()), 422, "bad_parameter"),
+    ("start: float64 beyond float32", "/encode", lambda: start_file(npz(1e300, np.float64)), 422, "bad_parameter"),
+    ("start: float32 far too large", "/encode", lambda: start_file(npz(1e30, np.float32)), 422, "bad_parameter"),
     ("steps over max", "/encode", lambda: {"files": image_file(GOOD), "data": {"steps": "1001"}}, 422, "bad_parameter"),
     ("steps empty", "/encode", lambda: {"files": image_file(GOOD), "data": {"steps": ""}}, 422, "bad_parameter"),
     (
@@ -290,3 +341,32 @@ def test_the_client_reports_the_reason(server):
         client.encode(b"plain text, not an image")
     assert caught.value.status == 400 and caught.value.reason == "bad_image"
     assert caught.value.message == server.post("/encode", files=image_file(b"plain text, not an image")).json()["error"]
+
+
+@pytest.mark.parametrize(
+    ("make", "text"),
+    [
+        (npz_bomb, "unpack to more than"),  # refused from the zip's header: nothing unpacked
+        (npz_claiming_too_much, "claims more values than it holds"),  # numpy would allocate 3.6 TiB
+        (lambda: npz(1e300, np.float64), "within +-10000"),  # Inf once in float32
+        (lambda: npz(1e30, np.float32), "within +-10000"),  # finite, but the energy would overflow
+    ],
+    ids=["zip bomb", "header claims too much", "float64 beyond float32", "float32 far too large"],
+)
+def test_a_start_is_checked_before_it_is_unpacked_or_used(server, make, text):
+    response = server.post("/encode", **start_file(make()))
+    assert response.status_code == 422 and text in response.json()["error"], response.text
+
+
+def test_a_bug_becomes_a_500_with_reason_internal_and_its_traceback_only_in_the_log(caplog):
+    """Every protocol answers an unexpected exception through service.errors.refusal: a JSON 500 counted as
+    `internal`, never the exception's text (it may hold internals), and the traceback in the log."""
+    from service.errors import refusal
+
+    try:
+        raise KeyError("secret-internal-detail")
+    except KeyError as exc:
+        error = refusal(exc)
+    assert (error.status, error.reason) == (500, "internal") and "internal" in REASONS
+    assert "secret-internal-detail" not in error.message
+    assert any(r.exc_info and "secret-internal-detail" in str(r.exc_info[1]) for r in caplog.records)

@@ -256,3 +256,34 @@ def test_a_model_without_an_amortised_start_refuses_init_amortised(host):
     finally:
         host.model = saved
     host.check_dynamics(None, "amortised")  # with it back, accepted
+
+
+def test_one_requests_bad_start_fails_only_that_request_in_a_shared_batch(host):
+    """A start the model refuses (Inf) shares a batch with good ones: the batch is run again per request, and
+    the good requests get what they get alone."""
+    shapes = host.model.latent_shapes((32, 32))
+    good_starts = [
+        [torch.randn(1, *s, generator=torch.Generator().manual_seed(i)) * 0.1 for s in shapes] for i in (1, 2)
+    ]
+    bad_start = [torch.full((1, *s), float("inf")) for s in shapes]
+    how = (None, "given")
+
+    async def run():
+        batcher = Batcher(host._infer, max_batch_size=8, max_queue=100)
+        try:
+            alone = [await batcher.submit(rows(1, seed=i), 5, how, good_starts[i]) for i in (0, 1)]
+            together = await asyncio.gather(
+                batcher.submit(rows(1, seed=0), 5, how, good_starts[0]),
+                batcher.submit(rows(1, seed=9), 5, how, bad_start),
+                batcher.submit(rows(1, seed=1), 5, how, good_starts[1]),
+                return_exceptions=True,
+            )
+            return alone, together
+        finally:
+            batcher.close()
+
+    alone, (first, failed, second) = asyncio.run(run())
+    assert isinstance(failed, ValueError) and "NaN or Inf" in str(failed)
+    for got, want in zip((first, second), alone):
+        assert not isinstance(got, BaseException), got
+        assert torch.equal(got.latents[0], want.latents[0]) and torch.equal(got.energy, want.energy)

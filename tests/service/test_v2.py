@@ -319,6 +319,8 @@ def test_warm_start_refusals(server, rest, grpc, astronaut64):
             {},
             "must be FP32",
         ),
+        # far beyond any settled code: the energy would overflow float32 (it was a 500 not_finite)
+        (lambda m: _start_inputs(m, [latents[0] + 1e30, latents[1]]), {}, "within +-10000"),
     ]
     before = metric(server.metrics(), "pc_request_errors_total", reason="bad_parameter")
     for make, parameters, text in cases:
@@ -457,11 +459,27 @@ def test_unknown_output_and_malformed_requests(server, rest, astronaut64):
         (b'{"inputs": [{"name": "image", "datatype": "BYTES", "shape": [1], "data": ["%%%"]}]}', {}, "base64"),
         (b'{"inputs": []}xyz', {"Inference-Header-Content-Length": "14"}, "beyond the inputs"),
         (b'{"inputs": []}', {"Inference-Header-Content-Length": "99"}, "within the body"),
+        (b'{"inputs": []}', {"Inference-Header-Content-Length": "\u00b2".encode("latin-1")}, "within the body"),
+        (b'{"inputs": []}', {"Inference-Header-Content-Length": "9" * 5000}, "within the body"),
+        (b'{"inputs": [{"name": "x", "datatype": "FP32", "shape": [1], "data": [1], "parameters": 3}]}', {}, "object"),
+        (b'{"inputs": [], "outputs": [{"name": "energy", "parameters": "x"}]}', {}, "object"),
+        (b'{"inputs": [], "parameters": {"binary_data_output": "false"}}', {}, "true or false"),
+        (b'{"inputs": [], "outputs": [{"name": "energy", "parameters": {"binary_data": 1}}]}', {}, "true or false"),
+        (
+            b'{"inputs": [{"name": "x", "datatype": "FP32", "shape": [1], "data": [1' + b"0" * 400 + b"]}]}",
+            {},
+            "too large for a float",
+        ),
     ]
     for body, headers, text in cases:
         response = server.post(url, content=body, headers=headers)
         assert response.status_code == 400, response.text
         assert text in response.json()["error"] and response.json()["reason"] == "bad_request"
+    # Finite but far beyond any preprocessed image: the energy would overflow (it was a 500 not_finite).
+    x = {"name": "x", "datatype": "FP32", "shape": [1, 3, 32, 32], "data": [3e38] * (3 * 32 * 32)}
+    response = server.post(url, json={"inputs": [x]})
+    assert response.status_code == 400 and response.json()["reason"] == "bad_parameter", response.text
+    assert "within +-10000" in response.json()["error"]
 
 
 KEY = API_KEY
