@@ -115,6 +115,13 @@ def plan(
             )
     # Resize and full mode scale the image down first: a JPEG may decode at a reduced size.
     scaled = {"resize": config.input_shape[1:], "full": full_size(height, width, max_side)}
+    if size_mode == "full" and min(scaled["full"]) < limits.min_side:
+        h, w = scaled["full"]
+        raise ImageError(
+            f"in full mode this {width}x{height} image is scaled to {w}x{h} (its longer side to at most {max_side}), "
+            f"under the minimum side of {limits.min_side}; use size_mode=tile",
+            "too_small",
+        )
     draft_for(image, config.preprocess.color, scaled.get(size_mode))
     raw = decoded_bytes(image)
     if raw > limits.max_image_bytes:

@@ -74,7 +74,13 @@ def parse_form(body: bytes, content_type: str, max_parts: int) -> dict[str, list
         filename = options[b"filename"].decode("latin-1") if b"filename" in options else None
         parts.append(Part(name, filename, b"".join(chunks)))
 
+    ended: list[bool] = []
+
+    def on_end() -> None:  # the closing boundary (python-multipart's finalize does not check it)
+        ended.append(True)
+
     callbacks = {
+        "on_end": on_end,
         "on_part_begin": on_part_begin,
         "on_part_data": on_part_data,
         "on_part_end": on_part_end,
@@ -88,6 +94,12 @@ def parse_form(body: bytes, content_type: str, max_parts: int) -> dict[str, list
         parser.finalize()
     except FormParserError as exc:
         raise RequestError(400, "bad_request", f"the multipart form is malformed ({exc})") from None
+    if not ended:
+        raise RequestError(
+            400,
+            "bad_request",
+            "the multipart form ends before its closing boundary: the body is cut short or malformed",
+        )
     form: dict[str, list[Part]] = {}
     for part in parts:
         form.setdefault(part.name, []).append(part)

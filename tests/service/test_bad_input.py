@@ -86,6 +86,13 @@ CASES: list[Case] = [
     ("zero-byte file", "/encode", lambda: {"files": image_file(b"")}, 400, "bad_image"),
     ("zero-size image", "/encode", lambda: {"files": image_file(png_header_only(0, 0))}, 400, "bad_image"),
     ("1x1 image", "/encode", lambda: {"files": image_file(png(photo((1, 1))))}, 400, "too_small"),
+    (
+        "full mode: 5000x8 scales to 256x0.4",
+        "/encode",
+        lambda: {"files": image_file(png(photo((5000, 8))))},
+        400,
+        "too_small",
+    ),
     ("empty body", "/encode", lambda: {"content": b""}, 400, "missing_field"),
     ("missing image field", "/encode", lambda: {"files": {"steps": (None, "10")}}, 400, "missing_field"),
     (
@@ -213,6 +220,16 @@ CASES: list[Case] = [
         "/encode",
         lambda: {
             "content": b"--x\r\nno headers here\r\n\r\n",
+            "headers": {"content-type": "multipart/form-data; boundary=x"},
+        },
+        400,
+        "bad_request",
+    ),
+    (
+        "multipart cut short (no closing boundary)",
+        "/encode",
+        lambda: {
+            "content": b'--x\r\nContent-Disposition: form-data; name="image"; filename="a.png"\r\n\r\n' + GOOD,
             "headers": {"content-type": "multipart/form-data; boundary=x"},
         },
         400,
