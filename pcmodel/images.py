@@ -79,7 +79,10 @@ def upright_size(image: Image.Image) -> tuple[int, int]:
     width, height = image.size
     if image.format == "PNG" and "exif" not in image.info:
         return width, height
-    turned = image.getexif().get(ExifTags.Base.Orientation, 1) in _TURNED
+    try:
+        turned = image.getexif().get(ExifTags.Base.Orientation, 1) in _TURNED
+    except Exception:  # a malformed EXIF block: `load` says what is wrong, when it decodes
+        turned = False
     return (height, width) if turned else (width, height)
 
 
