@@ -18,7 +18,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Generic, TypeVar
 
-from .supervisor import STATE_DIR_VARIABLE
+from .supervisor import ALL_READY, STATE_DIR_VARIABLE
 
 logger = logging.getLogger(__name__)
 
@@ -54,6 +54,13 @@ class ModelLoader(Generic[T]):
     @property
     def loaded(self) -> bool:
         return self.value is not None
+
+
+def every_worker_ready() -> bool:
+    """Under pc-serve: whether every worker has reported its model loaded (the supervisor's ALL_READY file), so
+    that a worker's /readyz speaks for the whole server; elsewhere (a bare `bentoml serve`) always true."""
+    directory = os.environ.get(STATE_DIR_VARIABLE)
+    return not directory or (Path(directory) / ALL_READY).exists()
 
 
 def _report(state: str, line: str) -> None:

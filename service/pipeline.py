@@ -19,7 +19,7 @@ from .batching import Settled
 from .budget import Budget
 from .errors import RequestError
 from .forms import Part
-from .health import ModelLoader, NotLoaded
+from .health import ModelLoader, NotLoaded, every_worker_ready
 from .host import ModelHost
 from .inputs import Prepared, plan, prepare
 from .options import EncodeOptions
@@ -58,8 +58,9 @@ class Pipeline:
 
     @property
     def ready(self) -> bool:
-        """/readyz: the model is loaded and warmed up, and the batcher runs."""
-        return self.loader.value is not None and self.loader.value.batcher.alive
+        """/readyz: the model is loaded and warmed up, the batcher runs, and (under pc-serve) every other worker
+        has loaded its model too."""
+        return self.loader.value is not None and self.loader.value.batcher.alive and every_worker_ready()
 
     @property
     def alive(self) -> bool:

@@ -12,11 +12,15 @@ runs, through service.worker, which bounds request heads as they arrive) under t
   worker's server calls listen() once its application has started, so the port accepts
   connections only when a worker can answer them.
 - A worker that exits is restarted, and its live Prometheus gauges (requests in progress) are
-  removed with `multiprocess.mark_process_dead`, so /metrics stops counting its lost requests.
+  removed with `multiprocess.mark_process_dead`, so /metrics stops counting its lost requests. Its
+  socket is closed at once (connections waiting in its backlog are reset, new ones go to the other
+  workers or are refused) and its replacement gets a fresh one, which listens once it can answer.
 - A worker reports its model load through a file in the state directory (`ready-PID`, or
-  `failed-PID` holding a one-line error, see service.health). MAX_START_FAILURES failed starts in
-  a row stop pc-serve with exit status 1 and that line. The first worker to report ready calls
-  `on_ready` once (pc-serve prints the URL).
+  `failed-PID` holding a one-line error, see service.health); a worker that failed is stopped as at
+  a drain. While every worker has reported ready, the supervisor keeps the file ALL_READY there, and
+  the workers' readiness probes say ready only then (a pod is ready when all of it is). The first
+  time, it calls `on_ready` (pc-serve prints the URL). MAX_START_FAILURES failed starts in a row
+  stop pc-serve with exit status 1 and that line, after the other workers have drained.
 - SIGTERM or SIGINT: the supervisor closes its copies of the sockets and passes the signal on;
   each worker's server stops listening, so new connections are refused at once, and finishes the
   requests in flight before it exits.
@@ -47,6 +51,7 @@ WORKER_MODULE = "_bentoml_impl.worker.service"  # what `bentoml serve` runs in e
 # installed BentoML to them, so an upgrade that moves or changes the module fails at start, loudly.
 WORKER_OPTIONS = ("fd", "service_name", "worker_id")
 STATE_DIR_VARIABLE = "PCSERVE_STATE_DIR"  # where workers write ready-PID / failed-PID (service.health)
+ALL_READY = "all-ready"  # in the state directory while every worker has reported ready (service.health)
 MAX_START_FAILURES = 3  # failed worker starts in a row before pc-serve gives up
 POLL_S = 0.2
 
@@ -150,7 +155,8 @@ class Supervisor:
     ) -> None:
         self.service = service
         self.root = root  # the working directory the service imports from
-        self.sockets = bind_sockets(host, port, workers)
+        self.host, self.port = host, port
+        sockets = bind_sockets(host, port, workers)
         self.metrics_dir = prometheus_dir(bentoml_home)
         self.state_dir = Path(tempfile.mkdtemp(prefix="pc-serve-state-"))
         name = service.rsplit(":", 1)[-1]
@@ -162,10 +168,11 @@ class Supervisor:
             STATE_DIR_VARIABLE: str(self.state_dir),
         }
         self.name = name
-        self.workers = [_Worker(index=i + 1, sock=s) for i, s in enumerate(self.sockets)]
+        self.workers = [_Worker(index=i + 1, sock=s) for i, s in enumerate(sockets)]
         self.failures = 0  # failed starts in a row, over all workers
         self.stopping = False
-        self.on_ready = on_ready  # called once, when the first worker reports ready
+        self.on_ready = on_ready  # called once, when every worker has reported ready
+        self.all_ready = False
 
     def run(self) -> int:
         """Serve until SIGTERM/SIGINT (returns 0 once every worker has drained) or StartFailed."""
@@ -179,6 +186,9 @@ class Supervisor:
                 time.sleep(POLL_S)
             self._drain()
             return 0
+        except StartFailed:
+            self._drain()  # the workers that did start finish their requests in flight
+            raise
         finally:
             self._kill_all()
             shutil.rmtree(self.state_dir, ignore_errors=True)
@@ -189,6 +199,11 @@ class Supervisor:
         self.stopping = True
 
     def _start(self, worker: _Worker) -> None:
+        if worker.sock.fileno() == -1:  # closed when its last worker exited: a fresh one, not listening yet
+            try:
+                worker.sock = bind_sockets(self.host, self.port, 1)[0]
+            except OSError as exc:  # another process took the port meanwhile
+                raise StartFailed(f"cannot listen on {self.host}:{self.port} again: {exc.strerror}") from None
         fd = worker.sock.fileno()
         command = worker_command(self.service, fd, self.name, worker.index)
         worker.process = subprocess.Popen(command, cwd=self.root, env=self.env, pass_fds=(fd,))
@@ -208,17 +223,15 @@ class Supervisor:
             if not worker.ready and (self.state_dir / f"ready-{pid}").exists():
                 worker.ready = True
                 self.failures = 0
-                if self.on_ready is not None:
-                    self.on_ready()
-                    self.on_ready = None
             if process.poll() is None and not failed.exists():
                 continue
-            if process.poll() is None:  # it reported a failed start: it has nothing in flight
-                process.kill()
-                process.wait()
+            if process.poll() is None:  # it reported a failed start: stopped as at a drain (it answers 503s)
+                _stop(process)
             multiprocess.mark_process_dead(pid, str(self.metrics_dir))  # drop its in-progress gauges
+            worker.sock.close()  # its backlog is reset now, not left waiting for the replacement
             worker.process = None
-            if worker.ready:
+            was_ready, worker.ready = worker.ready, False
+            if was_ready:
                 logger.warning("worker %d (pid %d) exited (%s); restarting it", worker.index, pid, process.returncode)
                 worker.restart_at = now
                 continue
@@ -230,10 +243,26 @@ class Supervisor:
             if self.failures >= MAX_START_FAILURES:
                 raise StartFailed(f"a worker failed to start {self.failures} times in a row: {error}")
             worker.restart_at = now + min(0.5 * 2**self.failures, 10.0)  # back off a little
+        self._mark_ready(all(w.ready for w in self.workers))
+
+    def _mark_ready(self, ready: bool) -> None:
+        """Keep ALL_READY in the state directory while every worker is ready (the workers' /readyz reads it)."""
+        if ready == self.all_ready:
+            return
+        path = self.state_dir / ALL_READY
+        if ready:
+            path.touch()
+            if self.on_ready is not None:
+                self.on_ready()
+                self.on_ready = None
+        else:
+            path.unlink(missing_ok=True)
+        self.all_ready = ready
 
     def _drain(self) -> None:
-        for s in self.sockets:
-            s.close()  # the workers' copies are then the last: when they stop listening, the port closes
+        self._mark_ready(False)
+        for worker in self.workers:
+            worker.sock.close()  # the workers' copies are then the last: when they stop listening, the port closes
         for worker in self.workers:
             if worker.process is not None and worker.process.poll() is None:
                 worker.process.send_signal(signal.SIGTERM)
@@ -248,5 +277,15 @@ class Supervisor:
             if worker.process is not None and worker.process.poll() is None:
                 worker.process.kill()
                 worker.process.wait()
-        for s in self.sockets:
-            s.close()
+        for worker in self.workers:
+            worker.sock.close()
+
+
+def _stop(process: subprocess.Popen, grace_s: float = 10.0) -> None:
+    """SIGTERM (the worker's server finishes what it is answering), then SIGKILL after `grace_s`."""
+    process.terminate()
+    try:
+        process.wait(grace_s)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()

@@ -196,6 +196,13 @@ def test_a_killed_worker_leaves_no_requests_in_progress(hardened, astronaut):
     assert victim is not None, "no request was in flight"
     old = {p.pid for p in workers(hardened)}
     os.kill(victim.pid, signal.SIGKILL)
+    time.sleep(0.5)  # the supervisor sees the exit within its poll (0.2 s)
+    # The dead worker's socket is closed, not left listening for its replacement: a new connection goes to the
+    # other worker at once (it had waited 4-7 s in the dead one's backlog). And the server is not ready until
+    # every worker is: the survivor's /readyz says 503 while the replacement loads.
+    for _ in range(10):
+        assert httpx.get(hardened.url + "/livez", timeout=3).status_code == 200
+    assert httpx.get(hardened.url + "/readyz", timeout=3).status_code == 503
     for t in threads:
         t.join(90)
     assert any(isinstance(r, str) for r in results) or len(results) == 8
