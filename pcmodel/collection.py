@@ -16,11 +16,13 @@ Ray's actors both call it on the same batches, so both engines write the same ro
 from __future__ import annotations
 
 import csv
+import errno
 import glob
 import hashlib
 import io
 import math
 import os
+import stat
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -74,9 +76,9 @@ class Input:
 def looks_like_image(path: Path) -> bool:
     """An image by its first bytes, or by its name (so that a zero-byte or truncated photo.jpg gets its row)."""
     if path.suffix.lower() in IMAGE_SUFFIXES:
-        return True
+        return True  # whatever it is: a FIFO or a device named .png gets an `unreadable` row, never a read
     try:
-        with path.open("rb") as f:
+        with _open_regular(str(path)) as f:
             head = f.read(16)
     except OSError:
         return False
@@ -115,9 +117,12 @@ def is_collection(paths: Sequence[str]) -> bool:
 
 
 def _list_entries(list_file: Path) -> list[str]:
-    text = list_file.read_text(encoding="utf-8-sig")
+    try:
+        text = list_file.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError:
+        raise InputError(f"{list_file}: a list of paths must be UTF-8 text (is it an image named .txt?)") from None
     if list_file.suffix.lower() == ".csv":
-        table = list(csv.reader(text.splitlines()))
+        table = list(csv.reader(io.StringIO(text)))  # a quoted field may hold a newline
         if not table:
             return []
         header = [h.strip().lower() for h in table[0]]
@@ -177,15 +182,42 @@ def header_size(data: bytes) -> tuple[int | None, int | None]:
 
 
 def file_sha256(file: str) -> str | None:
-    """The sha256 of a file's bytes, or None where it cannot be read."""
+    """The sha256 of a regular file's bytes, or None where it cannot be read (or is no regular file)."""
     digest = hashlib.sha256()
     try:
-        with open(file, "rb") as f:
+        with _open_regular(file) as f:
             while chunk := f.read(1 << 20):
                 digest.update(chunk)
     except OSError:
         return None
     return digest.hexdigest()
+
+
+def read_file(file: str, limit: int = MAX_FILE_BYTES) -> bytes:
+    """A regular file's bytes; ImageError("too_large") past `limit` bytes (nothing more is read), OSError where
+    it cannot be read or is no regular file."""
+    with _open_regular(file) as f:
+        size = os.fstat(f.fileno()).st_size
+        if size > limit:
+            raise ImageError(f"the file is {size} bytes, over the limit of {limit}", "too_large")
+        data = f.read(limit + 1)  # a file that grew meanwhile is read no further
+    if len(data) > limit:
+        raise ImageError(f"the file is over the limit of {limit} bytes", "too_large")
+    return data
+
+
+def _open_regular(file: str) -> io.BufferedReader:
+    """Open a file to read, refusing (OSError) what is not a regular file: a FIFO or a device is opened without
+    blocking and never read (a FIFO would wait for a writer, /dev/zero never end)."""
+    try:
+        fd = os.open(file, os.O_RDONLY | os.O_NONBLOCK)
+    except ValueError as exc:  # a path with a NUL byte (from a list file)
+        raise OSError(errno.EINVAL, f"not a usable path ({exc})") from None
+    f = os.fdopen(fd, "rb")
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        f.close()
+        raise OSError(errno.EINVAL, "not a regular file (a FIFO, a device or a socket)")
+    return f
 
 
 @dataclass(frozen=True)
@@ -238,11 +270,7 @@ class BatchEncoder:
     def _decode(self, item: Input, row: dict[str, Any]):
         """Read, check and decode one file: (rows, shown, placement); ImageError or OSError when it cannot be."""
         s, config = self.settings, self.model.config
-        size = os.stat(item.file).st_size
-        if size > MAX_FILE_BYTES:
-            raise ImageError(f"the file is {size} bytes, over the limit of {MAX_FILE_BYTES}", "too_large")
-        with open(item.file, "rb") as f:
-            data = f.read()
+        data = read_file(item.file)
         row["sha256"] = hashlib.sha256(data).hexdigest()
         try:
             image = open_image(data, max_pixels=s.limits.max_pixels, min_side=s.limits.min_side)

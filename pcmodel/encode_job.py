@@ -80,6 +80,13 @@ def identity(model, settings: EncodeSettings) -> dict[str, Any]:
     }
 
 
+def _canonical(ident: Any) -> Any:
+    """An identity compared as its rows depend on it: the outputs as a set (the columns' order is fixed)."""
+    if isinstance(ident, dict) and isinstance(ident.get("outputs"), list):
+        return {**ident, "outputs": sorted(map(str, ident["outputs"]))}
+    return ident
+
+
 def _describe(ident: dict[str, Any]) -> str:
     model = ident["model"]
     text = f"model {model['name']} (sha256 {model['sha256'][:12]}), steps {ident['steps']}, {ident['size_mode']} mode"
@@ -102,14 +109,24 @@ class Output:
     def open(cls, folder: Path, ident: dict[str, Any]) -> Output:
         """Check that --out is empty or holds this job's data set, take its lock and clear a crashed run's
         temporary files. Raises OutputError (nothing written) or OSError (the folder cannot be written)."""
-        old = encodings.read_manifest(folder) if folder.is_dir() else None
+        try:
+            old = encodings.read_manifest(folder) if folder.is_dir() else None
+        except ValueError as exc:
+            raise OutputError(f"--out {folder}: {exc}; give another --out, or move it away") from None
         if old is not None:
             previous = old.get("identity", {})
-            if old.get("format") != encodings.FORMAT or previous != ident:
+            if old.get("format") != encodings.FORMAT or _canonical(previous) != _canonical(ident):
                 what = _describe(previous) if previous else "an unknown format"
                 raise OutputError(
                     f"--out {folder} holds a data set of {what}; this run is {_describe(ident)}: give another --out "
                     "folder, or the same options to finish that one"
+                )
+            damaged = encodings.damaged_shards(folder)
+            if damaged:
+                shard, why = damaged[0]
+                raise OutputError(
+                    f"--out {folder}: the shard {shard} cannot be read ({why}; {len(damaged)} such): it was damaged "
+                    "outside pc-encode; move it away and run the same command to encode its rows again"
                 )
         elif (folder / encodings.DATA).is_dir():
             raise OutputError(
@@ -280,7 +297,10 @@ def _worker(conn, settings: EncodeSettings, sha256: str) -> None:
         sink = pa.BufferOutputStream()
         with pa.ipc.new_stream(sink, data.schema) as stream:
             stream.write_table(data)
-        conn.send_bytes(b"T" + task.to_bytes(8, "little") + sink.getvalue().to_pybytes())
+        try:
+            conn.send_bytes(b"T" + task.to_bytes(8, "little") + sink.getvalue().to_pybytes())
+        except OSError:  # the parent is gone (killed): nobody to answer, and nothing to say on stderr
+            return
 
 
 @dataclass
@@ -401,8 +421,10 @@ def run_local(
 
 
 def _send(conn, kind: str, task: int | None, text: str | None) -> None:
-    """A control message from a worker: J and JSON (rows go as T, the task id and an Arrow IPC stream)."""
-    conn.send_bytes(b"J" + json.dumps([kind, task, text]).encode())
+    """A control message from a worker: J and JSON (rows go as T, the task id and an Arrow IPC stream). A parent
+    that is gone hears nothing (its worker then ends at its next receive)."""
+    with contextlib.suppress(OSError):
+        conn.send_bytes(b"J" + json.dumps([kind, task, text]).encode())
 
 
 def _stop(pool: Sequence[_Process]) -> None:

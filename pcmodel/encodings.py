@@ -199,11 +199,29 @@ def counts(folder: str | os.PathLike[str]) -> dict[str, int]:
 
 
 def read_manifest(folder: str | os.PathLike[str]) -> dict | None:
-    """The data set's manifest, or None where the folder has none."""
+    """The data set's manifest, or None where the folder has none; ValueError where it is not one."""
     path = Path(folder) / MANIFEST
     if not path.is_file():
         return None
-    return json.loads(path.read_text())
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise ValueError(f"{path} is not a data set's manifest ({exc.__class__.__name__}: {exc})"[:300]) from None
+    if not isinstance(manifest, dict):
+        raise ValueError(f"{path} is not a data set's manifest (a JSON {type(manifest).__name__}, not an object)")
+    return manifest
+
+
+def damaged_shards(folder: str | os.PathLike[str]) -> list[tuple[Path, str]]:
+    """The shards whose Parquet footer cannot be read (cut short or overwritten outside pc-encode), with why."""
+    _, pq = _pyarrow()
+    damaged = []
+    for shard in shards(folder):
+        try:
+            pq.read_metadata(shard)
+        except Exception as exc:  # pyarrow's ArrowInvalid, or an OSError
+            damaged.append((shard, f"{exc.__class__.__name__}: {exc}"[:200]))
+    return damaged
 
 
 def write_manifest(folder: str | os.PathLike[str], manifest: dict) -> None:

@@ -618,3 +618,59 @@ def test_an_interrupt_as_a_shard_is_written_never_writes_its_rows_twice(tmp_path
     writer.flush()  # what an interrupted run does on its way out
     rows = pa.concat_tables([pq.read_table(p) for p in encodings.shards(tmp_path)]).column("path").to_pylist()
     assert rows == ["a.png", "b.png"]
+
+
+def test_fifos_devices_and_odd_list_entries_become_rows_and_a_rerun_finishes(tmp_path):
+    """A FIFO and a link to /dev/zero named like images are `unreadable` rows, never read (a FIFO blocked the
+    run forever; /dev/zero was read without end); a FIFO without an image name is no input. A NUL byte in a
+    list's path is an `unreadable` row (its rerun crashed); a CSV's quoted newline stays in its path. The same
+    command again finishes at once (it had hashed /dev/zero forever)."""
+    root = tmp_path / "photos"
+    photo(root / "good.png", (40, 30), 0)
+    photo(root / "new\nline.png", (40, 30), 1)
+    os.mkfifo(root / "fifo.png")
+    os.mkfifo(root / "fifo")
+    (root / "zero.png").symlink_to("/dev/zero")
+    listing = tmp_path / "list.csv"
+    listing.write_text(f'path\n"{root / "new"}\n{"line.png"}"\n')  # quoted: a newline inside the path
+    nul = tmp_path / "nul.txt"
+    nul.write_text(f"{root / 'good.png'}\0x\n")
+    argv = [sys.executable, "-m", "pcmodel.cli", str(root), str(listing), str(nul), "--out", str(tmp_path / "out")]
+    argv += [*MODEL, "--workers", "1", "--json"]
+    for _ in range(2):
+        run = subprocess.run(argv, env=ENV, capture_output=True, text=True, timeout=180)
+        assert run.returncode == 0, run.stderr[-2000:]
+        rows = {r.path: r for r in encodings.read(tmp_path / "out")}
+        assert rows["fifo.png"].reason == rows["zero.png"].reason == "unreadable", rows
+        assert "not a regular file" in rows["fifo.png"].error and "fifo" not in rows
+        assert rows["good.png"].reason is None and rows["new\nline.png"].reason is None
+        assert rows[str(root / "new\nline.png")].reason is None  # from the CSV, its path whole
+        assert rows[f"{root / 'good.png'}\0x"].reason == "unreadable"
+        assert len(rows) == 6 and len(paths_in(tmp_path / "out")) == 6
+
+
+def test_a_damaged_out_folder_or_list_is_one_line_and_exit_2(encoded, folder, tmp_path, capsys):
+    """A manifest that is not one, a shard cut short, a list that is not text: one line and exit 2, nothing
+    written (each was a traceback). The same outputs in another order are the same data set."""
+    out, _ = encoded
+    for name, damage, text in (
+        ("manifest", lambda d: (d / "manifest.json").write_text("{not json"), "is not a data set's manifest"),
+        ("list", lambda d: (d / "manifest.json").write_text("[1, 2]"), "a JSON list, not an object"),
+        ("shard", lambda d: os.truncate(encodings.shards(d)[0], 500), "cannot be read"),
+    ):
+        copy = tmp_path / name
+        subprocess.run(["cp", "-r", str(out), str(copy)], check=True)
+        damage(copy)
+        before = {p.name: p.stat().st_mtime_ns for p in copy.rglob("*")}
+        err = one_line_exit_2([str(folder), "--out", str(copy), *MODEL, "--workers", "1"], capsys)
+        assert text in err, err
+        assert {p.name: p.stat().st_mtime_ns for p in copy.rglob("*") if p.name != ".lock"} == {
+            k: v for k, v in before.items() if k != ".lock"
+        }
+    not_text = tmp_path / "photo.txt"
+    not_text.write_bytes((folder / "good0.png").read_bytes())
+    assert "must be UTF-8 text" in one_line_exit_2([str(not_text), "--out", str(tmp_path / "o")], capsys)
+    two = tmp_path / "two"
+    single = [str(folder / "good0.png"), str(folder / "sub"), "--out", str(two), *MODEL, "--workers", "1"]
+    assert main([*single, "--outputs", "latents,error_map"]) == 0
+    assert main([*single, "--outputs", "error_map,latents"]) == 0
