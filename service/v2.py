@@ -154,6 +154,26 @@ def bad(message: str, reason: str = "bad_request") -> RequestError:
     return RequestError(400, reason, message)
 
 
+# Tensor parameters of extensions this server does not have: named in the refusal, so a client that asks for
+# classification or shared memory learns why, instead of getting a plain tensor or nothing in its region.
+EXTENSION_PARAMETERS = {
+    "classification": "the classification extension",
+    "shared_memory_region": "shared memory",
+    "shared_memory_byte_size": "shared memory",
+    "shared_memory_offset": "shared memory",
+}
+
+
+def check_tensor_parameters(what: str, parameters, allowed: tuple[str, ...]) -> None:
+    """400 for a tensor's parameters other than `allowed` (its keys: a JSON object or a protobuf map)."""
+    unknown = sorted(set(parameters) - set(allowed))
+    if unknown:
+        extensions = sorted({EXTENSION_PARAMETERS[k] for k in unknown if k in EXTENSION_PARAMETERS})
+        why = f"this server does not support {' or '.join(extensions)}" if extensions else "unknown"
+        took = f"; it takes {', '.join(allowed)}" if allowed else ""
+        raise bad(f"{what}: parameter(s) {', '.join(unknown)[:120]}: {why}{took}")
+
+
 def split_bytes(raw: bytes, name: str) -> list[bytes]:
     """A BYTES tensor's raw data: each element as a 4-byte little-endian length and its bytes."""
     out, at = [], 0

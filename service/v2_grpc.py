@@ -76,6 +76,9 @@ def read_inputs(request: pb.ModelInferRequest) -> list[v2.InputTensor]:
         shape = tuple(t.shape)
         if any(n < 0 for n in shape):
             raise v2.bad(f"input {t.name!r}: shape must be non-negative integers")
+        v2.check_tensor_parameters(f"input {t.name!r}", t.parameters, ())
+        if raw and t.HasField("contents"):
+            raise v2.bad(f"input {t.name!r} has both contents and raw_input_contents; send its data once")
         data: list[bytes] | np.ndarray
         if raw:
             data = v2.split_bytes(raw[i], t.name) if t.datatype == "BYTES" else v2.fp32_from_raw(raw[i], t.name)
@@ -97,6 +100,10 @@ def _measured(call: Callable) -> Callable:
         code = "OK"
         try:
             return await call(self, request, context)
+        except asyncio.CancelledError:  # the client cancelled, or its deadline passed: not a bug
+            remaining = context.time_remaining()
+            code = "DEADLINE_EXCEEDED" if remaining is not None and remaining <= 0 else "CANCELLED"
+            raise
         except BaseException:
             code = (context.code() or grpc.StatusCode.UNKNOWN).name  # what abort() set; UNKNOWN for a bug
             raise
@@ -161,7 +168,7 @@ class Servicer(pb_grpc.GRPCInferenceServiceServicer):
             found = self._current()
             v2.find_model(found, request.name, request.version)
         except RequestError as exc:
-            if exc.reason == "loading":
+            if exc.reason in ("loading", "not_found"):  # as Triton answers: not ready, no error
                 return pb.ModelReadyResponse(ready=False)
             await self._fail(context, exc)
         except Exception as exc:
@@ -209,6 +216,8 @@ class Servicer(pb_grpc.GRPCInferenceServiceServicer):
             found = self._current()
             host = v2.find_model(found, request.model_name, request.model_version)
             parameters = {k: _parameter(v) for k, v in request.parameters.items()}
+            for o in request.outputs:  # only what this server does: no classification, no shared memory
+                v2.check_tensor_parameters(f"output {o.name!r}", o.parameters, ())
             wanted = [o.name for o in request.outputs] or None
             done = await v2.infer(found, read_inputs(request), parameters, wanted)
         except Exception as exc:

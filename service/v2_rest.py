@@ -16,6 +16,7 @@ import json
 import logging
 import re
 import time
+import zlib
 from collections.abc import Awaitable, Callable
 
 from fastapi import FastAPI, Request
@@ -30,6 +31,7 @@ from .pipeline import Pipeline, run
 logger = logging.getLogger(__name__)
 
 INFER_PATH = re.compile(r"^/v2/models/[^/]+(/versions/[^/]+)?/infer$")  # the bodies BodyGate reads
+CONTENT_ENCODING = "content-encoding"
 HEADER_LENGTH = "inference-header-content-length"
 INLINE_VALUES = 1 << 16  # JSON answers with fewer output values are written on the event loop
 INLINE_BODY_BYTES = 1 << 16  # request bodies up to this are parsed on the event loop, uncharged
@@ -176,13 +178,15 @@ def add_routes(api: FastAPI, pipeline: PipelineFn) -> None:
             found = current()
             host = v2.find_model(found, name, version)
             body = request.scope.get(BODY_KEY, b"")
+            limit = found.settings.max_body_bytes
             # JSON numbers become Python objects before they are an array: a large body is parsed on a thread,
-            # charged to the decoding budget (BodyGate charged the body itself).
-            if len(body) <= INLINE_BODY_BYTES:
-                header, inputs, wanted, binary = parse_request(body, request.headers)
+            # charged to the decoding budget (BodyGate charged the body itself); so is a compressed one.
+            if len(body) <= INLINE_BODY_BYTES and CONTENT_ENCODING not in request.headers:
+                header, inputs, wanted, binary = parse_request(body, request.headers, limit)
             else:
-                async with found.decoding.hold(JSON_PARSE_FACTOR * len(body), "parsing this request"):
-                    header, inputs, wanted, binary = await run(False, parse_request, body, request.headers)
+                size = limit if CONTENT_ENCODING in request.headers else len(body)
+                async with found.decoding.hold(JSON_PARSE_FACTOR * size, "parsing this request"):
+                    header, inputs, wanted, binary = await run(False, parse_request, body, request.headers, limit)
             done = await v2.infer(found, inputs, header.get("parameters") or {}, wanted)
         except Exception as exc:
             return error_response(exc)
@@ -245,8 +249,13 @@ def _path_parameters(handler: Handler, versioned: bool) -> Handler:
     return call
 
 
-def parse_request(body: bytes, headers) -> tuple[dict, list[v2.InputTensor], list[str] | None, dict[str, bool]]:
-    """(the JSON header, the inputs, the outputs asked for or None, binary or not per output name)."""
+def parse_request(
+    body: bytes, headers, limit: int
+) -> tuple[dict, list[v2.InputTensor], list[str] | None, dict[str, bool]]:
+    """(the JSON header, the inputs, the outputs asked for or None, binary or not per output name). A gzip or
+    deflate body (tritonclient's request_compression_algorithm) is decompressed first, to at most `limit`
+    bytes."""
+    body = _decompressed(body, headers.get(CONTENT_ENCODING, ""), limit)
     length_text = headers.get(HEADER_LENGTH)
     if length_text is None:
         header_bytes, binary = body, b""
@@ -265,6 +274,8 @@ def parse_request(body: bytes, headers) -> tuple[dict, list[v2.InputTensor], lis
         raise v2.bad('the request must be a JSON object with an "inputs" list')
     if not isinstance(header.get("parameters") or {}, dict):
         raise v2.bad('"parameters" must be an object')
+    if not isinstance(header.get("id", ""), str):
+        raise v2.bad('"id" must be a string')
     inputs, at = [], 0
     for item in header["inputs"]:
         tensor, used = _input(item, binary, at)
@@ -279,9 +290,29 @@ def parse_request(body: bytes, headers) -> tuple[dict, list[v2.InputTensor], lis
             raise v2.bad('"outputs" must be a list of objects with a "name"')
         wanted = [str(o.get("name")) for o in header["outputs"]]
         for o in header["outputs"]:
-            parameters = _parameters(o, f"output {str(o.get('name'))[:40]!r}")
+            what = f"output {str(o.get('name'))[:40]!r}"
+            parameters = _parameters(o, what)
+            v2.check_tensor_parameters(what, parameters, ("binary_data",))
             binary_outputs[str(o.get("name"))] = _flag(parameters, "binary_data", default)
     return header, inputs, wanted, _Default(binary_outputs, default)
+
+
+def _decompressed(body: bytes, encoding: str, limit: int) -> bytes:
+    encoding = encoding.strip().lower()
+    if encoding in ("", "identity"):
+        return body
+    if encoding not in ("gzip", "deflate"):
+        raise v2.bad(f"Content-Encoding {encoding[:40]!r} is not supported: send gzip, deflate or none")
+    inflate = zlib.decompressobj(wbits=zlib.MAX_WBITS | 32)  # a gzip or a zlib stream, told by its header
+    try:
+        out = inflate.decompress(body, limit + 1)  # never more than the limit, however the stream is made
+    except zlib.error as exc:
+        raise v2.bad(f"the {encoding} body cannot be decompressed ({exc})") from None
+    if len(out) > limit:
+        raise RequestError(
+            413, "too_large", f"the request body decompresses to more than {limit} bytes (PC_MAX_BODY_BYTES)"
+        )
+    return out
 
 
 def _parameters(item: dict, what: str) -> dict:
@@ -319,7 +350,9 @@ def _input(item: object, binary: bytes, at: int) -> tuple[v2.InputTensor, int]:
     datatype = item.get("datatype")
     if not isinstance(datatype, str):
         raise v2.bad(f"input {name!r}: datatype must be a string (BYTES or FP32)")
-    size = _parameters(item, f"input {name!r}").get("binary_data_size")
+    parameters = _parameters(item, f"input {name!r}")
+    v2.check_tensor_parameters(f"input {name!r}", parameters, ("binary_data_size",))
+    size = parameters.get("binary_data_size")
     if size is not None:
         if not isinstance(size, int) or isinstance(size, bool) or size < 0 or at + size > len(binary):
             raise v2.bad(f"input {name!r}: binary_data_size {size!r} is not within the binary data")

@@ -11,6 +11,8 @@ import queue
 import re
 import subprocess
 import sys
+import time
+import zlib
 from pathlib import Path
 
 import httpx
@@ -88,9 +90,7 @@ def test_health_matches_livez_and_readyz(server, rest, grpc, version):
         assert client.is_model_ready(MODEL) and client.is_model_ready(MODEL, version)
     assert not rest.is_model_ready("no-such-model")  # 404
     assert not rest.is_model_ready(MODEL, "0" * 12)
-    with pytest.raises(InferenceServerException) as caught:
-        grpc.is_model_ready("no-such-model")
-    assert code(caught.value) == "StatusCode.NOT_FOUND"
+    assert grpc.is_model_ready("no-such-model") is False  # ready: false, as Triton answers (not NOT_FOUND)
 
 
 def test_server_and_model_metadata(rest, grpc, version):
@@ -644,3 +644,73 @@ def test_solver_and_init_parameters_as_encode(rest, encoder, astronaut64):
             assert result.get_response()["parameters"] == {"solver": encoding.solver, "init": encoding.init}
             ran.append((solver, init))
     assert ("gradient", "zero") in ran and len(ran) >= 2, ran
+
+
+def test_what_real_clients_ask_beyond_the_basics(server, rest, grpc, astronaut64):
+    """Extensions this server does not have are refused by name (a classification output had come back as a
+    plain tensor, a shared-memory output inline); tritonclient's request compression works (it was "not
+    JSON"); gRPC's ModelReady of an unknown model is `false`, as Triton answers (it raised NOT_FOUND); data
+    given twice over gRPC, and a REST `id` that is not a string, are refused."""
+    parameters = {"steps": 5, "size_mode": "resize"}
+    for module, client, expected in ((httpclient, rest, "400"), (grpcclient, grpc, "StatusCode.INVALID_ARGUMENT")):
+        classify = module.InferRequestedOutput("energy", class_count=1)
+        with pytest.raises(InferenceServerException, match="does not support the classification extension") as e:
+            client.infer(MODEL, [image_input(module, astronaut64)], outputs=[classify], parameters=parameters)
+        assert code(e.value) == expected
+    shared = httpclient.InferRequestedOutput("energy")
+    shared.set_shared_memory("region", 8)
+    with pytest.raises(InferenceServerException, match="does not support shared memory"):
+        rest.infer(MODEL, [image_input(httpclient, astronaut64)], outputs=[shared], parameters=parameters)
+
+    plain = rest.infer(MODEL, [image_input(httpclient, astronaut64)], parameters=parameters)
+    for algorithm in ("gzip", "deflate"):
+        packed = rest.infer(
+            MODEL,
+            [image_input(httpclient, astronaut64)],
+            parameters=parameters,
+            request_compression_algorithm=algorithm,
+        )
+        np.testing.assert_array_equal(packed.as_numpy("latent_1"), plain.as_numpy("latent_1"))
+    url = f"/v2/models/{MODEL}/infer"
+    body = json.dumps({"inputs": [_json_image(astronaut64)]}).encode()
+    refused = server.post(url, content=body, headers={"Content-Encoding": "br"})
+    assert refused.status_code == 400 and "not supported" in refused.json()["error"]
+    bomb = zlib.compress(b" " * (21 << 20))  # 21 MiB of spaces: over the body limit unpacked
+    refused = server.post(url, content=bomb, headers={"Content-Encoding": "deflate"})
+    assert refused.status_code == 413 and refused.json()["reason"] == "too_large"
+    refused = server.post(url, json={"id": 5, "inputs": [_json_image(astronaut64)]})
+    assert refused.status_code == 400 and '"id" must be a string' in refused.json()["error"]
+
+    assert grpc.is_model_ready("no-such-model") is False and rest.is_model_ready("no-such-model") is False
+    import grpc as grpc_module
+
+    with grpc_module.insecure_channel(server.grpc_target) as channel:
+        stub = service_pb2_grpc.GRPCInferenceServiceStub(channel)
+        request = service_pb2.ModelInferRequest(model_name=MODEL)
+        tensor = request.inputs.add(name="image", datatype="BYTES", shape=[1])
+        tensor.contents.bytes_contents.append(b"garbage")
+        request.raw_input_contents.append(len(astronaut64).to_bytes(4, "little") + astronaut64)
+        with pytest.raises(grpc_module.RpcError) as caught:
+            stub.ModelInfer(request)
+        assert caught.value.code() == grpc_module.StatusCode.INVALID_ARGUMENT
+        assert "both contents and raw_input_contents" in caught.value.details()
+
+
+def test_a_grpc_call_the_client_gives_up_on_is_not_counted_as_a_bug(server, grpc, astronaut):
+    """A client's deadline passing mid-call is DEADLINE_EXCEEDED (or CANCELLED) in pc_grpc_requests_total, not
+    UNKNOWN, the code a bug gets."""
+    before = server.metrics()
+    with pytest.raises(InferenceServerException):
+        grpc.infer(MODEL, [image_input(grpcclient, png(astronaut))], parameters={"steps": 1000}, client_timeout=0.3)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        after = server.metrics()
+        moved = {
+            c: metric(after, "pc_grpc_requests_total", method="ModelInfer", code=c)
+            - metric(before, "pc_grpc_requests_total", method="ModelInfer", code=c)
+            for c in ("DEADLINE_EXCEEDED", "CANCELLED", "UNKNOWN")
+        }
+        if any(moved.values()):
+            break
+        time.sleep(0.2)
+    assert moved["UNKNOWN"] == 0 and moved["DEADLINE_EXCEEDED"] + moved["CANCELLED"] == 1, moved
