@@ -104,7 +104,8 @@ def fit(
             log.info("amortiser update %d/%d  %s", update, options.updates, json.dumps(line))
         if update < options.updates:
             x = sampler.batch(update, options.batch_size).to(model.device)
-            settled = model.infer(x, steps=steps, init="amortised", solver="gradient").latents
+            # The torch backend always (as pc-train's updates): the automatic choice depends on the calls before.
+            settled = model.infer(x, steps=steps, init="amortised", solver="gradient", backend="torch").latents
             losses = fitter.step(update, x, settled)
             line.update({f"fit_loss_{i}": v for i, v in enumerate(losses, 1)})
         line["seconds"] = round(time.monotonic() - begun, 3)

@@ -185,7 +185,10 @@ class Trainer:
         step = self.state.step
         batch = self.sampler.batch(step, self.options.batch_size)
         x = data.shard(batch, self.dist.rank, self.dist.world_size).to(self.model.device)
-        result = self.model.infer(x, steps=self.steps)
+        # One backend for every update: the automatic choice depends on the calls before (the first call of a
+        # loaded model may run a prepared fast backend, one after a learning step the torch one), and a resumed run
+        # must repeat the straight one bit for bit. Torch is the fastest at training's batch sizes anyway.
+        result = self.model.infer(x, steps=self.steps, backend="torch")
         grads = self.model.weight_gradients(x, result.latents)
         start, final = result.energy[0], result.energy[-1]
         finite = bool(torch.isfinite(final).all()) and all(bool(torch.isfinite(g).all()) for g in grads)
