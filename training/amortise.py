@@ -139,7 +139,9 @@ class StartJudge:
         return {**out, **self.zero, "tol": self.tol}
 
 
-def amortise_checkpoint(args: Any, model: PCModel, out: Path, photos: list[data.Photo]) -> int:
+def amortise_checkpoint(
+    args: Any, model: PCModel, out: Path, photos: list[data.Photo], held_out_photos: list[data.Photo] | None = None
+) -> int:
     """pc-train --amortise: fit an amortiser to the checkpoint's model, U unchanged; write OUT/model.safetensors."""
     saved = model.provenance.get("training", {}).get("options", {}) if isinstance(model.provenance, dict) else {}
     options = AmortiseOptions(
@@ -156,7 +158,7 @@ def amortise_checkpoint(args: Any, model: PCModel, out: Path, photos: list[data.
     sampler = data.PatchSampler(
         data.prepare(photos, model.config, options.scales), model.config.input_shape[1:], options.seed
     )
-    held = data.held_out_windows(model.config, 256).to(model.device)
+    held = data.held_out_windows(model.config, 256, photos=held_out_photos).to(model.device)
     out.mkdir(parents=True, exist_ok=True)
     metrics = out / "amortise_metrics.jsonl"
     metrics.unlink(missing_ok=True)

@@ -22,7 +22,8 @@ import numpy as np
 import torch
 
 from pcmodel import ModelConfig
-from pcmodel.images import DEFAULT_MAX_PIXELS, ImageError, decode, preprocess
+from pcmodel.collection import read_file
+from pcmodel.images import DEFAULT_MAX_PIXELS, ImageError, decode, preprocess, to_uint8
 
 log = logging.getLogger(__name__)
 
@@ -31,6 +32,7 @@ DEFAULT_PHOTOS = ("astronaut", "camera", "chelsea", "coffee", "rocket", "grass",
 # scikit-learn's two sample photos (CC BY 2.0), never trained on: the held-out set.
 HELD_OUT_PHOTOS = ("china.jpg", "flower.jpg")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".webp")
+GRAY_BANDS = (("L",), ("L", "A"), ("1",), ("I",), ("F",))  # PIL's bands of gray modes (1-bit, 16/32-bit, float)
 
 
 class DataError(ValueError):
@@ -72,15 +74,19 @@ def folder_photos(
     root = Path(folder)
     if not root.is_dir():
         raise DataError(f"{option} {folder}: no such folder; give a folder of PNG, JPEG, TIFF or WebP images")
-    files = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    # Not only regular files: a FIFO or a device named like an image is listed as skipped (never read).
+    files = sorted(p for p in root.rglob("*") if not p.is_dir() and p.suffix.lower() in IMAGE_SUFFIXES)
     photos, skipped = [], []
     for path in files:
         try:
-            image = decode(path.read_bytes(), max_pixels=max_pixels)
+            image = decode(read_file(str(path)), max_pixels=max_pixels)  # at most pcmodel's file limit, 100 MiB
+            # 8-bit as the service converts it (palette, CMYK, 1-bit, 32-bit, alpha): the pixels a user's image
+            # gives the model are the same in training and in serving.
+            pixels = to_uint8(image, "gray" if image.getbands() in GRAY_BANDS else "rgb")
         except (ImageError, OSError) as exc:
-            skipped.append(f"{path.relative_to(root)}: {exc}")
+            skipped.append(f"{path.relative_to(root)}: {(exc.strerror if isinstance(exc, OSError) else None) or exc}")
             continue
-        photos.append(Photo(str(path.relative_to(root)), np.asarray(image)))
+        photos.append(Photo(str(path.relative_to(root)), pixels))
     if not photos:
         found = f"{len(files)} image file(s), none readable" if files else "no image files"
         raise DataError(
@@ -127,7 +133,9 @@ def prepare(photos: Sequence[Photo], config: ModelConfig, scales: Sequence[float
                 continue
             out.append(preprocess([photo.pixels], config, size=None if scale == 1 else size)[0])
     if not out:
-        raise DataError(f"every image is smaller than the model's input {height}x{width}; use larger images")
+        scaled = f" at --scales {','.join(f'{s:g}' for s in scales)}" if tuple(scales) != (1.0,) else ""
+        fix = "larger images or larger --scales" if scaled else "larger images"
+        raise DataError(f"every image is smaller than the model's input {height}x{width}{scaled}; use {fix}")
     return out
 
 

@@ -20,6 +20,7 @@ import json
 import logging
 import math
 import os
+import re
 import shlex
 import signal
 import sys
@@ -391,11 +392,21 @@ class _ProgressBar:
 
 
 def _truncate_log(path: Path, step: int) -> None:
-    """Drop log lines after `step`, so a resumed run's log reads as if it had never stopped."""
+    """Drop log lines after `step`, so a resumed run's log reads as if it had never stopped. A line cut short
+    (a kill or a full disk mid-append) is dropped too; the log is replaced whole (a kill now loses nothing)."""
     if not path.is_file():
         return
-    keep = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
-    path.write_text("".join(line + "\n" for line in keep))
+    keep = []
+    for line in path.read_text(errors="replace").splitlines():
+        try:
+            entry = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(entry, dict) and isinstance(entry.get("step"), int) and entry["step"] <= step:
+            keep.append(line)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text("".join(line + "\n" for line in keep))
+    os.replace(tmp, path)
 
 
 def _jsonable(value: Any) -> Any:
@@ -445,7 +456,15 @@ def main(argv: list[str] | None = None) -> int:
     if not dist_info.is_main:
         logging.getLogger().setLevel(logging.WARNING)
     model.to(device)
-    out = args.out or (resume.run_folder(args.resume) if args.resume is not None else Path("runs") / model.name)
+    out = args.out or (
+        resume.run_folder(args.resume) if args.resume is not None else Path("runs") / run_name(model.name)
+    )
+    if dist_info.is_main:
+        try:  # before any training: an --out that cannot be made is the user's mistake, in one line
+            out.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            dist_info.stop()
+            return fail("pc-train", f"--out {out}: cannot write there ({exc.strerror or exc})")
     state.commands.append("pc-train " + shlex.join(argv))
     try:
         trainer = Trainer(model, options, state, photos, held_out, spec, out, dist_info, progress)
@@ -495,14 +514,32 @@ def _amortise(args, argv: list[str], device: torch.device) -> int:
         return fail("pc-train", f"--amortise leaves the model as it is, so {', '.join(fixed)} cannot be given")
     try:
         model = pcmodel.load(args.amortise, device=device)
-        spec = DataSpec(source=str(args.data) if args.data else "default", held_out="default")
-        photos, _ = spec.load()
+        spec = DataSpec(
+            source=str(args.data) if args.data else "default",
+            held_out=str(args.held_out) if args.held_out else "default",
+        )
+        photos, held_out = spec.load()
         data.check_sizes(photos, model.config, spec.source, "--data")
+        data.check_sizes(held_out, model.config, spec.held_out, "--held-out")
+        scales = tuple(args.scales) if args.scales else None
+        if scales is not None:  # the batches' source, checked now: a scale that leaves no image is a mistake
+            data.prepare(photos, model.config, scales)
     except (ConfigError, data.DataError, pcmodel.CheckpointError, pcmodel.UnstableStepError) as exc:
         return fail("pc-train", str(exc))
     args.argv = argv
-    out = args.out or Path("runs") / f"{model.name}-amortised"
-    return amortise.amortise_checkpoint(args, model, out, photos)
+    out = args.out or Path("runs") / f"{run_name(model.name)}-amortised"
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        return fail("pc-train", f"--out {out}: cannot write there ({exc.strerror or exc})")
+    return amortise.amortise_checkpoint(args, model, out, photos, held_out)
+
+
+def run_name(name: str) -> str:
+    """A model's name as a folder under runs/: the name comes from a config or a checkpoint (untrusted), so
+    only letters, digits, '.', '-' and '_' stay; a path (absolute, or with '..') never leaves runs/."""
+    safe = re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip(".") or "model"
+    return safe
 
 
 def _configure_logging(progress: bool) -> None:
