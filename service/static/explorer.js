@@ -10,7 +10,23 @@ const PAPER_STEPS = 100; // the paper's dynamics as served before the fast defau
 
 const $ = (id) => document.getElementById(id);
 let file = null; // the photo chosen or dropped
-let last = null; // the last response and the options it was asked with (the stepper asks the same)
+let last = null; // the last run shown: its response, photo and options (the stepper asks the same)
+let latest = 0; // the number of the latest encode: an older answer arriving later is dropped, never drawn
+
+// Energies run from below 1 to millions: plain digits, never exponents.
+function number(value) {
+  const v = Number(value);
+  if (Math.abs(v) >= 1000) return Math.round(v).toLocaleString("en-US");
+  return String(Number(v.toPrecision(5)));
+}
+
+// An axis label short enough for the plot's margin.
+function tick(value) {
+  const v = Number(value.toPrecision(6));
+  if (Math.abs(v) >= 1e6) return `${Number((v / 1e6).toPrecision(4))}M`;
+  if (Math.abs(v) >= 1e4) return `${Number((v / 1e3).toPrecision(4))}k`;
+  return String(v);
+}
 
 // ---- arrays: {"shape", "dtype": "float32" | "float16", "data": base64 of little-endian bytes} ------
 
@@ -168,12 +184,21 @@ function causeBars(maps) {
 function drawLevelErrors(errors, grid) {
   const box = $("level-errors");
   box.replaceChildren();
+  let skipped = 0;
   (errors || []).forEach((payload, index) => {
     const array = decodeArray(payload);
-    if (array.shape.length > 4) return;
+    if (array.shape.length > 4) {
+      skipped += 1;
+      return;
+    }
     const below = index === 0 ? "the image" : `level ${index}'s causes`;
     drawMaps(box, causeMaps(array, grid), `Level ${index + 1} `, `error of its prediction of ${below}`, "channel");
   });
+  if (skipped) {
+    const what = skipped === 1 ? "one level's errors are" : `${skipped} levels' errors are`;
+    box.append(el("p", { class: "note" }, `In tile mode ${what} patches per module per tile, not drawn here; the ` +
+      "error map above is the image's error, and the API's level_errors has them all."));
+  }
 }
 
 function drawLatents(latents, grid) {
@@ -233,11 +258,12 @@ function drawEnergy(traces) {
   [lo, hi] = [lo - pad, hi + pad];
   const x = (i) => m.left + (i / Math.max(steps, 1)) * (width - m.left - m.right);
   const y = (v) => m.top + ((hi - v) / (hi - lo)) * (height - m.top - m.bottom);
-  const plot = svg("svg", { viewBox: `0 0 ${width} ${height}`, width, height, role: "img", id: "energy-svg" });
-  plot.append(svg("title", {}, `energy from ${trace[0].toPrecision(5)} to ${trace[trace.length - 1].toPrecision(5)}`));
+  const full = height + 16 * traces.length + 4; // the legend goes below the axis: labels of any length fit
+  const plot = svg("svg", { viewBox: `0 0 ${width} ${full}`, width, height: full, role: "img", id: "energy-svg" });
+  plot.append(svg("title", {}, `energy from ${number(trace[0])} to ${number(trace[trace.length - 1])}`));
   for (const t of niceTicks(lo, hi, 5)) {
     plot.append(svg("line", { x1: m.left, x2: width - m.right, y1: y(t), y2: y(t), class: "grid" }));
-    plot.append(svg("text", { x: m.left - 6, y: y(t) + 4, "text-anchor": "end" }, String(Number(t.toPrecision(6)))));
+    plot.append(svg("text", { x: m.left - 6, y: y(t) + 4, "text-anchor": "end" }, tick(t)));
   }
   for (const t of niceTicks(0, steps, 6)) {
     plot.append(svg("line", { x1: x(t), x2: x(t), y1: height - m.bottom, y2: height - m.bottom + 4, class: "axis" }));
@@ -251,9 +277,9 @@ function drawEnergy(traces) {
   traces.forEach((t, index) => {
     const points = t.values.map((v, i) => `${x(i).toFixed(1)},${y(v).toFixed(1)}`).join(" ");
     plot.append(svg("polyline", { points, class: t.kind }));
-    const row = m.top + 14 + 16 * index;
-    plot.append(svg("line", { x1: width - m.right - 190, x2: width - m.right - 170, y1: row - 4, y2: row - 4, class: t.kind }));
-    plot.append(svg("text", { x: width - m.right - 164, y: row, class: "legend" }, t.label));
+    const row = height + 14 + 16 * index;
+    plot.append(svg("line", { x1: m.left, x2: m.left + 20, y1: row - 4, y2: row - 4, class: t.kind }));
+    plot.append(svg("text", { x: m.left + 26, y: row, class: "legend" }, t.label));
   });
   box.append(plot);
 }
@@ -273,7 +299,7 @@ function drawSummary(result, timing) {
     ["dynamics", `${result.solver}, from ${result.init === "zero" ? "r = 0" : `the ${result.init} start`}`],
     ["size mode", result.size_mode + (result.tile_grid ? `: ${result.tile_grid.rows} × ${result.tile_grid.cols} tiles` : "")],
     ["input", result.input.array.shape.join(" × ") + " (channels × height × width)"],
-    ["energy", `${energy.initial.toPrecision(5)} → ${energy.final.toPrecision(5)} (${drop.toFixed(1)} % lower)`],
+    ["energy", `${number(energy.initial)} → ${number(energy.final)} (${drop.toFixed(1)} % lower)`],
     ["error RMS", `${rms(result.error_map.array).toPrecision(3)} (input RMS ${rms(result.input.array).toPrecision(3)})`],
   ];
   if (timing) rows.push(["time", timing]);
@@ -319,22 +345,36 @@ function showError(text) {
   box.hidden = false;
 }
 
+// The options as the form has them now; solver and init are left out while the model card has not filled
+// their menus (the model's own dynamics then).
+function formOptions() {
+  const options = { steps: $("steps").value, size_mode: $("size-mode").value };
+  if ($("solver").value) options.solver = $("solver").value;
+  if ($("init").value) options.init = $("init").value;
+  return options;
+}
+
+function requestForm(sent, outputs) {
+  const form = new FormData();
+  form.append("image", sent.file, sent.file.name);
+  for (const [name, value] of Object.entries(sent.options)) form.append(name, value);
+  form.append("outputs", outputs);
+  return form;
+}
+
 async function encode() {
   if (!file) return;
+  const mine = ++latest;
+  const sent = { file, options: formOptions() }; // what this run asks, whatever the form says later
   $("error").hidden = true;
   $("encode").disabled = true;
-  $("status").textContent = `Encoding ${file.name}…`;
-  const form = new FormData();
-  form.append("image", file, file.name);
-  form.append("steps", $("steps").value);
-  form.append("size_mode", $("size-mode").value);
-  form.append("solver", $("solver").value);
-  form.append("init", $("init").value);
-  form.append("outputs", OUTPUTS);
+  $("step-through").disabled = true;
+  $("status").textContent = `Encoding ${sent.file.name}…`;
   try {
-    const response = await authFetch("/encode", { method: "POST", body: form });
+    const response = await authFetch("/encode", { method: "POST", body: requestForm(sent, OUTPUTS) });
     const body = await response.json().catch(() => null);
-    if (!response.ok) {
+    if (mine !== latest) return; // a newer request is on its way: its answer is the one to show
+    if (!response.ok || !body) {
       $("status").textContent = "";
       // The API's own message says what was wrong and what to send instead.
       showError(body && body.error ? body.error : `the service answered ${response.status}`);
@@ -346,73 +386,78 @@ async function encode() {
       showMap($("reconstruction-map"), body.reconstruction.png),
       showMap($("error-map"), body.error_map.png),
     ]);
+    if (mine !== latest) return;
     drawSummary(body, serverTiming(response.headers.get("server-timing")));
     drawEnergy([{ values: body.energy.trace, label: `${body.solver}, ${body.steps} steps`, kind: "trace" }]);
-    await drawPaper(body);
     drawLatents(body.latents, body.tile_grid);
     drawLevelErrors(body.level_errors, body.tile_grid);
-    last = { body, options: { steps: $("steps").value, size_mode: $("size-mode").value, solver: $("solver").value, init: $("init").value } };
+    last = { body, ...sent };
     $("snapshot-box").hidden = true;
-    $("step-through").disabled = false;
     $("results").hidden = false;
-    $("status").textContent = `Encoded ${file.name}.`;
+    $("status").textContent = `Encoded ${sent.file.name}.`;
+    await drawPaper(body, sent, mine);
   } catch (error) {
+    if (mine !== latest) return;
     $("status").textContent = "";
     showError(`the request failed: ${error.message}`);
   } finally {
-    $("encode").disabled = false;
+    if (mine === latest) {
+      $("encode").disabled = false;
+      $("step-through").disabled = !last;
+    }
   }
 }
 
 // The same photo under the paper's dynamics (gradient steps from zero), drawn beside the run: fast and slow.
-async function drawPaper(body) {
+async function drawPaper(body, sent, mine) {
   if (body.solver === "gradient" && body.init === "zero") return;
-  const form = new FormData();
-  form.append("image", file, file.name);
-  form.append("steps", String(PAPER_STEPS));
-  form.append("size_mode", body.size_mode);
-  form.append("solver", "gradient");
-  form.append("init", "zero");
-  form.append("outputs", "trace");
+  const paperOptions = { steps: String(PAPER_STEPS), size_mode: body.size_mode, solver: "gradient", init: "zero" };
+  const form = requestForm({ file: sent.file, options: paperOptions }, "trace");
   const response = await authFetch("/encode", { method: "POST", body: form });
   const paper = await response.json().catch(() => null);
-  if (!response.ok || !paper) return;
+  if (mine !== latest || !response.ok || !paper) return;
   drawEnergy([
     { values: body.energy.trace, label: `${body.solver}, ${body.steps} steps`, kind: "trace" },
     { values: paper.energy.trace, label: `the paper's: gradient from 0`, kind: "paper" },
   ]);
 }
 
-// outputs=snapshots: the states the run passed through, on a slider over its steps.
+// outputs=snapshots: the states the run shown passed through (its photo and options), on a slider over its steps.
 async function stepThrough() {
   if (!last) return;
+  const run = last;
   $("step-through").disabled = true;
+  $("error").hidden = true;
   $("status").textContent = "Asking for the states inference passes through…";
-  const form = new FormData();
-  form.append("image", file, file.name);
-  for (const [name, value] of Object.entries(last.options)) form.append(name, value);
-  form.append("outputs", "snapshots");
-  const response = await authFetch("/encode", { method: "POST", body: form });
-  const body = await response.json().catch(() => null);
-  $("step-through").disabled = false;
-  if (!response.ok || !body) {
-    showError(body && body.error ? body.error : `the service answered ${response.status}`);
-    return;
+  try {
+    const response = await authFetch("/encode", { method: "POST", body: requestForm(run, "snapshots") });
+    const body = await response.json().catch(() => null);
+    if (run !== last) return; // another photo was encoded meanwhile
+    if (!response.ok || !body) {
+      $("status").textContent = "";
+      showError(body && body.error ? body.error : `the service answered ${response.status}`);
+      return;
+    }
+    const snapshots = body.snapshots;
+    const slider = $("snapshot");
+    slider.max = String(snapshots.length - 1);
+    slider.value = slider.max;
+    const show = async () => {
+      const snap = snapshots[Number(slider.value)];
+      $("snapshot-label").textContent = `step ${snap.step} of ${body.steps}: energy ${number(snap.energy)}`;
+      await Promise.all([showMap($("reconstruction-map"), snap.reconstruction), showMap($("error-map"), snap.error_map)]);
+      drawLatents(snap.latents, run.body.tile_grid);
+    };
+    slider.oninput = show;
+    await show();
+    $("snapshot-box").hidden = false;
+    $("status").textContent = `${snapshots.length} states of inference: move the slider.`;
+  } catch (error) {
+    $("status").textContent = "";
+    showError(`the request for the states failed: ${error.message}`);
+  } finally {
+    $("step-through").disabled = !last;
   }
-  const snapshots = body.snapshots;
-  const slider = $("snapshot");
-  slider.max = String(snapshots.length - 1);
-  slider.value = slider.max;
-  const show = async () => {
-    const snap = snapshots[Number(slider.value)];
-    $("snapshot-label").textContent = `step ${snap.step} of ${body.steps}: energy ${snap.energy.toPrecision(5)}`;
-    await Promise.all([showMap($("reconstruction-map"), snap.reconstruction), showMap($("error-map"), snap.error_map)]);
-    drawLatents(snap.latents, last.body.tile_grid);
-  };
-  slider.oninput = show;
-  await show();
-  $("snapshot-box").hidden = false;
-  $("status").textContent = `${snapshots.length} states of inference: move the slider.`;
 }
 
 function choose(chosen) {
@@ -437,7 +482,9 @@ async function loadModel() {
   const response = await authFetch("/model");
   const card = await response.json().catch(() => null);
   if (!response.ok || !card || card.error) {
-    $("model-line").textContent = `The model card is not available yet: ${card ? card.error : response.status}. Reload in a moment.`;
+    // The model is still loading (503) or the service restarting: ask again until it answers.
+    $("model-line").textContent = `The model card is not available yet: ${card ? card.error : response.status}. Trying again…`;
+    setTimeout(() => loadModel().catch(retryModel), MODEL_RETRY_MS);
     return;
   }
   $("model-line").textContent = `${card.name} (${card.preset}), sha256 ${card.sha256.slice(0, 12)}, on ${card.device} with the ${card.backend} backend`;
@@ -490,6 +537,13 @@ async function loadModel() {
 
 // ---- wiring ----------------------------------------------------------------------------------------
 
+const MODEL_RETRY_MS = 2000;
+
+function retryModel(error) {
+  $("model-line").textContent = `The model card could not be read (${error.message}). Trying again…`;
+  setTimeout(() => loadModel().catch(retryModel), MODEL_RETRY_MS);
+}
+
 function main() {
   $("image").addEventListener("change", (event) => choose(event.target.files[0]));
   $("step-through").addEventListener("click", () => stepThrough().catch((error) => showError(error.message)));
@@ -508,9 +562,7 @@ function main() {
     drop.classList.remove("over");
     choose(event.dataTransfer.files[0]);
   });
-  loadModel().catch((error) => {
-    $("model-line").textContent = `The model card could not be read: ${error.message}`;
-  });
+  loadModel().catch(retryModel);
 }
 
 main();

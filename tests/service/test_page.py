@@ -223,3 +223,41 @@ def test_explorer_asks_for_the_api_key_once(guarded_server, browser, tmp_path):
     # Only the first, keyless request was refused (the browser logs its 401).
     assert [e for e in watched.console_errors if "401" not in e] == []
     page.close()
+
+
+def test_the_latest_photo_wins_and_the_stepper_asks_what_ran(server, browser, tmp_path):
+    """A slow request (tile mode, 400 steps) then at once a quick one (resize, 5 steps): the quick answer is
+    shown and the slow one, arriving later, is dropped (it had been drawn over the newer photo, with the newer
+    name in the status). The stepper then asks with the options of the run shown, whatever the form says by
+    then. Large energies read as digits, not exponents."""
+    slow, quick = tmp_path / "slow.png", tmp_path / "quick.png"
+    Image.fromarray(sample_photo()).save(slow)
+    Image.fromarray(sample_photo()[:96, :64]).save(quick)
+    page = Watched(browser, server.url).page
+    page.goto(server.url + "/")
+    page.wait_for_selector("#card tr")
+    finished: list[str] = []
+    page.on(
+        "requestfinished", lambda request: finished.append(request.url) if request.url.endswith("/encode") else None
+    )
+    page.select_option("#size-mode", "tile")
+    page.fill("#steps", "400")
+    page.set_input_files("#image", str(slow))
+    page.select_option("#size-mode", "resize")
+    page.fill("#steps", "5")
+    page.set_input_files("#image", str(quick))
+    page.wait_for_function("() => document.getElementById('status').innerText.startsWith('Encoded quick.png')")
+    deadline = time.monotonic() + 120
+    while len(finished) < 3:  # the quick one, its paper's dynamics, and the slow one (the last to finish)
+        assert time.monotonic() < deadline, "the slow request never finished"
+        page.wait_for_timeout(200)
+    page.wait_for_timeout(500)  # and has had its chance to be drawn: it must change nothing
+    summary = page.inner_text("#summary")
+    assert "resize" in summary and "tiles" not in summary and "Encoded quick.png" in page.inner_text("#status")
+    assert "e+" not in summary
+    page.fill("#steps", "7")  # the form changes; the stepper still asks for the run shown (5 steps)
+    page.wait_for_function("() => !document.getElementById('step-through').disabled")
+    page.click("#step-through")
+    page.wait_for_selector("#snapshot-box:not([hidden])", timeout=60_000)
+    assert "step 5 of 5" in page.inner_text("#snapshot-label")
+    page.close()
