@@ -9,12 +9,20 @@ input size the hierarchy must tile) go through `fail` once it is loaded, before 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import NoReturn
 
-from .config import ConfigError, ModelConfig, level_shapes
+from .config import MAX_VALUE, ConfigError, ModelConfig, level_shapes
+
+MAX_INT = 2**63 - 1  # torch and numpy take a signed 64-bit integer at most; a larger one overflowed in them
+MAX_SEED = MAX_INT
+MAX_THREADS = 1024  # torch.set_num_threads(10**6) crashed the process (exit 139)
+MAX_BATCH_SIZE = 10**6  # inputs per batch: far beyond any run, and a larger one overflowed numpy's sampler
+MAX_CONFIG_BYTES = 1024 * 1024  # a model config is a few KB; the file is read whole, so refuse anything absurd
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -30,27 +38,41 @@ def fail(prog: str, message: str) -> int:
     return 2
 
 
-def _int(text: str) -> int:
+def _int(text: str, low: int, high: int) -> int:
     try:
-        return int(text)
+        value = int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < low:
+        raise argparse.ArgumentTypeError(f"must be {'at least 1' if low == 1 else '0 or more'}, got {value}")
+    if value > high:
+        raise argparse.ArgumentTypeError(f"must be at most {high}, got {text}")
+    return value
 
 
 def positive_int(text: str) -> int:
-    """An int >= 1 (step, thread, request and batch counts: 0 would mean nothing to do)."""
-    value = _int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
+    """An int >= 1 (step, request and other counts: 0 would mean nothing to do), below 2**63."""
+    return _int(text, 1, MAX_INT)
 
 
 def nonnegative_int(text: str) -> int:
-    """An int >= 0 (seeds, counts where 0 has a meaning of its own)."""
-    value = _int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be 0 or more, got {value}")
-    return value
+    """An int >= 0 (counts where 0 has a meaning of its own), below 2**63."""
+    return _int(text, 0, MAX_INT)
+
+
+def thread_count(text: str) -> int:
+    """A CPU thread count, 1 to MAX_THREADS."""
+    return _int(text, 1, MAX_THREADS)
+
+
+def random_seed(text: str) -> int:
+    """A seed, 0 to 2**63 - 1 (what torch's and numpy's generators take)."""
+    return _int(text, 0, MAX_SEED)
+
+
+def batch_size(text: str) -> int:
+    """Inputs per batch, 1 to MAX_BATCH_SIZE."""
+    return _int(text, 1, MAX_BATCH_SIZE)
 
 
 def _float(text: str) -> float:
@@ -64,10 +86,12 @@ def _float(text: str) -> float:
 
 
 def positive_float(text: str) -> float:
-    """A finite float > 0 (step sizes, rates)."""
+    """A finite float > 0 and at most 1e30 (step sizes, rates: a larger one does not fit the float32 weights)."""
     value = _float(text)
     if value <= 0:
         raise argparse.ArgumentTypeError(f"must be greater than 0, got {text}")
+    if value > MAX_VALUE:
+        raise argparse.ArgumentTypeError(f"must be at most {MAX_VALUE:g}, got {text}")
     return value
 
 
@@ -94,6 +118,34 @@ def existing_file(text: str) -> Path:
     return path
 
 
+def config_file(text: str) -> Path:
+    """A readable file of at most MAX_CONFIG_BYTES (a model config as JSON; its contents are checked on reading)."""
+    path = existing_file(text)
+    size = path.stat().st_size
+    if size > MAX_CONFIG_BYTES:
+        raise argparse.ArgumentTypeError(
+            f"{text} is {size} bytes; a model config is a few KB, at most {MAX_CONFIG_BYTES} bytes"
+        )
+    return path
+
+
+def read_config(path: Path, option: str = "--config") -> str:
+    """The text of a config file, read no further than MAX_CONFIG_BYTES; ConfigError if it is larger or unreadable."""
+    try:
+        with path.open("rb") as file:
+            data = file.read(MAX_CONFIG_BYTES + 1)
+    except OSError as exc:
+        raise ConfigError(f"{option} {path}: cannot be read ({exc.strerror})") from None
+    if len(data) > MAX_CONFIG_BYTES:  # it grew since it was checked, or a special file that reports no size
+        raise ConfigError(f"{option} {path}: larger than {MAX_CONFIG_BYTES} bytes; a model config is a few KB")
+    try:
+        return data.decode()
+    except UnicodeDecodeError:
+        raise ConfigError(
+            f"{option} {path}: not a model config (not UTF-8 text); write one with --print-config"
+        ) from None
+
+
 def existing_folder(text: str) -> Path:
     """A path to a folder."""
     path = Path(text)
@@ -104,11 +156,35 @@ def existing_folder(text: str) -> Path:
 
 
 def output_folder(text: str) -> Path:
-    """A folder to write into: it may not exist yet, but it may not be a file."""
+    """A folder to write into: not empty (that would be the current folder, unasked), and not a file.
+
+    Only checked here, never created (a wrong flag after it must leave nothing behind): `make_folder`
+    creates it, and finds a path under a file or in a folder that cannot be written, before the work starts.
+    """
+    if not text.strip():
+        raise argparse.ArgumentTypeError("empty; give a folder to write into (. for the current folder)")
+    if "\0" in text:
+        raise argparse.ArgumentTypeError(f"{text!r} has a NUL character; give a folder to write into")
     path = Path(text)
-    if path.exists() and not path.is_dir():
+    # os.path, not Path: it answers False for a name too long to stat instead of raising
+    if os.path.lexists(path) and not os.path.isdir(path):
         raise argparse.ArgumentTypeError(f"{text} is a file; give a folder to write into")
     return path
+
+
+def make_folder(path: Path, option: str = "--out") -> str | None:
+    """Create `path` (and the folders above it) and check a file can be written in it, before the real work.
+
+    Returns why it cannot be written into, in a few words, or None when it can.
+    """
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path):
+            pass
+    except (OSError, ValueError) as exc:  # ValueError: a name the system cannot take
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        return f"{option} {path}: cannot write there ({reason})"
+    return None
 
 
 def output_file(text: str) -> Path:

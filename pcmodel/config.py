@@ -41,6 +41,10 @@ K2_UNITS = ("inputs", "updates")
 # lacks one reads as this value, and the canonical JSON leaves it out while it holds it (same hash).
 NEUTRAL_LEVEL_FIELDS = {"k1_scale": 1.0, "k2_scale": 1.0, "column_norm": None}
 NEUTRAL_MODEL_FIELDS = {"solver": "gradient", "momentum": DEFAULT_MOMENTUM, "window": DEFAULT_WINDOW, "level_steps": ()}
+# The weights and latents are float32 (largest 3.4e38): a rate or scale beyond this, or a product of two
+# (k2 * k2_scale is one float32 step), would not convert at all; nothing that learns sits anywhere near it.
+MAX_VALUE = 1e30
+MAX_CAUSES = 65536  # per position; our models have tens, and far more would not fit in memory
 
 
 class ConfigError(ValueError):
@@ -67,13 +71,13 @@ def _choice(value: str, allowed: tuple[str, ...], name: str) -> None:
 
 
 def _positive(value: float, name: str) -> None:
-    if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
-        raise ConfigError(f"{name} must be a positive finite number, got {value!r}")
+    if not (isinstance(value, (int, float)) and math.isfinite(value) and 0 < value <= MAX_VALUE):
+        raise ConfigError(f"{name} must be a positive finite number, at most {MAX_VALUE:g}, got {value!r}")
 
 
 def _non_negative(value: float, name: str) -> None:
-    if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
-        raise ConfigError(f"{name} must be a finite number >= 0, got {value!r}")
+    if not (isinstance(value, (int, float)) and math.isfinite(value) and 0 <= value <= MAX_VALUE):
+        raise ConfigError(f"{name} must be a finite number >= 0, at most {MAX_VALUE:g}, got {value!r}")
 
 
 @dataclass(frozen=True)
@@ -102,8 +106,8 @@ class LevelConfig:
     def __post_init__(self) -> None:
         object.__setattr__(self, "kernel", _pair(self.kernel, "kernel"))
         object.__setattr__(self, "stride", _pair(self.stride, "stride"))
-        if not isinstance(self.causes, int) or isinstance(self.causes, bool) or self.causes < 1:
-            raise ConfigError(f"causes must be a positive int, got {self.causes!r}")
+        if not isinstance(self.causes, int) or isinstance(self.causes, bool) or not 1 <= self.causes <= MAX_CAUSES:
+            raise ConfigError(f"causes must be a positive int, at most {MAX_CAUSES}, got {self.causes!r}")
         _choice(self.kind, tuple(LEVEL_KINDS), "level kind")
         _choice(self.f, NONLINEARITIES, "nonlinearity f")
         _choice(self.prior, PRIORS, "prior")
@@ -195,7 +199,11 @@ class LearningConfig:
     def k2_at(self, updates: int, inputs: int) -> float:
         """k2 after `updates` learning steps that have seen `inputs` single inputs."""
         count = inputs if self.k2_decay_unit == "inputs" else updates
-        return max(self.k2 / self.k2_decay ** (count // self.k2_decay_every), self.k2_min)
+        try:
+            decayed = self.k2 / self.k2_decay ** (count // self.k2_decay_every)
+        except OverflowError:  # decayed past any float: k2 is 0, or its floor
+            decayed = 0.0
+        return max(decayed, self.k2_min)
 
 
 @dataclass(frozen=True)
@@ -252,6 +260,12 @@ class ModelConfig:
                 f"input_shape has {shape[0]} channel(s) but preprocess.color={self.preprocess.color!r} "
                 f"gives {self.preprocess.channels}; make them agree"
             )
+        k2 = max(self.learning.k2, self.learning.k2_min)
+        for i, lv in enumerate(levels):
+            # Each level steps by these products, in float32: each factor alone is checked above.
+            for rate, value in (("k1 * k1_scale", self.k1 * lv.k1_scale), ("k2 * k2_scale", k2 * lv.k2_scale)):
+                if value > MAX_VALUE:
+                    raise ConfigError(f"levels.{i}: {rate} = {value:g} is above {MAX_VALUE:g}; lower one of them")
         level_shapes(self, shape[1:])  # raises if the native input does not tile
 
     def to_dict(self) -> dict[str, Any]:
@@ -290,18 +304,15 @@ class ModelConfig:
             if not isinstance(lv, dict):
                 raise ConfigError(f"level {i} must be an object")
             _check_keys(LevelConfig, lv, f"level {i}")
-            parsed.append(LevelConfig(**lv))
+            parsed.append(_build(LevelConfig, lv, f"level {i} (levels.{i - 1})"))
         data["levels"] = tuple(parsed)
         for key, sub in (("preprocess", PreprocessConfig), ("learning", LearningConfig)):
             if key in data:
                 if not isinstance(data[key], dict):
                     raise ConfigError(f"{key} must be an object")
                 _check_keys(sub, data[key], key)
-                data[key] = sub(**data[key])
-        try:
-            return cls(**data)
-        except TypeError as exc:  # a missing required field
-            raise ConfigError(f"incomplete model config: {exc}") from None
+                data[key] = _build(sub, data[key], key)
+        return _build(cls, data, "model config")
 
     @classmethod
     def from_json(cls, text: str) -> ModelConfig:
@@ -309,10 +320,22 @@ class ModelConfig:
             data = json.loads(text)
         except json.JSONDecodeError as exc:
             raise ConfigError(f"model config is not valid JSON: {exc}") from None
+        except RecursionError:  # thousands of nested brackets: no model config is more than a few deep
+            raise ConfigError("model config JSON is nested too deeply; a model config is a few levels deep") from None
         return cls.from_dict(data)
 
     def replace(self, **changes: Any) -> ModelConfig:
         return dataclasses.replace(self, **changes)
+
+
+def _build(cls: type, data: dict[str, Any], what: str) -> Any:
+    """cls(**data), where a missing field or a value of the wrong type (a list for a number) is a ConfigError."""
+    try:
+        return cls(**data)
+    except ConfigError:
+        raise
+    except (TypeError, ValueError, OverflowError) as exc:  # checks that compare or convert a value of another type
+        raise ConfigError(f"{what} is incomplete or has a value of the wrong type: {exc}") from None
 
 
 def _check_keys(cls: type, data: dict[str, Any], what: str) -> None:

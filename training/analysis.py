@@ -38,7 +38,7 @@ import torch
 
 import pcmodel
 from pcmodel import PCModel
-from pcmodel.cliargs import ArgumentParser, fail, model_source, output_folder, positive_int
+from pcmodel.cliargs import ArgumentParser, fail, make_folder, model_source, output_folder, positive_int, thread_count
 
 from . import fields as field_measures
 from . import figures, responses
@@ -185,7 +185,7 @@ def main(argv: list[str] | None = None) -> int:
         help="random U2 the level-2 measures are compared with (default: %(default)s)",
     )
     parser.add_argument(
-        "--threads", type=positive_int, default=1, help="torch intra-op CPU threads (default: %(default)s)"
+        "--threads", type=thread_count, default=1, help="torch intra-op CPU threads (default: %(default)s)"
     )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
@@ -202,6 +202,9 @@ def main(argv: list[str] | None = None) -> int:
             option = "--init" if args.init == "amortised" and not model.has_amortiser else "--solver"
             return fail("pc-analyze", f"{option}: {exc}")
     out = args.out or default_out(args.checkpoint, model.name)
+    error = make_folder(out)
+    if error is not None:
+        return fail("pc-analyze", error)
     report = analyze(
         model,
         out,

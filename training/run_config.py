@@ -11,10 +11,14 @@ import logging
 from dataclasses import dataclass, field
 
 from pcmodel import ConfigError
+from pcmodel.cliargs import MAX_BATCH_SIZE, MAX_SEED
 
 from . import data
 
 log = logging.getLogger(__name__)
+
+# TrainConfig's fields that count something: whole numbers from 1
+COUNTS = ("updates", "batch_size", "checkpoint_every", "eval_every", "log_every", "check_every", "held_out_count")
 
 
 @dataclass(frozen=True)
@@ -43,16 +47,25 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "scales", tuple(float(s) for s in self.scales))
-        for name in ("updates", "batch_size", "checkpoint_every", "eval_every", "log_every", "check_every"):
+        for name in COUNTS:
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ConfigError(f"{name} must be a positive int, got {value!r}")
-        if self.infer_steps is not None and self.infer_steps < 1:
+        if self.batch_size > MAX_BATCH_SIZE:
+            raise ConfigError(f"batch_size must be at most {MAX_BATCH_SIZE}, got {self.batch_size}")
+        if not isinstance(self.seed, int) or not 0 <= self.seed <= MAX_SEED:
+            raise ConfigError(f"seed must be an int from 0 to {MAX_SEED}, got {self.seed!r}")
+        if self.infer_steps is not None and (not isinstance(self.infer_steps, int) or self.infer_steps < 1):
             raise ConfigError(f"infer_steps must be a positive int, got {self.infer_steps!r}")
         if not self.scales or not all(0 < s <= 1 for s in self.scales):
             raise ConfigError(f"scales must be factors in (0, 1], got {self.scales}")
-        if not 0 < self.stability_margin <= 1:
-            raise ConfigError(f"stability_margin must be in (0, 1], got {self.stability_margin}")
+        if not isinstance(self.stability_margin, (int, float)) or not 0 < self.stability_margin <= 1:
+            raise ConfigError(f"stability_margin must be in (0, 1], got {self.stability_margin!r}")
+        if not isinstance(self.blowup_factor, (int, float)) or not 1 < self.blowup_factor < float("inf"):
+            raise ConfigError(f"blowup_factor must be a finite number above 1, got {self.blowup_factor!r}")
+        lr = self.amortiser_lr
+        if lr is not None and (not isinstance(lr, (int, float)) or not 0 < lr < float("inf")):
+            raise ConfigError(f"amortiser_lr must be a positive finite number or None, got {lr!r}")
 
     WEIGHT_FIELDS = ("batch_size", "infer_steps", "seed", "scales")  # may not change on --resume
 

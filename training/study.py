@@ -30,7 +30,18 @@ import torch
 
 import pcmodel
 from pcmodel import ConfigError, ModelConfig
-from pcmodel.cliargs import ArgumentParser, existing_file, fail, output_folder, positive_int
+from pcmodel.cliargs import (
+    MAX_SEED,
+    ArgumentParser,
+    batch_size,
+    config_file,
+    fail,
+    make_folder,
+    output_folder,
+    positive_int,
+    read_config,
+    thread_count,
+)
 
 from . import analysis, fields
 from .train_args import apply_settings
@@ -70,8 +81,8 @@ def _seeds(text: str) -> list[int]:
         seeds = [int(s) for s in text.split(",")]
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r}: give seeds like 0,1,2") from None
-    if any(s < 0 for s in seeds) or len(set(seeds)) != len(seeds):
-        raise argparse.ArgumentTypeError(f"{text!r}: seeds must be distinct and 0 or more")
+    if any(not 0 <= s <= MAX_SEED for s in seeds) or len(set(seeds)) != len(seeds):
+        raise argparse.ArgumentTypeError(f"{text!r}: seeds must be distinct, from 0 to {MAX_SEED}")
     return seeds
 
 
@@ -93,7 +104,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = ArgumentParser(prog="pc-study", description=__doc__.split("\n")[0])
     source = parser.add_mutually_exclusive_group()
     source.add_argument("--preset", choices=list(pcmodel.PRESETS), help="a preset (default: rao-ballard-1999)")
-    source.add_argument("--config", metavar="FILE", type=existing_file, help="a model config as JSON instead")
+    source.add_argument("--config", metavar="FILE", type=config_file, help="a model config as JSON instead")
     parser.add_argument("--out", type=output_folder, required=True, help="the study's folder (one sub-folder per run)")
     parser.add_argument("--seeds", type=_seeds, default=[0], help="training seeds, e.g. 0,1,2 (default: 0)")
     parser.add_argument("--set", type=_setting, action="append", default=[], metavar="KEY=VALUE",
@@ -101,7 +112,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--grid", type=_grid, action="append", default=[], metavar="KEY=V1,V2",
                         help="search over these values (several --grid: every combination)")  # fmt: skip
     parser.add_argument("--updates", type=positive_int, help="learning steps per run (default: pc-train's)")
-    parser.add_argument("--batch-size", type=positive_int, help="inputs per update (default: pc-train's)")
+    parser.add_argument("--batch-size", type=batch_size, help="inputs per update (default: pc-train's)")
     parser.add_argument(
         "--controls", action="store_true", help="add the Gaussian-prior run (first seed) and the PCA fields"
     )
@@ -109,7 +120,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--end-stopping-steps", type=positive_int, help="inference steps for end-stopping")
     parser.add_argument("--random-draws", type=positive_int, default=fields.RANDOM_DRAWS,
                         help="random U2 for the level-2 comparison (default: %(default)s)")  # fmt: skip
-    parser.add_argument("--threads", type=positive_int, default=1, help="torch threads (default: %(default)s)")
+    parser.add_argument("--threads", type=thread_count, default=1, help="torch threads (default: %(default)s)")
     return parser
 
 
@@ -117,8 +128,9 @@ def base_config(args: argparse.Namespace) -> ModelConfig:
     if args.config is None:
         config = pcmodel.get_preset(args.preset or "rao-ballard-1999")
     else:
+        text = read_config(args.config)
         try:
-            config = ModelConfig.from_json(args.config.read_text())
+            config = ModelConfig.from_json(text)
         except (ValueError, TypeError, KeyError) as exc:
             raise ConfigError(f"--config {args.config}: not a model config ({exc})") from None
     return apply_settings(config, args.set)
@@ -335,6 +347,9 @@ def main(argv: list[str] | None = None) -> int:
         base = base_config(args)
     except ConfigError as exc:
         return fail("pc-study", str(exc))
+    error = make_folder(args.out)
+    if error is not None:
+        return fail("pc-study", error)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
     torch.set_num_threads(args.threads)
     torch.set_grad_enabled(False)

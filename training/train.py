@@ -34,7 +34,7 @@ import torch.distributed as dist
 
 import pcmodel
 from pcmodel import ConfigError, PCModel
-from pcmodel.cliargs import fail
+from pcmodel.cliargs import fail, make_folder
 
 from . import amortise, data, resume
 from .metrics import error_sums
@@ -459,12 +459,11 @@ def main(argv: list[str] | None = None) -> int:
     out = args.out or (
         resume.run_folder(args.resume) if args.resume is not None else Path("runs") / run_name(model.name)
     )
-    if dist_info.is_main:
-        try:  # before any training: an --out that cannot be made is the user's mistake, in one line
-            out.mkdir(parents=True, exist_ok=True)
-        except OSError as exc:
+    if dist_info.is_main:  # before any training: an --out that cannot be written is the user's mistake, in one line
+        error = make_folder(out)
+        if error is not None:
             dist_info.stop()
-            return fail("pc-train", f"--out {out}: cannot write there ({exc.strerror or exc})")
+            return fail("pc-train", error)
     state.commands.append("pc-train " + shlex.join(argv))
     try:
         trainer = Trainer(model, options, state, photos, held_out, spec, out, dist_info, progress)
@@ -528,10 +527,9 @@ def _amortise(args, argv: list[str], device: torch.device) -> int:
         return fail("pc-train", str(exc))
     args.argv = argv
     out = args.out or Path("runs") / f"{run_name(model.name)}-amortised"
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        return fail("pc-train", f"--out {out}: cannot write there ({exc.strerror or exc})")
+    error = make_folder(out)
+    if error is not None:
+        return fail("pc-train", error)
     return amortise.amortise_checkpoint(args, model, out, photos, held_out)
 
 

@@ -15,13 +15,17 @@ import pcmodel
 from pcmodel import ConfigError, ModelConfig, PCModel
 from pcmodel.cliargs import (
     ArgumentParser,
+    batch_size,
+    config_file,
     device_name,
     existing_file,
     existing_folder,
-    nonnegative_int,
     output_folder,
     positive_float,
     positive_int,
+    random_seed,
+    read_config,
+    thread_count,
 )
 
 from .run_config import PRESET_TRAINING, DataSpec, RunState, TrainConfig
@@ -41,6 +45,8 @@ def apply_settings(config: ModelConfig, settings: Sequence[str]) -> ModelConfig:
             value = json.loads(text)
         except json.JSONDecodeError:
             value = text
+        except RecursionError:  # thousands of nested brackets
+            raise ConfigError(f"--set {key}: the value is nested too deeply; no setting is more than a list") from None
         node: Any = tree
         parts = key.split(".")
         for part in parts[:-1]:
@@ -59,7 +65,12 @@ def apply_settings(config: ModelConfig, settings: Sequence[str]) -> ModelConfig:
             node[last] = value
         else:
             raise ConfigError(f"--set {key}: no such setting; see --print-config for the names")
-    return ModelConfig.from_dict(tree)
+    try:
+        return ModelConfig.from_dict(tree)
+    except ConfigError as exc:
+        if not settings:
+            raise
+        raise ConfigError(f"--set {' '.join(settings)}: {exc}") from None
 
 
 def _scales(text: str) -> tuple[float, ...]:
@@ -84,7 +95,7 @@ def build_parser() -> argparse.ArgumentParser:
     source.add_argument(
         "--config",
         metavar="FILE",
-        type=existing_file,
+        type=config_file,
         help="a model config as JSON, written with --print-config (default: none)",
     )
     source.add_argument(
@@ -147,7 +158,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--batch-size",
         metavar="N",
-        type=positive_int,
+        type=batch_size,
         help="inputs per learning step, over all processes (default: the preset's: 100 paper, 64 conv-rgb)",
     )
     parser.add_argument(
@@ -157,7 +168,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="inference steps T per batch (default: the model's steps; with --amortise: 100 plain gradient steps)",
     )
     parser.add_argument(
-        "--seed", metavar="S", type=nonnegative_int, help="seed for the initial weights and the batches (default: 0)"
+        "--seed", metavar="S", type=random_seed, help="seed for the initial weights and the batches (default: 0)"
     )
     parser.add_argument(
         "--scales",
@@ -209,7 +220,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--threads",
         metavar="N",
-        type=positive_int,
+        type=thread_count,
         default=1,
         help="torch intra-op CPU threads per process (default: %(default)s, which suits a shared machine: on a "
         "loaded 2-core machine one thread ran 10x faster than torch's choice; raise it on cores of your own)",
@@ -228,10 +239,9 @@ def build_parser() -> argparse.ArgumentParser:
 def model_config(args: argparse.Namespace) -> ModelConfig:
     """A new run's model config: the preset or --config file, then --k2-schedule, --k2, --k1 and --set."""
     if args.config is not None:
+        text = read_config(args.config)
         try:
-            config = ModelConfig.from_json(args.config.read_text())
-        except OSError as exc:
-            raise ConfigError(f"--config {args.config}: {exc.strerror}") from None
+            config = ModelConfig.from_json(text)
         except (ValueError, TypeError, KeyError) as exc:  # not JSON, or not a model config
             raise ConfigError(
                 f"--config {args.config}: not a model config ({exc}); write one with --print-config"
@@ -271,11 +281,19 @@ def new_run(args: argparse.Namespace, config: ModelConfig) -> tuple[PCModel, Tra
     """A new run of `config`: the preset's run options (a --config file: the defaults) under the flags."""
     base = PRESET_TRAINING.get(config.name, TrainConfig()) if args.config is None else TrainConfig()
     options = train_config(args, base)
-    model = pcmodel.create(config, seed=options.seed)
-    if options.amortiser_lr is not None:
-        model.amortiser = pcmodel.Amortiser.create(
-            config, pcmodel.AmortiserConfig(hidden=args.amortise_hidden), seed=options.seed
-        )
+    try:
+        model = pcmodel.create(config, seed=options.seed)
+        if options.amortiser_lr is not None:
+            model.amortiser = pcmodel.Amortiser.create(
+                config, pcmodel.AmortiserConfig(hidden=args.amortise_hidden), seed=options.seed
+            )
+    except RuntimeError:  # torch's allocator (OutOfMemoryError is one too): a model too large to hold
+        causes = ", ".join(str(lv.causes) for lv in config.levels)
+        hidden = f", amortiser hidden {args.amortise_hidden}" if options.amortiser_lr is not None else ""
+        raise ConfigError(
+            f"the model's weights cannot be allocated in memory (causes per level {causes}, input "
+            f"{'x'.join(map(str, config.input_shape))}{hidden}): make them smaller"
+        ) from None
     spec = DataSpec(
         source=str(args.data) if args.data else "default",
         held_out=str(args.held_out) if args.held_out else "default",
