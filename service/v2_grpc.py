@@ -76,7 +76,8 @@ def read_inputs(request: pb.ModelInferRequest) -> list[v2.InputTensor]:
         shape = tuple(t.shape)
         if any(n < 0 for n in shape):
             raise v2.bad(f"input {t.name!r}: shape must be non-negative integers")
-        v2.check_tensor_parameters(f"input {t.name!r}", t.parameters, ())
+        # binary_data_size: KServe's gRPC client sends it with raw contents (the REST extension's name; no effect here)
+        v2.check_tensor_parameters(f"input {t.name!r}", t.parameters, ("binary_data_size",))
         if raw and t.HasField("contents"):
             raise v2.bad(f"input {t.name!r} has both contents and raw_input_contents; send its data once")
         data: list[bytes] | np.ndarray
@@ -217,7 +218,7 @@ class Servicer(pb_grpc.GRPCInferenceServiceServicer):
             host = v2.find_model(found, request.model_name, request.model_version)
             parameters = {k: _parameter(v) for k, v in request.parameters.items()}
             for o in request.outputs:  # only what this server does: no classification, no shared memory
-                v2.check_tensor_parameters(f"output {o.name!r}", o.parameters, ())
+                v2.check_tensor_parameters(f"output {o.name!r}", o.parameters, ("binary_data",))
             wanted = [o.name for o in request.outputs] or None
             done = await v2.infer(found, read_inputs(request), parameters, wanted)
         except Exception as exc:
