@@ -160,7 +160,7 @@ function causeBars(maps) {
   const width = Math.min(900, Math.max(240, 6 * k));
   const height = 90;
   const step = width / k;
-  const plot = svg("svg", { viewBox: `0 0 ${width} ${height + 16}`, width, height: height + 16, class: "bars" });
+  const plot = svg("svg", { viewBox: `0 0 ${width} ${height}`, width, height, class: "bars" });
   plot.append(svg("line", { x1: 0, x2: width, y1: height / 2, y2: height / 2, class: "axis" }));
   values.forEach((v, c) => {
     const size = (Math.abs(v) / peak) * (height / 2);
@@ -174,8 +174,10 @@ function causeBars(maps) {
     bar.append(svg("title", {}, `cause ${c + 1}: r = ${v.toPrecision(3)}`));
     plot.append(bar);
   });
-  plot.append(svg("text", { x: 0, y: height + 13 }, `causes 1…${k}, largest |r| = ${peak.toPrecision(3)}`));
-  return plot;
+  // The caption is the page's text, not the picture's: the picture scales down on a phone, its text would too.
+  const box = el("div");
+  box.append(plot, el("p", { class: "bars-caption" }, `causes 1…${k}, largest |r| = ${peak.toPrecision(3)}`));
+  return box;
 }
 
 // Level l's prediction error e_l = r_(l-1) - prediction, shown like the latents: one map per channel of
@@ -241,13 +243,22 @@ function niceTicks(lo, hi, count) {
   return ticks;
 }
 
+let energyTraces = null; // what the plot shows, drawn again when its box changes width
+
+function energyWidth() {
+  return Math.round(Math.max(280, Math.min(640, $("energy-plot").clientWidth || 640)));
+}
+
 // traces: [{ values, label, kind }], kind "trace" (this run) or "paper" (the paper's dynamics from zero).
+// Drawn at the box's own width (at most 640), so the labels keep their size on a phone rather than shrink
+// with a scaled-down picture.
 function drawEnergy(traces) {
+  energyTraces = traces;
   const box = $("energy-plot");
   box.replaceChildren();
   const trace = traces[0].values;
   const all = traces.flatMap((t) => t.values);
-  const width = 640;
+  const width = energyWidth();
   const height = 240;
   const m = { left: 64, right: 16, top: 12, bottom: 40 };
   const steps = Math.max(...traces.map((t) => t.values.length)) - 1;
@@ -562,6 +573,12 @@ function main() {
     drop.classList.remove("over");
     choose(event.dataTransfer.files[0]);
   });
+  // The plot is first drawn while its box is hidden (no width yet), and a phone turns: draw it again at the
+  // width the box now has.
+  new ResizeObserver(() => {
+    const drawn = $("energy-svg");
+    if (energyTraces && drawn && Number(drawn.getAttribute("width")) !== energyWidth()) drawEnergy(energyTraces);
+  }).observe($("energy-plot"));
   loadModel().catch(retryModel);
 }
 

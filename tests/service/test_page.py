@@ -23,6 +23,8 @@ from PIL import Image
 import pcmodel
 from pcmodel.images import sample_photo
 
+from .conftest import Server
+
 pytestmark = pytest.mark.slow
 
 CHROMIUM = Path("/usr/bin/chromium")
@@ -261,3 +263,37 @@ def test_the_latest_photo_wins_and_the_stepper_asks_what_ran(server, browser, tm
     page.wait_for_selector("#snapshot-box:not([hidden])", timeout=60_000)
     assert "step 5 of 5" in page.inner_text("#snapshot-label")
     page.close()
+
+
+
+def phone_page_shows(browser, url: str, photo: Path, size_mode: str):
+    """A 375 px wide page that has encoded `photo`; asserts the energy plot is drawn at its box's width (not a
+    640-wide picture scaled down), no picture's text is under 10 px and the page does not scroll sideways."""
+    page = browser.new_page(viewport={"width": 375, "height": 740})
+    page.goto(url + "/")
+    page.wait_for_selector("#card tr")
+    page.select_option("#size-mode", size_mode)
+    page.set_input_files("#image", str(photo))
+    page.wait_for_function(f"() => document.getElementById('summary').innerText.includes('{size_mode}')")
+    page.wait_for_function("() => !document.getElementById('encode').disabled")
+    page.wait_for_timeout(300)  # the resize observer's redraw
+    scale = page.eval_on_selector("#energy-svg", "s => s.getBoundingClientRect().width / s.viewBox.baseVal.width")
+    assert 0.97 <= scale <= 1.03, scale
+    heights = page.eval_on_selector_all("#results svg text", "ts => ts.map(t => t.getBoundingClientRect().height)")
+    assert heights and min(heights) >= 10, heights
+    assert page.evaluate("() => document.documentElement.scrollWidth") <= 375
+    return page
+
+
+def test_on_a_phone_the_plots_keep_their_text_size_and_nothing_overflows(server, browser, tmp_path):
+    """The energy plot's labels had shrunk to ~6 px on a phone, and rao-ballard-1999's cause bars (900 px wide)
+    ran off the page with a 4 px caption."""
+    photo = tmp_path / "photo.png"
+    Image.fromarray(sample_photo()).save(photo)
+    phone_page_shows(browser, server.url, photo, "full").close()
+    with Server(tmp_path / "rao", model="rao-ballard-1999", access_log=False) as rao:
+        page = phone_page_shows(browser, rao.url, photo, "resize")
+        assert page.locator(".bars-caption").count() >= 1  # a dense level: one bar per cause, captioned
+        widths = page.eval_on_selector_all("svg.bars", "ss => ss.map(s => s.getBoundingClientRect().width)")
+        assert widths and max(widths) <= 375, widths
+        page.close()
