@@ -271,7 +271,7 @@ class ModelHost:
                 "max_body_bytes": s.max_body_bytes,
                 "max_pixels": s.max_pixels,
                 "min_side": s.min_side,
-                "max_tiles": s.max_tiles,
+                "max_tiles": s.tile_limit,
                 "max_batch_images": s.max_batch_images,
                 "max_image_bytes": s.max_image_bytes,
                 "max_inflight_bytes": s.inflight_bytes,

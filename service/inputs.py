@@ -52,12 +52,11 @@ def plan(part: Part, options: EncodeOptions, config: ModelConfig, settings: Sett
         )
     image = open_image(part.data, max_pixels=settings.max_pixels, min_side=settings.min_side)
     small = image.size[0] * image.size[1] <= SMALL_PIXELS  # the header's size, before a JPEG's draft
-    # The batcher queues at most max_queue rows: an image with more tiles could never be admitted.
     limits = Limits(
         max_pixels=settings.max_pixels,
         min_side=settings.min_side,
         max_image_bytes=settings.max_image_bytes,
-        max_tiles=min(settings.max_tiles, settings.max_queue),
+        max_tiles=settings.tile_limit,
     )
     cost = decoding.plan(image, config, options.size_mode, limits, options.full_max_side)  # ImageError: 413
     return Planned(image=image, cost=cost, small=small)

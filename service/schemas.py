@@ -151,7 +151,10 @@ class PCModelCard(BaseModel):
     backends: dict[str, str] | None = None
     steps: dict[str, Any]
     input: dict[str, Any] | None = None
+    solver: dict[str, Any] | None = None  # {default, choices}, as init, outputs and arrays
+    init: dict[str, Any] | None = None
     outputs: dict[str, Any] | None = None
+    arrays: dict[str, Any] | None = None
     limits: dict[str, int] | None = None
     batching: dict[str, Any] | None = None
     config: dict[str, Any]

@@ -122,6 +122,12 @@ class Settings:
         return self.max_inflight_bytes or memory_limit() // 4 // self.workers
 
     @property
+    def tile_limit(self) -> int:
+        """The tiles one image may need in tile mode: PC_MAX_TILES, or PC_MAX_QUEUE where smaller (the batcher
+        queues at most that many rows, so an image with more tiles could never be admitted)."""
+        return min(self.max_tiles, self.max_queue)
+
+    @property
     def decoding_bytes(self) -> int:
         """PC_MAX_DECODING_BYTES, or its default: a quarter of the memory limit per worker."""
         return self.max_decoding_bytes or memory_limit() // 4 // self.workers

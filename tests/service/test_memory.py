@@ -186,6 +186,9 @@ def test_model_card_shows_the_memory_limits(server, tight):
     assert limits["max_image_bytes"] == 100 * MiB
     assert tight.get("/model").json()["limits"]["max_image_bytes"] == 64 * MiB
     assert tight.get("/model").json()["limits"]["max_inflight_bytes"] == 48 * MiB
+    # The tile limit applied is the smaller of PC_MAX_TILES and PC_MAX_QUEUE (the card had shown 4096 beside a
+    # 413 "over the limit of 64").
+    assert limits["max_tiles"] == 4096 and tight.get("/model").json()["limits"]["max_tiles"] == 64
 
 
 def test_over_budget_is_a_known_reason():
