@@ -23,7 +23,6 @@ import io
 import math
 import os
 import stat
-import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,11 +30,10 @@ from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image
 
 from .config import has_whole_map_level
 from .decoding import Limits, plan, prepare
-from .images import DEFAULT_FULL_MAX_SIDE, ImageError, display_maps, full_buckets, open_image
+from .images import DEFAULT_FULL_MAX_SIDE, ImageError, display_maps, full_buckets, header_size, open_image
 from .results import join, rows
 
 LIST_SUFFIXES = (".txt", ".csv")
@@ -170,17 +168,6 @@ def find_inputs(paths: Sequence[str]) -> list[Input]:
     return list({item.path: item for item in inputs}.values())
 
 
-def header_size(data: bytes) -> tuple[int | None, int | None]:
-    """(width, height) from an image's header where one can be read, else (None, None); no pixel is decoded."""
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            with Image.open(io.BytesIO(data)) as image:
-                return image.size
-    except Exception:  # not an image, or past Pillow's own bomb limit
-        return None, None
-
-
 def file_sha256(file: str) -> str | None:
     """The sha256 of a regular file's bytes, or None where it cannot be read (or is no regular file)."""
     digest = hashlib.sha256()
@@ -275,7 +262,8 @@ class BatchEncoder:
         try:
             image = open_image(data, max_pixels=s.limits.max_pixels, min_side=s.limits.min_side)
         except ImageError:
-            row["width"], row["height"] = header_size(data)  # a too_small or too_large image has a size
+            # A too_small or too_large image has a size, one past Pillow's own decompression-bomb limit too.
+            row["width"], row["height"] = header_size(data) or (None, None)
             raise
         row["width"], row["height"] = image.size  # before a JPEG's draft
         plan(image, config, s.size_mode, s.limits, s.max_side)

@@ -155,8 +155,8 @@ def prepare(
         pixels = load_uint8(image, config.preprocess.color, scaled.get(size_mode))
     finally:
         image.close()
-    if image.format != "JPEG":  # decoded whole, EXIF orientation applied: the size to scale from, exactly
-        width, height = image.size  # (a PNG's late eXIf chunk included; a JPEG's draft would change it)
+    if image.format != "JPEG":  # decoded whole, EXIF orientation applied: the size to scale from, exactly (a PNG
+        width, height = image.size  # past images.MAX_PNG_CHUNKS may turn only now; a JPEG's draft changes its size)
         scaled["full"] = full_size(height, width, max_side)
     # Full mode's size comes from the original image (a JPEG's draft must not change it); resized only if it did.
     if size_mode == "full" and pixels.shape[:2] != tuple(scaled["full"]):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import io
 import math
+import struct
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -18,7 +19,7 @@ from importlib import resources
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
+from PIL import ExifTags, Image, ImageOps, PngImagePlugin, UnidentifiedImageError
 
 from .config import ModelConfig, PreprocessConfig, has_whole_map_level, valid_sizes
 
@@ -48,7 +49,7 @@ def open_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS, min_side: int 
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             image = Image.open(io.BytesIO(data))
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
-        raise ImageError(f"the image has more pixels than the limit of {max_pixels}", "too_large") from None
+        raise _over_pillows_limit(data, max_pixels) from None
     except UnidentifiedImageError:
         raise ImageError("the data is not an image in a recognised format", "bad_image") from None
     except Exception as exc:  # PIL raises many kinds on hostile headers
@@ -70,20 +71,120 @@ def open_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS, min_side: int 
     return image
 
 
+def _over_pillows_limit(data: bytes, max_pixels: int) -> ImageError:
+    """The too_large error for an image Pillow refused to open over its own decompression-bomb limit
+    (Image.MAX_IMAGE_PIXELS), naming the size its header declares, as our own limit's error does."""
+    size = header_size(data)
+    if size is None:
+        return ImageError(f"the image has more pixels than the limit of {max_pixels}", "too_large")
+    width, height = size
+    limit = max_pixels if width * height > max_pixels else Image.MAX_IMAGE_PIXELS  # ours, else Pillow's (lower)
+    pixels = width * height
+    return ImageError(f"the image is {width}x{height} = {pixels} pixels, over the limit of {limit}", "too_large")
+
+
+def header_size(data: bytes) -> tuple[int, int] | None:
+    """(width, height) that an image's header declares, or None where no format Pillow knows reads it; no pixel is
+    decoded. Past Pillow's decompression-bomb limit too: Image.open refuses such an image without its size, so
+    its header is read again by the format's own reader, which Image.open calls before that check."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            with Image.open(io.BytesIO(data)) as image:
+                return image.size
+    except Image.DecompressionBombError:
+        pass
+    except Exception:  # not an image, or a damaged header
+        return None
+    Image.init()
+    prefix = data[:16]
+    for kind in list(Image.ID):  # as Image.open tries the formats
+        factory, accept = Image.OPEN[kind]
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                found = not accept or accept(prefix)
+                if not found or isinstance(found, str):
+                    continue
+                with factory(io.BytesIO(data), "") as image:
+                    width, height = image.size
+                    return width, height
+        except (SyntaxError, IndexError, TypeError, struct.error):  # not this format: Image.open tries the next
+            continue
+        except Exception:  # this format's reader refused it
+            return None
+    return None
+
+
 _TURNED = {5, 6, 7, 8}  # EXIF orientations that turn the image by 90 degrees: its sides swap
 
 
 def upright_size(image: Image.Image) -> tuple[int, int]:
-    """(width, height) of an opened image once `load` applies its EXIF orientation, from its header alone. A PNG
-    whose eXIf chunk follows its pixels counts as upright here: reading that chunk would decode them."""
+    """(width, height) of an opened image once `load` applies its EXIF orientation, from its header alone. A PNG's
+    EXIF may follow its pixels (an eXIf, XMP or text chunk that Pillow reads only in `load`): `_png_info` reads
+    those chunks without decoding a pixel."""
     width, height = image.size
-    if image.format == "PNG" and "exif" not in image.info:
-        return width, height
     try:
-        turned = image.getexif().get(ExifTags.Base.Orientation, 1) in _TURNED
+        if image.format == "PNG":
+            # Not image.getexif(): before `load` it decodes the pixels, or keeps an EXIF without the late chunks
+            # (which `load` then turns by). Pillow's own reading of the `info` that `load` will leave.
+            probe = Image.Image()
+            probe.info = _png_info(image)
+            exif = probe.getexif()
+        else:
+            exif = image.getexif()
+        turned = exif.get(ExifTags.Base.Orientation, 1) in _TURNED
     except Exception:  # a malformed EXIF block: `load` says what is wrong, when it decodes
         turned = False
     return (height, width) if turned else (width, height)
+
+
+# Chunks after a PNG's pixels that `load` reads into its `info` and that `getexif` uses (EXIF, text, XMP).
+_PNG_METADATA = (b"eXIf", b"tEXt", b"zTXt", b"iTXt")
+# The most chunks `_png_info` reads (about 0.3 s): a PNG of 100 MiB (the file limit) written in libpng's 8 KiB
+# IDAT chunks has 12,800. Past them an orientation is not seen before decoding; `decoding.prepare` then still
+# takes the size it scales from from the decoded image.
+MAX_PNG_CHUNKS = 1 << 18
+_CHUNK_HEAD = struct.Struct(">I4s")
+
+
+def _png_info(image: Image.Image) -> dict:
+    """An opened PNG's `info` as it will be once `load` has decoded it: also the metadata of the chunks after its
+    first IDAT, which `load` reads once the pixels are decoded, read here from the file without decoding them.
+
+    Chunks are found from their headers (their lengths skip the pixel data) and the metadata chunks parsed by
+    Pillow's own PNG chunk reader, as `load` reads them: to IEND (an APNG: to the next frame), a damaged chunk
+    header ending the list, at most MAX_PNG_CHUNKS chunks. A damaged metadata chunk ends it too; where it makes
+    `load` fail, `load` says so. The file's read position is kept.
+    """
+    info = dict(image.info)
+    fp = image.fp
+    if fp is None:  # loaded: `info` is complete
+        return info
+    here = fp.tell()
+    stream = PngImagePlugin.PngStream(fp)
+    late = False
+    position = 8  # after the signature
+    try:
+        for _ in range(MAX_PNG_CHUNKS):
+            fp.seek(position)
+            head = fp.read(8)
+            if len(head) < 8 or not PngImagePlugin.is_cid(head[4:]):
+                break  # as `load` stops at a damaged chunk header
+            length, kind = _CHUNK_HEAD.unpack(head)
+            if kind == b"IEND" or (late and kind == b"fcTL" and getattr(image, "is_animated", False)):
+                break
+            if kind in (b"IDAT", b"fdAT"):
+                late = True
+            elif late and kind in _PNG_METADATA:
+                stream.call(kind, position + 8, length)
+            position += 12 + length  # the length, the type, the data and the CRC
+    except Exception:  # a damaged metadata chunk: what came before it counts
+        pass
+    finally:
+        fp.seek(here)
+    info.update(stream.im_info)
+    return info
 
 
 def load(image: Image.Image) -> Image.Image:

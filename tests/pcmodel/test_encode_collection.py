@@ -139,6 +139,27 @@ def test_rows_match_pc_encode_on_one_file(folder, encoded, tmp_path):
         assert (row.width, row.height) == image.size
 
 
+def test_an_image_over_pillows_own_pixel_limit_is_a_too_large_row_with_its_size(tmp_path, capsys):
+    """Pillow refuses to open an image whose header declares more pixels than its decompression-bomb limit
+    (Image.MAX_IMAGE_PIXELS; an error past twice that, a warning past it), without saying the size. Its row, read
+    with pyarrow, is too_large with the declared width and height and says them, as for pc-encode's own limit."""
+    folder = tmp_path / "bombs"
+    folder.mkdir()
+    sizes = {"pillow-error.png": (100_000, 90_000), "pillow-warning.png": (10_000, 9_500), "ours.png": (6000, 5000)}
+    for name, (width, height) in sizes.items():
+        (folder / name).write_bytes(png_header_only(width, height))
+    assert 2 * Image.MAX_IMAGE_PIXELS < 100_000 * 90_000 and Image.MAX_IMAGE_PIXELS < 10_000 * 9_500
+    out = tmp_path / "out"
+    assert main([str(folder), "--out", str(out), *MODEL, "--workers", "1", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["failed"] == 3
+    rows = {r["path"]: r for r in pq.read_table(out / "data").to_pylist()}
+    assert set(rows) == set(sizes)
+    for name, (width, height) in sizes.items():
+        row = rows[name]
+        assert row["reason"] == "too_large" and (row["width"], row["height"]) == (width, height), row
+        assert row["error"] == f"the image is {width}x{height} = {width * height} pixels, over the limit of 25000000"
+
+
 def test_pyarrow_pandas_and_duckdb_read_the_shards_as_they_are(encoded):
     duckdb = pytest.importorskip("duckdb")
     pd = pytest.importorskip("pandas")

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import io
 import math
+import struct
+import zlib
 
 import numpy as np
 import pytest
@@ -294,3 +296,136 @@ def test_header_only_decoding_turns_the_image_as_its_exif_says(fmt, orientation,
     assert torch.equal(rows, want_rows) and torch.equal(shown, want_shown)
     if mode == "full":
         assert shown.shape[1:] == (upright[1], upright[0])
+
+
+def png_chunk(kind: bytes, data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+
+def png_with(size: tuple[int, int], before: bytes = b"", after: bytes = b"", end: bytes = b"") -> bytes:
+    """A real PNG of `size` (width, height) written by Pillow, with chunks inserted before its first IDAT chunk,
+    after its last IDAT chunk (where Pillow reads them only when it decodes the pixels) and after IEND."""
+    data = encode(photo(size), "PNG")
+    first, iend = data.index(b"IDAT") - 4, data.index(b"IEND") - 4
+    return data[:first] + before + data[first:iend] + after + data[iend:] + end
+
+
+def exif_chunk(orientation: int) -> bytes:
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    return png_chunk(b"eXIf", exif.tobytes()[6:])  # an eXIf chunk holds the TIFF data, without "Exif\0\0"
+
+
+def xmp_chunk(orientation: int) -> bytes:
+    xmp = f'<x:xmpmeta xmlns:x="adobe:ns:meta/"><rdf:Description tiff:Orientation="{orientation}"/></x:xmpmeta>'
+    return png_chunk(b"iTXt", b"XML:com.adobe.xmp\0\0\0\0\0" + xmp.encode())
+
+
+@pytest.mark.parametrize("orientation", [6, 8])
+def test_a_png_whose_exif_follows_its_pixels_is_planned_turned(orientation):
+    """A PNG's eXIf chunk may follow its pixel data, where Pillow reads it only as it decodes them. Planned from the
+    header (pcmodel.decoding, the service's and pc-encode's path), the image is already the tall one it decodes to:
+    full mode scales it and tile mode counts its tiles as shown, not as stored."""
+    from pcmodel import decoding
+    from pcmodel.images import open_image, upright_size
+
+    data = png_with((80, 40), after=exif_chunk(orientation))
+    assert decode(data).size == (40, 80)  # Pillow turns it as it decodes
+    assert upright_size(open_image(data)) == (40, 80)
+    config = pcmodel.load("default").config
+    image = open_image(data)
+    assert decoding.plan(image, config, "full", decoding.Limits()) > 0
+    rows, shown, _ = decoding.prepare(image, config, "full")
+    want_rows, want_shown, _ = prepare_image(to_uint8(decode(data), "rgb"), config, "full")
+    assert shown.shape[1:] == (80, 40) and torch.equal(rows, want_rows) and torch.equal(shown, want_shown)
+    # The plan's refusals name the size as shown: full mode scales 40x80 to 8x16 (its longer side to 16) ...
+    with pytest.raises(ImageError, match=r"this 40x80 image is scaled to 8x16") as info:
+        decoding.plan(open_image(data), config, "full", decoding.Limits(min_side=9), max_side=16)
+    assert info.value.reason == "too_small"
+    # ... and tile mode tiles 40x80 with 55 tiles of 16x26 (80x40 would need 48, under this limit of 50).
+    paper = pcmodel.get_preset("rao-ballard-1999")
+    with pytest.raises(ImageError, match=r"this 40x80 image needs 55 tiles") as info:
+        decoding.plan(open_image(data), paper, "tile", decoding.Limits(max_tiles=50))
+    assert info.value.reason == "too_large"
+
+
+LATE = {
+    "late eXIf": {"after": exif_chunk(6)},
+    "late eXIf over an early one": {"before": exif_chunk(1), "after": exif_chunk(8)},
+    "early eXIf without a late one": {"before": exif_chunk(6), "after": png_chunk(b"tEXt", b"Comment\0hello")},
+    "late XMP": {"after": xmp_chunk(6)},
+    "late eXIf after IEND": {"end": exif_chunk(6)},
+    "late eXIf after a damaged chunk header": {"after": png_chunk(b"t?Xt", b"x") + exif_chunk(6)},
+    "late eXIf after a damaged text chunk": {"after": png_chunk(b"zTXt", b"Comment\0\x07") + exif_chunk(6)},
+    "late eXIf running into IEND": {"after": exif_chunk(6)[:-10] + b"\0" * 4},
+    "late eXIf longer than the file": {"after": struct.pack(">I", 1 << 31) + b"eXIf" + exif_chunk(6)[8:]},
+    "damaged late eXIf": {"after": png_chunk(b"eXIf", b"MM\0*\0\0\0\x08\xff\xff")},
+}
+
+
+@pytest.mark.parametrize("case", LATE)
+def test_the_planned_size_is_the_decoded_size_whatever_follows_a_pngs_pixels(case):
+    """upright_size reads what follows a PNG's pixels as Pillow's decoder does: the last eXIf wins, XMP counts where
+    no EXIF orientation does, nothing after IEND or a damaged chunk header does, and a damaged chunk raises
+    nothing (decoding fails where Pillow fails). The plan's size and the decoded one are the same."""
+    from pcmodel import decoding
+    from pcmodel.images import load, open_image, upright_size
+
+    data = png_with((80, 40), **LATE[case])
+    image = open_image(data)
+    planned = upright_size(image)
+    try:
+        decoded = decode(data).size
+    except ImageError as exc:
+        assert exc.reason == "bad_image", case  # Pillow cannot decode it; the plan raised nothing
+        return
+    assert planned == decoded, case
+    config = pcmodel.load("default").config
+    decoding.plan(image, config, "full", decoding.Limits())
+    assert load(image).size == decoded  # planning (which reads the EXIF) does not change what load turns
+
+
+def test_reading_a_pngs_chunks_is_bounded_and_raises_nothing_on_damage():
+    """Every cut and many random byte flips of a PNG with chunks around its pixels: upright_size answers (a size
+    either way round) and never raises; the file's read position is kept for decoding."""
+    from pcmodel.images import open_image, upright_size
+
+    data = png_with((80, 40), before=exif_chunk(1), after=xmp_chunk(8) + exif_chunk(6))
+    rng = np.random.default_rng(0)
+    damaged = [data[:cut] for cut in range(data.index(b"IDAT"), len(data))]
+    for _ in range(300):
+        flipped = bytearray(data)
+        for at in rng.integers(data.index(b"IDAT") + 4, len(data), 3):
+            flipped[at] = int(rng.integers(0, 256))
+        damaged.append(bytes(flipped))
+    for sample in damaged:
+        try:
+            image = open_image(sample)
+        except ImageError:
+            continue
+        position = image.fp.tell()
+        assert upright_size(image) in ((80, 40), (40, 80))
+        assert image.fp.tell() == position
+
+
+def test_header_size_reads_past_pillows_own_pixel_limit():
+    """Pillow refuses to open an image over its decompression-bomb limit without saying its size: header_size
+    still reads it (the header only), and open_image's too_large error names it as for our own limit."""
+    from pcmodel.images import header_size, open_image
+
+    ihdr = struct.pack(">IIBBBBB", 100_000, 100_000, 8, 2, 0, 0, 0)
+    bomb = b"\x89PNG\r\n\x1a\n" + png_chunk(b"IHDR", ihdr) + png_chunk(b"IDAT", zlib.compress(b"\0" * 64))
+    bomb += png_chunk(b"IEND", b"")
+    assert 2 * Image.MAX_IMAGE_PIXELS < 100_000 * 100_000
+    with pytest.raises(Image.DecompressionBombError):
+        Image.open(io.BytesIO(bomb))
+    assert header_size(bomb) == (100_000, 100_000)
+    with pytest.raises(ImageError, match=r"the image is 100000x100000 = 10000000000 pixels, over the limit of 25000"):
+        open_image(bomb, max_pixels=25_000)
+    assert header_size(b"not an image") is None and header_size(bomb[:20]) is None
+    # Under a max_pixels above Pillow's limit, the limit that refused the image is Pillow's, and named.
+    ihdr = struct.pack(">IIBBBBB", 10_000, 9_500, 8, 2, 0, 0, 0)
+    warned = b"\x89PNG\r\n\x1a\n" + png_chunk(b"IHDR", ihdr) + png_chunk(b"IDAT", zlib.compress(b"\0" * 64))
+    limit = Image.MAX_IMAGE_PIXELS
+    with pytest.raises(ImageError, match=rf"the image is 10000x9500 = 95000000 pixels, over the limit of {limit}$"):
+        open_image(warned + png_chunk(b"IEND", b""), max_pixels=200_000_000)
