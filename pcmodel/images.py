@@ -251,12 +251,19 @@ def to_uint8(image: ImageLike, color: str) -> np.ndarray:
             return array  # already the result: no round trip through PIL (two copies of the pixels)
         image = Image.fromarray(array)
     image = to_8bit(image)
+    if image.mode in _PREMULTIPLIED:  # Pillow converts these to their plain form only
+        image = image.convert(_PREMULTIPLIED[image.mode])
     if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
         rgba = image.convert("RGBA")
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         image = Image.alpha_composite(background, rgba)
     target = "L" if color == "gray" else "RGB"
+    if image.mode == "LAB" and target == "L":  # Pillow converts LAB to RGB only
+        image = image.convert("RGB")
     return np.asarray(image.convert(target), dtype=np.uint8)
+
+
+_PREMULTIPLIED = {"La": "LA", "RGBa": "RGBA"}
 
 
 def _array_to_uint8(array: np.ndarray) -> np.ndarray:

@@ -97,6 +97,22 @@ def test_modes_are_converted():
         to_uint8(np.zeros((3, 3), dtype=np.int64), "rgb")
 
 
+@pytest.mark.parametrize(
+    "mode",
+    ["1", "L", "LA", "La", "P", "PA", "RGB", "RGBA", "RGBa", "RGBX", "CMYK", "YCbCr", "LAB", "HSV", "I", "I;16", "F"],
+)
+def test_every_mode_pillow_makes_is_gray_and_rgb(mode):
+    """Pillow converts some modes to RGB only (LAB: a TIFF sent to the gray paper's model had been a 500) or to
+    their unpremultiplied form only (La)."""
+    rgb = Image.fromarray(np.random.default_rng(0).integers(0, 256, (6, 5, 3), dtype=np.uint8))
+    image = rgb.convert("RGBA").convert(mode) if mode in ("La", "RGBa") else rgb.convert(mode)
+    assert image.mode == mode
+    assert to_uint8(image, "gray").shape == (6, 5) and to_uint8(image, "rgb").shape == (6, 5, 3)
+    if mode in ("RGB", "LAB", "YCbCr", "HSV"):  # the same picture: gray as from its RGB, within rounding
+        plain = np.asarray(image.convert("RGB").convert("L"), dtype=int)
+        assert np.abs(to_uint8(image, "gray").astype(int) - plain).max() <= 1
+
+
 def test_conv_rgb_scales_to_minus_one_one():
     config = pcmodel.get_preset("conv-rgb")
     black_white = np.zeros((32, 32, 3), dtype=np.uint8)
