@@ -37,12 +37,14 @@ from pcmodel.images import (
     prepare_image,
     sample_photo,
 )
+from pcmodel.starts import StartError, geometry, read_start, start_bytes
 
 # What pc-encode writes into --out. encoding.npz holds latent_1 .. latent_L (rows, causes, H_l, W_l), one
 # row per tile in tile mode, at the padded size in full mode; level_error_1 .. level_error_L, each level's
 # prediction error e_l = r_(l-1) - prediction (level 1's is the image's) in the same layout; input,
 # reconstruction and error (C, H, W) on the image's grid, as the PNGs show them; energy (steps + 1, rows),
-# before the first step and after each; in full mode also padded = [top, bottom, left, right].
+# before the first step and after each; in full mode also padded = [top, bottom, left, right]; size_mode and
+# image_size [H, W] (the image as the model saw it), which a warm start from this file is checked against.
 OUTPUT_FILES = ("input.png", "reconstruction.png", "error.png", "montage.png", "encoding.npz")
 
 
@@ -53,13 +55,14 @@ def encode_array(
     size_mode: str | None,
     max_side: int = DEFAULT_FULL_MAX_SIDE,
     solver: str | None = None,
-    init: str | list[torch.Tensor] | None = None,
+    init: str | None = None,
 ):
-    """Prepare one image as the model's config says, run inference (`solver`, `init` as model.infer takes
-    them), return (result, maps on the image grid, placement)."""
+    """Prepare one image as the model's config says, run inference (`solver`; `init` zero, amortised or a
+    start file's path, checked against this image), return (result, maps on the image grid, placement)."""
     mode = size_mode or model.config.preprocess.size_mode
     rows, shown, placement = prepare_image(image, model.config, mode, max_side)
-    result = model.infer(rows.to(model.device), steps=steps, solver=solver, init=init)
+    start = _start(init, model, placement.mode, rows, shown)
+    result = model.infer(rows.to(model.device), steps=steps, solver=solver, init=start)
     reconstruction = placement.restore(result.reconstruction.cpu())[0]
     return result, (shown, reconstruction, shown - reconstruction), placement
 
@@ -116,7 +119,8 @@ def build_parser() -> ArgumentParser:
         default=None,
         metavar="zero|amortised|ENCODING.npz",
         help="where inference starts: zero, amortised (the learned start), or a previous encoding.npz's latents "
-        "(a warm start, e.g. the previous frame of a sequence); default: the model's",
+        "(a warm start, e.g. the previous frame of a sequence, of the same size and size mode; an .npz of an /encode "
+        "response's latent_1..latent_L works too); default: the model's",
     )
     parser.add_argument(
         "--out", type=output_folder, default=Path("encoded"), help="output folder (default: %(default)s)"
@@ -180,11 +184,12 @@ def encode_one(args: argparse.Namespace) -> int:
             "use --size-mode tile or resize",
         )
     try:
-        init = _start(args.init)
         model.solver(args.solver)  # refused here when this model's step size makes it unstable
         result, (shown, reconstruction, error), placement = encode_array(
-            model, image, args.steps, args.size_mode, args.max_side, args.solver, init
+            model, image, args.steps, args.size_mode, args.max_side, args.solver, args.init
         )
+    except StartError as exc:  # its message names --init and the file
+        return fail("pc-encode", str(exc))
     except (OSError, ValueError) as exc:
         option = "--solver" if isinstance(exc, pcmodel.UnstableStepError) else "--init"
         return fail("pc-encode", f"{option}: {exc}")
@@ -203,6 +208,7 @@ def encode_one(args: argparse.Namespace) -> int:
             **{f"latent_{i + 1}": r.cpu().numpy() for i, r in enumerate(result.latents)},
             **{f"level_error_{i + 1}": e.cpu().numpy() for i, e in enumerate(result.errors)},
             **padded,
+            **geometry(placement.mode, shown.shape[-2:]),  # a warm start from this file is checked against them
             input=shown.numpy(),
             reconstruction=reconstruction.numpy(),
             error=error.numpy(),
@@ -453,17 +459,20 @@ def _encode_collection(args: argparse.Namespace, argv: list[str], inputs: list, 
     return code
 
 
-def _start(init: str | None) -> str | list[torch.Tensor] | None:
-    """--init: a start's name, or the latents of a previous encoding.npz (level 1 first)."""
+def _start(
+    init: str | None, model: pcmodel.PCModel, mode: str, rows: torch.Tensor, shown: torch.Tensor
+) -> str | list[torch.Tensor] | None:
+    """--init: a start's name, or the latents of a start file (pcmodel.starts: a previous encoding.npz, or a
+    response's latents saved with np.savez) for these rows, refused where it was made another way or from an
+    image of another size."""
     if init is None or init in ("zero", "amortised"):
         return init
     if not init.endswith(".npz"):
         raise ValueError(f"{init!r} is neither zero, amortised nor an encoding.npz file")
-    with np.load(init, allow_pickle=False) as saved:  # no pickle: a file we did not make is not trusted
-        names = sorted((k for k in saved.files if k.startswith("latent_")), key=lambda k: int(k.split("_")[1]))
-        if not names:
-            raise ValueError(f"{init} holds no latent_1.. arrays (a pc-encode encoding.npz has them)")
-        return [torch.from_numpy(np.asarray(saved[k], dtype=np.float32)) for k in names]
+    shapes = [(rows.shape[0], *s) for s in model.latent_shapes(tuple(rows.shape[-2:]))]
+    what = f"--init {init}"
+    start = read_start(Path(init), len(model.config.levels), start_bytes(shapes), what)
+    return [torch.from_numpy(a) for a in start.fit(mode, shown.shape[-2:], shapes, what)]
 
 
 if __name__ == "__main__":

@@ -3,15 +3,14 @@
 from __future__ import annotations
 
 import dataclasses
-import io
-import math
-import zipfile
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
 
-from pcmodel import SOLVERS, ModelConfig
+from pcmodel import SOLVERS, ModelConfig, starts
 from pcmodel.config import has_whole_map_level
+from pcmodel.starts import Start
 
 from .errors import RequestError
 from .forms import Part, parse_form
@@ -25,9 +24,6 @@ ARRAYS = ("float32", "float16", "none")
 OPTION_FIELDS = ("steps", "size_mode", "outputs", "arrays", "solver", "init")
 START_FIELD = "start"  # /encode: a previous result's latents as an .npz (latent_1..latent_L), a warm start
 INITS = ("zero", "amortised")  # where inference starts when a request names it (pcmodel's model.infer `init`)
-# The largest |value| of latents or inputs a client may give (a warm start, v2's `x`): settled latents and
-# preprocessed images are of order 1-10; far beyond, the energy overflows float32 and the answer would be Inf.
-MAX_GIVEN_VALUE = 1e4
 
 
 @dataclass(frozen=True)
@@ -41,7 +37,7 @@ class EncodeOptions:
     full_max_side: int = 256  # full mode: the longer side an image is scaled down to (PC_FULL_MAX_SIDE)
     solver: str | None = None  # the dynamics (pcmodel.solvers); None: the model's own
     init: str | None = None  # zero | amortised; None: the model's own start
-    start: tuple[np.ndarray, ...] | None = None  # /encode's `start` part: given latents, level 1 first
+    start: Start | None = None  # /encode's `start` part: given latents (level 1 first) and where they came from
 
 
 def read_request(
@@ -86,64 +82,35 @@ def read_request(
     return images, options
 
 
-def read_start(data: bytes, levels: int, max_bytes: int) -> tuple[np.ndarray, ...]:
-    """A `start` part: an .npz (no pickle) holding latent_1..latent_L float arrays, as a previous response
-    (or pc-encode's encoding.npz) has them; their shapes are checked against the image's later. The archive
-    is untrusted: its arrays may hold at most `max_bytes` in all (the body limit), counted from the zip's
-    and each array's own header before anything is unpacked."""
+def read_start(data: bytes, levels: int, max_bytes: int) -> Start:
+    """A `start` part: an .npz of latent_1..latent_L float arrays, as a previous response (saved with numpy's
+    savez) or pc-encode's encoding.npz has them, read by pcmodel.starts (no pickle; at most `max_bytes`, the
+    body limit, unpacked); checked against the image once it is prepared (`start_latents`)."""
     try:
-        if not data.startswith(b"PK"):  # an .npz is a zip file; np.load would read a bare .npy too
-            raise ValueError("it is not an .npz (zip) file")
-        with zipfile.ZipFile(io.BytesIO(data)) as archive:
-            members = {name.removesuffix(".npy"): name for name in archive.namelist() if name.endswith(".npy")}
-            names = [f"latent_{i}" for i in range(1, levels + 1)]
-            missing = [n for n in names if n not in members]
-            if missing:
-                raise ValueError(f"it has no {', '.join(missing)}")
-            left, arrays = max_bytes, []
-            for name in names:
-                info = archive.getinfo(members[name])
-                if info.file_size > left:  # zipfile unpacks no more than this, whatever the stream holds
-                    raise ValueError(f"its arrays unpack to more than {max_bytes} bytes")
-                left -= info.file_size
-                arrays.append(_npy(archive.read(info), name))
-    except (ValueError, OSError, EOFError, KeyError, zipfile.BadZipFile, NotImplementedError) as exc:
-        raise RequestError(
-            422, "bad_parameter", f"`{START_FIELD}` must be an .npz of latent_1..latent_{levels}: {exc}"[:400]
-        ) from None
-    return tuple(given_floats(a, f"`{START_FIELD}`'s {name}", 422) for a, name in zip(arrays, names))
+        return starts.read_start(data, levels, max_bytes, f"`{START_FIELD}`")
+    except starts.StartError as exc:
+        raise RequestError(422, "bad_parameter", str(exc)[:400]) from None
 
 
-def _npy(raw: bytes, name: str) -> np.ndarray:
-    """One .npy's array, its header checked first: floats, and no more values than the bytes hold (numpy
-    allocates what the header claims before it reads)."""
-    stream = io.BytesIO(raw)
-    version = np.lib.format.read_magic(stream)
-    if version not in ((1, 0), (2, 0)):
-        raise ValueError(f"{name} is a .npy of version {version[0]}.{version[1]}; save it with numpy's savez")
-    read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
-    shape, _, dtype = read_header(stream)
-    if dtype.kind != "f":
-        raise ValueError(f"{name} holds {dtype}, not floats")
-    if math.prod(shape) * dtype.itemsize > len(raw) - stream.tell():
-        raise ValueError(f"{name}'s header claims more values than it holds")
-    stream.seek(0)
-    return np.lib.format.read_array(stream, allow_pickle=False)
+def start_latents(
+    start: Start, size_mode: str, image_size: Sequence[int], shapes: Sequence[Sequence[int]]
+) -> list[np.ndarray]:
+    """A `start`'s latents shaped `shapes` (rows, causes, H_l, W_l) for an image encoded in `size_mode` whose
+    size is `image_size` (H, W) as the model sees it; a 422 if the start was made another way, from an image
+    of another size, or has other shapes."""
+    try:
+        return start.fit(size_mode, image_size, shapes, f"`{START_FIELD}`")
+    except starts.StartError as exc:
+        raise RequestError(422, "bad_parameter", str(exc)[:400]) from None
 
 
 def given_floats(values: np.ndarray, what: str, status: int) -> np.ndarray:
     """A client's float array as float32 (a copy the service owns), refused with `status` bad_parameter unless
-    every value is finite and within +-MAX_GIVEN_VALUE once in float32."""
-    with np.errstate(over="ignore", invalid="ignore"):  # float64 beyond float32 becomes Inf: refused below
-        out = np.array(values, dtype=np.float32)
-    if not (np.abs(out) <= MAX_GIVEN_VALUE).all():  # NaN compares False too
-        raise RequestError(
-            status,
-            "bad_parameter",
-            f"{what} must be finite numbers within +-{MAX_GIVEN_VALUE:g} in float32 (latents and preprocessed "
-            "inputs are of order 1)",
-        )
-    return out
+    every value is finite and within +-pcmodel.starts.MAX_GIVEN_VALUE once in float32."""
+    try:
+        return starts.finite_floats(values, what)
+    except ValueError as exc:
+        raise RequestError(status, "bad_parameter", str(exc)) from None
 
 
 def _text(part: Part) -> str:

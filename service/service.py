@@ -29,6 +29,8 @@ from fastapi import FastAPI, Request
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import JSONResponse, Response
 
+from pcmodel import PCModel
+
 from . import jsonbody, metrics, openapi, schemas, v2_rest
 from .batching import Settled
 from .budget import Budget
@@ -38,7 +40,7 @@ from .health import ModelLoader, NotLoaded
 from .host import ModelHost
 from .inputs import Prepared
 from .middleware import BODY_KEY, CONTENT_TYPE_KEY, ApiKey, BodyGate, HeadLimit, JsonErrors, router_error
-from .options import MAX_SNAPSHOTS, EncodeOptions, read_request
+from .options import MAX_SNAPSHOTS, EncodeOptions, read_request, start_latents
 from .pipeline import Pipeline, run
 from .responses import encode_result, snapshot_payload, snapshot_steps
 from .settings import Settings
@@ -152,7 +154,7 @@ class PCEncoder:
 
     async def _encode(self, part: Part, options: EncodeOptions) -> tuple[dict, Settled, bool]:
         decoded = await self.pipeline.decode(part, options)
-        start = _start_rows(options, decoded.prepared)
+        start = _start_rows(options, decoded.prepared, self.host.model)
         settled = await self.pipeline.settle(decoded.prepared.rows, options, start)
         host = self.host
         result = await run(decoded.small, encode_result, decoded.prepared, settled, options, host.ref, host.config)
@@ -218,13 +220,16 @@ async def encode_batch(request: Request) -> Response:
     return await _service().encode_batch(request)
 
 
-def _start_rows(options: EncodeOptions, prepared: Prepared) -> list[torch.Tensor] | None:
-    """The `start` part's latents with the rows' leading axis (a response's latents have none but in tile
-    mode); the host checks their shapes."""
+def _start_rows(options: EncodeOptions, prepared: Prepared, model: PCModel) -> list[torch.Tensor] | None:
+    """The `start` part's latents shaped as the rows' (a leading axis of 1 added where the start left it out),
+    refused with a 422 where its geometry or shapes differ from this image's (options.start_latents)."""
     if options.start is None:
         return None
-    tiled = prepared.grid is not None
-    return [torch.from_numpy(a if tiled else a[None]) for a in options.start]
+    rows = prepared.rows
+    shapes = [(rows.shape[0], *s) for s in model.latent_shapes(tuple(rows.shape[-2:]))]
+    return [
+        torch.from_numpy(a) for a in start_latents(options.start, options.size_mode, prepared.shown.shape[-2:], shapes)
+    ]
 
 
 def _body(request: Request) -> tuple[bytes, str]:

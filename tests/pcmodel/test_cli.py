@@ -26,7 +26,9 @@ def test_pc_encode_writes_maps_montage_and_every_array(tmp_path, capsys):
     model = pcmodel.load("default")
     shapes = [tuple(s) for s in model.latent_shapes()]
     levels = [f"{kind}_{i + 1}" for kind in ("latent", "level_error") for i in range(len(shapes))]
-    assert sorted(arrays.files) == sorted(["input", "reconstruction", "error", "energy", *levels])
+    names = ["input", "reconstruction", "error", "energy", "size_mode", "image_size", *levels]
+    assert sorted(arrays.files) == sorted(names)
+    assert str(arrays["size_mode"]) == "resize" and arrays["image_size"].tolist() == [32, 32]  # as the model saw it
     for i, shape in enumerate(shapes):
         assert arrays[f"latent_{i + 1}"].shape == (1, *shape)
     assert arrays["input"].shape == (3, 32, 32) == arrays["reconstruction"].shape == arrays["error"].shape
