@@ -358,8 +358,10 @@ def _array_image(array: np.ndarray, what: str) -> Image.Image:
 def _start_file(start: StartInput) -> tuple[str, bytes, str]:
     """`start` as the service's `start` part: an .npz of latent_1..latent_L. An .npz given (a path, bytes, a
     binary file) goes as it is; an Encoding's latents or a list of arrays are packed as float32."""
+    geometry: dict[str, np.ndarray] = {}
     if isinstance(start, Encoding):
         latents = start.latents
+        geometry = _geometry(start)
     elif isinstance(start, _BYTES_LIKE):
         return ("start.npz", bytes(start), _OCTETS)
     elif isinstance(start, (str, os.PathLike)):
@@ -391,8 +393,24 @@ def _start_file(start: StartInput) -> tuple[str, bytes, str]:
     if not latents:
         raise ValueError("start has no latents: ask the previous encode for outputs including latents")
     buffer = io.BytesIO()
-    np.savez(buffer, **{f"latent_{i}": np.asarray(r, dtype=np.float32) for i, r in enumerate(latents, 1)})
+    arrays = {f"latent_{i}": np.asarray(r, dtype=np.float32) for i, r in enumerate(latents, 1)}
+    np.savez(buffer, **arrays, **geometry)
     return ("start.npz", buffer.getvalue(), _OCTETS)
+
+
+def _geometry(encoding: Encoding) -> dict[str, np.ndarray]:
+    """Where an Encoding's latents came from, as the service reads it beside a start's latents (pcmodel.starts):
+    its size mode and the image's size as the model saw it, so that the latents of an image of another size whose
+    shapes happen to agree (a 120x100 and a 100x120 image both have 72 tiles) are refused, not taken."""
+    out = {"size_mode": np.array(encoding.size_mode)}
+    if encoding.tile_grid is not None:
+        out["image_size"] = np.array(encoding.tile_grid["image"], dtype=np.int64)
+    elif encoding.model_input is not None and encoding.padded is not None:  # full mode: the scaled image, unpadded
+        top, bottom, left, right = encoding.padded
+        out["image_size"] = np.array(
+            [encoding.model_input[0] - top - bottom, encoding.model_input[1] - left - right], dtype=np.int64
+        )
+    return out  # resize mode: every image is resized to the native size; the size mode says it all
 
 
 def _options(

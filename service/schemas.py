@@ -194,7 +194,8 @@ class EncodeForm(EncodeOptionsForm):
     start: bytes | None = Field(
         None,
         description="a warm start: an .npz of a previous result's latent_1..latent_L, shaped as that response gave "
-        "them (not with init)",
+        "them, with or without a leading axis of 1 (pc-encode's encoding.npz too); refused where its optional "
+        "size_mode / image_size arrays differ from this image's (not with init)",
     )
 
 

@@ -184,6 +184,33 @@ def test_a_warm_start_from_an_npz(client, astronaut64, tmp_path):
     assert refused.value.status == 422 and "start" in refused.value.message
 
 
+@pytest.mark.parametrize(
+    ("mode", "made_from", "used_for"),
+    [("tile", (100, 120), (120, 100)), ("full", (160, 256), (256, 160)), ("resize", (40, 48), (48, 40))],
+)
+def test_an_encodings_start_says_where_it_came_from(client, astronaut, mode, made_from, used_for):
+    """An Encoding as start carries its size mode and image size (pcmodel.starts): the latents of an image of
+    another size whose shapes agree (72 tiles each; the 256 bucket each) are refused, not taken as given."""
+    first = client.encode(png(astronaut[: made_from[0], : made_from[1]]), size_mode=mode, steps=2)
+    same = client.encode(png(astronaut[: made_from[0], : made_from[1]]), size_mode=mode, steps=1, start=first)
+    assert same.init == "given" and same.energy_initial == pytest.approx(first.energy_final, rel=1e-4)
+    other = png(astronaut[: used_for[0], : used_for[1]])
+    if mode == "resize":  # every image is resized to the native size: any size's start fits
+        assert client.encode(other, size_mode=mode, steps=1, start=first).init == "given"
+    else:
+        with pytest.raises(ServiceError) as refused:
+            client.encode(other, size_mode=mode, steps=1, start=first)
+        assert refused.value.status == 422 and "same size" in refused.value.message
+    with pytest.raises(ServiceError) as refused:  # an encoding made in one size mode, used in another
+        client.encode(
+            png(astronaut[: made_from[0], : made_from[1]]),
+            size_mode="resize" if mode != "resize" else "tile",
+            steps=1,
+            start=first,
+        )
+    assert refused.value.status == 422 and "size mode" in refused.value.message
+
+
 # ---- what comes back -------------------------------------------------------------------------------------------
 
 
