@@ -22,11 +22,12 @@ class Part:
     data: bytes
 
 
-def parse_form(body: bytes, content_type: str, max_parts: int) -> dict[str, list[Part]]:
-    """A multipart/form-data body as {field name: [parts in order]}."""
+def parse_form(body: bytes, content_type: str, max_parts: int, file_field: str, expected: str) -> dict[str, list[Part]]:
+    """A multipart/form-data body as {field name: [parts in order]}; `file_field` names the image field and
+    `expected` what the form may hold, for the messages."""
     if not body:
         raise RequestError(
-            400, "missing_field", "the request body is empty: send a multipart form with an `image` file field"
+            400, "missing_field", f"the request body is empty: send a multipart form with an `{file_field}` file field"
         )
     kind, params = parse_options_header(content_type)
     if kind != b"multipart/form-data":
@@ -50,7 +51,7 @@ def parse_form(body: bytes, content_type: str, max_parts: int) -> dict[str, list
         headers.clear()
         chunks.clear()
         if len(parts) >= max_parts:
-            raise RequestError(413, "too_large", f"the form has more than {max_parts} parts")
+            raise RequestError(413, "too_large", f"the form has more than {max_parts} parts; send {expected}")
 
     def on_header_field(data: bytes, start: int, end: int) -> None:
         field_name.extend(data[start:end])

@@ -45,7 +45,9 @@ def read_request(
 ) -> tuple[list[Part], EncodeOptions]:
     """The image parts and the options of an /encode (image_field="image", max_images=1) or
     /encode_batch (image_field="images") form."""
-    form = parse_form(body, content_type, max_parts=max_images + len(OPTION_FIELDS) + 2)
+    images_wanted = "one `image`" if max_images == 1 else f"at most {max_images} `{image_field}` files"
+    expected = f"{images_wanted} and each option field once"
+    form = parse_form(body, content_type, max_images + len(OPTION_FIELDS) + 2, image_field, expected)
     known = (image_field, *OPTION_FIELDS, *((START_FIELD,) if max_images == 1 else ()))
     unknown = sorted(set(form) - set(known))
     if unknown:
@@ -56,11 +58,10 @@ def read_request(
     if not images:
         raise RequestError(400, "missing_field", f"the form has no `{image_field}` field: attach the image file")
     if len(images) > max_images:
-        what = "one `image`" if max_images == 1 else f"at most {max_images} `{image_field}` files"
         raise RequestError(
             413 if max_images > 1 else 400,
             "too_large" if max_images > 1 else "bad_request",
-            f"the form has {len(images)} `{image_field}` parts; send {what}"
+            f"the form has {len(images)} `{image_field}` parts; send {images_wanted}"
             + (" (use /encode_batch for several)" if max_images == 1 else ""),
         )
     values: dict[str, str] = {}

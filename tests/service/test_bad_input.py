@@ -269,6 +269,18 @@ def test_bad_input_is_a_counted_4xx(server, path, make, status, reason):
     assert server.get("/readyz").status_code == 200
 
 
+def test_form_messages_name_the_routes_own_fields(server):
+    """An empty /encode_batch body had been told to send an `image` field, and 40 or more images had lost the
+    message that says how many to send."""
+    empty = server.post("/encode_batch", content=b"", headers={"content-type": "multipart/form-data; boundary=x"})
+    assert empty.status_code == 400 and "`images` file field" in empty.json()["error"]
+    for count in (33, 60):
+        many = server.post("/encode_batch", files=[("images", (f"{i}.png", GOOD)) for i in range(count)])
+        assert many.status_code == 413 and "at most 32 `images` files" in many.json()["error"], many.text
+    twice = server.post("/encode", files=[("image", ("a.png", GOOD))] * 12)
+    assert twice.status_code in (400, 413) and "one `image`" in twice.json()["error"], twice.text
+
+
 def test_url_is_never_fetched(server):
     response = server.post("/encode", files={"image": (None, "http://127.0.0.1:1/never-fetched.png")})
     assert response.status_code == 400
