@@ -6,6 +6,17 @@ pc-serve then supervises the BentoML worker processes (service.supervisor): it r
 dies, stops with exit status 1 and the worker's one-line error when workers fail to start
 MAX_START_FAILURES times in a row, and on SIGTERM stops listening and lets the requests in flight
 finish before it exits. Once the first worker is ready it prints one line with the URL.
+
+Signals: SIGTERM or SIGINT (Ctrl-C) stops pc-serve gracefully, exit status 0, as soon as main() has started
+(Kubernetes sends SIGTERM whenever a pod goes, also right after it started), so this module imports nothing
+heavy (torch, BentoML) before main() has taken the signals over. One that comes before the workers start is
+noted, the check under way finishes (an exception raised inside an import of torch or numpy breaks it), and
+pc-serve stops without starting any worker. A second SIGINT while a worker is still draining (Ctrl-C twice)
+is a forced stop: the requests in flight are cut off and pc-serve exits 130 (see service.supervisor).
+`--check` keeps Python's default signal handling.
+
+Exit statuses: 0 stopped by a signal (drained, or before any worker started) or `--check` passed; 1 workers
+failed to start; 2 a bad setting or checkpoint, or the port taken; 130 a forced stop.
 """
 
 from __future__ import annotations
@@ -14,16 +25,31 @@ import argparse
 import dataclasses
 import logging
 import os
+import signal
 import sys
 import tempfile
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from .settings import Settings, SettingsError
-from .supervisor import StartFailed, Supervisor, WorkerModuleChanged, check_worker_module
+if TYPE_CHECKING:  # imported in main(), after the signals are taken over: settings imports torch (seconds)
+    from .settings import Settings
 
 logger = logging.getLogger(__name__)
 
 SERVICE = "service.service:PCEncoder"
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+
+class _EarlyStop:
+    """pc-serve's SIGTERM/SIGINT handler until the supervisor takes the signals over: notes the first signal."""
+
+    def __init__(self) -> None:
+        self.signal: str | None = None
+
+    def __call__(self, signum: int, frame: object) -> None:
+        if self.signal is None:
+            self.signal = signal.Signals(signum).name
+            logger.info("%s while starting: stopping before any worker starts", self.signal)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -64,6 +90,8 @@ def resolve_model(model: str) -> str:
 
 
 def _writable(variable: str, default: Path) -> Path:
+    from .settings import SettingsError
+
     path = Path(os.environ.get(variable) or default).expanduser().absolute()  # the workers run elsewhere
     try:
         path.mkdir(parents=True, exist_ok=True)
@@ -88,6 +116,30 @@ def public_url(host: str, port: int) -> str:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.check:
+        return _serve(args, None)
+    # Taken over before anything slow (the imports, the checkpoint's check): a signal from now on is a clean stop.
+    early = _EarlyStop()
+    previous = {sig: signal.signal(sig, early) for sig in STOP_SIGNALS}
+    try:
+        return _serve(args, early)
+    finally:
+        for sig, handler in previous.items():
+            if early.signal is None and signal.getsignal(sig) is early:  # nothing ran (a bad setting)
+                signal.signal(sig, handler)  # the caller's handlers back
+            else:  # pc-serve served or was stopped, and is exiting: a signal now (a second Ctrl-C) must not end
+                signal.signal(sig, signal.SIG_IGN)  # it by that signal (Python resets its handlers as it shuts down)
+
+
+def _serve(args: argparse.Namespace, early: _EarlyStop | None) -> int:
+    """pc-serve after its arguments: `early` is the signal handler main() installed (None with --check)."""
+
+    def stopped() -> bool:  # a signal came before the supervisor took the signals over
+        return early is not None and early.signal is not None
+
+    from .settings import Settings
+    from .supervisor import StartFailed, Supervisor, WorkerModuleChanged, check_worker_module
+
     try:
         settings = Settings.from_env(
             model=args.model, host=args.host, port=args.port, workers=args.workers, allow_unstable=args.allow_unstable
@@ -100,7 +152,11 @@ def main(argv: list[str] | None = None) -> int:
         # read-only root filesystem both must point at writable mounts.
         home = _writable("BENTOML_HOME", Path.home() / "bentoml")
         tmp = _writable("TMPDIR", Path(tempfile.gettempdir()))
+        if stopped():
+            return 0
         description = check(settings)
+        if stopped():
+            return 0
         check_worker_module()
     except (
         ValueError,
@@ -111,6 +167,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if args.check:
         print(f"pc-serve: ok: {description}")
+        return 0
+    if stopped():
         return 0
     logger.info(
         "serving %s on http://%s:%d with %d worker(s)", description, settings.host, settings.port, settings.workers
@@ -134,6 +192,8 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as exc:
         print(f"pc-serve: cannot listen on {settings.host}:{settings.port}: {exc.strerror}", file=sys.stderr)
         return 2
+    if stopped():  # before the supervisor took the signals over: it starts no worker, and returns 0
+        supervisor.stopping = True
     try:
         return supervisor.run()
     except StartFailed as exc:

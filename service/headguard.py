@@ -8,6 +8,14 @@ line's method and version) without the head being complete, it answers the same 
 connection, so at most one read (uvicorn reads up to 256 KiB at a time) is ever held beyond the limit.
 HeadLimit stays: it counts the fields, and it holds where this protocol does not run (`bentoml serve`).
 
+It also answers what httptools cannot parse (a request line of garbage, TLS sent to this plain-HTTP port, an
+invalid or repeated Content-Length, Content-Length with chunked encoding, broken chunks) as the service answers
+every other client mistake: 400 with the JSON error body, reason `bad_http`, counted in pc_request_errors_total.
+uvicorn answers those itself, with a plain-text "Invalid HTTP request received.", through the protocol's
+send_400_response, the one method this class replaces for it; the parser's own words for what was wrong
+(e.g. "Duplicate Content-Length") go into the message. A request whose body's framing breaks after its head
+was accepted is marked in its scope, so that BodyGate does not count it again as `disconnected`.
+
 service.worker makes it uvicorn's "auto" protocol in each pc-serve worker (BentoML's worker gives no way to
 choose uvicorn's protocol).
 """
@@ -15,10 +23,12 @@ choose uvicorn's protocol).
 from __future__ import annotations
 
 import json
+import sys
 
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from . import metrics
+from .middleware import BAD_HTTP_KEY
 from .settings import Settings
 
 REQUEST_LINE_SLACK = 64  # the method, the version and the line ends, beyond what HeadLimit counts
@@ -53,16 +63,30 @@ class BoundedHead(HttpToolsProtocol):
         if self._head_bytes > self.max_head_bytes:
             self._refuse()
 
+    def send_400_response(self, msg: str) -> None:
+        """What uvicorn calls when httptools cannot parse the request (`msg` is its generic message): our JSON
+        400, counted, then the connection closes, as uvicorn's plain-text one does."""
+        metrics.count_error("bad_http")
+        error = sys.exc_info()[1]  # uvicorn calls this while it handles the parser's error
+        detail = f" ({error})" if error is not None and str(error) else ""
+        if self.cycle is not None and not self.cycle.response_complete:  # its head was accepted: BodyGate sees it
+            self.cycle.scope[BAD_HTTP_KEY] = True  # end as a disconnect, which it must not count again
+        message = f"the request is not valid HTTP/1.1{detail}; send a well-formed request"
+        self._answer(b"400 Bad Request", "bad_http", message)
+
     def _refuse(self) -> None:
         metrics.count_error("header_too_large")
         message = (
             f"the request head is over {self.max_head_bytes - REQUEST_LINE_SLACK} bytes (PC_MAX_HEADER_BYTES) "
             "and still arriving"
         )
-        body = json.dumps({"error": message, "reason": "header_too_large"}).encode()
-        head = (
-            b"HTTP/1.1 431 Request Header Fields Too Large\r\ncontent-type: application/json\r\n"
-            b"content-length: %d\r\nconnection: close\r\n\r\n" % len(body)
-        )
-        self.transport.write(head + body)
+        self._answer(b"431 Request Header Fields Too Large", "header_too_large", message)
+
+    def _answer(self, status: bytes, reason: str, message: str) -> None:
+        """The service's JSON error body with `status`, then the connection closes."""
+        body = json.dumps({"error": message, "reason": reason}).encode()
+        head = [b"HTTP/1.1 " + status + b"\r\n"]
+        head += [name + b": " + value + b"\r\n" for name, value in self.server_state.default_headers]
+        head.append(b"content-type: application/json\r\ncontent-length: %d\r\nconnection: close\r\n\r\n" % len(body))
+        self.transport.write(b"".join(head) + body)
         self.transport.close()

@@ -23,6 +23,7 @@ ENERGY_BUCKETS = (0.1, 0.3, 1, 3, 10, 30, 100, 300, 1e3, 3e3, 1e4, 3e4, 1e5, 3e5
 # Every value the `reason` label can take (pre-created at 0 so rate() works from the first scrape).
 REASONS = (
     "bad_request",  # not a multipart form, malformed form, unknown field
+    "bad_http",  # not parseable as HTTP/1.1 (garbage or TLS, a bad Content-Length, broken chunks): 400, closed
     "missing_field",  # no image, or an empty body
     "bad_image",  # not an image, truncated, corrupt, a URL string instead of the file
     "too_small",  # a side below the minimum

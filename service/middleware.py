@@ -11,7 +11,8 @@ The bodies held at once are bounded too (service.budget, PC_MAX_INFLIGHT_BYTES):
 twice its size (the bytes and the parsed form's copy) from before it is read until the response
 is sent; Content-Length is charged up front, a streamed body chunk by chunk. Beyond the budget: 503.
 
-A client that disconnects before its body has arrived ends its request at once (counted as `disconnected`).
+A client that disconnects before its body has arrived ends its request at once (counted as `disconnected`;
+a body whose chunked framing broke ends the same way, counted by service.headguard as `bad_http`).
 A body that has not fully arrived within `body_timeout_s` (a slow or stalled client) gets 408,
 counted as reason `timeout`: the client's fault, so neither BentoML's 504 nor a server error.
 
@@ -45,6 +46,7 @@ ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 BODY_KEY = "pc.body"  # scope keys the routes' handlers read
 CONTENT_TYPE_KEY = "pc.content_type"
+BAD_HTTP_KEY = "pc.bad_http"  # set by service.headguard when the body's framing broke: answered, counted there
 
 
 class BodyGate:
@@ -94,7 +96,8 @@ class BodyGate:
                     # The client went away mid-body: end the request now. The answer reaches no one (uvicorn drops
                     # it), but it is the first message BentoML's timeout middleware waits for; without it the
                     # request would live on until PC_REQUEST_TIMEOUT_S, and a SIGTERM drain would wait for it.
-                    metrics.count_error("disconnected")
+                    if not scope.get(BAD_HTTP_KEY):  # else headguard answered 400 `bad_http` and counted it
+                        metrics.count_error("disconnected")
                     await _reply(send, 499, "disconnected", "the client closed the connection before its body arrived")
                     return
                 chunk = message.get("body", b"")

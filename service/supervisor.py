@@ -23,7 +23,15 @@ runs, through service.worker, which bounds request heads as they arrive) under t
   stop pc-serve with exit status 1 and that line, after the other workers have drained.
 - SIGTERM or SIGINT: the supervisor closes its copies of the sockets and passes the signal on;
   each worker's server stops listening, so new connections are refused at once, and finishes the
-  requests in flight before it exits.
+  requests in flight before it exits; then run() returns 0. The supervisor takes the signals over when
+  it is built, before it binds anything: a signal before run() starts no worker (run() returns 0 at once).
+- A second SIGINT while a worker is still draining (Ctrl-C twice) is a forced stop: run() returns
+  FORCED_EXIT (130, 128 + SIGINT, as a shell reports Ctrl-C) instead of 0. A terminal's Ctrl-C reaches the
+  workers too (one process group), and a second one makes each worker's uvicorn stop at once, cutting off
+  its requests in flight; a worker still running FORCED_GRACE_S after it (the SIGINTs were sent to pc-serve
+  alone) is killed. The supervisor does not pass the second SIGINT on: a worker that already has it would
+  get a third while it exits, after uvicorn has given the handler back, and log tracebacks of cancelled
+  requests. A second SIGTERM changes nothing (uvicorn's rule too): the drain goes on.
 """
 
 from __future__ import annotations
@@ -54,6 +62,9 @@ STATE_DIR_VARIABLE = "PCSERVE_STATE_DIR"  # where workers write ready-PID / fail
 ALL_READY = "all-ready"  # in the state directory while every worker has reported ready (service.health)
 MAX_START_FAILURES = 3  # failed worker starts in a row before pc-serve gives up
 POLL_S = 0.2
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+FORCED_EXIT = 128 + signal.SIGINT  # run()'s status after a second SIGINT cut the drain short
+FORCED_GRACE_S = 5.0  # after a forced stop, how long a worker may take to exit before it is killed
 
 
 class StartFailed(RuntimeError):
@@ -153,6 +164,12 @@ class Supervisor:
         bentoml_home: Path,
         on_ready: Callable[[], None] | None = None,
     ) -> None:
+        # The signals first, before anything is bound or created: whatever comes later, run() cleans it up.
+        self.stopping = False
+        self.forced_at: float | None = None  # when a second SIGINT forced the stop
+        self.workers: list[_Worker] = []
+        for sig in STOP_SIGNALS:
+            signal.signal(sig, self._on_signal)
         self.service = service
         self.root = root  # the working directory the service imports from
         self.host, self.port = host, port
@@ -170,22 +187,22 @@ class Supervisor:
         self.name = name
         self.workers = [_Worker(index=i + 1, sock=s) for i, s in enumerate(sockets)]
         self.failures = 0  # failed starts in a row, over all workers
-        self.stopping = False
         self.on_ready = on_ready  # called once, when every worker has reported ready
         self.all_ready = False
 
     def run(self) -> int:
-        """Serve until SIGTERM/SIGINT (returns 0 once every worker has drained) or StartFailed."""
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, self._on_signal)
+        """Serve until SIGTERM/SIGINT (returns 0 once every worker has drained, FORCED_EXIT after a second
+        SIGINT cut the drain short) or StartFailed."""
         try:
             for worker in self.workers:
+                if self.stopping:  # a signal came before (or while) the workers started: start no more
+                    break
                 self._start(worker)
             while not self.stopping:
                 self._check()
                 time.sleep(POLL_S)
             self._drain()
-            return 0
+            return FORCED_EXIT if self.forced_at is not None else 0
         except StartFailed:
             self._drain()  # the workers that did start finish their requests in flight
             raise
@@ -196,7 +213,14 @@ class Supervisor:
     def _on_signal(self, signum: int, frame: object) -> None:
         if not self.stopping:
             logger.info("%s: finishing the requests in flight, then stopping", signal.Signals(signum).name)
-        self.stopping = True
+            self.stopping = True
+        elif signum == signal.SIGINT and self.forced_at is None and any(self._running(w) for w in self.workers):
+            logger.warning("SIGINT again: a forced stop, the requests in flight are cut off")
+            self.forced_at = time.monotonic()  # _wait kills a worker still running FORCED_GRACE_S from now
+
+    @staticmethod
+    def _running(worker: _Worker) -> bool:
+        return worker.process is not None and worker.process.poll() is None
 
     def _start(self, worker: _Worker) -> None:
         if worker.sock.fileno() == -1:  # closed when its last worker exited: a fresh one, not listening yet
@@ -268,9 +292,22 @@ class Supervisor:
                 worker.process.send_signal(signal.SIGTERM)
         for worker in self.workers:
             if worker.process is not None:
-                worker.process.wait()
+                self._wait(worker.process)
                 multiprocess.mark_process_dead(worker.process.pid, str(self.metrics_dir))
         logger.info("every worker has stopped")
+
+    def _wait(self, process: subprocess.Popen) -> None:
+        """Until `process` exits: as long as its requests in flight take, or FORCED_GRACE_S after a forced stop."""
+        while True:
+            try:
+                process.wait(POLL_S)
+                return
+            except subprocess.TimeoutExpired:
+                if self.forced_at is not None and time.monotonic() - self.forced_at > FORCED_GRACE_S:
+                    logger.warning("worker (pid %d) still running after the forced stop: killing it", process.pid)
+                    process.kill()
+                    process.wait()
+                    return
 
     def _kill_all(self) -> None:
         for worker in self.workers:

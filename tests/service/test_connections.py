@@ -3,6 +3,7 @@ client that disconnects mid-body ends its request at once, so an idle server sto
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import queue
@@ -66,6 +67,57 @@ def test_an_endless_head_is_refused_while_it_arrives(server):
     body = json.loads(answer.partition(b"\r\n\r\n")[2])
     assert body["reason"] == "header_too_large" and "still arriving" in body["error"]
     assert metric(server.metrics(), "pc_request_errors_total", reason="header_too_large") == before + 1
+    assert server.get("/livez").status_code == 200
+
+
+def _exchange(port: int, data: bytes) -> bytes:
+    """Send `data` on a fresh connection and read the answer until the server closes it."""
+    answer = b""
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        sock.sendall(data)
+        with contextlib.suppress(ConnectionResetError):
+            while chunk := sock.recv(65536):
+                answer += chunk
+    return answer
+
+
+UNPARSEABLE = [  # what httptools refuses, and its words for it (in the answer's message)
+    (b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03garbage\r\n\r\n", "Invalid method"),  # TLS to plain HTTP
+    (b"POST /encode HTTP/1.1\r\nHost: x\r\nContent-Length: abc\r\n\r\n", "Content-Length"),
+    (b"POST /encode HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\nContent-Length: 6\r\n\r\nhello!", "Duplicate"),
+    (
+        b"POST /encode HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+        "Transfer-Encoding",
+    ),
+    (b"GET /livez HTTP/1.1\r\nHost: x\r\nno colon here\r\n\r\n", "header"),
+    # The head is fine, so the request has started; its chunked body's framing is not.
+    (b"POST /encode HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n", "chunk size"),
+]
+
+
+def test_unparseable_http_gets_the_json_400_counted_as_bad_http(server):
+    """Before: uvicorn's plain-text 400 "Invalid HTTP request received.", counted nowhere. Now the service's JSON
+    error body with reason bad_http, the parser's words in the message, the connection closed, each counted once
+    (the request whose body broke is not counted again as `disconnected`)."""
+    samples = server.metrics()
+    before = metric(samples, "pc_request_errors_total", reason="bad_http")
+    disconnected = metric(samples, "pc_request_errors_total", reason="disconnected")
+    for data, words in UNPARSEABLE:
+        answer = _exchange(server.port, data)
+        head, _, body = answer.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 400 "), answer[:300]
+        assert b"content-type: application/json" in head.lower() and b"connection: close" in head.lower()
+        error = json.loads(body)
+        assert error["reason"] == "bad_http" and "not valid HTTP/1.1" in error["error"], error
+        assert words in error["error"], error
+    deadline = time.monotonic() + 5  # the broken body's request ends asynchronously
+    while metric(server.metrics(), "pc_request_errors_total", reason="bad_http") < before + len(UNPARSEABLE):
+        assert time.monotonic() < deadline, "not every unparseable request was counted"
+        time.sleep(0.1)
+    time.sleep(0.3)
+    samples = server.metrics()
+    assert metric(samples, "pc_request_errors_total", reason="bad_http") == before + len(UNPARSEABLE)
+    assert metric(samples, "pc_request_errors_total", reason="disconnected") == disconnected
     assert server.get("/livez").status_code == 200
 
 
