@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # Build the pc-encoder image with podman and prove it: base image, wheelhouse, build, run, check.
 #
-#   deploy/container.sh build     # base image (if missing) + wheelhouse + image localhost/pc-encoder:cpu
+#   deploy/container.sh build     # base image (if missing) + wheelhouse + image localhost/pc-encoder:0.2.0-cpu
 #   deploy/container.sh check     # build, then run the container read-only and check it from outside
 #   deploy/container.sh verify    # only run and check an image already built
 #   deploy/container.sh base      # only the base image
+#   deploy/container.sh image     # print the image's name and tag
 #
 # Where no base image can be pulled, `base` builds a minimal Debian bookworm (mmdebstrap, from the
 # host's apt sources) and imports it as localhost/pc-base:bookworm; set BASE_IMAGE to use another
@@ -12,14 +13,17 @@
 # packages), mmdebstrap for `base`, and `default_ulimits = []` under [containers] in
 # /etc/containers/containers.conf (podman's default ulimits cannot be set inside this sandbox).
 #
-# Settings (environment): IMAGE (localhost/pc-encoder:cpu), BASE_IMAGE (localhost/pc-base:bookworm),
+# Settings (environment): IMAGE (localhost/pc-encoder:VERSION-cpu, or -gpu with TORCH=cuda; VERSION is
+# pyproject.toml's: docs/DEPLOY.md, "Image tags"), BASE_IMAGE (localhost/pc-base:bookworm),
 # TORCH (cpu|cuda), PYTHON (the Python whose pip builds the wheelhouse; python3), PORT (free port for
 # `check`; 3000), REBUILD_BASE=1 to rebuild the base image even when it exists.
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
-image=${IMAGE:-localhost/pc-encoder:cpu}
-base_image=${BASE_IMAGE:-localhost/pc-base:bookworm}
 torch=${TORCH:-cpu}
+version=$(sed -n 's/^version = "\(.*\)"$/\1/p' "$here/../pyproject.toml" | head -n 1)
+[ "$torch" = cuda ] && variant=gpu || variant=cpu
+image=${IMAGE:-localhost/pc-encoder:$version-$variant}
+base_image=${BASE_IMAGE:-localhost/pc-base:bookworm}
 python=${PYTHON:-python3}
 port=${PORT:-3000}
 podman=(podman --runtime runc)
@@ -101,5 +105,6 @@ case "${1:-}" in
     build) preflight; build_base; build_image ;;
     check) preflight; build_base; build_image; check_image ;;
     verify) preflight; check_image ;;
-    *) echo "usage: $0 base|build|check|verify" >&2; exit 2 ;;
+    image) echo "$image" ;;
+    *) echo "usage: $0 base|build|check|verify|image" >&2; exit 2 ;;
 esac

@@ -9,6 +9,7 @@ and a missing tool fails the test instead.
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import signal
 import socket
@@ -17,7 +18,7 @@ import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import httpx
 import pytest
@@ -63,6 +64,13 @@ def run(command: list[str], timeout: float = 120, **kwargs) -> subprocess.Comple
         f"{' '.join(map(str, command))} exited {result.returncode}:\n{result.stdout}\n{result.stderr}"
     )
     return result
+
+
+def dockerfile_env() -> dict[str, str]:
+    """The ENV of the Dockerfile's final stage."""
+    text = DEPLOY.joinpath("Dockerfile").read_text().split("\nFROM ")[-1]
+    (block,) = re.findall(r"\nENV ((?:.*\\\n)*.*)", text)
+    return dict(re.findall(r"(\w+)=(\S+)", block.replace("\\\n", " ")))
 
 
 def load_yaml_documents(text: str) -> list[dict]:
@@ -119,19 +127,26 @@ class Served:
     process: subprocess.Popen
     log: Path
     grpc_target: str  # the Open Inference Protocol over gRPC
+    home: Path  # its HOME, empty at the start: read-only in the container, so nothing may be written there
 
 
 @pytest.fixture(scope="module")
 def pc_serve(tmp_path_factory) -> Iterator[Served]:
-    """The real service (`pc-serve`, default model) on a free loopback port with its own BENTOML_HOME."""
+    """The real service (`pc-serve`, default model) on a free loopback port with its own BENTOML_HOME, TMPDIR and
+    HOME, and the image's other run-time variables (deploy/Dockerfile: telemetry off, XDG_CACHE_HOME in TMPDIR)."""
     home = tmp_path_factory.mktemp("pc-serve")
-    (home / "tmp").mkdir()
+    for folder in ("tmp", "home"):
+        (home / folder).mkdir()
+    image = dockerfile_env()
     port, grpc_port = free_port(), free_port()  # not gRPC's default 8001, which another server may hold
     env = {
-        **{k: v for k, v in os.environ.items() if not k.startswith("PC_")},
+        **{k: v for k, v in os.environ.items() if not k.startswith(("PC_", "XDG_"))},
         "BENTOML_HOME": str(home / "bentoml"),
-        "BENTOML_DO_NOT_TRACK": "true",
+        "BENTOML_DO_NOT_TRACK": image["BENTOML_DO_NOT_TRACK"],
+        "ORT_DISABLE_TELEMETRY": image["ORT_DISABLE_TELEMETRY"],
         "TMPDIR": str(home / "tmp"),
+        "XDG_CACHE_HOME": str(home / "tmp" / PurePosixPath(image["XDG_CACHE_HOME"]).relative_to(image["TMPDIR"])),
+        "HOME": str(home / "home"),
         "PC_HOST": "127.0.0.1",
         "PC_PORT": str(port),
         "PC_GRPC_PORT": str(grpc_port),
@@ -147,6 +162,6 @@ def pc_serve(tmp_path_factory) -> Iterator[Served]:
     )
     try:
         wait_http(f"http://127.0.0.1:{port}/readyz", 180, process, log)
-        yield Served(f"http://127.0.0.1:{port}", process, log, f"127.0.0.1:{grpc_port}")
+        yield Served(f"http://127.0.0.1:{port}", process, log, f"127.0.0.1:{grpc_port}", home / "home")
     finally:
         stop(process)

@@ -4,26 +4,19 @@ on Kubernetes (read-only root, writable BENTOML_HOME and TMPDIR, no capabilities
 
 from __future__ import annotations
 
-import re
+from pathlib import PurePosixPath
 
 import yaml
 
 from service.settings import Settings, env_name
 
-from .conftest import DEPLOY, PROMETHEUS, require_tool, run
+from .conftest import DEPLOY, PROMETHEUS, dockerfile_env, require_tool, run
 
 COMPOSE = DEPLOY / "compose.yaml"
 
 
 def compose() -> dict:
     return yaml.safe_load(COMPOSE.read_text())
-
-
-def dockerfile_env() -> dict[str, str]:
-    """The ENV of the Dockerfile's final stage."""
-    text = DEPLOY.joinpath("Dockerfile").read_text().split("\nFROM ")[-1]
-    (block,) = re.findall(r"\nENV ((?:.*\\\n)*.*)", text)
-    return dict(re.findall(r"(\w+)=(\S+)", block.replace("\\\n", " ")))
 
 
 def test_docker_compose_validates_the_file():
@@ -74,6 +67,8 @@ def test_the_service_runs_as_on_kubernetes():
     env = dockerfile_env()
     tmpfs = {entry.split(":")[0] for entry in service["tmpfs"]}
     assert {env["BENTOML_HOME"], env["TMPDIR"]} <= tmpfs
+    # Nothing under HOME: caches go to TMPDIR, onnxruntime's telemetry (a device id in ~/.cache) is off.
+    assert PurePosixPath(env["XDG_CACHE_HOME"]).is_relative_to(env["TMPDIR"]) and env["ORT_DISABLE_TELEMETRY"] == "1"
     assert "/readyz" in " ".join(service["healthcheck"]["test"])
     known = {env_name(field) for field in Settings.__dataclass_fields__}
     assert {k for k in service["environment"] if k.startswith("PC_")} <= known

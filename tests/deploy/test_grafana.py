@@ -118,3 +118,17 @@ def test_provisioning_points_at_the_dashboard_and_the_prometheus_of_the_stack():
     assert source["jsonData"]["timeInterval"] == scrape_interval
     # The dashboard's datasource variable offers Prometheus sources, the provisioned one among them.
     assert dash.variables(dash.load())["datasource"]["query"] == source["type"]
+
+
+def test_integer_histograms_show_their_exact_mean_and_call_quantiles_estimates():
+    """Steps per image and batch sizes are whole numbers; histogram_quantile interpolates inside a bucket, so a p95
+    reads between its bounds (batches of 1 read 0.95 with a lowest bound of 1). The mean (_sum / _count) is
+    exact: each such panel shows it, and names its quantiles estimates."""
+    board = dash.load()
+    for metric in ("pc_inference_iterations", "pc_batch_size"):
+        (panel,) = [p for p in dash.panels(board) if any(f"{metric}_bucket" in t["expr"] for t in p.get("targets", []))]
+        exprs = {t["legendFormat"]: t["expr"] for t in panel["targets"]}
+        assert f"{metric}_sum" in exprs["mean"] and f"{metric}_count" in exprs["mean"]
+        quantiles = [legend for legend, expr in exprs.items() if "histogram_quantile" in expr]
+        assert quantiles and all("estimate" in legend for legend in quantiles), quantiles
+        assert "estimate" in panel["description"] and "within 0.5" in panel["description"]

@@ -8,6 +8,7 @@ from __future__ import annotations
 import copy
 import json
 import re
+from pathlib import PurePosixPath
 
 import jsonschema
 import kubernetes_validate
@@ -203,14 +204,16 @@ def test_security_context_allows_a_read_only_root(rendered, overlay):
     assert security["readOnlyRootFilesystem"] is True
     assert security["allowPrivilegeEscalation"] is False
     assert security["capabilities"] == {"drop": ["ALL"]}
-    # What the service writes (BENTOML_HOME, TMPDIR) lies on writable volumes.
+    # What the service writes (BENTOML_HOME, TMPDIR; XDG_CACHE_HOME, any library's cache) lies on writable
+    # volumes, and nothing under HOME: onnxruntime's telemetry, which writes a device id there, is off.
     env = settings_env(rendered[overlay])
     mounts = {m["mountPath"]: m["name"] for m in c["volumeMounts"]}
     volumes = {v["name"]: v for v in pod["volumes"]}
     for variable in ("BENTOML_HOME", "TMPDIR"):
         assert env[variable] in mounts, f"{variable}={env[variable]} is not a mounted volume"
         assert "emptyDir" in volumes[mounts[env[variable]]]
-    assert env["BENTOML_DO_NOT_TRACK"] == "true"
+    assert PurePosixPath(env["XDG_CACHE_HOME"]).is_relative_to(env["TMPDIR"])
+    assert env["BENTOML_DO_NOT_TRACK"] == "true" and env["ORT_DISABLE_TELEMETRY"] == "1"
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)

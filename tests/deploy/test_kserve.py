@@ -2,10 +2,17 @@
 package here (the kserve SDK would replace the service's own fastapi/uvicorn/protobuf), so: the runtime's
 pod is validated by kubernetes-validate (strict) as a Pod, the KServe fields are held to the ones the
 v1beta1/v1alpha1 APIs define, and the parts must agree: the model names the runtime and a format it
-supports, protocol v2, ports and probes on the service's own settings and its v2 health routes."""
+supports, protocol v2, ports and probes on the service's own settings and its v2 health routes. Its
+PodMonitor is validated against the Prometheus Operator's CRD fields, as the base's ServiceMonitor is, and held
+to the runtime's pods and port, the scrape job and relabelling of deploy/prometheus/prometheus.yml."""
 
 from __future__ import annotations
 
+import copy
+import json
+from pathlib import PurePosixPath
+
+import jsonschema
 import kubernetes_validate
 import pytest
 import yaml
@@ -14,10 +21,11 @@ from fastapi import FastAPI
 from service.settings import Settings
 from service.v2_rest import add_routes
 
-from .conftest import K8S
+from .conftest import K8S, PROMETHEUS, SCHEMAS
 from .test_k8s import KUBERNETES_VERSIONS
 
 MANIFEST = K8S / "kserve" / "inferenceservice.yaml"
+POD_MONITOR = K8S / "kserve" / "podmonitor.yaml"
 # The fields of KServe's API types this manifest may use (a misspelt one is an error).
 ISVC_SPEC = {"predictor", "transformer", "explainer"}
 PREDICTOR = {"model", "minReplicas", "maxReplicas", "scaleTarget", "scaleMetric", "terminationGracePeriodSeconds"}
@@ -91,3 +99,59 @@ def test_ports_and_probes_match_the_service(documents):
     assert startup["periodSeconds"] * startup["failureThreshold"] >= 300  # the model loads and warms up
     mounts = {m["mountPath"] for m in container["volumeMounts"]}
     assert {env["BENTOML_HOME"], env["TMPDIR"]} <= mounts and container["securityContext"]["readOnlyRootFilesystem"]
+    # Nothing is written under HOME (docs/DEPLOY.md): caches go to the tmp volume, onnxruntime's telemetry is off.
+    assert PurePosixPath(env["XDG_CACHE_HOME"]).is_relative_to(env["TMPDIR"]) and env["ORT_DISABLE_TELEMETRY"] == "1"
+
+
+@pytest.fixture(scope="module")
+def pod_monitor() -> dict:
+    (monitor,) = [d for d in yaml.safe_load_all(POD_MONITOR.read_text()) if d]
+    return monitor
+
+
+def pod_monitor_validator() -> jsonschema.Draft202012Validator:
+    schema = json.loads((SCHEMAS / "podmonitor.monitoring.coreos.com-v1.json").read_text())
+    jsonschema.Draft202012Validator.check_schema(schema)
+    return jsonschema.Draft202012Validator(schema)
+
+
+def test_pod_monitor_matches_its_crd_fields(pod_monitor):
+    assert pod_monitor["apiVersion"] == "monitoring.coreos.com/v1" and pod_monitor["kind"] == "PodMonitor"
+    errors = [e.message for e in pod_monitor_validator().iter_errors(pod_monitor)]
+    assert not errors, errors
+    broken = copy.deepcopy(pod_monitor)
+    broken["spec"]["podMetricsEndpoints"][0]["metricRelabellings"] = broken["spec"]["podMetricsEndpoints"][0].pop(
+        "metricRelabelings"
+    )
+    assert not pod_monitor_validator().is_valid(broken)
+    broken = copy.deepcopy(pod_monitor)
+    broken["spec"]["endpoints"] = broken["spec"].pop("podMetricsEndpoints")  # a ServiceMonitor's field
+    assert not pod_monitor_validator().is_valid(broken)
+
+
+def test_pod_monitor_scrapes_the_runtime_pods_as_job_pc_encoder(documents, pod_monitor):
+    """KServe labels a predictor's pods serving.kserve.io/inferenceservice=<name> and component=predictor; the
+    job label is that name, the scrape job of deploy/prometheus/prometheus.yml, so the same alerts work."""
+    spec = pod_monitor["spec"]
+    isvc = documents["InferenceService"]["metadata"]["name"]
+    assert spec["selector"]["matchLabels"] == {"serving.kserve.io/inferenceservice": isvc, "component": "predictor"}
+    assert spec["jobLabel"] == "serving.kserve.io/inferenceservice"
+    config = yaml.safe_load((PROMETHEUS / "prometheus.yml").read_text())
+    assert isvc == config["scrape_configs"][0]["job_name"]
+    (endpoint,) = spec["podMetricsEndpoints"]
+    (container,) = documents["ServingRuntime"]["spec"]["containers"]
+    assert endpoint["port"] == container["ports"][0]["name"] and endpoint["path"] == "/metrics"
+    assert endpoint["honorLabels"] is True  # the operator's `endpoint` target label would replace BentoML's
+    base = yaml.safe_load((K8S / "base" / "servicemonitor.yaml").read_text())  # the plain Deployment's
+    (base_endpoint,) = base["spec"]["endpoints"]
+    for timing in ("interval", "scrapeTimeout"):
+        assert endpoint[timing] == base_endpoint[timing]
+    assert pod_monitor["metadata"]["labels"]["release"] == base["metadata"]["labels"]["release"]
+
+
+def test_pod_monitor_relabels_like_the_scrape_config(pod_monitor):
+    names = {"sourceLabels": "source_labels", "targetLabel": "target_label"}
+    rules = pod_monitor["spec"]["podMetricsEndpoints"][0]["metricRelabelings"]
+    translated = [{names.get(k, k): v for k, v in rule.items()} for rule in rules]
+    config = yaml.safe_load((PROMETHEUS / "prometheus.yml").read_text())
+    assert translated == config["scrape_configs"][0]["metric_relabel_configs"]

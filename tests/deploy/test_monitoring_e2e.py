@@ -14,7 +14,7 @@ import subprocess
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import httpx
 import pytest
@@ -23,7 +23,7 @@ from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 
 from . import dashboard as dash
-from .conftest import JOB, K8S, PROMETHEUS, Served, free_port, require_tool, run, stop, wait_http
+from .conftest import JOB, K8S, PROMETHEUS, Served, dockerfile_env, free_port, require_tool, run, stop, wait_http
 
 pytestmark = pytest.mark.slow
 
@@ -282,6 +282,15 @@ def test_the_autoscaling_metric_query_returns_images_per_second(prometheus, pc_s
     result = prometheus.query(expr)
     assert [r["metric"]["instance"] for r in result] == [pc_serve.url.removeprefix("http://")]
     assert finite_values(result)[0] > 0
+
+
+def test_the_service_writes_nothing_under_home(pc_serve, traffic):
+    """The container's HOME is on the read-only root: with the image's environment, after every kind of request
+    (onnxruntime, the CPU backend, wrote its telemetry device id and event queue to ~/.cache/Microsoft)."""
+    assert sorted(str(p.relative_to(pc_serve.home)) for p in pc_serve.home.rglob("*")) == []
+    image = dockerfile_env()
+    cache = pc_serve.home.parent / "tmp" / PurePosixPath(image["XDG_CACHE_HOME"]).relative_to(image["TMPDIR"])
+    assert not (cache / "Microsoft").exists(), "onnxruntime's telemetry is on"
 
 
 def test_prometheus_log_is_clean(prometheus, traffic):

@@ -76,7 +76,7 @@ def test_each_pod_template_is_a_valid_pod_template(job, version):
         for container in spec["containers"]:
             assert container["securityContext"]["allowPrivilegeEscalation"] is False
             env = {e["name"]: e["value"] for e in container.get("env", [])}
-            assert env["RAY_USAGE_STATS_ENABLED"] == "0"
+            assert env["RAY_USAGE_STATS_ENABLED"] == "0" and env["ORT_DISABLE_TELEMETRY"] == "1"
 
 
 def test_the_validator_is_strict_here_too(job):
