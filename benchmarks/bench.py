@@ -32,7 +32,7 @@ from typing import Any
 
 import torch
 
-from pcmodel.cliargs import ArgumentParser, fail, nonnegative_float, positive_int
+from pcmodel.cliargs import ArgumentParser, fail, nonnegative_float, positive_int, thread_count
 from pcmodel.engines import onnxruntime as ort_engine
 
 from .cases import DEFAULT_CASES, check_cases, parse_case
@@ -63,7 +63,10 @@ def main(argv: list[str] | None = None) -> int:
         "--min-time", type=nonnegative_float, default=0.2, help="seconds per timing sample (default: %(default)s)"
     )
     parser.add_argument(
-        "--threads", type=positive_int, default=None, help="torch and onnxruntime threads (default: all cores)"
+        "--threads",
+        type=thread_count,
+        default=None,
+        help="torch and onnxruntime threads, 1 to 1024 (default: all cores)",
     )
     parser.add_argument("--ideas", action="store_true", help="also time the alternatives recorded in PERFORMANCE.md")
     parser.add_argument("--profile", action="store_true", help="also profile the torch backend and onnxruntime")

@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import NoReturn
 
-from .config import MAX_VALUE, ConfigError, ModelConfig, level_shapes
+from .config import MAX_STEPS, MAX_VALUE, ConfigError, ModelConfig, level_shapes
 
 MAX_INT = 2**63 - 1  # torch and numpy take a signed 64-bit integer at most; a larger one overflowed in them
 MAX_SEED = MAX_INT
@@ -36,6 +36,24 @@ def fail(prog: str, message: str) -> int:
     """Report a user's mistake found after parsing: one line on stderr; returns the exit status 2."""
     print(f"{prog}: {' '.join(str(message).split())}", file=sys.stderr)
     return 2
+
+
+def out_of_memory(exc: BaseException) -> bool:
+    """Whether `exc` is an allocation that failed: Python's and numpy's MemoryError, torch's OutOfMemoryError
+    (CUDA) or the RuntimeError of torch's CPU allocator ("can't allocate memory"), not any other error."""
+    if isinstance(exc, MemoryError):
+        return True
+    if not isinstance(exc, RuntimeError):
+        return False
+    text = str(exc).lower()
+    return type(exc).__name__ == "OutOfMemoryError" or "out of memory" in text or "allocate memory" in text
+
+
+def memory_failure(prog: str, message: str) -> int:
+    """Report a run that ran out of memory: one line on stderr; returns the exit status 1 (the machine's
+    limit, not a mistake in the command: the same command may run where more memory is free)."""
+    print(f"{prog}: out of memory {' '.join(str(message).split())}", file=sys.stderr)
+    return 1
 
 
 def _int(text: str, low: int, high: int) -> int:
@@ -58,6 +76,12 @@ def positive_int(text: str) -> int:
 def nonnegative_int(text: str) -> int:
     """An int >= 0 (counts where 0 has a meaning of its own), below 2**63."""
     return _int(text, 0, MAX_INT)
+
+
+def step_count(text: str) -> int:
+    """A count of inference steps T, 1 to MAX_STEPS (pcmodel.config: each step's energy, and in training its
+    state, is kept; a larger count grew memory until the process was killed)."""
+    return _int(text, 1, MAX_STEPS)
 
 
 def thread_count(text: str) -> int:

@@ -45,6 +45,14 @@ NEUTRAL_MODEL_FIELDS = {"solver": "gradient", "momentum": DEFAULT_MOMENTUM, "win
 # (k2 * k2_scale is one float32 step), would not convert at all; nothing that learns sits anywhere near it.
 MAX_VALUE = 1e30
 MAX_CAUSES = 65536  # per position; our models have tens, and far more would not fit in memory
+# Inference steps T, wherever a count of them is given (a config's `steps`, pc-train --infer-steps, pc-analyze's
+# and pc-study's step flags): 20x the most any default asks (pc-analyze's 5,000-step steady state), 8x the
+# longest inference any document records (12,000 steps, docs/PERFORMANCE.md).
+# Each step's energy is kept, and the torch backend (training's) keeps each step's state too: about 7 KiB per
+# input per step for both presets (measured at 1,000 and 2,000 steps), so a batch of 64 at the cap needs about
+# 45 GiB; 10**23 had grown memory until the process was killed. At the cap pc-analyze's settling (250,000
+# states per call) still infers two windows per call.
+MAX_STEPS = 100_000
 
 
 class ConfigError(ValueError):
@@ -238,8 +246,8 @@ class ModelConfig:
         if not levels:
             raise ConfigError("a model needs at least one level")
         _positive(self.k1, "k1")
-        if not isinstance(self.steps, int) or isinstance(self.steps, bool) or self.steps < 1:
-            raise ConfigError(f"steps must be a positive int, got {self.steps!r}")
+        if not isinstance(self.steps, int) or isinstance(self.steps, bool) or not 1 <= self.steps <= MAX_STEPS:
+            raise ConfigError(f"steps must be a positive int, at most {MAX_STEPS}, got {self.steps!r}")
         _choice(self.initial_latents, INITIAL_LATENTS, "initial_latents")
         _choice(self.solver, SOLVERS, "solver")
         if isinstance(self.momentum, bool) or not isinstance(self.momentum, (int, float)) or not 0 <= self.momentum < 1:

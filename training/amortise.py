@@ -139,12 +139,10 @@ class StartJudge:
         return {**out, **self.zero, "tol": self.tol}
 
 
-def amortise_checkpoint(
-    args: Any, model: PCModel, out: Path, photos: list[data.Photo], held_out_photos: list[data.Photo] | None = None
-) -> int:
-    """pc-train --amortise: fit an amortiser to the checkpoint's model, U unchanged; write OUT/model.safetensors."""
+def amortise_options(args: Any, model: PCModel) -> AmortiseOptions:
+    """pc-train --amortise's options: its flags, else the run's saved batch size and scales, else the defaults."""
     saved = model.provenance.get("training", {}).get("options", {}) if isinstance(model.provenance, dict) else {}
-    options = AmortiseOptions(
+    return AmortiseOptions(
         updates=args.updates or AMORTISE_UPDATES,
         batch_size=args.batch_size or int(saved.get("batch_size", 64)),
         infer_steps=args.infer_steps,
@@ -153,6 +151,18 @@ def amortise_checkpoint(
         scales=tuple(args.scales or saved.get("scales", (1.0,))),
         hidden=args.amortise_hidden,
     )
+
+
+def amortise_checkpoint(
+    args: Any,
+    model: PCModel,
+    out: Path,
+    photos: list[data.Photo],
+    held_out_photos: list[data.Photo] | None = None,
+    options: AmortiseOptions | None = None,
+) -> int:
+    """pc-train --amortise: fit an amortiser to the checkpoint's model, U unchanged; write OUT/model.safetensors."""
+    options = amortise_options(args, model) if options is None else options
     weights_before = [w.clone() for w in model.weights]
     sha_before = model.sha256
     sampler = data.PatchSampler(

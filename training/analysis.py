@@ -38,7 +38,16 @@ import torch
 
 import pcmodel
 from pcmodel import PCModel
-from pcmodel.cliargs import ArgumentParser, fail, make_folder, model_source, output_folder, positive_int, thread_count
+from pcmodel.cliargs import (
+    ArgumentParser,
+    fail,
+    make_folder,
+    model_source,
+    output_folder,
+    positive_int,
+    step_count,
+    thread_count,
+)
 
 from . import fields as field_measures
 from . import figures, responses
@@ -150,7 +159,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument(
         "--steps",
-        type=positive_int,
+        type=step_count,
         help="inference steps of every measurement made at the model's steps: the reconstruction, end-stopping's "
         "headline, the distance from the steady state (default: the model's)",
     )
@@ -168,13 +177,13 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument(
         "--end-stopping-steps",
-        type=positive_int,
+        type=step_count,
         help="inference steps for end-stopping's steady state; it is also measured at the model's steps "
         f"(default: max({END_STOPPING_STEPS}, the model's))",
     )
     parser.add_argument(
         "--reference-steps",
-        type=positive_int,
+        type=step_count,
         default=responses.REFERENCE_STEPS,
         help="inference steps taken as the steady state r(infinity) of every level (default: %(default)s)",
     )

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 
 from pcmodel import ConfigError
 from pcmodel.cliargs import MAX_BATCH_SIZE, MAX_SEED
+from pcmodel.config import MAX_STEPS
 
 from . import data
 
@@ -55,8 +56,9 @@ class TrainConfig:
             raise ConfigError(f"batch_size must be at most {MAX_BATCH_SIZE}, got {self.batch_size}")
         if not isinstance(self.seed, int) or not 0 <= self.seed <= MAX_SEED:
             raise ConfigError(f"seed must be an int from 0 to {MAX_SEED}, got {self.seed!r}")
-        if self.infer_steps is not None and (not isinstance(self.infer_steps, int) or self.infer_steps < 1):
-            raise ConfigError(f"infer_steps must be a positive int, got {self.infer_steps!r}")
+        steps = self.infer_steps
+        if steps is not None and (not isinstance(steps, int) or isinstance(steps, bool) or not 1 <= steps <= MAX_STEPS):
+            raise ConfigError(f"infer_steps must be a positive int, at most {MAX_STEPS}, got {steps!r}")
         if not self.scales or not all(0 < s <= 1 for s in self.scales):
             raise ConfigError(f"scales must be factors in (0, 1], got {self.scales}")
         if not isinstance(self.stability_margin, (int, float)) or not 0 < self.stability_margin <= 1:

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 import pcmodel
-from pcmodel.cliargs import ArgumentParser, fail, model_source, positive_float, positive_int
+from pcmodel.cliargs import ArgumentParser, fail, model_source, positive_float, positive_int, step_count
 from pcmodel.solvers import solver_for
 
 
@@ -28,7 +28,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = ArgumentParser(prog="python -m training.served", description=__doc__.split("\n")[0])
     parser.add_argument("checkpoint", type=model_source, help="checkpoint path or shipped model name")
     parser.add_argument("--out", type=Path, required=True, help="where to write the checkpoint (may be the same)")
-    parser.add_argument("--steps", type=positive_int, help="refinement steps (default: unchanged)")
+    parser.add_argument("--steps", type=step_count, help="refinement steps (default: unchanged)")
     parser.add_argument("--init", choices=("zero", "amortised"), help="the start (default: unchanged)")
     parser.add_argument("--solver", choices=pcmodel.SOLVERS, help="the dynamics (default: unchanged)")
     parser.add_argument("--momentum", type=float, help="beta of momentum and nesterov, in [0, 1)")

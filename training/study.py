@@ -40,6 +40,7 @@ from pcmodel.cliargs import (
     output_folder,
     positive_int,
     read_config,
+    step_count,
     thread_count,
 )
 
@@ -116,8 +117,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--controls", action="store_true", help="add the Gaussian-prior run (first seed) and the PCA fields"
     )
-    parser.add_argument("--analysis-steps", type=positive_int, help="inference steps for the held-out error")
-    parser.add_argument("--end-stopping-steps", type=positive_int, help="inference steps for end-stopping")
+    parser.add_argument("--analysis-steps", type=step_count, help="inference steps for the held-out error")
+    parser.add_argument("--end-stopping-steps", type=step_count, help="inference steps for end-stopping")
     parser.add_argument("--random-draws", type=positive_int, default=fields.RANDOM_DRAWS,
                         help="random U2 for the level-2 comparison (default: %(default)s)")  # fmt: skip
     parser.add_argument("--threads", type=thread_count, default=1, help="torch threads (default: %(default)s)")

@@ -34,7 +34,7 @@ import torch.distributed as dist
 
 import pcmodel
 from pcmodel import ConfigError, PCModel
-from pcmodel.cliargs import fail, make_folder
+from pcmodel.cliargs import fail, make_folder, memory_failure, out_of_memory
 
 from . import amortise, data, resume
 from .metrics import error_sums
@@ -470,6 +470,16 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, data.DataError) as exc:
         dist_info.stop()
         return fail("pc-train", str(exc))
+    except (MemoryError, RuntimeError) as exc:
+        if not out_of_memory(exc):
+            raise
+        dist_info.stop()
+        return memory_failure(
+            "pc-train",
+            f"preparing the photos (at scales {', '.join(f'{s:g}' for s in options.scales)}) and "
+            f"{options.held_out_count} held-out windows of {'x'.join(map(str, model.config.input_shape))}: give "
+            "fewer or smaller photos (--data, --held-out) or fewer --scales",
+        )
     if dist_info.is_main:
         log.info(
             "training %s: %d updates of %d inputs, T = %d, k1 = %g, from update %d, %d process(es) -> %s",
@@ -494,6 +504,10 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:  # a second Ctrl-C while the first was being honoured
         log.warning("interrupted again at update %d: quit without saving", state.step)
         return 130
+    except (MemoryError, RuntimeError) as exc:  # TrainingStopped, a RuntimeError too, is caught above
+        if not out_of_memory(exc):
+            raise
+        return memory_failure("pc-train", _memory_advice(state.step + 1, options, trainer.steps, model, args))
     finally:
         dist_info.stop()
     if dist_info.is_main and not args.no_figures and code in (0, 130):
@@ -530,7 +544,33 @@ def _amortise(args, argv: list[str], device: torch.device) -> int:
     error = make_folder(out)
     if error is not None:
         return fail("pc-train", error)
-    return amortise.amortise_checkpoint(args, model, out, photos, held_out)
+    options = amortise.amortise_options(args, model)
+    try:
+        return amortise.amortise_checkpoint(args, model, out, photos, held_out, options)
+    except (MemoryError, RuntimeError) as exc:
+        if not out_of_memory(exc):
+            raise
+        steps = options.infer_steps or amortise.TARGET_STEPS
+        shape = "x".join(map(str, model.config.input_shape))
+        return memory_failure(
+            "pc-train",
+            f"fitting the amortiser (hidden {options.hidden}, batches of {options.batch_size} inputs of {shape}, "
+            f"T = {steps} inference steps): lower --amortise-hidden (now {options.hidden}), --batch-size (now "
+            f"{options.batch_size}) or --infer-steps (now {steps})",
+        )
+
+
+def _memory_advice(update: int, options: TrainConfig, steps: int, model: PCModel, args: Any) -> str:
+    """Where a run ran out of memory and what to lower: memory grows with the batch times the inference steps
+    (the torch backend keeps each step's state: pcmodel.config.MAX_STEPS)."""
+    shape = "x".join(map(str, model.config.input_shape))
+    where = f"at update {update} (batches of {options.batch_size} inputs of {shape}, T = {steps} inference steps)"
+    if args.resume is not None:
+        return (
+            f"{where}: --resume keeps the run's --batch-size and --infer-steps, so free memory, or start a new run "
+            "with lower ones"
+        )
+    return f"{where}: lower --batch-size (now {options.batch_size}) or --infer-steps (now {steps})"
 
 
 def run_name(name: str) -> str:

@@ -25,6 +25,7 @@ from pcmodel.cliargs import (
     positive_int,
     random_seed,
     read_config,
+    step_count,
     thread_count,
 )
 
@@ -164,8 +165,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--infer-steps",
         metavar="T",
-        type=positive_int,
-        help="inference steps T per batch (default: the model's steps; with --amortise: 100 plain gradient steps)",
+        type=step_count,
+        help="inference steps T per batch, at most 100000 (default: the model's steps; with --amortise: 100 plain "
+        "gradient steps)",
     )
     parser.add_argument(
         "--seed", metavar="S", type=random_seed, help="seed for the initial weights and the batches (default: 0)"

@@ -4,6 +4,9 @@ the notebook-style reference it measures against is the mathematics (autograd = 
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -17,6 +20,8 @@ from benchmarks.runners import configure_engine
 from pcmodel import PCModel
 
 from .conftest import KINDS, tiny_config
+
+ROOT = Path(__file__).resolve().parents[2]
 
 RESULT_FIELDS = {
     "max_abs_diff", "one_off_seconds", "samples", "ms", "ms_median", "spread", "images_per_s",
@@ -61,6 +66,21 @@ def test_pc_bench_table_and_its_errors(capsys):
     assert parse_case(DEFAULT_CASES[2]).size == (128, 128)
     assert main(["--case", "conv-rgb:33x32:1", "--steps", "1", "--rounds", "1", "--peak-size", "64"]) == 2
     assert "does not tile" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("threads", ["1025", "1000000"])
+def test_pc_bench_refuses_a_thread_count_out_of_range_in_one_line(threads):
+    """--threads is pcmodel.cliargs.thread_count, 1 to 1024, as every other command's: a million had been taken and
+    handed to torch.set_num_threads, which crashes the process (SIGSEGV). A real run of the command, in a process of
+    its own; the case is tiny, so that without the bound it would end at once rather than time a while."""
+    argv = ["--threads", threads, "--case", "rao-ballard-1999:16x26:1", "--steps", "1", "--rounds", "1"]
+    argv += ["--min-time", "0", "--peak-size", "64", "--backends", "reference", "--json"]
+    done = subprocess.run(
+        [sys.executable, "-m", "benchmarks.bench", *argv], cwd=ROOT, capture_output=True, text=True, timeout=300
+    )
+    err = done.stderr.strip().splitlines()
+    assert done.returncode == 2 and len(err) == 1, (done.returncode, done.stderr[-2000:])
+    assert err[0].startswith(f"pc-bench: argument --threads: must be at most 1024, got {threads}")
 
 
 @pytest.mark.parametrize(("kind", "prior"), [(k, p) for k in KINDS for p in pcmodel.PRIORS])

@@ -16,6 +16,7 @@ from safetensors.torch import save as save_safetensors
 import pcmodel
 from pcmodel import CheckpointError
 from pcmodel.checkpoint import load as load_checkpoint
+from pcmodel.config import MAX_STEPS
 
 
 @pytest.fixture(params=sorted(pcmodel.PRESETS))
@@ -174,6 +175,18 @@ def test_invalid_config(tmp_path):
     data["levels"][0]["sigma2"] = -1
     path = write_checkpoint(tmp_path / "c.safetensors", model, config=json.dumps(data))
     expect(path, "invalid model config: sigma2 must be a positive")
+
+
+def test_a_config_asking_more_inference_steps_than_the_cap_is_invalid(tmp_path):
+    """steps is checked on loading like every other config value (10**23 had grown memory until killed); a model at
+    the cap still saves and loads."""
+    at_cap = pcmodel.create(pcmodel.get_preset("conv-rgb").replace(steps=MAX_STEPS))
+    at_cap.save(tmp_path / "cap.safetensors")
+    assert pcmodel.load(tmp_path / "cap.safetensors").config.steps == MAX_STEPS
+    data = json.loads(at_cap.config.to_json())
+    data["steps"] = 10**23
+    path = write_checkpoint(tmp_path / "s.safetensors", at_cap, config=json.dumps(data))
+    expect(path, f"invalid model config: steps must be a positive int, at most {MAX_STEPS}, got {10**23}")
 
 
 def test_tampered_weights(tmp_path):

@@ -8,7 +8,7 @@ import pytest
 
 import pcmodel
 from pcmodel import ConfigError, LevelConfig, ModelConfig
-from pcmodel.config import level_shapes, valid_sizes
+from pcmodel.config import MAX_STEPS, level_shapes, valid_sizes
 
 from .conftest import KINDS, tiny_config
 
@@ -100,6 +100,12 @@ def test_bad_model_settings():
         conv.replace(initial_latents="random")
     with pytest.raises(ConfigError, match="steps must be a positive int"):
         conv.replace(steps=0)
+    assert conv.replace(steps=MAX_STEPS).steps == MAX_STEPS == 100_000
+    for steps in (MAX_STEPS + 1, 10**23):  # each step's energy is kept: 10**23 had grown memory until killed
+        with pytest.raises(ConfigError, match=f"steps must be a positive int, at most {MAX_STEPS}, got {steps}"):
+            conv.replace(steps=steps)
+        with pytest.raises(ConfigError, match=f"at most {MAX_STEPS}"):
+            ModelConfig.from_dict({**conv.to_dict(), "steps": steps})
     with pytest.raises(ConfigError, match="unknown preset 'cifar'; presets: rao-ballard-1999, conv-rgb"):
         pcmodel.get_preset("cifar")
 

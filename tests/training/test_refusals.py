@@ -1,9 +1,15 @@
 """pc-train, pc-analyze and pc-study refuse out-of-range numbers, broken configs, unwritable output folders and
-damaged checkpoints in one line on stderr with exit status 2, before any work (each had been a traceback)."""
+damaged checkpoints in one line on stderr with exit status 2, before any work (each had been a traceback).
+
+A count of inference steps beyond pcmodel.config.MAX_STEPS is one of them: each step's energy (and in training its
+state) is kept, so 10**23 had grown memory until the process was killed. Those cases add --print-config (pc-train)
+or an --out that cannot be written (pc-analyze, pc-study), refused later than the count, so that without the cap
+they end at once, in another way, rather than start the long run."""
 
 from __future__ import annotations
 
 import copy
+import json
 import os
 from pathlib import Path
 
@@ -11,12 +17,14 @@ import pytest
 
 import pcmodel
 from pcmodel import LearningConfig
+from pcmodel.config import MAX_STEPS
 from training import analysis, study
 from training.train import main
 
 from .conftest import FAST, TINY
 
 HUGE = "99999999999999999999999"  # past 2**64: overflowed torch and numpy
+TOO_MANY_STEPS = str(MAX_STEPS + 1)
 
 
 def _one_line(capsys, call, prog: str) -> str:
@@ -45,7 +53,9 @@ def paths(tmp_path: Path) -> dict[str, str]:
         file.truncate(2 * 1024 * 1024)
     afile = tmp_path / "afile"
     afile.write_text("x")
-    return {"deep": str(deep), "big": str(big), "under_file": str(afile / "sub")}
+    many_steps = tmp_path / "many-steps.json"
+    many_steps.write_text(json.dumps({**TINY.to_dict(), "steps": 10**23}))
+    return {"deep": str(deep), "big": str(big), "under_file": str(afile / "sub"), "many_steps": str(many_steps)}
 
 
 TRAIN_CASES = [
@@ -68,6 +78,11 @@ TRAIN_CASES = [
     (["--config", "{big}"], "few KB"),
     (["--out", ""], "--out"),
     (["--out", "{under_file}"], "--out"),
+    (["--infer-steps", TOO_MANY_STEPS, "--print-config"], "--infer-steps"),
+    (["--infer-steps", str(10**18), "--print-config"], "--infer-steps"),
+    (["--set", "steps=" + TOO_MANY_STEPS, "--print-config"], "steps must be a positive int, at most 100000"),
+    (["--set", "steps=" + HUGE, "--print-config"], "steps must be a positive int, at most 100000"),
+    (["--config", "{many_steps}", "--print-config"], "steps must be a positive int, at most 100000"),
 ]
 
 
@@ -92,6 +107,9 @@ ANALYZE_CASES = [
     (["--out", ""], "--out"),
     (["--out", "{under_file}"], "--out"),
     (["--out", "/proc/x"], "--out /proc/x"),  # its folder exists but nothing can be made in it
+    (["--steps", TOO_MANY_STEPS, "--out", "/proc/x"], "--steps"),
+    (["--end-stopping-steps", TOO_MANY_STEPS, "--out", "/proc/x"], "--end-stopping-steps"),
+    (["--reference-steps", TOO_MANY_STEPS, "--out", "/proc/x"], "--reference-steps"),
 ]
 
 
@@ -116,6 +134,10 @@ STUDY_CASES = [
     (["--out", ""], "--out"),
     (["--out", "{under_file}"], "--out"),
     (["--out", "/proc/x"], "--out /proc/x"),
+    (["--analysis-steps", TOO_MANY_STEPS, "--out", "/proc/x"], "--analysis-steps"),
+    (["--end-stopping-steps", TOO_MANY_STEPS, "--out", "/proc/x"], "--end-stopping-steps"),
+    (["--set", "steps=" + TOO_MANY_STEPS, "--out", "/proc/x"], "at most 100000"),
+    (["--grid", f"steps=10,{TOO_MANY_STEPS}", "--out", "/proc/x"], "--grid steps"),
 ]
 
 
@@ -175,3 +197,15 @@ def test_resume_of_a_damaged_training_record_is_one_line(tmp_path, trained, caps
     model.save(path, {"training": training})
     line = _one_line(capsys, lambda: main(["--resume", str(path), "--updates", "4", *FAST[4:]]), "pc-train")
     assert "training record is damaged" in line and str(path) in line
+
+
+def test_resume_of_a_record_with_too_many_inference_steps_is_one_line(tmp_path, trained, capsys):
+    """A record whose infer_steps is past the cap (an edited file) is damaged like any other bad value. The run is
+    at update 2 and --updates 2 asks nothing more, so without the check it would end at once ("nothing to do")."""
+    model = pcmodel.load(trained)
+    training = copy.deepcopy(model.provenance["training"])
+    training["options"]["infer_steps"] = 10**23
+    path = tmp_path / "model.safetensors"
+    model.save(path, {"training": training})
+    line = _one_line(capsys, lambda: main(["--resume", str(path), "--updates", "2", *FAST[4:]]), "pc-train")
+    assert "training record is damaged" in line and "infer_steps must be a positive int, at most 100000" in line

@@ -67,6 +67,7 @@ def test_served_sets_level_steps_and_the_gradient_clears_them(tmp_path, capsys):
         ["--momentum", "1.5"],
         ["--solver", "newton"],
         ["--steps", "0"],
+        ["--steps", "100001"],  # past pcmodel.config.MAX_STEPS
         ["--window", "0"],
         ["--solver", "anderson", "--window", "9"],
     ],
