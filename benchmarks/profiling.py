@@ -24,8 +24,9 @@ from .timing import time_call
 
 def profile_case(case: Case, steps: int) -> dict[str, Any]:
     """Where the time goes: torch backend operators and onnxruntime nodes, per step."""
-    import onnxruntime as ort
     from torch.profiler import ProfilerActivity, profile
+
+    ort = ort_engine.import_onnxruntime()
 
     model = pcmodel.load(case.model).with_dynamics(init="zero", solver="gradient")  # the paper's, as peers run
     x = torch.rand((case.batch, model.config.input_shape[0], *case.size)) * 2 - 1

@@ -107,8 +107,7 @@ def runners(model: pcmodel.PCModel, x: torch.Tensor, steps: int, names: list[str
 
 def _ort_runner(model: pcmodel.PCModel, x: torch.Tensor, steps: int, name: str, level: str | None = None) -> Runner:
     """onnxruntime with its one-off costs measured apart: plan, graph build ("export"), session."""
-    import onnxruntime as ort
-
+    ort = ort_engine.import_onnxruntime()
     hw = (int(x.shape[-2]), int(x.shape[-1]))
     start = time.perf_counter()
     plan = plans.make_plan(model.config, model.params, hw, torch.float32, torch.device("cpu"))

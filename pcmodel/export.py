@@ -114,8 +114,9 @@ def check_file(
     in [-1, 1] (and, for a file with `r0_*` inputs, random starting latents). Inputs far outside the range of
     preprocessed images (e.g. Gaussian noise) can send Anderson's long runs, in float32, to different
     minima of the Cauchy prior's non-convex energy on different backends (docs/PERFORMANCE.md)."""
-    import onnxruntime as ort
+    from .engines.onnxruntime import import_onnxruntime
 
+    ort = import_onnxruntime()
     generator = torch.Generator().manual_seed(seed)
     x = torch.rand((batch, model.config.input_shape[0], *hw), generator=generator) * 2 - 1  # preprocessed inputs' range
     feed = {"x": x.numpy()}

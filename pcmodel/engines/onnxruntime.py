@@ -57,7 +57,7 @@ class OrtSessions:
         """The session with `threads` intra-op threads (made on first use)."""
         found = self.sessions.get(threads)
         if found is None:
-            import onnxruntime as ort
+            ort = import_onnxruntime()
 
             options = ort.SessionOptions()
             options.intra_op_num_threads = threads
@@ -141,7 +141,7 @@ class OrtGuess:
     """
 
     def __init__(self, levels: Sequence[Level], params: Mapping[str, torch.Tensor], threads: int) -> None:
-        import onnxruntime as ort
+        ort = import_onnxruntime()
 
         from .onnx_graph import build_guess_graph
 
@@ -173,9 +173,19 @@ def _shard_pool(workers: int) -> ThreadPoolExecutor:
     return ThreadPoolExecutor(workers, thread_name_prefix="pcmodel-ort-shard")
 
 
+def import_onnxruntime() -> Any:
+    """The onnxruntime module, imported with its telemetry off unless the environment says otherwise
+    (ORT_DISABLE_TELEMETRY): it would write a device id and an event database under ~/.cache (read-only in the
+    container) and log a warning at every session where it cannot. Read when onnxruntime is first imported."""
+    os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")
+    import onnxruntime as ort
+
+    return ort
+
+
 def ort_optimization(kind: str) -> Any:
     """The graph optimisation level per plan kind (measured in pc-bench, docs/PERFORMANCE.md)."""
-    import onnxruntime as ort
+    ort = import_onnxruntime()
 
     level = ort.GraphOptimizationLevel
     # The NCHWc layout pass of ORT_ENABLE_ALL wraps every small convolution in layout reorders, which

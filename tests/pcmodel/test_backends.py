@@ -345,3 +345,28 @@ def test_cuda_reduced_precision_runs_and_stays_close(precision, generator):
     expected = model.infer(x, backend="loop")
     worst = max(float((a - b).abs().max()) for a, b in zip(result.latents, expected.latents))
     assert worst < 5e-2
+
+
+_ORT_RUN = """
+import torch, pcmodel
+model = pcmodel.load("default")
+model.infer(torch.zeros(1, *model.config.input_shape), steps=2, backend="onnxruntime")
+"""
+
+
+@pytest.mark.parametrize("telemetry", [None, "0"])
+def test_onnxruntime_writes_nothing_under_home_unless_telemetry_is_asked_for(tmp_path, telemetry):
+    """onnxruntime's telemetry, on by default, writes a device id and an event database under ~/.cache (a
+    read-only root in the container) and sends usage events: pcmodel turns it off unless the environment asks."""
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k not in ("ORT_DISABLE_TELEMETRY", "XDG_CACHE_HOME")}
+    env |= {"HOME": str(tmp_path), **({"ORT_DISABLE_TELEMETRY": telemetry} if telemetry else {})}
+    subprocess.run([sys.executable, "-c", _ORT_RUN], env=env, check=True, timeout=300, capture_output=True)
+    written = sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*") if p.is_file())
+    if telemetry is None:
+        assert written == [], written
+    else:  # the check can fail: asked for, onnxruntime writes its files
+        assert any("onnxruntime" in p for p in written), written

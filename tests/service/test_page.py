@@ -265,7 +265,6 @@ def test_the_latest_photo_wins_and_the_stepper_asks_what_ran(server, browser, tm
     page.close()
 
 
-
 def phone_page_shows(browser, url: str, photo: Path, size_mode: str):
     """A 375 px wide page that has encoded `photo`; asserts the energy plot is drawn at its box's width (not a
     640-wide picture scaled down), no picture's text is under 10 px and the page does not scroll sideways."""
