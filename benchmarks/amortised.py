@@ -21,6 +21,7 @@ import time
 from typing import Any
 
 import pcmodel
+from pcmodel.cliargs import thread_count
 from training import data
 from training.amortise import start_report
 
@@ -84,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.amortised", description=__doc__.split("\n\n")[0])
     parser.add_argument("models", nargs="*", default=["conv-rgb", "rao-ballard-1999"], help="shipped names or paths")
     parser.add_argument("--crops", type=int, default=256, help="held-out crops per model (default: 256)")
-    parser.add_argument("--threads", type=int, default=1, help="torch threads (default: 1)")
+    parser.add_argument("--threads", type=thread_count, default=1, help="torch threads (default: 1)")
     parser.add_argument("--json", action="store_true", help="print the numbers as JSON")
     args = parser.parse_args(argv)
     import torch

@@ -32,7 +32,7 @@ from typing import Any
 
 import torch
 
-from pcmodel.cliargs import ArgumentParser, fail, nonnegative_float, positive_int, thread_count
+from pcmodel.cliargs import ArgumentParser, fail, nonnegative_float, positive_int, step_count, thread_count
 from pcmodel.engines import onnxruntime as ort_engine
 
 from .cases import DEFAULT_CASES, check_cases, parse_case
@@ -52,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
         action="append",
         help="MODEL:HxW:B (repeatable; default: the six cases)",
     )
-    parser.add_argument("--steps", type=positive_int, default=100, help="inference steps T (default: %(default)s)")
+    parser.add_argument("--steps", type=step_count, default=100, help="inference steps T (default: %(default)s)")
     parser.add_argument(
         "--backends",
         default="reference,torch,onnxruntime,numba,cuda-graph,pcx,jax",

@@ -42,6 +42,7 @@ from pcmodel.cliargs import (
     model_source,
     nonnegative_int,
     positive_int,
+    step_count,
 )
 from service.client import server_timing
 
@@ -161,7 +162,7 @@ def main(argv: list[str] | None = None) -> int:
         "--model", type=model_source, default="default", help="checkpoint or name (default: %(default)s)"
     )
     parser.add_argument("--size", type=positive_int, default=64, help="photo side in pixels (default: %(default)s)")
-    parser.add_argument("--steps", type=positive_int, default=100, help="inference steps T (default: %(default)s)")
+    parser.add_argument("--steps", type=step_count, default=100, help="inference steps T (default: %(default)s)")
     parser.add_argument("--size-mode", choices=("resize", "tile", "full"), default=None, help="default: the model's")
     parser.add_argument(
         "--requests", type=positive_int, default=100, help="sequential requests per round (default: %(default)s)"

@@ -29,7 +29,7 @@ from typing import Any
 
 from benchmarks.cases import Case, check_cases, parse_case
 from benchmarks.timing import time_call
-from pcmodel.cliargs import ArgumentParser, fail, nonnegative_float, positive_int
+from pcmodel.cliargs import ArgumentParser, fail, nonnegative_float, positive_int, step_count, thread_count
 
 CASES = [("conv-rgb", (32, 32), 1, False), ("conv-rgb", (32, 32), 32, False), ("conv-rgb", (256, 256), 1, True),
          ("conv-rgb", (256, 256), 4, True), ("rao-ballard-1999", (16, 26), 1, False),
@@ -108,8 +108,8 @@ def run_case(
 
 def main(argv: list[str] | None = None) -> int:
     parser = ArgumentParser(prog="python -m benchmarks.vs_jax", description=__doc__.split("\n")[0])
-    parser.add_argument("--threads", type=positive_int, default=1, help="threads for torch and XLA (default: 1)")
-    parser.add_argument("--steps", type=positive_int, default=100, help="inference steps T (default: 100)")
+    parser.add_argument("--threads", type=thread_count, default=1, help="threads for torch and XLA (default: 1)")
+    parser.add_argument("--steps", type=step_count, default=100, help="inference steps T (default: 100)")
     parser.add_argument("--rounds", type=positive_int, default=7, help="timing rounds (default: 7)")
     parser.add_argument(
         "--min-time", type=nonnegative_float, default=0.2, help="seconds per timing sample (default: 0.2)"

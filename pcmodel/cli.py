@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 import pcmodel
-from pcmodel.cliargs import ArgumentParser, existing_file, fail, model_source, output_folder, positive_int
+from pcmodel.cliargs import ArgumentParser, existing_file, fail, model_source, output_folder, positive_int, step_count
 from pcmodel.collection import DEFAULT_BATCH_SIZE, InputError, is_collection
 from pcmodel.config import has_whole_map_level
 from pcmodel.encode_job import OutputError, WorkerError, WriteError
@@ -94,7 +94,7 @@ def build_parser() -> ArgumentParser:
     parser.add_argument(
         "--model", type=model_source, default="default", help="checkpoint path or name (default: %(default)s)"
     )
-    parser.add_argument("--steps", type=positive_int, default=None, help="inference steps, >= 1 (default: the model's)")
+    parser.add_argument("--steps", type=step_count, default=None, help="inference steps, 1 to 100000 (default: the model's)")
     parser.add_argument(
         "--size-mode",
         choices=tuple(m for m in PLACEMENTS if m != "fit"),

@@ -31,7 +31,7 @@ import torch
 
 import pcmodel
 
-from .cliargs import ArgumentParser, fail, model_source, output_file, positive_int, size_error
+from .cliargs import ArgumentParser, fail, model_source, output_file, positive_int, size_error, step_count
 from .engines.onnx_graph import build_graph
 from .engines.plans import make_plan
 from .model import UnstableStepError
@@ -144,7 +144,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "model", type=model_source, help="checkpoint path or model name (default, conv-rgb, rao-ballard-1999)"
     )
-    parser.add_argument("--steps", type=positive_int, default=None, help="inference steps T (default: the model's)")
+    parser.add_argument("--steps", type=step_count, default=None, help="inference steps T (default: the model's)")
     parser.add_argument("-o", "--output", type=output_file, required=True, help="the .onnx file to write")
     parser.add_argument(
         "--size", type=positive_int, nargs=2, metavar=("H", "W"), help="input size (default: the model's native)"

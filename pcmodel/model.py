@@ -21,7 +21,7 @@ from PIL import Image
 from .amortiser import Amortiser, amortised_latents
 from .checkpoint import content_hash
 from .checkpoint import save as save_checkpoint
-from .config import ConfigError, ModelConfig, has_whole_map_level, level_shapes, weight_shapes
+from .config import MAX_STEPS, ConfigError, ModelConfig, has_whole_map_level, level_shapes, weight_shapes
 from .energy import (
     constrain_weights,
     infer_loop,
@@ -348,8 +348,8 @@ class PCModel:
         `result.backend` names the backend that ran, `result.reason` why, where it is not the rule's first pick.
         """
         steps = self.config.steps if steps is None else int(steps)
-        if steps < 0:
-            raise ValueError(f"steps must be >= 0, got {steps}")
+        if not 0 <= steps <= MAX_STEPS:  # each step's energy is kept: an unbounded count grows memory without end
+            raise ValueError(f"steps must be from 0 to {MAX_STEPS}, got {steps}")
         if tol is not None and not (tol >= 0 and math.isfinite(tol)):
             raise ValueError(f"tol must be a finite number >= 0, got {tol}")
         dynamics = self.solver(solver)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 
 import pytest
+import torch
 
 import pcmodel
 from pcmodel import ConfigError, LevelConfig, ModelConfig
@@ -106,6 +107,9 @@ def test_bad_model_settings():
             conv.replace(steps=steps)
         with pytest.raises(ConfigError, match=f"at most {MAX_STEPS}"):
             ModelConfig.from_dict({**conv.to_dict(), "steps": steps})
+    model = pcmodel.create("conv-rgb")  # model.infer's own steps are bounded the same way
+    with pytest.raises(ValueError, match=f"steps must be from 0 to {MAX_STEPS}, got {MAX_STEPS + 1}"):
+        model.infer(torch.zeros(1, *model.config.input_shape), steps=MAX_STEPS + 1)
     with pytest.raises(ConfigError, match="unknown preset 'cifar'; presets: rao-ballard-1999, conv-rgb"):
         pcmodel.get_preset("cifar")
 
