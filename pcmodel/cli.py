@@ -94,7 +94,9 @@ def build_parser() -> ArgumentParser:
     parser.add_argument(
         "--model", type=model_source, default="default", help="checkpoint path or name (default: %(default)s)"
     )
-    parser.add_argument("--steps", type=step_count, default=None, help="inference steps, 1 to 100000 (default: the model's)")
+    parser.add_argument(
+        "--steps", type=step_count, default=None, help="inference steps, 1 to 100000 (default: the model's)"
+    )
     parser.add_argument(
         "--size-mode",
         choices=tuple(m for m in PLACEMENTS if m != "fit"),
