@@ -16,6 +16,11 @@ send_400_response, the one method this class replaces for it; the parser's own w
 (e.g. "Duplicate Content-Length") go into the message. A request whose body's framing breaks after its head
 was accepted is marked in its scope, so that BodyGate does not count it again as `disconnected`.
 
+And it wraps the application it calls, BentoML's app, in service.endpoints.LabelPaths (one wrapper per worker,
+shared by its connections): a path the service does not have reaches BentoML's request metrics as the one
+label "/(unknown)" instead of itself, so that distinct unknown paths cannot grow the metrics without limit;
+service.endpoints.RestorePath, inside BentoML's app, gives the rest of the app the real path back.
+
 service.worker makes it uvicorn's "auto" protocol in each pc-serve worker (BentoML's worker gives no way to
 choose uvicorn's protocol).
 """
@@ -24,10 +29,12 @@ from __future__ import annotations
 
 import json
 import sys
+from typing import ClassVar
 
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from . import metrics
+from .endpoints import LabelPaths
 from .middleware import BAD_HTTP_KEY
 from .settings import Settings
 
@@ -38,11 +45,16 @@ class BoundedHead(HttpToolsProtocol):
     """HttpToolsProtocol that answers 431 once a head's bytes pass the limit before the head is complete."""
 
     max_head_bytes = Settings.from_env().max_header_bytes + REQUEST_LINE_SLACK
+    _labelled: ClassVar[LabelPaths | None] = None  # the app, wrapped once per worker
 
     def __init__(self, *args: object, **kwargs: object) -> None:
         super().__init__(*args, **kwargs)
         self._head_bytes = 0
         self._in_head = True  # a connection starts with a head
+        outer = BoundedHead._labelled
+        if outer is None or outer.app is not self.app:
+            outer = BoundedHead._labelled = LabelPaths(self.app)
+        self.app = outer  # what uvicorn calls for each request on this connection
 
     def on_message_begin(self) -> None:
         super().on_message_begin()

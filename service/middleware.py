@@ -16,7 +16,8 @@ a body whose chunked framing broke ends the same way, counted by service.headgua
 A body that has not fully arrived within `body_timeout_s` (a slow or stalled client) gets 408,
 counted as reason `timeout`: the client's fault, so neither BentoML's 504 nor a server error.
 
-HeadLimit, outermost, answers 431 to a request head over PC_MAX_HEADER_BYTES or MAX_HEADER_FIELDS fields.
+HeadLimit, outermost (after service.endpoints.RestorePath, which gives the scope its real path back), answers
+431 to a request head over PC_MAX_HEADER_BYTES or MAX_HEADER_FIELDS fields.
 ApiKey, next when PC_API_KEY is set, answers 401 to a request without `Authorization: Bearer <key>`
 before its body is read (the health probes, /metrics and the static pages are open).
 

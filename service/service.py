@@ -12,7 +12,9 @@ OpenAPI document generated from the routes' models, service.openapi) and the Ope
 worker); and BentoML's /livez, /readyz and /metrics. The model loads on a thread
 (service.health), so the probes answer at once: /readyz 503 until the model is loaded, moved to its
 device and warmed up, then 200; /livez 200 unless the load failed or the batcher's task has died (then
-503, so Kubernetes restarts the pod).
+503, so Kubernetes restarts the pod). BentoML's request metrics name a request's path only when it is one of
+these (the served model's own /v2 paths once it has loaded); any other path is "/(unknown)" there
+(service.endpoints, filled here; pc-serve's protocol sets the label, endpoints.RestorePath undoes it).
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ from starlette.responses import JSONResponse, Response
 
 from pcmodel import PCModel
 
-from . import jsonbody, metrics, openapi, schemas, v2_rest
+from . import endpoints, jsonbody, metrics, openapi, schemas, v2, v2_rest
 from .batching import Settled
 from .budget import Budget
 from .errors import refusal
@@ -95,7 +97,7 @@ class PCEncoder:
     def __init__(self) -> None:
         self.settings = SETTINGS
         # Load, move to the device, warm up on a thread: /readyz waits for this.
-        self.pipeline = Pipeline(SETTINGS, ModelLoader(lambda: ModelHost(SETTINGS)), DECODING)
+        self.pipeline = Pipeline(SETTINGS, ModelLoader(_load_host), DECODING)
         _pipelines.append(self.pipeline)
         self.grpc: GrpcServer | None = None  # started on the event loop (start_grpc)
 
@@ -182,6 +184,16 @@ class PCEncoder:
             error = refusal(exc)
             metrics.count_error(error.reason)
             return {"error": error.message, "status": error.status, "reason": error.reason}
+
+
+def _load_host() -> ModelHost:
+    """The worker's model (on the loading thread); its /v2 routes, with its name and version, become known paths
+    (service.endpoints: BentoML's request metrics label them as themselves from now on)."""
+    host = ModelHost(SETTINGS)
+    endpoints.KNOWN.add(
+        endpoints.route_paths(APP.routes, "/v2/models/", name=host.config.name, version=v2.model_version(host))
+    )
+    return host
 
 
 # ---- the routes (typed handlers of APP; the methods above do the work) -----------------------------
@@ -408,7 +420,12 @@ v2_rest.add_routes(APP, lambda: _pipelines[0] if _pipelines else None)
 # it is matched before BentoML's own / (its API browser, which loads a tag manager from another host)
 # and /docs.json, which it replaces.
 PCEncoder.mount_asgi_app(APP, path="/", name="pc-routes")
-PCEncoder.add_asgi_middleware(HeadLimit, max_bytes=SETTINGS.max_header_bytes)  # ours run in this order
+# The paths BentoML's request metrics may name (service.endpoints; the model's /v2 paths once it has loaded):
+# our routes without parameters and the static files; any other path is labelled "/(unknown)".
+endpoints.KNOWN.add(endpoints.route_paths(APP.routes) | {f"/static/{name}" for name in _STATIC_FILES})
+# Ours run in this order. First: the real path back where service.headguard put the label in its place.
+PCEncoder.add_asgi_middleware(endpoints.RestorePath)
+PCEncoder.add_asgi_middleware(HeadLimit, max_bytes=SETTINGS.max_header_bytes)
 # The key is checked before any body is read; a missing key never reaches BodyGate.
 if (_KEY := SETTINGS.secret()) is not None:
     PCEncoder.add_asgi_middleware(ApiKey, key=_KEY)
