@@ -16,6 +16,14 @@ Locally Ray is started for the job with `workers` + 1 CPUs (every CPU taken by a
 data set: the reading tasks need one), no dashboard and no usage reporting; `address` (auto,
 ray://host:port) joins an existing cluster instead, whose nodes must have this package installed and
 see the input files at the same paths (docs/ENCODINGS.md, "On a Ray cluster").
+
+Signals: while `ray.init` runs, SIGINT and SIGTERM are held (a signal that comes is delivered once Ray is up,
+so that Ray is shut down whole: a ray.init cut short leaves its raylet's agents running, orphaned), and the
+handlers that Ray sets meanwhile are not installed where the caller had chosen its own: Ray's SIGTERM handler
+calls sys.exit, which went past pc-encode's clean stop (the process aborted: exit 134, no summary, the
+manifest left `running`). Ctrl-C and SIGTERM then reach this thread as in the local engine, while it waits
+for Ray Data's next rows; a table's rows are written and counted as one step, and Ray is shut down before the
+exception goes on.
 """
 
 from __future__ import annotations
@@ -25,13 +33,15 @@ import json
 import logging
 import os
 import re
+import signal
 import sys
+import threading
 import traceback
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 from . import encodings
 from .collection import BatchEncoder, EncodeSettings, Input, batches
-from .encode_job import ATTEMPTS, DEPTH, Progress, ShardWriter, WorkerError, error_rows
+from .encode_job import ATTEMPTS, DEPTH, Progress, ShardWriter, WorkerError, error_rows, signals_deferred
 
 GROUPS_PER_TASK = 4  # batches per Ray task: Ray Data's cost per task is paid once for this many
 
@@ -131,13 +141,14 @@ def run_ray(
     started = not ray.is_initialized()
     # Ray prints the errors it hears of (a worker that died, a task retried) on stdout, which is --json's.
     with contextlib.redirect_stdout(sys.stderr):
-        if started:
-            common = {"include_dashboard": False, "log_to_driver": False, "logging_level": logging.WARNING}
-            if address:
-                ray.init(address=address, **common)
-            else:
-                ray.init(num_cpus=workers + 1, **common)
         try:
+            if started:
+                common = {"include_dashboard": False, "log_to_driver": False, "logging_level": logging.WARNING}
+                with _signals_held():  # the module docstring
+                    if address:
+                        ray.init(address=address, **common)
+                    else:
+                        ray.init(num_cpus=workers + 1, **common)
             context = ray.data.DataContext.get_current()
             context.enable_progress_bars = False
             target = encodings.schema(levels, settings.outputs)
@@ -165,8 +176,9 @@ def run_ray(
                     if not left.issuperset(paths):  # a batch that came back twice (a retry): its rows once only
                         table = table.filter(pa.array([path in left for path in paths]))
                     left.difference_update(paths)
-                    writer.add(table)
-                    progress.add(table)
+                    with signals_deferred():  # written and counted as one step: the summary's counts are the rows
+                        writer.add(table)
+                        progress.add(table)
                     report(progress)
             except ray.exceptions.RayError as exc:  # the cluster failed the job: one line, the shards stand
                 text = re.sub(r"\x1b\[[0-9;]*m", "", str(exc)).strip()  # Ray colours its messages
@@ -178,3 +190,51 @@ def run_ray(
         finally:
             if started:
                 ray.shutdown()
+
+
+@contextlib.contextmanager
+def _signals_held() -> Iterator[None]:
+    """SIGINT and SIGTERM held while Ray starts (the module docstring): a signal that comes is recorded, and
+    delivered once the handlers are back. The handlers Ray sets meanwhile are recorded, not installed
+    (signal.signal replaced for the while, as Ray's own DeferSigint does for SIGINT); then each signal gets the
+    caller's handler back, or where the caller had none (SIG_DFL) the one Ray set."""
+    if threading.current_thread() is not threading.main_thread():  # only the main thread sets handlers
+        yield
+        return
+    install = signal.signal
+    before = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    came: list[int] = []
+    wanted: dict = {}  # what Ray set
+
+    def hold(signum, frame) -> None:
+        came.append(signum)
+
+    def record(signum, handler):
+        if signum not in before:
+            return install(signum, handler)
+        previous = wanted.get(signum, before[signum])
+        wanted[signum] = handler
+        return previous
+
+    for sig in before:
+        install(sig, hold)
+    signal.signal = record
+    try:
+        yield
+    finally:
+        signal.signal = install
+        error: BaseException | None = None
+        for sig, handler in before.items():
+            chosen = handler is not None and handler != signal.SIG_DFL
+            handler = handler if chosen else wanted.get(sig, signal.SIG_DFL)
+            # signal.signal first runs the handlers of signals come meanwhile: one put back already may raise
+            # here, and the rest must not stay held; that exception goes on once all are back.
+            while signal.getsignal(sig) is not handler:
+                try:
+                    install(sig, handler)
+                except BaseException as exc:
+                    error = error or exc
+        if error is not None:
+            raise error
+        for sig in dict.fromkeys(came):
+            signal.raise_signal(sig)  # to this thread: its handler runs (and raises) here

@@ -1,6 +1,6 @@
 """pc-encode over collections: one row per input in a Parquet data set, read back by pcmodel.encodings,
 pyarrow, pandas and DuckDB; bad files as rows with their reasons; resuming after Ctrl-C, SIGTERM and a
-killed worker; a killed Ray actor and a file that kills its actor every time; a full disk; and the
+killed worker, with either engine; a killed Ray actor and a file that kills its actor every time; a full disk; and the
 mistakes refused in one line before any work.
 
 The model is rao-ballard-1999 (it loads in a tenth of a second) in its tile mode at 3 steps, so each run
@@ -548,6 +548,159 @@ def test_a_ray_actor_killed_mid_run_is_restarted_and_its_batches_redone(many, tm
     local = tmp_path / "local"
     finish([str(many), "--out", str(local), *RAY_KILL], capsys)
     assert pq.read_table(out / "data").sort_by("path").equals(pq.read_table(local / "data").sort_by("path"))
+
+
+def exit_watching(process: subprocess.Popen, timeout: float) -> tuple[str, str, list]:
+    """Wait for `process` to end, gathering every process under it meanwhile (Ray's, those it starts as it
+    stops included): its stdout, stderr and those processes (psutil's, each with its name)."""
+    import psutil
+
+    seen: dict = {}
+    deadline = time.monotonic() + timeout
+    parent = psutil.Process(process.pid)
+    while process.poll() is None:
+        with contextlib.suppress(psutil.Error):
+            for child in parent.children(recursive=True):
+                with contextlib.suppress(psutil.Error):
+                    seen.setdefault(child.pid, (child, child.name()))
+        assert time.monotonic() < deadline, "it did not stop"
+        time.sleep(0.05)
+    stdout, stderr = process.communicate()
+    return stdout, stderr, list(seen.values())
+
+
+def raylet_in(processes: list) -> bool:
+    import psutil
+
+    for p in processes:
+        with contextlib.suppress(psutil.Error):  # one that ended meanwhile
+            if "raylet" in p.name():
+                return True
+    return False
+
+
+def running(processes: list, timeout: float) -> list:
+    """Those of `processes` still running (a zombie counts as ended) after up to `timeout` seconds."""
+    import psutil
+
+    deadline = time.monotonic() + timeout
+    while True:
+        alive = []
+        for p in processes:
+            with contextlib.suppress(psutil.Error):
+                if p.is_running() and p.status() != psutil.STATUS_ZOMBIE:
+                    alive.append(p)
+        if not alive or time.monotonic() > deadline:
+            return alive
+        time.sleep(0.2)
+
+
+# Four Ray tasks of four batches of one image, about a second each: Ray Data hands the driver the rows of a
+# task or two at once, and tasks remain after the first shard.
+RAY_STOP = ["--model", "rao-ballard-1999", "--steps", "2000", "--workers", "1", "--batch-size", "1"]
+RAY_STOP_IMAGES = 16
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "sig, group, when, code",
+    [
+        (signal.SIGINT, True, "shard", 130),
+        (signal.SIGTERM, False, "shard", 143),
+        (signal.SIGTERM, False, "raylet", 143),
+    ],
+    ids=["ctrl-c-to-the-process-group", "sigterm", "sigterm-as-ray-starts"],
+)
+def test_ctrl_c_and_sigterm_stop_a_ray_run_cleanly_and_the_same_command_finishes_it(sig, group, when, code, tmp_path):
+    """As the local engine: exit 130 or 143, the manifest `interrupted`, the JSON summary, the resume line, the
+    rows written kept, and Ray stopped with the run (no process of it left). Ctrl-C goes to the process group,
+    as a terminal sends it (Ray's own processes are in it); SIGTERM to pc-encode alone, as KubeRay stops a head.
+    Were: SIGTERM, taken over by ray.init, an abort (exit 134, no summary, the manifest `running`); a signal
+    while ray.init ran (its raylet up), exit 15 or a crash, and Ray's agents left running."""
+    pytest.importorskip("ray", reason="--engine ray needs the ray extra")
+    psutil = pytest.importorskip("psutil")
+    root = tmp_path / "photos"
+    for i in range(RAY_STOP_IMAGES):
+        photo(root / f"{i:03d}.png", (40, 30), 100 + i)
+    out = tmp_path / "ray"
+    args = [str(root), "--out", str(out), *RAY_STOP, "--shard-rows", "2", "--engine", "ray", "--json"]
+    process = run_cli(args, start_new_session=True)
+    try:
+        if when == "shard":
+            wait_for_shards(out, 1, process, timeout=90)
+        else:  # Ray's raylet started: ray.init goes on for a second or more (agents, the driver's connection)
+            deadline = time.monotonic() + 60
+            while not raylet_in(psutil.Process(process.pid).children(recursive=True)):
+                assert process.poll() is None and time.monotonic() < deadline, "no raylet"
+                time.sleep(0.02)
+        if group:
+            os.killpg(process.pid, sig)
+        else:
+            process.send_signal(sig)
+        stdout, err, ray = exit_watching(process, timeout=60)
+        assert process.returncode == code, err
+        assert "SIGTERM received" not in err
+        summary = json.loads(stdout)
+        assert summary["status"] == "interrupted" and summary["engine"] == "ray"
+        assert json.loads((out / "manifest.json").read_text())["status"] == "interrupted"
+        assert "run the same command again" in err.lower() and "pc-encode " + " ".join(args) in err
+        assert "raylet" in [name for _, name in ray], ray
+        left = running([p for p, _ in ray], timeout=15)
+        assert not left, f"Ray's processes outlived the run: {left}"
+    finally:  # whatever is left of the run's process group (Ray's agents of a failed run), not to outlive the test
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)
+        if process.poll() is None:
+            process.communicate()
+    if when == "raylet":
+        return
+    first = paths_in(out)
+    assert 0 < len(first) < RAY_STOP_IMAGES and len(first) == len(set(first))
+    assert summary["rows"] == summary["encoded"] == len(first)  # what was written is what it counted
+    assert not [p for p in (out / "data").iterdir() if not p.name.endswith(".parquet")]  # no temporary file
+
+    command = [sys.executable, "-m", "pcmodel.cli", *args]
+    again = subprocess.run(command, capture_output=True, text=True, env=ENV, timeout=120)
+    assert again.returncode == 0, again.stderr
+    summary = json.loads(again.stdout)
+    assert summary["status"] == "complete" and summary["encoded"] == RAY_STOP_IMAGES - len(first)
+    assert sorted(paths_in(out)) == [f"{i:03d}.png" for i in range(RAY_STOP_IMAGES)]  # each input once
+
+
+def test_while_ray_starts_signals_are_held_and_the_callers_handlers_stay():
+    """encode_ray._signals_held around ray.init: a handler set meanwhile (Ray's SIGTERM handler, which exits) is
+    not installed over the caller's, and a signal that comes is delivered to the caller's handler at the end;
+    where the caller had none (SIG_DFL), the one set meanwhile stays."""
+    from pcmodel.encode_ray import _signals_held
+
+    class Stop(Exception):
+        pass
+
+    def ours(signum, frame):
+        raise Stop(signum)
+
+    def rays(signum, frame):
+        sys.exit(signum)
+
+    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        signal.signal(signal.SIGTERM, ours)
+        reached = False
+        with pytest.raises(Stop), _signals_held():
+            signal.signal(signal.SIGTERM, rays)  # as ray.init does
+            signal.raise_signal(signal.SIGTERM)
+            time.sleep(0.01)  # its handler would run by now
+            reached = True
+        assert reached and signal.getsignal(signal.SIGTERM) is ours
+        assert signal.getsignal(signal.SIGINT) is previous[signal.SIGINT]
+
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        with _signals_held():
+            signal.signal(signal.SIGTERM, rays)
+        assert signal.getsignal(signal.SIGTERM) is rays
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 # pc-encode --engine ray with an encoder whose process dies (SIGKILL) on any batch holding poison.png.
