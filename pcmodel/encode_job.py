@@ -209,28 +209,52 @@ class ShardWriter:
             return
         import pyarrow as pa
 
-        # Written and forgotten as one step: an interrupt between the two (Ctrl-C as the shard's rename
-        # returned) left the rows to the final flush, which wrote them again (seen in the Ctrl-C test).
+        # An interrupt waits for the shard. The rows are forgotten before they are written all the same: what
+        # raises meanwhile (an interrupt off the main thread, a full disk) leaves them on disk once or not at all (the
+        # same command encodes them again), never to the final flush to write twice.
         with signals_deferred():
+            tables, self.tables, self.rows = self.tables, [], 0
             try:
-                encodings.write_shard(self.folder, pa.concat_tables(self.tables))
+                encodings.write_shard(self.folder, pa.concat_tables(tables))
             except OSError as exc:
                 raise WriteError(exc.errno, exc.strerror or str(exc), str(self.folder / encodings.DATA)) from exc
-            self.tables, self.rows = [], 0
             self.written += 1
 
 
 @contextlib.contextmanager
 def signals_deferred() -> Iterator[None]:
-    """SIGINT and SIGTERM held until the block ends (then delivered), where the platform and thread allow."""
-    if not hasattr(signal, "pthread_sigmask") or threading.current_thread() is not threading.main_thread():
+    """SIGINT and SIGTERM noted during the block and raised again when it ends (from the main thread; elsewhere
+    nothing is held). Their Python handlers are swapped, not the signal mask: pthread_sigmask holds a signal for
+    the calling thread only, the kernel then gives it to another (torch, pyarrow and Ray start some), and Python
+    runs the handler in the main thread all the same, inside the block."""
+    if threading.current_thread() is not threading.main_thread():  # only the main thread sets handlers
         yield
         return
-    held = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+    noted: list[int] = []
+    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    handlers = {sig: h for sig, h in handlers.items() if h is not None}  # None: set outside Python, left alone
     try:
+        for sig in handlers:
+            signal.signal(sig, lambda signum, frame: noted.append(signum))
         yield
     finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, held)
+        _put_back(handlers)
+        for sig in dict.fromkeys(noted):
+            signal.raise_signal(sig)  # to this thread: its handler runs (and raises) here
+
+
+def _put_back(handlers: dict[int, Any]) -> None:
+    """Every handler back, though signal.signal first runs the handlers of signals come meanwhile: one put back
+    already may raise, and the rest must not stay swapped; that exception goes on once all are back."""
+    error: BaseException | None = None
+    for sig, handler in handlers.items():
+        while signal.getsignal(sig) is not handler:
+            try:
+                signal.signal(sig, handler)
+            except BaseException as exc:
+                error = error or exc
+    if error is not None:
+        raise error
 
 
 @dataclass
@@ -340,6 +364,11 @@ def run_local(
     next_id = len(queue)
     pool: list[_Process] = []
 
+    def keep(table) -> None:  # written and counted as one step: the summary's `encoded` are rows on disk
+        with signals_deferred():
+            writer.add(table)
+            progress.add(table)
+
     def start() -> _Process:
         ours, theirs = context.Pipe()
         process = context.Process(target=_worker, args=(theirs, settings, sha256), daemon=True)
@@ -365,8 +394,7 @@ def run_local(
                 cause = f"signal {-code}" if code is not None and code < 0 else f"exit status {code}"
                 message = f"the worker process died ({cause}) encoding this file, twice"
                 table = error_rows(batch, settings, sha256, levels, message, "worker_died")
-                writer.add(table)
-                progress.add(table)
+                keep(table)
         worker.tasks.clear()
         worker.conn.close()
 
@@ -401,8 +429,7 @@ def run_local(
                     task = int.from_bytes(payload[1:9], "little")
                     table = pa.ipc.open_stream(payload[9:]).read_all()
                     del w.tasks[task]
-                    writer.add(table)
-                    progress.add(table)
+                    keep(table)
                     report(progress)
                     continue
                 kind, task, text = json.loads(payload[1:])
@@ -413,8 +440,7 @@ def run_local(
                 elif kind == "failed":
                     batch = w.tasks.pop(task)
                     table = error_rows(batch, settings, sha256, levels, f"encoding failed: {text}", "internal")
-                    writer.add(table)
-                    progress.add(table)
+                    keep(table)
             report(progress)
     finally:
         _stop(pool)
