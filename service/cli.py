@@ -16,7 +16,8 @@ is a forced stop: the requests in flight are cut off and pc-serve exits 130 (see
 `--check` keeps Python's default signal handling.
 
 Exit statuses: 0 stopped by a signal (drained, or before any worker started) or `--check` passed; 1 workers
-failed to start; 2 a bad setting or checkpoint, or the port taken; 130 a forced stop.
+failed to start; 2 a bad setting or checkpoint, the port taken, or a BENTOML_HOME that is not writable or has
+less than supervisor.MIN_FREE_BYTES (16 MiB) free; 130 a forced stop.
 """
 
 from __future__ import annotations
@@ -104,6 +105,24 @@ def _writable(variable: str, default: Path) -> Path:
     return path
 
 
+def _room(home: Path) -> None:
+    """SettingsError unless BENTOML_HOME has MIN_FREE_BYTES free, counting the Prometheus files of an earlier
+    run that the supervisor removes at start (a full disk there killed every worker with SIGBUS)."""
+    from .settings import SettingsError
+    from .supervisor import MIN_FREE_BYTES, free_bytes
+
+    free = free_bytes(home)
+    old = home / "prometheus_multiproc_dir"
+    if free < MIN_FREE_BYTES and old.is_dir():
+        free += sum(p.stat().st_blocks * 512 for p in old.iterdir() if p.is_file())
+    if free < MIN_FREE_BYTES:
+        raise SettingsError(
+            f"BENTOML_HOME={home} has {free} bytes free, less than the {MIN_FREE_BYTES} ({MIN_FREE_BYTES >> 20} MiB) "
+            "pc-serve needs for BentoML's state and the workers' Prometheus files; free space there or give it a "
+            "larger volume"
+        )
+
+
 def public_url(host: str, port: int) -> str:
     """The URL a local browser reaches the service at (all addresses: localhost)."""
     if host in ("0.0.0.0", "::", ""):
@@ -151,6 +170,7 @@ def _serve(args: argparse.Namespace, early: _EarlyStop | None) -> int:
         # BentoML keeps its state and Prometheus files under BENTOML_HOME, uploads under TMPDIR: with a
         # read-only root filesystem both must point at writable mounts.
         home = _writable("BENTOML_HOME", Path.home() / "bentoml")
+        _room(home)
         tmp = _writable("TMPDIR", Path(tempfile.gettempdir()))
         if stopped():
             return 0

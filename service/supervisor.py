@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
 import signal
 import socket
@@ -65,6 +66,11 @@ POLL_S = 0.2
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 FORCED_EXIT = 128 + signal.SIGINT  # run()'s status after a second SIGINT cut the drain short
 FORCED_GRACE_S = 5.0  # after a forced stop, how long a worker may take to exit before it is killed
+# Free space pc-serve needs in BENTOML_HOME to start (service.cli), and below which a worker's death is put down
+# to a full disk. A worker's Prometheus files take ~0.4 MiB after varied traffic (5 files of 64 KiB, the
+# histograms' 128 KiB; the endpoint label is bounded, service.endpoints) and a dead worker's stay until
+# pc-serve restarts: 16 MiB holds 8 workers and dozens of restarts (docs/DEPLOY.md).
+MIN_FREE_BYTES = 16 << 20
 
 
 class StartFailed(RuntimeError):
@@ -142,6 +148,26 @@ def bind_sockets(host: str, port: int, count: int) -> list[socket.socket]:
     return sockets
 
 
+def free_bytes(path: Path) -> int:
+    """Bytes an unprivileged process can still write on `path`'s filesystem."""
+    st = os.statvfs(path)
+    return st.f_bavail * st.f_frsize
+
+
+def disk_note(bentoml_home: Path) -> str:
+    """'' while BENTOML_HOME has MIN_FREE_BYTES free, else a clause naming it and the free bytes."""
+    try:
+        free = free_bytes(bentoml_home)
+    except OSError:
+        return ""
+    if free >= MIN_FREE_BYTES:
+        return ""
+    return (
+        f"; BENTOML_HOME={bentoml_home} is full ({free} bytes free, pc-serve needs {MIN_FREE_BYTES}): "
+        "free space there or give it a larger volume"
+    )
+
+
 def prometheus_dir(bentoml_home: Path) -> Path:
     """BentoML's multiprocess directory, emptied as `bentoml serve` does at every start."""
     path = bentoml_home / "prometheus_multiproc_dir"
@@ -174,6 +200,7 @@ class Supervisor:
         self.root = root  # the working directory the service imports from
         self.host, self.port = host, port
         sockets = bind_sockets(host, port, workers)
+        self.bentoml_home = bentoml_home
         self.metrics_dir = prometheus_dir(bentoml_home)
         self.state_dir = Path(tempfile.mkdtemp(prefix="pc-serve-state-"))
         name = service.rsplit(":", 1)[-1]
@@ -255,12 +282,17 @@ class Supervisor:
             worker.sock.close()  # its backlog is reset now, not left waiting for the replacement
             worker.process = None
             was_ready, worker.ready = worker.ready, False
+            # A worker killed by SIGBUS or failing to start on a full BENTOML_HOME: the log line says so.
+            note = disk_note(self.bentoml_home) if process.returncode != 0 else ""
             if was_ready:
-                logger.warning("worker %d (pid %d) exited (%s); restarting it", worker.index, pid, process.returncode)
+                logger.warning(
+                    "worker %d (pid %d) exited (%s)%s; restarting it", worker.index, pid, process.returncode, note
+                )
                 worker.restart_at = now
                 continue
             self.failures += 1
             error = failed.read_text().strip() if failed.exists() else f"exited with status {process.returncode}"
+            error += note
             logger.error(
                 "worker %d (pid %d) failed to start (%d in a row): %s", worker.index, pid, self.failures, error
             )
