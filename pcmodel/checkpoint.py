@@ -27,6 +27,7 @@ from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
 from .amortiser import Amortiser, AmortiserConfig
+from .atomic import write_bytes
 from .config import ConfigError, ModelConfig
 from .parameters import Params, amortiser_specs, as_params, parameter_specs
 
@@ -103,9 +104,8 @@ def save(
     }
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(save_safetensors(tensors, metadata=metadata))
-    os.replace(tmp, path)  # a crash mid-write never leaves a half-written checkpoint
+    # A crash or a full disk mid-write never leaves a half-written checkpoint, nor a temporary file: the old one stays.
+    write_bytes(path, save_safetensors(tensors, metadata=metadata))
     return sha
 
 

@@ -23,7 +23,17 @@ import numpy as np
 import torch
 
 import pcmodel
-from pcmodel.cliargs import ArgumentParser, existing_file, fail, model_source, output_folder, positive_int, step_count
+from pcmodel.atomic import write_all
+from pcmodel.cliargs import (
+    ArgumentParser,
+    existing_file,
+    fail,
+    model_source,
+    output_folder,
+    positive_int,
+    step_count,
+    write_failure,
+)
 from pcmodel.collection import DEFAULT_BATCH_SIZE, InputError, is_collection
 from pcmodel.config import has_whole_map_level
 from pcmodel.encode_job import OutputError, WorkerError, WriteError
@@ -200,24 +210,24 @@ def encode_one(args: argparse.Namespace) -> int:
         f = placement.fit
         padded = {"padded": np.array([f.top, f.bottom, f.left, f.right])}
     pictures = display_maps(shown, reconstruction, error, model.config.preprocess)
-    try:
+    arrays = {
+        **{f"latent_{i + 1}": r.cpu().numpy() for i, r in enumerate(result.latents)},
+        **{f"level_error_{i + 1}": e.cpu().numpy() for i, e in enumerate(result.errors)},
+        **padded,
+        **geometry(placement.mode, shown.shape[-2:]),  # a warm start from this file is checked against them
+        "input": shown.numpy(),
+        "reconstruction": reconstruction.numpy(),
+        "error": error.numpy(),
+        "energy": result.energy.cpu().numpy(),
+    }
+    names = ("input.png", "reconstruction.png", "error.png", "montage.png")
+    files = [(args.out / n, _png(p)) for n, p in zip(names, [*pictures, montage(pictures)])]
+    files.append((args.out / "encoding.npz", _npz(arrays)))
+    try:  # the five files as one: a full disk leaves none of them written, and any from before as they were
         args.out.mkdir(parents=True, exist_ok=True)
-        for name, picture in zip(("input", "reconstruction", "error"), pictures):
-            picture.save(args.out / f"{name}.png")
-        montage(pictures).save(args.out / "montage.png")
-        np.savez(
-            args.out / "encoding.npz",
-            **{f"latent_{i + 1}": r.cpu().numpy() for i, r in enumerate(result.latents)},
-            **{f"level_error_{i + 1}": e.cpu().numpy() for i, e in enumerate(result.errors)},
-            **padded,
-            **geometry(placement.mode, shown.shape[-2:]),  # a warm start from this file is checked against them
-            input=shown.numpy(),
-            reconstruction=reconstruction.numpy(),
-            error=error.numpy(),
-            energy=result.energy.cpu().numpy(),
-        )
-    except OSError as exc:
-        return fail("pc-encode", f"--out {args.out}: {exc}")
+        write_all(files)
+    except OSError as exc:  # a full disk exits 1, an --out that cannot be written 2
+        return write_failure("pc-encode", f"--out {args.out}", exc, "nothing was written")
     relative = float(error.square().sum() / shown.square().sum().clamp_min(1e-12))
     summary = {
         "model": model.name,
@@ -235,6 +245,16 @@ def encode_one(args: argparse.Namespace) -> int:
     }
     print(json.dumps(summary, indent=2))
     return 0
+
+
+def _png(picture):
+    """A writer (pcmodel.atomic) of a PIL image as PNG."""
+    return lambda f: picture.save(f, format="PNG")
+
+
+def _npz(arrays: dict[str, np.ndarray]):
+    """A writer (pcmodel.atomic) of arrays as an .npz file."""
+    return lambda f: np.savez(f, **arrays)
 
 
 class Stopped(KeyboardInterrupt):
@@ -412,17 +432,24 @@ def _encode_collection(args: argparse.Namespace, argv: list[str], inputs: list, 
             reporter.close()
     seconds = time.monotonic() - started
     try:
-        totals = encodings.counts(args.out)
-        output.write_manifest(
-            status=status,
-            counts={"inputs": len(inputs), **totals, "missing": max(0, len(inputs) - totals["rows"])},
-            seconds=round(seconds, 3),
-            seconds_total=round(output.manifest.get("seconds_total", 0.0) + seconds, 3),
-            engine=engine,
-            workers=workers,
-        )
-    except OSError:
-        totals = {"rows": 0, "done": 0, "failed": 0}
+        totals = encodings.counts(args.out)  # the complete shards: what the summary reports, written or not
+        try:
+            output.write_manifest(
+                status=status,
+                counts={"inputs": len(inputs), **totals, "missing": max(0, len(inputs) - totals["rows"])},
+                seconds=round(seconds, 3),
+                seconds_total=round(output.manifest.get("seconds_total", 0.0) + seconds, 3),
+                engine=engine,
+                workers=workers,
+            )
+        except OSError as exc:  # a full disk at the last write: the run did not finish, though its rows did
+            if status == "complete":  # (a failure or a stop has said so in its own line already)
+                status, code = "failed", 1
+                advice = (
+                    f"the {totals['rows']} rows in {args.out}/{encodings.DATA} are complete, but the manifest says "
+                    f"the run is unfinished: make room and run the same command again to finish: {resume}"
+                )
+                write_failure("pc-encode", f"--out {args.out}", exc, advice)
     finally:
         output.close()
     encoded = progress.finished if progress is not None else 0

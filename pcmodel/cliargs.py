@@ -4,11 +4,15 @@ A user's mistake on the command line is one line on stderr, `prog: what was wron
 allowed`, and exit status 2, never a traceback. The argparse types here run while the arguments are
 parsed, so a bad value fails before a model or a data set is loaded; checks that need the model (an
 input size the hierarchy must tile) go through `fail` once it is loaded, before the real work.
+
+A run that the machine cannot carry (out of memory: `memory_failure`; a full disk, a quota or a disk error
+while writing: `write_failure`) is one line too, naming what ran out and where, and exit status 1.
 """
 
 from __future__ import annotations
 
 import argparse
+import errno
 import os
 import sys
 import tempfile
@@ -54,6 +58,28 @@ def memory_failure(prog: str, message: str) -> int:
     limit, not a mistake in the command: the same command may run where more memory is free)."""
     print(f"{prog}: out of memory {' '.join(str(message).split())}", file=sys.stderr)
     return 1
+
+
+# A write that failed for want of a resource (the disk is full, a quota is reached, a file grew past the file
+# system's limit, the disk failed), not because of the path the user gave: the same command works once there is
+# room. Any other OSError (no such folder, permission denied, a folder where a file should be) is the path's fault.
+RESOURCE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EIO, errno.ENOMEM})
+
+
+def out_of_space(exc: BaseException) -> bool:
+    """Whether `exc` is a write that failed for want of a resource (RESOURCE_ERRNOS), not a mistake in the path."""
+    return isinstance(exc, OSError) and exc.errno in RESOURCE_ERRNOS
+
+
+def write_failure(prog: str, where: str, exc: OSError, advice: str = "") -> int:
+    """Report a file that could not be written: one line on stderr, `prog: where: cannot write FILE (why)`
+    and the advice; returns the exit status: 1 where the disk is full or failed (out_of_space: the machine's
+    limit, as memory_failure), 2 where the path cannot be written (the user's mistake, as fail)."""
+    reason = exc.strerror or str(exc)
+    named = exc.filename and not where.endswith(f" {exc.filename}")  # a file inside `where`, named
+    what = f"cannot write {exc.filename}" if named else "cannot write there"
+    print(f"{prog}: {where}: {what} ({reason}){f'; {advice}' if advice else ''}", file=sys.stderr)
+    return 1 if out_of_space(exc) else 2
 
 
 def _int(text: str, low: int, high: int) -> int:

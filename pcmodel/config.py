@@ -261,7 +261,7 @@ class ModelConfig:
         if level_steps and len(level_steps) != len(levels):
             raise ConfigError(f"level_steps needs one multiplier per level ({len(levels)}), got {self.level_steps!r}")
         if level_steps and self.solver == "gradient":
-            raise ConfigError("the gradient solver is the paper's dynamics: it takes no level_steps")
+            raise ConfigError("the gradient solver takes no level_steps: its per-level steps are k1_scale")
         object.__setattr__(self, "level_steps", level_steps)
         if shape[0] != self.preprocess.channels:
             raise ConfigError(

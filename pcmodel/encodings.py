@@ -19,7 +19,6 @@ pyarrow is imported when a function here first needs it (`pip install predictive
 
 from __future__ import annotations
 
-import contextlib
 import io
 import json
 import os
@@ -30,6 +29,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from .atomic import fsync_folder as _fsync_folder
+from .atomic import write_atomic
 
 DATA = "data"  # the shards' folder inside a data set
 MANIFEST = "manifest.json"
@@ -109,34 +111,6 @@ def table(rows: Sequence[dict[str, Any]], levels: int, outputs: Sequence[str]):
         for f in target
     ]
     return pa.Table.from_arrays(arrays, schema=target)
-
-
-def _fsync_folder(folder: Path) -> None:
-    with contextlib.suppress(OSError):  # not every file system lets a folder be opened
-        fd = os.open(folder, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
-def write_atomic(path: Path, write) -> None:
-    """Call write(file object) on a hidden temporary file beside `path`, fsync it, rename it to `path`.
-
-    A reader sees the whole file or none (the rename is atomic); a failure removes the temporary file.
-    """
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
-        raise
-    _fsync_folder(path.parent)
 
 
 def write_shard(folder: str | os.PathLike[str], data) -> Path:

@@ -31,7 +31,17 @@ import torch
 
 import pcmodel
 
-from .cliargs import ArgumentParser, fail, model_source, output_file, positive_int, size_error, step_count
+from .atomic import write_bytes
+from .cliargs import (
+    ArgumentParser,
+    fail,
+    model_source,
+    output_file,
+    positive_int,
+    size_error,
+    step_count,
+    write_failure,
+)
 from .engines.onnx_graph import build_graph
 from .engines.plans import make_plan
 from .model import UnstableStepError
@@ -78,7 +88,7 @@ def export(
     }.items():
         graph.metadata_props.append(onnx.StringStringEntryProto(key=key, value=value))
     onnx.checker.check_model(graph)
-    Path(path).write_bytes(graph.SerializeToString())
+    write_bytes(path, graph.SerializeToString())  # whole or not at all: a failure leaves the old file as it was
     seconds = time.perf_counter() - start
     summary: dict[str, Any] = {
         "path": str(path),
@@ -171,8 +181,9 @@ def main(argv: list[str] | None = None) -> int:
         summary = export(
             model, steps, args.output, args.size, check=not args.no_check, init=args.init_inputs, solver=args.solver
         )
-    except OSError as exc:
-        return fail("pc-export", f"--output {args.output}: {exc}")
+    except OSError as exc:  # a full disk exits 1, a path that cannot be written 2; the old file, if any, stays
+        kept = "the file there is as it was" if args.output.is_file() else "nothing was written"
+        return write_failure("pc-export", f"--output {args.output}", exc, kept)
     except UnstableStepError as exc:
         return fail("pc-export", f"--solver {args.solver}: {exc}")
     print(json.dumps(summary, indent=2))

@@ -18,7 +18,7 @@ from .kinds import LevelKind
 
 
 def gaussian_window(kernel: tuple[int, int], sigma: float) -> torch.Tensor:
-    """Gaussian window (kh, kw) with peak 1, centred on the patch (float64)."""
+    """Gaussian window (kh, kw), 1 at the patch's centre (between pixels on an even side: sampled peak < 1; float64)."""
     axes = [torch.arange(n, dtype=torch.float64) - (n - 1) / 2 for n in kernel]
     yy, xx = torch.meshgrid(*axes, indexing="ij")
     return torch.exp(-(yy**2 + xx**2) / (2 * sigma**2))

@@ -39,9 +39,10 @@ RAO_BALLARD_1999 = ModelConfig(
         # sigma_td^2, lambda_2, U2's start and its rates are the unit-scale values (sigma_td^2 5,
         # lambda_2 0.003, N(0, 0.01^2), step 1, learning rate 10) rescaled by that factor
         # (docs/TRAINING.md, "Level 2 learns"; sigma_td^2 5 and lambda_2 are deviations from the
-        # paper listed there). Level 2 steps and learns at its own rates: its curvature and the
-        # gradient of U2 differ from level 1's by orders of magnitude, and at one k1 / k2 it would
-        # diverge or not leave its start.
+        # paper listed there). Level 2 learns at its own rate (with the weight-decay level 1, U2 did
+        # not leave its start at one k2) and steps at its own, inherited from that model: not needed
+        # for inference (one k1 for both is stable below 5.8, and 5 settles both as closely:
+        # docs/TRAINING.md, "Per-level rates"); kept because these weights were trained with it.
         LevelConfig(
             causes=128,
             kind="dense",

@@ -73,14 +73,15 @@ class EngineRun:
 
 @dataclass
 class InferenceResult:
-    """What inference returns. Maps are (B, C, H, W); `energy` is (steps + 1, B)."""
+    """What inference returns. Maps are (B, C, H, W); `energy` is (steps + 1, B), fewer rows with `tol` once
+    every image has stopped."""
 
     latents: list[torch.Tensor]  # r_l, level 1 first: (B, causes, H_l, W_l); modules: the module grid
     predictions: list[torch.Tensor]  # level l's prediction of level l-1, level 1 first
     errors: list[torch.Tensor]  # level l-1 minus that prediction (what the energy sums), same layout
     reconstruction: torch.Tensor  # f(U_1 r_1) on the input grid (module levels: overlaps averaged)
     error: torch.Tensor  # x - reconstruction
-    energy: torch.Tensor  # energy per image before the first step and after each step
+    energy: torch.Tensor  # energy per image before the first step and after each step taken (early stop: fewer)
     steps: torch.Tensor  # (B,) int64: steps each image used (< the budget where it stopped early)
     backend: str = "loop"  # the backend that ran: loop | torch | onnxruntime | numba | cuda-graph
     reason: str = ""  # why that backend, where the automatic rule fell back or was overridden

@@ -87,7 +87,7 @@ class Solver:
         object.__setattr__(self, "momentum", float(beta))
         object.__setattr__(self, "level_steps", checked_level_steps(self.level_steps))
         if self.name == "gradient" and self.level_steps:
-            raise ValueError("the gradient solver is the paper's dynamics: it takes no level_steps")
+            raise ValueError("the gradient solver takes no level_steps: its per-level steps are k1_scale")
 
     @property
     def plain(self) -> bool:

@@ -12,8 +12,8 @@ Writes report.md (with PNG figures) and report.json:
   against the zero code (1.0) (training/measurements.py, like F and the steady state).
 - F: end-stopping: every oriented horizontal cell of the centre module that bars drive, its level-1
   error response to bars of every length with the level-2 feedback and without it (the same U_1 with
-  level 2 removed), at three contrasts, at the model's steps and at steady state; the headline cell's
-  mechanism, time course and surround responses (training.responses).
+  level 2 removed), at three contrasts, at the model's steps and after a long run (max(1,000, T) steps of
+  the same dynamics); the headline cell's mechanism, time course and surround responses (training.responses).
 - Steady state: how far each level is, after the model's steps, from its state after many more.
 - The amortised start (where the model has one): the steps it and the zero start need to reach the fixed
   point, and with early stop how many each uses on held-out photos, noise and an unseen texture
@@ -166,9 +166,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--solver",
         choices=pcmodel.SOLVERS,
-        help="the dynamics of every measurement but the time courses (always the paper's): gradient (the "
-        "paper's), momentum, nesterov or anderson with the model's momentum or window (default: the model's served "
-        "dynamics)",
+        help="the dynamics of every measurement but the time courses (always plain gradient steps from zero): "
+        "gradient (the paper's step, at the model's per-level k1_scale), momentum, nesterov or anderson with the "
+        "model's momentum or window (default: the model's served dynamics)",
     )
     parser.add_argument(
         "--init",
@@ -178,7 +178,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--end-stopping-steps",
         type=step_count,
-        help="inference steps for end-stopping's steady state; it is also measured at the model's steps "
+        help="inference steps for end-stopping's long run (`steady` in report.json); it is also measured at the "
+        "model's steps "
         f"(default: max({END_STOPPING_STEPS}, the model's))",
     )
     parser.add_argument(

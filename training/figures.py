@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from pcmodel import PCModel
+from pcmodel.atomic import write_atomic
 from pcmodel.images import display_maps, place
 
 from . import data
@@ -124,7 +125,7 @@ def save(fig: plt.Figure, path: Path) -> Path:
     plt.close(fig)
     buffer.seek(0)
     image = Image.open(buffer).convert("RGB").quantize(256)
-    image.save(path, optimize=True)
+    write_atomic(path, lambda f: image.save(f, format="PNG", optimize=True))  # a full disk leaves no half a PNG
     return path
 
 
@@ -194,7 +195,7 @@ def end_stopping_figure(es: dict, name: str) -> plt.Figure:
         for k, colour in zip(es["contrasts"], ("C2", "C0", "C3")):
             x = [c[key]["index_without"][k] for c in es["cells"]]
             y = [c[key]["index_feedback"][k] for c in es["cells"]]
-            label = f"x{k}, " + ("model's steps" if key == "default" else "steady")
+            label = f"x{k}, " + ("model's steps" if key == "default" else f"{es['steady']['steps']} steps")
             right.scatter(x, y, marker=marker, s=14, color=colour, alpha=0.8, label=label)
     high = max([1.2] + [v for c in es["cells"] for m in ("default", "steady") for v in c[m]["index_feedback"].values()])
     right.axhspan(0, 0.7, xmin=0, xmax=1, color="0.92", zorder=0)
@@ -267,20 +268,21 @@ def level2_measures_figure(result: dict, name: str) -> plt.Figure:
 
 
 def time_course_figure(tc: dict, name: str) -> plt.Figure:
-    """The headline cell's error response against time k1 x steps, served per-level steps vs the single k1."""
+    """The headline cell's error response against time k1 x steps: gradient steps from zero, per-level vs one k1."""
     fig, ax = plt.subplots(figsize=(5, 2.8))
     time = tc["k1"] * np.array(tc["steps"])
     curves = (
-        ("served", f"served (k1_scale {tc['k1_scale']})"),
-        ("single_k1", f"paper's single k1 = {tc['single_k1_value']:g}"),
+        ("served", f"gradient from r = 0, k1_scale {tc['k1_scale']}"),
+        ("single_k1", f"gradient from r = 0, one k1 = {tc['single_k1_value']:g}"),
     )
     for (key, label), style in zip(curves, ("-", "--")):
         for n, colour in zip(tc["lengths"], ("C0", "C3")):
             ax.plot(time, tc[key][str(n)], style, color=colour, lw=1.2, label=f"{n} px bar, {label}")
-    ax.axvline(tc["k1"] * tc["model_steps"], color="0.7", lw=0.8)
+    served_as = f"T = {tc['model_steps']}, served ({tc.get('model_dynamics', 'gradient from zeros')})"
+    ax.axvline(tc["k1"] * tc["model_steps"], color="0.7", lw=0.8, label=served_as)
     ax.set_xscale("symlog", linthresh=max(tc["k1"], 1e-6))  # linear up to one step, then logarithmic
     ax.set_xlim(0, time[-1])
-    ax.set_xlabel("time: k1 × steps (grey line: the model's steps)")
+    ax.set_xlabel("time: k1 × steps")
     ax.set_ylabel("|r − r_td|")
     ax.set_ylim(bottom=0)
     ax.legend(fontsize=6)

@@ -110,13 +110,15 @@ def end_stopping_markdown(es: dict[str, Any] | None) -> list[str]:
         f"feedback drives to at least {responses.DRIVEN:g} of the most driven one's response "
         f"(at {es['selection_steps']} steps), each at its own best bar row. End-stopped: index < "
         f"{responses.END_STOPPED:g} with feedback and ≥ {responses.NOT_END_STOPPED:g} without; the model passes "
-        f"if at least {responses.PASS_SHARE:.0%} of the cells are end-stopped at contrast x1.",
+        f"if at least {responses.PASS_SHARE:.0%} of the cells are end-stopped at contrast x1. Long run: the same "
+        f"dynamics for {es['steady']['steps']} steps (report.json's `steady`), not necessarily the fixed point "
+        "(an accelerated solver can stall short of it on these stimuli).",
         "",
         "| steps | cells | end-stopped share (x" + " / x".join(keys) + ") | median index with feedback | "
         "median without | headline cell | passes |",
         "|---|---|---|---|---|---|---|",
     ]
-    for label, summary in (("model's T", es["summary"]), ("steady", es["steady"])):
+    for label, summary in (("model's T", es["summary"]), ("long run", es["steady"])):
         lines.append(
             f"| {summary['steps']} ({label}) | {summary['cells']} | "
             + " / ".join(f"{summary['share_end_stopped'][k]:.2f}" for k in keys)
@@ -130,7 +132,7 @@ def end_stopping_markdown(es: dict[str, Any] | None) -> list[str]:
         "",
         "Every cell, index with feedback / without, at contrasts x" + ", x".join(keys) + ":",
         "",
-        "| cause | R² | n_x | orientation (°) | bar row | at the model's T | steady |",
+        "| cause | R² | n_x | orientation (°) | bar row | at the model's T | long run |",
         "|---|---|---|---|---|---|---|",
     ]
     for cell in es["cells"]:
@@ -153,10 +155,10 @@ def end_stopping_markdown(es: dict[str, Any] | None) -> list[str]:
         "",
         "![Mechanism](end_stopping_mechanism.png)",
         "",
-        f"Its error response to a short and a long bar against time k1 × steps, with the served per-level steps "
-        f"(k1_scale {es['time_course']['k1_scale']}) and with the paper's single k1 "
-        f"({es['time_course']['single_k1_value']:g} for every level, the largest one step the served steps "
-        "show to be stable):",
+        "Its error response to a short and a long bar against time k1 × steps, under plain gradient steps from "
+        f"r = 0 whatever the model is served with: at its per-level steps (k1_scale {es['time_course']['k1_scale']}) "
+        f"and at one k1 for every level ({es['time_course']['single_k1_value']:g}: the smallest served step, stable "
+        "by construction, not the largest stable one):",
         "",
         "![Time course](end_stopping_time.png)",
         "",
@@ -205,7 +207,8 @@ def steady_state_markdown(ss: dict[str, Any] | None) -> list[str]:
         "|---|" + "---|" * (levels + 1),
         row(f"served steps (k1_scale {ss['k1_scale']})", ss["median_relative_distance"], ss["energy_relative_gap"]),
         row(
-            f"the paper's single k1 = {single['k1']:g}" + (" (the same model)" if single["same_as_served"] else ""),
+            f"the paper's dynamics, one k1 = {single['k1']:g} (gradient from r = 0)"
+            + (" (the same model)" if single["same_as_served"] else ""),
             single["median_relative_distance"],
             single["energy_relative_gap"],
         ),

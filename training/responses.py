@@ -7,7 +7,7 @@ without feedback it is |r| of the same level 1 with level 2 removed (sigma_td^2 
 
     stimuli: bars drawn on a grey canvas, seen through the model's own filter (`stimuli`, `bar_stimuli`,
              `flank_bars`)
-    models:  the served model, the same without feedback, the same at the paper's single k1
+    models:  the served model, the same without feedback, the paper's dynamics with its single k1
              (`without_feedback`, `single_k1`)
     runs:    `centre_responses` (one inference), `end_stopping`, `time_course`, `surround`, and
              `settling` (how far from its steady state each level is after T steps)
@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 from pcmodel import ModelConfig, PCModel
+from pcmodel.config import NEUTRAL_MODEL_FIELDS
 from pcmodel.images import filter_images
 
 from . import data
@@ -78,16 +79,21 @@ def without_feedback(model: PCModel) -> PCModel:
 
 
 def single_k1_value(config: ModelConfig) -> float:
-    """The paper's single inference step for this model: one k1 for every level, the served k1 times the
-    smallest k1_scale below 1. Shrinking any level's step keeps the served (stable) step stable, so this is
-    the largest single step the served model shows to be safe; with every k1_scale >= 1 it is k1 itself."""
+    """One inference step for every level, as in the paper: the served k1 times the smallest k1_scale below 1.
+    Shrinking any level's step keeps the served (stable) step stable, so this single step is safe by
+    construction; it is not the largest stable one (the shipped rao-ballard-1999's bound for one k1 is 5.8, this
+    is 1). With every k1_scale >= 1 it is k1 itself."""
     return config.k1 * min(1.0, *(lv.k1_scale for lv in config.levels))
 
 
 def single_k1(model: PCModel) -> PCModel:
-    """The same model with the paper's single inference step (`single_k1_value`, every k1_scale 1)."""
+    """The paper's dynamics with its single k1: plain gradient steps from r = 0 at `single_k1_value` for every
+    level (every k1_scale 1), whatever solver and start the model is served with."""
     levels = tuple(dataclasses.replace(lv, k1_scale=1.0) for lv in model.config.levels)
-    return _variant(model, model.config.replace(levels=levels, k1=single_k1_value(model.config)))
+    config = model.config.replace(
+        levels=levels, k1=single_k1_value(model.config), initial_latents="zeros", **NEUTRAL_MODEL_FIELDS
+    )
+    return _variant(model, config)
 
 
 def served(model: PCModel) -> PCModel:
@@ -337,17 +343,19 @@ def time_course(
 ) -> dict[str, Any]:
     """The cell's |r - r_td| (with feedback) to a short and a long bar (default: 8 and 26 px) after t steps.
 
-    Under the served per-level steps and under the paper's single k1 (`single_k1_value`); time is
+    At the model's per-level rates (k1_scale) and at one k1 for every level (`single_k1_value`); time is
     k1 x steps for both (the single k1 takes k1 / single k1 times the steps), so the curves share an axis.
-    Always the paper's dynamics (plain gradient steps from zero), whatever the model is served with: the
-    time course is the paper's claim about its dynamics.
+    Always plain gradient steps from zero, whatever the model is served with (`model_dynamics` says how it is):
+    the time course is the paper's claim about its dynamics.
     """
     lengths = [short_bar(model), model.config.input_shape[2]] if lengths is None else list(lengths)
     x = bar_stimuli(model, lengths, [row])
     steps = _step_grid(last)
     single = single_k1_value(model.config)
+    dynamics = f"{model.config.served_solver.label} from {model.config.initial_latents}"  # how it is served
     out: dict[str, Any] = {"k1": model.config.k1, "single_k1_value": single, "steps": steps,
-                           "model_steps": model.config.steps, "lengths": list(lengths)}  # fmt: skip
+                           "model_steps": model.config.steps, "lengths": list(lengths),
+                           "model_dynamics": dynamics}  # fmt: skip
     runs = (("served", served(model), 1.0), ("single_k1", single_k1(model), model.config.k1 / single))
     for name, net, stretch in runs:
         curves = np.zeros((len(lengths), len(steps)))
@@ -429,8 +437,9 @@ def settling(
     """How far each level is from its steady state after `steps` (default: the model's) inference steps.
 
     r(infinity) is the served model's state after `reference_steps`; `reference_check` is the same
-    distance for half as many steps (near 0: the reference has settled). The paper's single k1 (every
-    k1_scale 1) is measured at the same T against the same reference.
+    distance for half as many steps (near 0: the reference has settled). The paper's dynamics with its single
+    k1 (`single_k1`: plain gradient steps from r = 0, every k1_scale 1) are measured at the same T against the
+    same reference.
     """
     steps = model.config.steps if steps is None else steps
     half = max(reference_steps // 2, 1)
@@ -451,8 +460,8 @@ def settling(
         },
         "k1_scale": [lv.k1_scale for lv in model.config.levels],
     }
-    if all(lv.k1_scale == 1.0 for lv in model.config.levels):
-        single = at_t  # the served model already takes the paper's single k1
+    if single_k1(model).config == model.config:
+        single = at_t  # the served model already runs the paper's dynamics with its single k1
     else:
         single = _settle(_fast(single_k1(model), [steps]), windows, steps)
     report["single_k1"] = {

@@ -50,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
         window = model.config.window if args.window is None else args.window
         level_steps = model.config.level_steps if args.level_steps is None else tuple(args.level_steps)
         if name == "gradient" and args.level_steps is not None and any(m != 1 for m in level_steps):
-            raise ValueError("--level-steps: the gradient solver is the paper's dynamics, it takes none")
+            raise ValueError("--level-steps: the gradient solver takes none (its per-level steps are k1_scale)")
         changed = (args.solver, args.momentum, args.window, args.level_steps) != (None, None, None, None)
         solver = solver_for(name, pcmodel.Solver(), beta, window, level_steps) if changed else None
         weights = [w.clone() for w in model.weights]

@@ -34,7 +34,8 @@ import torch.distributed as dist
 
 import pcmodel
 from pcmodel import ConfigError, PCModel
-from pcmodel.cliargs import fail, make_folder, memory_failure, out_of_memory
+from pcmodel.atomic import write_bytes
+from pcmodel.cliargs import fail, make_folder, memory_failure, out_of_memory, write_failure
 
 from . import amortise, data, resume
 from .metrics import error_sums
@@ -294,8 +295,7 @@ class Trainer:
                         extra = True
                     line["seconds"] = round(state.seconds, 3)
                     if self.dist.is_main and (extra or step % options.log_every == 0 or step == 1):
-                        with metrics_path.open("a") as f:
-                            f.write(json.dumps(line) + "\n")
+                        _append(metrics_path, json.dumps(line) + "\n")
                     last.update(line)
                     bar.advance(metrics)
                     if "held_out_rel_error" in line:
@@ -391,6 +391,17 @@ class _ProgressBar:
             )
 
 
+def _append(path: Path, text: str) -> None:
+    """Add a line to the metrics log; an OSError names the log (a full disk reports none on close). A line cut
+    short by a full disk is dropped when the run resumes (_truncate_log)."""
+    try:
+        with path.open("a") as f:
+            f.write(text)
+    except OSError as exc:
+        exc.filename = exc.filename or str(path)
+        raise
+
+
 def _truncate_log(path: Path, step: int) -> None:
     """Drop log lines after `step`, so a resumed run's log reads as if it had never stopped. A line cut short
     (a kill or a full disk mid-append) is dropped too; the log is replaced whole (a kill now loses nothing)."""
@@ -404,9 +415,7 @@ def _truncate_log(path: Path, step: int) -> None:
             continue
         if isinstance(entry, dict) and isinstance(entry.get("step"), int) and entry["step"] <= step:
             keep.append(line)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text("".join(line + "\n" for line in keep))
-    os.replace(tmp, path)
+    write_bytes(path, "".join(line + "\n" for line in keep).encode())
 
 
 def _jsonable(value: Any) -> Any:
@@ -492,7 +501,10 @@ def main(argv: list[str] | None = None) -> int:
         if dist_info.is_main:
             log.info("done: %s", json.dumps({k: v for k, v in last.items() if k != "seconds"}))
     except Interrupted:
-        path = trainer.save(history=True)
+        try:
+            path = trainer.save(history=True)
+        except OSError as exc:
+            return _write_failure(out, exc)
         if dist_info.is_main:
             log.warning(
                 "interrupted at update %d; saved %s; continue with: pc-train --resume %s", state.step, path, path
@@ -508,14 +520,36 @@ def main(argv: list[str] | None = None) -> int:
         if not out_of_memory(exc):
             raise
         return memory_failure("pc-train", _memory_advice(state.step + 1, options, trainer.steps, model, args))
+    except OSError as exc:  # a checkpoint or the log (a stopped run's checkpoint too): the disk is full
+        return _write_failure(out, exc)
     finally:
         dist_info.stop()
     if dist_info.is_main and not args.no_figures and code in (0, 130):
         from .figures import write_figures
 
-        write_figures(trainer.model, out / "figures", out / "metrics.jsonl", held_out, steps=trainer.steps)
+        try:
+            write_figures(trainer.model, out / "figures", out / "metrics.jsonl", held_out, steps=trainer.steps)
+        except OSError as exc:
+            return write_failure(
+                "pc-train",
+                f"--out {out}",
+                exc,
+                f"the run is complete ({out / 'model.safetensors'}); some figures in {out / 'figures'} are missing",
+            )
         log.info("figures in %s", out / "figures")
     return code
+
+
+def _write_failure(out: Path, exc: OSError) -> int:
+    """A checkpoint or the metrics log could not be written (a full disk: exit 1), in one line that says where
+    to continue from: checkpoints are written whole, so OUT/model.safetensors, where there is one, is complete."""
+    last = out / "model.safetensors"
+    advice = (
+        f"the last checkpoint is complete: make room and continue with: pc-train --resume {last}"
+        if last.is_file()
+        else "make room and run the same command again"
+    )
+    return write_failure("pc-train", f"--out {out}", exc, advice)
 
 
 def _amortise(args, argv: list[str], device: torch.device) -> int:
@@ -547,6 +581,8 @@ def _amortise(args, argv: list[str], device: torch.device) -> int:
     options = amortise.amortise_options(args, model)
     try:
         return amortise.amortise_checkpoint(args, model, out, photos, held_out, options)
+    except OSError as exc:  # the checkpoint or the log: a full disk exits 1
+        return write_failure("pc-train", f"--out {out}", exc, "make room and run the same command again")
     except (MemoryError, RuntimeError) as exc:
         if not out_of_memory(exc):
             raise
