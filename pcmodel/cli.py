@@ -261,8 +261,19 @@ class Stopped(KeyboardInterrupt):
     """SIGTERM, handled as Ctrl-C is: stop cleanly, keep what is complete."""
 
 
-def _raise_stopped(signum, frame) -> None:
-    raise Stopped(signum)
+class StopOnce:
+    """The handler of SIGTERM and SIGINT during a collection run: the first raises Stopped (SIGTERM) or
+    KeyboardInterrupt (Ctrl-C); later ones, while the run stops cleanly and writes its summary, do nothing (a
+    second SIGTERM had raised again inside the clean stop: a traceback and no summary)."""
+
+    def __init__(self) -> None:
+        self.stopping = False  # set by the first signal, and once the run's work has ended
+
+    def __call__(self, signum: int, frame: object) -> None:
+        if self.stopping:
+            return
+        self.stopping = True
+        raise Stopped(signum) if signum == signal.SIGTERM else KeyboardInterrupt
 
 
 class Reporter:
@@ -382,7 +393,9 @@ def _encode_collection(args: argparse.Namespace, argv: list[str], inputs: list, 
     started = time.monotonic()
     status, code = "complete", 0
     previous = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
-    signal.signal(signal.SIGTERM, _raise_stopped)
+    stop = StopOnce()
+    for sig in previous:
+        signal.signal(sig, stop)
     progress = None
     reporter = None
     writer = encode_job.ShardWriter(args.out, args.shard_rows or 1000)
@@ -402,7 +415,6 @@ def _encode_collection(args: argparse.Namespace, argv: list[str], inputs: list, 
             )
         writer.flush()
     except KeyboardInterrupt as exc:
-        signal.signal(signal.SIGINT, signal.SIG_IGN)  # the clean stop takes a second or two: let it finish
         status, code = "interrupted", 143 if isinstance(exc, Stopped) else 130
         with contextlib.suppress(WriteError):  # a full disk: the complete shards stand
             writer.flush()
@@ -426,8 +438,7 @@ def _encode_collection(args: argparse.Namespace, argv: list[str], inputs: list, 
             file=sys.stderr,
         )
     finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
+        stop.stopping = True  # from here on a signal waits: the manifest and the summary are written whole
         if reporter is not None:
             reporter.close()
     seconds = time.monotonic() - started
@@ -485,6 +496,10 @@ def _encode_collection(args: argparse.Namespace, argv: list[str], inputs: list, 
             f"{encoded} encoded now in {seconds:.1f} s",
             file=sys.stderr,
         )
+    for sig, handler in previous.items():
+        # Stopped by a signal, the process is ending: later signals are ignored through the interpreter's exit too
+        # (which puts SIG_DFL back in place of a Python handler, but keeps SIG_IGN).
+        signal.signal(sig, signal.SIG_IGN if status == "interrupted" else handler)
     return code
 
 

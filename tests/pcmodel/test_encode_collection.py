@@ -310,6 +310,27 @@ def test_ctrl_c_stops_within_seconds_and_the_same_command_finishes_the_data_set(
     assert sorted(paths_in(out)) == sorted(f"{i:03d}.png" for i in range(IMAGES))  # nothing lost, nothing twice
 
 
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["sigterm", "ctrl-c"])
+def test_signals_during_the_clean_stop_wait_for_it(sig, many, tmp_path):
+    """A second SIGTERM during the clean stop had raised again inside it: a traceback, no summary, the manifest
+    left `running`. Now the first stops the run and later ones (here one every 20 ms until it exits) wait."""
+    out = tmp_path / "out"
+    process = run_cli([str(many), "--out", str(out), *SLOW, "--json"])
+    wait_for_shards(out, 1, process)
+    deadline = time.monotonic() + 60
+    while process.poll() is None:
+        assert time.monotonic() < deadline, "pc-encode did not stop"
+        process.send_signal(sig)
+        time.sleep(0.02)
+    stdout, err = process.communicate()
+    assert process.returncode == (143 if sig == signal.SIGTERM else 130), err
+    assert "Traceback" not in err, err
+    assert json.loads(stdout)["status"] == "interrupted"
+    assert json.loads((out / "manifest.json").read_text())["status"] == "interrupted"
+    first = paths_in(out)
+    assert sorted(first) == sorted(set(first))
+
+
 def test_a_killed_worker_is_restarted_and_sigterm_stops_cleanly(many, tmp_path, capsys):
     psutil = pytest.importorskip("psutil")
     out = tmp_path / "out"
