@@ -559,8 +559,10 @@ def test_a_ray_actor_killed_mid_run_is_restarted_and_its_batches_redone(many, tm
     stdout, err = process.communicate(timeout=120)
     assert process.returncode == 0, err
     summary = json.loads(stdout)
-    # Restarted once (it died encoding a batch), that batch run again whole (not split), every input once.
-    assert (summary["status"], summary["restarts"], summary["split"]) == ("complete", 1, 0), err
+    # Restarted, the batch it held run again whole (not split), every input once. `restarts` counts deaths while
+    # encoding: 1 as a rule, 0 where the kill landed between two of its batches (seen once under CI's load; Ray
+    # then resubmits the next one to the new actor); the deaths count is tested exactly by the poison-file test.
+    assert (summary["status"], summary["split"]) == ("complete", 0) and summary["restarts"] in (0, 1), err
     assert (summary["rows"], summary["done"], summary["failed"], summary["encoded"]) == (IMAGES, IMAGES, 0, IMAGES)
     paths = paths_in(out)
     assert sorted(paths) == [f"{i:03d}.png" for i in range(IMAGES)]
