@@ -198,12 +198,20 @@ def amortised_latents(
     return out
 
 
+FIT_FLOOR = 1e-3  # the loss's floor, a fraction of the batch's mean ||r*_l||^2
+
+
 def fitting_losses(
-    levels: Sequence[Level], params: Mapping[str, torch.Tensor], x: torch.Tensor, settled: Sequence[torch.Tensor]
+    levels: Sequence[Level],
+    params: Mapping[str, torch.Tensor],
+    x: torch.Tensor,
+    settled: Sequence[torch.Tensor],
+    floor: float = FIT_FLOOR,
 ) -> list[torch.Tensor]:
     """Each level's regression loss: the batch mean of ||A_l(in_l) - r*_l||^2 / (||r*_l||^2 + floor), each
-    image's squared relative error (floor = 1e-3 x the batch's mean ||r*_l||^2, so a blank window's r* = 0
-    divides by no zero).
+    image's squared relative error (floor = `floor` x the batch's mean ||r*_l||^2, so a blank window's r* = 0
+    divides by no zero; a floor near 1 weighs the high-contrast windows in, whose latents make up most of a
+    whole photo's).
 
     Per image, not over the batch: a low-contrast window, whose fixed point is near zero, counts as much as
     a high-contrast one, so the guess does not start it further from its fixed point than zero would
@@ -217,7 +225,7 @@ def fitting_losses(
         guess = level_guess(level, params, index, lower.detach())
         target = target.to(guess.dtype)
         sizes = target.square().flatten(1).sum(1)  # (B,)
-        floor = 1e-3 * sizes.mean().clamp_min(1e-30)
-        losses.append(((guess - target).square().flatten(1).sum(1) / (sizes + floor)).mean())
+        least = floor * sizes.mean().clamp_min(1e-30)
+        losses.append(((guess - target).square().flatten(1).sum(1) / (sizes + least)).mean())
         lower = guess
     return losses

@@ -12,6 +12,13 @@ scheme): as A learns, its targets come closer to the fixed point than T steps fr
 with the paper's dynamics (plain gradient steps, T = --infer-steps or TARGET_STEPS), whatever dynamics the
 model is served with: what A is fitted to is the network's, not a serving choice, and a recorded fit
 command refits the same A from the same file.
+
+With `--amortise-targets fixed-point` the targets are the fixed point itself: a pool of windows drawn once
+(`--target-pool`), each settled by the paper's dynamics from zero for REFERENCE_STEPS steps (the yardstick
+every gap is measured against), and each update a batch of the pool. Where the energy has near-flat
+directions (rao-ballard-1999's Cauchy prior on high-contrast windows), T steps from the guess leave the
+targets far from the fixed point along them and the refinement barely moves there, so only a guess fitted
+to the fixed point itself starts close to it (docs/PERFORMANCE.md, "fixed-point targets").
 """
 
 from __future__ import annotations
@@ -28,7 +35,7 @@ from typing import Any
 import torch
 
 from pcmodel import Amortiser, AmortiserConfig, PCModel
-from pcmodel.amortiser import fitting_losses
+from pcmodel.amortiser import FIT_FLOOR, fitting_losses
 
 from . import data
 
@@ -38,6 +45,9 @@ log = logging.getLogger(__name__)
 AMORTISE_UPDATES = 1500
 TARGET_STEPS = 100  # the paper's T: the default number of plain gradient steps that settle the targets
 AMORTISE_LR = 3e-3
+TARGETS = ("hybrid", "fixed-point")  # T steps from the guess at every batch; or a pool settled once
+TARGET_POOL = 100_000
+SETTLE_CHUNK = 4096  # windows settled at once for a fixed-point pool: memory bounded whatever the pool
 
 
 @dataclass(frozen=True)
@@ -51,15 +61,20 @@ class AmortiseOptions:
     seed: int = 0  # the amortiser's initial draw and the batches
     scales: tuple[float, ...] = (1.0,)
     hidden: int = 32
+    targets: str = "hybrid"  # TARGETS
+    pool: int = TARGET_POOL  # with targets="fixed-point": the windows settled once
+    floor: float = FIT_FLOOR  # the loss's floor (pcmodel.amortiser.fitting_losses)
+    augment: bool = False  # also the photos turned by quarter turns and mirrored (8 views of each)
 
 
 class AmortiserFitter:
     """Adam on the amortiser's regression losses, one step per batch of settled latents."""
 
-    def __init__(self, model: PCModel, lr: float, total_updates: int) -> None:
+    def __init__(self, model: PCModel, lr: float, total_updates: int, floor: float = FIT_FLOOR) -> None:
         assert model.amortiser is not None
         self.model = model
         self.lr = lr
+        self.floor = floor
         self.total = max(int(total_updates), 1)
         self.params = {k: t.detach().clone().requires_grad_(True) for k, t in model.amortiser.params.items()}
         self.optimizer = torch.optim.Adam(list(self.params.values()), lr=lr)
@@ -70,7 +85,7 @@ class AmortiserFitter:
             group["lr"] = self.lr * 0.5 * (1 + math.cos(math.pi * min(update, self.total) / self.total))
         levels = self.model.levels(x.shape[-2:])
         with torch.enable_grad():
-            losses = fitting_losses(levels, self.params, x, [r.detach().clone() for r in settled])
+            losses = fitting_losses(levels, self.params, x, [r.detach().clone() for r in settled], self.floor)
             self.optimizer.zero_grad(set_to_none=True)
             sum(losses).backward()
         self.optimizer.step()
@@ -90,8 +105,10 @@ def fit(
 ) -> dict[str, Any]:
     """Fit a fresh amortiser to `model` (U fixed) on the sampler's batches; returns the last metrics."""
     model.amortiser = Amortiser.create(model.config, AmortiserConfig(hidden=options.hidden), seed=options.seed)
-    fitter = AmortiserFitter(model, options.lr, options.updates)
+    fitter = AmortiserFitter(model, options.lr, options.updates, options.floor)
     steps = options.infer_steps or TARGET_STEPS
+    pool = settled_pool(model, sampler, options) if options.targets == "fixed-point" else None
+    draws = torch.Generator().manual_seed(options.seed)
     judge = StartJudge(model, held_out) if held_out is not None else None
     last: dict[str, Any] = {}
     curve: list[dict[str, Any]] = []  # the held-out measures at each evaluation: how the start improves
@@ -103,9 +120,13 @@ def fit(
             curve.append({k: round(v, 6) for k, v in line.items()})
             log.info("amortiser update %d/%d  %s", update, options.updates, json.dumps(line))
         if update < options.updates:
-            x = sampler.batch(update, options.batch_size).to(model.device)
-            # The torch backend always (as pc-train's updates): the automatic choice depends on the calls before.
-            settled = model.infer(x, steps=steps, init="amortised", solver="gradient", backend="torch").latents
+            if pool is not None:
+                pick = torch.randint(0, pool[0].shape[0], (options.batch_size,), generator=draws)
+                x, settled = pool[0][pick].to(model.device), [r[pick].to(model.device) for r in pool[1]]
+            else:
+                x = sampler.batch(update, options.batch_size).to(model.device)
+                # The torch backend always (as pc-train's updates): the automatic choice depends on the calls before.
+                settled = model.infer(x, steps=steps, init="amortised", solver="gradient", backend="torch").latents
             losses = fitter.step(update, x, settled)
             line.update({f"fit_loss_{i}": v for i, v in enumerate(losses, 1)})
         line["seconds"] = round(time.monotonic() - begun, 3)
@@ -114,6 +135,35 @@ def fit(
                 f.write(json.dumps(line) + "\n")
         last.update(line)
     return {**last, "curve": curve}
+
+
+def settled_pool(
+    model: PCModel, sampler: data.PatchSampler, options: AmortiseOptions
+) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """`options.pool` windows (the sampler's draw for the seed) and their fixed points: the paper's dynamics
+    from zero for REFERENCE_STEPS steps, SETTLE_CHUNK windows at a time, kept on the CPU."""
+    x = sampler.batch(0, options.pool)
+    backend = settling_backend(model)
+    begun = time.monotonic()
+    settled: list[list[torch.Tensor]] = []
+    for lo in range(0, x.shape[0], SETTLE_CHUNK):
+        chunk = x[lo : lo + SETTLE_CHUNK].to(model.device)
+        result = model.infer(chunk, steps=REFERENCE_STEPS, init="zero", solver="gradient", backend=backend)
+        settled.append([r.cpu() for r in result.latents])
+        log.info("settled %d of %d target windows (%s, %.0f s)", min(lo + SETTLE_CHUNK, x.shape[0]), x.shape[0],
+                 backend, time.monotonic() - begun)  # fmt: skip
+    return x, [torch.cat(level) for level in zip(*settled)]
+
+
+def settling_backend(model: PCModel) -> str:
+    """numba where it runs the model (the paper's linear network: ~30x the batched loop on a CPU), else the
+    batched loop; both run the definition's steps, so the pool does not depend on the calls before."""
+    probe = torch.zeros((1, *model.config.input_shape), device=model.device)
+    try:
+        model.infer(probe, steps=1, init="zero", solver="gradient", backend="numba")
+    except ValueError:  # pcmodel.engines.select: numba does not run this plan or device
+        return "loop"
+    return "numba"
 
 
 class StartJudge:
@@ -150,6 +200,10 @@ def amortise_options(args: Any, model: PCModel) -> AmortiseOptions:
         seed=args.seed if args.seed is not None else 0,
         scales=tuple(args.scales or saved.get("scales", (1.0,))),
         hidden=args.amortise_hidden,
+        targets=args.amortise_targets,
+        pool=args.target_pool,
+        floor=args.amortise_floor,
+        augment=args.augment,
     )
 
 
@@ -165,17 +219,18 @@ def amortise_checkpoint(
     options = amortise_options(args, model) if options is None else options
     weights_before = [w.clone() for w in model.weights]
     sha_before = model.sha256
-    sampler = data.PatchSampler(
-        data.prepare(photos, model.config, options.scales), model.config.input_shape[1:], options.seed
-    )
+    size = model.config.input_shape[1:]
+    images = data.prepare(photos, model.config, options.scales)
+    sampler = data.PatchSampler(data.dihedral(images, size) if options.augment else images, size, options.seed)
     held = data.held_out_windows(model.config, 256, photos=held_out_photos).to(model.device)
     out.mkdir(parents=True, exist_ok=True)
     metrics = out / "amortise_metrics.jsonl"
     metrics.unlink(missing_ok=True)
     log.info(
-        "fitting an amortiser to %s (%s): %d updates of %d inputs, T = %d, hidden %d -> %s",
+        "fitting an amortiser to %s (%s): %d updates of %d inputs, targets %s, hidden %d -> %s",
         args.amortise, sha_before[:12], options.updates, options.batch_size,
-        options.infer_steps or TARGET_STEPS, options.hidden, out,
+        f"T = {options.infer_steps or TARGET_STEPS} steps from the guess" if options.targets == "hybrid"
+        else f"the fixed points of {options.pool} windows", options.hidden, out,
     )  # fmt: skip
     last = fit(model, sampler, options, held_out=held, eval_every=args.eval_every or 100, metrics_path=metrics)
     assert all(torch.equal(a, b) for a, b in zip(weights_before, model.weights)) and model.sha256 == sha_before

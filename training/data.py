@@ -139,6 +139,19 @@ def prepare(photos: Sequence[Photo], config: ModelConfig, scales: Sequence[float
     return out
 
 
+def dihedral(images: Sequence[torch.Tensor], size: tuple[int, int]) -> list[torch.Tensor]:
+    """Each prepared (C, H, W) image in its 8 views: turned by 0-3 quarter turns, each also mirrored (a view
+    that no longer holds a window of `size` is left out). Natural photos hold more horizontals and verticals
+    than diagonals; the views show every orientation as often."""
+    out = []
+    for image in images:
+        for turns in range(4):
+            turned = torch.rot90(image, turns, (-2, -1))
+            if turned.shape[-2] >= size[0] and turned.shape[-1] >= size[1]:
+                out += [turned, torch.flip(turned, (-1,))]
+    return out
+
+
 class PatchSampler:
     """Random windows of size (h, w) from prepared images; batch `step` depends only on (seed, step).
 

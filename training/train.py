@@ -34,6 +34,7 @@ import torch.distributed as dist
 
 import pcmodel
 from pcmodel import ConfigError, PCModel
+from pcmodel.amortiser import FIT_FLOOR
 from pcmodel.atomic import write_bytes
 from pcmodel.cliargs import fail, make_folder, memory_failure, out_of_memory, write_failure
 
@@ -438,6 +439,9 @@ def main(argv: list[str] | None = None) -> int:
     device = torch.device(automatic if args.device in (None, "auto") else args.device)
     if args.amortise is not None:
         return _amortise(args, argv, device)
+    fit_only = [flag for flag, given in _amortise_only(args) if given]
+    if fit_only:
+        return fail("pc-train", f"{', '.join(fit_only)} only shape a fit with --amortise CHECKPOINT")
     try:
         if args.resume is not None:
             model, options, state, spec = resume.load_run(args)
@@ -552,6 +556,16 @@ def _write_failure(out: Path, exc: OSError) -> int:
     return write_failure("pc-train", f"--out {out}", exc, advice)
 
 
+def _amortise_only(args: Any) -> list[tuple[str, bool]]:
+    """The flags that shape only pc-train --amortise's fit, and whether each was given."""
+    return [
+        ("--amortise-targets", args.amortise_targets != "hybrid"),
+        ("--target-pool", args.target_pool != amortise.TARGET_POOL),
+        ("--amortise-floor", args.amortise_floor != FIT_FLOOR),
+        ("--augment", args.augment),
+    ]
+
+
 def _amortise(args, argv: list[str], device: torch.device) -> int:
     """pc-train --amortise CHECKPOINT: fit an amortiser to the model, U bit for bit unchanged."""
     fixed = [f"--{n.replace('_', '-')}" for n in ("k1", "k2", "set") if getattr(args, n, None) not in (None, [])]
@@ -559,6 +573,8 @@ def _amortise(args, argv: list[str], device: torch.device) -> int:
         fixed.append("--k2-schedule" if args.k2_schedule != "preset" else "--amortiser")
     if fixed:
         return fail("pc-train", f"--amortise leaves the model as it is, so {', '.join(fixed)} cannot be given")
+    if args.target_pool != amortise.TARGET_POOL and args.amortise_targets != "fixed-point":
+        return fail("pc-train", "--target-pool sizes the pool of --amortise-targets fixed-point; give both or neither")
     try:
         model = pcmodel.load(args.amortise, device=device)
         spec = DataSpec(

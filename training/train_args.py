@@ -13,6 +13,7 @@ from typing import Any
 
 import pcmodel
 from pcmodel import ConfigError, ModelConfig, PCModel
+from pcmodel.amortiser import FIT_FLOOR
 from pcmodel.cliargs import (
     ArgumentParser,
     batch_size,
@@ -29,6 +30,7 @@ from pcmodel.cliargs import (
     thread_count,
 )
 
+from .amortise import TARGET_POOL, TARGETS
 from .run_config import PRESET_TRAINING, DataSpec, RunState, TrainConfig
 
 # The paper's schedule: k2 divided by 1.015 every 40 single inputs.
@@ -131,6 +133,33 @@ def build_parser() -> argparse.ArgumentParser:
         type=positive_int,
         default=32,
         help="hidden channels of the amortiser's maps (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--amortise-targets",
+        choices=TARGETS,
+        default="hybrid",
+        help="with --amortise, what the amortiser is fitted to: hybrid, each batch settled by T steps from its "
+        "guess; fixed-point, a pool of windows settled once to the fixed point (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--target-pool",
+        metavar="N",
+        type=positive_int,
+        default=TARGET_POOL,
+        help="with --amortise-targets fixed-point, the windows settled once (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--amortise-floor",
+        metavar="X",
+        type=positive_float,
+        default=FIT_FLOOR,
+        help="with --amortise, the fit's loss per window is its squared error over its latents' squared size plus "
+        "X times the batch's mean size; near 1 the high-contrast windows weigh in (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--augment",
+        action="store_true",
+        help="with --amortise, also sample each photo turned by quarter turns and mirrored (default: off)",
     )
     parser.add_argument(
         "--data",

@@ -72,11 +72,13 @@ def test_the_fitting_loss_is_local_and_is_each_images_relative_squared_error(gen
     levels = model.levels()
     losses = fitting_losses(levels, params, x, settled)
     guesses = amortised_latents(levels, {k: v.detach() for k, v in params.items()}, x)
-    for loss, guess, target in zip(losses, guesses, settled):  # the closed form, image by image
-        sizes = [float(t.square().sum()) for t in target]
-        floor = 1e-3 * sum(sizes) / len(sizes)
-        each = [float((g - t).square().sum()) / (size + floor) for g, t, size in zip(guess, target, sizes)]
-        assert float(loss.detach()) == pytest.approx(sum(each) / len(each), rel=1e-12)
+    for fraction in (1e-3, 1.0):  # the default floor, and pc-train --amortise-floor 1's
+        chosen = losses if fraction == 1e-3 else fitting_losses(levels, params, x, settled, floor=fraction)
+        for loss, guess, target in zip(chosen, guesses, settled):  # the closed form, image by image
+            sizes = [float(t.square().sum()) for t in target]
+            floor = fraction * sum(sizes) / len(sizes)
+            each = [float((g - t).square().sum()) / (size + floor) for g, t, size in zip(guess, target, sizes)]
+            assert float(loss.detach()) == pytest.approx(sum(each) / len(each), rel=1e-12)
     first, second = params["level1.A.in.weight"], params["level2.A.in.weight"]
     grads = torch.autograd.grad(losses[1], [first, second], allow_unused=True)
     assert grads[0] is None  # level 2's error never reaches level 1's map (local learning)

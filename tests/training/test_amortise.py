@@ -9,7 +9,7 @@ import torch
 
 import pcmodel
 from benchmarks import amortised as amortised_benchmark
-from training import data
+from training import amortise, data
 from training.amortise import start_curves, start_report
 from training.report import start_markdown
 from training.train import main
@@ -46,6 +46,76 @@ def test_amortise_fits_a_start_and_leaves_u_bit_for_bit(tmp_path):
     assert "## The amortised start" in text and "| checkerboard |" in text and "| 4 |" in text
     assert set(report["steps_used_own_tol"]) == {"held-out", "noise", "checkerboard"}
     assert start_report(model) is None and "has no amortiser" in "\n".join(start_markdown(None))
+
+
+def test_fixed_point_targets_are_the_papers_settled_latents_of_one_pool(tmp_path, monkeypatch):
+    """--amortise-targets fixed-point: a pool drawn once and settled by the paper's dynamics from zero for
+    REFERENCE_STEPS steps (numba where it runs the model, else the loop: the same definition); each update
+    fits a batch of the pool. U stays bit for bit; the options are recorded."""
+    monkeypatch.setattr(amortise, "REFERENCE_STEPS", 200)  # a tiny model settles in far fewer
+    model = pcmodel.load("rao-ballard-1999")
+    images = data.prepare(data.default_photos()[:2], model.config)
+    size = model.config.input_shape[1:]
+    sampler = data.PatchSampler(data.dihedral(images, size), size, seed=5)
+    options = amortise.AmortiseOptions(pool=48, targets="fixed-point", updates=3, batch_size=8)
+    x, settled = amortise.settled_pool(model, sampler, options)
+    assert amortise.settling_backend(model) == "numba" and x.shape == (48, *model.config.input_shape)
+    assert torch.equal(x, sampler.batch(0, 48))
+    definition = model.infer(x.double(), steps=200, init="zero", solver="gradient", backend="loop").latents
+    for got, want in zip(settled, definition):
+        assert float((got.double() - want).abs().max()) <= 1e-4 * float(want.abs().max())
+    assert amortise.settling_backend(pcmodel.create(TINY, seed=1)) in ("numba", "loop")
+
+    tiny = pcmodel.create(TINY, seed=2)
+    path = tmp_path / "tiny.safetensors"
+    sha = tiny.save(path)
+    out = tmp_path / "fitted"
+    args = ["--amortise", str(path), "--updates", "4", "--batch-size", "8", "--eval-every", "2", "--threads", "1"]
+    fit = ["--amortise-targets", "fixed-point", "--target-pool", "32", "--amortise-floor", "1", "--augment"]
+    assert main([*args, *fit, "--out", str(out)]) == 0
+    fitted = pcmodel.load(out / "model.safetensors")
+    assert fitted.sha256 == sha and all(torch.equal(a, b) for a, b in zip(fitted.weights, tiny.weights))
+    recorded = fitted.provenance["amortiser"]["options"]
+    recorded = tuple(recorded[k] for k in ("targets", "pool", "floor", "augment"))
+    assert recorded == ("fixed-point", 32, 1.0, True)
+    curve = fitted.provenance["amortiser"]["curve"]
+    assert curve[-1]["held_out_fit_error_1"] < curve[0]["held_out_fit_error_1"] == 1.0  # it learns the fixed points
+    # The same command fits the same amortiser (the pool and its batches depend on the seed only).
+    again = tmp_path / "again"
+    assert main([*args, *fit, "--out", str(again)]) == 0
+    params = pcmodel.load(again / "model.safetensors").amortiser.params
+    assert all(torch.equal(v, params[k]) for k, v in fitted.amortiser.params.items())
+
+
+def test_dihedral_gives_each_photo_in_eight_views_that_hold_a_window():
+    image = torch.arange(2 * 5 * 7, dtype=torch.float32).reshape(2, 5, 7)
+    views = data.dihedral([image], (4, 4))
+    assert len(views) == 8 and len({v.numpy().tobytes() for v in views}) == 8  # all different
+    assert all(sorted(v.flatten().tolist()) == sorted(image.flatten().tolist()) for v in views)  # moved, not changed
+    assert [tuple(v.shape[1:]) for v in views[:4]] == [(5, 7), (5, 7), (7, 5), (7, 5)]
+    assert len(data.dihedral([image], (4, 6))) == 4  # turned, it is 5 wide: those views are left out
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--augment"], "--augment only shape a fit with --amortise CHECKPOINT"),
+        (["--amortise-targets", "fixed-point", "--amortise-floor", "1"], "--amortise-targets, --amortise-floor only"),
+    ],
+)
+def test_fit_flags_without_amortise_are_one_line_and_exit_2(argv, message, tmp_path, capsys):
+    assert main([*argv, "--preset", "rao-ballard-1999", "--updates", "1", "--out", str(tmp_path / "r")]) == 2
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) == 1 and not (tmp_path / "r").exists()
+
+
+def test_a_target_pool_needs_fixed_point_targets(tmp_path, capsys):
+    path = tmp_path / "tiny.safetensors"
+    pcmodel.create(TINY, seed=2).save(path)
+    assert main(["--amortise", str(path), "--target-pool", "10", "--out", str(tmp_path / "f")]) == 2
+    err = capsys.readouterr().err
+    assert "--target-pool sizes the pool of --amortise-targets fixed-point" in err
+    assert len(err.strip().splitlines()) == 1
 
 
 def test_the_fit_does_not_depend_on_the_dynamics_the_model_is_served_with(tmp_path):
