@@ -44,13 +44,14 @@ def fail(prog: str, message: str) -> int:
 
 def out_of_memory(exc: BaseException) -> bool:
     """Whether `exc` is an allocation that failed: Python's and numpy's MemoryError, torch's OutOfMemoryError
-    (CUDA) or the RuntimeError of torch's CPU allocator ("can't allocate memory"), not any other error."""
+    (CUDA) or the RuntimeError of torch's CPU allocator ("can't allocate memory"), or onnxruntime's arena
+    ("Failed to allocate memory", raised as its own Exception classes), not any other error."""
     if isinstance(exc, MemoryError):
         return True
-    if not isinstance(exc, RuntimeError):
-        return False
     text = str(exc).lower()
-    return type(exc).__name__ == "OutOfMemoryError" or "out of memory" in text or "allocate memory" in text
+    if isinstance(exc, RuntimeError):
+        return type(exc).__name__ == "OutOfMemoryError" or "out of memory" in text or "allocate memory" in text
+    return type(exc).__module__.startswith("onnxruntime") and "failed to allocate memory" in text
 
 
 def memory_failure(prog: str, message: str) -> int:

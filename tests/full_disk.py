@@ -20,7 +20,13 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-SCRIPTS = {"pc-encode": "pcmodel.cli", "pc-export": "pcmodel.export", "pc-train": "training.train"}
+SCRIPTS = {
+    "pc-encode": "pcmodel.cli",
+    "pc-export": "pcmodel.export",
+    "pc-train": "training.train",
+    "pc-analyze": "training.analysis",
+    "pc-study": "training.study",
+}
 
 
 def mounts(tmp_path: Path) -> Iterator[Callable[..., Path]]:
@@ -75,7 +81,7 @@ def run(prog: str, *argv: str | os.PathLike[str], cwd: Path | None = None) -> su
 
 def one_line(done: subprocess.CompletedProcess[str], prog: str) -> str:
     """The one line the command wrote on stderr (log lines at INFO aside), checked to be one and no traceback."""
-    lines = [line for line in done.stderr.splitlines() if line.strip() and " INFO " not in line]
+    lines = [line for line in done.stderr.splitlines() if line.strip() and " INFO " not in f" {line}"]
     assert "Traceback" not in done.stderr, done.stderr
     assert len(lines) == 1 and lines[0].startswith(f"{prog}: "), done.stderr
     return lines[0]

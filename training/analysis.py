@@ -38,19 +38,23 @@ import torch
 
 import pcmodel
 from pcmodel import PCModel
+from pcmodel.atomic import write_all
 from pcmodel.cliargs import (
     ArgumentParser,
     fail,
     make_folder,
+    memory_failure,
     model_source,
+    out_of_memory,
     output_folder,
     positive_int,
     step_count,
     thread_count,
+    write_failure,
 )
 
+from . import data, figures, responses
 from . import fields as field_measures
-from . import figures, responses
 from .amortise import start_report
 from .gabor import fit_gabor, gabor_summary, level1_fields
 from .measurements import END_STOPPING_STEPS, end_stopping, held_out_reconstruction, steady_state
@@ -108,8 +112,9 @@ def analyze(
     figures.save(figures.gabor_figure(fields, fits, model.name), out / "gabor_fits.png")
     if report["end_stopping"] is not None:
         figures.save_end_stopping(report["end_stopping"], model.name, out)
-    (out / "report.json").write_text(json.dumps(report, indent=2))
-    (out / "report.md").write_text(markdown(report))
+    text = markdown(report)
+    write_all([(out / "report.json", lambda f: f.write(json.dumps(report, indent=2).encode())),
+               (out / "report.md", lambda f: f.write(text.encode()))])  # fmt: skip
     return report
 
 
@@ -143,6 +148,16 @@ def default_out(checkpoint: str, name: str) -> Path:
     if not path.is_file():
         return Path("analysis") / name
     return path.parent / ("analysis" if path.name == "model.safetensors" else f"analysis-{path.stem}")
+
+
+def larger_than_held_out(model: PCModel) -> str | None:
+    """Why the model cannot be analysed on the held-out photos (each smaller than its input), else None."""
+    height, width = model.config.input_shape[1:]
+    photos = data.held_out_photos()
+    if any(p.pixels.shape[0] >= height and p.pixels.shape[1] >= width for p in photos):
+        return None
+    sizes = ", ".join(f"{p.name} {p.pixels.shape[0]}x{p.pixels.shape[1]}" for p in photos)
+    return f"the model's input {height}x{width} is larger than every held-out photo it is measured on ({sizes})"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -211,17 +226,30 @@ def main(argv: list[str] | None = None) -> int:
         except (ValueError, pcmodel.UnstableStepError) as exc:
             option = "--init" if args.init == "amortised" and not model.has_amortiser else "--solver"
             return fail("pc-analyze", f"{option}: {exc}")
+    too_large = larger_than_held_out(model)
+    if too_large is not None:
+        return fail("pc-analyze", too_large)
     out = args.out or default_out(args.checkpoint, model.name)
     error = make_folder(out)
     if error is not None:
         return fail("pc-analyze", error)
-    report = analyze(
-        model,
-        out,
-        end_stopping_steps=args.end_stopping_steps,
-        reference_steps=args.reference_steps,
-        random_draws=args.random_draws,
-    )
+    try:
+        report = analyze(
+            model,
+            out,
+            end_stopping_steps=args.end_stopping_steps,
+            reference_steps=args.reference_steps,
+            random_draws=args.random_draws,
+        )
+    except OSError as exc:  # a figure or the report: a full disk exits 1, a path that cannot be written 2
+        return write_failure("pc-analyze", f"--out {out}", exc, "make room and run the same command again")
+    except Exception as exc:  # torch's allocator raises RuntimeError, onnxruntime's arena its own classes
+        if not out_of_memory(exc):
+            raise
+        shape = "x".join(map(str, model.config.input_shape))
+        return memory_failure(
+            "pc-analyze", f"analysing {model.name} (inputs of {shape}): free memory, or run it where more is free"
+        )
     g, e = report["gabor"], report["held_out"]
     summary = {
         "dynamics": report["dynamics"],

@@ -30,6 +30,7 @@ import torch
 
 import pcmodel
 from pcmodel import ConfigError, ModelConfig
+from pcmodel.atomic import write_all
 from pcmodel.cliargs import (
     MAX_SEED,
     ArgumentParser,
@@ -37,11 +38,13 @@ from pcmodel.cliargs import (
     config_file,
     fail,
     make_folder,
+    out_of_memory,
     output_folder,
     positive_int,
     read_config,
     step_count,
     thread_count,
+    write_failure,
 )
 
 from . import analysis, fields
@@ -198,13 +201,19 @@ def execute(args: argparse.Namespace, run: Run) -> dict[str, Any]:
     except (pcmodel.CheckpointError, pcmodel.UnstableStepError) as exc:
         return {"error": f"pc-train exit status {code}; the model does not load: {exc}"}
     log.info("%s: trained in %.0f s; analysing", run.name, time.perf_counter() - start)
-    report = analysis.analyze(
-        model,
-        folder / "analysis",
-        steps=args.analysis_steps,
-        end_stopping_steps=args.end_stopping_steps,
-        random_draws=args.random_draws,
-    )
+    try:
+        report = analysis.analyze(
+            model,
+            folder / "analysis",
+            steps=args.analysis_steps,
+            end_stopping_steps=args.end_stopping_steps,
+            random_draws=args.random_draws,
+        )
+    except Exception as exc:  # torch's allocator raises RuntimeError, onnxruntime's arena its own classes
+        if not out_of_memory(exc):
+            raise
+        log.warning("%s: out of memory analysing it", run.name)
+        return {"error": "out of memory analysing the model (run pc-analyze on it where more is free)"}
     return {**report, "train_exit_status": code}
 
 
@@ -354,6 +363,14 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
     torch.set_num_threads(args.threads)
     torch.set_grad_enabled(False)
+    try:
+        return _study(args, argv, runs, base)
+    except OSError as exc:  # a run's files or the study's: a full disk exits 1, a path that cannot be written 2
+        advice = "make room and run the same command again (finished runs are read, not redone)"
+        return write_failure("pc-study", f"--out {args.out}", exc, advice)
+
+
+def _study(args: argparse.Namespace, argv: list[str], runs: list[Run], base: ModelConfig) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     reports = {run: execute(args, run) for run in runs}
     rows = [row(run, report) for run, report in reports.items()]
@@ -365,8 +382,9 @@ def main(argv: list[str] | None = None) -> int:
     }
     if args.controls:
         study["controls"] = controls(rows, reports, base)
-    (args.out / "study.json").write_text(json.dumps(study, indent=2))
-    (args.out / "study.md").write_text(markdown(study))
+    text = markdown(study)
+    write_all([(args.out / "study.json", lambda f: f.write(json.dumps(study, indent=2).encode())),
+               (args.out / "study.md", lambda f: f.write(text.encode()))])  # fmt: skip
     log.info("wrote %s and %s", args.out / "study.json", args.out / "study.md")
     return 0
 

@@ -136,3 +136,22 @@ def test_the_report_goes_beside_its_checkpoint_by_default(tmp_path):
     assert analysis.default_out(str(snapshot), "tiny-paper") == snapshot.parent / "analysis-step-0000004"
     # A shipped model by name: its checkpoint is inside the package, so the report goes to analysis/<name>.
     assert analysis.default_out("default", "conv-rgb") == Path("analysis") / "conv-rgb"
+
+
+def test_a_model_larger_than_every_held_out_photo_is_one_line_and_exit_2(tmp_path, capsys):
+    config = pcmodel.ModelConfig(
+        name="too-large",
+        input_shape=(1, 512, 512),
+        levels=(pcmodel.LevelConfig(causes=4, kind="convolutional", kernel=(8, 8), init_std=0.1),),
+        k1=0.005,
+        preprocess=pcmodel.PreprocessConfig(color="gray", value_range=(0.0, 1.0)),
+    )
+    path = tmp_path / "large.safetensors"
+    pcmodel.create(config, seed=0).save(path)
+    assert analysis.main([str(path), "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == (
+        "pc-analyze: the model's input 512x512 is larger than every held-out photo it is measured on "
+        "(china.jpg 427x640, flower.jpg 427x640)"
+    )
+    assert not (tmp_path / "out").exists()

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+import pcmodel
 from pcmodel import LearningConfig, LevelConfig, ModelConfig, PreprocessConfig
 
 resource = pytest.importorskip("resource")
@@ -75,3 +76,22 @@ def test_running_out_of_memory_is_one_line_naming_what_to_lower(tmp_path):
     assert line.startswith("pc-train: out of memory fitting the amortiser (hidden 200000, batches of 8 inputs")
     assert "lower --amortise-hidden (now 200000), --batch-size (now 8) or --infer-steps (now 100)" in line
     assert not (tmp_path / "c" / "model.safetensors").exists()
+
+
+def test_pc_analyze_out_of_memory_is_one_line(tmp_path):
+    """A model whose input is a whole held-out photo: pc-analyze's 1,000 held-out windows (1 GiB a copy) do not
+    fit the capped address space; onnxruntime's arena, which runs them, fails with its own exception class."""
+    config = WIDE.replace(name="photo-window", input_shape=(1, 424, 640))
+    model = tmp_path / "photo.safetensors"
+    pcmodel.create(config, seed=0).save(model)
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}
+    command = [sys.executable, "-m", "training.analysis", str(model), "--out", str(tmp_path / "a"), "--threads", "1"]
+    done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300, preexec_fn=_limit)
+    assert done.returncode == 1, (done.returncode, done.stderr[-2000:])
+    assert "Traceback" not in done.stderr, done.stderr[-2000:]
+    lines = done.stderr.strip().splitlines()
+    assert sum(line.startswith("pc-analyze: ") for line in lines) == 1, lines
+    assert lines[-1] == (
+        "pc-analyze: out of memory analysing photo-window (inputs of 1x424x640): free memory, or run it where more "
+        "is free"
+    )
