@@ -604,11 +604,15 @@ def _amortise(args, argv: list[str], device: torch.device) -> int:
             raise
         steps = options.infer_steps or amortise.TARGET_STEPS
         shape = "x".join(map(str, model.config.input_shape))
+        if options.targets == "fixed-point":  # the pool, settled once, is held whole
+            targets, last = f"a pool of {options.pool} settled windows", f"--target-pool (now {options.pool})"
+        else:
+            targets, last = f"T = {steps} inference steps", f"--infer-steps (now {steps})"
         return memory_failure(
             "pc-train",
             f"fitting the amortiser (hidden {options.hidden}, batches of {options.batch_size} inputs of {shape}, "
-            f"T = {steps} inference steps): lower --amortise-hidden (now {options.hidden}), --batch-size (now "
-            f"{options.batch_size}) or --infer-steps (now {steps})",
+            f"{targets}): lower --amortise-hidden (now {options.hidden}), --batch-size (now {options.batch_size}) "
+            f"or {last}",
         )
 
 

@@ -77,6 +77,16 @@ def test_running_out_of_memory_is_one_line_naming_what_to_lower(tmp_path):
     assert "lower --amortise-hidden (now 200000), --batch-size (now 8) or --infer-steps (now 100)" in line
     assert not (tmp_path / "c" / "model.safetensors").exists()
 
+    # --amortise-targets fixed-point: a pool of 200,000 windows of 64 KiB (12 GiB) is held whole
+    pool = pc_train(
+        "--amortise", str(model), "--amortise-targets", "fixed-point", "--target-pool", "200000",
+        "--out", str(tmp_path / "d"),
+    )  # fmt: skip
+    line = _last_line(pool)
+    assert line.startswith("pc-train: out of memory fitting the amortiser (hidden 32, batches of 8 inputs")
+    assert "a pool of 200000 settled windows): lower --amortise-hidden (now 32), --batch-size (now 8) or " in line
+    assert line.endswith("--target-pool (now 200000)")
+
 
 def test_pc_analyze_out_of_memory_is_one_line(tmp_path):
     """A model whose input is a whole held-out photo: pc-analyze's 1,000 held-out windows (1 GiB a copy) do not
