@@ -18,7 +18,8 @@ With `--amortise-targets fixed-point` the targets are the fixed point itself: a 
 every gap is measured against), and each update a batch of the pool. Where the energy has near-flat
 directions (rao-ballard-1999's Cauchy prior on high-contrast windows), T steps from the guess leave the
 targets far from the fixed point along them and the refinement barely moves there, so only a guess fitted
-to the fixed point itself starts close to it (docs/PERFORMANCE.md, "fixed-point targets").
+to the fixed point itself starts close to it (docs/PERFORMANCE.md, "Issue 21: the amortiser fitted to the
+fixed point").
 """
 
 from __future__ import annotations

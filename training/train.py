@@ -575,6 +575,8 @@ def _amortise(args, argv: list[str], device: torch.device) -> int:
         return fail("pc-train", f"--amortise leaves the model as it is, so {', '.join(fixed)} cannot be given")
     if args.target_pool != amortise.TARGET_POOL and args.amortise_targets != "fixed-point":
         return fail("pc-train", "--target-pool sizes the pool of --amortise-targets fixed-point; give both or neither")
+    if args.infer_steps is not None and args.amortise_targets == "fixed-point":
+        return fail("pc-train", "--infer-steps sets the hybrid targets' T; fixed-point targets are settled to the end")
     try:
         model = pcmodel.load(args.amortise, device=device)
         spec = DataSpec(

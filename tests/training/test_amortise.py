@@ -116,6 +116,10 @@ def test_a_target_pool_needs_fixed_point_targets(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "--target-pool sizes the pool of --amortise-targets fixed-point" in err
     assert len(err.strip().splitlines()) == 1
+    fixed = ["--amortise-targets", "fixed-point", "--infer-steps", "5"]
+    assert main(["--amortise", str(path), *fixed, "--out", str(tmp_path / "f")]) == 2
+    err = capsys.readouterr().err
+    assert "--infer-steps sets the hybrid targets' T" in err and len(err.strip().splitlines()) == 1
 
 
 def test_the_fit_does_not_depend_on_the_dynamics_the_model_is_served_with(tmp_path):
