@@ -158,11 +158,14 @@ def build_parser() -> ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """pc-encode; returns the exit status. Without `argv` it is the command (its process ends with this call);
+    with one, a call inside a longer-lived process (a script, a test), whose signal handlers it gives back."""
+    ending = argv is None
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.paths and is_collection(args.paths):
-        return encode_collection(args, argv)
+        return encode_collection(args, argv, ending)
     given = [f"--{name.replace('_', '-')}" for name in COLLECTION_OPTIONS if getattr(args, name) is not None]
     if given:
         return fail(
@@ -322,7 +325,7 @@ class Reporter:
             self.bar.stop()
 
 
-def encode_collection(args: argparse.Namespace, argv: list[str]) -> int:
+def encode_collection(args: argparse.Namespace, argv: list[str], ending: bool = False) -> int:
     """A folder, glob, list or several paths into a Parquet data set in --out, resumably (module docstring)."""
     from pcmodel.collection import find_inputs
 
@@ -343,12 +346,14 @@ def encode_collection(args: argparse.Namespace, argv: list[str]) -> int:
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # the workers do the work; the driver's model is only its identity
     try:
-        return _encode_collection(args, argv, inputs, engine)
+        return _encode_collection(args, argv, inputs, engine, ending)
     finally:
         torch.set_num_threads(threads)
 
 
-def _encode_collection(args: argparse.Namespace, argv: list[str], inputs: list, engine: str) -> int:
+def _encode_collection(
+    args: argparse.Namespace, argv: list[str], inputs: list, engine: str, ending: bool = False
+) -> int:
     from pcmodel import encode_job, encodings
     from pcmodel.collection import EncodeSettings
 
@@ -497,9 +502,10 @@ def _encode_collection(args: argparse.Namespace, argv: list[str], inputs: list, 
             file=sys.stderr,
         )
     for sig, handler in previous.items():
-        # Stopped by a signal, the process is ending: later signals are ignored through the interpreter's exit too
-        # (which puts SIG_DFL back in place of a Python handler, but keeps SIG_IGN).
-        signal.signal(sig, signal.SIG_IGN if status == "interrupted" else handler)
+        # Stopped by a signal as the command, the process is ending: later signals are ignored through the
+        # interpreter's exit too (which puts SIG_DFL back in place of a Python handler, but keeps SIG_IGN). Called
+        # inside a longer-lived process, its handlers come back: Ctrl-C must go on working there.
+        signal.signal(sig, signal.SIG_IGN if status == "interrupted" and ending else handler)
     return code
 
 

@@ -820,6 +820,26 @@ def test_an_interrupt_as_a_shard_is_written_never_writes_its_rows_twice(tmp_path
     assert rows == ["a.png", "b.png"]
 
 
+def test_a_run_interrupted_in_process_gives_back_the_signal_handlers(many, tmp_path, monkeypatch):
+    """Called with an argv inside a longer-lived process (a script, this test run), pc-encode's main puts the
+    caller's SIGINT and SIGTERM handlers back after an interrupted run; only the command itself, whose process is
+    ending, ignores later signals. (It had left both ignored here: Ctrl-C stopped working in the caller, and a
+    later test that raised SIGINT saw nothing.)"""
+    written = encodings.write_shard
+
+    def then_ctrl_c(folder, data):
+        path = written(folder, data)
+        signal.raise_signal(signal.SIGINT)
+        return path
+
+    monkeypatch.setattr(encodings, "write_shard", then_ctrl_c)
+    before = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    args = [str(many), "--out", str(tmp_path / "out"), "--model", "rao-ballard-1999", "--steps", "2"]
+    assert main([*args, "--workers", "1", "--batch-size", "2", "--shard-rows", "2", "--limit", "6"]) == 130
+    assert {sig: signal.getsignal(sig) for sig in before} == before
+    assert before[signal.SIGINT] is not signal.SIG_IGN
+
+
 # pc-encode sending itself SIGTERM (os.kill: the kernel picks one of its threads, as for a SIGTERM from outside)
 # at one moment of its second shard's write, picked by an audit hook (Python's own; nothing of ours replaced):
 # the temporary shard opened to be written, or the data folder opened to be fsynced once the shard is in place.
