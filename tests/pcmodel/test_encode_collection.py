@@ -798,7 +798,16 @@ def test_a_ray_job_whose_actors_cannot_start_fails_in_one_line(tmp_path):
     assert json.loads((out / "manifest.json").read_text())["status"] == "failed"
 
 
-def test_an_interrupt_as_a_shard_is_written_never_writes_its_rows_twice(tmp_path, monkeypatch):
+@pytest.fixture
+def ctrl_c_raises():
+    """SIGINT raises KeyboardInterrupt in this process for the test, as in a terminal, whatever the run inherited
+    (a test run started in the background, `cmd &` in a script, inherits SIGINT ignored)."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
+
+
+def test_an_interrupt_as_a_shard_is_written_never_writes_its_rows_twice(tmp_path, monkeypatch, ctrl_c_raises):
     """Ctrl-C landing just as a shard's file is complete: the shard counts as written (the final flush of the
     interrupted run does not write its rows again). Seen once in the Ctrl-C test above: rows twice."""
     from pcmodel import encode_job
@@ -820,7 +829,7 @@ def test_an_interrupt_as_a_shard_is_written_never_writes_its_rows_twice(tmp_path
     assert rows == ["a.png", "b.png"]
 
 
-def test_a_run_interrupted_in_process_gives_back_the_signal_handlers(many, tmp_path, monkeypatch):
+def test_a_run_interrupted_in_process_gives_back_the_signal_handlers(many, tmp_path, monkeypatch, ctrl_c_raises):
     """Called with an argv inside a longer-lived process (a script, this test run), pc-encode's main puts the
     caller's SIGINT and SIGTERM handlers back after an interrupted run; only the command itself, whose process is
     ending, ignores later signals. (It had left both ignored here: Ctrl-C stopped working in the caller, and a
@@ -837,7 +846,7 @@ def test_a_run_interrupted_in_process_gives_back_the_signal_handlers(many, tmp_p
     args = [str(many), "--out", str(tmp_path / "out"), "--model", "rao-ballard-1999", "--steps", "2"]
     assert main([*args, "--workers", "1", "--batch-size", "2", "--shard-rows", "2", "--limit", "6"]) == 130
     assert {sig: signal.getsignal(sig) for sig in before} == before
-    assert before[signal.SIGINT] is not signal.SIG_IGN
+    assert before[signal.SIGINT] is signal.default_int_handler
 
 
 # pc-encode sending itself SIGTERM (os.kill: the kernel picks one of its threads, as for a SIGTERM from outside)
