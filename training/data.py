@@ -141,8 +141,8 @@ def prepare(photos: Sequence[Photo], config: ModelConfig, scales: Sequence[float
 
 def dihedral(images: Sequence[torch.Tensor], size: tuple[int, int]) -> list[torch.Tensor]:
     """Each prepared (C, H, W) image in its 8 views: turned by 0-3 quarter turns, each also mirrored (a view
-    that no longer holds a window of `size` is left out). Natural photos hold more horizontals and verticals
-    than diagonals; the views show every orientation as often."""
+    that no longer holds a window of `size` is left out): 8x the distinct windows, and each edge as common as
+    its quarter-turned and mirrored twins (horizontal as vertical, one diagonal as the other)."""
     out = []
     for image in images:
         for turns in range(4):

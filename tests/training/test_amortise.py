@@ -64,7 +64,7 @@ def test_fixed_point_targets_are_the_papers_settled_latents_of_one_pool(tmp_path
     definition = model.infer(x.double(), steps=200, init="zero", solver="gradient", backend="loop").latents
     for got, want in zip(settled, definition):
         assert float((got.double() - want).abs().max()) <= 1e-4 * float(want.abs().max())
-    assert amortise.settling_backend(pcmodel.create(TINY, seed=1)) in ("numba", "loop")
+    assert amortise.settling_backend(pcmodel.load("conv-rgb")) == "loop"  # numba runs no convolutional plan
 
     tiny = pcmodel.create(TINY, seed=2)
     path = tmp_path / "tiny.safetensors"
